@@ -1,0 +1,52 @@
+"""The `Codec` interface: real bytes on the wire.
+
+A codec turns a flat float32 tensor into `bytes` and back. Its state (error-feedback residuals,
+momentum) belongs to the tensor's owner: the client for uplink, the server for downlink. The
+runtime keeps one state per owner and saves it in checkpoints, so `encode` is pure:
+`encode(x, state, rng) -> (bytes, new_state)`.
+
+Payloads carry no framing of their own: the round number, layout hash and codec name travel in
+the message around them, and the expected size comes from the layout the codec was built for.
+`decode` must reject anything that does not fit that size with a `CodecError`; it never returns
+garbage and never allocates more than the layout needs.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from koinon.params import Layout
+from koinon.registry import Registry
+
+CodecState = dict[str, torch.Tensor]
+
+
+@runtime_checkable
+class Codec(Protocol):
+    """Encodes a flat float32 tensor of `layout.numel` elements to bytes and back."""
+
+    name: str
+
+    def init_state(self) -> CodecState:
+        """Fresh per-owner state (empty for stateless codecs)."""
+        ...
+
+    def encode(
+        self, x: torch.Tensor, state: CodecState, rng: torch.Generator
+    ) -> tuple[bytes, CodecState]:
+        """Bytes for `x` and the owner's next state."""
+        ...
+
+    def decode(self, data: bytes) -> torch.Tensor:
+        """The float32 tensor the bytes describe; `CodecError` if they are malformed."""
+        ...
+
+
+CODECS: Registry[Codec] = Registry("codec")
+"""Factories are called as `factory(layout=..., **options)`."""
+
+
+def build_codec(name: str, options: dict, layout: Layout, section: str = "codec") -> Codec:
+    return CODECS.build(name, options, section, layout=layout)

@@ -1,0 +1,69 @@
+"""Dense codecs: `identity` (float32) and `fp16`, the baselines every other codec is measured by."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from koinon.compress.base import CODECS, CodecState
+from koinon.errors import CodecError
+from koinon.params import Layout
+
+
+class _DenseCodec:
+    """Little-endian array of `numel` values of one dtype, nothing else."""
+
+    name = "dense"
+    np_dtype: np.dtype = np.dtype("<f4")
+
+    def __init__(self, layout: Layout) -> None:
+        self.numel = layout.numel
+
+    def init_state(self) -> CodecState:
+        return {}
+
+    def encode(
+        self, x: torch.Tensor, state: CodecState, rng: torch.Generator
+    ) -> tuple[bytes, CodecState]:
+        if x.numel() != self.numel:
+            raise CodecError(self.name, f"encode got {x.numel()} elements, layout has {self.numel}")
+        arr = x.detach().reshape(-1).to(torch.float32).numpy().astype(self.np_dtype, copy=False)
+        return arr.tobytes(), state
+
+    def decode(self, data: bytes) -> torch.Tensor:
+        expected = self.numel * self.np_dtype.itemsize
+        if len(data) != expected:
+            raise CodecError(
+                self.name, f"payload is {len(data)} bytes, expected exactly {expected}"
+            )
+        arr = np.frombuffer(data, dtype=self.np_dtype).astype(np.float32)
+        out = torch.from_numpy(arr)
+        if not torch.isfinite(out).all():
+            raise CodecError(self.name, "payload holds NaN or Inf values")
+        return out
+
+    def max_bytes(self) -> int:
+        return self.numel * self.np_dtype.itemsize
+
+
+@CODECS.register("identity")
+class Identity(_DenseCodec):
+    """Uncompressed float32 (4 bytes per parameter): the reference for compression ratios."""
+
+    name = "identity"
+    np_dtype = np.dtype("<f4")
+
+
+@CODECS.register("fp16")
+class FP16(_DenseCodec):
+    """IEEE half precision (2 bytes per parameter); values beyond +-65504 are rejected."""
+
+    name = "fp16"
+    np_dtype = np.dtype("<f2")
+
+    def encode(
+        self, x: torch.Tensor, state: CodecState, rng: torch.Generator
+    ) -> tuple[bytes, CodecState]:
+        if x.abs().max().item() > 65504.0 if x.numel() else False:
+            raise CodecError(self.name, "value exceeds the float16 range (|x| > 65504)")
+        return super().encode(x, state, rng)
