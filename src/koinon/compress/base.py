@@ -17,6 +17,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from koinon.errors import ConfigError
 from koinon.params import Layout
 from koinon.registry import Registry
 
@@ -43,6 +44,10 @@ class Codec(Protocol):
         """The float32 tensor the bytes describe; `CodecError` if they are malformed."""
         ...
 
+    def max_bytes(self) -> int:
+        """Upper bound on `len(encode(...)[0])`; `decode` refuses anything longer."""
+        ...
+
 
 CODECS: Registry[Codec] = Registry("codec")
 """Factories are called as `factory(layout=..., **options)`."""
@@ -50,3 +55,23 @@ CODECS: Registry[Codec] = Registry("codec")
 
 def build_codec(name: str, options: dict, layout: Layout, section: str = "codec") -> Codec:
     return CODECS.build(name, options, section, layout=layout)
+
+
+def build_inner(spec: dict | str, layout: Layout, section: str) -> Codec:
+    """A wrapped codec from an inline table (`{name = "topk", ratio = 0.01}`) or a bare name."""
+    if isinstance(spec, str):
+        return build_codec(spec, {}, layout, section)
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise ConfigError(f"{section}: expected a codec name or a table with a 'name' key")
+    options = {k: v for k, v in spec.items() if k != "name"}
+    return build_codec(spec["name"], options, layout, section)
+
+
+def nest_state(prefix: str, state: CodecState) -> CodecState:
+    """A wrapped codec's state under `prefix.` keys, so wrappers can stack in one flat dict."""
+    return {f"{prefix}.{k}": v for k, v in state.items()}
+
+
+def unnest_state(prefix: str, state: CodecState) -> CodecState:
+    cut = len(prefix) + 1
+    return {k[cut:]: v for k, v in state.items() if k.startswith(prefix + ".")}

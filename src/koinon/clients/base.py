@@ -1,0 +1,163 @@
+"""Client algorithms: what a client does to the gradient of local SGD, and what it sends back.
+
+Local training itself (batches, momentum, weight decay, the optimizer step) is shared by every
+algorithm and lives in `koinon.runtime.trainer`, which runs a *stack* of K clients at once
+(`theta` is `[K, P]`). An algorithm only says how it corrects the gradient (FedProx adds a
+proximal term, SCAFFOLD control variates) and what it uploads besides the model delta. Because
+the hooks work on stacks, the sequential runtime (K = 1) and the vectorized runtime (K = cohort)
+run literally the same algorithm code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from koinon.registry import Registry
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """Hyperparameters of local SGD, shared by all client algorithms."""
+
+    epochs: int = 1
+    steps: int = 0  # if > 0, exactly this many local steps (reshuffling each pass) instead of epochs
+    batch_size: int = 16
+    lr: float = 0.05
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 and self.steps < 1:
+            raise ValueError(f"client.epochs must be >= 1 (or client.steps >= 1), got {self.epochs}")
+        if self.steps < 0:
+            raise ValueError(f"client.steps must be >= 0, got {self.steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"client.batch_size must be >= 1, got {self.batch_size}")
+        if self.lr <= 0:
+            raise ValueError(f"client.lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"client.momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ValueError(f"client.weight_decay must be >= 0, got {self.weight_decay}")
+
+
+class ClientAlgorithm(Protocol):
+    """Hooks of one client algorithm, each acting on a stack of K clients."""
+
+    name: str
+    uploads: tuple[str, ...]  # tensors sent to the server besides the model delta
+    downloads: tuple[str, ...]  # server tensors every sampled client receives
+
+    def init_server_state(self, numel: int) -> State: ...
+
+    def begin(self, global_params: torch.Tensor, server_state: State, client_states: list[State]) -> State:
+        """Stacked per-cohort context (e.g. `[K, P]` control variates) for `correct` and `end`."""
+        ...
+
+    def correct(self, theta: torch.Tensor, grad: torch.Tensor, theta0: torch.Tensor, ctx: State) -> None:
+        """Modify `grad` (`[K, P]`) in place before the optimizer step."""
+        ...
+
+    def end(
+        self, theta0: torch.Tensor, theta: torch.Tensor, num_steps: torch.Tensor, lr: float, ctx: State
+    ) -> tuple[dict[str, torch.Tensor], list[State]]:
+        """Extra uploads (`name -> [K, P]`) and each client's new persistent state."""
+        ...
+
+    def server_update(
+        self, server_state: State, uploads: dict[str, torch.Tensor], cohort_fraction: float
+    ) -> State:
+        """New server state from the cohort means of the extra uploads (|S|/N = cohort_fraction)."""
+        ...
+
+
+CLIENT_ALGORITHMS: Registry[ClientAlgorithm] = Registry("client algorithm")
+"""Factories are called as `factory(mu=...)` (only the options they declare)."""
+
+
+@CLIENT_ALGORITHMS.register("fedavg")
+class LocalSGD:
+    """Local SGD (FedAvg's client): epochs of minibatch SGD with momentum and weight decay."""
+
+    name = "fedavg"
+    uploads: tuple[str, ...] = ()
+    downloads: tuple[str, ...] = ()
+
+    def init_server_state(self, numel: int) -> State:
+        return {}
+
+    def begin(self, global_params: torch.Tensor, server_state: State, client_states: list[State]) -> State:
+        return {}
+
+    def correct(self, theta: torch.Tensor, grad: torch.Tensor, theta0: torch.Tensor, ctx: State) -> None:
+        return None
+
+    def end(
+        self, theta0: torch.Tensor, theta: torch.Tensor, num_steps: torch.Tensor, lr: float, ctx: State
+    ) -> tuple[dict[str, torch.Tensor], list[State]]:
+        return {}, [{} for _ in range(theta.shape[0])]
+
+    def server_update(
+        self, server_state: State, uploads: dict[str, torch.Tensor], cohort_fraction: float
+    ) -> State:
+        return server_state
+
+
+@CLIENT_ALGORITHMS.register("fedprox")
+class FedProx(LocalSGD):
+    """FedProx (Li et al. 2020, arXiv:1812.06127): local SGD plus the proximal term mu/2 ||w - w_global||^2."""
+
+    name = "fedprox"
+
+    def __init__(self, mu: float = 0.01) -> None:
+        if mu < 0:
+            raise ValueError(f"client.mu must be >= 0, got {mu}")
+        self.mu = mu
+
+    def correct(self, theta: torch.Tensor, grad: torch.Tensor, theta0: torch.Tensor, ctx: State) -> None:
+        if self.mu:
+            grad.add_(theta - theta0, alpha=self.mu)
+
+
+@CLIENT_ALGORITHMS.register("scaffold")
+class Scaffold(LocalSGD):
+    """SCAFFOLD (Karimireddy et al. 2020, arXiv:1910.06378): drift correction with control variates."""
+
+    # Option II of the paper: c_i+ = c_i - c + (x - y_i) / (K_i * lr). The server keeps c, each
+    # client its own c_i (persistent client state, saved in checkpoints); both the update of
+    # c_i and c itself cross the wire, so their bytes are counted.
+    name = "scaffold"
+    uploads = ("control",)
+    downloads = ("control",)
+
+    def init_server_state(self, numel: int) -> State:
+        return {"control": torch.zeros(numel)}
+
+    def begin(self, global_params: torch.Tensor, server_state: State, client_states: list[State]) -> State:
+        c = server_state["control"]
+        ci = torch.stack([s.get("control", torch.zeros_like(c)) for s in client_states])
+        return {"c": c, "ci": ci, "correction": c.unsqueeze(0) - ci}
+
+    def correct(self, theta: torch.Tensor, grad: torch.Tensor, theta0: torch.Tensor, ctx: State) -> None:
+        grad.add_(ctx["correction"][:, : grad.shape[1]])
+
+    def end(
+        self, theta0: torch.Tensor, theta: torch.Tensor, num_steps: torch.Tensor, lr: float, ctx: State
+    ) -> tuple[dict[str, torch.Tensor], list[State]]:
+        ci, c = ctx["ci"], ctx["c"]
+        scale = 1.0 / (num_steps.clamp_min(1).to(theta.dtype) * lr)
+        ci_new = ci - c + (theta0 - theta) * scale.unsqueeze(1)
+        delta_c = ci_new - ci
+        return {"control": delta_c}, [{"control": row.clone()} for row in ci_new]
+
+    def server_update(
+        self, server_state: State, uploads: dict[str, torch.Tensor], cohort_fraction: float
+    ) -> State:
+        # c <- c + |S|/N * mean_i(delta c_i)
+        return {"control": server_state["control"] + cohort_fraction * uploads["control"]}

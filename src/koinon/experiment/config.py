@@ -1,0 +1,216 @@
+"""Experiment configuration: typed dataclasses read from TOML, with `--set key=value` overrides.
+
+Sections and keys are stable names that later features extend. Fixed keys are checked for
+name, type and range here; component sections (`[model]`, `[codec]`, `[downlink]`,
+`[aggregator]`, `[runtime]`) take `name` plus that component's own options, which the component
+registry checks when the experiment is built. Every problem is a `ConfigError` naming the key,
+the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+import tomli_w
+
+from koinon.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    partition: str = "dirichlet"
+    alpha: float = 0.5  # Dirichlet concentration (partition = "dirichlet")
+    num_clients: int = 100
+    test_fraction: float = 0.2
+    classes_per_client: int = 2  # partition = "shards"
+    power: float = 1.5  # partition = "quantity"
+    options: dict = field(default_factory=dict)  # dataset options, e.g. num_samples for mnist1d
+
+
+@dataclass
+class ComponentConfig:
+    name: str
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class ClientConfig:
+    algorithm: str = "fedavg"
+    epochs: int = 1
+    steps: int = 0  # > 0: this many local steps instead of epochs
+    batch_size: int = 16
+    lr: float = 0.05
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    mu: float = 0.01  # FedProx proximal weight
+
+
+@dataclass
+class ServerConfig:
+    optimizer: str = "fedavg"
+    lr: float = 0.0  # 0 = the optimizer's own default (1.0 for fedavg/fedavgm, 0.01 adaptive)
+    momentum: float = 0.9  # fedavgm
+    beta1: float = 0.9  # fedadam / fedyogi / fedadagrad
+    beta2: float = 0.99
+    tau: float = 1e-3
+    rounds: int = 30
+    clients_per_round: int = 10
+    sampler: str = "uniform"
+    eval_every: int = 1
+    checkpoint_every: int = 1
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ComponentConfig = field(default_factory=lambda: ComponentConfig("mlp"))
+    client: ClientConfig = field(default_factory=ClientConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    codec: ComponentConfig = field(default_factory=lambda: ComponentConfig("identity"))
+    downlink: ComponentConfig = field(default_factory=lambda: ComponentConfig("identity"))
+    aggregator: ComponentConfig = field(default_factory=lambda: ComponentConfig("mean"))
+    runtime: ComponentConfig = field(default_factory=lambda: ComponentConfig("vectorized"))
+
+    # ---------------------------------------------------------------- (de)serialize
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"seed": self.seed}
+        for f in dataclasses.fields(self):
+            if f.name == "seed":
+                continue
+            section = getattr(self, f.name)
+            d = {k: v for k, v in dataclasses.asdict(section).items() if k != "options"}
+            d.update(getattr(section, "options", {}))
+            out[f.name] = d
+        return out
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    @staticmethod
+    def from_dict(raw: dict[str, Any]) -> Config:
+        cfg = Config()
+        for key, value in raw.items():
+            if key == "seed":
+                cfg.seed = _check_type("seed", value, 0)
+                continue
+            if key not in SECTIONS:
+                raise ConfigError(
+                    f"unknown config key {key!r}; allowed: seed, {', '.join(SECTIONS)}"
+                )
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{key}] must be a table of keys, got {value!r}")
+            section = getattr(cfg, key)
+            for sub, v in value.items():
+                _set_in_section(key, section, sub, v)
+        return cfg
+
+    def with_overrides(self, overrides: dict[str, Any]) -> Config:
+        raw = self.to_dict()
+        for dotted, value in overrides.items():
+            if dotted == "seed":
+                continue
+            section, _, key = dotted.partition(".")
+            if not key or "." in key:
+                raise ConfigError(f"--set {dotted}: use section.key (e.g. server.rounds) or seed")
+            if section not in SECTIONS:
+                raise ConfigError(
+                    f"--set {dotted}: unknown section {section!r}; allowed: {', '.join(SECTIONS)}"
+                )
+            # A different component discards the options that belonged to the old one.
+            if key == "name" and section in COMPONENT_SECTIONS and raw[section].get("name") != value:
+                raw[section] = {"name": value}
+        for dotted, value in overrides.items():
+            if dotted == "seed":
+                raw["seed"] = value
+            else:
+                section, _, key = dotted.partition(".")
+                raw[section][key] = value
+        return Config.from_dict(raw)
+
+
+SECTIONS = ("data", "model", "client", "server", "codec", "downlink", "aggregator", "runtime")
+COMPONENT_SECTIONS = ("model", "codec", "downlink", "aggregator", "runtime")
+
+
+def _check_type(key: str, value: Any, default: Any) -> Any:
+    ok: bool
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    else:
+        ok = True
+    if not ok:
+        raise ConfigError(f"{key} = {value!r}: expected {type(default).__name__}")
+    return value
+
+
+def _set_in_section(section_name: str, section: Any, key: str, value: Any) -> None:
+    names = [f.name for f in dataclasses.fields(section) if f.name != "options"]
+    if key in names:
+        setattr(section, key, _check_type(f"{section_name}.{key}", value, getattr(section, key)))
+    elif hasattr(section, "options"):
+        section.options[key] = value  # checked against the component / dataset when built
+    else:
+        raise ConfigError(
+            f"unknown key {section_name}.{key}; allowed: {', '.join(names)}"
+        )
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`section.key=value` with a TOML value (`5`, `0.1`, `true`, `[64, 64]`) or a bare string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        raw = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML ({exc})") from None
+    cfg = Config.from_dict(raw)
+    if overrides:
+        cfg = cfg.with_overrides(dict(parse_override(o) for o in overrides))
+    return cfg
+
+
+def describe_keys() -> list[tuple[str, Any]]:
+    """(key, default) for every fixed key, for `koinon run --help` and the README."""
+    cfg = Config()
+    out: list[tuple[str, Any]] = [("seed", cfg.seed)]
+    for name in SECTIONS:
+        section = getattr(cfg, name)
+        for f in dataclasses.fields(section):
+            if f.name == "options":
+                continue
+            out.append((f"{name}.{f.name}", getattr(section, f.name)))
+    return out

@@ -1,0 +1,7 @@
+"""Runtimes: where client work runs. Importing this package registers every runtime."""
+
+from koinon.runtime import local as _local  # noqa: F401  (registers inprocess, vectorized)
+from koinon.runtime.base import RUNTIMES, Runtime
+from koinon.runtime.trainer import CohortResult, CohortTrainer, evaluate, mix_seed
+
+__all__ = ["RUNTIMES", "CohortResult", "CohortTrainer", "Runtime", "evaluate", "mix_seed"]

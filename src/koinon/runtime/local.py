@@ -1,0 +1,105 @@
+"""Single-process runtimes: `inprocess` (one client after another) and `vectorized` (whole cohort)."""
+
+from __future__ import annotations
+
+import torch
+
+from koinon.clients.base import State
+from koinon.runtime.base import RUNTIMES, notice
+from koinon.runtime.trainer import CohortResult, CohortTrainer
+
+
+@RUNTIMES.register("inprocess")
+class InProcess:
+    """Clients one after another in this process (the reference; supports any model)."""
+
+    name = "inprocess"
+
+    def __init__(self) -> None:
+        self.trainer: CohortTrainer | None = None
+
+    def setup(self, trainer: CohortTrainer) -> None:
+        self.trainer = trainer
+
+    def train(
+        self,
+        client_ids: list[int],
+        global_params: torch.Tensor,
+        server_state: State,
+        client_states: list[State],
+        seed: int,
+        round_index: int,
+    ) -> CohortResult:
+        assert self.trainer is not None, "runtime.setup() was not called"
+        parts = [
+            self.trainer.train([c], global_params, server_state, [s], seed, round_index)
+            for c, s in zip(client_ids, client_states)
+        ]
+        return CohortResult.concat(parts)
+
+    def close(self) -> None:
+        self.trainer = None
+
+
+@RUNTIMES.register("vectorized")
+class Vectorized(InProcess):
+    """Whole cohort in lock-step with torch.func.vmap over stacked parameters, chunked to a memory budget."""
+
+    name = "vectorized"
+
+    def __init__(self, memory_mb: int = 2048, max_chunk: int = 0) -> None:
+        super().__init__()
+        if memory_mb < 16:
+            raise ValueError(f"runtime.memory_mb must be >= 16, got {memory_mb}")
+        if max_chunk < 0:
+            raise ValueError(f"runtime.max_chunk must be >= 0 (0 = no limit), got {max_chunk}")
+        self.memory_mb = memory_mb
+        self.max_chunk = max_chunk
+        self.chunk = 1
+        self.fallback = False
+
+    def setup(self, trainer: CohortTrainer) -> None:
+        super().setup(trainer)
+        reason = self._cannot_vmap(trainer)
+        if reason:
+            notice(f"runtime 'vectorized' falls back to 'inprocess': {reason}")
+            self.fallback = True
+            return
+        per_client = trainer.bytes_per_client()
+        self.chunk = max(1, (self.memory_mb << 20) // max(per_client, 1))
+        if self.max_chunk:
+            self.chunk = min(self.chunk, self.max_chunk)
+
+    @staticmethod
+    def _cannot_vmap(trainer: CohortTrainer) -> str:
+        if trainer.layout.has_buffers:
+            names = [e.name for e in trainer.layout.entries if not e.trainable][:3]
+            return f"the model has buffers updated during training ({', '.join(names)})"
+        try:  # a dry run on two stacked copies: some modules (in-place ops, data-dependent control flow) cannot vmap
+            x = trainer.data.dataset.x_train[:1]
+            p = torch.zeros(2, trainer.layout.numel)
+            with torch.no_grad():
+                trainer._forward_many(trainer._params(p, p[:, :0]), x.unsqueeze(0).expand(2, *x.shape))
+        except Exception as exc:  # noqa: BLE001 - any failure means: do not vmap this model
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return f"torch.func.vmap cannot run this model ({first})"
+        return ""
+
+    def train(
+        self,
+        client_ids: list[int],
+        global_params: torch.Tensor,
+        server_state: State,
+        client_states: list[State],
+        seed: int,
+        round_index: int,
+    ) -> CohortResult:
+        if self.fallback:
+            return super().train(client_ids, global_params, server_state, client_states, seed, round_index)
+        assert self.trainer is not None, "runtime.setup() was not called"
+        parts = []
+        for start in range(0, len(client_ids), self.chunk):
+            ids = client_ids[start : start + self.chunk]
+            states = client_states[start : start + self.chunk]
+            parts.append(self.trainer.train(ids, global_params, server_state, states, seed, round_index))
+        return CohortResult.concat(parts)

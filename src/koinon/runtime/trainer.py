@@ -1,0 +1,287 @@
+"""Local training of a stack of K clients in lock-step: the engine every simulation runtime uses.
+
+The cohort's models are one `[K, P]` tensor. Each step gathers one minibatch per client
+(`[K, B, ...]`), runs the model's forward under `torch.func.vmap` over the stacked parameters,
+and takes a single `autograd.grad` of the sum of the clients' mean losses: clients are
+independent, so row k of that gradient is exactly client k's own gradient. The optimizer step is
+a few in-place ops on the whole stack. With K = 1 the forward is a plain `functional_call`
+(no vmap), which is what the sequential runtime uses; the algorithm code is the same either way.
+
+Clients with unequal data: each client's batches come from its own seeded permutation; a client
+whose last batch is short, or that has finished its steps, is padded with zero-weight samples
+and its slice is frozen (no gradient, no momentum change), so the result equals training that
+client alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import ceil
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, vmap
+
+from koinon.clients.base import ClientAlgorithm, LocalTraining, State
+from koinon.data.federated import FederatedData
+from koinon.params import Layout
+
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(*parts: int) -> int:
+    """Deterministic 63-bit seed from integers (splitmix64 over the parts)."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (p & _MASK64)) & _MASK64
+        h = (h + 0x9E3779B97F4A7C15) & _MASK64
+        z = h
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h = z ^ (z >> 31)
+    return h >> 1
+
+
+@dataclass
+class CohortResult:
+    """What a cohort's local training produced (rows follow `client_ids`)."""
+
+    client_ids: list[int]
+    deltas: torch.Tensor  # [K, P] local model minus the model the client received
+    uploads: dict[str, torch.Tensor]  # algorithm extras, each [K, P]
+    num_samples: torch.Tensor  # [K] local dataset sizes (FedAvg weights)
+    num_steps: torch.Tensor  # [K]
+    train_loss: torch.Tensor  # [K] mean per-sample training loss over local training
+    client_states: list[State]
+
+    @staticmethod
+    def concat(parts: list[CohortResult]) -> CohortResult:
+        if len(parts) == 1:
+            return parts[0]
+        keys = parts[0].uploads.keys()
+        return CohortResult(
+            [c for p in parts for c in p.client_ids],
+            torch.cat([p.deltas for p in parts]),
+            {k: torch.cat([p.uploads[k] for p in parts]) for k in keys},
+            torch.cat([p.num_samples for p in parts]),
+            torch.cat([p.num_steps for p in parts]),
+            torch.cat([p.train_loss for p in parts]),
+            [s for p in parts for s in p.client_states],
+        )
+
+
+def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss (`reduction='none'`); the default loss of classification tasks."""
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+class CohortTrainer:
+    """Runs a client algorithm's local training for any number of clients at once."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        layout: Layout,
+        data: FederatedData,
+        algorithm: ClientAlgorithm,
+        local: LocalTraining,
+        loss_fn=cross_entropy,
+    ) -> None:
+        self.module = module
+        self.layout = layout
+        self.data = data
+        self.algorithm = algorithm
+        self.local = local
+        self.loss_fn = loss_fn
+        pt = layout.num_trainable
+        self._train_entries = [e for e in layout.entries if e.trainable]
+        self._buffer_entries = [e for e in layout.entries if not e.trainable]
+        self._num_trainable = pt
+        self._x = data.dataset.x_train
+        self._y = data.dataset.y_train
+
+        def forward_one(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            return functional_call(module, params, (x,))
+
+        self._forward_many = vmap(forward_one, in_dims=(0, 0))
+
+    # ----------------------------------------------------------------- batches
+
+    def client_batches(self, client_id: int, generator: torch.Generator) -> torch.Tensor:
+        """`[S, B]` global sample indices of one client's local steps, -1 where padded."""
+        ci = self.data.client_indices[client_id]
+        n, b = len(ci), self.local.batch_size
+        if n == 0:
+            return torch.empty(0, b, dtype=torch.long)
+        per_epoch = ceil(n / b)
+        epochs = ceil(self.local.steps / per_epoch) if self.local.steps > 0 else self.local.epochs
+        pad = per_epoch * b - n
+        rows = []
+        for _ in range(epochs):
+            order = ci[torch.randperm(n, generator=generator)]
+            if pad:
+                order = torch.cat([order, order.new_full((pad,), -1)])
+            rows.append(order.view(per_epoch, b))
+        out = torch.cat(rows)
+        return out[: self.local.steps] if self.local.steps > 0 else out
+
+    def _views(self, flat: torch.Tensor, entries, base: int) -> dict[str, torch.Tensor]:
+        lead = tuple(flat.shape[:-1])
+        return {
+            e.name: flat[..., e.offset - base : e.offset - base + e.numel].view(*lead, *e.shape)
+            for e in entries
+        }
+
+    def _params(self, theta: torch.Tensor, bufs: torch.Tensor) -> dict[str, torch.Tensor]:
+        params = self._views(theta, self._train_entries, 0)
+        if self._buffer_entries:
+            params.update(self._views(bufs, self._buffer_entries, self._num_trainable))
+        return params
+
+    # ---------------------------------------------------------------- training
+
+    def train(
+        self,
+        client_ids: list[int],
+        global_params: torch.Tensor,
+        server_state: State,
+        client_states: list[State],
+        seed: int,
+        round_index: int,
+    ) -> CohortResult:
+        k = len(client_ids)
+        pt = self._num_trainable
+        hp = self.local
+        schedules = [
+            self.client_batches(c, torch.Generator().manual_seed(mix_seed(seed, round_index, c)))
+            for c in client_ids
+        ]
+        steps = torch.tensor([len(s) for s in schedules], dtype=torch.long)
+        num_steps = int(steps.max().item()) if k else 0
+
+        theta0 = global_params[:pt]
+        theta = theta0.unsqueeze(0).repeat(k, 1).requires_grad_(True)
+        bufs = global_params[pt:].unsqueeze(0).repeat(k, 1)
+        momentum = torch.zeros(k, pt) if hp.momentum else None
+        ctx = self.algorithm.begin(global_params, server_state, client_states)
+        loss_sum = torch.zeros(k)
+        seen = torch.zeros(k)
+
+        if k == 1:
+            batches = [row[row >= 0] for row in schedules[0]]
+        else:
+            idx = torch.full((k, num_steps, hp.batch_size), -1, dtype=torch.long)
+            for i, s in enumerate(schedules):
+                idx[i, : len(s)] = s
+            weights = (idx >= 0).to(torch.float32)
+            idx.clamp_(min=0)
+            counts = weights.sum(dim=2)  # [K, S]
+
+        self.module.train()
+        for s in range(num_steps):
+            if k == 1:
+                ix = batches[s]
+                out = functional_call(self.module, self._params(theta[0], bufs[0]), (self._x[ix],))
+                per_sample = self.loss_fn(out, self._y[ix])
+                loss = per_sample.mean()
+                loss_sum += per_sample.detach().sum()
+                seen += len(ix)
+                active = None
+            else:
+                ix = idx[:, s]
+                w = weights[:, s]
+                n_b = counts[:, s]
+                out = self._forward_many(self._params(theta, bufs), self._x[ix])
+                per_sample = self.loss_fn(out.flatten(0, 1), self._y[ix].flatten()).view(k, -1)
+                weighted = (per_sample * w).sum(dim=1)
+                loss = (weighted / n_b.clamp_min(1.0)).sum()
+                loss_sum += weighted.detach()
+                seen += n_b
+                active = None if bool((n_b > 0).all()) else (n_b > 0).to(torch.float32)
+            (grad,) = torch.autograd.grad(loss, theta)
+            with torch.no_grad():
+                self._step(theta, grad, theta0, momentum, active, ctx)
+
+        final = torch.cat([theta.detach(), bufs], dim=1)
+        uploads, new_states = self.algorithm.end(global_params, final, steps, hp.lr, ctx)
+        sizes = torch.tensor([len(self.data.client_indices[c]) for c in client_ids], dtype=torch.long)
+        return CohortResult(
+            list(client_ids), final - global_params, uploads, sizes, steps,
+            loss_sum / seen.clamp_min(1.0), new_states,
+        )
+
+    def _step(
+        self,
+        theta: torch.Tensor,
+        grad: torch.Tensor,
+        theta0: torch.Tensor,
+        momentum: torch.Tensor | None,
+        active: torch.Tensor | None,
+        ctx: State,
+    ) -> None:
+        """SGD with weight decay and (Nesterov) momentum, as `torch.optim.SGD`, on the stack."""
+        hp = self.local
+        if hp.weight_decay:
+            grad.add_(theta, alpha=hp.weight_decay)
+        self.algorithm.correct(theta, grad, theta0, ctx)
+        if active is not None:  # finished clients: no gradient and no momentum change
+            grad.mul_(active.unsqueeze(1))
+        if momentum is not None:
+            if active is None:
+                momentum.mul_(hp.momentum).add_(grad)
+            else:
+                momentum.mul_(1.0 - active.unsqueeze(1) * (1.0 - hp.momentum)).add_(grad)
+            if hp.nesterov:
+                grad = grad.add(momentum, alpha=hp.momentum)
+                if active is not None:
+                    grad.mul_(active.unsqueeze(1))
+            else:
+                grad = momentum if active is None else momentum * active.unsqueeze(1)
+        theta.sub_(grad, alpha=hp.lr)
+
+    # -------------------------------------------------------------- estimates
+
+    def bytes_per_client(self) -> int:
+        """Rough peak memory of one client in a vectorized step (parameters and activations)."""
+        activations = 0
+
+        def hook(_m: nn.Module, _i: object, out: object) -> None:
+            nonlocal activations
+            if isinstance(out, torch.Tensor):
+                activations += out.numel()
+
+        handles = [m.register_forward_hook(hook) for m in self.module.modules() if not list(m.children())]
+        try:
+            with torch.no_grad():
+                self.module(self._x[:1])
+        finally:
+            for h in handles:
+                h.remove()
+        params = self.layout.numel * 4 * 6  # theta, grad, momentum, correction, delta, upload
+        return params + activations * 4 * 3 * self.local.batch_size + self._x[0].numel() * 4 * self.local.batch_size
+
+
+@torch.no_grad()
+def evaluate(
+    module: nn.Module,
+    layout: Layout,
+    params: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn=cross_entropy,
+    batch_size: int = 4096,
+) -> tuple[float, float]:
+    """(accuracy, mean loss) of the flat `params` on `(x, y)`."""
+    module.eval()
+    views = layout.views(params)
+    correct = 0
+    total_loss = 0.0
+    for start in range(0, len(y), batch_size):
+        out = functional_call(module, views, (x[start : start + batch_size],))
+        target = y[start : start + batch_size]
+        total_loss += loss_fn(out, target).sum().item()
+        correct += (out.argmax(dim=1) == target).sum().item()
+    module.train()
+    n = max(len(y), 1)
+    return correct / n, total_loss / n

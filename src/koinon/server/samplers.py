@@ -1,0 +1,52 @@
+"""Client samplers: which clients train in a round (seeded by run seed and round)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from koinon.registry import Registry
+
+
+class Sampler(Protocol):
+    name: str
+
+    def sample(
+        self, available: np.ndarray, sizes: np.ndarray, k: int, rng: np.random.Generator
+    ) -> list[int]:
+        """`k` distinct client ids out of `available` (sizes are their sample counts)."""
+        ...
+
+
+SAMPLERS: Registry[Sampler] = Registry("sampler")
+
+
+def _check(available: np.ndarray, k: int) -> None:
+    if k < 1 or k > len(available):
+        raise ValueError(f"cannot sample {k} clients out of {len(available)} available")
+
+
+@SAMPLERS.register("uniform")
+class Uniform:
+    """Uniformly at random without replacement."""
+
+    name = "uniform"
+
+    def sample(self, available: np.ndarray, sizes: np.ndarray, k: int, rng: np.random.Generator) -> list[int]:
+        _check(available, k)
+        return sorted(int(c) for c in rng.choice(available, size=k, replace=False))
+
+
+@SAMPLERS.register("proportional")
+class Proportional:
+    """Without replacement, with probability proportional to each client's number of samples."""
+
+    name = "proportional"
+
+    def sample(self, available: np.ndarray, sizes: np.ndarray, k: int, rng: np.random.Generator) -> list[int]:
+        _check(available, k)
+        w = sizes.astype(np.float64)
+        if (w > 0).sum() < k:
+            raise ValueError(f"only {(w > 0).sum()} available clients hold data, cannot sample {k}")
+        return sorted(int(c) for c in rng.choice(available, size=k, replace=False, p=w / w.sum()))

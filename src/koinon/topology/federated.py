@@ -1,0 +1,253 @@
+"""Server-based federated learning: the round protocol, independent of where clients run.
+
+One round: the sampler picks a cohort; the server encodes the global model with the downlink
+codec (every sampled client receives those bytes); the runtime trains the cohort; each client
+encodes its delta with its own codec state (error feedback stays with the client); the server
+decodes, drops non-finite updates, aggregates the stack `[n, P]`, and its optimizer takes the
+step. Bytes are the lengths of the real payloads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from koinon.aggregate import AGGREGATORS, Aggregator
+from koinon.clients import CLIENT_ALGORITHMS, ClientAlgorithm, LocalTraining
+from koinon.clients.base import State
+from koinon.compress import CODECS, Codec
+from koinon.data.federated import FederatedData
+from koinon.params import Layout
+from koinon.runtime import RUNTIMES, CohortTrainer, Runtime, evaluate, mix_seed
+from koinon.runtime.base import notice
+from koinon.runtime.trainer import cross_entropy
+from koinon.server import SAMPLERS, SERVER_OPTIMIZERS, Sampler, ServerOptimizer
+
+_DELTA = "delta"
+
+
+@dataclass
+class RoundResult:
+    round: int
+    num_clients: int
+    uplink_bytes: int
+    downlink_bytes: int
+    train_loss: float
+    rejected: list[int] = field(default_factory=list)
+    test_accuracy: float | None = None
+    test_loss: float | None = None
+
+    def as_dict(self) -> dict:
+        return {
+            "round": self.round,
+            "test_accuracy": self.test_accuracy,
+            "test_loss": self.test_loss,
+            "train_loss": self.train_loss,
+            "num_clients": self.num_clients,
+            "uplink_bytes": self.uplink_bytes,
+            "downlink_bytes": self.downlink_bytes,
+            "rejected": self.rejected,
+        }
+
+
+def _component(registry, value, section: str, **context):
+    return registry.build(value, {}, section, **context) if isinstance(value, str) else value
+
+
+class Federation:
+    """A server, a population of simulated clients, and the components that connect them.
+
+    >>> fed = Federation(model, data, local=LocalTraining(lr=0.05), clients_per_round=10)
+    >>> for _ in range(30):
+    ...     print(fed.run_round(evaluate=True).test_accuracy)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: FederatedData,
+        *,
+        local: LocalTraining | None = None,
+        algorithm: ClientAlgorithm | str = "fedavg",
+        server_optimizer: ServerOptimizer | str = "fedavg",
+        sampler: Sampler | str = "uniform",
+        codec: Codec | str = "identity",
+        downlink: Codec | str = "identity",
+        aggregator: Aggregator | str = "mean",
+        runtime: Runtime | str = "inprocess",
+        clients_per_round: int = 10,
+        seed: int = 0,
+        loss_fn=cross_entropy,
+    ) -> None:
+        if not 1 <= clients_per_round <= data.num_clients:
+            raise ValueError(
+                f"clients_per_round must be in [1, {data.num_clients}] (the number of clients), "
+                f"got {clients_per_round}"
+            )
+        self.model = model
+        self.data = data
+        self.layout = Layout.from_module(model)
+        self.local = local or LocalTraining()
+        self.algorithm = _component(CLIENT_ALGORITHMS, algorithm, "client.algorithm")
+        self.server_optimizer = _component(SERVER_OPTIMIZERS, server_optimizer, "server.optimizer")
+        self.sampler = _component(SAMPLERS, sampler, "server.sampler")
+        self.codec = _component(CODECS, codec, "codec", layout=self.layout)
+        self.downlink = _component(CODECS, downlink, "downlink", layout=self.layout)
+        self.aggregator = _component(AGGREGATORS, aggregator, "aggregator")
+        self.runtime = _component(RUNTIMES, runtime, "runtime")
+        self.clients_per_round = clients_per_round
+        self.seed = seed
+        self.loss_fn = loss_fn
+
+        self.params = self.layout.flatten(model)
+        self.round_index = 0  # rounds completed
+        self.optimizer_state = self.server_optimizer.init(self.params)
+        self.server_state = self.algorithm.init_server_state(self.layout.numel)
+        self.client_states: dict[int, State] = {}
+        self.codec_states: dict[tuple[int, str], State] = {}
+        self.downlink_states: dict[str, State] = {}
+        self.uplink_total = 0
+        self.downlink_total = 0
+        self._sizes = data.sizes.numpy()
+        self._population = np.arange(data.num_clients)
+        self.runtime.setup(
+            CohortTrainer(model, self.layout, data, self.algorithm, self.local, loss_fn=loss_fn)
+        )
+
+    # ------------------------------------------------------------------ round
+
+    def sample_cohort(self, round_index: int) -> list[int]:
+        rng = np.random.default_rng([self.seed, round_index, 0x5A3B])
+        return self.sampler.sample(self._population, self._sizes, self.clients_per_round, rng)
+
+    def _send_down(self, name: str, tensor: torch.Tensor, round_index: int, stream: int) -> tuple[torch.Tensor, int]:
+        state = self.downlink_states.get(name) or self.downlink.init_state()
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, round_index, -1, stream))
+        payload, self.downlink_states[name] = self.downlink.encode(tensor, state, gen)
+        return self.downlink.decode(payload), len(payload)
+
+    def run_round(self, evaluate: bool = True) -> RoundResult:
+        r = self.round_index
+        cohort = self.sample_cohort(r)
+        k = len(cohort)
+
+        received, nbytes = self._send_down(_DELTA, self.params, r, 0)
+        downlink = nbytes * k
+        server_state = {}
+        for i, name in enumerate(self.algorithm.downloads, start=1):
+            server_state[name], nbytes = self._send_down(name, self.server_state[name], r, i)
+            downlink += nbytes * k
+
+        result = self.runtime.train(
+            cohort, received, server_state, [self.client_states.get(c, {}) for c in cohort],
+            self.seed, r,
+        )
+
+        streams = [(_DELTA, result.deltas), *((n, result.uploads[n]) for n in self.algorithm.uploads)]
+        decoded = {name: torch.empty_like(t) for name, t in streams}
+        uplink = 0
+        for i, c in enumerate(cohort):
+            for s, (name, stack) in enumerate(streams):
+                key = (c, name)
+                state = self.codec_states.get(key) or self.codec.init_state()
+                gen = torch.Generator().manual_seed(mix_seed(self.seed, r, c, s))
+                payload, new_state = self.codec.encode(stack[i], state, gen)
+                if new_state:
+                    self.codec_states[key] = new_state
+                uplink += len(payload)
+                decoded[name][i] = self.codec.decode(payload)
+
+        finite = torch.isfinite(decoded[_DELTA]).all(dim=1)
+        for name in self.algorithm.uploads:
+            finite &= torch.isfinite(decoded[name]).all(dim=1)
+        rejected = [c for c, ok in zip(cohort, finite.tolist()) if not ok]
+        if rejected:
+            notice(f"round {r + 1}: rejected non-finite updates from clients {rejected}")
+        keep = finite.nonzero().squeeze(1)
+        if len(keep):
+            weights = result.num_samples[keep].to(torch.float32)
+            delta = self.aggregator.aggregate(decoded[_DELTA][keep], weights)
+            self.params = self.server_optimizer.step(self.params, delta, self.optimizer_state)
+            means = {n: decoded[n][keep].mean(dim=0) for n in self.algorithm.uploads}
+            self.server_state = self.algorithm.server_update(
+                self.server_state, means, len(keep) / self.data.num_clients
+            )
+            for i in keep.tolist():
+                if result.client_states[i]:
+                    self.client_states[cohort[i]] = result.client_states[i]
+
+        self.round_index += 1
+        self.uplink_total += uplink
+        self.downlink_total += downlink
+        seen = result.num_samples.to(torch.float32)
+        train_loss = float((result.train_loss * seen).sum() / seen.sum().clamp_min(1.0))
+        out = RoundResult(self.round_index, k, uplink, downlink, train_loss, rejected)
+        if evaluate:
+            out.test_accuracy, out.test_loss = self.evaluate()
+        return out
+
+    def evaluate(self) -> tuple[float, float]:
+        """(accuracy, loss) of the global model on the held-out test split."""
+        ds = self.data.dataset
+        return evaluate(self.model, self.layout, self.params, ds.x_test, ds.y_test, self.loss_fn)
+
+    def fit(self, rounds: int, eval_every: int = 1) -> list[RoundResult]:
+        """Run `rounds` more rounds, evaluating every `eval_every` rounds and after the last."""
+        out = []
+        for i in range(rounds):
+            last = i == rounds - 1
+            out.append(self.run_round(evaluate=last or (self.round_index + 1) % eval_every == 0))
+        return out
+
+    def close(self) -> None:
+        self.runtime.close()
+
+    # ------------------------------------------------------------- checkpoint
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor needed to continue exactly where this federation stands."""
+        out: dict[str, torch.Tensor] = {"params": self.params}
+        out.update({f"server_optimizer/{k}": v for k, v in self.optimizer_state.items()})
+        out.update({f"server_state/{k}": v for k, v in self.server_state.items()})
+        for c, st in self.client_states.items():
+            out.update({f"client/{c}/{k}": v for k, v in st.items()})
+        for (c, stream), st in self.codec_states.items():
+            out.update({f"codec/{c}/{stream}/{k}": v for k, v in st.items()})
+        for stream, st in self.downlink_states.items():
+            out.update({f"downlink/{stream}/{k}": v for k, v in st.items()})
+        if hasattr(self.aggregator, "state_dict"):
+            out.update({f"aggregator/{k}": v for k, v in self.aggregator.state_dict().items()})
+        return {k: v.detach().contiguous() for k, v in out.items()}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        if tensors["params"].shape != self.params.shape:
+            raise ValueError(
+                f"checkpoint holds {tensors['params'].numel()} parameters, the model has {self.params.numel()}"
+            )
+        self.params = tensors["params"].clone()
+        self.optimizer_state, self.server_state = {}, {}
+        self.client_states, self.codec_states, self.downlink_states = {}, {}, {}
+        aggregator_state = {}
+        for key, v in tensors.items():
+            parts = key.split("/")
+            if parts[0] == "server_optimizer":
+                self.optimizer_state[parts[1]] = v.clone()
+            elif parts[0] == "server_state":
+                self.server_state[parts[1]] = v.clone()
+            elif parts[0] == "client":
+                self.client_states.setdefault(int(parts[1]), {})[parts[2]] = v.clone()
+            elif parts[0] == "codec":
+                self.codec_states.setdefault((int(parts[1]), parts[2]), {})[parts[3]] = v.clone()
+            elif parts[0] == "downlink":
+                self.downlink_states.setdefault(parts[1], {})[parts[2]] = v.clone()
+            elif parts[0] == "aggregator":
+                aggregator_state[parts[1]] = v.clone()
+        if aggregator_state and hasattr(self.aggregator, "load_state_dict"):
+            self.aggregator.load_state_dict(aggregator_state)
+        # Optimizers with state must find all of it, or the resumed run would silently differ.
+        missing = set(self.server_optimizer.init(self.params)) - set(self.optimizer_state)
+        if missing:
+            raise ValueError(f"checkpoint lacks server optimizer state {sorted(missing)}")
