@@ -20,6 +20,7 @@ from koinon.clients import CLIENT_ALGORITHMS, ClientAlgorithm, LocalTraining
 from koinon.clients.base import State
 from koinon.compress import CODECS, Codec
 from koinon.data.federated import FederatedData
+from koinon.errors import CodecError
 from koinon.params import Layout
 from koinon.runtime import RUNTIMES, CohortTrainer, Runtime, evaluate, mix_seed
 from koinon.runtime.base import notice
@@ -147,7 +148,9 @@ class Federation:
         )
 
         streams = [(_DELTA, result.deltas), *((n, result.uploads[n]) for n in self.algorithm.uploads)]
-        decoded = {name: torch.empty_like(t) for name, t in streams}
+        decoded = {name: torch.zeros_like(t) for name, t in streams}
+        finite = torch.ones(k, dtype=torch.bool)
+        reasons: list[str] = []
         uplink = 0
         for i, c in enumerate(cohort):
             for s, (name, stack) in enumerate(streams):
@@ -158,14 +161,21 @@ class Federation:
                 if new_state:
                     self.codec_states[key] = new_state
                 uplink += len(payload)
-                decoded[name][i] = self.codec.decode(payload)
+                try:  # the server validates every payload; a bad one costs its sender the round
+                    row = self.codec.decode(payload)
+                except CodecError as exc:
+                    finite[i] = False
+                    reasons.append(f"client {c}: {exc}")
+                    continue
+                if not torch.isfinite(row).all():
+                    finite[i] = False
+                    reasons.append(f"client {c}: non-finite {name}")
+                    continue
+                decoded[name][i] = row
 
-        finite = torch.isfinite(decoded[_DELTA]).all(dim=1)
-        for name in self.algorithm.uploads:
-            finite &= torch.isfinite(decoded[name]).all(dim=1)
         rejected = [c for c, ok in zip(cohort, finite.tolist()) if not ok]
         if rejected:
-            notice(f"round {r + 1}: rejected non-finite updates from clients {rejected}")
+            notice(f"round {r + 1}: rejected updates ({'; '.join(reasons)})")
         keep = finite.nonzero().squeeze(1)
         if len(keep):
             weights = result.num_samples[keep].to(torch.float32)

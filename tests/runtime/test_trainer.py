@@ -1,0 +1,105 @@
+"""The shared local-training engine against PyTorch's own SGD, and the runtimes against each other."""
+
+import pytest
+import torch
+from torch import nn
+
+from koinon.clients import CLIENT_ALGORITHMS, LocalTraining
+from koinon.data import Dataset, partition_dataset
+from koinon.params import Layout
+from koinon.runtime import RUNTIMES, CohortTrainer, mix_seed
+
+
+def _data(num_clients=6, n=90, seed=0, partition="quantity"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 5, generator=g)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long() + (x[:, 2] > 1).long()
+    ds = Dataset.from_tensors(x, y, x[:20], y[:20])
+    return partition_dataset(ds, partition, num_clients, seed=seed)
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("momentum,nesterov,wd", [(0.0, False, 0.0), (0.9, False, 1e-2), (0.9, True, 1e-3)])
+def test_single_client_matches_torch_optim_sgd(momentum, nesterov, wd):
+    data = _data()
+    model = _model()
+    layout = Layout.from_module(model)
+    local = LocalTraining(epochs=3, batch_size=4, lr=0.1, momentum=momentum, nesterov=nesterov, weight_decay=wd)
+    trainer = CohortTrainer(model, layout, data, CLIENT_ALGORITHMS.get("fedavg")(), local)
+    start = layout.flatten(model)
+    result = trainer.train([2], start, {}, [{}], seed=5, round_index=3)
+
+    # Reference: the same batches through a plain module and torch.optim.SGD.
+    ref = _model()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=momentum, nesterov=nesterov, weight_decay=wd)
+    gen = torch.Generator().manual_seed(mix_seed(5, 3, 2))
+    for row in trainer.client_batches(2, gen):
+        ix = row[row >= 0]
+        opt.zero_grad()
+        nn.functional.cross_entropy(ref(data.dataset.x_train[ix]), data.dataset.y_train[ix]).backward()
+        opt.step()
+    expected = layout.flatten(ref) - start
+    assert torch.allclose(result.deltas[0], expected, atol=1e-6)
+    assert result.num_steps.item() == 3 * -(-len(data.client_indices[2]) // 4)
+
+
+# Tolerance: vmap batches the same per-client matmuls, so results differ from the sequential
+# runtime only by float32 summation order (~1e-7 relative per step); 1e-5 absolute after
+# several rounds leaves room for that and nothing else.
+ATOL = 1e-5
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedprox", "scaffold"])
+@pytest.mark.parametrize("local", [
+    LocalTraining(epochs=2, batch_size=8, lr=0.1, momentum=0.9, weight_decay=1e-3),
+    LocalTraining(steps=7, batch_size=5, lr=0.05, nesterov=True, momentum=0.5),
+])
+def test_vectorized_equals_inprocess(algorithm, local):
+    from koinon.topology import Federation
+
+    data = _data(num_clients=8, n=120)  # quantity skew: clients of very different sizes
+    assert len(set(data.sizes.tolist())) > 3
+    finals = {}
+    for runtime in ("inprocess", "vectorized"):
+        alg = CLIENT_ALGORITHMS.build(algorithm, {}, "client.algorithm", mu=0.1)
+        fed = Federation(_model(), data, local=local, algorithm=alg, runtime=runtime,
+                         clients_per_round=5, seed=11)
+        for _ in range(4):
+            fed.run_round(evaluate=False)
+        finals[runtime] = (fed.params.clone(), {k: dict(v) for k, v in fed.client_states.items()})
+    assert torch.allclose(finals["inprocess"][0], finals["vectorized"][0], atol=ATOL)
+    for c, st in finals["inprocess"][1].items():
+        assert torch.allclose(st["control"], finals["vectorized"][1][c]["control"], atol=1e-4)
+
+
+def test_vectorized_chunks_equal_one_chunk():
+    from koinon.topology import Federation
+
+    data = _data(num_clients=10, n=150)
+    params = []
+    for chunk in (0, 3):
+        rt = RUNTIMES.get("vectorized")(max_chunk=chunk)
+        fed = Federation(_model(), data, local=LocalTraining(lr=0.1), runtime=rt, clients_per_round=10, seed=1)
+        fed.run_round(evaluate=False)
+        params.append(fed.params)
+    assert torch.allclose(params[0], params[1], atol=1e-6)
+
+
+def test_vectorized_falls_back_for_batchnorm(capsys):
+    from koinon.topology import Federation
+
+    data = _data(partition="iid")  # 15 samples each: no batch of one, which BatchNorm refuses
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    fed = Federation(model, data, local=LocalTraining(batch_size=8), runtime="vectorized",
+                     clients_per_round=3, seed=0)
+    assert "falls back to 'inprocess'" in capsys.readouterr().err
+    before = fed.params.clone()
+    fed.run_round(evaluate=True)
+    bn = Layout.from_module(model)
+    buffers = slice(bn.num_trainable, bn.numel)
+    assert not torch.equal(before[buffers], fed.params[buffers])  # running stats were trained and averaged
