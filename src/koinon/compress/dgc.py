@@ -60,7 +60,9 @@ class DGC:
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"ratio = {ratio}: must be in (0, 1]")
         if not 0.0 <= momentum < 1.0 or clip_norm < 0 or warmup_rounds < 0 or warmup_stages < 1:
-            raise ValueError("need 0 <= momentum < 1, clip_norm >= 0, warmup_rounds >= 0, stages >= 1")
+            raise ValueError(
+                "need 0 <= momentum < 1, clip_norm >= 0, warmup_rounds >= 0, stages >= 1"
+            )
         self.numel = layout.numel
         self.ratio, self.momentum, self.nesterov = ratio, momentum, nesterov
         self.clip_norm = clip_norm
@@ -69,7 +71,9 @@ class DGC:
         self.fmt = check_format(values)
         self.slices = [(e.offset, e.numel, len(e.shape) > 1) for e in layout.entries]
         peak = self.keep_ratio(0)
-        self.max_count = sum(min(n, math.ceil(peak * n)) if sparse else n for _, n, sparse in self.slices)
+        self.max_count = sum(
+            min(n, math.ceil(peak * n)) if sparse else n for _, n, sparse in self.slices
+        )
 
     def keep_ratio(self, round_index: int) -> float:
         """Fraction of each compressed entry sent in round `round_index` (warm-up schedule)."""

@@ -59,10 +59,9 @@ def index_bound(count: int, numel: int) -> int:
 def encode_indices(idx: np.ndarray, numel: int) -> bytes:
     """Sorted unique int64 indices below `numel` as flag + varint body length + smallest body."""
     gaps = _gaps(idx)
-    sizes = {INDEX_BITMAP: -(-numel // 8)}
+    nbytes = len(gaps) + sum(int((gaps >= (1 << (7 * j))).sum()) for j in range(1, 5))
+    sizes = {INDEX_BITMAP: -(-numel // 8), INDEX_VARINT: nbytes}
     if len(idx):
-        nbytes = len(gaps) + sum((gaps >= (1 << (7 * j))).sum() for j in range(1, 5))
-        sizes[INDEX_VARINT] = int(nbytes)
         b, bits = _rice_bits(gaps)
         sizes[INDEX_RICE] = 1 + -(-bits // 8)
     flag = min(sizes, key=lambda f: (sizes[f], f))

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from koinon.compress.base import CodecState, build_inner, nest_state, unnest_state
-from koinon.compress.base import CODECS
+from koinon.compress.base import CODECS, CodecState, build_inner, nest_state, unnest_state
 from koinon.compress.wire import check_input
 from koinon.params import Layout
 
