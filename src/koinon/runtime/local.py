@@ -9,17 +9,36 @@ from koinon.runtime.base import RUNTIMES, notice
 from koinon.runtime.trainer import CohortResult, CohortTrainer
 
 
+SMALL_MODEL = 1_000_000
+
+
+def set_threads(threads: int, num_params: int) -> None:
+    """Intra-op threads for this process; 0 picks one thread for small models.
+
+    A small model's kernels are too short to split: a second thread only adds synchronization,
+    and when the machine is busy the spin-waiting makes steps several times slower (measured on
+    the digits MLP: 7 ms against 36 ms a backward pass with two threads on a loaded 2-core box).
+    """
+    if threads == 0:
+        threads = 1 if num_params < SMALL_MODEL else torch.get_num_threads()
+    torch.set_num_threads(threads)
+
+
 @RUNTIMES.register("inprocess")
 class InProcess:
     """Clients one after another in this process (the reference; supports any model)."""
 
     name = "inprocess"
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int = 0) -> None:
+        if threads < 0:
+            raise ValueError(f"runtime.threads must be >= 0 (0 = automatic), got {threads}")
+        self.threads = threads
         self.trainer: CohortTrainer | None = None
 
     def setup(self, trainer: CohortTrainer) -> None:
         self.trainer = trainer
+        set_threads(self.threads, trainer.layout.numel)
 
     def train(
         self,
@@ -47,8 +66,8 @@ class Vectorized(InProcess):
 
     name = "vectorized"
 
-    def __init__(self, memory_mb: int = 2048, max_chunk: int = 0) -> None:
-        super().__init__()
+    def __init__(self, memory_mb: int = 2048, max_chunk: int = 0, threads: int = 0) -> None:
+        super().__init__(threads)
         if memory_mb < 16:
             raise ValueError(f"runtime.memory_mb must be >= 16, got {memory_mb}")
         if max_chunk < 0:

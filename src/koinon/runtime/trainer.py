@@ -26,6 +26,7 @@ from torch.func import functional_call, vmap
 from koinon.clients.base import ClientAlgorithm, LocalTraining, State
 from koinon.data.federated import FederatedData
 from koinon.params import Layout
+from koinon.runtime.batched import batched_forward
 
 _MASK64 = (1 << 64) - 1
 
@@ -104,7 +105,8 @@ class CohortTrainer:
         def forward_one(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
             return functional_call(module, params, (x,))
 
-        self._forward_many = vmap(forward_one, in_dims=(0, 0))
+        # Hand-batched kernels where the layer stack allows it (about 2x faster), vmap otherwise.
+        self._forward_many = batched_forward(module) or vmap(forward_one, in_dims=(0, 0))
 
     # ----------------------------------------------------------------- batches
 
@@ -161,8 +163,17 @@ class CohortTrainer:
         num_steps = int(steps.max().item()) if k else 0
 
         theta0 = global_params[:pt]
-        theta = theta0.unsqueeze(0).repeat(k, 1).requires_grad_(True)
+        theta = theta0.unsqueeze(0).repeat(k, 1)
         bufs = global_params[pt:].unsqueeze(0).repeat(k, 1)
+        # Autograd leaves that are views into `theta`'s storage: the optimizer updates `theta` in
+        # place and the leaves see it, and gradients come per layer with no slicing in the graph
+        # (backward through slices of one [K, P] leaf materializes a [K, P] zero tensor per layer).
+        lead = theta[0] if k == 1 else theta
+        leaves = {n: v.detach().requires_grad_(True) for n, v in self._views(lead, self._train_entries, 0).items()}
+        params = dict(leaves)
+        if self._buffer_entries:
+            params.update(self._views(bufs[0] if k == 1 else bufs, self._buffer_entries, pt))
+        leaf_list = list(leaves.values())
         momentum = torch.zeros(k, pt) if hp.momentum else None
         ctx = self.algorithm.begin(global_params, server_state, client_states)
         loss_sum = torch.zeros(k)
@@ -182,7 +193,7 @@ class CohortTrainer:
         for s in range(num_steps):
             if k == 1:
                 ix = batches[s]
-                out = functional_call(self.module, self._params(theta[0], bufs[0]), (self._x[ix],))
+                out = functional_call(self.module, params, (self._x[ix],))
                 per_sample = self.loss_fn(out, self._y[ix])
                 loss = per_sample.mean()
                 loss_sum += per_sample.detach().sum()
@@ -192,18 +203,19 @@ class CohortTrainer:
                 ix = idx[:, s]
                 w = weights[:, s]
                 n_b = counts[:, s]
-                out = self._forward_many(self._params(theta, bufs), self._x[ix])
+                out = self._forward_many(params, self._x[ix])
                 per_sample = self.loss_fn(out.flatten(0, 1), self._y[ix].flatten()).view(k, -1)
                 weighted = (per_sample * w).sum(dim=1)
                 loss = (weighted / n_b.clamp_min(1.0)).sum()
                 loss_sum += weighted.detach()
                 seen += n_b
                 active = None if bool((n_b > 0).all()) else (n_b > 0).to(torch.float32)
-            (grad,) = torch.autograd.grad(loss, theta)
+            grads = torch.autograd.grad(loss, leaf_list)
+            grad = torch.cat([g.reshape(k, -1) for g in grads], dim=1)
             with torch.no_grad():
                 self._step(theta, grad, theta0, momentum, active, ctx)
 
-        final = torch.cat([theta.detach(), bufs], dim=1)
+        final = torch.cat([theta, bufs], dim=1)
         uploads, new_states = self.algorithm.end(global_params, final, steps, hp.lr, ctx)
         sizes = torch.tensor([len(self.data.client_indices[c]) for c in client_ids], dtype=torch.long)
         return CohortResult(
