@@ -45,6 +45,7 @@ def _list() -> None:
     import koinon.compress
     import koinon.runtime  # noqa: F401
     from koinon.aggregate import AGGREGATORS
+    from koinon.attacks import ATTACKS
     from koinon.clients import CLIENT_ALGORITHMS
     from koinon.compress import CODECS
     from koinon.data import DATASETS, PARTITIONERS
@@ -57,7 +58,7 @@ def _list() -> None:
         ("models (model.name)", MODELS), ("client algorithms (client.algorithm)", CLIENT_ALGORITHMS),
         ("server optimizers (server.optimizer)", SERVER_OPTIMIZERS), ("samplers (server.sampler)", SAMPLERS),
         ("codecs (codec.name, downlink.name)", CODECS), ("aggregators (aggregator.name)", AGGREGATORS),
-        ("runtimes (runtime.name)", RUNTIMES),
+        ("runtimes (runtime.name)", RUNTIMES), ("attacks (attack.name)", ATTACKS),
     ]
     for title, registry in families:
         print(title)

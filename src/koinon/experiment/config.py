@@ -44,6 +44,13 @@ class ComponentConfig:
 
 
 @dataclass
+class AttackConfig:
+    name: str = "none"
+    fraction: float = 0.0  # share of the population that is Byzantine, chosen by seed
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
 class ClientConfig:
     algorithm: str = "fedavg"
     epochs: int = 1
@@ -82,6 +89,7 @@ class Config:
     downlink: ComponentConfig = field(default_factory=lambda: ComponentConfig("identity"))
     aggregator: ComponentConfig = field(default_factory=lambda: ComponentConfig("mean"))
     runtime: ComponentConfig = field(default_factory=lambda: ComponentConfig("vectorized"))
+    attack: AttackConfig = field(default_factory=lambda: AttackConfig())
 
     # ---------------------------------------------------------------- (de)serialize
 
@@ -141,8 +149,8 @@ class Config:
         return Config.from_dict(raw)
 
 
-SECTIONS = ("data", "model", "client", "server", "codec", "downlink", "aggregator", "runtime")
-COMPONENT_SECTIONS = ("model", "codec", "downlink", "aggregator", "runtime")
+SECTIONS = ("data", "model", "client", "server", "codec", "downlink", "aggregator", "runtime", "attack")
+COMPONENT_SECTIONS = ("model", "codec", "downlink", "aggregator", "runtime", "attack")
 
 
 def _check_type(key: str, value: Any, default: Any) -> Any:

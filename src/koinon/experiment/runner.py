@@ -96,12 +96,24 @@ def build_federation(cfg: Config) -> Federation:
 
     codec = CODECS.build(cfg.codec.name, cfg.codec.options, "codec", layout=layout)
     downlink = CODECS.build(cfg.downlink.name, cfg.downlink.options, "downlink", layout=layout)
-    aggregator = AGGREGATORS.build(cfg.aggregator.name, cfg.aggregator.options, "aggregator")
+    from koinon.attacks import ATTACKS
+
+    a = cfg.attack
+    if not 0.0 <= a.fraction < 1.0:
+        raise ConfigError(f"attack.fraction = {a.fraction}: must be in [0, 1)")
+    if a.fraction > 0 and a.name == "none":
+        raise ConfigError("attack.fraction > 0 needs attack.name; see `koinon list` for the attacks")
+    attack = ATTACKS.build(a.name, a.options, "attack")
+    # Robust rules get f = the expected number of Byzantine clients in a cohort, unless set.
+    agg_context = {} if "num_byzantine" in cfg.aggregator.options else {
+        "num_byzantine": round(a.fraction * s.clients_per_round)}
+    aggregator = AGGREGATORS.build(cfg.aggregator.name, cfg.aggregator.options, "aggregator", **agg_context)
     runtime = RUNTIMES.build(cfg.runtime.name, cfg.runtime.options, "runtime")
     return _guard(
         "federation", Federation, model, fed_data, local=local, algorithm=algorithm,
         server_optimizer=optimizer, sampler=sampler, codec=codec, downlink=downlink,
         aggregator=aggregator, runtime=runtime, clients_per_round=s.clients_per_round, seed=cfg.seed,
+        attack=attack, byzantine_fraction=a.fraction,
     )
 
 

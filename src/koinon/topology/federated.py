@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from koinon.aggregate import AGGREGATORS, Aggregator
+from koinon.attacks import ATTACKS, Attack, AttackContext
 from koinon.clients import CLIENT_ALGORITHMS, ClientAlgorithm, LocalTraining
 from koinon.clients.base import State
 from koinon.compress import CODECS, Codec
@@ -40,6 +41,8 @@ class RoundResult:
     rejected: list[int] = field(default_factory=list)
     test_accuracy: float | None = None
     test_loss: float | None = None
+    num_byzantine: int = 0
+    extra: dict[str, float] = field(default_factory=dict)  # e.g. an attack's success rate
 
     def as_dict(self) -> dict:
         return {
@@ -51,6 +54,8 @@ class RoundResult:
             "uplink_bytes": self.uplink_bytes,
             "downlink_bytes": self.downlink_bytes,
             "rejected": self.rejected,
+            "num_byzantine": self.num_byzantine,
+            **self.extra,
         }
 
 
@@ -82,13 +87,28 @@ class Federation:
         clients_per_round: int = 10,
         seed: int = 0,
         loss_fn=cross_entropy,
+        attack: Attack | str | None = None,
+        byzantine_fraction: float = 0.0,
     ) -> None:
         if not 1 <= clients_per_round <= data.num_clients:
             raise ValueError(
                 f"clients_per_round must be in [1, {data.num_clients}] (the number of clients), "
                 f"got {clients_per_round}"
             )
+        if not 0.0 <= byzantine_fraction < 1.0:
+            raise ValueError(f"byzantine_fraction must be in [0, 1), got {byzantine_fraction}")
         self.model = model
+        self.attack = _component(ATTACKS, attack or "none", "attack")
+        # The Byzantine population: a fixed, seeded fraction of all clients.
+        rng = np.random.default_rng([seed, 0xBAD])
+        count = round(byzantine_fraction * data.num_clients)
+        self.byzantine = {int(c) for c in rng.choice(data.num_clients, count, replace=False)}
+        if self.byzantine:
+            owned = torch.cat([data.client_indices[c] for c in sorted(self.byzantine)])
+            poisoned = self.attack.poison_data(
+                data.dataset, owned, torch.Generator().manual_seed(mix_seed(seed, 0xBAD))
+            )
+            data = FederatedData(poisoned, data.client_indices)
         self.data = data
         self.layout = Layout.from_module(model)
         self.local = local or LocalTraining()
@@ -147,6 +167,14 @@ class Federation:
             self.seed, r,
         )
 
+        byzantine = torch.tensor([c in self.byzantine for c in cohort], dtype=torch.bool)
+        if byzantine.any():
+            context = AttackContext(
+                r, received, result.num_samples.to(torch.float32), self.aggregator,
+                torch.Generator().manual_seed(mix_seed(self.seed, r, 0xBAD)),
+            )
+            result.deltas = self.attack.forge(result.deltas, byzantine, context)
+
         streams = [(_DELTA, result.deltas), *((n, result.uploads[n]) for n in self.algorithm.uploads)]
         decoded = {name: torch.zeros_like(t) for name, t in streams}
         finite = torch.ones(k, dtype=torch.bool)
@@ -194,9 +222,12 @@ class Federation:
         self.downlink_total += downlink
         seen = result.num_samples.to(torch.float32)
         train_loss = float((result.train_loss * seen).sum() / seen.sum().clamp_min(1.0))
-        out = RoundResult(self.round_index, k, uplink, downlink, train_loss, rejected)
+        out = RoundResult(self.round_index, k, uplink, downlink, train_loss, rejected,
+                          num_byzantine=int(byzantine.sum()))
         if evaluate:
             out.test_accuracy, out.test_loss = self.evaluate()
+            if self.byzantine and hasattr(self.attack, "metrics"):
+                out.extra.update(self.attack.metrics(self.model, self.layout, self.params, self.data.dataset))
         return out
 
     def evaluate(self) -> tuple[float, float]:
