@@ -44,6 +44,13 @@ class ComponentConfig:
 
 
 @dataclass
+class DownlinkConfig:
+    name: str = "identity"
+    delta: bool = False  # send the compressed change of the model instead of the model
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
 class AttackConfig:
     name: str = "none"
     fraction: float = 0.0  # share of the population that is Byzantine, chosen by seed
@@ -86,7 +93,7 @@ class Config:
     client: ClientConfig = field(default_factory=ClientConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     codec: ComponentConfig = field(default_factory=lambda: ComponentConfig("identity"))
-    downlink: ComponentConfig = field(default_factory=lambda: ComponentConfig("identity"))
+    downlink: DownlinkConfig = field(default_factory=lambda: DownlinkConfig())
     aggregator: ComponentConfig = field(default_factory=lambda: ComponentConfig("mean"))
     runtime: ComponentConfig = field(default_factory=lambda: ComponentConfig("vectorized"))
     attack: AttackConfig = field(default_factory=lambda: AttackConfig())

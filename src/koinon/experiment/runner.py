@@ -113,7 +113,7 @@ def build_federation(cfg: Config) -> Federation:
         "federation", Federation, model, fed_data, local=local, algorithm=algorithm,
         server_optimizer=optimizer, sampler=sampler, codec=codec, downlink=downlink,
         aggregator=aggregator, runtime=runtime, clients_per_round=s.clients_per_round, seed=cfg.seed,
-        attack=attack, byzantine_fraction=a.fraction,
+        attack=attack, byzantine_fraction=a.fraction, downlink_delta=cfg.downlink.delta,
     )
 
 

@@ -89,6 +89,7 @@ class Federation:
         loss_fn=cross_entropy,
         attack: Attack | str | None = None,
         byzantine_fraction: float = 0.0,
+        downlink_delta: bool = False,
     ) -> None:
         if not 1 <= clients_per_round <= data.num_clients:
             raise ValueError(
@@ -130,6 +131,15 @@ class Federation:
         self.client_states: dict[int, State] = {}
         self.codec_states: dict[tuple[int, str], State] = {}
         self.downlink_states: dict[str, State] = {}
+        # Delta downlink: every client that is up to date holds `reference`; the server
+        # broadcasts the compressed change of the model, and a client that missed rounds gets
+        # the payloads it missed, or the full model when that is smaller.
+        self.downlink_delta = downlink_delta
+        self.reference = self.params.clone()
+        self.last_seen = torch.full((data.num_clients,), -1, dtype=torch.long)
+        self.broadcast_sizes: list[int] = []
+        # Server-side running sums for codecs that decode increments (EF21, EControl).
+        self.increment_sums: dict[tuple[int, str], torch.Tensor] = {}
         self.uplink_total = 0
         self.downlink_total = 0
         self._sizes = data.sizes.numpy()
@@ -155,8 +165,22 @@ class Federation:
         cohort = self.sample_cohort(r)
         k = len(cohort)
 
-        received, nbytes = self._send_down(_DELTA, self.params, r, 0)
-        downlink = nbytes * k
+        if self.downlink_delta:
+            change, nbytes = self._send_down(_DELTA, self.params - self.reference, r, 0)
+            self.reference = self.reference + change
+            self.broadcast_sizes.append(nbytes)
+            full = self.layout.numel * 4
+            cumulative = torch.tensor([0, *self.broadcast_sizes]).cumsum(0)  # bytes since round j
+            downlink = 0
+            for c in cohort:
+                seen = int(self.last_seen[c])
+                missed = int(cumulative[-1] - cumulative[seen + 1]) if seen >= 0 else full
+                downlink += min(missed, full)
+                self.last_seen[c] = r
+            received = self.reference
+        else:
+            received, nbytes = self._send_down(_DELTA, self.params, r, 0)
+            downlink = nbytes * k
         server_state = {}
         for i, name in enumerate(self.algorithm.downloads, start=1):
             server_state[name], nbytes = self._send_down(name, self.server_state[name], r, i)
@@ -199,6 +223,9 @@ class Federation:
                     finite[i] = False
                     reasons.append(f"client {c}: non-finite {name}")
                     continue
+                if getattr(self.codec, "decodes_increment", False):
+                    row = self.increment_sums.get(key, torch.zeros_like(row)) + row
+                    self.increment_sums[key] = row
                 decoded[name][i] = row
 
         rejected = [c for c, ok in zip(cohort, finite.tolist()) if not ok]
@@ -261,6 +288,12 @@ class Federation:
             out.update({f"downlink/{stream}/{k}": v for k, v in st.items()})
         if hasattr(self.aggregator, "state_dict"):
             out.update({f"aggregator/{k}": v for k, v in self.aggregator.state_dict().items()})
+        for (c, stream), v in self.increment_sums.items():
+            out[f"increment/{c}/{stream}"] = v
+        if self.downlink_delta:
+            out["reference"] = self.reference
+            out["last_seen"] = self.last_seen
+            out["broadcast_sizes"] = torch.tensor(self.broadcast_sizes, dtype=torch.long)
         return {k: v.detach().contiguous() for k, v in out.items()}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -271,6 +304,7 @@ class Federation:
         self.params = tensors["params"].clone()
         self.optimizer_state, self.server_state = {}, {}
         self.client_states, self.codec_states, self.downlink_states = {}, {}, {}
+        self.increment_sums = {}
         aggregator_state = {}
         for key, v in tensors.items():
             parts = key.split("/")
@@ -286,6 +320,14 @@ class Federation:
                 self.downlink_states.setdefault(parts[1], {})[parts[2]] = v.clone()
             elif parts[0] == "aggregator":
                 aggregator_state[parts[1]] = v.clone()
+            elif parts[0] == "increment":
+                self.increment_sums[(int(parts[1]), parts[2])] = v.clone()
+            elif key == "reference":
+                self.reference = v.clone()
+            elif key == "last_seen":
+                self.last_seen = v.clone()
+            elif key == "broadcast_sizes":
+                self.broadcast_sizes = v.tolist()
         if aggregator_state and hasattr(self.aggregator, "load_state_dict"):
             self.aggregator.load_state_dict(aggregator_state)
         # Optimizers with state must find all of it, or the resumed run would silently differ.
