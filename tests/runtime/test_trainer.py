@@ -7,7 +7,7 @@ from torch import nn
 from koinon.clients import CLIENT_ALGORITHMS, LocalTraining
 from koinon.data import Dataset, partition_dataset
 from koinon.params import Layout
-from koinon.runtime import RUNTIMES, CohortTrainer, mix_seed
+from koinon.runtime import RUNTIMES, CohortTrainer
 
 
 def _data(num_clients=6, n=90, seed=0, partition="quantity"):
@@ -36,8 +36,7 @@ def test_single_client_matches_torch_optim_sgd(momentum, nesterov, wd):
     # Reference: the same batches through a plain module and torch.optim.SGD.
     ref = _model()
     opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=momentum, nesterov=nesterov, weight_decay=wd)
-    gen = torch.Generator().manual_seed(mix_seed(5, 3, 2))
-    for row in trainer.client_batches(2, gen):
+    for row in trainer.client_batches(2, seed=5, round_index=3):
         ix = row[row >= 0]
         opt.zero_grad()
         nn.functional.cross_entropy(ref(data.dataset.x_train[ix]), data.dataset.y_train[ix]).backward()
@@ -103,3 +102,27 @@ def test_vectorized_falls_back_for_batchnorm(capsys):
     bn = Layout.from_module(model)
     buffers = slice(bn.num_trainable, bn.numel)
     assert not torch.equal(before[buffers], fed.params[buffers])  # running stats were trained and averaged
+
+
+@pytest.mark.parametrize("local", [LocalTraining(epochs=3, batch_size=4), LocalTraining(steps=10, batch_size=7)])
+def test_schedule_visits_each_sample_once_per_epoch_and_ignores_the_cohort(local):
+    data = _data(num_clients=6, n=90)
+    trainer = CohortTrainer(_model(), Layout.from_module(_model()), data, CLIENT_ALGORITHMS.get("fedavg")(), local)
+    together, steps = trainer.schedule([0, 3, 5], seed=1, round_index=2)
+    for row, c in enumerate([0, 3, 5]):
+        alone = trainer.client_batches(c, seed=1, round_index=2)
+        assert torch.equal(together[row, : steps[row]], alone)  # independent of the cohort
+        assert (together[row, steps[row]:] == -1).all()
+        mine = sorted(data.client_indices[c].tolist())
+        n = len(mine)
+        per_epoch = -(-n // local.batch_size)
+        if local.steps == 0:
+            assert steps[row] == per_epoch * local.epochs
+            for e in range(local.epochs):
+                epoch = alone[e * per_epoch : (e + 1) * per_epoch].flatten()
+                assert sorted(epoch[epoch >= 0].tolist()) == mine  # a permutation per epoch
+        else:
+            assert steps[row] == local.steps
+    again, _ = trainer.schedule([0, 3, 5], seed=1, round_index=2)
+    other, _ = trainer.schedule([0, 3, 5], seed=1, round_index=3)
+    assert torch.equal(together, again) and not torch.equal(together, other)

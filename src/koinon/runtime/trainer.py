@@ -31,6 +31,21 @@ from koinon.runtime.batched import batched_forward
 _MASK64 = (1 << 64) - 1
 
 
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)  # as a signed int64
+
+
+def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's `>>` is arithmetic)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _hash64(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finalizer on int64 tensors (multiplication wraps modulo 2^64)."""
+    z = (z ^ _shr(z, 30)) * (0xBF58476D1CE4E5B9 - (1 << 64))
+    z = (z ^ _shr(z, 27)) * (0x94D049BB133111EB - (1 << 64))
+    return z ^ _shr(z, 31)
+
+
 def mix_seed(*parts: int) -> int:
     """Deterministic 63-bit seed from integers (splitmix64 over the parts)."""
     h = 0x9E3779B97F4A7C15
@@ -110,23 +125,51 @@ class CohortTrainer:
 
     # ----------------------------------------------------------------- batches
 
-    def client_batches(self, client_id: int, generator: torch.Generator) -> torch.Tensor:
+    def client_batches(self, client_id: int, seed: int, round_index: int) -> torch.Tensor:
         """`[S, B]` global sample indices of one client's local steps, -1 where padded."""
-        ci = self.data.client_indices[client_id]
-        n, b = len(ci), self.local.batch_size
-        if n == 0:
-            return torch.empty(0, b, dtype=torch.long)
-        per_epoch = ceil(n / b)
-        epochs = ceil(self.local.steps / per_epoch) if self.local.steps > 0 else self.local.epochs
-        pad = per_epoch * b - n
-        rows = []
-        for _ in range(epochs):
-            order = ci[torch.randperm(n, generator=generator)]
-            if pad:
-                order = torch.cat([order, order.new_full((pad,), -1)])
-            rows.append(order.view(per_epoch, b))
-        out = torch.cat(rows)
-        return out[: self.local.steps] if self.local.steps > 0 else out
+        schedule, steps = self.schedule([client_id], seed, round_index)
+        return schedule[0, : int(steps[0])]
+
+    def schedule(self, client_ids: list[int], seed: int, round_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every client's minibatches at once: `[K, S, B]` sample indices (-1 = padding), steps `[K]`.
+
+        Each epoch visits a client's samples in the order of random keys hashed from
+        (seed, round, client, epoch, position), so a client's batches do not depend on which
+        other clients share its chunk or runtime, and the whole cohort's shuffles are a few
+        tensor ops instead of a generator per client.
+        """
+        b = self.local.batch_size
+        lists = [self.data.client_indices[c] for c in client_ids]
+        sizes = torch.tensor([len(ix) for ix in lists], dtype=torch.long)
+        k, n_max = len(lists), max(int(sizes.max()), 1)
+        per_epoch = (sizes + b - 1) // b
+        if self.local.steps > 0:
+            epochs = (self.local.steps + per_epoch.clamp_min(1) - 1) // per_epoch.clamp_min(1)
+            steps = torch.where(sizes > 0, torch.full_like(sizes, self.local.steps), 0)
+        else:
+            epochs = torch.full_like(sizes, self.local.epochs)
+            steps = per_epoch * self.local.epochs
+        e_max = max(int(epochs.max()), 1)
+        padded = torch.zeros(k, n_max, dtype=torch.long)
+        for i, ix in enumerate(lists):
+            padded[i, : len(ix)] = ix
+        ids = torch.tensor([mix_seed(seed, round_index, c) for c in client_ids], dtype=torch.long)
+        slot = torch.arange(n_max).view(1, 1, n_max)
+        epoch = torch.arange(e_max).view(1, e_max, 1)
+        pos = (epoch << 32) + slot  # a position's key must not depend on the cohort's n_max
+        keys = _hash64(ids.view(k, 1, 1) ^ (pos * _GOLDEN))
+        keys = keys.masked_fill(slot >= sizes.view(k, 1, 1), torch.iinfo(torch.long).max)
+        order = keys.argsort(dim=2)  # [K, E, n_max]: a permutation of each client's positions
+        picked = padded.gather(1, order.view(k, -1)).view(k, e_max, n_max)
+        # Lay epoch e of client i at offset e * per_epoch[i] * B; short last batches are padded.
+        width = int((per_epoch * b).max()) if k else 0
+        out = torch.full((k, e_max * max(width, 1)), -1, dtype=torch.long)
+        target = epoch * (per_epoch * b).view(k, 1, 1) + slot
+        valid = (slot < sizes.view(k, 1, 1)) & (epoch < epochs.view(k, 1, 1)) & (target < (steps * b).view(k, 1, 1))
+        rows = torch.arange(k).view(k, 1, 1).expand_as(target)
+        out[rows[valid], target[valid]] = picked[valid]
+        s_max = int(steps.max()) if k else 0
+        return out[:, : s_max * b].reshape(k, s_max, b), steps
 
     def _views(self, flat: torch.Tensor, entries, base: int) -> dict[str, torch.Tensor]:
         lead = tuple(flat.shape[:-1])
@@ -155,12 +198,8 @@ class CohortTrainer:
         k = len(client_ids)
         pt = self._num_trainable
         hp = self.local
-        schedules = [
-            self.client_batches(c, torch.Generator().manual_seed(mix_seed(seed, round_index, c)))
-            for c in client_ids
-        ]
-        steps = torch.tensor([len(s) for s in schedules], dtype=torch.long)
-        num_steps = int(steps.max().item()) if k else 0
+        idx, steps = self.schedule(client_ids, seed, round_index)
+        num_steps = idx.shape[1]
 
         theta0 = global_params[:pt]
         theta = theta0.unsqueeze(0).repeat(k, 1)
@@ -180,13 +219,10 @@ class CohortTrainer:
         seen = torch.zeros(k)
 
         if k == 1:
-            batches = [row[row >= 0] for row in schedules[0]]
+            batches = [row[row >= 0] for row in idx[0]]
         else:
-            idx = torch.full((k, num_steps, hp.batch_size), -1, dtype=torch.long)
-            for i, s in enumerate(schedules):
-                idx[i, : len(s)] = s
             weights = (idx >= 0).to(torch.float32)
-            idx.clamp_(min=0)
+            idx = idx.clamp(min=0)
             counts = weights.sum(dim=2)  # [K, S]
 
         self.module.train()

@@ -219,15 +219,15 @@ class Federation:
                     finite[i] = False
                     reasons.append(f"client {c}: {exc}")
                     continue
-                if not torch.isfinite(row).all():
-                    finite[i] = False
-                    reasons.append(f"client {c}: non-finite {name}")
-                    continue
                 if getattr(self.codec, "decodes_increment", False):
                     row = self.increment_sums.get(key, torch.zeros_like(row)) + row
                     self.increment_sums[key] = row
                 decoded[name][i] = row
 
+        for name, stack in decoded.items():  # one check over the stack, for codecs that skip it
+            bad = finite & ~torch.isfinite(stack).all(dim=1)
+            reasons += [f"client {cohort[i]}: non-finite {name}" for i in bad.nonzero().flatten().tolist()]
+            finite &= ~bad
         rejected = [c for c, ok in zip(cohort, finite.tolist()) if not ok]
         if rejected:
             notice(f"round {r + 1}: rejected updates ({'; '.join(reasons)})")
