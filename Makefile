@@ -11,20 +11,25 @@ $(BIN)/python:
 
 # torch==2.13.0 is installed first and on its own with pip: that pin resolves to the CPU build.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# Ray is an optional extra; the test suite covers the ray runtime, so `make test` adds it.
+RAY_STAMP := $(VENV)/.installed-ray
+$(RAY_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[test,ray]'
+	touch $(RAY_STAMP)
+
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/koinon run examples/demo.toml --out runs/demo
+	$(BIN)/koinon run examples/demo.toml --out runs/demo --overwrite
 
-test: $(STAMP)
+test: $(RAY_STAMP)
 	$(BIN)/python -m pytest tests
 
-bench: $(STAMP)
+bench: $(RAY_STAMP)
 	$(BIN)/python benchmarks/simulation.py
 
 lint: $(STAMP)
