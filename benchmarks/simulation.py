@@ -51,26 +51,35 @@ def plain_loop(w: dict, rounds: int) -> tuple[float, float]:
     torch, kn, ds, data, model = _setup(w)
     import numpy as np
 
+    from koinon.params import Layout
+    from koinon.runtime import CohortTrainer
+    from koinon.server import SAMPLERS
+
+    # Same cohorts and the same batch order as koinon (its sampler and batch schedule), so the
+    # accuracy columns are comparable run for run; the training itself is plain PyTorch.
+    sampler = SAMPLERS.get("uniform")()
+    local = kn.LocalTraining(lr=LR, batch_size=BATCH, epochs=w["epochs"])
+    batches = CohortTrainer(model, Layout.from_module(model), data, kn.LocalSGD(), local).client_batches
+    sizes = data.sizes.numpy()
     x, y = ds.x_train, ds.y_train
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     start = time.perf_counter()
-    for r in range(rounds):
-        rng = np.random.default_rng([0, r])
-        cohort = rng.choice(w["num_clients"], w["per_round"], replace=False)
+    for r in range(rounds + 1):
+        if r == 1:  # koinon's runtimes get an untimed warm-up round; so does the loop
+            start = time.perf_counter()
+        rng = np.random.default_rng([0, r, 0x5A3B])
+        cohort = sampler.sample(np.arange(w["num_clients"]), sizes, w["per_round"], rng)
         total = 0
         acc_state = {k: torch.zeros_like(v) for k, v in global_state.items()}
         for c in cohort:
             idx = data.client_indices[c]
             model.load_state_dict(global_state)
             opt = torch.optim.SGD(model.parameters(), lr=LR)
-            g = torch.Generator().manual_seed(int(c) * 1000 + r)
-            for _ in range(w["epochs"]):
-                perm = idx[torch.randperm(len(idx), generator=g)]
-                for b in range(0, len(perm), BATCH):
-                    ix = perm[b : b + BATCH]
-                    opt.zero_grad()
-                    torch.nn.functional.cross_entropy(model(x[ix]), y[ix]).backward()
-                    opt.step()
+            for row in batches(c, 0, r):
+                ix = row[row >= 0]
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(x[ix]), y[ix]).backward()
+                opt.step()
             n = len(idx)
             total += n
             for k, v in model.state_dict().items():
