@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("list", help="list every registered component with a one-line description")
+    sub.add_parser("robustness", add_help=False,
+                   help="aggregator x attack x fraction accuracy matrix (koinon robustness --help)")
     return p
 
 
@@ -96,6 +98,11 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["robustness"]:  # its own parser: koinon robustness CONFIG.toml [--aggregators ...]
+        from koinon.experiment.robustness import main as robustness_main
+
+        return robustness_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "list":

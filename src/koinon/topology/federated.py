@@ -104,6 +104,7 @@ class Federation:
         rng = np.random.default_rng([seed, 0xBAD])
         count = round(byzantine_fraction * data.num_clients)
         self.byzantine = {int(c) for c in rng.choice(data.num_clients, count, replace=False)}
+        self.byzantine_fraction = byzantine_fraction
         if self.byzantine:
             owned = torch.cat([data.client_indices[c] for c in sorted(self.byzantine)])
             poisoned = self.attack.poison_data(
@@ -151,8 +152,19 @@ class Federation:
     # ------------------------------------------------------------------ round
 
     def sample_cohort(self, round_index: int) -> list[int]:
+        """The round's clients. Under attack, every cohort holds exactly round(fraction * K)
+        Byzantine clients, so a robust rule built for that f is never silently overrun by an
+        unlucky draw (the evaluation protocol of the robustness literature, e.g. ByzFL)."""
         rng = np.random.default_rng([self.seed, round_index, 0x5A3B])
-        return self.sampler.sample(self._population, self._sizes, self.clients_per_round, rng)
+        k = self.clients_per_round
+        if not self.byzantine:
+            return self.sampler.sample(self._population, self._sizes, k, rng)
+        bad = np.array(sorted(self.byzantine))
+        good = np.setdiff1d(self._population, bad)
+        f = min(round(self.byzantine_fraction * k), len(bad))
+        chosen = self.sampler.sample(bad, self._sizes[bad], f, rng) if f else []
+        chosen += self.sampler.sample(good, self._sizes[good], k - f, rng)
+        return sorted(chosen)
 
     def _send_down(self, name: str, tensor: torch.Tensor, round_index: int, stream: int) -> tuple[torch.Tensor, int]:
         state = self.downlink_states.get(name) or self.downlink.init_state()

@@ -1,0 +1,112 @@
+"""Robustness matrix on digits, reported against issue 5's goals.
+
+Aggregators {mean, median, trimmed_mean, krum, multi_krum, geometric_median, centered_clipping,
+meamed, nnm+trimmed_mean} x attacks {alie, ipm, sign_flip, label_flip} x Byzantine fraction
+{0, 10, 20, 30, 40 %} x Dirichlet alpha {0.5, 0.1}; base config `robustness.default_config()`
+(50 clients, 20 a round, 2 local epochs, lr 0.05, momentum 0.9, one seed). Prints the accuracy
+tables and, per alpha, whether the goals hold: with 20 % attackers the best configuration stays
+within 3 points of the attack-free accuracy, with 40 % within 10 points.
+
+    python benchmarks/robustness.py                     # the full matrix, 30 rounds
+    python benchmarks/robustness.py --rounds 10 --alphas 0.5 --out /tmp/rob
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from koinon.errors import ConfigError
+from koinon.experiment.config import Config
+from koinon.experiment.robustness import CLEAN, default_config, markdown, run_matrix
+from koinon.experiment.runner import build_federation
+
+AGGREGATORS = ["mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median",
+               "centered_clipping", "meamed", "nnm+trimmed_mean"]
+ATTACKS = ["alie", "ipm", "sign_flip", "label_flip"]
+GOALS = {0.2: 3.0, 0.4: 10.0}  # fraction -> allowed loss in accuracy points
+
+
+def build(cfg: Config):
+    """`build_federation`, plus pre-aggregation compositions while the runner lacks them.
+
+    The runner builds `[aggregator]` from the registry of final rules, so `nnm+trimmed_mean` is
+    an unknown name there; this builds the final rule's federation and swaps in the composed
+    aggregator with the same f. Drop it once the runner calls `build_aggregator`.
+    """
+    name = cfg.aggregator.name
+    try:
+        return build_federation(cfg)
+    except ConfigError:
+        if "+" not in name:
+            raise
+    from koinon.aggregate import build_aggregator
+
+    final = name.rsplit("+", 1)[1]
+    options = cfg.aggregator.options
+    f = options.get("num_byzantine", round(cfg.attack.fraction * cfg.server.clients_per_round))
+    fed = build_federation(cfg.with_overrides({"aggregator.name": final}))
+    fed.aggregator = build_aggregator(name, {k: v for k, v in options.items() if k != "num_byzantine"}, f)
+    return fed
+
+
+def goal_report(results: list[dict[str, Any]]) -> str:
+    lines = []
+    for alpha in dict.fromkeys(r["alpha"] for r in results):
+        rows = [r for r in results if r["alpha"] == alpha and r["status"] == "ok"]
+        clean = {r["aggregator"]: r["accuracy"] for r in rows if r["attack"] == CLEAN}
+        if not clean:
+            continue
+        best_clean = max(clean, key=clean.__getitem__)
+        reference = 100 * clean[best_clean]
+        lines.append(f"alpha = {alpha}: attack-free reference {reference:.1f} % ({best_clean})")
+        for fraction, allowed in GOALS.items():
+            cells = [r for r in rows if r["fraction"] == fraction]
+            if not cells:
+                continue
+            for attack in dict.fromkeys(r["attack"] for r in cells):
+                best = max((r for r in cells if r["attack"] == attack), key=lambda r: r["accuracy"])
+                gap = reference - 100 * best["accuracy"]
+                verdict = "met" if gap <= allowed else "NOT met"
+                lines.append(f"  f = {fraction:.0%} {attack:10s} best {best['aggregator']:18s} "
+                             f"{100 * best['accuracy']:5.1f} %  gap {gap:5.1f} pts (goal <= {allowed:g}): {verdict}")
+            # One configuration must face every attack: the rule with the best worst case.
+            by_rule: dict[str, list[float]] = {}
+            for r in cells:
+                by_rule.setdefault(r["aggregator"], []).append(r["accuracy"])
+            complete = {k: min(v) for k, v in by_rule.items() if len(v) == len({r["attack"] for r in cells})}
+            if complete:
+                rule = max(complete, key=complete.__getitem__)
+                gap = reference - 100 * complete[rule]
+                verdict = "met" if gap <= allowed else "NOT met"
+                lines.append(f"  f = {fraction:.0%} one rule for all attacks: {rule}, worst "
+                             f"{100 * complete[rule]:.1f} %, gap {gap:.1f} pts: {verdict}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--alphas", default="0.5,0.1")
+    p.add_argument("--fractions", default="0,0.1,0.2,0.3,0.4")
+    p.add_argument("--aggregators", default=",".join(AGGREGATORS))
+    p.add_argument("--attacks", default=",".join(ATTACKS))
+    p.add_argument("--out", default="runs/robustness")
+    args = p.parse_args()
+    start = time.perf_counter()
+    results = run_matrix(
+        default_config(), args.aggregators.split(","), args.attacks.split(","),
+        [float(v) for v in args.fractions.split(",")], [float(v) for v in args.alphas.split(",")],
+        args.rounds, Path(args.out), build=build,
+    )
+    print(f"\n## Final test accuracy (%), digits MLP, {args.rounds} rounds, one seed\n")
+    print(markdown(results))
+    print("## Against the issue's goals\n")
+    print(goal_report(results))
+    print(f"\n{len(results)} runs in {time.perf_counter() - start:.0f} s; files in {args.out}/")
+
+
+if __name__ == "__main__":
+    main()
