@@ -46,7 +46,7 @@ def _list() -> None:
     import koinon.aggregate
     import koinon.compress
     import koinon.runtime  # noqa: F401
-    from koinon.aggregate import AGGREGATORS
+    from koinon.aggregate import AGGREGATORS, PRE_AGGREGATORS
     from koinon.attacks import ATTACKS
     from koinon.clients import CLIENT_ALGORITHMS
     from koinon.compress import CODECS
@@ -60,6 +60,7 @@ def _list() -> None:
         ("models (model.name)", MODELS), ("client algorithms (client.algorithm)", CLIENT_ALGORITHMS),
         ("server optimizers (server.optimizer)", SERVER_OPTIMIZERS), ("samplers (server.sampler)", SAMPLERS),
         ("codecs (codec.name, downlink.name)", CODECS), ("aggregators (aggregator.name)", AGGREGATORS),
+        ("pre-aggregation steps (aggregator.name = \"step+rule\", e.g. nnm+trimmed_mean)", PRE_AGGREGATORS),
         ("runtimes (runtime.name)", RUNTIMES), ("attacks (attack.name)", ATTACKS),
     ]
     for title, registry in families:

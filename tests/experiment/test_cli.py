@@ -119,6 +119,11 @@ BAD = [
     (["--set", "runtime.memory_mb=1"], "runtime"),
     (["--set", "nonsense"], "section.key=value"),
     (["--set", "bogus.key=1"], "bogus"),
+    (["--set", "aggregator.name=bulyan", "--set", "aggregator.num_byzantine=2"], "4f + 3"),
+    (["--set", "aggregator.name=krum", "--set", "aggregator.num_byzantine=-1"], "num_byzantine"),
+    (["--set", "aggregator.name=nnm+nope"], "nope"),
+    (["--set", "attack.fraction=0.2"], "attack.name"),
+    (["--set", "attack.fraction=1.5", "--set", "attack.name=alie"], "attack.fraction"),
 ]
 
 

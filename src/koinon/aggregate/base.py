@@ -11,6 +11,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from koinon.errors import ConfigError
 from koinon.registry import Registry
 
 
@@ -23,14 +24,46 @@ class Aggregator(Protocol):
         ...
 
 
+@runtime_checkable
+class PreAggregator(Protocol):
+    """A step before the final rule (NNM, bucketing, clipping): a stack in, a stack out."""
+
+    name: str
+
+    def transform(
+        self, updates: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map `updates` `[n, P]` and `weights` `[n]` to a new stack `[m, P]` and weights `[m]`."""
+        ...
+
+
 AGGREGATORS: Registry[Aggregator] = Registry("aggregator")
 """Factories are called as `factory(num_byzantine=..., **options)` (context args optional)."""
+
+PRE_AGGREGATORS: Registry[PreAggregator] = Registry("pre-aggregator")
+"""Pre-aggregation steps live in their own registry: they are not aggregators (they return a
+stack), so `koinon list` shows them apart and a config cannot use one as the final rule."""
+
+
+def check_num_byzantine(num_byzantine: int) -> int:
+    """Build-time check of f; the n-dependent assumption is checked when n is known."""
+    if isinstance(num_byzantine, bool) or not isinstance(num_byzantine, int) or num_byzantine < 0:
+        raise ConfigError(f"num_byzantine must be an integer >= 0, got {num_byzantine!r}")
+    return num_byzantine
+
+
+def require(ok: bool, rule: str, n: int, f: int, requirement: str) -> None:
+    """Refuse a cohort that breaks a rule's assumption, naming n, f and the requirement."""
+    if not ok:
+        raise ValueError(f"{rule} needs {requirement}, got n = {n} inputs and f = {f} Byzantine")
 
 
 def check_stack(updates: torch.Tensor, weights: torch.Tensor) -> None:
     if updates.dim() != 2:
         raise ValueError(f"updates must be a [n, P] stack, got shape {tuple(updates.shape)}")
     if weights.shape != (updates.shape[0],):
-        raise ValueError(f"weights must have shape [{updates.shape[0]}], got {tuple(weights.shape)}")
+        raise ValueError(
+            f"weights must have shape [{updates.shape[0]}], got {tuple(weights.shape)}"
+        )
     if updates.shape[0] == 0:
         raise ValueError("cannot aggregate an empty cohort")

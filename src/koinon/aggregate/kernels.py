@@ -18,12 +18,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import torch
 
-# Columns per block: 50 x 4096 float32 is 800 KB, which stays in a core's L2/L3 while sorted.
-_SORT_BLOCK = 4096
+# Coordinates per block: 8192 x 50 float32 is 1.6 MB, which stays in a core's L2/L3 while sorted.
+_SORT_BLOCK = 8192
 # Columns per block for the Gram matrix: large enough for an efficient GEMM per block.
 _GRAM_BLOCK = 16384
 
@@ -33,7 +34,9 @@ _POOL: ThreadPoolExecutor | None = None
 def _pool() -> ThreadPoolExecutor:
     global _POOL
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+        _POOL = ThreadPoolExecutor(
+            max_workers=max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
+        )
     return _POOL
 
 
@@ -42,24 +45,26 @@ def _numpy_ok(x: torch.Tensor) -> bool:
 
 
 def sorted_reduce(
-    x: torch.Tensor, reduce: Callable[[np.ndarray], np.ndarray], out_dtype: torch.dtype
+    x: torch.Tensor, reduce: Callable[[Any], Any], out_dtype: torch.dtype
 ) -> torch.Tensor:
-    """Apply `reduce` to column blocks of `x` sorted along dim 0; concatenate the `[P]` results.
+    """Apply `reduce` to blocks of coordinates sorted across inputs; concatenate the results.
 
-    `reduce` gets a sorted block `[n, C]` (NumPy on CPU, otherwise a torch tensor) and returns
-    `[C]`. Blocks are independent, so they run on a thread pool.
+    `reduce` gets a block `[C, n]` (one row per coordinate, sorted ascending; a NumPy array on
+    CPU, otherwise a torch tensor) and returns `[C]`. The transposed copy makes each row
+    contiguous, which is what NumPy's SIMD sort needs to be fast and to release the GIL, so the
+    independent blocks run in parallel on a thread pool.
     """
     n, p = x.shape
     x = x.detach()
     if not _numpy_ok(x):
         # Accelerators and exotic dtypes: torch's sort is the portable path.
-        return torch.as_tensor(reduce(x.sort(dim=0).values)).to(out_dtype)
+        return torch.as_tensor(reduce(x.T.sort(dim=1).values)).to(out_dtype)
     arr = x.contiguous().numpy()
     out = np.empty(p, dtype=torch.empty((), dtype=out_dtype).numpy().dtype)
 
     def work(start: int) -> None:
-        block = arr[:, start : start + _SORT_BLOCK]
-        out[start : start + block.shape[1]] = reduce(np.sort(block, axis=0))
+        block = np.sort(arr[:, start : start + _SORT_BLOCK].T.copy(), axis=1)
+        out[start : start + block.shape[0]] = reduce(block)
 
     list(_pool().map(work, range(0, p, _SORT_BLOCK)))
     return torch.from_numpy(out)
@@ -67,11 +72,7 @@ def sorted_reduce(
 
 def sorted_rows_mean(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """Per coordinate, the mean of the order statistics `lo..hi-1` (median, trimmed mean)."""
-
-    def reduce(block):  # type: ignore[no-untyped-def]
-        return block[lo:hi].mean(0, dtype=block.dtype)
-
-    return sorted_reduce(x, reduce, x.dtype)
+    return sorted_reduce(x, lambda block: block[:, lo:hi].mean(1), x.dtype)
 
 
 def coordinate_median(x: torch.Tensor) -> torch.Tensor:
@@ -80,30 +81,30 @@ def coordinate_median(x: torch.Tensor) -> torch.Tensor:
     return sorted_rows_mean(x, (n - 1) // 2, n // 2 + 1)
 
 
-def nearest_window_mean(sorted_block, k: int):  # type: ignore[no-untyped-def]
-    """Per column of a sorted block: mean of the k values closest to the column's median.
+def nearest_window_mean(block: Any, k: int) -> Any:
+    """Per row of a sorted block `[C, n]`: mean of the k values closest to the row's median.
 
-    The k values closest to any point form a contiguous window of the sorted column, so we only
+    The k values closest to any point form a contiguous window of the sorted row, so we only
     compare the n-k+1 windows by their radius around the median (ties: the lowest window).
     Works on NumPy arrays and torch tensors alike.
     """
-    n = sorted_block.shape[0]
-    lib = np if isinstance(sorted_block, np.ndarray) else torch
-    med = (sorted_block[(n - 1) // 2] + sorted_block[n // 2]) / 2
+    n = block.shape[1]
+    is_np = isinstance(block, np.ndarray)
+    med = (block[:, (n - 1) // 2] + block[:, n // 2]) / 2
     starts = n - k + 1
-    left = med - sorted_block[:starts]
-    right = sorted_block[k - 1 :] - med
-    radius = lib.maximum(left, right)
-    best = radius.argmin(0)
-    csum = sorted_block.cumsum(0, dtype=lib.float64) if lib is np else sorted_block.double().cumsum(0)
-    zero = csum[:1] * 0
-    csum = lib.concatenate([zero, csum]) if lib is np else torch.cat([zero, csum])
-    if lib is np:
-        cols = np.arange(sorted_block.shape[1])
-        total = csum[best + k, cols] - csum[best, cols]
+    left = med[:, None] - block[:, :starts]
+    right = block[:, k - 1 :] - med[:, None]
+    radius = np.maximum(left, right) if is_np else torch.maximum(left, right)
+    best = radius.argmin(1)[:, None]
+    if is_np:
+        csum = np.zeros((block.shape[0], n + 1), dtype=np.float64)
+        np.cumsum(block, axis=1, dtype=np.float64, out=csum[:, 1:])
+        take = np.take_along_axis
     else:
-        total = csum.gather(0, (best + k)[None]).squeeze(0) - csum.gather(0, best[None]).squeeze(0)
-    return total / k
+        csum = torch.nn.functional.pad(block.double().cumsum(1), (1, 0))
+        take = torch.take_along_dim
+    total = take(csum, best + k, 1) - take(csum, best, 1)
+    return total[:, 0] / k
 
 
 def meamed_rows(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -132,7 +133,7 @@ def gram(x: torch.Tensor, center: torch.Tensor | None = None) -> torch.Tensor:
 def sq_distances_from_gram(g: torch.Tensor) -> torch.Tensor:
     """Pairwise squared Euclidean distances from a Gram matrix (clamped at 0, exact 0 diagonal)."""
     diag = g.diagonal()
-    d2 = (diag[:, None] + diag[None, :] - 2 * g).clamp_min(0)
+    d2 = (diag[:, None] + diag[None, :] - (g + g.T)).clamp_min(0)  # exactly symmetric
     d2.fill_diagonal_(0)
     return d2
 
@@ -145,3 +146,17 @@ def pairwise_sq_distances(x: torch.Tensor) -> torch.Tensor:
 def combine(coefficients: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """`coefficients @ x` in the dtype of `x` (one matmul; the single output pass)."""
     return coefficients.to(x.dtype) @ x
+
+
+def row_sq_norms(x: torch.Tensor, center: torch.Tensor | None = None) -> torch.Tensor:
+    """Float64 squared norms of the rows of `x - center`, in one blocked pass (no full copy)."""
+    # Blocks keep the float64 accumulation without a float64 copy of the whole stack.
+    x = x.detach()
+    n, p = x.shape
+    out = torch.zeros(n, dtype=torch.float64, device=x.device)
+    for start in range(0, p, _GRAM_BLOCK):
+        block = x[:, start : start + _GRAM_BLOCK]
+        if center is not None:
+            block = block - center[start : start + _GRAM_BLOCK]
+        out += torch.linalg.vector_norm(block, dim=1).double() ** 2
+    return out

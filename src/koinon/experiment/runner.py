@@ -90,7 +90,7 @@ def build_federation(cfg: Config) -> Federation:
             f"data.num_clients = {fed_data.num_clients}"
         )
     layout = Layout.from_module(model)
-    from koinon.aggregate import AGGREGATORS
+    from koinon.aggregate import build_aggregator
     from koinon.compress import CODECS
     from koinon.runtime import RUNTIMES
 
@@ -104,10 +104,18 @@ def build_federation(cfg: Config) -> Federation:
     if a.fraction > 0 and a.name == "none":
         raise ConfigError("attack.fraction > 0 needs attack.name; see `koinon list` for the attacks")
     attack = ATTACKS.build(a.name, a.options, "attack")
-    # Robust rules get f = the expected number of Byzantine clients in a cohort, unless set.
-    agg_context = {} if "num_byzantine" in cfg.aggregator.options else {
-        "num_byzantine": round(a.fraction * s.clients_per_round)}
-    aggregator = AGGREGATORS.build(cfg.aggregator.name, cfg.aggregator.options, "aggregator", **agg_context)
+    # Robust rules get f = the number of Byzantine clients in every cohort, unless set.
+    agg_options = dict(cfg.aggregator.options)
+    f = agg_options.pop("num_byzantine", round(a.fraction * s.clients_per_round))
+    if not isinstance(f, int) or isinstance(f, bool) or f < 0:
+        raise ConfigError(f"aggregator.num_byzantine = {f!r}: expected an integer >= 0")
+    aggregator = build_aggregator(cfg.aggregator.name, agg_options, f)
+    # A throwaway instance aggregates a dummy cohort, so a rule whose assumption (e.g. Bulyan's
+    # n >= 4f + 3) this cohort size breaks is refused now, not in the middle of training.
+    probe = build_aggregator(cfg.aggregator.name, agg_options, f)
+    _guard(f"aggregator.name = {cfg.aggregator.name!r} with server.clients_per_round = "
+           f"{s.clients_per_round}", probe.aggregate,
+           torch.zeros(s.clients_per_round, 2), torch.ones(s.clients_per_round))
     runtime = RUNTIMES.build(cfg.runtime.name, cfg.runtime.options, "runtime")
     return _guard(
         "federation", Federation, model, fed_data, local=local, algorithm=algorithm,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from koinon.aggregate import AGGREGATORS, Aggregator
+from koinon.aggregate import Aggregator, build_aggregator
 from koinon.attacks import ATTACKS, Attack, AttackContext
 from koinon.clients import CLIENT_ALGORITHMS, ClientAlgorithm, LocalTraining
 from koinon.clients.base import State
@@ -119,7 +119,7 @@ class Federation:
         self.sampler = _component(SAMPLERS, sampler, "server.sampler")
         self.codec = _component(CODECS, codec, "codec", layout=self.layout)
         self.downlink = _component(CODECS, downlink, "downlink", layout=self.layout)
-        self.aggregator = _component(AGGREGATORS, aggregator, "aggregator")
+        self.aggregator = build_aggregator(aggregator) if isinstance(aggregator, str) else aggregator
         self.runtime = _component(RUNTIMES, runtime, "runtime")
         self.clients_per_round = clients_per_round
         self.seed = seed
@@ -244,9 +244,14 @@ class Federation:
         if rejected:
             notice(f"round {r + 1}: rejected updates ({'; '.join(reasons)})")
         keep = finite.nonzero().squeeze(1)
+        delta = None
         if len(keep):
             weights = result.num_samples[keep].to(torch.float32)
-            delta = self.aggregator.aggregate(decoded[_DELTA][keep], weights)
+            try:
+                delta = self.aggregator.aggregate(decoded[_DELTA][keep], weights)
+            except ValueError as exc:  # e.g. rejections left too few inputs for a robust rule
+                notice(f"round {r + 1}: aggregator refused the cohort, model unchanged ({exc})")
+        if delta is not None:
             self.params = self.server_optimizer.step(self.params, delta, self.optimizer_state)
             means = {n: decoded[n][keep].mean(dim=0) for n in self.algorithm.uploads}
             self.server_state = self.algorithm.server_update(

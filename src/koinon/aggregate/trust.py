@@ -1,0 +1,51 @@
+"""FLTrust: the server trusts its own update, computed on a small clean root dataset.
+
+Cao et al., FLTrust: Byzantine-robust Federated Learning via Trust Bootstrapping (NDSS 2021),
+https://arxiv.org/abs/2012.13995. The server computes that reference update itself, so the
+caller passes it with `set_reference` before each `aggregate`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from koinon.aggregate import kernels
+from koinon.aggregate.base import AGGREGATORS, check_stack
+
+
+@AGGREGATORS.register("fltrust")
+class FLTrust:
+    """FLTrust: weight inputs by ReLU(cosine) to the server's root-data update, rescaled to it.
+
+    Tolerates any number of Byzantine inputs as long as the root dataset is clean (so it takes
+    no f). Call `set_reference(update)` with the server's update of the round before
+    `aggregate`; without one, `aggregate` raises. If no input has positive cosine similarity
+    the output is zero. https://arxiv.org/abs/2012.13995
+    """
+
+    name = "fltrust"
+
+    def __init__(self) -> None:
+        self.reference: torch.Tensor | None = None
+
+    def set_reference(self, update: torch.Tensor) -> None:
+        """The server's own update on its root dataset for this round (`[P]`)."""
+        self.reference = update.detach()
+
+    def aggregate(self, updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        check_stack(updates, weights)
+        ref = self.reference
+        if ref is None:
+            raise ValueError("fltrust: call set_reference(server_update) before aggregate")
+        if ref.shape != updates.shape[1:]:
+            raise ValueError(
+                f"fltrust: reference has shape {tuple(ref.shape)}, updates {tuple(updates.shape[1:])}"
+            )
+        ref_norm = torch.linalg.vector_norm(ref, dtype=torch.float64)
+        norms = kernels.row_sq_norms(updates).sqrt().clamp_min(1e-300)
+        cosine = (updates @ ref).double() / (norms * ref_norm.clamp_min(1e-300))
+        trust = cosine.clamp_min(0)
+        if float(trust.sum()) == 0.0:
+            return torch.zeros_like(updates[0])
+        coefficients = trust * (ref_norm / norms) / trust.sum()
+        return kernels.combine(coefficients, updates)
