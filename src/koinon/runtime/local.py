@@ -8,7 +8,6 @@ from koinon.clients.base import State
 from koinon.runtime.base import RUNTIMES, notice
 from koinon.runtime.trainer import CohortResult, CohortTrainer
 
-
 SMALL_MODEL = 1_000_000
 
 

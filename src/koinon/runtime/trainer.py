@@ -16,7 +16,6 @@ client alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from math import ceil
 
 import torch
 import torch.nn.functional as F
