@@ -18,38 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from koinon.errors import ConfigError
-from koinon.experiment.config import Config
 from koinon.experiment.robustness import CLEAN, default_config, markdown, run_matrix
-from koinon.experiment.runner import build_federation
 
 AGGREGATORS = ["mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median",
                "centered_clipping", "meamed", "nnm+trimmed_mean"]
 ATTACKS = ["alie", "ipm", "sign_flip", "label_flip"]
 GOALS = {0.2: 3.0, 0.4: 10.0}  # fraction -> allowed loss in accuracy points
-
-
-def build(cfg: Config):
-    """`build_federation`, plus pre-aggregation compositions while the runner lacks them.
-
-    The runner builds `[aggregator]` from the registry of final rules, so `nnm+trimmed_mean` is
-    an unknown name there; this builds the final rule's federation and swaps in the composed
-    aggregator with the same f. Drop it once the runner calls `build_aggregator`.
-    """
-    name = cfg.aggregator.name
-    try:
-        return build_federation(cfg)
-    except ConfigError:
-        if "+" not in name:
-            raise
-    from koinon.aggregate import build_aggregator
-
-    final = name.rsplit("+", 1)[1]
-    options = cfg.aggregator.options
-    f = options.get("num_byzantine", round(cfg.attack.fraction * cfg.server.clients_per_round))
-    fed = build_federation(cfg.with_overrides({"aggregator.name": final}))
-    fed.aggregator = build_aggregator(name, {k: v for k, v in options.items() if k != "num_byzantine"}, f)
-    return fed
 
 
 def goal_report(results: list[dict[str, Any]]) -> str:
@@ -99,7 +73,7 @@ def main() -> None:
     results = run_matrix(
         default_config(), args.aggregators.split(","), args.attacks.split(","),
         [float(v) for v in args.fractions.split(",")], [float(v) for v in args.alphas.split(",")],
-        args.rounds, Path(args.out), build=build,
+        args.rounds, Path(args.out),
     )
     print(f"\n## Final test accuracy (%), digits MLP, {args.rounds} rounds, one seed\n")
     print(markdown(results))

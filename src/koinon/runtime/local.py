@@ -61,7 +61,7 @@ class InProcess:
 
 @RUNTIMES.register("vectorized")
 class Vectorized(InProcess):
-    """Whole cohort in lock-step with torch.func.vmap over stacked parameters, chunked to a memory budget."""
+    """Whole cohort in lock-step on stacked parameters (batched kernels or vmap), chunked to a memory budget."""
 
     name = "vectorized"
 
