@@ -32,6 +32,8 @@ BYZFL_MS = {
     "monna": None,
     "caf": None,
     "fltrust": None,
+    "signguard": None,
+    "flag": None,
     "clipping": None,
     "arc": None,
     "bucketing": None,

@@ -1,11 +1,12 @@
 """Robustness matrix on digits, reported against issue 5's goals.
 
 Aggregators {mean, median, trimmed_mean, krum, multi_krum, geometric_median, centered_clipping,
-meamed, nnm+trimmed_mean} x attacks {alie, ipm, sign_flip, label_flip} x Byzantine fraction
-{0, 10, 20, 30, 40 %} x Dirichlet alpha {0.5, 0.1}; base config `robustness.default_config()`
-(50 clients, 20 a round, 2 local epochs, lr 0.05, momentum 0.9, one seed). Prints the accuracy
-tables and, per alpha, whether the goals hold: with 20 % attackers the best configuration stays
-within 3 points of the attack-free accuracy, with 40 % within 10 points.
+meamed, nnm+trimmed_mean, signguard, flag} x attacks {alie, ipm, sign_flip, label_flip} x
+Byzantine fraction {0, 10, 20, 30, 40 %} x Dirichlet alpha {0.5, 0.1}; base config
+`robustness.default_config()` (50 clients, 20 a round, 2 local epochs, lr 0.05, momentum 0.9,
+one seed). Prints the accuracy tables and, per alpha, whether the goals hold: with 20 %
+attackers the best configuration stays within 3 points of the attack-free accuracy, with 40 %
+within 10 points.
 
     python benchmarks/robustness.py                     # the full matrix, 30 rounds
     python benchmarks/robustness.py --rounds 10 --alphas 0.5 --out /tmp/rob
@@ -21,7 +22,7 @@ from typing import Any
 from koinon.experiment.robustness import CLEAN, default_config, markdown, run_matrix
 
 AGGREGATORS = ["mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median",
-               "centered_clipping", "meamed", "nnm+trimmed_mean"]
+               "centered_clipping", "meamed", "nnm+trimmed_mean", "signguard", "flag"]
 ATTACKS = ["alie", "ipm", "sign_flip", "label_flip"]
 GOALS = {0.2: 3.0, 0.4: 10.0}  # fraction -> allowed loss in accuracy points
 

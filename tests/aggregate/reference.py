@@ -128,3 +128,56 @@ def arc(x: np.ndarray, f: int) -> np.ndarray:
         for i in order[:k]:
             out[i] = x[i] * threshold / norms[i]
     return out
+
+
+def signguard(x: np.ndarray, lower: float = 0.1, upper: float = 3.0) -> np.ndarray:
+    """SignGuard on all coordinates, clustering with scikit-learn's MeanShift as the authors."""
+    from sklearn.cluster import MeanShift, estimate_bandwidth
+
+    norms = np.linalg.norm(x, axis=1)
+    med = np.median(norms)
+    by_norm = (norms > lower * med) & (norms < upper * med)
+    signs = np.sign(x)
+    features = np.stack([(signs == s).mean(axis=1) for s in (1, 0, -1)], axis=1)
+    features = features / (features.max(axis=0) + 1e-8)
+    bandwidth = estimate_bandwidth(features, quantile=0.5)
+    labels = MeanShift(bandwidth=bandwidth, cluster_all=False).fit(features).labels_
+    sizes = [np.sum(labels == c) for c in range(labels.max() + 1)]
+    kept = np.flatnonzero(by_norm & (labels == np.argmax(sizes)))
+    if len(kept) == 0:
+        return np.zeros(x.shape[1])
+    return (x[kept] * np.minimum(1.0, med / norms[kept])[:, None]).mean(axis=0)
+
+
+def flag(x: np.ndarray, rank: int, lam: float, iterations: int) -> np.ndarray:
+    """Flag median by IRLS in the full space (SVD of all weighted columns), as `irls_flag`."""
+    n = len(x)
+    norms = np.linalg.norm(x, axis=1)
+    v = x / np.maximum(norms, 1e-12)[:, None]
+
+    def sq_sine(y: np.ndarray | None, u: np.ndarray) -> float:
+        return 1.0 - (0.0 if y is None else float(np.sum((y.T @ u) ** 2)))
+
+    def objective(y: np.ndarray) -> float:
+        return sum(np.sqrt(max(sq_sine(y, vi), 0.0)) for vi in v)
+
+    y, previous, err, diff = None, None, float(n), 1.0
+    for _ in range(iterations):
+        if diff <= 1e-10 or err <= 1e-10:
+            break
+        columns = [(abs(sq_sine(y, vi)) + 1e-7) ** -0.25 * vi for vi in v]
+        if lam > 0:
+            for i in range(n):
+                for j in range(n):
+                    if i != j:
+                        w = (abs(sq_sine(y, v[i] - v[j])) + 1e-7) ** -0.25 * lam / (n * (n - 1))
+                        columns.append(w * (v[i] - v[j]))
+        new = np.linalg.svd(np.stack(columns, axis=1), full_matrices=False)[0][:, :rank]
+        new_err = objective(new)
+        diff = err - new_err
+        previous, y, err = y, new, new_err
+    if diff <= 0:
+        y = previous
+    if y is None:
+        return np.zeros(x.shape[1])
+    return np.median(norms) * np.mean([y @ (y.T @ vi) for vi in v], axis=0)

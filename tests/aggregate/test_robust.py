@@ -34,6 +34,8 @@ ROBUST = [
     "nnm+mean",
     "nnm+trimmed_mean",
     "arc+median",
+    "signguard",
+    "flag",
 ]
 
 
@@ -150,6 +152,67 @@ def test_static_clipping_matches_reference() -> None:
     np.testing.assert_allclose(rule.aggregate(x, torch.ones(6)).numpy(), expected, rtol=1e-9)
 
 
+@pytest.mark.parametrize(("n", "f"), [(11, 2), (16, 3), (7, 1)])
+def test_signguard_matches_reference(n: int, f: int) -> None:
+    # All coordinates: the default draws a random block, which the reference cannot replay.
+    for seed in range(3):
+        x = stack(seed, n, 37, torch.float64)
+        x[: n // 3] += 1.0  # two sign profiles, so that the clustering has something to find
+        x[-1] *= 5  # and one input for the norm filter to drop
+        got = run("signguard", x, f, coordinate_fraction=1.0)
+        np.testing.assert_allclose(got.numpy(), ref.signguard(x.numpy()), rtol=1e-9, atol=1e-9)
+
+
+def test_signguard_filters_by_hand() -> None:
+    # Three inputs agree; one has the wrong signs, one a tenfold norm: the output is the mean
+    # of the three, none of which exceeds the median norm.
+    x = torch.tensor(
+        [[1.0, 1.0, -1.0], [1.1, 0.9, -1.0], [0.9, 1.0, -1.1], [-1.0, -1.0, 1.0], [10.0, 10, -10]],
+        dtype=torch.float64,
+    )
+    norms = x.norm(dim=1)
+    med = norms.sort().values[2]
+    expected = (x[:3] * torch.clamp(med / norms[:3], max=1.0)[:, None]).mean(0)
+    torch.testing.assert_close(run("signguard", x, 1, coordinate_fraction=1.0), expected)
+
+
+@pytest.mark.parametrize(("rank", "lam", "iterations"), [(0, 0.0, 4), (2, 0.0, 1), (3, 8.0, 3)])
+@pytest.mark.parametrize(("n", "f"), [(11, 2), (16, 3), (7, 1)])
+def test_flag_matches_reference(n: int, f: int, rank: int, lam: float, iterations: int) -> None:
+    for seed in range(3):
+        x = stack(seed, n, 37, torch.float64) + 0.5  # a shared direction, as gradients have
+        x[0] *= -3  # one flipped, larger input
+        got = run("flag", x, f, rank=rank, lam=lam, iterations=iterations)
+        expected = ref.flag(x.numpy(), rank or n // 2 + 1, lam, iterations)
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-7, atol=1e-9)
+
+
+def test_flag_full_rank_is_the_scaled_mean_direction() -> None:
+    # With m >= the span's dimension the projection is the identity: med * mean_i x_i/||x_i||.
+    x = stack(0, 5, 8, torch.float64)
+    norms = x.norm(dim=1)
+    expected = norms.median() * (x / norms[:, None]).mean(0)
+    torch.testing.assert_close(run("flag", x, 1, rank=5), expected)
+
+
+@pytest.mark.parametrize("name", ["signguard", "flag"])
+@pytest.mark.parametrize("boost", [1.0, 10.0])
+def test_beats_mean_under_sign_flipping(name: str, boost: float) -> None:
+    # Toy problem: 14 honest noisy copies of a gradient with mostly positive coordinates, 6
+    # attackers send honest updates negated and multiplied by `boost`.
+    if name == "flag" and boost == 1.0:
+        pytest.skip("a subspace cannot tell v from -v: at honest norms flag moves like the mean")
+    g = torch.Generator().manual_seed(0)
+    truth = torch.full((2000,), 0.5, dtype=torch.float64)
+    honest = truth + 0.5 * torch.randn(20, 2000, generator=g, dtype=torch.float64)
+    x = torch.cat([honest[:14], -boost * honest[14:]])
+    error = lambda out: float((out - truth).norm() / truth.norm())  # noqa: E731
+    robust, plain = error(run(name, x, 6)), error(run("mean", x, 0))
+    assert robust < 0.5 * plain, (robust, plain)
+    if name == "signguard":  # it drops the attackers: as good as the mean of the honest inputs
+        assert robust <= 1.1 * error(honest[:14].mean(0)), robust
+
+
 def test_even_median_averages_middle_values_by_hand() -> None:
     x = torch.tensor([[1.0, 10.0], [2.0, -10.0], [4.0, 0.0], [100.0, 0.0]])
     assert torch.equal(run("median", x, 1), torch.tensor([3.0, 0.0]))
@@ -215,6 +278,17 @@ def test_translation_and_scaling_equivariant(name: str, case, shift: float, scal
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6 * (1 + abs(shift)))
 
 
+@pytest.mark.parametrize("name", ["signguard", "flag"])
+@settings(max_examples=10, deadline=None)
+@given(case=cohorts(), scale=st.floats(0.1, 10))
+def test_scale_equivariant(name: str, case, scale: float) -> None:  # type: ignore[no-untyped-def]
+    # Both measure signs, norms and directions from the origin, so only scaling commutes.
+    x, f, _ = case
+    torch.testing.assert_close(
+        run(name, scale * x, f), scale * run(name, x, f), rtol=1e-6, atol=1e-9
+    )
+
+
 # Centered clipping moves at most `radius` per round and NNM+mean averages the attackers' own
 # mixtures, so neither has a one-round bound.
 @pytest.mark.parametrize("name", [r for r in ROBUST if r not in ("centered_clipping", "nnm+mean")])
@@ -269,6 +343,8 @@ BOUNDS = {  # name: (n that breaks the assumption for f = 2, the requirement's t
     "caf": (4, "n > 2f"),
     "centered_clipping": (4, "n > 2f"),
     "nnm+mean": (4, "n > 2f"),
+    "signguard": (4, "n > 2f"),
+    "flag": (4, "n > 2f"),
 }
 
 

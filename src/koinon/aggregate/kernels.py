@@ -81,6 +81,13 @@ def coordinate_median(x: torch.Tensor) -> torch.Tensor:
     return sorted_rows_mean(x, (n - 1) // 2, n // 2 + 1)
 
 
+def median_of(values: torch.Tensor) -> torch.Tensor:
+    """Median of a small 1-D tensor, averaging the two middle values for even n (as NumPy)."""
+    s = values.sort().values
+    n = len(s)
+    return (s[(n - 1) // 2] + s[n // 2]) / 2
+
+
 def nearest_window_mean(block: Any, k: int) -> Any:
     """Per row of a sorted block `[C, n]`: mean of the k values closest to the row's median.
 
