@@ -27,6 +27,8 @@ demo: $(STAMP)
 	$(BIN)/koinon run examples/demo.toml --out runs/demo --overwrite
 
 test: $(RAY_STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy src/koinon
 	$(BIN)/python -m pytest tests
 
 bench: $(RAY_STAMP)
@@ -34,6 +36,7 @@ bench: $(RAY_STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy src/koinon
 
 clean:
 	rm -rf $(VENV) runs

@@ -8,8 +8,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from koinon.errors import KoinonError
+
+if TYPE_CHECKING:
+    from koinon.registry import Registry
 
 
 def _keys_epilog() -> str:
@@ -55,7 +59,7 @@ def _list() -> None:
     from koinon.runtime import RUNTIMES
     from koinon.server import SAMPLERS, SERVER_OPTIMIZERS
 
-    families = [
+    families: list[tuple[str, Registry[Any]]] = [
         ("datasets (data.name)", DATASETS), ("partitions (data.partition)", PARTITIONERS),
         ("models (model.name)", MODELS), ("client algorithms (client.algorithm)", CLIENT_ALGORITHMS),
         ("server optimizers (server.optimizer)", SERVER_OPTIMIZERS), ("samplers (server.sampler)", SAMPLERS),

@@ -78,7 +78,7 @@ class Layout:
 
     def flatten(self, module: nn.Module) -> torch.Tensor:
         """Copy a module's parameters and float buffers into a new flat float32 tensor."""
-        state = dict(module.named_parameters())
+        state: dict[str, torch.Tensor] = dict(module.named_parameters())
         state.update(dict(module.named_buffers()))
         return torch.cat([state[e.name].detach().reshape(-1).float() for e in self.entries])
 
@@ -94,7 +94,7 @@ class Layout:
 
     def load_into(self, module: nn.Module, flat: torch.Tensor) -> None:
         """Copy a flat tensor into a module's parameters and buffers in place."""
-        state = dict(module.named_parameters())
+        state: dict[str, torch.Tensor] = dict(module.named_parameters())
         state.update(dict(module.named_buffers()))
         with torch.no_grad():
             for name, view in self.views(flat).items():

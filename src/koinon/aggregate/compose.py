@@ -31,7 +31,7 @@ class Composed:
         return self.final.aggregate(updates, weights)
 
     def _stateful(self) -> list[tuple[str, Any]]:
-        parts = [*self.steps, self.final]
+        parts: list[PreAggregator | Aggregator] = [*self.steps, self.final]
         return [(f"{i}.{p.name}", p) for i, p in enumerate(parts) if hasattr(p, "state_dict")]
 
     def state_dict(self) -> dict[str, torch.Tensor]:

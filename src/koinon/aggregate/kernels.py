@@ -102,7 +102,9 @@ def nearest_window_mean(block: Any, k: int) -> Any:
     left = med[:, None] - block[:, :starts]
     right = block[:, k - 1 :] - med[:, None]
     radius = np.maximum(left, right) if is_np else torch.maximum(left, right)
-    best = radius.argmin(1)[:, None]
+    best: Any = radius.argmin(1)[:, None]
+    csum: Any
+    take: Callable[..., Any]
     if is_np:
         csum = np.zeros((block.shape[0], n + 1), dtype=np.float64)
         np.cumsum(block, axis=1, dtype=np.float64, out=csum[:, 1:])

@@ -133,8 +133,8 @@ class Scaffold(LocalSGD):
     # client its own c_i (persistent client state, saved in checkpoints); both the update of
     # c_i and c itself cross the wire, so their bytes are counted.
     name = "scaffold"
-    uploads = ("control",)
-    downloads = ("control",)
+    uploads: tuple[str, ...] = ("control",)
+    downloads: tuple[str, ...] = ("control",)
 
     def init_server_state(self, numel: int) -> State:
         return {"control": torch.zeros(numel)}

@@ -130,10 +130,10 @@ class _BlockQuant:
         scales = reader.array("<f4", self.num_blocks)
         if not (np.isfinite(scales).all() and (scales >= 0).all()):
             raise reader.fail("block scales must be finite and non-negative")
-        levels = unpack_uint(reader, self.numel, self.bits)
+        codes = unpack_uint(reader, self.numel, self.bits)
         reader.finish()
-        _check_levels(reader, levels, 2 * self.qmax)
-        levels = torch.from_numpy((levels - self.qmax).astype(np.float32))
+        _check_levels(reader, codes, 2 * self.qmax)
+        levels = torch.from_numpy((codes - self.qmax).astype(np.float32))
         scale = torch.from_numpy(scales.astype(np.float32))
         out = _blocks(levels, self.block) * scale[:, None]
         return finite(self.name, out.view(-1)[: self.numel].contiguous())

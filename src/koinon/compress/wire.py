@@ -152,7 +152,7 @@ def unpack_uint(reader: Reader, n: int, bits: int) -> np.ndarray:
         if flat[n:].any():
             raise reader.fail("nonzero padding bits")
         return flat[:n].astype(np.int64)
-    bitmat = np.unpackbits(raw, bitorder="little")
+    bitmat: np.ndarray = np.unpackbits(raw, bitorder="little")
     if bitmat[n * bits :].any():
         raise reader.fail("nonzero padding bits")
     bitmat = bitmat[: n * bits].reshape(n, bits).astype(np.int64)

@@ -31,7 +31,7 @@ def _linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.T
     return out.reshape(k, *lead, w.shape[1])
 
 
-def _conv(m: nn.Module, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+def _conv(m: nn.Conv1d | nn.Conv2d, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     k, batch = h.shape[0], h.shape[1]
     spatial = h.shape[3:]
     merged = h.transpose(0, 1).reshape(batch, k * h.shape[2], *spatial)
@@ -40,6 +40,35 @@ def _conv(m: nn.Module, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None
     conv = F.conv1d if isinstance(m, nn.Conv1d) else F.conv2d
     out = conv(merged, weight, bias, m.stride, m.padding, m.dilation, m.groups * k)
     return out.reshape(batch, k, w.shape[1], *out.shape[2:]).transpose(0, 1)
+
+
+def _linear_step(name: str, has_bias: bool) -> Forward:
+    def step(p: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+        return _linear(h, p[f"{name}.weight"], p[f"{name}.bias"] if has_bias else None)
+
+    return step
+
+
+def _conv_step(name: str, mod: nn.Conv1d | nn.Conv2d) -> Forward:
+    def step(p: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+        return _conv(mod, h, p[f"{name}.weight"], p[f"{name}.bias"] if mod.bias is not None else None)
+
+    return step
+
+
+def _elementwise_step(mod: nn.Module) -> Forward:
+    def step(p: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+        return mod(h)
+
+    return step
+
+
+def _pool_step(mod: nn.Module) -> Forward:
+    def step(p: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+        o = mod(h.reshape(h.shape[0] * h.shape[1], *h.shape[2:]))
+        return o.reshape(*h.shape[:3], *o.shape[2:])
+
+    return step
 
 
 def batched_forward(module: nn.Module) -> Forward | None:
@@ -51,22 +80,19 @@ def batched_forward(module: nn.Module) -> Forward | None:
         if list(m.buffers()) or not all(p.requires_grad for p in m.parameters()):
             return None
         if isinstance(m, nn.Linear):
-            steps.append(lambda p, h, n=name, bias=m.bias is not None: _linear(
-                h, p[f"{n}.weight"], p[f"{n}.bias"] if bias else None))
+            steps.append(_linear_step(name, m.bias is not None))
         elif isinstance(m, (nn.Conv1d, nn.Conv2d)):
             if m.padding_mode != "zeros" or isinstance(m.padding, str):
                 return None
-            steps.append(lambda p, h, n=name, mod=m: _conv(
-                mod, h, p[f"{n}.weight"], p[f"{n}.bias"] if mod.bias is not None else None))
+            steps.append(_conv_step(name, m))
         elif isinstance(m, nn.Flatten):
             if m.start_dim != 1 or m.end_dim != -1:
                 return None
             steps.append(lambda p, h: h.reshape(h.shape[0], h.shape[1], -1))
         elif isinstance(m, _ELEMENTWISE):
-            steps.append(lambda p, h, mod=m: mod(h))
+            steps.append(_elementwise_step(m))
         elif isinstance(m, _POOL):
-            steps.append(lambda p, h, mod=m: (lambda o: o.reshape(*h.shape[:3], *o.shape[2:]))(
-                mod(h.reshape(h.shape[0] * h.shape[1], *h.shape[2:]))))
+            steps.append(_pool_step(m))
         else:
             return None
 

@@ -128,7 +128,7 @@ class RayRuntime:
             raise ConfigError("runtime 'ray' needs Ray: pip install 'koinon[ray]'") from None
         self._ray = ray
         if not ray.is_initialized():
-            local = {} if self.address else {"num_cpus": self.num_workers * self.threads}
+            local: dict[str, Any] = {} if self.address else {"num_cpus": self.num_workers * self.threads}
             try:
                 ray.init(
                     address=self.address or None,

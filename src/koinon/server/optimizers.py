@@ -19,6 +19,7 @@ State = dict[str, torch.Tensor]
 
 class ServerOptimizer(Protocol):
     name: str
+    lr: float
 
     def init(self, params: torch.Tensor) -> State: ...
 
