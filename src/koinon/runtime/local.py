@@ -49,9 +49,11 @@ class InProcess:
         round_index: int,
     ) -> CohortResult:
         assert self.trainer is not None, "runtime.setup() was not called"
+        idx, steps = self.trainer.schedule(client_ids, seed, round_index)  # all batches at once
         parts = [
-            self.trainer.train([c], global_params, server_state, [s], seed, round_index)
-            for c, s in zip(client_ids, client_states)
+            self.trainer.train([c], global_params, server_state, [s], seed, round_index,
+                               schedule=(idx[i : i + 1, : int(steps[i])], steps[i : i + 1]))
+            for i, (c, s) in enumerate(zip(client_ids, client_states))
         ]
         return CohortResult.concat(parts)
 

@@ -120,7 +120,8 @@ class CohortTrainer:
             return functional_call(module, params, (x,))
 
         # Hand-batched kernels where the layer stack allows it (about 2x faster), vmap otherwise.
-        self._forward_many = batched_forward(module) or vmap(forward_one, in_dims=(0, 0))
+        self._batched = batched_forward(module)
+        self._forward_many = self._batched or vmap(forward_one, in_dims=(0, 0))
 
     # ----------------------------------------------------------------- batches
 
@@ -193,11 +194,14 @@ class CohortTrainer:
         client_states: list[State],
         seed: int,
         round_index: int,
+        schedule: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> CohortResult:
+        """Local training of `client_ids`; `schedule` (`[K, S, B]` indices, `[K]` steps) may be
+        given when the caller computed the cohort's batches at once (the sequential runtime)."""
         k = len(client_ids)
         pt = self._num_trainable
         hp = self.local
-        idx, steps = self.schedule(client_ids, seed, round_index)
+        idx, steps = schedule if schedule is not None else self.schedule(client_ids, seed, round_index)
         num_steps = idx.shape[1]
 
         theta0 = global_params[:pt]
@@ -206,11 +210,13 @@ class CohortTrainer:
         # Autograd leaves that are views into `theta`'s storage: the optimizer updates `theta` in
         # place and the leaves see it, and gradients come per layer with no slicing in the graph
         # (backward through slices of one [K, P] leaf materializes a [K, P] zero tensor per layer).
-        lead = theta[0] if k == 1 else theta
+        # One client without batched kernels: plain functional_call on unstacked views.
+        plain = k == 1 and self._batched is None
+        lead = theta[0] if plain else theta
         leaves = {n: v.detach().requires_grad_(True) for n, v in self._views(lead, self._train_entries, 0).items()}
         params = dict(leaves)
         if self._buffer_entries:
-            params.update(self._views(bufs[0] if k == 1 else bufs, self._buffer_entries, pt))
+            params.update(self._views(bufs[0] if plain else bufs, self._buffer_entries, pt))
         leaf_list = list(leaves.values())
         momentum = torch.zeros(k, pt) if hp.momentum else None
         ctx = self.algorithm.begin(global_params, server_state, client_states)
@@ -228,7 +234,9 @@ class CohortTrainer:
         for s in range(num_steps):
             if k == 1:
                 ix = batches[s]
-                out = functional_call(self.module, params, (self._x[ix],))
+                x = self._x[ix]
+                out = (functional_call(self.module, params, (x,)) if plain
+                       else self._forward_many(params, x.unsqueeze(0))[0])
                 per_sample = self.loss_fn(out, self._y[ix])
                 loss = per_sample.mean()
                 loss_sum += per_sample.detach().sum()
