@@ -68,6 +68,7 @@ class ClientConfig:
     nesterov: bool = False
     weight_decay: float = 0.0
     mu: float = 0.01  # FedProx proximal weight
+    options: dict = field(default_factory=dict)  # the algorithm's own options (e.g. spsa epsilon)
 
 
 @dataclass

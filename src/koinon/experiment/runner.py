@@ -72,7 +72,8 @@ def build_federation(cfg: Config) -> Federation:
         "client", LocalTraining, epochs=c.epochs, steps=c.steps, batch_size=c.batch_size, lr=c.lr,
         momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay,
     )
-    algorithm = CLIENT_ALGORITHMS.build(c.algorithm, {}, "client.algorithm", mu=c.mu)
+    CLIENT_ALGORITHMS.get(c.algorithm, key="client.algorithm")
+    algorithm = CLIENT_ALGORITHMS.build(c.algorithm, c.options, "client", mu=c.mu)
     s = cfg.server
     server_context: dict[str, Any] = {"momentum": s.momentum, "beta1": s.beta1, "beta2": s.beta2, "tau": s.tau}
     if s.lr:

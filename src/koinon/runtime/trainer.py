@@ -16,6 +16,7 @@ client alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +70,7 @@ class CohortResult:
     num_steps: torch.Tensor  # [K]
     train_loss: torch.Tensor  # [K] mean per-sample training loss over local training
     client_states: list[State]
+    messages: list[bytes] | None = None  # payloads of algorithms with their own wire format
 
     @staticmethod
     def concat(parts: list[CohortResult]) -> CohortResult:
@@ -83,6 +85,7 @@ class CohortResult:
             torch.cat([p.num_steps for p in parts]),
             torch.cat([p.train_loss for p in parts]),
             [s for p in parts for s in p.client_states],
+            None if parts[0].messages is None else [m for p in parts for m in p.messages or []],
         )
 
 
@@ -203,6 +206,8 @@ class CohortTrainer:
         hp = self.local
         idx, steps = schedule if schedule is not None else self.schedule(client_ids, seed, round_index)
         num_steps = idx.shape[1]
+        if getattr(self.algorithm, "zeroth_order", False):
+            return self._train_zeroth_order(client_ids, global_params, idx, steps, seed, round_index)
 
         theta0 = global_params[:pt]
         theta = theta0.unsqueeze(0).repeat(k, 1)
@@ -264,6 +269,54 @@ class CohortTrainer:
         return CohortResult(
             list(client_ids), final - global_params, uploads, sizes, steps,
             loss_sum / seen.clamp_min(1.0), new_states,
+        )
+
+    @torch.no_grad()
+    def _train_zeroth_order(
+        self, client_ids: list[int], global_params: torch.Tensor, idx: torch.Tensor,
+        steps: torch.Tensor, seed: int, round_index: int,
+    ) -> CohortResult:
+        """SPSA local training (see `koinon.clients.spsa`): two forward passes a step, no autograd."""
+        from koinon.clients.spsa import SPSA, spsa_direction
+
+        alg = cast(SPSA, self.algorithm)
+        k, pt, lr = len(client_ids), self._num_trainable, self.local.lr
+        theta = global_params[:pt].unsqueeze(0).repeat(k, 1)
+        bufs = global_params[pt:].unsqueeze(0).repeat(k, 1)
+        weights = (idx >= 0).to(torch.float32)
+        idx = idx.clamp(min=0)
+        counts = weights.sum(dim=2)
+        levels = torch.zeros(k, idx.shape[1])
+        loss_sum, seen = torch.zeros(k), torch.zeros(k)
+        plain = k == 1 and self._batched is None
+        self.module.train()
+
+        def losses(th: torch.Tensor, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            if plain:
+                out = functional_call(self.module, self._params(th[0], bufs[0]), (x[0],)).unsqueeze(0)
+            else:
+                out = self._forward_many(self._params(th, bufs), x)
+            per_sample = self.loss_fn(out.flatten(0, 1), y.flatten()).view(k, -1)
+            return (per_sample * w).sum(dim=1)
+
+        for s in range(idx.shape[1]):
+            ix, w, n_b = idx[:, s], weights[:, s], counts[:, s]
+            x, y = self._x[ix], self._y[ix]
+            z = torch.stack([spsa_direction(seed, round_index, c, s, pt) for c in client_ids])
+            plus = losses(theta + alg.epsilon * z, x, y, w)
+            minus = losses(theta - alg.epsilon * z, x, y, w)
+            g = (plus - minus) / (2 * alg.epsilon * n_b.clamp_min(1.0))
+            q = alg.quantize(g) * (n_b > 0)
+            levels[:, s] = q
+            theta.sub_(z * (q * alg.step_size * lr).unsqueeze(1))
+            loss_sum += (plus + minus) / 2
+            seen += n_b
+        final = torch.cat([theta, bufs], dim=1)
+        sizes = torch.tensor([len(self.data.client_indices[c]) for c in client_ids], dtype=torch.long)
+        messages = [alg.encode_update(levels[i, : int(steps[i])]) for i in range(k)]
+        return CohortResult(
+            list(client_ids), final - global_params, {}, sizes, steps,
+            loss_sum / seen.clamp_min(1.0), [{} for _ in client_ids], messages,
         )
 
     def _step(

@@ -217,6 +217,18 @@ class Federation:
         reasons: list[str] = []
         uplink = 0
         for i, c in enumerate(cohort):
+            if result.messages is not None:  # the algorithm's own wire format (SPSA's bytes)
+                payload = result.messages[i]
+                uplink += len(payload)
+                try:
+                    decoded[_DELTA][i, : self.layout.num_trainable] = self.algorithm.decode_update(
+                        payload, self.seed, r, c, self.layout.num_trainable, self.local.lr,
+                        int(result.num_steps[i]),
+                    )
+                except CodecError as exc:
+                    finite[i] = False
+                    reasons.append(f"client {c}: {exc}")
+                continue
             for s, (name, stack) in enumerate(streams):
                 key = (c, name)
                 state = self.codec_states.get(key) or self.codec.init_state()
