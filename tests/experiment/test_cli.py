@@ -116,6 +116,8 @@ BAD = [
     (["--set", "data.num_samples=5"], "data.num_samples"),
     (["--set", "server.clients_per_round=500"], "clients_per_round"),
     (["--set", "client.algorithm=fedsgd"], "client.algorithm"),
+    (["--set", "client.epsilon=0.1"], "client.epsilon"),
+    (["--set", "client.algorithm=spsa", "--set", "client.clip=-1"], "client.clip"),
     (["--set", "runtime.memory_mb=1"], "runtime"),
     (["--set", "nonsense"], "section.key=value"),
     (["--set", "bogus.key=1"], "bogus"),
