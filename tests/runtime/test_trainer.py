@@ -126,3 +126,30 @@ def test_schedule_visits_each_sample_once_per_epoch_and_ignores_the_cohort(local
     again, _ = trainer.schedule([0, 3, 5], seed=1, round_index=2)
     other, _ = trainer.schedule([0, 3, 5], seed=1, round_index=3)
     assert torch.equal(together, again) and not torch.equal(together, other)
+
+
+def test_clients_can_start_from_their_own_models():
+    data = _data(num_clients=4, n=60)
+    model = _model()
+    layout = Layout.from_module(model)
+    trainer = CohortTrainer(model, layout, data, CLIENT_ALGORITHMS.get("fedprox")(mu=0.1),
+                            LocalTraining(epochs=2, batch_size=5, lr=0.1))
+    starts = layout.flatten(model) + 0.1 * torch.randn(3, layout.numel, generator=torch.Generator().manual_seed(0))
+    together = trainer.train([0, 1, 3], starts, {}, [{}] * 3, seed=1, round_index=0)
+    for row, c in enumerate([0, 1, 3]):
+        alone = trainer.train([c], starts[row], {}, [{}], seed=1, round_index=0)
+        assert torch.allclose(together.deltas[row], alone.deltas[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("runtime", ["inprocess", "vectorized"])
+def test_runtimes_accept_one_starting_model_per_client(runtime):
+    data = _data(num_clients=6, n=90)
+    model = _model()
+    layout = Layout.from_module(model)
+    rt = RUNTIMES.build(runtime, {"max_chunk": 2} if runtime == "vectorized" else {}, "runtime")
+    rt.setup(CohortTrainer(model, layout, data, CLIENT_ALGORITHMS.get("fedavg")(), LocalTraining(lr=0.1)))
+    starts = layout.flatten(model) + torch.randn(5, layout.numel, generator=torch.Generator().manual_seed(3))
+    ids = [0, 1, 2, 4, 5]
+    result = rt.train(ids, starts, {}, [{}] * 5, seed=0, round_index=0)
+    alone = rt.train([4], starts[3], {}, [{}], seed=0, round_index=0)
+    assert torch.allclose(result.deltas[3], alone.deltas[0], atol=1e-6)

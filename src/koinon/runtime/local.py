@@ -11,6 +11,11 @@ from koinon.runtime.trainer import CohortResult, CohortTrainer
 SMALL_MODEL = 1_000_000
 
 
+def _rows(params: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """The starting models of clients start..stop: the shared `[P]` one, or their rows of `[K, P]`."""
+    return params if params.dim() == 1 else params[start:stop]
+
+
 def set_threads(threads: int, num_params: int) -> None:
     """Intra-op threads for this process; 0 picks one thread for small models.
 
@@ -51,7 +56,7 @@ class InProcess:
         assert self.trainer is not None, "runtime.setup() was not called"
         idx, steps = self.trainer.schedule(client_ids, seed, round_index)  # all batches at once
         parts = [
-            self.trainer.train([c], global_params, server_state, [s], seed, round_index,
+            self.trainer.train([c], _rows(global_params, i, i + 1), server_state, [s], seed, round_index,
                                schedule=(idx[i : i + 1, : int(steps[i])], steps[i : i + 1]))
             for i, (c, s) in enumerate(zip(client_ids, client_states))
         ]
@@ -121,5 +126,6 @@ class Vectorized(InProcess):
         for start in range(0, len(client_ids), self.chunk):
             ids = client_ids[start : start + self.chunk]
             states = client_states[start : start + self.chunk]
-            parts.append(self.trainer.train(ids, global_params, server_state, states, seed, round_index))
+            starts = _rows(global_params, start, start + self.chunk)
+            parts.append(self.trainer.train(ids, starts, server_state, states, seed, round_index))
         return CohortResult.concat(parts)

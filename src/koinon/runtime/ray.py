@@ -57,8 +57,11 @@ class _Worker:
         client_states: list[State],
         seed: int,
         round_index: int,
+        offset: int = 0,
     ) -> CohortResult:
         global_params, server_state = shared
+        if global_params.dim() == 2:  # one starting model per client: this share's rows
+            global_params = global_params[offset : offset + len(client_ids)]
         return self.runtime.train(
             client_ids, global_params, server_state, client_states, seed, round_index
         )
@@ -203,13 +206,13 @@ class RayRuntime:
         n = min(self.num_workers, k)
         # Contiguous shares as even as possible (the first k % n get one more client).
         bounds = [i * (k // n) + min(i, k % n) for i in range(n + 1)]
-        shares = [(client_ids[a:b], client_states[a:b]) for a, b in pairwise(bounds)]
+        shares = [(client_ids[a:b], client_states[a:b], a) for a, b in pairwise(bounds)]
         # One copy in the object store for all actors, not one serialization per task.
         shared = ray.put((global_params, server_state))
 
         def submit(i: int) -> Any:
-            ids, states = shares[i]
-            return self._actors[i].train.remote(ids, shared, states, seed, round_index)
+            ids, states, offset = shares[i]
+            return self._actors[i].train.remote(ids, shared, states, seed, round_index, offset)
 
         pending = {submit(i): i for i in range(n)}
         attempts = [0] * n

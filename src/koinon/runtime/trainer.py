@@ -89,6 +89,15 @@ class CohortResult:
         )
 
 
+def _start(params: torch.Tensor, k: int, pt: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each client's starting point: one model `[P]` for all (federated), or one each `[K, P]`
+    (decentralized nodes that start from their own models)."""
+    stack = params.unsqueeze(0).repeat(k, 1) if params.dim() == 1 else params.clone()
+    if stack.shape[0] != k:
+        raise ValueError(f"{stack.shape[0]} starting models for {k} clients")
+    return stack[:, :pt].contiguous(), stack[:, pt:].contiguous()
+
+
 def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-sample loss (`reduction='none'`); the default loss of classification tasks."""
     return F.cross_entropy(outputs, targets, reduction="none")
@@ -209,9 +218,8 @@ class CohortTrainer:
         if getattr(self.algorithm, "zeroth_order", False):
             return self._train_zeroth_order(client_ids, global_params, idx, steps, seed, round_index)
 
-        theta0 = global_params[:pt]
-        theta = theta0.unsqueeze(0).repeat(k, 1)
-        bufs = global_params[pt:].unsqueeze(0).repeat(k, 1)
+        theta, bufs = _start(global_params, k, pt)
+        theta0 = global_params[..., :pt]
         # Autograd leaves that are views into `theta`'s storage: the optimizer updates `theta` in
         # place and the leaves see it, and gradients come per layer with no slicing in the graph
         # (backward through slices of one [K, P] leaf materializes a [K, P] zero tensor per layer).
@@ -281,8 +289,7 @@ class CohortTrainer:
 
         alg = cast(SPSA, self.algorithm)
         k, pt, lr = len(client_ids), self._num_trainable, self.local.lr
-        theta = global_params[:pt].unsqueeze(0).repeat(k, 1)
-        bufs = global_params[pt:].unsqueeze(0).repeat(k, 1)
+        theta, bufs = _start(global_params, k, pt)
         weights = (idx >= 0).to(torch.float32)
         idx = idx.clamp(min=0)
         counts = weights.sum(dim=2)
