@@ -1,5 +1,7 @@
-"""Topologies: how parties are wired (server-based federated learning so far)."""
+"""Topologies: how parties are wired (server-based federated learning, decentralized gossip)."""
 
 from koinon.topology.federated import Federation, RoundResult
+from koinon.topology.gossip import Gossip, GossipRound
+from koinon.topology.graphs import TOPOLOGIES
 
-__all__ = ["Federation", "RoundResult"]
+__all__ = ["TOPOLOGIES", "Federation", "Gossip", "GossipRound", "RoundResult"]

@@ -1,0 +1,152 @@
+import math
+
+import networkx as nx
+import pytest
+import torch
+from torch import nn
+
+import koinon as kn
+from koinon.topology import TOPOLOGIES, Gossip
+from koinon.topology.graphs import build_graph, check_mixing, from_networkx, mixing_matrix
+
+GRAPHS = {
+    "ring": {}, "torus": {}, "exponential": {}, "fully_connected": {}, "star": {},
+    "random_regular": {"degree": 4}, "erdos_renyi": {"p": 0.3}, "barabasi_albert": {"m": 2},
+}
+
+
+def _net(num_nodes=20, **kw):
+    ds = kn.DATASETS.get("digits")(seed=0, test_fraction=0.2, num_clients=num_nodes)
+    data = kn.partition_dataset(ds, "dirichlet", num_nodes, seed=0, options={"alpha": 0.5})
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    args = {"local": kn.LocalTraining(lr=0.05, epochs=2, momentum=0.9), "seed": 3}
+    args.update(kw)
+    return Gossip(model, data, **args)
+
+
+def test_every_registered_graph_is_covered():
+    assert set(TOPOLOGIES.names()) == set(GRAPHS) | {"edge_list"}
+
+
+@pytest.mark.parametrize("name", sorted(GRAPHS))
+@pytest.mark.parametrize("rule", ["metropolis", "max_degree"])
+def test_mixing_is_symmetric_and_doubly_stochastic(name, rule):
+    graph = build_graph(name, 16, seed=1, options=GRAPHS[name])
+    assert graph.number_of_nodes() == 16 and nx.is_connected(graph)
+    w = mixing_matrix(graph, rule)
+    check_mixing(w)
+    dense = w.to_dense()
+    assert ((dense > 0) == (torch.from_numpy(nx.to_numpy_array(graph)) + torch.eye(16) > 0)).all()
+    # With a third of the nodes dead: still doubly stochastic, dead rows are the identity.
+    live = torch.arange(16) % 3 != 0
+    wl = mixing_matrix(graph, rule, live).to_dense()
+    check_mixing(wl)
+    assert torch.equal(wl[~live][:, ~live], torch.eye(int((~live).sum())))
+    assert (wl[live][:, ~live] == 0).all()
+
+
+def test_ring_weights_are_one_third_and_check_rejects_bad_matrices():
+    w = mixing_matrix(build_graph("ring", 5)).to_dense()
+    assert torch.allclose(w[0], torch.tensor([1, 1, 0, 0, 1]) / 3.0)
+    with pytest.raises(ValueError, match="doubly stochastic"):
+        check_mixing(torch.tensor([[0.5, 0.5], [0.5, 0.6]]))
+    with pytest.raises(ValueError, match="symmetric"):
+        check_mixing(torch.tensor([[0.2, 0.8, 0.0], [0.0, 0.2, 0.8], [0.8, 0.0, 0.2]]))
+
+
+def test_edge_list_file_and_networkx_graph(tmp_path):
+    path = tmp_path / "edges.txt"
+    path.write_text("# a square\n0 1\n1 2\n2 3\n3 0\n")
+    graph = build_graph("edge_list", 4, options={"path": str(path)})
+    assert sorted(graph.edges()) == [(0, 1), (0, 3), (1, 2), (2, 3)]
+    relabelled = from_networkx(nx.Graph([("a", "b"), ("b", "c")]))
+    assert sorted(relabelled.edges()) == [(0, 1), (1, 2)]
+
+
+@pytest.mark.parametrize("name", ["ring", "exponential", "barabasi_albert", "torus"])
+def test_repeated_mixing_converges_to_the_mean(name):
+    w = mixing_matrix(build_graph(name, 24, seed=0))
+    x = torch.randn(24, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    mean = x.mean(dim=0)
+    for _ in range(600):
+        x = torch.sparse.mm(w, x)
+        assert torch.allclose(x.mean(dim=0), mean, atol=1e-5)  # the mean is preserved every step
+    assert torch.allclose(x, mean.expand_as(x), atol=1e-4)
+
+
+def test_sparse_product_equals_a_per_node_neighbour_loop():
+    graph = build_graph("barabasi_albert", 30, seed=2)
+    live = torch.ones(30, dtype=torch.bool)
+    live[[0, 5, 7]] = False
+    x = torch.randn(30, 11, generator=torch.Generator().manual_seed(1))
+    mixed = torch.sparse.mm(mixing_matrix(graph, "metropolis", live), x)
+    deg = {u: sum(1 for v in graph.neighbors(u) if live[v]) for u in graph}
+    expected = x.clone()  # dead nodes keep their model
+    for i in live.nonzero().flatten().tolist():
+        total, kept = torch.zeros(11), 1.0
+        for j in graph.neighbors(i):
+            if live[j]:
+                weight = 1.0 / (1 + max(deg[i], deg[j]))
+                total += weight * x[j]
+                kept -= weight
+        expected[i] = total + kept * x[i]
+    assert torch.allclose(mixed, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("graph", ["ring", "exponential"])
+def test_dpsgd_learns_and_a_final_merge_reaches_consensus(graph):
+    net = _net(graph=graph)
+    results = net.fit(rounds=12, eval_every=6)
+    last = results[-1]
+    assert last.averaged_accuracy > 0.6  # chance is 0.1
+    assert last.num_live == 20 and last.evaluated_nodes == 20
+    assert last.min_accuracy <= last.mean_accuracy <= last.max_accuracy
+    assert last.consensus_distance > 1e-3  # nodes disagree before the merge
+    degree = 2 if graph == "ring" else 8  # offsets +-1, +-2, +-4, +-8 (16 = -4 mod 20)
+    assert last.bytes_per_node == 4 * net.layout.numel * degree
+    net.merge()
+    assert net.consensus_distance() < 1e-10
+
+
+def test_merging_every_k_rounds():
+    net = _net(graph="ring", final_merge_every=2)
+    results = net.fit(rounds=4, eval_every=4)
+    assert [r.merged for r in results] == [False, True, False, True]
+    assert results[1].consensus_distance < 1e-10 < results[0].consensus_distance
+
+
+def test_crashing_half_the_nodes_mid_run_keeps_going_without_nans():
+    net = _net(graph="exponential", failures={3: 0.5}, failure_choice="central")
+    results = net.fit(rounds=6)
+    assert [r.num_live for r in results] == [20, 20, 20, 10, 10, 10]
+    assert len(results[3].crashed) == 10
+    assert torch.isfinite(net.stack).all()
+    for r in results:
+        assert all(math.isfinite(v) for v in (r.train_loss, r.consensus_distance, r.averaged_accuracy))
+    net.rejoin(results[3].crashed)
+    assert net.run_round().num_live == 20
+    net.crash(list(range(20)))  # everyone gone: the round is empty, not an error
+    empty = net.run_round()
+    assert empty.num_live == 0 and empty.bytes_total == 0
+
+
+def test_random_failures_are_seeded():
+    a, b = (_net(num_nodes=10, graph="ring", failures={0: 0.3}) for _ in range(2))
+    assert a.run_round(evaluate=False).crashed == b.run_round(evaluate=False).crashed
+
+
+def test_compressed_gossip_counts_real_bytes():
+    full, half = _net(graph="ring"), _net(graph="ring", codec="fp16")
+    a, b = full.run_round(evaluate=False), half.run_round(evaluate=False)
+    p = full.layout.numel
+    assert a.bytes_total == 20 * 2 * 4 * p and b.bytes_total == 20 * 2 * 2 * p
+    delta = _net(graph="ring", codec="fp16", compress_delta=True)
+    result = delta.fit(rounds=8, eval_every=8)[-1]
+    assert result.averaged_accuracy > 0.3 and torch.isfinite(delta.stack).all()
+
+
+def test_robust_aggregator_per_neighbourhood():
+    net = _net(graph="exponential", aggregator="median")
+    result = net.fit(rounds=8, eval_every=8)[-1]
+    assert torch.isfinite(net.stack).all() and result.averaged_accuracy > 0.5
