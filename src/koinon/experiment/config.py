@@ -51,6 +51,19 @@ class DownlinkConfig:
 
 
 @dataclass
+class TopologyConfig:
+    name: str = "federated"  # "federated" (a server) or "gossip" (decentralized, D-PSGD)
+    graph: str = "ring"  # gossip: a registered graph (see `koinon list`)
+    mixing: str = "metropolis"  # gossip: metropolis, max_degree or uniform mixing weights
+    compress_delta: bool = False  # gossip: send the change since the last send through the codec
+    final_merge_every: int = 0  # gossip: average all live nodes every k rounds (0 = never)
+    failures: dict = field(default_factory=dict)  # gossip: {round = fraction of nodes that crash}
+    failure_choice: str = "random"  # gossip: random, degree or central
+    eval_nodes: int = 20  # gossip: nodes evaluated each round (a seeded sample when more)
+    options: dict = field(default_factory=dict)  # graph options (e.g. degree, m, p) and more
+
+
+@dataclass
 class AttackConfig:
     name: str = "none"
     fraction: float = 0.0  # share of the population that is Byzantine, chosen by seed
@@ -98,6 +111,7 @@ class Config:
     aggregator: ComponentConfig = field(default_factory=lambda: ComponentConfig("mean"))
     runtime: ComponentConfig = field(default_factory=lambda: ComponentConfig("vectorized"))
     attack: AttackConfig = field(default_factory=lambda: AttackConfig())
+    topology: TopologyConfig = field(default_factory=lambda: TopologyConfig())
 
     # ---------------------------------------------------------------- (de)serialize
 
@@ -157,7 +171,8 @@ class Config:
         return Config.from_dict(raw)
 
 
-SECTIONS = ("data", "model", "client", "server", "codec", "downlink", "aggregator", "runtime", "attack")
+SECTIONS = ("data", "model", "client", "server", "codec", "downlink", "aggregator", "runtime", "attack",
+            "topology")
 COMPONENT_SECTIONS = ("model", "codec", "downlink", "aggregator", "runtime", "attack")
 
 

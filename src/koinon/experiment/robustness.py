@@ -25,9 +25,8 @@ from koinon.experiment.checkpoint import atomic_write_text
 from koinon.experiment.config import Config, load_config
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
 
-    from koinon.topology import Federation
+    pass
 
 CLEAN = "none"
 
@@ -54,11 +53,10 @@ def _cells(aggregators: list[str], attacks: list[str], fractions: list[float],
 
 
 def run_cell(base_config: Config, aggregator: str, attack: str, fraction: float, alpha: float,
-             rounds: int, build: Callable[[Config], Federation] | None = None) -> dict[str, Any]:
+             rounds: int) -> dict[str, Any]:
     """Train one federation; a refused configuration becomes a record, not an exception."""
     from koinon.experiment.runner import build_federation
 
-    build = build or build_federation
     record: dict[str, Any] = {"alpha": alpha, "aggregator": aggregator, "attack": attack,
                               "fraction": fraction}
     cfg = base_config.with_overrides({
@@ -67,7 +65,7 @@ def run_cell(base_config: Config, aggregator: str, attack: str, fraction: float,
     })
     start = time.perf_counter()
     try:
-        fed = build(cfg)
+        fed = build_federation(cfg)
         try:
             last = fed.fit(rounds, eval_every=rounds)[-1]
         finally:
@@ -82,18 +80,14 @@ def run_cell(base_config: Config, aggregator: str, attack: str, fraction: float,
 
 def run_matrix(base_config: Config, aggregators: list[str], attacks: list[str],
                fractions: list[float], alphas: list[float], rounds: int, out_dir: Path,
-               *, progress: bool = True,
-               build: Callable[[Config], Federation] | None = None) -> list[dict[str, Any]]:
-    """Run every cell, write the JSON, the markdown tables and a heat map per alpha.
-
-    `build` turns a cell's config into a federation (default: `build_federation`).
-    """
+               *, progress: bool = True) -> list[dict[str, Any]]:
+    """Run every cell, write the JSON, the markdown tables and a heat map per alpha."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cells = _cells(aggregators, attacks, fractions, alphas)
     results: list[dict[str, Any]] = []
     for i, (alpha, aggregator, attack, fraction) in enumerate(cells, start=1):
-        record = run_cell(base_config, aggregator, attack, fraction, alpha, rounds, build)
+        record = run_cell(base_config, aggregator, attack, fraction, alpha, rounds)
         results.append(record)
         if progress:
             shown = f"{record['accuracy']:.4f}" if record["status"] == "ok" else "refused"

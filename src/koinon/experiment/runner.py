@@ -15,7 +15,7 @@ import platform
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -53,7 +53,29 @@ def _check_options(registry: Registry, name: str, options: dict, section: str, f
             )
 
 
-def build_federation(cfg: Config) -> Federation:
+class Topology(Protocol):
+    """What the runner needs of a topology: `Federation` (a server) or `Gossip` (peers)."""
+
+    layout: Layout
+    round_index: int
+    uplink_total: int
+    downlink_total: int
+
+    @property
+    def params(self) -> torch.Tensor: ...
+
+    def run_round(self, evaluate: bool = True) -> Any: ...
+
+    def fit(self, rounds: int, eval_every: int = 1) -> list[Any]: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def build_federation(cfg: Config) -> Topology:
     """Every component of the experiment, checked; raises ConfigError before anything runs."""
     d = cfg.data
     DATASETS.get(d.name, key="data.name")
@@ -118,11 +140,40 @@ def build_federation(cfg: Config) -> Federation:
            f"{s.clients_per_round}", probe.aggregate,
            torch.zeros(s.clients_per_round, 2), torch.ones(s.clients_per_round))
     runtime = RUNTIMES.build(cfg.runtime.name, cfg.runtime.options, "runtime")
+    if cfg.topology.name == "gossip":
+        return _build_gossip(cfg, model, fed_data, local, algorithm, codec, aggregator, runtime)
+    if cfg.topology.name != "federated":
+        raise ConfigError(f"topology.name = {cfg.topology.name!r}: allowed: federated, gossip")
     return _guard(
         "federation", Federation, model, fed_data, local=local, algorithm=algorithm,
         server_optimizer=optimizer, sampler=sampler, codec=codec, downlink=downlink,
         aggregator=aggregator, runtime=runtime, clients_per_round=s.clients_per_round, seed=cfg.seed,
         attack=attack, byzantine_fraction=a.fraction, downlink_delta=cfg.downlink.delta,
+    )
+
+
+def _build_gossip(cfg: Config, model, fed_data, local, algorithm, codec, aggregator, runtime) -> Topology:
+    """Decentralized training: every client is a node; server-only sections are ignored."""
+    import inspect
+
+    from koinon.topology import Gossip
+
+    t = cfg.topology
+    failures: dict[int, float] = {}
+    for key, value in t.failures.items():
+        if not str(key).isdigit() or not isinstance(value, (int, float)):
+            raise ConfigError(f"topology.failures = {t.failures!r}: expected {{round = fraction}}, "
+                              "e.g. failures = {{ 20 = 0.5 }}")
+        failures[int(key)] = float(value)
+    accepted = set(inspect.signature(Gossip).parameters)
+    extra = {k: v for k, v in t.options.items() if k in accepted}
+    graph_options = {k: v for k, v in t.options.items() if k not in accepted}
+    robust = None if cfg.aggregator.name == "mean" else aggregator
+    return _guard(
+        "topology", Gossip, model, fed_data, graph=t.graph, graph_options=graph_options,
+        mixing=t.mixing, local=local, algorithm=algorithm, codec=codec, compress_delta=t.compress_delta,
+        aggregator=robust, runtime=runtime, final_merge_every=t.final_merge_every, failures=failures,
+        failure_choice=t.failure_choice, eval_nodes=t.eval_nodes, seed=cfg.seed, **extra,
     )
 
 
@@ -201,14 +252,14 @@ def resume_experiment(out_dir: str | Path, overrides: list[str] | None = None, *
     return _train(fed, cfg, out, wall_offset=meta["wall_s"], progress=progress)
 
 
-def _checkpoint(fed: Federation, out: Path, wall: float) -> None:
+def _checkpoint(fed: Topology, out: Path, wall: float) -> None:
     save_checkpoint(out, fed.state_dict(), {
         "round": fed.round_index, "uplink_total": fed.uplink_total,
         "downlink_total": fed.downlink_total, "wall_s": wall, "layout_hash": fed.layout.hash(),
     })
 
 
-def _train(fed: Federation, cfg: Config, out: Path, wall_offset: float, progress: bool) -> dict[str, Any]:
+def _train(fed: Topology, cfg: Config, out: Path, wall_offset: float, progress: bool) -> dict[str, Any]:
     from tqdm import tqdm
 
     s = cfg.server
@@ -243,7 +294,7 @@ def _train(fed: Federation, cfg: Config, out: Path, wall_offset: float, progress
     return _finish(fed, cfg, out, wall)
 
 
-def _finish(fed: Federation, cfg: Config, out: Path, wall: float) -> dict[str, Any]:
+def _finish(fed: Topology, cfg: Config, out: Path, wall: float) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     from koinon.experiment.report import plot_run
