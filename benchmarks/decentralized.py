@@ -5,7 +5,8 @@
 Task: scikit-learn digits, 50 clients (nodes) with a Dirichlet(0.5) label skew, an MLP
 (64-32-10, 2,410 parameters), 2 local epochs of SGD (lr 0.05, momentum 0.9) a round, seed 0.
 Server FedAvg samples 10 clients a round and counts uplink + downlink; D-PSGD trains all 50
-nodes every round and counts each node's payload times its degree. "avg acc" is the accuracy
+nodes every round and counts each node's payload times its degree; MoDeST samples 10 trainers and
+2 aggregators a round and counts every model sent. "avg acc" is the accuracy
 of the average of the live models (what one final merge yields, "A Single Merging Suffices");
 "node acc" is the mean accuracy of the individual node models, before that merge. Bytes to
 target: total bytes when the (averaged) model first reaches `--target` accuracy on the held-out
@@ -78,6 +79,8 @@ def main() -> None:
         gossip("D-PSGD ring", "ring", r, t),
         gossip("D-PSGD exponential", "exponential", r, t),
         gossip("D-PSGD Barabasi-Albert m=2", "barabasi_albert", r, t),
+        gossip("MoDeST (10 trainers, 2 aggr.)", "ring", r, t, sampling="modest",
+               trainers_per_round=10, aggregators_per_round=2),
         gossip("exponential, 50% random fail", "exponential", r, t, failures={half: 0.5}),
         gossip("exponential, 80% random fail", "exponential", r, t, failures={half: 0.8}),
         gossip("BA, 50% central fail", "barabasi_albert", r, t, failures={half: 0.5},

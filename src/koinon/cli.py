@@ -58,6 +58,7 @@ def _list() -> None:
     from koinon.models import MODELS
     from koinon.runtime import RUNTIMES
     from koinon.server import SAMPLERS, SERVER_OPTIMIZERS
+    from koinon.topology import TOPOLOGIES
 
     families: list[tuple[str, Registry[Any]]] = [
         ("datasets (data.name)", DATASETS), ("partitions (data.partition)", PARTITIONERS),
@@ -66,6 +67,7 @@ def _list() -> None:
         ("codecs (codec.name, downlink.name)", CODECS), ("aggregators (aggregator.name)", AGGREGATORS),
         ("pre-aggregation steps (aggregator.name = \"step+rule\", e.g. nnm+trimmed_mean)", PRE_AGGREGATORS),
         ("runtimes (runtime.name)", RUNTIMES), ("attacks (attack.name)", ATTACKS),
+        ("graphs (topology.graph, with topology.name = \"gossip\")", TOPOLOGIES),
     ]
     for title, registry in families:
         print(title)
@@ -73,7 +75,7 @@ def _list() -> None:
         for name, desc in registry.describe():
             opts = {k: v for k, v in registry.options(name).items()
                     if k not in ("layout", "seed", "test_fraction", "num_clients", "input_shape",
-                                 "num_classes", "labels", "rng", "groups", "num_byzantine")}
+                                 "num_classes", "labels", "rng", "groups", "num_byzantine", "num_nodes")}
             extra = f"  [{', '.join(f'{k}={v!r}' for k, v in opts.items())}]" if opts else ""
             print(f"  {name:<{width}}  {desc}{extra}")
         print()

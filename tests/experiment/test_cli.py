@@ -183,3 +183,32 @@ def test_run_help_lists_every_key(capsys):
     for key in ("seed", "data.alpha", "data.test_fraction", "client.mu", "client.weight_decay",
                 "server.clients_per_round", "server.eval_every", "codec.name", "aggregator.name", "runtime.name"):
         assert key in text, key
+
+
+def test_gossip_topology_runs_and_resumes_identically(tmp_path):
+    config = tmp_path / "gossip.toml"
+    config.write_text(SMALL + '\n[topology]\nname = "gossip"\ngraph = "exponential"\n'
+                      'final_merge_every = 3\nfailures = { 2 = 0.3 }\n')
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(["run", str(config), "--out", str(full), "--quiet", "--set", "server.rounds=6"]) == 0
+    assert main(["run", str(config), "--out", str(part), "--quiet", "--set", "server.rounds=4"]) == 0
+    assert main(["run", "--resume", str(part), "--set", "server.rounds=6", "--quiet"]) == 0
+    a = json.loads((full / "summary.json").read_text())
+    b = json.loads((part / "summary.json").read_text())
+    assert a["model_sha256"] == b["model_sha256"] and a["uplink_bytes_total"] == b["uplink_bytes_total"]
+    last = _metrics(full)[-1]
+    assert last["num_live"] == 14 and last["consensus_distance"] < 1e-8  # 30% of 20 crashed; merged
+    assert a["final_accuracy"] > 0.5
+
+
+def test_gossip_bad_keys(config, tmp_path, capsys):
+    out = tmp_path / "g"
+    assert main(["run", str(config), "--out", str(out), "--set", "topology.name=mesh"]) == 2
+    assert "topology.name" in capsys.readouterr().err
+    assert main(["run", str(config), "--out", str(out), "--set", "topology.name=gossip",
+                 "--set", "topology.graph=hypercube"]) == 2
+    assert "hypercube" in capsys.readouterr().err
+    assert main(["run", str(config), "--out", str(out), "--set", "topology.name=gossip",
+                 "--set", "topology.failures={x = 1}"]) == 2
+    assert "topology.failures" in capsys.readouterr().err
+    assert not out.exists()

@@ -150,3 +150,139 @@ def test_robust_aggregator_per_neighbourhood():
     net = _net(graph="exponential", aggregator="median")
     result = net.fit(rounds=8, eval_every=8)[-1]
     assert torch.isfinite(net.stack).all() and result.averaged_accuracy > 0.5
+
+
+def test_runner_interface_and_round_metrics():
+    net = _net(num_nodes=10, graph="ring", failures={1: 0.2})
+    results = net.fit(rounds=2)
+    d = results[-1].as_dict()
+    for key in ("round", "test_accuracy", "test_loss", "train_loss", "num_clients",
+                "uplink_bytes", "downlink_bytes"):
+        assert key in d
+    assert d["round"] == net.round_index == 2 and d["num_clients"] == 8
+    assert d["test_accuracy"] == results[-1].averaged_accuracy == net.evaluate()[0]
+    assert net.uplink_total == sum(r.uplink_bytes for r in results) and net.downlink_total == 0
+    assert torch.equal(net.params, net.stack[net.live].mean(dim=0))
+
+
+@pytest.mark.parametrize("kw", [
+    {"graph": "exponential", "failures": {1: 0.25, 4: 0.2}},
+    {"graph": "ring", "codec": "fp16", "compress_delta": True, "failures": {2: 0.3},
+     "final_merge_every": 4},
+    {"graph": "ring", "codec": "ef", "compress_delta": True, "failures": {1: 0.2}},  # codec state
+    {"graph": "ring", "codec": "ef21", "failures": {1: 0.2}},  # increments
+    {"graph": "random_regular", "graph_options": {"degree": 4}, "resample_every": 2, "failures": {3: 0.2}},
+])
+def test_state_dict_resumes_bit_identically(kw):
+    a = _net(num_nodes=10, **kw)
+    a.fit(rounds=3, eval_every=10)
+    saved = a.state_dict()
+    assert saved["round_index"].dtype == torch.int64 and saved["round_index"].dim() == 0
+    a.fit(rounds=2, eval_every=10)
+    b = _net(num_nodes=10, **kw)
+    b.load_state_dict(saved)
+    b.fit(rounds=2, eval_every=10)
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]), key
+    assert set(a.state_dict()) == set(b.state_dict())
+    assert (a.round_index, a.uplink_total) == (b.round_index, b.uplink_total)
+
+
+def test_variance_correction_restores_the_layer_variance_and_keeps_the_mean():
+    from koinon.topology.gossip import correct_variance, layer_variances
+
+    net = _net(num_nodes=12, graph="ring", variance_correction=True)
+    layout = net.layout
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(12, layout.numel, generator=gen) * torch.linspace(0.1, 2.0, layout.numel)
+    target = torch.rand(12, len(layout.entries), generator=gen) + 0.5
+    for eps in (0.0, 1e-4):
+        out = correct_variance(x, target, layout, eps=eps)
+        for k, e in enumerate(layout.entries):
+            w, v = x[:, e.offset : e.offset + e.numel], out[:, e.offset : e.offset + e.numel]
+            assert torch.allclose(v.mean(dim=1), w.mean(dim=1), atol=1e-5)  # the mean is unchanged
+            var = v.var(dim=1, unbiased=False)
+            expected = target[:, k] if eps == 0 else w.var(dim=1, unbiased=False) * (
+                (target[:, k] + eps) / (w.var(dim=1, unbiased=False) + eps))
+            assert torch.allclose(var, expected, rtol=1e-4)
+    # In a round: each live node gets the mean layer variance of its closed neighbourhood's models.
+    net.crash([5])
+    own = x.clone()  # the models each node mixed (identity codec: public copies are exact)
+    net.stack = torch.sparse.mm(net.mixing, own)
+    live_ids = net.live.nonzero().flatten().tolist()
+    mixed = net.stack.clone()
+    net._correct_variance(own, own, net.mixing, live_ids)
+    variances = layer_variances(own, layout)
+    for i in live_ids:
+        hood = [i] + [j for j in net.graph.neighbors(i) if net.live[j]]
+        target = variances[hood].mean(dim=0)
+        assert torch.allclose(net.stack[i], correct_variance(mixed[i : i + 1], target[None], layout)[0], atol=1e-6)
+    assert torch.equal(net.stack[5], mixed[5])  # a crashed node is left alone
+    mean_var = layer_variances(net.stack[live_ids], layout)
+    assert (mean_var > layer_variances(mixed[live_ids], layout) - 1e-6).all()  # averaging had shrunk it
+
+
+def test_variance_corrected_gossip_learns():
+    net = _net(graph="ring", variance_correction=True)
+    result = net.fit(rounds=10, eval_every=10)[-1]
+    assert torch.isfinite(net.stack).all() and result.averaged_accuracy > 0.6
+
+
+def test_random_regular_graph_resampled_every_k_rounds():
+    with pytest.raises(ValueError, match="seeded random graph"):
+        _net(num_nodes=10, graph="ring", resample_every=1)
+    net = _net(num_nodes=12, graph="random_regular", graph_options={"degree": 3}, resample_every=2)
+    twin = _net(num_nodes=12, graph="random_regular", graph_options={"degree": 3}, resample_every=2)
+    edges = []
+    for r in range(6):
+        result = net.run_round(evaluate=r == 5)
+        edges.append(sorted(net.graph.edges()))
+        assert all(d == 3 for _, d in net.graph.degree())
+        check_mixing(net.mixing)
+    assert edges[0] == edges[1] != edges[2] == edges[3] != edges[4] == edges[5]
+    assert edges[0] != edges[4]
+    assert sorted(twin.graph_for(4).edges()) == edges[4]  # seeded by (seed, round): every node agrees
+    assert result.averaged_accuracy > 0.5 and torch.isfinite(net.stack).all()
+
+
+def test_modest_samples_are_the_same_on_nodes_sharing_a_view():
+    from koinon.topology.gossip import modest_ranking
+
+    view = list(range(30))
+    shuffled = sorted(view, key=lambda p: (p * 7919) % 31)  # another node's copy, another order
+    assert modest_ranking(view, 3, 5) == modest_ranking(shuffled, 3, 5)
+    assert modest_ranking(view, 3, 5) != modest_ranking(view, 3, 6)  # a fresh sample every round
+    net = _net(num_nodes=30, sampling="modest", trainers_per_round=6, aggregators_per_round=2)
+    sample = net.modest_sample(4, 6)
+    net.crash(sample[:2])  # pinged, unresponsive: skipped, the next ranked peers step in
+    stale_view = net.modest_sample(4, 6, view=view)
+    fresh_view = net.modest_sample(4, 6, view=[p for p in view if net.live[p]])
+    assert stale_view == fresh_view and stale_view[:4] == sample[2:] and len(stale_view) == 6
+
+
+def test_modest_sampling_learns_counts_bytes_and_survives_failures():
+    kw = {"sampling": "modest", "trainers_per_round": 8, "aggregators_per_round": 2}
+    net = _net(**kw)
+    first = net.run_round(evaluate=False)
+    p4 = 4 * net.layout.numel
+    trainers, aggregators = net.modest_sample(0, 8), net.modest_sample(1, 2)
+    assert first.num_clients == 8 and first.downlink_bytes == 0
+    assert first.uplink_bytes == p4 * sum(1 for t in trainers for a in aggregators if a != t)
+    second = net.run_round(evaluate=False)
+    assert second.downlink_bytes == p4 * sum(1 for a in aggregators for t in net.modest_sample(1, 8) if a != t)
+    result = net.fit(rounds=10, eval_every=10)[-1]
+    assert result.test_accuracy > 0.6 and torch.equal(net.params, net.stack[net.modest_holders[0]])
+    # 80% of the nodes crash mid-run; sampling skips them and training goes on.
+    crashy = _net(failures={3: 0.8}, success_fraction=0.75, **kw)
+    results = crashy.fit(rounds=8, eval_every=8)
+    assert [r.num_clients for r in results] == [8, 8, 8, 4, 4, 4, 4, 4]
+    assert torch.isfinite(crashy.stack).all() and results[-1].test_accuracy > 0.15  # 4 non-IID nodes left
+    # Resume bit-identically.
+    a = _net(failures={2: 0.3}, **kw)
+    a.fit(rounds=3, eval_every=10)
+    saved = a.state_dict()
+    a.fit(rounds=2, eval_every=10)
+    b = _net(failures={2: 0.3}, **kw)
+    b.load_state_dict(saved)
+    b.fit(rounds=2, eval_every=10)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())

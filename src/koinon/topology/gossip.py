@@ -19,10 +19,19 @@ every k rounds, and `merge()` for one at the end ("A Single Merging Suffices",
 https://arxiv.org/abs/2507.06542), counted as a ring all-reduce (2 x model bytes a node); crash
 and rejoin schedules. Node accuracy is measured on at most `eval_nodes` live nodes, a seeded
 sample when there are more (`GossipRound.evaluated_nodes` says how many).
+
+More options: `variance_correction` (the Vanishing Variance correction after each mixing step,
+`correct_variance`); `resample_every` k (a fresh seeded random graph every k rounds);
+`sampling = "modest"` (MoDeST decentralized sampling instead of all-node gossip, see
+`_modest_round`). Runner interface as `Federation`: `round_index`, `uplink_total` /
+`downlink_total` (gossip counts every byte as uplink; MoDeST splits trainer -> aggregator
+uplink from aggregator -> trainer downlink), `params`, `evaluate()`, `state_dict()` /
+`load_state_dict()` (bit-identical resume).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -43,6 +52,46 @@ from koinon.runtime.trainer import cross_entropy
 from koinon.topology.graphs import build_graph, from_networkx, mixing_matrix
 
 FAILURE_CHOICES = ("random", "degree", "central")
+SAMPLING_CHOICES = ("all", "modest")
+RESAMPLED_GRAPHS = ("random_regular", "erdos_renyi", "barabasi_albert")  # seeded random graphs
+VARIANCE_EPS = 1e-4  # the epsilon of the Vanishing Variance correction
+
+
+def modest_ranking(view: list[int], seed: int, round_index: int) -> list[int]:
+    """MoDeST: the peers of a node's `view` ranked by hash(seed, round, peer id).
+
+    Every node computes this alone; nodes that share a view derive the same sample without
+    coordination (the view's order does not matter).
+    """
+    return sorted(set(view), key=lambda p: (mix_seed(seed, round_index, p, 0x30D5), p))
+
+
+def layer_variances(x: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Variance of each layer's elements, per row: `[N, P] -> [N, L]` (L = layout entries)."""
+    return torch.stack(
+        [x[:, e.offset : e.offset + e.numel].var(dim=1, unbiased=False) for e in layout.entries], dim=1
+    )
+
+
+def correct_variance(
+    mixed: torch.Tensor, target: torch.Tensor, layout: Layout, eps: float = VARIANCE_EPS
+) -> torch.Tensor:
+    """Vanishing Variance correction (https://arxiv.org/abs/2404.04616), per row and layer.
+
+    Each layer `w` of each row becomes `(w - mean(w)) * sqrt((v* + eps) / (var(w) + eps)) + mean(w)`
+    with `v* = target[row, layer]`: the layer keeps its mean and gets (for eps -> 0) variance
+    v*. Scalar layers (one element) and buffers are left alone.
+    """
+    out = mixed.clone()
+    for k, e in enumerate(layout.entries):
+        if e.numel < 2 or not e.trainable:  # scalars and buffers (running statistics) stay
+            continue
+        w = mixed[:, e.offset : e.offset + e.numel]
+        mean = w.mean(dim=1, keepdim=True)
+        var = w.var(dim=1, unbiased=False, keepdim=True)
+        scale = ((target[:, k : k + 1] + eps) / (var + eps)).sqrt()
+        out[:, e.offset : e.offset + e.numel] = (w - mean) * scale + mean
+    return out
 
 
 @dataclass
@@ -63,12 +112,31 @@ class GossipRound:
     evaluated_nodes: int = 0
     crashed: list[int] = field(default_factory=list)  # nodes that failed at this round's start
     merged: bool = False
+    num_clients: int = 0  # live nodes that trained this round
+    uplink_bytes: int = 0  # this round's; gossip puts all its bytes here (see `Gossip`)
+    downlink_bytes: int = 0
+
+    @property
+    def test_accuracy(self) -> float | None:
+        """Accuracy of the averaged model (the name every topology's rounds share)."""
+        return self.averaged_accuracy
+
+    @property
+    def test_loss(self) -> float | None:
+        return self.averaged_loss
 
     def as_dict(self) -> dict:
         return {
+            # The keys every topology's rounds share (the runner reads these).
             "round": self.round,
-            "num_live": self.num_live,
+            "test_accuracy": self.averaged_accuracy,
+            "test_loss": self.averaged_loss,
             "train_loss": self.train_loss,
+            "num_clients": self.num_clients,
+            "uplink_bytes": self.uplink_bytes,
+            "downlink_bytes": self.downlink_bytes,
+            # Gossip's own.
+            "num_live": self.num_live,
             "bytes_total": self.bytes_total,
             "bytes_per_node": self.bytes_per_node,
             "consensus_distance": self.consensus_distance,
@@ -110,6 +178,12 @@ class Gossip:
         aggregator: Aggregator | str | None = None,
         runtime: Runtime | str = "vectorized",
         final_merge_every: int = 0,
+        variance_correction: bool = False,
+        resample_every: int = 0,
+        sampling: str = "all",
+        trainers_per_round: int = 10,
+        aggregators_per_round: int = 2,
+        success_fraction: float = 1.0,
         failures: dict[int, float] | None = None,
         failure_choice: str = "random",
         eval_nodes: int = 20,
@@ -126,6 +200,16 @@ class Gossip:
         for r, fraction in (failures or {}).items():
             if r < 0 or not 0.0 <= fraction <= 1.0:
                 raise ValueError(f"failures {{{r}: {fraction}}}: need round >= 0 and fraction in [0, 1]")
+        if sampling not in SAMPLING_CHOICES:
+            raise ValueError(f"sampling {sampling!r}; allowed: {', '.join(SAMPLING_CHOICES)}")
+        if trainers_per_round < 1 or aggregators_per_round < 1 or not 0.0 < success_fraction <= 1.0:
+            raise ValueError("need trainers_per_round >= 1, aggregators_per_round >= 1, success_fraction in (0, 1]")
+        if sampling == "modest" and compress_delta:
+            raise ValueError("sampling = 'modest' sends whole models: compress_delta is not supported")
+        if resample_every < 0:
+            raise ValueError(f"resample_every must be >= 0, got {resample_every}")
+        if resample_every and not (isinstance(graph, str) and graph in RESAMPLED_GRAPHS):
+            raise ValueError(f"resample_every needs a seeded random graph: {', '.join(RESAMPLED_GRAPHS)}")
         if final_merge_every < 0 or eval_nodes < 1:
             raise ValueError("final_merge_every must be >= 0 and eval_nodes >= 1")
         self.model = model
@@ -142,6 +226,15 @@ class Gossip:
         self.runtime = _component(RUNTIMES, runtime, "runtime")
         self.mixing_rule = mixing
         self.final_merge_every = final_merge_every
+        self.variance_correction = variance_correction
+        self.resample_every = resample_every
+        self.sampling = sampling
+        self.trainers_per_round = trainers_per_round
+        self.aggregators_per_round = aggregators_per_round
+        self.success_fraction = success_fraction
+        self.modest_holders: list[int] = []  # MoDeST: last round's aggregators (hold its model)
+        self.graph_name = graph if isinstance(graph, str) else None
+        self.graph_options = dict(graph_options or {})
         self.failures = dict(failures or {})
         self.failure_choice = failure_choice
         self.eval_nodes = eval_nodes
@@ -153,8 +246,11 @@ class Gossip:
         # What neighbours hold of each node's model (meaningful only with a lossy codec).
         self.public = self.stack.clone()
         self.live = torch.ones(n, dtype=torch.bool)
-        self.round_index = 0
-        self.bytes_total = 0
+        self.round_index = 0  # rounds completed
+        # Totals in bytes. Gossip has no server, so no up/down direction: every byte a node sends
+        # (gossip payloads and merge all-reduces) is counted as uplink; downlink stays 0.
+        self.uplink_total = 0
+        self.downlink_total = 0
         self.client_states: dict[int, State] = {}
         self.codec_states: dict[int, State] = {}
         self.increment_sums: dict[int, torch.Tensor] = {}
@@ -171,6 +267,13 @@ class Gossip:
         if self._mixing is None:
             self._mixing = mixing_matrix(self.graph, self.mixing_rule, self.live)
         return self._mixing
+
+    def graph_for(self, round_index: int) -> nx.Graph:
+        """With `resample_every` k: the graph of round r, drawn with seed (seed, k * floor(r / k))."""
+        assert self.graph_name is not None and self.resample_every
+        start = round_index - round_index % self.resample_every
+        seed = self.seed if start == 0 else mix_seed(self.seed, start, 0x6A4F)
+        return build_graph(self.graph_name, self.num_nodes, seed, self.graph_options)
 
     def crash(self, nodes: list[int]) -> None:
         """Nodes stop training and talking; their models stay as they were (crash with data)."""
@@ -240,12 +343,32 @@ class Gossip:
                 pass
         return out
 
+    def _correct_variance(
+        self, own: torch.Tensor, public: torch.Tensor, w: torch.Tensor, live_ids: list[int]
+    ) -> None:
+        """Rescale each live node's mixed layers to the mean layer variance of the models it mixed.
+
+        v*[i, l] is the mean, over node i's closed live neighbourhood, of the element variance
+        of layer l in the models i received (its own exact model, its neighbours' public copies):
+        averaging shrinks the weights' variance, the correction restores it.
+        """
+        index = w.indices()
+        off = index[0] != index[1]
+        adjacency = torch.sparse_coo_tensor(
+            index[:, off], torch.ones(int(off.sum())), w.shape, check_invariants=True
+        ).coalesce()
+        count = torch.sparse.sum(adjacency, dim=1).to_dense().unsqueeze(1) if off.any() else 0.0
+        target = (torch.sparse.mm(adjacency, layer_variances(public, self.layout))
+                  + layer_variances(own, self.layout)) / (1.0 + count)
+        rows = torch.tensor(live_ids)
+        self.stack[rows] = correct_variance(self.stack[rows], target[rows], self.layout)
+
     def merge(self) -> None:
-        """Exact global average of the live models (one all-reduce), counted in `bytes_total`."""
+        """Exact global average of the live models (one all-reduce), counted in `uplink_total`."""
         live_ids = self.live.nonzero().flatten()
         self.stack[live_ids] = self.stack[live_ids].mean(dim=0)
         self.public[live_ids] = self.stack[live_ids]
-        self.bytes_total += self._merge_bytes(len(live_ids))
+        self.uplink_total += self._merge_bytes(len(live_ids))
 
     def _merge_bytes(self, num_live: int) -> int:
         # A ring all-reduce sends about twice the model per node.
@@ -253,11 +376,16 @@ class Gossip:
 
     def run_round(self, evaluate: bool = True) -> GossipRound:
         r = self.round_index
+        if self.resample_every and r % self.resample_every == 0 and r:
+            self.graph = self.graph_for(r)  # a fresh random graph ("epidemic learning")
+            self._mixing = None
         crashed: list[int] = []
         if r in self.failures:
             crashed = self.choose_failures(round(self.failures[r] * self.num_nodes), r)
             self.crash(crashed)
             notice(f"round {r + 1}: {len(crashed)} nodes crashed, {int(self.live.sum())} live")
+        if self.sampling == "modest":
+            return self._modest_round(r, evaluate, crashed)
         live_ids = self.live.nonzero().flatten().tolist()
 
         train_loss = float("nan")
@@ -279,6 +407,7 @@ class Gossip:
         w = self.mixing
         degree = torch.tensor([sum(1 for v in self.graph.neighbors(u) if self.live[v]) for u in range(self.num_nodes)])
         sent = sizes * degree * self.live
+        before = self.stack
         if self.aggregator is not None:
             self.stack = self._robust_mix(public, live_ids, w)
         else:
@@ -288,32 +417,151 @@ class Gossip:
             on_diag = index[0] == index[1]
             diag[index[0, on_diag]] = w.values()[on_diag]
             self.stack = torch.sparse.mm(w, public) + diag.unsqueeze(1) * (self.stack - public)
+        if self.variance_correction and live_ids:
+            self._correct_variance(before, public, w, live_ids)
         self.public = public
         round_bytes = int(sent.sum())
-        self.bytes_total += round_bytes
+        self.uplink_total += round_bytes
 
         merged = bool(self.final_merge_every) and (r + 1) % self.final_merge_every == 0
         if merged:
-            before = self.bytes_total
+            sent_before = self.uplink_total
             self.merge()
-            round_bytes += self.bytes_total - before
+            round_bytes += self.uplink_total - sent_before
         self.round_index += 1
 
         num_live = len(live_ids)
         out = GossipRound(
             self.round_index, num_live, train_loss, round_bytes,
             round_bytes / num_live if num_live else 0.0, self.consensus_distance(),
-            crashed=crashed, merged=merged,
+            crashed=crashed, merged=merged, num_clients=num_live, uplink_bytes=round_bytes,
         )
         if evaluate and num_live:
             self._evaluate_into(out, live_ids)
         return out
 
+    # --------------------------------------------------------------- MoDeST
+
+    def modest_sample(self, round_index: int, count: int, view: list[int] | None = None) -> list[int]:
+        """The first `count` responsive peers of `view` (default: every node) ranked for the round.
+
+        Candidates are pinged in rank order and unresponsive (crashed) ones skipped, so a stale
+        view that still lists crashed peers yields the same sample as an up-to-date one.
+        """
+        ranked = modest_ranking(list(range(self.num_nodes)) if view is None else view, self.seed, round_index)
+        return [p for p in ranked if self.live[p]][:count]
+
+    def _modest_round(self, r: int, evaluate: bool, crashed: list[int]) -> GossipRound:
+        """MoDeST round r: sample r's trainers train from the model of round r-1's aggregators and
+        send to round r's aggregators (the first of sample r+1), which average what arrived.
+
+        Simulated arrival: a trainer's time is its number of samples trained, so the aggregators
+        average the first ceil(success_fraction x trainers) models to arrive (ties by rank);
+        later ones are sent (and counted) but ignored. Bytes: uplink = each trainer's payload
+        (encoded with its codec) x the aggregators other than itself; downlink = the fp32 model x
+        each (live aggregator of r-1, trainer of r) pair of distinct nodes. Pings are not counted.
+        """
+        model_bytes = 4 * self.layout.numel
+        trainers = self.modest_sample(r, self.trainers_per_round)
+        holders = [a for a in self.modest_holders if self.live[a]]
+        downlink = 0
+        if holders:
+            start = self.stack[holders[0]].expand(len(trainers), -1).clone()
+            downlink = model_bytes * sum(1 for a in holders for t in trainers if a != t)
+        else:  # first round, or every holder crashed: trainers go on from the model they have
+            if self.modest_holders:
+                notice(f"round {r + 1}: every aggregator of the last round crashed")
+            start = self.stack[trainers].clone()
+        aggregators = self.modest_sample(r + 1, self.aggregators_per_round)
+        uplink, train_loss = 0, float("nan")
+        if trainers:
+            result = self.runtime.train(
+                trainers, start, {}, [self.client_states.get(c, {}) for c in trainers], self.seed, r
+            )
+            trained = start + result.deltas
+            for i, c in enumerate(trainers):
+                if result.client_states[i]:
+                    self.client_states[c] = result.client_states[i]
+            seen = result.num_samples.to(torch.float32)
+            train_loss = float((result.train_loss * seen).sum() / seen.sum().clamp_min(1.0))
+            received, weights = [], []
+            order = sorted(range(len(trainers)), key=lambda i: (int(result.num_samples[i]), i))
+            for i in order:
+                c = trainers[i]
+                state = self.codec_states.get(c) or self.codec.init_state()
+                gen = torch.Generator().manual_seed(mix_seed(self.seed, r, c, 0x30D5))
+                payload, new_state = self.codec.encode(trained[i], state, gen)
+                if new_state:
+                    self.codec_states[c] = new_state
+                uplink += len(payload) * sum(1 for a in aggregators if a != c)
+                try:
+                    row = self.codec.decode(payload)
+                except CodecError as exc:
+                    notice(f"round {r + 1}: trainer {c}'s payload was refused ({exc})")
+                    continue
+                if getattr(self.codec, "decodes_increment", False):
+                    row = self.increment_sums.get(c, torch.zeros_like(row)) + row
+                    self.increment_sums[c] = row
+                if bool(torch.isfinite(row).all()):
+                    received.append(row)
+                    weights.append(float(result.num_samples[i]))
+            ok = torch.isfinite(trained).all(dim=1)
+            self.stack[torch.tensor(trainers)[ok]] = trained[ok]
+            needed = max(1, math.ceil(self.success_fraction * len(trainers)))
+            received, weights = received[:needed], weights[:needed]
+            if received and aggregators:
+                models, w = torch.stack(received), torch.tensor(weights)
+                if self.aggregator is not None and len(received) > 1:
+                    try:
+                        merged = self.aggregator.aggregate(models, w)
+                    except ValueError:
+                        merged = (models * w.unsqueeze(1)).sum(0) / w.sum().clamp_min(1.0)
+                else:
+                    merged = (models * w.unsqueeze(1)).sum(0) / w.sum().clamp_min(1.0)
+                self.stack[aggregators] = merged
+                self.modest_holders = aggregators
+        self.uplink_total += uplink
+        self.downlink_total += downlink
+        self.round_index += 1
+        num_live = int(self.live.sum())
+        total = uplink + downlink
+        out = GossipRound(
+            self.round_index, num_live, train_loss, total, total / num_live if num_live else 0.0,
+            self.consensus_distance(), crashed=crashed, num_clients=len(trainers),
+            uplink_bytes=uplink, downlink_bytes=downlink,
+        )
+        if evaluate and num_live:
+            self._evaluate_into(out, self.live.nonzero().flatten().tolist())
+        return out
+
     # ------------------------------------------------------------- metrics
 
+    @property
+    def bytes_total(self) -> int:
+        """All bytes sent so far (uplink + downlink)."""
+        return self.uplink_total + self.downlink_total
+
+    @property
+    def params(self) -> torch.Tensor:
+        """The network's model `[P]` (read-only): the average of the live nodes' models."""
+        return self.averaged_model()
+
     def averaged_model(self) -> torch.Tensor:
-        """The mean of the live nodes' models `[P]`."""
-        return self.stack[self.live].mean(dim=0)
+        """The mean of the live nodes' models `[P]` (of all nodes when none is live).
+
+        With MoDeST sampling: the model of the last round's first live aggregator (the model the
+        next trainers start from), when there is one.
+        """
+        holders = [a for a in self.modest_holders if self.live[a]]
+        if self.sampling == "modest" and holders:
+            return self.stack[holders[0]].clone()
+        rows = self.stack[self.live] if bool(self.live.any()) else self.stack
+        return rows.mean(dim=0)
+
+    def evaluate(self) -> tuple[float, float]:
+        """(accuracy, loss) of the averaged model on the held-out test split."""
+        ds = self.data.dataset
+        return evaluate(self.model, self.layout, self.params, ds.x_test, ds.y_test, self.loss_fn)
 
     def consensus_distance(self) -> float:
         """Mean over live nodes of ||x_i - x_bar||^2."""
@@ -327,10 +575,7 @@ class Gossip:
         return evaluate(self.model, self.layout, self.stack[node], ds.x_test, ds.y_test, self.loss_fn)
 
     def _evaluate_into(self, out: GossipRound, live_ids: list[int]) -> None:
-        ds = self.data.dataset
-        out.averaged_accuracy, out.averaged_loss = evaluate(
-            self.model, self.layout, self.averaged_model(), ds.x_test, ds.y_test, self.loss_fn
-        )
+        out.averaged_accuracy, out.averaged_loss = self.evaluate()
         nodes = live_ids
         if len(nodes) > self.eval_nodes:  # a seeded sample keeps large networks affordable
             rng = np.random.default_rng([self.seed, self.round_index, 0xE7A1])
@@ -350,3 +595,64 @@ class Gossip:
 
     def close(self) -> None:
         self.runtime.close()
+
+    # ------------------------------------------------------------- checkpoint
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor needed to continue bit-identically where this network stands.
+
+        The graph, mixing matrix and failure schedule are rebuilt from the config and
+        `round_index`; everything random is drawn from (seed, round, node), so there is no
+        generator state to save.
+        """
+        out: dict[str, torch.Tensor] = {
+            "stack": self.stack,
+            "public": self.public,  # the last-sent copies (delta mode) / what neighbours hold
+            "live": self.live,
+            "round_index": torch.tensor(self.round_index, dtype=torch.long),
+            "uplink_total": torch.tensor(self.uplink_total, dtype=torch.long),
+            "downlink_total": torch.tensor(self.downlink_total, dtype=torch.long),
+            "modest_holders": torch.tensor(self.modest_holders, dtype=torch.long),
+        }
+        for c, st in self.client_states.items():
+            out.update({f"client/{c}/{k}": v for k, v in st.items()})
+        for c, st in self.codec_states.items():
+            out.update({f"codec/{c}/{k}": v for k, v in st.items()})
+        for c, v in self.increment_sums.items():
+            out[f"increment/{c}"] = v
+        aggregator = self.aggregator
+        if aggregator is not None and hasattr(aggregator, "state_dict"):
+            out.update({f"aggregator/{k}": v for k, v in aggregator.state_dict().items()})
+        return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        if tuple(tensors["stack"].shape) != tuple(self.stack.shape):
+            raise ValueError(
+                f"checkpoint holds a {tuple(tensors['stack'].shape)} node stack, "
+                f"this network {tuple(self.stack.shape)}"
+            )
+        self.stack = tensors["stack"].clone()
+        self.public = tensors["public"].clone()
+        self.live = tensors["live"].clone().bool()
+        self.round_index = int(tensors["round_index"])
+        self.uplink_total = int(tensors["uplink_total"])
+        self.downlink_total = int(tensors["downlink_total"])
+        self.modest_holders = [int(v) for v in tensors.get("modest_holders", torch.zeros(0)).tolist()]
+        self.client_states, self.codec_states, self.increment_sums = {}, {}, {}
+        aggregator_state = {}
+        for key, v in tensors.items():
+            parts = key.split("/")
+            if parts[0] == "client":
+                self.client_states.setdefault(int(parts[1]), {})[parts[2]] = v.clone()
+            elif parts[0] == "codec":
+                self.codec_states.setdefault(int(parts[1]), {})[parts[2]] = v.clone()
+            elif parts[0] == "increment":
+                self.increment_sums[int(parts[1])] = v.clone()
+            elif parts[0] == "aggregator":
+                aggregator_state[parts[1]] = v.clone()
+        aggregator = self.aggregator
+        if aggregator_state and aggregator is not None and hasattr(aggregator, "load_state_dict"):
+            aggregator.load_state_dict(aggregator_state)
+        if self.resample_every:
+            self.graph = self.graph_for(self.round_index)
+        self._mixing = None
