@@ -21,11 +21,11 @@ from koinon.errors import CodecError, ConfigError, KoinonError  # noqa: E402
 from koinon.experiment import Config, load_config, resume_experiment, run_experiment  # noqa: E402
 from koinon.models import MODELS, build_model  # noqa: E402
 from koinon.params import Layout  # noqa: E402
-from koinon.topology import Federation, RoundResult  # noqa: E402
+from koinon.topology import Federation, Gossip, RoundResult  # noqa: E402
 
 __all__ = [
     "CLIENT_ALGORITHMS", "DATASETS", "MODELS", "PARTITIONERS", "CodecError", "Config", "ConfigError",
-    "Dataset", "FedProx", "Federation", "FederatedData", "KoinonError", "Layout", "LocalSGD",
+    "Dataset", "FedProx", "Federation", "Gossip", "FederatedData", "KoinonError", "Layout", "LocalSGD",
     "LocalTraining", "RoundResult", "Scaffold", "build_model", "load_config", "partition_dataset",
     "resume_experiment", "run_experiment",
 ]
