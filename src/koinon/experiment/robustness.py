@@ -210,7 +210,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fractions", type=_floats, default=_floats("0,0.1,0.2,0.3,0.4"))
     p.add_argument("--alphas", type=_floats, default=_floats("0.5,0.1"))
     p.add_argument("--rounds", type=int, help="rounds per run (default: the config's server.rounds)")
-    p.add_argument("--out", default="robustness", help="output folder (default: robustness)")
+    p.add_argument("--out", default="runs/robustness", help="output folder (default: runs/robustness)")
     p.add_argument("--quiet", action="store_true", help="no line per finished cell")
     return p
 
