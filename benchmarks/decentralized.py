@@ -1,6 +1,6 @@
 """Decentralized learning benchmark: D-PSGD over graphs against server FedAvg, and failures.
 
-    python benchmarks/decentralized.py [--rounds 40] [--target 0.8]
+    python benchmarks/decentralized.py [--rounds 40] [--target 0.8] [--out runs/decentralized]
 
 Task: scikit-learn digits, 50 clients (nodes) with a Dirichlet(0.5) label skew, an MLP
 (64-32-10, 2,410 parameters), 2 local epochs of SGD (lr 0.05, momentum 0.9) a round, seed 0.
@@ -11,13 +11,19 @@ of the average of the live models (what one final merge yields, "A Single Mergin
 "node acc" is the mean accuracy of the individual node models, before that merge. Bytes to
 target: total bytes when the (averaged) model first reaches `--target` accuracy on the held-out
 test split (360 images), evaluated every round. Failures: 50% or 80% of the nodes crash at
-half-time (random ones, or the most central by betweenness) and the rest go on.
+half-time (random ones, or the most central by betweenness) and the rest go on; MoDeST is
+also run with 80% of the nodes crashing (the paper's "80% unresponsive" scenario).
+
+Plots (PNG, matplotlib Agg) in `--out`: `accuracy_vs_mb.png`, averaged-model accuracy against
+cumulative MB sent for FedAvg, the D-PSGD graphs and MoDeST; `failures.png`, accuracy against
+round for the failure runs (and the failure-free exponential / BA runs for reference).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -42,25 +48,98 @@ def _local() -> kn.LocalTraining:
 def fedavg(rounds: int, target: float) -> dict:
     model, data = _setup()
     fed = kn.Federation(model, data, local=_local(), clients_per_round=10, runtime="vectorized", seed=0)
-    total, reached = 0, None
+    total, reached, curve = 0, None, []
     for r in fed.fit(rounds):
         total += r.uplink_bytes + r.downlink_bytes
+        curve.append((r.round, total, r.test_accuracy))
         if reached is None and (r.test_accuracy or 0.0) >= target:
             reached = total
     return {"name": "server FedAvg (10/round)", "acc": r.test_accuracy, "node_acc": None,
-            "bytes": total, "to_target": reached, "live": NODES}
+            "bytes": total, "to_target": reached, "live": NODES, "curve": curve}
 
 
 def gossip(name: str, graph: str, rounds: int, target: float, **kw) -> dict:
     model, data = _setup()
     net = Gossip(model, data, graph=graph, local=_local(), seed=0, **kw)
-    total, reached = 0, None
+    total, reached, curve, trained = 0, None, [], []
     for r in net.fit(rounds):
         total += r.bytes_total
+        curve.append((r.round, total, r.averaged_accuracy))
+        trained.append(r.num_clients)
         if reached is None and (r.averaged_accuracy or 0.0) >= target:
             reached = total
     return {"name": name, "acc": r.averaged_accuracy, "node_acc": r.mean_accuracy,
-            "bytes": total, "to_target": reached, "live": r.num_live}
+            "bytes": total, "to_target": reached, "live": r.num_live, "curve": curve,
+            "trained": trained}
+
+
+def plot(rows: list[dict], out: Path, half: int, target: float) -> list[Path]:
+    """The two figures; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in rows[:5]:
+        ax.plot([b / 1e6 for _, b, _ in row["curve"]], [a for _, _, a in row["curve"]],
+                marker=".", label=row["name"])
+    ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target}")
+    ax.set_xscale("log")
+    ax.set_xlabel("cumulative MB sent (log)")
+    ax.set_ylabel("accuracy of the averaged model")
+    ax.set_title(f"digits, {NODES} nodes, Dirichlet(0.5): accuracy against communication")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "accuracy_vs_mb.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in [rows[2], rows[3], *rows[5:]]:
+        style = "--" if "fail" not in row["name"] else "-"
+        ax.plot([r for r, _, _ in row["curve"]], [a for _, _, a in row["curve"]], style,
+                label=row["name"])
+    ax.axvline(half + 1, color="red", linestyle=":", linewidth=1, label=f"failures (round {half + 1})")
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy of the averaged live model")
+    ax.set_title("D-PSGD and MoDeST when 50% / 80% of the nodes fail mid-training")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "failures.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def compare(rows: list[dict], half: int) -> list[str]:
+    """The lines that set MoDeST against D-PSGD and check the 80% failure runs."""
+    lines = []
+    modest = rows[4]
+    dpsgd = [row for row in rows[1:4] if row["to_target"] is not None]
+    if modest["to_target"] is None:
+        lines.append("MoDeST vs D-PSGD bytes to target: MoDeST did not reach the target")
+    elif not dpsgd:
+        lines.append("MoDeST vs D-PSGD bytes to target: no D-PSGD run reached the target")
+    else:
+        ratios = ", ".join(f"{row['name'].removeprefix('D-PSGD ')} {row['to_target'] / modest['to_target']:.1f}x"
+                           for row in dpsgd)
+        lines.append(f"MoDeST vs D-PSGD bytes to target: D-PSGD needs {ratios} MoDeST's "
+                     f"{modest['to_target'] / 1e6:.1f} MB (the MoDeST paper reports 3x-14x)")
+    for row in rows:
+        if "80%" not in row["name"]:
+            continue
+        at_fail = row["curve"][half - 1][2]
+        after = [a for _, _, a in row["curve"][half:]]
+        going = all(t > 0 for t in row["trained"][half:])
+        lines.append(f"{row['name']}: {row['live']} of {NODES} nodes left; training "
+                     f"{'continues' if going else 'STOPPED'} (accuracy {at_fail:.3f} before the "
+                     f"failure, {min(after):.3f} at worst after, {after[-1]:.3f} at the end)")
+    return lines
 
 
 def _mb(value: float | None) -> str:
@@ -71,6 +150,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--target", type=float, default=0.8)
+    parser.add_argument("--out", type=Path, default=Path("runs/decentralized"), help="PNG folder")
     args = parser.parse_args()
     r, t, half = args.rounds, args.target, args.rounds // 2
     start = time.perf_counter()
@@ -87,6 +167,8 @@ def main() -> None:
                failure_choice="central"),
         gossip("BA, 80% central fail", "barabasi_albert", r, t, failures={half: 0.8},
                failure_choice="central"),
+        gossip("MoDeST, 80% random fail", "ring", r, t, sampling="modest", trainers_per_round=10,
+               aggregators_per_round=2, failures={half: 0.8}),
     ]
     print(f"digits, {NODES} nodes, Dirichlet(0.5), {r} rounds, target accuracy {t}; "
           f"failures at round {half + 1}")
@@ -95,6 +177,10 @@ def main() -> None:
         node = "-" if row["node_acc"] is None else f"{row['node_acc']:.3f}"
         print(f"{row['name']:32s} {row['acc']:8.3f} {node:>8s} {row['live']:5d} "
               f"{_mb(row['bytes']):>9s} {_mb(row['to_target']):>13s}")
+    for line in compare(rows, half):
+        print(line)
+    for path in plot(rows, args.out, half, t):
+        print(f"wrote {path}")
     print(f"({time.perf_counter() - start:.0f} s)")
 
 

@@ -172,6 +172,7 @@ def test_runner_interface_and_round_metrics():
     {"graph": "ring", "codec": "ef", "compress_delta": True, "failures": {1: 0.2}},  # codec state
     {"graph": "ring", "codec": "ef21", "failures": {1: 0.2}},  # increments
     {"graph": "random_regular", "graph_options": {"degree": 4}, "resample_every": 2, "failures": {3: 0.2}},
+    {"graph": "exponential", "link_failure": 0.3, "churn": {"1": -0.4, "4": 0.5}, "crash_loses_data": True},
 ])
 def test_state_dict_resumes_bit_identically(kw):
     a = _net(num_nodes=10, **kw)
@@ -286,3 +287,72 @@ def test_modest_sampling_learns_counts_bytes_and_survives_failures():
     b.load_state_dict(saved)
     b.fit(rounds=2, eval_every=10)
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_link_failures_mix_doubly_stochastic_without_nans_and_learn():
+    net = _net(graph="exponential", link_failure=0.4, failures={2: 0.25})
+    results = []
+    for r in range(10):
+        graph, w, failed = net._round_links(r)
+        check_mixing(w)  # doubly stochastic on the surviving live subgraph, every round
+        results.append(net.run_round(evaluate=r == 9))
+        assert results[-1].failed_links == failed
+        assert torch.isfinite(net.stack).all() and math.isfinite(results[-1].consensus_distance)
+    assert 0 < sum(r.failed_links for r in results) < 10 * net.graph.number_of_edges()
+    assert results[-1].averaged_accuracy > 0.5
+    # Bytes only over links up this round (the graph is 8-regular, failures are per round).
+    full = _net(graph="exponential").run_round(evaluate=False).bytes_total
+    assert 0 < results[0].bytes_total < full
+    # A node cut off from every neighbour keeps its own (trained) model; no links: nothing sent.
+    lonely = _net(num_nodes=10, graph="ring", link_failure=1.0)
+    assert torch.equal(lonely._round_links(0)[1].to_dense(), torch.eye(10))
+    out = lonely.run_round(evaluate=False)
+    assert out.bytes_total == 0 and out.failed_links == 10
+    isolated = _net(num_nodes=10, graph=nx.empty_graph(10))
+    isolated.run_round(evaluate=False)
+    assert torch.equal(lonely.stack, isolated.stack)
+    # Seeded by (seed, round): the same on two networks, different from round to round.
+    twin = _net(graph="exponential", link_failure=0.4)
+    assert set(twin._round_links(3)[0].edges()) == set(net._round_links(3)[0].edges())
+    assert set(net._round_links(3)[0].edges()) != set(net._round_links(4)[0].edges())
+    with pytest.raises(ValueError, match="link_failure"):
+        _net(link_failure=1.5)
+
+
+def test_churn_schedule_leaves_and_rejoins_and_is_reported():
+    net = _net(graph="exponential", churn={"2": -0.5, 4: 0.4, "5": 1.0})
+    results = net.fit(rounds=7, eval_every=7)
+    assert [r.num_live for r in results] == [20, 20, 10, 10, 14, 20, 20]
+    assert len(results[2].crashed) == 10 and results[2].rejoined == []
+    assert len(results[4].rejoined) == 4 and set(results[4].rejoined) <= set(results[2].crashed)
+    assert sorted(results[4].rejoined + results[5].rejoined) == results[2].crashed
+    assert results[5].as_dict()["rejoined"] == results[5].rejoined
+    assert torch.isfinite(net.stack).all() and results[-1].averaged_accuracy > 0.5
+    with pytest.raises(ValueError, match="churn"):
+        _net(churn={"ten": -0.3})
+    with pytest.raises(ValueError, match="churn"):
+        _net(churn={3: 1.5})
+
+
+@pytest.mark.parametrize("loses", [False, True])
+def test_crash_with_or_without_data(loses):
+    net = _net(num_nodes=10, graph="ring", churn={1: -0.3, 3: 1.0}, crash_loses_data=loses,
+               failure_choice="degree")
+    net.fit(rounds=3, eval_every=10)
+    gone = (~net.live).nonzero().flatten().tolist()
+    assert len(gone) == 3
+    stale = net.stack[gone].clone()
+    live_before = net.live.clone()
+    expected = torch.stack([
+        net.stack[[v for v in net.graph.neighbors(i) if live_before[v]]].mean(dim=0)
+        if any(live_before[v] for v in net.graph.neighbors(i)) else net.stack[live_before].mean(dim=0)
+        for i in gone
+    ])
+    out = net.run_round(evaluate=False)  # round 4: everyone rejoins, then trains
+    assert out.rejoined == gone and out.num_live == 10
+    net2 = _net(num_nodes=10, graph="ring", churn={1: -0.3, 3: 1.0}, crash_loses_data=loses,
+                failure_choice="degree")
+    net2.fit(rounds=3, eval_every=10)
+    net2.rejoin(gone)
+    assert torch.equal(net2.stack[gone], expected if loses else stale)
+    assert torch.isfinite(net.stack).all()

@@ -23,7 +23,21 @@ sample when there are more (`GossipRound.evaluated_nodes` says how many).
 More options: `variance_correction` (the Vanishing Variance correction after each mixing step,
 `correct_variance`); `resample_every` k (a fresh seeded random graph every k rounds);
 `sampling = "modest"` (MoDeST decentralized sampling instead of all-node gossip, see
-`_modest_round`). Runner interface as `Federation`: `round_index`, `uplink_total` /
+`_modest_round`).
+
+Failure scenarios (all seeded by (seed, round), all TOML-friendly): `failures` {round: fraction
+of all nodes} crash at that round's start (`failure_choice` random / degree / central);
+`churn` {round: signed fraction}: negative = that fraction of the live nodes leave (chosen like
+`failures`), positive = that fraction of the crashed nodes rejoin (seeded random ones), e.g.
+`churn = { "10" = -0.3, "20" = 0.3 }` (string keys are accepted); `crash_loses_data`: a node
+that rejoins lost its model (and its optimizer / codec state) and restarts from the average of
+its live neighbours (of all live nodes when it has none), instead of its stale model;
+`link_failure` p: every round each edge fails independently with probability p, the round's
+Metropolis-Hastings matrix is built on the surviving live subgraph (so it stays doubly
+stochastic), a node cut off from all its neighbours keeps its own model, and no bytes are counted
+over failed links. Each round reports `crashed`, `rejoined` and `failed_links`.
+
+Runner interface as `Federation`: `round_index`, `uplink_total` /
 `downlink_total` (gossip counts every byte as uplink; MoDeST splits trainer -> aggregator
 uplink from aggregator -> trainer downlink), `params`, `evaluate()`, `state_dict()` /
 `load_state_dict()` (bit-identical resume).
@@ -49,7 +63,7 @@ from koinon.params import Layout
 from koinon.runtime import RUNTIMES, CohortTrainer, Runtime, evaluate, mix_seed
 from koinon.runtime.base import notice
 from koinon.runtime.trainer import cross_entropy
-from koinon.topology.graphs import build_graph, from_networkx, mixing_matrix
+from koinon.topology.graphs import build_graph, fail_links, from_networkx, mixing_matrix
 
 FAILURE_CHOICES = ("random", "degree", "central")
 SAMPLING_CHOICES = ("all", "modest")
@@ -111,6 +125,8 @@ class GossipRound:
     max_accuracy: float | None = None
     evaluated_nodes: int = 0
     crashed: list[int] = field(default_factory=list)  # nodes that failed at this round's start
+    rejoined: list[int] = field(default_factory=list)  # crashed nodes back at this round's start
+    failed_links: int = 0  # edges of the graph down this round (`link_failure`)
     merged: bool = False
     num_clients: int = 0  # live nodes that trained this round
     uplink_bytes: int = 0  # this round's; gossip puts all its bytes here (see `Gossip`)
@@ -147,8 +163,23 @@ class GossipRound:
             "max_accuracy": self.max_accuracy,
             "evaluated_nodes": self.evaluated_nodes,
             "crashed": self.crashed,
+            "rejoined": self.rejoined,
+            "failed_links": self.failed_links,
             "merged": self.merged,
         }
+
+
+def _churn_schedule(churn: dict | None) -> dict[int, float]:
+    """{round: signed fraction} from a TOML-friendly dict (keys may be strings like "20")."""
+    out: dict[int, float] = {}
+    for key, value in (churn or {}).items():
+        if not str(key).strip().isdigit() or isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"churn {churn!r}: expected {{round: fraction}}, negative = that fraction of "
+                             'the live nodes leave, positive = of the crashed nodes rejoin, e.g. { "10" = -0.3 }')
+        if not -1.0 <= value <= 1.0:
+            raise ValueError(f"churn {{{key}: {value}}}: the fraction must be in [-1, 1]")
+        out[int(str(key).strip())] = float(value)
+    return out
 
 
 def _component(registry, value, section: str, **context):
@@ -186,6 +217,9 @@ class Gossip:
         success_fraction: float = 1.0,
         failures: dict[int, float] | None = None,
         failure_choice: str = "random",
+        churn: dict | None = None,
+        crash_loses_data: bool = False,
+        link_failure: float = 0.0,
         eval_nodes: int = 20,
         seed: int = 0,
         loss_fn=cross_entropy,
@@ -200,6 +234,11 @@ class Gossip:
         for r, fraction in (failures or {}).items():
             if r < 0 or not 0.0 <= fraction <= 1.0:
                 raise ValueError(f"failures {{{r}: {fraction}}}: need round >= 0 and fraction in [0, 1]")
+        self.churn = _churn_schedule(churn)
+        if not 0.0 <= link_failure <= 1.0:
+            raise ValueError(f"link_failure must be a probability in [0, 1], got {link_failure}")
+        if link_failure and sampling == "modest":
+            raise ValueError("link_failure applies to gossip (sampling = 'all'), not to MoDeST sampling")
         if sampling not in SAMPLING_CHOICES:
             raise ValueError(f"sampling {sampling!r}; allowed: {', '.join(SAMPLING_CHOICES)}")
         if trainers_per_round < 1 or aggregators_per_round < 1 or not 0.0 < success_fraction <= 1.0:
@@ -237,6 +276,8 @@ class Gossip:
         self.graph_options = dict(graph_options or {})
         self.failures = dict(failures or {})
         self.failure_choice = failure_choice
+        self.crash_loses_data = crash_loses_data
+        self.link_failure = link_failure
         self.eval_nodes = eval_nodes
         self.seed = seed
         self.loss_fn = loss_fn
@@ -281,9 +322,60 @@ class Gossip:
         self._mixing = None
 
     def rejoin(self, nodes: list[int]) -> None:
-        """Crashed nodes come back with the model they had when they crashed."""
+        """Crashed nodes come back: with the model they had when they crashed, or, with
+        `crash_loses_data`, with the average of their live neighbours' models (of all live nodes
+        when none is a neighbour; the stale model when nobody is live), and fresh client and codec
+        state."""
+        if self.crash_loses_data:
+            was_live = self.live.clone()
+            anyone = self.stack[was_live].mean(dim=0) if bool(was_live.any()) else None
+            for i in nodes:
+                if was_live[i]:
+                    continue
+                peers = [v for v in self.graph.neighbors(i) if v != i and was_live[v]]
+                start = self.stack[peers].mean(dim=0) if peers else anyone
+                if start is not None:
+                    self.stack[i] = start
+                    self.public[i] = start
+                for states in (self.client_states, self.codec_states, self.increment_sums):
+                    states.pop(i, None)
         self.live[nodes] = True
         self._mixing = None
+
+    def choose_rejoins(self, count: int, round_index: int) -> list[int]:
+        """`count` seeded random crashed nodes to come back."""
+        dead = (~self.live).nonzero().flatten().tolist()
+        count = min(count, len(dead))
+        rng = np.random.default_rng([self.seed, round_index, 0x4E70])
+        return sorted(int(v) for v in rng.choice(dead, count, replace=False)) if count else []
+
+    def _apply_failures(self, r: int) -> tuple[list[int], list[int]]:
+        """Round r's scheduled crashes (`failures`, then leaving `churn`) and rejoins."""
+        crashed: list[int] = []
+        if r in self.failures:
+            crashed = self.choose_failures(round(self.failures[r] * self.num_nodes), r)
+            self.crash(crashed)
+        rejoined: list[int] = []
+        change = self.churn.get(r, 0.0)
+        if change < 0:
+            leaving = self.choose_failures(round(-change * int(self.live.sum())), mix_seed(r, 0x1EA7))
+            self.crash(leaving)
+            crashed = sorted(set(crashed) | set(leaving))
+        elif change > 0:
+            rejoined = self.choose_rejoins(round(change * int((~self.live).sum())), r)
+            self.rejoin(rejoined)
+        if crashed or rejoined:
+            notice(f"round {r + 1}: {len(crashed)} nodes crashed, {len(rejoined)} rejoined, "
+                   f"{int(self.live.sum())} live")
+        return crashed, rejoined
+
+    def _round_links(self, r: int) -> tuple[nx.Graph, torch.Tensor, int]:
+        """Round r's graph after link failures, its mixing matrix and the failed edge count."""
+        if not self.link_failure:
+            return self.graph, self.mixing, 0
+        rng = np.random.default_rng([self.seed, r, 0x714C])
+        graph, failed = fail_links(self.graph, self.link_failure, rng)
+        return graph, mixing_matrix(graph, self.mixing_rule, self.live), failed
 
     def choose_failures(self, count: int, round_index: int) -> list[int]:
         """`count` live nodes to fail: seeded random ones, or the most central of the live graph."""
@@ -379,13 +471,11 @@ class Gossip:
         if self.resample_every and r % self.resample_every == 0 and r:
             self.graph = self.graph_for(r)  # a fresh random graph ("epidemic learning")
             self._mixing = None
-        crashed: list[int] = []
-        if r in self.failures:
-            crashed = self.choose_failures(round(self.failures[r] * self.num_nodes), r)
-            self.crash(crashed)
-            notice(f"round {r + 1}: {len(crashed)} nodes crashed, {int(self.live.sum())} live")
+        crashed, rejoined = self._apply_failures(r)
         if self.sampling == "modest":
-            return self._modest_round(r, evaluate, crashed)
+            out = self._modest_round(r, evaluate, crashed)
+            out.rejoined = rejoined
+            return out
         live_ids = self.live.nonzero().flatten().tolist()
 
         train_loss = float("nan")
@@ -404,8 +494,9 @@ class Gossip:
             train_loss = float((result.train_loss * seen).sum() / seen.sum().clamp_min(1.0))
 
         public, sizes = self._gossip_copies(live_ids, r)
-        w = self.mixing
-        degree = torch.tensor([sum(1 for v in self.graph.neighbors(u) if self.live[v]) for u in range(self.num_nodes)])
+        graph, w, failed_links = self._round_links(r)
+        degree = torch.tensor([sum(1 for v in graph.neighbors(u) if v != u and self.live[v])
+                               for u in range(self.num_nodes)])
         sent = sizes * degree * self.live
         before = self.stack
         if self.aggregator is not None:
@@ -434,7 +525,8 @@ class Gossip:
         out = GossipRound(
             self.round_index, num_live, train_loss, round_bytes,
             round_bytes / num_live if num_live else 0.0, self.consensus_distance(),
-            crashed=crashed, merged=merged, num_clients=num_live, uplink_bytes=round_bytes,
+            crashed=crashed, rejoined=rejoined, failed_links=failed_links, merged=merged,
+            num_clients=num_live, uplink_bytes=round_bytes,
         )
         if evaluate and num_live:
             self._evaluate_into(out, live_ids)

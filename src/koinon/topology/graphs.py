@@ -198,3 +198,17 @@ def neighbours(graph: nx.Graph, node: int, live: Sequence[bool] | torch.Tensor |
     """Live neighbours of `node` (sorted)."""
     alive = None if live is None else np.asarray(live, dtype=bool)
     return sorted(v for v in graph.neighbors(node) if v != node and (alive is None or alive[v]))
+
+
+def fail_links(graph: nx.Graph, probability: float, rng: np.random.Generator) -> tuple[nx.Graph, int]:
+    """A copy of `graph` (same nodes) where every edge failed independently with `probability`.
+
+    Edges are drawn in sorted `(min, max)` order, so the outcome depends only on `rng`'s seed.
+    Returns the surviving graph and the number of failed edges.
+    """
+    edges = sorted((min(u, v), max(u, v)) for u, v in graph.edges() if u != v)
+    up = rng.random(len(edges)) >= probability
+    out = nx.Graph()
+    out.add_nodes_from(graph.nodes())
+    out.add_edges_from(e for e, ok in zip(edges, up, strict=True) if ok)
+    return out, int((~up).sum())
