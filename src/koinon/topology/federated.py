@@ -59,7 +59,19 @@ class RoundResult:
         }
 
 
-def _component(registry, value, section: str, **context):
+def fit_rounds(topology, rounds: int, eval_every: int) -> list:
+    """`rounds` more rounds of any topology, evaluating every `eval_every` rounds and after the last."""
+    if rounds < 0 or eval_every < 1:
+        raise ValueError(f"need rounds >= 0 and eval_every >= 1, got {rounds} and {eval_every}")
+    out = []
+    for i in range(rounds):
+        last = i == rounds - 1
+        out.append(topology.run_round(evaluate=last or (topology.round_index + 1) % eval_every == 0))
+    return out
+
+
+def component(registry, value, section: str, **context):
+    """A component given by registered name (built with defaults) or as an object."""
     return registry.build(value, {}, section, **context) if isinstance(value, str) else value
 
 
@@ -99,7 +111,7 @@ class Federation:
         if not 0.0 <= byzantine_fraction < 1.0:
             raise ValueError(f"byzantine_fraction must be in [0, 1), got {byzantine_fraction}")
         self.model = model
-        self.attack = _component(ATTACKS, attack or "none", "attack")
+        self.attack = component(ATTACKS, attack or "none", "attack")
         # The Byzantine population: a fixed, seeded fraction of all clients.
         rng = np.random.default_rng([seed, 0xBAD])
         count = round(byzantine_fraction * data.num_clients)
@@ -114,13 +126,13 @@ class Federation:
         self.data = data
         self.layout = Layout.from_module(model)
         self.local = local or LocalTraining()
-        self.algorithm = _component(CLIENT_ALGORITHMS, algorithm, "client.algorithm")
-        self.server_optimizer = _component(SERVER_OPTIMIZERS, server_optimizer, "server.optimizer")
-        self.sampler = _component(SAMPLERS, sampler, "server.sampler")
-        self.codec = _component(CODECS, codec, "codec", layout=self.layout)
-        self.downlink = _component(CODECS, downlink, "downlink", layout=self.layout)
+        self.algorithm = component(CLIENT_ALGORITHMS, algorithm, "client.algorithm")
+        self.server_optimizer = component(SERVER_OPTIMIZERS, server_optimizer, "server.optimizer")
+        self.sampler = component(SAMPLERS, sampler, "server.sampler")
+        self.codec = component(CODECS, codec, "codec", layout=self.layout)
+        self.downlink = component(CODECS, downlink, "downlink", layout=self.layout)
         self.aggregator = build_aggregator(aggregator) if isinstance(aggregator, str) else aggregator
-        self.runtime = _component(RUNTIMES, runtime, "runtime")
+        self.runtime = component(RUNTIMES, runtime, "runtime")
         self.clients_per_round = clients_per_round
         self.seed = seed
         self.loss_fn = loss_fn
@@ -293,11 +305,7 @@ class Federation:
 
     def fit(self, rounds: int, eval_every: int = 1) -> list[RoundResult]:
         """Run `rounds` more rounds, evaluating every `eval_every` rounds and after the last."""
-        out = []
-        for i in range(rounds):
-            last = i == rounds - 1
-            out.append(self.run_round(evaluate=last or (self.round_index + 1) % eval_every == 0))
-        return out
+        return fit_rounds(self, rounds, eval_every)
 
     def close(self) -> None:
         self.runtime.close()

@@ -63,6 +63,7 @@ from koinon.params import Layout
 from koinon.runtime import RUNTIMES, CohortTrainer, Runtime, evaluate, mix_seed
 from koinon.runtime.base import notice
 from koinon.runtime.trainer import cross_entropy
+from koinon.topology.federated import component, fit_rounds
 from koinon.topology.graphs import build_graph, fail_links, from_networkx, mixing_matrix
 
 FAILURE_CHOICES = ("random", "degree", "central")
@@ -182,10 +183,6 @@ def _churn_schedule(churn: dict | None) -> dict[int, float]:
     return out
 
 
-def _component(registry, value, section: str, **context):
-    return registry.build(value, {}, section, **context) if isinstance(value, str) else value
-
-
 class Gossip:
     """D-PSGD: N nodes (one per client of `data`), each training and averaging with its neighbours.
 
@@ -255,14 +252,14 @@ class Gossip:
         self.data = data
         self.layout = Layout.from_module(model)
         self.local = local or LocalTraining()
-        self.algorithm = _component(CLIENT_ALGORITHMS, algorithm, "client.algorithm")
+        self.algorithm = component(CLIENT_ALGORITHMS, algorithm, "client.algorithm")
         if self.algorithm.downloads or self.algorithm.uploads:
             # Server state (SCAFFOLD's control variate) has no owner without a server.
             raise ValueError(f"client algorithm {self.algorithm.name!r} needs a server; use fedavg or fedprox")
-        self.codec = _component(CODECS, codec, "codec", layout=self.layout)
+        self.codec = component(CODECS, codec, "codec", layout=self.layout)
         self.compress_delta = compress_delta
         self.aggregator = build_aggregator(aggregator) if isinstance(aggregator, str) else aggregator
-        self.runtime = _component(RUNTIMES, runtime, "runtime")
+        self.runtime = component(RUNTIMES, runtime, "runtime")
         self.mixing_rule = mixing
         self.final_merge_every = final_merge_every
         self.variance_correction = variance_correction
@@ -679,11 +676,7 @@ class Gossip:
 
     def fit(self, rounds: int, eval_every: int = 1) -> list[GossipRound]:
         """Run `rounds` more rounds, evaluating every `eval_every` rounds and after the last."""
-        out = []
-        for i in range(rounds):
-            last = i == rounds - 1
-            out.append(self.run_round(evaluate=last or (self.round_index + 1) % eval_every == 0))
-        return out
+        return fit_rounds(self, rounds, eval_every)
 
     def close(self) -> None:
         self.runtime.close()
