@@ -83,7 +83,7 @@ def test_set_overrides_and_resume_reproduces_uninterrupted_run(config, tmp_path)
 def test_sigkill_mid_run_then_resume(config, tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    args = [sys.executable, "-m", "koinon.cli", "run", str(config), "--quiet", "--set", "server.rounds=40"]
+    args = [sys.executable, "-m", "koinon.cli", "run", str(config), "--quiet", "--set", "server.rounds=150"]
     subprocess.run([*args, "--out", str(full)], check=True, env=env)
     proc = subprocess.Popen([*args, "--out", str(killed)], env=env)
     deadline = time.time() + 60
@@ -94,13 +94,14 @@ def test_sigkill_mid_run_then_resume(config, tmp_path):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (killed / "summary.json").exists()  # an unfinished run does not look finished
     subprocess.run([sys.executable, "-m", "koinon.cli", "run", "--resume", str(killed), "--quiet"],
                    check=True, env=env)
     a = json.loads((full / "summary.json").read_text())
     b = json.loads((killed / "summary.json").read_text())
     assert a["model_sha256"] == b["model_sha256"]
-    assert len(_metrics(killed)) == 40
+    assert len(_metrics(killed)) == 150
 
 
 BAD = [
