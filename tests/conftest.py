@@ -1,7 +1,15 @@
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 torch.set_num_threads(1)
+
+# Property tests draw the same examples on every run (a failure reproduces; CI is not a lottery)
+# and are not failed for being slow on a loaded 2-core machine.
+settings.register_profile(
+    "koinon", derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("koinon")
 
 
 @pytest.fixture(autouse=True)
