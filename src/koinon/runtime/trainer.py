@@ -15,6 +15,7 @@ client alone.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import cast
 
@@ -32,6 +33,10 @@ _MASK64 = (1 << 64) - 1
 
 
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)  # as a signed int64
+_PREGATHER_BYTES = 256 << 20
+# Layer gradients are accumulated into views of one flat buffer on purpose (see `train`);
+# autograd's layout advice about such views is not an error.
+warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
 
 
 def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
@@ -230,7 +235,11 @@ class CohortTrainer:
         params = dict(leaves)
         if self._buffer_entries:
             params.update(self._views(bufs[0] if plain else bufs, self._buffer_entries, pt))
-        leaf_list = list(leaves.values())
+        # Gradients accumulate straight into views of one flat buffer (zeroed each step), so the
+        # optimizer step needs no concatenation of per-layer gradients.
+        grad = torch.zeros(k, pt)
+        for name, view in self._views(grad[0] if plain else grad, self._train_entries, 0).items():
+            leaves[name].grad = view
         momentum = torch.zeros(k, pt) if hp.momentum else None
         ctx = self.algorithm.begin(global_params, server_state, client_states)
         loss_sum = torch.zeros(k)
@@ -242,6 +251,12 @@ class CohortTrainer:
             weights = (idx >= 0).to(torch.float32)
             idx = idx.clamp(min=0)
             counts = weights.sum(dim=2)  # [K, S]
+            # The round's minibatches in one gather, step-major so each step's slice is
+            # contiguous; per-step gathers when that would take much memory.
+            by_step = idx.transpose(0, 1)
+            whole = by_step.numel() * self._x[0].numel() * 4 <= _PREGATHER_BYTES
+            xs = self._x[by_step] if whole else None
+            ys = self._y[by_step]
 
         self.module.train()
         for s in range(num_steps):
@@ -256,18 +271,17 @@ class CohortTrainer:
                 seen += len(ix)
                 active = None
             else:
-                ix = idx[:, s]
                 w = weights[:, s]
                 n_b = counts[:, s]
-                out = self._forward_many(params, self._x[ix])
-                per_sample = self.loss_fn(out.flatten(0, 1), self._y[ix].flatten()).view(k, -1)
+                out = self._forward_many(params, xs[s] if xs is not None else self._x[idx[:, s]])
+                per_sample = self.loss_fn(out.flatten(0, 1), ys[s].flatten()).view(k, -1)
                 weighted = (per_sample * w).sum(dim=1)
                 loss = (weighted / n_b.clamp_min(1.0)).sum()
                 loss_sum += weighted.detach()
                 seen += n_b
                 active = None if bool((n_b > 0).all()) else (n_b > 0).to(torch.float32)
-            grads = torch.autograd.grad(loss, leaf_list)
-            grad = torch.cat([g.reshape(k, -1) for g in grads], dim=1)
+            grad.zero_()
+            loss.backward()
             with torch.no_grad():
                 self._step(theta, grad, theta0, momentum, active, ctx)
 
