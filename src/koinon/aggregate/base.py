@@ -58,6 +58,14 @@ def require(ok: bool, rule: str, n: int, f: int, requirement: str) -> None:
         raise ValueError(f"{rule} needs {requirement}, got n = {n} inputs and f = {f} Byzantine")
 
 
+def honest_majority(rule: str, updates: torch.Tensor, weights: torch.Tensor, f: int) -> tuple[int, int]:
+    """Check the stack and refuse a cohort without n > 2f; returns (n, f)."""
+    check_stack(updates, weights)
+    n = updates.shape[0]
+    require(n > 2 * f, rule, n, f, "n > 2f")
+    return n, f
+
+
 def check_stack(updates: torch.Tensor, weights: torch.Tensor) -> None:
     if updates.dim() != 2:
         raise ValueError(f"updates must be a [n, P] stack, got shape {tuple(updates.shape)}")

@@ -11,7 +11,11 @@ from __future__ import annotations
 import torch
 
 from koinon.aggregate import kernels
-from koinon.aggregate.base import AGGREGATORS, check_num_byzantine, check_stack, require
+from koinon.aggregate.base import (
+    AGGREGATORS,
+    check_num_byzantine,
+    honest_majority,
+)
 
 
 def caf_coefficients(g: torch.Tensor, f: int) -> torch.Tensor:
@@ -55,7 +59,5 @@ class CAF:
         self.num_byzantine = check_num_byzantine(num_byzantine)
 
     def aggregate(self, updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        check_stack(updates, weights)
-        n, f = updates.shape[0], self.num_byzantine
-        require(n > 2 * f, self.name, n, f, "n > 2f")
+        n, f = honest_majority(self.name, updates, weights, self.num_byzantine)
         return kernels.combine(caf_coefficients(kernels.gram(updates), f), updates)

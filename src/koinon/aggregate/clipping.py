@@ -14,6 +14,7 @@ from koinon.aggregate.base import (
     PRE_AGGREGATORS,
     check_num_byzantine,
     check_stack,
+    honest_majority,
     require,
 )
 
@@ -53,9 +54,7 @@ class CenteredClipping:
         self.center = state["center"].clone() if "center" in state else None
 
     def aggregate(self, updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        check_stack(updates, weights)
-        n, f = updates.shape[0], self.num_byzantine
-        require(n > 2 * f, self.name, n, f, "n > 2f")
+        n, f = honest_majority(self.name, updates, weights, self.num_byzantine)
         center = self.center
         if center is not None and center.shape != updates.shape[1:]:
             raise ValueError(

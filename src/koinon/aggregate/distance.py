@@ -16,6 +16,7 @@ from koinon.aggregate.base import (
     PRE_AGGREGATORS,
     check_num_byzantine,
     check_stack,
+    honest_majority,
     require,
 )
 
@@ -137,9 +138,7 @@ class MoNNA:
         self.pivot = pivot
 
     def aggregate(self, updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        check_stack(updates, weights)
-        n, f = updates.shape[0], self.num_byzantine
-        require(n > 2 * f, self.name, n, f, "n > 2f")
+        n, f = honest_majority(self.name, updates, weights, self.num_byzantine)
         if self.pivot >= n:
             raise ValueError(f"monna: pivot = {self.pivot} is not a row of {n} inputs")
         d2 = kernels.pairwise_sq_distances(updates)[self.pivot]
@@ -164,9 +163,7 @@ class NearestNeighborMixing:
     def transform(
         self, updates: torch.Tensor, weights: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        check_stack(updates, weights)
-        n, f = updates.shape[0], self.num_byzantine
-        require(n > 2 * f, self.name, n, f, "n > 2f")
+        n, f = honest_majority(self.name, updates, weights, self.num_byzantine)
         d2 = kernels.pairwise_sq_distances(updates)
         neighbours = d2.argsort(dim=1, stable=True)[:, : n - f]
         mixing = torch.zeros(n, n, dtype=torch.float64)

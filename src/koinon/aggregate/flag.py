@@ -18,7 +18,12 @@ from __future__ import annotations
 import torch
 
 from koinon.aggregate import kernels
-from koinon.aggregate.base import AGGREGATORS, check_num_byzantine, check_stack, require
+from koinon.aggregate.base import (
+    AGGREGATORS,
+    check_num_byzantine,
+    honest_majority,
+    require,
+)
 
 _EPS = 1e-7  # the authors' perturbation of the IRLS weights
 _STOP = 1e-10  # the authors' tolerance on the objective and on its decrease
@@ -122,9 +127,7 @@ class FlagAggregator:
         self.iterations = iterations
 
     def aggregate(self, updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        check_stack(updates, weights)
-        n, f = updates.shape[0], self.num_byzantine
-        require(n > 2 * f, self.name, n, f, "n > 2f")
+        n, f = honest_majority(self.name, updates, weights, self.num_byzantine)
         rank = self.rank or n // 2 + 1
         require(rank <= n, self.name, n, f, f"rank = {rank} <= n")
         g = kernels.gram(updates, torch.zeros_like(updates[0])).cpu()

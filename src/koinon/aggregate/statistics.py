@@ -10,7 +10,11 @@ from __future__ import annotations
 import torch
 
 from koinon.aggregate import kernels
-from koinon.aggregate.base import AGGREGATORS, check_num_byzantine, check_stack, require
+from koinon.aggregate.base import (
+    AGGREGATORS,
+    check_num_byzantine,
+    honest_majority,
+)
 
 
 @AGGREGATORS.register("median")
@@ -28,9 +32,7 @@ class CoordinateMedian:
         self.num_byzantine = check_num_byzantine(num_byzantine)
 
     def aggregate(self, updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        check_stack(updates, weights)
-        n, f = updates.shape[0], self.num_byzantine
-        require(n > 2 * f, self.name, n, f, "n > 2f")
+        n, f = honest_majority(self.name, updates, weights, self.num_byzantine)
         return kernels.coordinate_median(updates)
 
 
@@ -48,9 +50,7 @@ class TrimmedMean:
         self.num_byzantine = check_num_byzantine(num_byzantine)
 
     def aggregate(self, updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        check_stack(updates, weights)
-        n, f = updates.shape[0], self.num_byzantine
-        require(n > 2 * f, self.name, n, f, "n > 2f")
+        n, f = honest_majority(self.name, updates, weights, self.num_byzantine)
         if f == 0:
             return torch.full((n,), 1.0 / n, dtype=updates.dtype) @ updates
         return kernels.sorted_rows_mean(updates, f, n - f)
@@ -70,7 +70,5 @@ class Meamed:
         self.num_byzantine = check_num_byzantine(num_byzantine)
 
     def aggregate(self, updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        check_stack(updates, weights)
-        n, f = updates.shape[0], self.num_byzantine
-        require(n > 2 * f, self.name, n, f, "n > 2f")
+        n, f = honest_majority(self.name, updates, weights, self.num_byzantine)
         return kernels.meamed_rows(updates, n - f)

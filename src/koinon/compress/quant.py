@@ -127,9 +127,7 @@ class _BlockQuant:
         check_size(self.name, data, self.max_bytes(), self.max_bytes())
         reader = Reader(self.name, data)
         reader.expect("block size", reader.varint(), self.block_option)
-        scales = reader.array("<f4", self.num_blocks)
-        if not (np.isfinite(scales).all() and (scales >= 0).all()):
-            raise reader.fail("block scales must be finite and non-negative")
+        scales = reader.scales("block scales", self.num_blocks)
         codes = unpack_uint(reader, self.numel, self.bits)
         reader.finish()
         _check_levels(reader, codes, 2 * self.qmax)
@@ -245,9 +243,7 @@ class QSGD:
         reader = Reader(self.name, data)
         reader.expect("levels", reader.varint(), self.levels)
         reader.expect("bucket size", reader.varint(), self.bucket_option)
-        norms = reader.array("<f4", self.num_buckets)
-        if not (np.isfinite(norms).all() and (norms >= 0).all()):
-            raise reader.fail("bucket norms must be finite and non-negative")
+        norms = reader.scales("bucket norms", self.num_buckets)
         codes = unpack_uint(reader, self.numel, self.bits)
         reader.finish()
         _check_levels(reader, codes, 2 * self.levels)

@@ -53,9 +53,7 @@ class SignSGD:
     def _parse(self, data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
         check_size(self.name, data, self.max_bytes(), self.max_bytes())
         reader = Reader(self.name, data)
-        scales = reader.array("<f4", self.num_entries)
-        if not (np.isfinite(scales).all() and (scales >= 0).all()):
-            raise reader.fail("scales must be finite and non-negative")
+        scales = reader.scales("scales", self.num_entries)
         bits = np.unpackbits(reader.array("u1", reader.remaining), bitorder="little")
         if bits[self.numel :].any():
             raise reader.fail("nonzero padding bits")

@@ -77,6 +77,13 @@ class Reader:
         dt = np.dtype(dtype)
         return np.frombuffer(self.take(n * dt.itemsize), dtype=dt)
 
+    def scales(self, what: str, n: int) -> np.ndarray:
+        """`n` float32 scales (per block, bucket or layer) that must be finite and >= 0."""
+        values = self.array("<f4", n)
+        if not (np.isfinite(values).all() and (values >= 0).all()):
+            raise self.fail(f"{what} must be finite and non-negative")
+        return values
+
     def expect(self, what: str, got: int, want: int) -> None:
         if got != want:
             raise self.fail(f"{what} is {got}, this codec was configured with {want}")
