@@ -100,6 +100,16 @@ class ServerConfig:
 
 
 @dataclass
+class DeployConfig:
+    """Real deployment (`koinon server` / `koinon client`); simulation runs ignore it."""
+
+    min_clients: int = 0  # updates that close a round (0 = server.clients_per_round)
+    wait_clients_s: float = 600.0  # how long a round waits for enough connected clients
+    round_timeout_s: float = 120.0  # deadline for a round's updates once the cohort is asked
+    max_message_mb: float = 0.0  # largest accepted upload (0 = 4x the model's fp32 size + 1 MB)
+
+
+@dataclass
 class Config:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -112,6 +122,7 @@ class Config:
     runtime: ComponentConfig = field(default_factory=lambda: ComponentConfig("vectorized"))
     attack: AttackConfig = field(default_factory=lambda: AttackConfig())
     topology: TopologyConfig = field(default_factory=lambda: TopologyConfig())
+    deploy: DeployConfig = field(default_factory=lambda: DeployConfig())
 
     # ---------------------------------------------------------------- (de)serialize
 
@@ -172,7 +183,7 @@ class Config:
 
 
 SECTIONS = ("data", "model", "client", "server", "codec", "downlink", "aggregator", "runtime", "attack",
-            "topology")
+            "topology", "deploy")
 COMPONENT_SECTIONS = ("model", "codec", "downlink", "aggregator", "runtime", "attack")
 
 
