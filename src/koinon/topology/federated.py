@@ -170,7 +170,7 @@ class Federation:
         rng = np.random.default_rng([self.seed, round_index, 0x5A3B])
         k = self.clients_per_round
         if not self.byzantine:
-            return self.sampler.sample(self._population, self._sizes, k, rng)
+            return self.sample_from(round_index, self._population, self._sizes)
         bad = np.array(sorted(self.byzantine))
         good = np.setdiff1d(self._population, bad)
         f = min(round(self.byzantine_fraction * k), len(bad))
@@ -178,11 +178,34 @@ class Federation:
         chosen += self.sampler.sample(good, self._sizes[good], k - f, rng)
         return sorted(chosen)
 
-    def _send_down(self, name: str, tensor: torch.Tensor, round_index: int, stream: int) -> tuple[torch.Tensor, int]:
+    def sample_from(self, round_index: int, population: np.ndarray, sizes: np.ndarray) -> list[int]:
+        """The round's cohort drawn from `population` (e.g. the clients connected right now),
+        with the same seeded generator as `sample_cohort`: when every client is present, a
+        networked server picks the simulation's cohort."""
+        rng = np.random.default_rng([self.seed, round_index, 0x5A3B])
+        k = min(self.clients_per_round, len(population))
+        return sorted(int(c) for c in self.sampler.sample(population, sizes, k, rng))
+
+    def _encode_down(self, name: str, tensor: torch.Tensor, round_index: int, stream: int) -> bytes:
         state = self.downlink_states.get(name) or self.downlink.init_state()
         gen = torch.Generator().manual_seed(mix_seed(self.seed, round_index, -1, stream))
         payload, self.downlink_states[name] = self.downlink.encode(tensor, state, gen)
+        return payload
+
+    def _send_down(self, name: str, tensor: torch.Tensor, round_index: int, stream: int) -> tuple[torch.Tensor, int]:
+        payload = self._encode_down(name, tensor, round_index, stream)
         return self.downlink.decode(payload), len(payload)
+
+    def broadcast_payloads(self, round_index: int) -> list[tuple[str, bytes]]:
+        """The downlink bytes of a round, as a networked server sends them: the global model
+        (stream "delta"), then the algorithm's downloads. Encoded exactly as `run_round` does,
+        so a client that decodes them starts from the simulation's model."""
+        if self.downlink_delta:
+            raise ValueError("downlink.delta needs per-client download history; not supported here")
+        out = [(_DELTA, self._encode_down(_DELTA, self.params, round_index, 0))]
+        for i, name in enumerate(self.algorithm.downloads, start=1):
+            out.append((name, self._encode_down(name, self.server_state[name], round_index, i)))
+        return out
 
     def run_round(self, evaluate: bool = True) -> RoundResult:
         r = self.round_index
@@ -260,30 +283,9 @@ class Federation:
                     self.increment_sums[key] = row
                 decoded[name][i] = row
 
-        for name, stack in decoded.items():  # one check over the stack, for codecs that skip it
-            bad = finite & ~torch.isfinite(stack).all(dim=1)
-            reasons += [f"client {cohort[i]}: non-finite {name}" for i in bad.nonzero().flatten().tolist()]
-            finite &= ~bad
-        rejected = [c for c, ok in zip(cohort, finite.tolist()) if not ok]
-        if rejected:
-            notice(f"round {r + 1}: rejected updates ({'; '.join(reasons)})")
-        keep = finite.nonzero().squeeze(1)
-        delta = None
-        if len(keep):
-            weights = result.num_samples[keep].to(torch.float32)
-            try:
-                delta = self.aggregator.aggregate(decoded[_DELTA][keep], weights)
-            except ValueError as exc:  # e.g. rejections left too few inputs for a robust rule
-                notice(f"round {r + 1}: aggregator refused the cohort, model unchanged ({exc})")
-        if delta is not None:
-            self.params = self.server_optimizer.step(self.params, delta, self.optimizer_state)
-            means = {n: decoded[n][keep].mean(dim=0) for n in self.algorithm.uploads}
-            self.server_state = self.algorithm.server_update(
-                self.server_state, means, len(keep) / self.data.num_clients
-            )
-            for i in keep.tolist():
-                if result.client_states[i]:
-                    self.client_states[cohort[i]] = result.client_states[i]
+        rejected = self.apply_updates(
+            r, cohort, decoded, finite, result.num_samples, result.client_states, reasons
+        )
 
         self.round_index += 1
         self.uplink_total += uplink
@@ -297,6 +299,51 @@ class Federation:
             if self.byzantine and hasattr(self.attack, "metrics"):
                 out.extra.update(self.attack.metrics(self.model, self.layout, self.params, self.data.dataset))
         return out
+
+    def apply_updates(
+        self,
+        round_index: int,
+        cohort: list[int],
+        decoded: dict[str, torch.Tensor],
+        finite: torch.Tensor,
+        num_samples: torch.Tensor,
+        client_states: list[State],
+        reasons: list[str],
+    ) -> list[int]:
+        """Validate, aggregate and apply one round's decoded uploads (row i = `cohort[i]`).
+
+        The server half of a round, shared by the simulation and the networked server so both
+        do the same math: rows already marked bad in `finite` and rows holding NaN/Inf are
+        dropped (the global model never sees them), the rest are aggregated with their sample
+        counts as weights, and the server optimizer and the algorithm's server state take the
+        step. Returns the rejected clients.
+        """
+        finite = finite.clone()
+        for name, stack in decoded.items():  # one check over the stack, for codecs that skip it
+            bad = finite & ~torch.isfinite(stack).all(dim=1)
+            reasons += [f"client {cohort[i]}: non-finite {name}" for i in bad.nonzero().flatten().tolist()]
+            finite &= ~bad
+        rejected = [c for c, ok in zip(cohort, finite.tolist()) if not ok]
+        if rejected:
+            notice(f"round {round_index + 1}: rejected updates ({'; '.join(reasons)})")
+        keep = finite.nonzero().squeeze(1)
+        delta = None
+        if len(keep):
+            weights = num_samples[keep].to(torch.float32)
+            try:
+                delta = self.aggregator.aggregate(decoded[_DELTA][keep], weights)
+            except ValueError as exc:  # e.g. rejections left too few inputs for a robust rule
+                notice(f"round {round_index + 1}: aggregator refused the cohort, model unchanged ({exc})")
+        if delta is not None:
+            self.params = self.server_optimizer.step(self.params, delta, self.optimizer_state)
+            means = {n: decoded[n][keep].mean(dim=0) for n in self.algorithm.uploads}
+            self.server_state = self.algorithm.server_update(
+                self.server_state, means, len(keep) / self.data.num_clients
+            )
+            for i in keep.tolist():
+                if client_states[i]:
+                    self.client_states[cohort[i]] = client_states[i]
+        return rejected
 
     def evaluate(self) -> tuple[float, float]:
         """(accuracy, loss) of the global model on the held-out test split."""

@@ -1,0 +1,307 @@
+"""`koinon client`: joins a server with its own data, trains when sampled, survives restarts.
+
+A client learns the run's configuration from the server (so it cannot drift from it), builds the
+same components the simulation builds, and trains with the simulation's runtime and
+`CohortTrainer`: batches are hashed from (seed, round, client index), uploads encoded with
+(seed, round, client index, stream), so the bytes it sends are the bytes the simulated client
+would produce. Its codec state (error feedback) and algorithm state (e.g. SCAFFOLD's control
+variate) live in `--state DIR` and are saved atomically once the server has accepted the upload
+they belong to, so a restarted client goes on with them.
+
+Every call has a deadline; when the server is unreachable the client retries with exponential
+backoff and jitter, and gives up after `give_up_s` without contact.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from koinon.clients.base import State
+from koinon.data.datasets import Dataset
+from koinon.data.federated import FederatedData
+from koinon.deploy import federation_pb2_grpc
+from koinon.deploy.certs import Credentials
+from koinon.deploy.wire import MAX_GRPC_MESSAGE, Rejected, pb, read_task, upload_messages
+from koinon.errors import KoinonError
+from koinon.experiment.config import Config
+from koinon.runtime import mix_seed
+from koinon.topology.federated import Federation
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+_DELTA = "delta"
+# Server refusals that retrying cannot fix: the client stops with the server's reason.
+_FATAL = {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
+          grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS}
+
+
+def log(name: str, message: str) -> None:
+    print(f"[{name} {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """`partition:I` (partition I of the config's dataset) or `module:function` (your own)."""
+
+    partition: int
+    entry_point: str
+
+    @staticmethod
+    def parse(text: str) -> DataSpec:
+        kind, _, rest = text.partition(":")
+        if kind == "partition":
+            if not rest.isdigit():
+                raise KoinonError(f"--data {text}: expected partition:INDEX, e.g. partition:3")
+            return DataSpec(int(rest), "")
+        if kind and rest and all(part.isidentifier() for part in (kind.split(".") + [rest])):
+            return DataSpec(-1, text)
+        raise KoinonError(f"--data {text}: expected partition:INDEX or module:function "
+                          "(a function returning a koinon Dataset)")
+
+    def load(self) -> Dataset:
+        module_name, func_name = self.entry_point.split(":")
+        try:
+            func: Callable[[], Any] = getattr(importlib.import_module(module_name), func_name)
+        except (ImportError, AttributeError) as exc:
+            raise KoinonError(f"--data {self.entry_point}: cannot import it ({exc})") from None
+        dataset = func()
+        if not isinstance(dataset, Dataset):
+            raise KoinonError(f"--data {self.entry_point}: returned {type(dataset).__name__}, "
+                              "expected koinon.data.Dataset (see Dataset.from_tensors)")
+        return dataset
+
+
+class _OneClient(list):
+    """Index lists of a population where only client `idx` holds data (its own dataset):
+    lets `CohortTrainer` train a custom dataset under the client's global index without
+    materializing empty lists for every other index."""
+
+    def __init__(self, idx: int, indices: torch.Tensor) -> None:
+        super().__init__()
+        self.idx, self.indices = idx, indices
+
+    def __getitem__(self, i: Any) -> Any:
+        return self.indices if i == self.idx else torch.zeros(0, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return self.idx + 1
+
+
+class ClientState:
+    """`--state DIR`: codec and algorithm state, saved after every accepted upload."""
+
+    def __init__(self, folder: Path, layout_hash: str) -> None:
+        self.folder = folder
+        self.path = folder / "state.safetensors"
+        self.codec: dict[str, State] = {}
+        self.algorithm: State = {}
+        self.last_round = -1
+        folder.mkdir(parents=True, exist_ok=True)
+        meta_path = folder / "state.json"
+        if not meta_path.is_file():
+            return
+        meta = json.loads(meta_path.read_text())
+        if meta.get("layout_hash") != layout_hash or not self.path.is_file():
+            return  # another model: the old residuals mean nothing for it
+        from safetensors.torch import load_file
+
+        for key, value in load_file(str(self.path)).items():
+            parts = key.split("/")
+            if parts[0] == "codec":
+                self.codec.setdefault(parts[1], {})[parts[2]] = value
+            elif parts[0] == "algorithm":
+                self.algorithm[parts[1]] = value
+        self.last_round = int(meta.get("last_round", -1))
+
+    def save(self, layout_hash: str, last_round: int) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {f"codec/{s}/{k}": v.contiguous() for s, st in self.codec.items() for k, v in st.items()}
+        tensors.update({f"algorithm/{k}": v.contiguous() for k, v in self.algorithm.items()})
+        tmp = self.folder / ".state.safetensors.tmp"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, self.path)
+        meta_tmp = self.folder / ".state.json.tmp"
+        meta_tmp.write_text(json.dumps({"layout_hash": layout_hash, "last_round": last_round}))
+        os.replace(meta_tmp, self.folder / "state.json")
+        self.last_round = last_round
+
+
+class Worker:
+    """The client's federation pieces, built from the server's config."""
+
+    def __init__(self, cfg: Config, spec: DataSpec) -> None:
+        from koinon.experiment.runner import build_federation
+
+        fed = build_federation(cfg)
+        assert isinstance(fed, Federation)
+        self.fed = fed
+        self.spec = spec
+        if spec.partition >= 0:
+            if spec.partition >= fed.data.num_clients:
+                raise KoinonError(f"--data partition:{spec.partition}: the server's config has "
+                                  f"data.num_clients = {fed.data.num_clients}")
+            self.num_samples = len(fed.data.client_indices[spec.partition])
+        else:
+            self.dataset = spec.load()
+            self.num_samples = len(self.dataset.y_train)
+        self.bound = -1
+
+    def bind(self, idx: int) -> None:
+        """Train under global index `idx` (a custom dataset is installed as that client's data)."""
+        if self.spec.partition >= 0 or idx == self.bound:
+            return
+        from koinon.runtime import CohortTrainer
+
+        fed = self.fed
+        data = FederatedData(self.dataset, _OneClient(idx, torch.arange(self.num_samples)))
+        fed.runtime.setup(CohortTrainer(fed.model, fed.layout, data, fed.algorithm, fed.local,
+                                        loss_fn=fed.loss_fn))
+        self.bound = idx
+
+    def train(self, idx: int, round_index: int, payloads: list[bytes], streams: list[str],
+              state: ClientState) -> tuple[list[bytes], dict[str, State], Any]:
+        """The upload payloads of one round and the codec states they leave behind."""
+        fed = self.fed
+        down = {name: fed.downlink.decode(p) for name, p in zip(streams, payloads)}
+        params = down.pop(_DELTA)
+        if params.shape != (fed.layout.numel,):
+            raise Rejected(f"the server's model has {params.numel()} values, this model {fed.layout.numel}")
+        result = fed.runtime.train([idx], params, down, [state.algorithm], fed.seed, round_index)
+        uploads = [(_DELTA, result.deltas[0]), *((n, result.uploads[n][0]) for n in fed.algorithm.uploads)]
+        out, states = [], {}
+        for s, (name, tensor) in enumerate(uploads):
+            gen = torch.Generator().manual_seed(mix_seed(fed.seed, round_index, idx, s))
+            payload, states[name] = fed.codec.encode(tensor, state.codec.get(name) or fed.codec.init_state(), gen)
+            out.append(payload)
+        return out, states, result
+
+
+def _channel(server: str, creds: Credentials) -> grpc.Channel:
+    tls = grpc.ssl_channel_credentials(root_certificates=creds.ca, private_key=creds.key,
+                                       certificate_chain=creds.cert)
+    return grpc.secure_channel(server, tls, options=[
+        ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE),
+        ("grpc.max_send_message_length", MAX_GRPC_MESSAGE),
+        ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ])
+
+
+def run_client(server: str, creds: Credentials, name: str, spec: DataSpec, state_dir: Path,
+               give_up_s: float = 120.0, call_timeout_s: float = 600.0) -> int:
+    """Serve the federation until it is done; 0 when it finished, 1 when the server stayed away."""
+    torch.set_num_threads(1)
+    backoff, last_contact = 0.5, time.monotonic()
+    worker: Worker | None = None
+    while True:
+        channel = _channel(server, creds)
+        stub = federation_pb2_grpc.FederationStub(channel)
+        try:
+            worker = _session(stub, name, spec, state_dir, worker, call_timeout_s)
+            return 0
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code in _FATAL:
+                raise KoinonError(f"server refused client {name}: {exc.details()}") from None
+            if time.monotonic() - last_contact > give_up_s:
+                log(name, f"server unreachable for {give_up_s:.0f} s ({code.name}); giving up")
+                return 1
+            log(name, f"server unavailable ({code.name}: {exc.details()}); retrying in {backoff:.1f} s")
+            time.sleep(backoff * random.uniform(0.5, 1.0))
+            backoff = min(backoff * 2, 10.0)
+        except _Contact:
+            backoff, last_contact = 0.5, time.monotonic()
+            time.sleep(random.uniform(0.2, 0.5))
+        finally:
+            channel.close()
+
+
+class _Contact(Exception):
+    """Raised to the retry loop after a session that had reached the server ended."""
+
+
+def _session(stub: Any, name: str, spec: DataSpec, state_dir: Path, worker: Worker | None,
+             call_timeout_s: float) -> Worker:
+    if worker is None:
+        probe = _join(stub, spec, None)
+        worker = Worker(Config.from_dict(tomllib.loads(probe.config_toml)), spec)
+        if worker.fed.layout.hash() != probe.layout_hash:
+            raise KoinonError(f"this client's model (layout {worker.fed.layout.hash()}) is not the "
+                              f"server's ({probe.layout_hash}); the data shapes differ")
+    reply = _join(stub, spec, worker)
+    if reply.layout_hash != worker.fed.layout.hash():
+        raise KoinonError("the server now runs another model; restart this client")
+    idx = int(reply.client_index)
+    worker.bind(idx)
+    state = ClientState(state_dir, reply.layout_hash)
+    log(name, f"joined as index {idx} ({worker.num_samples} samples)")
+    max_stream = worker.fed.downlink.max_bytes()
+    try:
+        while True:
+            header, payloads = read_task(
+                stub.Poll(pb.PollRequest(client_index=idx, last_round=state.last_round), timeout=60.0),
+                max_stream)
+            if header.status == pb.TaskHeader.DONE:
+                log(name, "the run has finished")
+                return worker
+            if header.status == pb.TaskHeader.WAIT:
+                continue
+            if header.layout_hash != reply.layout_hash:
+                raise Rejected("the server switched models; rejoining")
+            _train_and_upload(stub, name, idx, int(header.round), payloads, list(header.streams),
+                              worker, state, reply.layout_hash, call_timeout_s)
+    except Rejected as exc:
+        log(name, f"bad answer from the server: {exc}")
+        raise _Contact from None
+    except grpc.RpcError as exc:
+        if exc.code() in _FATAL:
+            raise
+        log(name, f"connection lost ({exc.code().name}: {exc.details()})")
+        raise _Contact from None
+
+
+def _join(stub: Any, spec: DataSpec, worker: Worker | None) -> Any:
+    """Join the run; without a worker yet, only ask for the config (num_samples = 0 registers nothing)."""
+    request = pb.JoinRequest(data_spec=spec.entry_point or f"partition:{spec.partition}",
+                             partition=spec.partition, num_samples=worker.num_samples if worker else 0)
+    return stub.Join(request, timeout=30.0)
+
+
+def _train_and_upload(stub: Any, name: str, idx: int, round_index: int, payloads: list[bytes],
+                      streams: list[str], worker: Worker, state: ClientState, layout_hash: str,
+                      call_timeout_s: float) -> None:
+    start = time.perf_counter()
+    uploads, codec_states, result = worker.train(idx, round_index, payloads, streams, state)
+    fed = worker.fed
+    header = pb.UploadHeader(
+        round=round_index, layout_hash=layout_hash, codec=fed.codec.name,
+        streams=[_DELTA, *fed.algorithm.uploads], sizes=[len(p) for p in uploads],
+        num_samples=worker.num_samples, num_steps=int(result.num_steps[0]),
+        train_loss=float(result.train_loss[0]), client_index=idx,
+    )
+    reply = stub.Upload(upload_messages(header, uploads), timeout=call_timeout_s)
+    took = time.perf_counter() - start
+    if reply.accepted:
+        state.codec.update({k: v for k, v in codec_states.items() if v})
+        if result.client_states[0]:
+            state.algorithm = result.client_states[0]
+        state.save(layout_hash, round_index)
+        log(name, f"round {round_index}: update accepted ({sum(len(p) for p in uploads)} bytes, {took:.2f} s)")
+    else:
+        log(name, f"round {round_index}: update rejected: {reply.reason}")

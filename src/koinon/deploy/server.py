@@ -1,0 +1,511 @@
+"""`koinon server`: the federation's server over gRPC with mutual TLS, durable in `--state DIR`.
+
+The round math is the simulation's: the server holds a `Federation` built from the config
+(`build_federation`) and uses its pieces: `sample_from` for the cohort (drawn only from the
+clients connected now), `broadcast_payloads` for the downlink bytes, the codec's `decode`, and
+`apply_updates` for validation, aggregation, the server optimizer and the algorithm's server
+state; `state_dict` is the checkpoint. With a fixed seed and every client present, a deployment
+ends with the model `koinon run` computes for the same config.
+
+Threads: gRPC's pool serves the calls (joins, long polls, uploads, each validated as it streams
+in); the main thread drives rounds. One lock and one condition guard the shared state, and
+every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+
+from koinon.deploy import federation_pb2_grpc
+from koinon.deploy.certs import read_revoked, server_credentials
+from koinon.deploy.store import Store
+from koinon.deploy.wire import MAX_GRPC_MESSAGE, Limits, Rejected, pb, read_upload, task_messages
+from koinon.errors import CodecError, ConfigError, KoinonError
+from koinon.experiment.checkpoint import atomic_write_text
+from koinon.experiment.config import Config
+from koinon.topology.federated import Federation
+
+POLL_HOLD_S = 5.0  # a long poll waits this long for work before answering WAIT
+LIVENESS_S = 20.0  # a client that has not polled for this long is no longer "connected"
+DONE_GRACE_S = 3.0  # after the last round, time for polling clients to hear DONE
+_DELTA = "delta"
+
+
+def log(message: str) -> None:
+    print(f"[server {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Member:
+    """A client the server knows (joined at least once)."""
+
+    name: str
+    idx: int
+    num_samples: int
+    data_spec: str
+    last_seen: float = 0.0
+    polling: int = 0  # open long polls
+    busy_round: int = -1  # round it was handed and has not answered yet
+
+
+@dataclass
+class OpenRound:
+    index: int  # 0-based
+    cohort: list[int]
+    payloads: list[tuple[str, bytes]]
+    deadline: float
+    stacks: dict[str, torch.Tensor]
+    accepted: dict[int, tuple[int, float, int]] = field(default_factory=dict)  # idx -> samples, loss, bytes
+    rejected: dict[int, str] = field(default_factory=dict)
+    late: int = 0
+    downlink_bytes: int = 0
+
+
+def check_deployable(fed: Federation, cfg: Config) -> None:
+    """Refuse, before listening, what this server cannot run faithfully."""
+    if not isinstance(fed, Federation):
+        raise ConfigError("topology.name = 'gossip': koinon server runs server-based federations only")
+    if getattr(fed.algorithm, "zeroth_order", False):
+        raise ConfigError(f"client.algorithm = {cfg.client.algorithm!r}: its own wire format is not "
+                          "supported by koinon server")
+    if fed.downlink_delta:
+        raise ConfigError("downlink.delta = true is not supported by koinon server")
+    if getattr(fed.codec, "decodes_increment", False):
+        raise ConfigError(f"codec.name = {cfg.codec.name!r}: codecs that send increments are not "
+                          "supported by koinon server")
+    if cfg.attack.fraction > 0:
+        raise ConfigError("attack.fraction > 0: simulated attacks have no meaning in a deployment")
+
+
+def peer_name(context: grpc.ServicerContext) -> str | None:
+    """The common name of the client's verified certificate (mutual TLS)."""
+    names = context.auth_context().get("x509_common_name") or []
+    return names[0].decode() if names else None
+
+
+class FederationServer(federation_pb2_grpc.FederationServicer):
+    """Rounds over the network; see the module docstring."""
+
+    def __init__(self, cfg: Config, fed: Federation, store: Store, certs: Path) -> None:
+        self.cfg = cfg
+        self.fed = fed
+        self.store = store
+        self.certs = certs
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
+        self.layout_hash = fed.layout.hash()
+        self.streams = (_DELTA, *fed.algorithm.uploads)
+        self.max_stream = fed.codec.max_bytes()
+        d = cfg.deploy
+        auto = len(self.streams) * self.max_stream + (1 << 20)
+        self.max_total = int(d.max_message_mb * (1 << 20)) if d.max_message_mb > 0 else auto
+        self.limits = Limits(self.streams, self.max_stream, self.max_total)
+        self.min_clients = d.min_clients or cfg.server.clients_per_round
+        self.min_connected = d.min_connected or self.min_clients
+        self.members: dict[str, Member] = {
+            name: Member(name, idx, n, spec) for name, (idx, n, spec) in store.clients().items()
+        }
+        self.open: OpenRound | None = None
+        self.finished = False
+        self.wall_offset = float(store.get("wall_s", 0.0))
+
+    # ------------------------------------------------------------ identity
+
+    def _identify(self, context: grpc.ServicerContext) -> str:
+        """The caller's name; aborts (before anything is read) if revoked or unknown."""
+        name = peer_name(context)
+        if name is None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "no client certificate")
+            raise AssertionError("unreachable")
+        if name in read_revoked(self.certs):
+            log(f"refused revoked client {name}")
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"client {name} is revoked")
+        return name
+
+    def _member(self, name: str, context: grpc.ServicerContext) -> Member:
+        with self.lock:
+            member = self.members.get(name)
+        if member is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"client {name} has not joined")
+            raise AssertionError("unreachable")
+        return member
+
+    # ---------------------------------------------------------------- Join
+
+    def Join(self, request: Any, context: grpc.ServicerContext) -> Any:
+        name = self._identify(context)
+        data = self.fed.data
+        if request.num_samples == 0:  # a probe for the config, registers nothing
+            return self._join_reply(-1)
+        with self.lock:
+            if request.partition >= 0:
+                p = int(request.partition)
+                if p >= data.num_clients:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"partition {p} does not exist (data.num_clients = {data.num_clients})")
+                expected = len(data.client_indices[p])
+                if request.num_samples != expected:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"partition {p} holds {expected} samples, the client reports "
+                                  f"{request.num_samples}: client and server disagree on the data")
+                holder = next((m for m in self.members.values() if m.idx == p and m.name != name), None)
+                if holder is not None and self._connected(holder, time.monotonic()):
+                    context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                  f"partition {p} is held by connected client {holder.name}")
+                if holder is not None:
+                    del self.members[holder.name]
+                    self.store.db.execute("DELETE FROM clients WHERE name = ?", (holder.name,))
+                idx = p
+            else:
+                known = self.members.get(name)
+                used = {m.idx for m in self.members.values()}
+                idx = known.idx if known and known.idx >= data.num_clients else max(
+                    [data.num_clients - 1, *used]) + 1
+            if request.num_samples < 1:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a client needs at least one sample")
+            member = self.members.get(name)
+            if member is None or member.idx != idx or member.num_samples != request.num_samples:
+                member = Member(name, idx, int(request.num_samples), request.data_spec)
+                self.members[name] = member
+                self.store.save_client(name, idx, member.num_samples, request.data_spec)
+            member.last_seen = time.monotonic()
+            self.changed.notify_all()
+        log(f"client {name} joined as index {idx} ({request.data_spec}, {request.num_samples} samples)")
+        return self._join_reply(idx)
+
+    def _join_reply(self, idx: int) -> Any:
+        return pb.JoinReply(
+            config_toml=self.cfg.to_toml(), layout_hash=self.layout_hash, client_index=idx,
+            codec=self.fed.codec.name, downlink_codec=self.fed.downlink.name,
+            max_upload_bytes=self.max_total,
+        )
+
+    # ---------------------------------------------------------------- Poll
+
+    def Poll(self, request: Any, context: grpc.ServicerContext) -> Any:
+        name = self._identify(context)
+        member = self._member(name, context)
+        deadline = time.monotonic() + POLL_HOLD_S
+        with self.lock:
+            member.polling += 1
+            member.last_seen = time.monotonic()
+            self.changed.notify_all()
+            try:
+                while True:
+                    task = self._task_for(member)
+                    if task is not None or self.finished:
+                        break
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not context.is_active():
+                        break
+                    self.changed.wait(min(left, 1.0))
+            finally:
+                member.polling -= 1
+                member.last_seen = time.monotonic()
+        if self.finished:
+            header = pb.TaskHeader(status=pb.TaskHeader.DONE, message="the run has finished")
+            return task_messages(header, [])
+        if task is None:
+            return task_messages(pb.TaskHeader(status=pb.TaskHeader.WAIT, message="no work"), [])
+        return task
+
+    def _task_for(self, member: Member) -> Any:
+        """TRAIN messages when `member` is in the open round's cohort and has not delivered."""
+        rnd = self.open
+        if rnd is None or member.idx not in rnd.cohort or member.idx in rnd.accepted:
+            return None
+        if time.monotonic() > rnd.deadline:
+            return None
+        member.busy_round = rnd.index
+        sizes = [len(p) for _, p in rnd.payloads]
+        rnd.downlink_bytes += sum(sizes)
+        header = pb.TaskHeader(
+            status=pb.TaskHeader.TRAIN, round=rnd.index, layout_hash=self.layout_hash,
+            codec=self.fed.downlink.name, streams=[n for n, _ in rnd.payloads], sizes=sizes,
+            seed=self.cfg.seed,
+        )
+        return task_messages(header, [p for _, p in rnd.payloads])
+
+    # -------------------------------------------------------------- Upload
+
+    def Upload(self, request_iterator: Any, context: grpc.ServicerContext) -> Any:
+        name = self._identify(context)
+        member = self._member(name, context)
+        claimed: list[int] = []
+
+        def admit(header: Any) -> None:
+            if header.layout_hash != self.layout_hash:
+                raise Rejected(f"layout hash {header.layout_hash!r} is not the model's {self.layout_hash!r}")
+            if header.codec != self.fed.codec.name:
+                raise Rejected(f"codec {header.codec!r}, the run uses {self.fed.codec.name!r}")
+            if header.client_index != member.idx:
+                raise Rejected(f"client index {header.client_index} is not this client's {member.idx}")
+            if header.num_samples != member.num_samples:
+                raise Rejected(f"num_samples {header.num_samples} differs from the {member.num_samples} "
+                               "declared when joining")
+            with self.lock:
+                self._admit_round(header.round, member)
+            claimed.append(int(header.round))
+
+        try:
+            header, payloads = read_upload(request_iterator, self.limits, admit)
+            rows = [self._decode(payload, stream) for stream, payload in zip(self.streams, payloads)]
+        except Rejected as exc:
+            return self._refuse(member, claimed[0] if claimed else -1, str(exc), "rejected")
+        with self.lock:
+            try:
+                self._admit_round(int(header.round), member)  # the round may have closed meanwhile
+            except Rejected as exc:
+                return self._refuse(member, int(header.round), str(exc), "late", locked=True)
+            rnd = self.open
+            assert rnd is not None
+            position = rnd.cohort.index(member.idx)
+            for stream, row in zip(self.streams, rows):
+                rnd.stacks[stream][position] = row
+            nbytes = sum(len(p) for p in payloads)
+            self.store.accept(rnd.index, name, member.idx, payloads, member.num_samples, header.train_loss)
+            rnd.accepted[member.idx] = (member.num_samples, float(header.train_loss), nbytes)
+            member.busy_round = -1
+            self.changed.notify_all()
+        return pb.UploadReply(accepted=True)
+
+    def _admit_round(self, round_index: int, member: Member) -> None:
+        rnd = self.open
+        if rnd is None or round_index != rnd.index:
+            current = "no round is open" if rnd is None else f"round {rnd.index} is open"
+            raise Rejected(f"late or wrong round: round {round_index} is not open ({current})")
+        if member.idx not in rnd.cohort:
+            raise Rejected(f"client {member.name} was not sampled for round {round_index}")
+        if member.idx in rnd.accepted:
+            raise Rejected(f"duplicate submission for round {round_index}")
+        if time.monotonic() > rnd.deadline:
+            raise Rejected(f"late: the deadline of round {round_index} has passed")
+
+    def _decode(self, payload: bytes, stream: str) -> torch.Tensor:
+        try:
+            row = self.fed.codec.decode(payload)
+        except CodecError as exc:
+            raise Rejected(f"undecodable {stream}: {exc}") from None
+        if row.shape != (self.fed.layout.numel,):
+            raise Rejected(f"{stream} has shape {tuple(row.shape)}, the model has ({self.fed.layout.numel},)")
+        if not bool(torch.isfinite(row).all()):
+            raise Rejected(f"{stream} holds NaN or Inf values")
+        return row
+
+    def _refuse(self, member: Member, round_index: int, reason: str, status: str, locked: bool = False) -> Any:
+        late = status == "late" or reason.startswith("late")
+        status = "late" if late else status
+        if not locked:
+            self.lock.acquire()
+        try:
+            if late and self.open is not None:
+                self.open.late += 1
+            elif self.open is not None and self.open.index == round_index:
+                self.open.rejected[member.idx] = reason
+            self.store.reject(round_index, member.name, member.idx, status, reason, 0)
+        finally:
+            if not locked:
+                self.lock.release()
+        log(f"round {round_index}: {'discarded late' if late else 'rejected'} update from "
+            f"{member.name}: {reason}")
+        return pb.UploadReply(accepted=False, reason=reason)
+
+    # --------------------------------------------------------------- rounds
+
+    def _connected(self, member: Member, now: float) -> bool:
+        return member.polling > 0 or now - member.last_seen < LIVENESS_S or (
+            self.open is not None and member.busy_round == self.open.index)
+
+    def _population(self) -> tuple[np.ndarray, np.ndarray]:
+        now = time.monotonic()
+        live = sorted((m.idx, m.num_samples) for m in self.members.values() if self._connected(m, now))
+        return (np.array([i for i, _ in live], dtype=np.int64), np.array([n for _, n in live], dtype=np.int64))
+
+    def _open(self, round_index: int, cohort: list[int] | None) -> OpenRound:
+        """Open round `round_index`: wait for clients (if the cohort is not known yet), sample, encode."""
+        d = self.cfg.deploy
+        if cohort is None:
+            give_up = time.monotonic() + d.wait_clients_s
+            with self.lock:
+                while len(self._population()[0]) < self.min_connected and time.monotonic() < give_up:
+                    self.changed.wait(min(1.0, max(give_up - time.monotonic(), 0.01)))
+                population, sizes = self._population()
+            if len(population) == 0:
+                raise KoinonError(f"no client connected within deploy.wait_clients_s = {d.wait_clients_s} s; "
+                                  "state is saved, restart the server to go on")
+            if len(population) < self.min_connected:
+                log(f"round {round_index}: only {len(population)} clients connected after "
+                    f"{d.wait_clients_s} s, going on with them")
+            cohort = self.fed.sample_from(round_index, population, sizes)
+            self.store.begin_round(round_index, cohort)
+        payloads = self.fed.broadcast_payloads(round_index)
+        numel = self.fed.layout.numel
+        stacks = {s: torch.zeros(len(cohort), numel) for s in self.streams}
+        rnd = OpenRound(round_index, cohort, payloads, time.monotonic() + d.round_timeout_s, stacks)
+        for up in self.store.pending(round_index):
+            if up.idx not in cohort:
+                continue
+            try:
+                rows = [self._decode(p, s) for s, p in zip(self.streams, up.payloads)]
+            except Rejected:
+                continue
+            for s, row in zip(self.streams, rows):
+                stacks[s][cohort.index(up.idx)] = row
+            rnd.accepted[up.idx] = (up.num_samples, up.train_loss, sum(len(p) for p in up.payloads))
+        log(f"round {round_index}: cohort {cohort}" + (f" ({len(rnd.accepted)} updates recovered)"
+                                                      if rnd.accepted else ""))
+        return rnd
+
+    def _wait(self, rnd: OpenRound) -> None:
+        need = min(self.min_clients, len(rnd.cohort))
+        with self.lock:
+            while len(rnd.accepted) < need and time.monotonic() < rnd.deadline:
+                self.changed.wait(min(1.0, max(rnd.deadline - time.monotonic(), 0.01)))
+            # From here on uploads for this round are late.
+            rnd.deadline = min(rnd.deadline, time.monotonic())
+
+    def _close(self, rnd: OpenRound, start: float) -> dict[str, Any]:
+        """Apply the round's accepted updates, evaluate, checkpoint, commit."""
+        with self.lock:
+            positions = [i for i, c in enumerate(rnd.cohort) if c in rnd.accepted]
+            self.open = None
+        cohort = [rnd.cohort[i] for i in positions]
+        index = torch.tensor(positions, dtype=torch.long)
+        whole = len(positions) == len(rnd.cohort)
+        decoded = {s: (t if whole else t[index]) for s, t in rnd.stacks.items()}
+        samples = torch.tensor([rnd.accepted[c][0] for c in cohort], dtype=torch.long)
+        if cohort:
+            self.fed.apply_updates(rnd.index, cohort, decoded, torch.ones(len(cohort), dtype=torch.bool),
+                                   samples, [{} for _ in cohort], [])
+        self.fed.round_index = rnd.index + 1
+        uplink = sum(rnd.accepted[c][2] for c in cohort)
+        self.fed.uplink_total += uplink
+        self.fed.downlink_total += rnd.downlink_bytes
+        s = self.cfg.server
+        upcoming = rnd.index + 1
+        record: dict[str, Any] = {"round": upcoming, "test_accuracy": None, "test_loss": None}
+        if upcoming % s.eval_every == 0 or upcoming == s.rounds:
+            record["test_accuracy"], record["test_loss"] = self.fed.evaluate()
+        weights = samples.to(torch.float64)
+        losses = torch.tensor([rnd.accepted[c][1] for c in cohort], dtype=torch.float64)
+        record.update({
+            "train_loss": float((losses * weights).sum() / weights.sum()) if cohort else None,
+            "num_clients": len(cohort), "cohort": rnd.cohort, "uplink_bytes": uplink,
+            "downlink_bytes": rnd.downlink_bytes, "rejected": sorted(rnd.rejected),
+            "rejected_reasons": {str(k): v for k, v in sorted(rnd.rejected.items())},
+            "late": rnd.late, "missing": [c for c in rnd.cohort if c not in rnd.accepted],
+            "wall_s": round(self.wall_offset + time.perf_counter() - start, 4),
+        })
+        ckpt = self.store.write_checkpoint(upcoming, self.fed.state_dict())
+        self.store.commit_round(upcoming, ckpt, record, {
+            "uplink_total": self.fed.uplink_total, "downlink_total": self.fed.downlink_total,
+            "wall_s": record["wall_s"],
+        })
+        self._write_metrics()
+        acc = record["test_accuracy"]
+        log(f"round {upcoming}/{s.rounds} closed: {len(cohort)}/{len(rnd.cohort)} updates"
+            + (f", accuracy {acc:.4f}" if acc is not None else ""))
+        return record
+
+    def _write_metrics(self) -> None:
+        text = "".join(json.dumps(r) + "\n" for r in self.store.records())
+        atomic_write_text(self.store.folder / "metrics.jsonl", text)
+
+    def run_rounds(self) -> None:
+        """Drive rounds until `server.rounds` are committed (resuming an open one first)."""
+        start = time.perf_counter()
+        total = self.cfg.server.rounds
+        while self.fed.round_index < total:
+            pending = self.store.open_round()
+            r = self.fed.round_index
+            cohort = pending[1] if pending and pending[0] == r else None
+            rnd = self._open(r, cohort)
+            with self.lock:
+                self.open = rnd
+                self.changed.notify_all()
+            self._wait(rnd)
+            self._close(rnd, start)
+        with self.lock:
+            self.finished = True
+            self.changed.notify_all()
+
+
+def restore(fed: Federation, store: Store) -> None:
+    """Load the last committed round into `fed` (nothing to do on a fresh state folder)."""
+    tensors = store.load_checkpoint()
+    if tensors is None:
+        return
+    fed.load_state_dict(tensors)
+    fed.round_index = int(store.get("round"))
+    fed.uplink_total = int(store.get("uplink_total", 0))
+    fed.downlink_total = int(store.get("downlink_total", 0))
+
+
+def serve(cfg: Config, state: Path, certs: Path, listen: str) -> dict[str, Any]:
+    """Run (or resume) the deployment in `state`; returns the summary once every round is done."""
+    from koinon.experiment.runner import _finish, build_federation
+
+    fed = build_federation(cfg)
+    if not isinstance(fed, Federation):
+        raise ConfigError("topology.name = 'gossip': koinon server runs server-based federations only")
+    check_deployable(fed, cfg)
+    creds = server_credentials(certs)
+    store = Store(state)
+    try:
+        stored = store.get("config_toml")
+        if stored is None:
+            store.put("config_toml", cfg.to_toml())
+            store.put("layout_hash", fed.layout.hash())
+            atomic_write_text(state / "config.toml", cfg.to_toml())
+        elif stored != cfg.to_toml():
+            raise ConfigError(f"--state {state} holds a run with another configuration (see "
+                              f"{state / 'config.toml'}); use a new --state folder")
+        restore(fed, store)
+        if fed.round_index:
+            log(f"resuming from {state}: {fed.round_index} rounds committed")
+        server = FederationServer(cfg, fed, store, certs)
+        workers = min(1024, 2 * fed.data.num_clients + 32)
+        grpc_server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers),
+            options=[("grpc.max_receive_message_length", MAX_GRPC_MESSAGE),
+                     ("grpc.max_send_message_length", MAX_GRPC_MESSAGE),
+                     ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
+                     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+                     ("grpc.keepalive_permit_without_calls", 1)],
+            maximum_concurrent_rpcs=workers,
+        )
+        federation_pb2_grpc.add_FederationServicer_to_server(server, grpc_server)
+        tls = grpc.ssl_server_credentials([(creds.key, creds.cert)], root_certificates=creds.ca,
+                                          require_client_auth=True)
+        try:
+            port = grpc_server.add_secure_port(listen, tls)
+        except RuntimeError as exc:
+            raise KoinonError(f"--listen {listen}: cannot listen there ({exc})") from None
+        if port == 0:
+            raise KoinonError(f"--listen {listen}: cannot listen there (address in use or invalid)")
+        grpc_server.start()
+        host = listen.rsplit(":", 1)[0]
+        log(f"listening on {host}:{port} (TLS, client certificates from {certs}), state in {state}")
+        (state / "server.port").write_text(f"{port}\n")
+        try:
+            server.run_rounds()
+            time.sleep(DONE_GRACE_S)  # polling clients hear DONE and leave on their own
+        finally:
+            grpc_server.stop(grace=1.0).wait(5.0)
+        counts = store.counts()
+        log(f"done: {fed.round_index} rounds; updates accepted {counts.get('accepted', 0)}, "
+            f"rejected {counts.get('rejected', 0)}, late {counts.get('late', 0)}")
+        return _finish(fed, cfg, state, float(store.get("wall_s", 0.0)))
+    finally:
+        store.close()

@@ -1,0 +1,209 @@
+"""The server's durable state: SQLite for the bookkeeping, safetensors files for the tensors.
+
+What a SIGKILL at any moment must not break, and how:
+- A round is committed by one SQLite transaction that names its checkpoint file; the file is
+  written (and fsynced) *before* the transaction. A crash before the commit leaves the previous
+  round's checkpoint as the truth (an orphan file is overwritten later), a crash after it the
+  new one: a round is never lost once committed and never applied twice.
+- The open round's cohort is stored when the round opens, so a restarted server asks the
+  same clients. Every accepted upload is written to `pending/` and then recorded in the same
+  transaction as its acceptance, before the client is told; after a restart the round goes on
+  with those updates (a pending file that does not match its recorded hash is dropped and its
+  client asked again).
+- WAL journaling: readers never block the writer and a torn write cannot corrupt the database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS clients (
+    name TEXT PRIMARY KEY, idx INTEGER NOT NULL, num_samples INTEGER NOT NULL,
+    data_spec TEXT NOT NULL, joined REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS open_round (
+    round INTEGER PRIMARY KEY, cohort TEXT NOT NULL, opened REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS updates (
+    round INTEGER NOT NULL, client TEXT NOT NULL, idx INTEGER NOT NULL, status TEXT NOT NULL,
+    reason TEXT NOT NULL, bytes INTEGER NOT NULL, sha256 TEXT NOT NULL, num_samples INTEGER NOT NULL,
+    train_loss REAL NOT NULL, at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS updates_round ON updates (round, status);
+CREATE TABLE IF NOT EXISTS rounds (round INTEGER PRIMARY KEY, record TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class PendingUpdate:
+    """An accepted upload of the open round, as recorded."""
+
+    client: str
+    idx: int
+    payloads: list[bytes]
+    num_samples: int
+    train_loss: float
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Store:
+    """`--state DIR`: `state.db`, `ckpt-*.safetensors`, `pending/`."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "pending").mkdir(exist_ok=True)
+        # One connection shared by the server's threads, serialized by the server's lock.
+        self.db = sqlite3.connect(folder / "state.db", check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ------------------------------------------------------------------ meta
+
+    def get(self, key: str, default: Any = None) -> Any:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def put(self, key: str, value: Any) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+
+    # --------------------------------------------------------------- clients
+
+    def clients(self) -> dict[str, tuple[int, int, str]]:
+        rows = self.db.execute("SELECT name, idx, num_samples, data_spec FROM clients").fetchall()
+        return {name: (idx, n, spec) for name, idx, n, spec in rows}
+
+    def save_client(self, name: str, idx: int, num_samples: int, data_spec: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO clients VALUES (?, ?, ?, ?, ?)",
+                        (name, idx, num_samples, data_spec, time.time()))
+
+    # ---------------------------------------------------------------- rounds
+
+    def open_round(self) -> tuple[int, list[int]] | None:
+        row = self.db.execute("SELECT round, cohort FROM open_round").fetchone()
+        return None if row is None else (int(row[0]), json.loads(row[1]))
+
+    def begin_round(self, round_index: int, cohort: list[int]) -> None:
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("DELETE FROM open_round")
+            self.db.execute("INSERT INTO open_round VALUES (?, ?, ?)",
+                            (round_index, json.dumps(cohort), time.time()))
+
+    def _pending_path(self, round_index: int, idx: int) -> Path:
+        return self.folder / "pending" / f"r{round_index:06d}-c{idx}.bin"
+
+    def accept(self, round_index: int, client: str, idx: int, payloads: list[bytes],
+               num_samples: int, train_loss: float) -> None:
+        """Record an accepted upload durably, before the client hears it was accepted."""
+        blob = _pack(payloads)
+        path = self._pending_path(round_index, idx)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(blob)
+        os.replace(tmp, path)
+        self._log(round_index, client, idx, "accepted", "", len(blob),
+                  hashlib.sha256(blob).hexdigest(), num_samples, train_loss)
+
+    def reject(self, round_index: int, client: str, idx: int, status: str, reason: str, nbytes: int) -> None:
+        self._log(round_index, client, idx, status, reason, nbytes, "", 0, 0.0)
+
+    def _log(self, round_index: int, client: str, idx: int, status: str, reason: str, nbytes: int,
+             digest: str, num_samples: int, train_loss: float) -> None:
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (round_index, client, idx, status, reason, nbytes, digest, num_samples,
+                             train_loss, time.time()))
+
+    def pending(self, round_index: int) -> list[PendingUpdate]:
+        """The open round's accepted uploads whose files are intact; broken ones are forgotten."""
+        rows = self.db.execute(
+            "SELECT client, idx, sha256, num_samples, train_loss FROM updates "
+            "WHERE round = ? AND status = 'accepted' ORDER BY idx", (round_index,)).fetchall()
+        out = []
+        for client, idx, digest, n, loss in rows:
+            path = self._pending_path(round_index, idx)
+            blob = path.read_bytes() if path.is_file() else b""
+            if hashlib.sha256(blob).hexdigest() != digest:
+                with self.db:
+                    self.db.execute("BEGIN IMMEDIATE")
+                    self.db.execute("UPDATE updates SET status = 'lost', reason = 'pending file "
+                                    "missing or damaged after a restart' WHERE round = ? AND idx = ? "
+                                    "AND status = 'accepted'", (round_index, idx))
+                continue
+            out.append(PendingUpdate(client, idx, _unpack(blob), n, loss))
+        return out
+
+    def counts(self) -> dict[str, int]:
+        rows = self.db.execute("SELECT status, COUNT(*) FROM updates GROUP BY status").fetchall()
+        return {status: n for status, n in rows}
+
+    def write_checkpoint(self, round_index: int, tensors: dict[str, torch.Tensor]) -> str:
+        """The tensors of committed round `round_index`, durably on disk; returns the file name."""
+        name = f"ckpt-{round_index:06d}.safetensors"
+        tmp = self.folder / f".{name}.tmp"
+        save_file(tensors, str(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.folder / name)
+        _fsync_dir(self.folder)
+        return name
+
+    def commit_round(self, round_index: int, checkpoint: str, record: dict[str, Any],
+                     totals: dict[str, Any]) -> None:
+        """Round `round_index` (1-based count of rounds done) becomes the truth, atomically."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("INSERT OR REPLACE INTO rounds VALUES (?, ?)", (round_index, json.dumps(record)))
+            self.db.execute("DELETE FROM open_round")
+            for key, value in {"round": round_index, "checkpoint": checkpoint, **totals}.items():
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+        # Only now are the older files garbage.
+        for old in self.folder.glob("ckpt-*.safetensors"):
+            if old.name != checkpoint:
+                old.unlink(missing_ok=True)
+        for old in (self.folder / "pending").glob(f"r{round_index - 1:06d}-*"):
+            old.unlink(missing_ok=True)
+
+    def load_checkpoint(self) -> dict[str, torch.Tensor] | None:
+        name = self.get("checkpoint")
+        return None if name is None else load_file(str(self.folder / name))
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(r[0]) for r in self.db.execute("SELECT record FROM rounds ORDER BY round")]
+
+
+def _pack(payloads: list[bytes]) -> bytes:
+    """Several payloads in one file: a count, the sizes (u64 each), then the bytes."""
+    head = len(payloads).to_bytes(8, "little") + b"".join(len(p).to_bytes(8, "little") for p in payloads)
+    return head + b"".join(payloads)
+
+
+def _unpack(blob: bytes) -> list[bytes]:
+    n = int.from_bytes(blob[:8], "little")
+    sizes = [int.from_bytes(blob[8 + 8 * i : 16 + 8 * i], "little") for i in range(n)]
+    out, offset = [], 8 + 8 * n
+    for size in sizes:
+        out.append(blob[offset : offset + size])
+        offset += size
+    return out

@@ -1,0 +1,142 @@
+"""Framing of payloads on the wire: a header message, then the bytes in chunks.
+
+gRPC refuses single messages above a few MB and would hold a whole message in memory, so a
+payload (the codec's bytes) travels as a stream: the first message carries a header (round,
+layout hash, codec, stream names and sizes), the next ones at most `CHUNK` bytes each. The
+receiver checks the header *before* reading any data (an oversized or stale upload costs the
+server one small message) and then the running total against the declared size, so a sender
+can neither lie about the size nor make the server buffer more than the layout allows.
+Everything here is pure (no sockets), so the decoding path is fuzzed directly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from koinon.deploy import federation_pb2 as _pb
+
+pb: Any = _pb  # generated classes are built at import time; mypy cannot see their attributes
+
+CHUNK = 1 << 20
+# gRPC's own per-message ceiling: one chunk plus a header. A sender ignoring the chunking is cut
+# off by gRPC before the message reaches our code.
+MAX_GRPC_MESSAGE = CHUNK + (64 << 10)
+
+
+class Rejected(Exception):
+    """An upload the server refuses; the message is the reason the client is told."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the receiver accepts for one upload."""
+
+    streams: tuple[str, ...]
+    max_stream_bytes: int  # the codec's `max_bytes()`: no valid payload is longer
+    max_total_bytes: int  # the deployment's message limit
+
+
+def split(data: bytes | memoryview) -> Iterator[bytes]:
+    """`data` in chunks of at most `CHUNK` bytes (no chunk for empty data)."""
+    view = memoryview(data)
+    for start in range(0, len(view), CHUNK):
+        yield bytes(view[start : start + CHUNK])
+
+
+def upload_messages(header: Any, payloads: list[bytes]) -> Iterator[Any]:
+    """The messages of one upload: the header, then every payload's bytes back to back."""
+    yield pb.UploadChunk(header=header)
+    for payload in payloads:
+        for piece in split(payload):
+            yield pb.UploadChunk(data=piece)
+
+
+def task_messages(header: Any, payloads: list[bytes]) -> Iterator[Any]:
+    yield pb.TaskChunk(header=header)
+    for payload in payloads:
+        for piece in split(payload):
+            yield pb.TaskChunk(data=piece)
+
+
+def check_upload_header(header: Any, limits: Limits) -> None:
+    """Refuse a header whose shape of payload is impossible, before any data is read."""
+    if tuple(header.streams) != limits.streams:
+        raise Rejected(f"streams {list(header.streams)} do not match the expected {list(limits.streams)}")
+    if len(header.sizes) != len(limits.streams):
+        raise Rejected(f"{len(header.sizes)} sizes for {len(limits.streams)} streams")
+    for name, size in zip(limits.streams, header.sizes):
+        if size < 0 or size > limits.max_stream_bytes:
+            raise Rejected(f"stream {name!r} declares {size} bytes; the codec never sends more than "
+                           f"{limits.max_stream_bytes} (oversized payload)")
+    total = sum(header.sizes)
+    if total > limits.max_total_bytes:
+        raise Rejected(f"upload declares {total} bytes, over the limit of {limits.max_total_bytes} "
+                       "(oversized payload)")
+    if not math.isfinite(header.train_loss):
+        raise Rejected("train_loss is not finite")
+    if header.num_steps < 0:
+        raise Rejected(f"num_steps = {header.num_steps} is negative")
+
+
+def read_upload(
+    messages: Iterable[Any], limits: Limits, admit: Callable[[Any], None]
+) -> tuple[Any, list[bytes]]:
+    """(header, one payload per stream) from an upload stream, or `Rejected` with the reason.
+
+    `admit(header)` is the caller's stateful check (right round, sampled, not a duplicate); it
+    runs after the size checks and before the first data byte is read.
+    """
+    it = iter(messages)
+    first = next(it, None)
+    if first is None or not first.HasField("header"):
+        raise Rejected("the first message of an upload must carry its header")
+    if first.data:
+        raise Rejected("the header message must not carry data")
+    header = first.header
+    check_upload_header(header, limits)
+    admit(header)
+    declared = sum(header.sizes)
+    buffer = bytearray()
+    for msg in it:
+        if msg.HasField("header"):
+            raise Rejected("a second header in one upload")
+        if len(buffer) + len(msg.data) > declared:
+            raise Rejected(f"sent more than the {declared} bytes declared (oversized payload)")
+        buffer += msg.data
+    if len(buffer) != declared:
+        raise Rejected(f"truncated upload: {len(buffer)} of {declared} declared bytes")
+    view = memoryview(buffer)
+    payloads, offset = [], 0
+    for size in header.sizes:
+        payloads.append(bytes(view[offset : offset + size]))
+        offset += size
+    return header, payloads
+
+
+def read_task(messages: Iterable[Any], max_stream_bytes: int) -> tuple[Any, list[bytes]]:
+    """(header, payloads) of a task stream on the client, with the same size discipline."""
+    it = iter(messages)
+    first = next(it, None)
+    if first is None or not first.HasField("header"):
+        raise Rejected("the server's answer has no header")
+    header = first.header
+    if any(s < 0 or s > max_stream_bytes for s in header.sizes) or len(header.sizes) != len(header.streams):
+        raise Rejected(f"the server announces payload sizes {list(header.sizes)} beyond the codec's "
+                       f"{max_stream_bytes} bytes")
+    declared = sum(header.sizes)
+    buffer = bytearray()
+    for msg in it:
+        if len(buffer) + len(msg.data) > declared:
+            raise Rejected("the server sent more bytes than it declared")
+        buffer += msg.data
+    if len(buffer) != declared:
+        raise Rejected(f"truncated download: {len(buffer)} of {declared} bytes")
+    view = memoryview(buffer)
+    payloads, offset = [], 0
+    for size in header.sizes:
+        payloads.append(bytes(view[offset : offset + size]))
+        offset += size
+    return header, payloads
