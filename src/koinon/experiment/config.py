@@ -52,7 +52,7 @@ class DownlinkConfig:
 
 @dataclass
 class TopologyConfig:
-    name: str = "federated"  # "federated" (a server) or "gossip" (decentralized, D-PSGD)
+    name: str = "federated"  # "federated" (a server), "gossip" (D-PSGD) or "diloco" ([diloco])
     graph: str = "ring"  # gossip: a registered graph (see `koinon list`)
     mixing: str = "metropolis"  # gossip: metropolis, max_degree or uniform mixing weights
     compress_delta: bool = False  # gossip: send the change since the last send through the codec
@@ -100,6 +100,17 @@ class ServerConfig:
 
 
 @dataclass
+class DiLoCoSection:
+    """`[diloco]`: settings of `topology.name = "diloco"` (see `koinon.islands.IslandsSpec`).
+
+    Every key lives in `options` and is checked (name, type, range) by the islands builder,
+    which then writes the resolved values back, so a run's config.toml spells out all of them.
+    """
+
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
 class DeployConfig:
     """Real deployment (`koinon server` / `koinon client`); simulation runs ignore it."""
 
@@ -107,6 +118,7 @@ class DeployConfig:
     wait_clients_s: float = 600.0  # how long a round waits for enough connected clients
     round_timeout_s: float = 120.0  # deadline for a round's updates once the cohort is asked
     max_message_mb: float = 0.0  # largest accepted upload (0 = 4x the model's fp32 size + 1 MB)
+    min_connected: int = 0  # connected clients a round waits for before sampling (0 = min_clients)
 
 
 @dataclass
@@ -123,6 +135,7 @@ class Config:
     attack: AttackConfig = field(default_factory=lambda: AttackConfig())
     topology: TopologyConfig = field(default_factory=lambda: TopologyConfig())
     deploy: DeployConfig = field(default_factory=lambda: DeployConfig())
+    diloco: DiLoCoSection = field(default_factory=lambda: DiLoCoSection())
 
     # ---------------------------------------------------------------- (de)serialize
 
@@ -183,7 +196,7 @@ class Config:
 
 
 SECTIONS = ("data", "model", "client", "server", "codec", "downlink", "aggregator", "runtime", "attack",
-            "topology", "deploy")
+            "topology", "deploy", "diloco")
 COMPONENT_SECTIONS = ("model", "codec", "downlink", "aggregator", "runtime", "attack")
 
 
