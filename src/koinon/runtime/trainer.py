@@ -27,7 +27,7 @@ from torch.func import functional_call, vmap
 from koinon.clients.base import ClientAlgorithm, LocalTraining, State
 from koinon.data.federated import FederatedData
 from koinon.params import Layout
-from koinon.runtime.batched import batched_forward
+from koinon.runtime.batched import batched_forward, mlp_value_and_grad
 
 _MASK64 = (1 << 64) - 1
 
@@ -64,6 +64,22 @@ def mix_seed(*parts: int) -> int:
     return h >> 1
 
 
+def mix_seeds(seed: int, round_index: int, clients: torch.Tensor) -> torch.Tensor:
+    """`mix_seed(seed, round_index, c)` for every c in `clients` at once (int64 tensor ops,
+    which wrap modulo 2^64 as the scalar version's masks do); equal values, tested."""
+    h = 0x9E3779B97F4A7C15
+    for part in (seed, round_index):
+        h = (h ^ (part & _MASK64)) & _MASK64
+        h = (h + 0x9E3779B97F4A7C15) & _MASK64
+        z = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h = z ^ (z >> 31)
+    signed = h - (1 << 64) if h >= 1 << 63 else h
+    z = torch.as_tensor(clients, dtype=torch.long) ^ signed
+    z = z + _GOLDEN
+    return _shr(_hash64(z), 1)
+
+
 @dataclass
 class CohortResult:
     """What a cohort's local training produced (rows follow `client_ids`)."""
@@ -76,6 +92,16 @@ class CohortResult:
     train_loss: torch.Tensor  # [K] mean per-sample training loss over local training
     client_states: list[State]
     messages: list[bytes] | None = None  # payloads of algorithms with their own wire format
+
+    def take(self, rows: torch.Tensor) -> CohortResult:
+        """The same result with its clients in the order `rows`."""
+        order = rows.tolist()
+        return CohortResult(
+            [self.client_ids[i] for i in order], self.deltas[rows],
+            {k: v[rows] for k, v in self.uploads.items()}, self.num_samples[rows],
+            self.num_steps[rows], self.train_loss[rows], [self.client_states[i] for i in order],
+            None if self.messages is None else [self.messages[i] for i in order],
+        )
 
     @staticmethod
     def concat(parts: list[CohortResult]) -> CohortResult:
@@ -101,6 +127,15 @@ def _start(params: torch.Tensor, k: int, pt: int) -> tuple[torch.Tensor, torch.T
     if stack.shape[0] != k:
         raise ValueError(f"{stack.shape[0]} starting models for {k} clients")
     return stack[:, :pt].contiguous(), stack[:, pt:].contiguous()
+
+
+def _rows(ctx: State, k: int, m: int) -> State:
+    """The first m clients' part of an algorithm's per-cohort context: tensors stacked per
+    client (`[K, ...]`, two or more dims) are cut to their first m rows; the rest is shared."""
+    if m == k:
+        return ctx
+    return {key: v[:m] if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == k else v
+            for key, v in ctx.items()}
 
 
 def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -132,6 +167,7 @@ class CohortTrainer:
         self._num_trainable = pt
         self._x = data.dataset.x_train
         self._y = data.dataset.y_train
+        self._flat: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
         def forward_one(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
             return functional_call(module, params, (x,))
@@ -139,6 +175,8 @@ class CohortTrainer:
         # Hand-batched kernels where the layer stack allows it (about 2x faster), vmap otherwise.
         self._batched = batched_forward(module)
         self._forward_many = self._batched or vmap(forward_one, in_dims=(0, 0))
+        # Plain MLPs with the default loss skip autograd altogether (see `mlp_value_and_grad`).
+        self._manual = mlp_value_and_grad(module) if loss_fn is cross_entropy else None
 
     # ----------------------------------------------------------------- batches
 
@@ -156,9 +194,10 @@ class CohortTrainer:
         tensor ops instead of a generator per client.
         """
         b = self.local.batch_size
-        lists = [self.data.client_indices[c] for c in client_ids]
-        sizes = torch.tensor([len(ix) for ix in lists], dtype=torch.long)
-        k, n_max = len(lists), max(int(sizes.max()), 1)
+        flat, starts, all_sizes = self._flat_indices()
+        cohort = torch.as_tensor(client_ids, dtype=torch.long)
+        sizes = all_sizes[cohort]
+        k, n_max = len(client_ids), max(int(sizes.max()), 1) if client_ids else 1
         per_epoch = (sizes + b - 1) // b
         if self.local.steps > 0:
             epochs = (self.local.steps + per_epoch.clamp_min(1) - 1) // per_epoch.clamp_min(1)
@@ -167,10 +206,11 @@ class CohortTrainer:
             epochs = torch.full_like(sizes, self.local.epochs)
             steps = per_epoch * self.local.epochs
         e_max = max(int(epochs.max()), 1)
-        padded = torch.zeros(k, n_max, dtype=torch.long)
-        for i, ix in enumerate(lists):
-            padded[i, : len(ix)] = ix
-        ids = torch.tensor([mix_seed(seed, round_index, c) for c in client_ids], dtype=torch.long)
+        # Each client's indices, padded: one gather from the population's concatenated indices.
+        span = torch.arange(n_max).view(1, n_max)
+        padded = flat[(starts[cohort].view(k, 1) + span).clamp(max=max(len(flat) - 1, 0))]
+        padded = padded.masked_fill(span >= sizes.view(k, 1), 0) if len(flat) else torch.zeros(k, n_max, dtype=torch.long)
+        ids = mix_seeds(seed, round_index, cohort)
         slot = torch.arange(n_max).view(1, 1, n_max)
         epoch = torch.arange(e_max).view(1, e_max, 1)
         pos = (epoch << 32) + slot  # a position's key must not depend on the cohort's n_max
@@ -187,6 +227,21 @@ class CohortTrainer:
         out[rows[valid], target[valid]] = picked[valid]
         s_max = int(steps.max()) if k else 0
         return out[:, : s_max * b].reshape(k, s_max, b), steps
+
+    def _flat_indices(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The population's sample indices concatenated, each client's start, and its size.
+
+        Built once (client data does not change during a run), so a cohort's padded index
+        matrix is one gather instead of a Python loop over clients."""
+        if self._flat is None:
+            lists = self.data.client_indices
+            sizes = torch.tensor([len(ix) for ix in lists], dtype=torch.long)
+            starts = torch.zeros(len(lists), dtype=torch.long)
+            if len(lists) > 1:
+                starts[1:] = sizes.cumsum(0)[:-1]
+            flat = torch.cat([ix.to(torch.long) for ix in lists]) if lists else torch.zeros(0, dtype=torch.long)
+            self._flat = (flat, starts, sizes)
+        return self._flat
 
     def _views(self, flat: torch.Tensor, entries, base: int) -> dict[str, torch.Tensor]:
         lead = tuple(flat.shape[:-1])
@@ -215,31 +270,44 @@ class CohortTrainer:
     ) -> CohortResult:
         """Local training of `client_ids`; `schedule` (`[K, S, B]` indices, `[K]` steps) may be
         given when the caller computed the cohort's batches at once (the sequential runtime)."""
+        idx, steps = schedule if schedule is not None else self.schedule(client_ids, seed, round_index)
+        if getattr(self.algorithm, "zeroth_order", False):
+            return self._train_zeroth_order(client_ids, global_params, idx, steps, seed, round_index)
+        # Clients with more steps first: at step s only the prefix of clients that still have a
+        # batch trains, so a cohort with unequal data does not pay for its padding (on a
+        # Dirichlet split most of a lock-step cohort's work was padding). The order is undone
+        # before returning; a client's arithmetic does not depend on it.
+        order = torch.argsort(steps, descending=True, stable=True)
+        if len(client_ids) > 1 and bool((order != torch.arange(len(order))).any()):
+            starts = global_params[order] if global_params.dim() == 2 else global_params
+            result = self._train_sorted(
+                [client_ids[i] for i in order.tolist()], starts, server_state,
+                [client_states[i] for i in order.tolist()], idx[order], steps[order],
+            )
+            return result.take(torch.argsort(order))
+        return self._train_sorted(client_ids, global_params, server_state, client_states, idx, steps)
+
+    def _train_sorted(
+        self,
+        client_ids: list[int],
+        global_params: torch.Tensor,
+        server_state: State,
+        client_states: list[State],
+        idx: torch.Tensor,
+        steps: torch.Tensor,
+    ) -> CohortResult:
+        """`train` for a cohort whose step counts do not increase along it."""
         k = len(client_ids)
         pt = self._num_trainable
         hp = self.local
-        idx, steps = schedule if schedule is not None else self.schedule(client_ids, seed, round_index)
         num_steps = idx.shape[1]
-        if getattr(self.algorithm, "zeroth_order", False):
-            return self._train_zeroth_order(client_ids, global_params, idx, steps, seed, round_index)
-
         theta, bufs = _start(global_params, k, pt)
         theta0 = global_params[..., :pt]
-        # Autograd leaves that are views into `theta`'s storage: the optimizer updates `theta` in
-        # place and the leaves see it, and gradients come per layer with no slicing in the graph
-        # (backward through slices of one [K, P] leaf materializes a [K, P] zero tensor per layer).
         # One client without batched kernels: plain functional_call on unstacked views.
         plain = k == 1 and self._batched is None
-        lead = theta[0] if plain else theta
-        leaves = {n: v.detach().requires_grad_(True) for n, v in self._views(lead, self._train_entries, 0).items()}
-        params = dict(leaves)
-        if self._buffer_entries:
-            params.update(self._views(bufs[0] if plain else bufs, self._buffer_entries, pt))
         # Gradients accumulate straight into views of one flat buffer (zeroed each step), so the
         # optimizer step needs no concatenation of per-layer gradients.
         grad = torch.zeros(k, pt)
-        for name, view in self._views(grad[0] if plain else grad, self._train_entries, 0).items():
-            leaves[name].grad = view
         momentum = torch.zeros(k, pt) if hp.momentum else None
         ctx = self.algorithm.begin(global_params, server_state, client_states)
         loss_sum = torch.zeros(k)
@@ -258,8 +326,43 @@ class CohortTrainer:
             xs = self._x[by_step] if whole else None
             ys = self._y[by_step]
 
+        live = -1  # clients in the training prefix the current leaves were made for
+        params: dict[str, torch.Tensor] = {}
         self.module.train()
         for s in range(num_steps):
+            m = int((steps > s).sum()) if k > 1 else 1
+            if m != live:
+                # Autograd leaves that are views into `theta`'s storage: the optimizer updates
+                # `theta` in place and the leaves see it, and gradients come per layer with no
+                # slicing in the graph.
+                live = m
+                lead = theta[0] if plain else theta[:m]
+                grads = self._views(grad[0] if plain else grad[:m], self._train_entries, 0)
+                leaves = {n: v.detach().requires_grad_(self._manual is None)
+                          for n, v in self._views(lead, self._train_entries, 0).items()}
+                if self._manual is None:
+                    for name, view in grads.items():
+                        leaves[name].grad = view
+                params = dict(leaves)
+                if self._buffer_entries:
+                    params.update(self._views(bufs[0] if plain else bufs[:m], self._buffer_entries, pt))
+            if self._manual is not None:
+                if k == 1:
+                    ix = batches[s]
+                    x, y = self._x[ix].unsqueeze(0), self._y[ix].unsqueeze(0)
+                    scale = torch.full((1, len(ix)), 1.0 / max(len(ix), 1))
+                    n_b = torch.tensor([float(len(ix))])
+                else:
+                    x = xs[s, :m] if xs is not None else self._x[idx[:m, s]]
+                    y, n_b = ys[s, :m], counts[:m, s]
+                    scale = weights[:m, s] / n_b.clamp_min(1.0).unsqueeze(1)
+                per_sample = self._manual(params, grads, x, y, scale)
+                loss_sum[:m] += (per_sample * scale).sum(dim=1) * n_b.clamp_min(1.0)
+                seen[:m] += n_b
+                with torch.no_grad():
+                    self._step(theta[:m], grad[:m], theta0[:m] if theta0.dim() == 2 else theta0,
+                               None if momentum is None else momentum[:m], _rows(ctx, k, m))
+                continue
             if k == 1:
                 ix = batches[s]
                 x = self._x[ix]
@@ -269,25 +372,26 @@ class CohortTrainer:
                 loss = per_sample.mean()
                 loss_sum += per_sample.detach().sum()
                 seen += len(ix)
-                active = None
             else:
-                w = weights[:, s]
-                n_b = counts[:, s]
-                out = self._forward_many(params, xs[s] if xs is not None else self._x[idx[:, s]])
-                per_sample = self.loss_fn(out.flatten(0, 1), ys[s].flatten()).view(k, -1)
+                w = weights[:m, s]
+                n_b = counts[:m, s]
+                x = xs[s, :m] if xs is not None else self._x[idx[:m, s]]
+                out = self._forward_many(params, x)
+                per_sample = self.loss_fn(out.flatten(0, 1), ys[s, :m].flatten()).view(m, -1)
                 weighted = (per_sample * w).sum(dim=1)
                 loss = (weighted / n_b.clamp_min(1.0)).sum()
-                loss_sum += weighted.detach()
-                seen += n_b
-                active = None if bool((n_b > 0).all()) else (n_b > 0).to(torch.float32)
+                loss_sum[:m] += weighted.detach()
+                seen[:m] += n_b
             grad.zero_()
             loss.backward()
             with torch.no_grad():
-                self._step(theta, grad, theta0, momentum, active, ctx)
+                rows = _rows(ctx, k, m)
+                self._step(theta[:m], grad[:m], theta0[:m] if theta0.dim() == 2 else theta0,
+                           None if momentum is None else momentum[:m], rows)
 
         final = torch.cat([theta, bufs], dim=1)
         uploads, new_states = self.algorithm.end(global_params, final, steps, hp.lr, ctx)
-        sizes = torch.tensor([len(self.data.client_indices[c]) for c in client_ids], dtype=torch.long)
+        sizes = self._flat_indices()[2][torch.as_tensor(client_ids, dtype=torch.long)]
         return CohortResult(
             list(client_ids), final - global_params, uploads, sizes, steps,
             loss_sum / seen.clamp_min(1.0), new_states,
@@ -346,27 +450,17 @@ class CohortTrainer:
         grad: torch.Tensor,
         theta0: torch.Tensor,
         momentum: torch.Tensor | None,
-        active: torch.Tensor | None,
         ctx: State,
     ) -> None:
-        """SGD with weight decay and (Nesterov) momentum, as `torch.optim.SGD`, on the stack."""
+        """SGD with weight decay and (Nesterov) momentum, as `torch.optim.SGD`, on the stack of
+        clients that train this step (finished clients are outside it: frozen)."""
         hp = self.local
         if hp.weight_decay:
             grad.add_(theta, alpha=hp.weight_decay)
         self.algorithm.correct(theta, grad, theta0, ctx)
-        if active is not None:  # finished clients: no gradient and no momentum change
-            grad.mul_(active.unsqueeze(1))
         if momentum is not None:
-            if active is None:
-                momentum.mul_(hp.momentum).add_(grad)
-            else:
-                momentum.mul_(1.0 - active.unsqueeze(1) * (1.0 - hp.momentum)).add_(grad)
-            if hp.nesterov:
-                grad = grad.add(momentum, alpha=hp.momentum)
-                if active is not None:
-                    grad.mul_(active.unsqueeze(1))
-            else:
-                grad = momentum if active is None else momentum * active.unsqueeze(1)
+            momentum.mul_(hp.momentum).add_(grad)
+            grad = grad.add(momentum, alpha=hp.momentum) if hp.nesterov else momentum
         theta.sub_(grad, alpha=hp.lr)
 
     # -------------------------------------------------------------- estimates
