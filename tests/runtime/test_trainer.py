@@ -179,3 +179,11 @@ def test_hand_written_backward_equals_autograd_path(algorithm):
     assert torch.allclose(results[0].deltas, results[1].deltas, atol=1e-6)
     assert torch.allclose(results[0].train_loss, results[1].train_loss, atol=1e-6)
     assert results[0].deltas.abs().sum() > 0
+
+
+def test_vectorized_seed_mixing_equals_the_scalar_one():
+    from koinon.runtime.trainer import mix_seed, mix_seeds
+
+    clients = torch.tensor([0, 1, 7, 99_999, -1, 2**40])
+    for seed, r in [(0, 0), (7, 3), (123_456_789, 10**6), (-5, 2)]:
+        assert mix_seeds(seed, r, clients).tolist() == [mix_seed(seed, r, int(c)) for c in clients]

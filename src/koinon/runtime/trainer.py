@@ -75,9 +75,8 @@ def mix_seeds(seed: int, round_index: int, clients: torch.Tensor) -> torch.Tenso
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
         h = z ^ (z >> 31)
     signed = h - (1 << 64) if h >= 1 << 63 else h
-    z = torch.as_tensor(clients, dtype=torch.long) ^ signed
-    z = z + _GOLDEN
-    return _shr(_hash64(z), 1)
+    mixed = (torch.as_tensor(clients, dtype=torch.long) ^ signed) + _GOLDEN
+    return _shr(_hash64(mixed), 1)
 
 
 @dataclass
