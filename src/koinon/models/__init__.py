@@ -75,3 +75,6 @@ def build_model(
         return MODELS.build(
             name, options, "model", input_shape=input_shape, num_classes=num_classes
         )
+
+
+from koinon.models import charlm as _charlm  # noqa: E402, F401  (registers char_transformer)

@@ -1,0 +1,276 @@
+"""The DiLoCo-family step machine, shared by the simulation and the worker processes.
+
+An `IslandsEngine` holds a stack of K workers (all M in simulation, one in a worker process)
+plus the *shared* state every worker agrees on bit for bit: the global parameters `theta`, the
+outer momentum and, for CO2, the in-flight average. Communication goes through an `Exchange`:
+each worker's pseudo-gradient is encoded by the codec into real bytes, every member receives
+every member's bytes, and each decodes them and averages in ascending worker-id order. Because
+decoding is deterministic and the summation order fixed, every worker computes the same new
+`theta`, whichever mode it runs in.
+
+Sync events happen every `inner_steps / fragments` inner steps; event i carries fragment
+i mod P. With overlap tau > 0 a fragment's average is applied to `theta` at once (shared state
+stays identical) but merged into the local parameters only tau inner steps later:
+`local <- alpha * local + (1 - alpha) * theta`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from koinon.compress.base import Codec, CodecState
+from koinon.islands import inner
+from koinon.islands.fragments import fragment_at, fragment_indices
+from koinon.islands.outer import co2_penalty, co2_step, outer_sgd
+from koinon.islands.spec import IslandsSpec
+from koinon.params import Layout
+
+CodecFactory = Callable[[int], Codec]
+"""Builds the codec for a fragment of n elements."""
+
+
+class Exchange(Protocol):
+    """Delivers every member's payload to every member (an all-gather of bytes)."""
+
+    def gather(
+        self, sync_index: int, payloads: dict[int, bytes], engine: IslandsEngine
+    ) -> dict[int, bytes]:
+        """All members' payloads by worker id; an empty payload is a member with nothing to
+        add (a worker that has just joined and received the shared state from a peer)."""
+        ...
+
+
+class LocalExchange:
+    """Simulation: every worker lives in this process, so the gather is the payloads given."""
+
+    def gather(
+        self, sync_index: int, payloads: dict[int, bytes], engine: IslandsEngine
+    ) -> dict[int, bytes]:
+        return dict(sorted(payloads.items()))
+
+
+class IslandsEngine:
+    """K workers' local training plus the shared DiLoCo/CO2/sync state."""
+
+    def __init__(
+        self, spec: IslandsSpec, model: nn.Module, layout: Layout, x_train: torch.Tensor,
+        y_train: torch.Tensor, shards: dict[int, torch.Tensor], codec_factory: CodecFactory,
+        seed: int,
+    ) -> None:
+        self.spec = spec
+        self.layout = layout
+        self.x_train, self.y_train = x_train, y_train
+        self.shards = dict(sorted(shards.items()))
+        self.worker_ids = list(self.shards)
+        self.seed = seed
+        numel = layout.numel
+        if spec.mode == "diloco":
+            self.fragments = fragment_indices(layout, spec.fragments, spec.fragment_pattern)
+        else:
+            self.fragments = [torch.arange(numel)]
+        self.codecs = [codec_factory(len(idx)) for idx in self.fragments]
+        self.grad_fn = inner.make_stack_grad(inner.make_loss(model, layout), spec.vectorized)
+        self.theta = layout.flatten(model)
+        self.outer_m = torch.zeros(numel)
+        self.step = 0
+        self.sync_index = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.last_members: list[int] = list(self.worker_ids)
+        self._reset_local()
+        self.codec_states: dict[tuple[int, int], CodecState] = {}
+        self.co2_pending: torch.Tensor | None = None
+        self.co2_previous: torch.Tensor | None = None
+
+    def _reset_local(self) -> None:
+        """Local parameters := theta, fresh local optimizer state (start, and after joining)."""
+        k, numel = len(self.worker_ids), self.layout.numel
+        self.local = self.theta.repeat(k, 1)
+        self.round_start = self.local.clone()
+        rows = 1 if self.spec.mode == "sync" else k  # sync: one optimizer, on theta
+        self.inner_state = inner.init_inner_state(rows, numel)
+        self.merges: list[tuple[int, int]] = []  # (apply at inner step, fragment)
+
+    # ------------------------------------------------------------------ training
+
+    def run_steps(self, num_steps: int, exchange: Exchange) -> float:
+        """`num_steps` inner steps with every sync event that falls among them; mean train loss."""
+        total = 0.0
+        for _ in range(num_steps):
+            total += self._inner_step(exchange)
+        return total / max(num_steps, 1)
+
+    def _batches(self) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for w in self.worker_ids:
+            gen = inner.batch_generator(self.seed, w, self.step)
+            x, y = inner.sample_batch(self.x_train, self.y_train, self.shards[w],
+                                      self.spec.batch_size, gen)
+            xs.append(x)
+            ys.append(y)
+        return torch.stack(xs), torch.stack(ys)
+
+    def _inner_step(self, exchange: Exchange) -> float:
+        xb, yb = self._batches()
+        grads, losses = self.grad_fn(self.local, xb, yb)
+        if self.spec.mode == "sync":
+            avg = self._exchange(exchange, grads, fragment=0)
+            avg = inner.clip_rows(avg.unsqueeze(0), self.spec.grad_clip)
+            theta = self.theta.unsqueeze(0)
+            inner.inner_step(theta, avg, self.inner_state, self.spec)
+            self.local.copy_(theta.expand_as(self.local))
+            self.step += 1
+            self.sync_index += 1
+        else:
+            inner.inner_step(self.local, inner.clip_rows(grads, self.spec.grad_clip),
+                             self.inner_state, self.spec)
+            self.step += 1
+            self._apply_due_merges()
+            if self.step % self.spec.sync_period == 0:
+                self.sync(exchange)
+        return float(losses.mean())
+
+    def sync(self, exchange: Exchange, joining: bool = False) -> None:
+        """One sync event. `joining`: this engine has no pseudo-gradient yet; the exchange
+        loads the shared state from a peer, then the engine applies the same update as all."""
+        if self.spec.mode == "co2":
+            self._sync_co2(exchange, joining)
+            return
+        p = fragment_at(self.sync_index, self.spec.fragments)
+        idx = self.fragments[p]
+        deltas = self.theta[idx].unsqueeze(0) - self.local[:, idx]
+        avg = self._exchange(exchange, deltas, p, joining)
+        p = fragment_at(self.sync_index, self.spec.fragments)  # a joiner learns it just now
+        idx = self.fragments[p]
+        theta, momentum = self.theta[idx], self.outer_m[idx]
+        outer_sgd(theta, momentum, avg, self.spec.outer_lr, self.spec.outer_momentum,
+                  nesterov=self.spec.outer_optimizer == "nesterov")
+        self.theta[idx] = theta
+        self.outer_m[idx] = momentum
+        self.sync_index += 1
+        if self.spec.overlap:
+            self.merges.append((self.step + self.spec.overlap, p))
+        else:
+            self._merge(p)
+
+    def _sync_co2(self, exchange: Exchange, joining: bool) -> None:
+        """CO2: send this round's local progress; apply last round's average (one stale)."""
+        deltas = self.round_start - self.local
+        fresh = self._exchange(exchange, deltas, 0, joining)
+        s = self.spec
+        if self.co2_pending is not None:
+            lam = co2_penalty(self.co2_pending, self.co2_previous, s.co2_penalty)
+            co2_step(self.theta, self.outer_m, self.co2_pending, lam, s.outer_lr,
+                     s.outer_momentum, s.co2_clip)
+            self.co2_previous = self.co2_pending
+        self.co2_pending = fresh
+        # Each worker keeps its own in-flight progress on top of the agreed parameters.
+        self.local = self.theta.unsqueeze(0) - (self.round_start - self.local)
+        self.round_start = self.local.clone()
+        self.sync_index += 1
+
+    def _apply_due_merges(self) -> None:
+        due = [p for at, p in self.merges if at <= self.step]
+        self.merges = [(at, p) for at, p in self.merges if at > self.step]
+        for p in due:
+            self._merge(p)
+
+    def _merge(self, p: int) -> None:
+        idx = self.fragments[p]
+        a = self.spec.alpha
+        self.local[:, idx] = a * self.local[:, idx] + (1 - a) * self.theta[idx].unsqueeze(0)
+
+    # ------------------------------------------------------------------ communication
+
+    def _exchange(
+        self, exchange: Exchange, rows: torch.Tensor, fragment: int, joining: bool = False
+    ) -> torch.Tensor:
+        """Encode each local row, gather every member's bytes, decode, average in id order."""
+        payloads: dict[int, bytes] = {}
+        for k, w in enumerate(self.worker_ids):
+            payloads[w] = b"" if joining else self._encode(w, fragment, rows[k])
+        got = exchange.gather(self.sync_index, payloads, self)
+        fragment = fragment_at(self.sync_index, self.spec.fragments) if self.spec.mode == "diloco" else 0
+        codec = self.codecs[fragment]
+        total: torch.Tensor | None = None
+        count = 0
+        for w in sorted(got):
+            if not got[w]:
+                continue
+            decoded = codec.decode(got[w])
+            total = decoded if total is None else total + decoded
+            count += 1
+        if total is None:
+            raise RuntimeError(f"sync {self.sync_index}: no member sent a pseudo-gradient")
+        sizes = sum(len(b) for b in got.values())
+        self.bytes_sent += sizes
+        self.bytes_received += (len(got) - 1) * sizes
+        self.last_members = sorted(got)
+        return total / count
+
+    def _encode(self, worker_id: int, fragment: int, row: torch.Tensor) -> bytes:
+        key = (worker_id, fragment)
+        codec = self.codecs[fragment]
+        state = self.codec_states.get(key)
+        if state is None:
+            state = codec.init_state()
+        gen = torch.Generator().manual_seed(
+            ((self.seed * 7919 + worker_id) * 1_000_003 + self.sync_index) * 64 + fragment
+        )
+        data, self.codec_states[key] = codec.encode(row.contiguous(), state, gen)
+        return data
+
+    # ------------------------------------------------------------------ state
+
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        """What a joining worker needs from a live peer to continue in lockstep."""
+        out = {
+            "theta": self.theta, "outer_m": self.outer_m,
+            "counters": torch.tensor([self.step, self.sync_index], dtype=torch.float64),
+        }
+        if self.co2_pending is not None:
+            out["co2_pending"] = self.co2_pending
+        if self.co2_previous is not None:
+            out["co2_previous"] = self.co2_previous
+        if self.spec.mode == "sync":
+            out.update({f"opt.{k}": v for k, v in self.inner_state.items()})
+        return {k: v.detach().clone() for k, v in out.items()}
+
+    def load_shared_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.theta = state["theta"].clone()
+        self.outer_m = state["outer_m"].clone()
+        self.step, self.sync_index = (int(v) for v in state["counters"].tolist())
+        self.co2_pending = state.get("co2_pending")
+        self.co2_previous = state.get("co2_previous")
+        self._reset_local()
+        if self.spec.mode == "sync":
+            self.inner_state = {k[4:]: v.clone() for k, v in state.items() if k.startswith("opt.")}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything (shared and local) for a bit-identical resume of the simulation."""
+        out = self.shared_state()
+        out["local"] = self.local.clone()
+        out["round_start"] = self.round_start.clone()
+        out["bytes"] = torch.tensor([self.bytes_sent, self.bytes_received], dtype=torch.float64)
+        out["merges"] = torch.tensor(self.merges, dtype=torch.long).reshape(-1, 2)
+        out.update({f"inner.{k}": v.clone() for k, v in self.inner_state.items()})
+        for (w, p), st in self.codec_states.items():
+            out.update({f"codec.{w}.{p}.{k}": v.clone() for k, v in st.items()})
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.load_shared_state(state)
+        self.local = state["local"].clone()
+        self.round_start = state["round_start"].clone()
+        self.bytes_sent, self.bytes_received = (int(v) for v in state["bytes"].tolist())
+        self.merges = [(int(a), int(b)) for a, b in state["merges"].tolist()]
+        self.inner_state = {k[6:]: v.clone() for k, v in state.items() if k.startswith("inner.")}
+        self.codec_states = {}
+        for key, value in state.items():
+            if key.startswith("codec."):
+                _, w, p, name = key.split(".", 3)
+                self.codec_states.setdefault((int(w), int(p)), {})[name] = value.clone()
