@@ -215,3 +215,22 @@ def test_encode_rejects_wrong_size_and_nonfinite() -> None:
         codec.encode(torch.zeros(P + 1), {}, torch.Generator())
     with pytest.raises(CodecError, match="NaN"):
         codec.encode(torch.full((P,), float("nan")), {}, torch.Generator())
+
+
+@pytest.mark.parametrize("name", ["identity", "fp16"])
+def test_dense_batch_path_gives_the_same_bytes_and_values(name):
+    from torch import nn
+
+    from koinon.compress import build_codec
+    from koinon.params import Layout
+
+    codec = build_codec(name, {}, Layout.from_module(nn.Linear(7, 3)))
+    stack = torch.randn(5, 24, generator=torch.Generator().manual_seed(0))
+    payloads = codec.encode_batch(stack)
+    assert payloads == [codec.encode(row, {}, torch.Generator())[0] for row in stack]
+    rows, errors = codec.decode_batch([*payloads[:2], payloads[2][:-1], *payloads[3:]])
+    assert errors[2] is not None and "expected exactly" in errors[2]
+    assert [e is None for e in errors] == [True, True, False, True, True]
+    for i in (0, 1, 3, 4):
+        assert torch.equal(rows[i], codec.decode(payloads[i]))
+    assert not rows[2].any()
