@@ -43,6 +43,10 @@ class Exchange(Protocol):
         add (a worker that has just joined and received the shared state from a peer)."""
         ...
 
+    def after_sync(self, engine: IslandsEngine) -> None:
+        """Called once the engine has applied a sync event (workers publish a hash here)."""
+        ...
+
 
 class LocalExchange:
     """Simulation: every worker lives in this process, so the gather is the payloads given."""
@@ -51,6 +55,9 @@ class LocalExchange:
         self, sync_index: int, payloads: dict[int, bytes], engine: IslandsEngine
     ) -> dict[int, bytes]:
         return dict(sorted(payloads.items()))
+
+    def after_sync(self, engine: IslandsEngine) -> None:
+        """Nothing to publish in one process."""
 
 
 class IslandsEngine:
@@ -118,13 +125,7 @@ class IslandsEngine:
         xb, yb = self._batches()
         grads, losses = self.grad_fn(self.local, xb, yb)
         if self.spec.mode == "sync":
-            avg = self._exchange(exchange, grads, fragment=0)
-            avg = inner.clip_rows(avg.unsqueeze(0), self.spec.grad_clip)
-            theta = self.theta.unsqueeze(0)
-            inner.inner_step(theta, avg, self.inner_state, self.spec)
-            self.local.copy_(theta.expand_as(self.local))
-            self.step += 1
-            self.sync_index += 1
+            self._sync_dp(exchange, grads, joining=False)
         else:
             inner.inner_step(self.local, inner.clip_rows(grads, self.spec.grad_clip),
                              self.inner_state, self.spec)
@@ -134,9 +135,23 @@ class IslandsEngine:
                 self.sync(exchange)
         return float(losses.mean())
 
+    def _sync_dp(self, exchange: Exchange, grads: torch.Tensor, joining: bool) -> None:
+        """Synchronous data parallel: average the gradients, one optimizer step on theta."""
+        avg = self._exchange(exchange, grads, 0, joining)
+        avg = inner.clip_rows(avg.unsqueeze(0), self.spec.grad_clip)
+        theta = self.theta.unsqueeze(0)
+        inner.inner_step(theta, avg, self.inner_state, self.spec)
+        self.local = theta.expand(len(self.worker_ids), -1).clone()
+        self.step += 1
+        self.sync_index += 1
+        exchange.after_sync(self)
+
     def sync(self, exchange: Exchange, joining: bool = False) -> None:
         """One sync event. `joining`: this engine has no pseudo-gradient yet; the exchange
         loads the shared state from a peer, then the engine applies the same update as all."""
+        if self.spec.mode == "sync":
+            self._sync_dp(exchange, torch.zeros_like(self.local), joining)
+            return
         if self.spec.mode == "co2":
             self._sync_co2(exchange, joining)
             return
@@ -156,6 +171,7 @@ class IslandsEngine:
             self.merges.append((self.step + self.spec.overlap, p))
         else:
             self._merge(p)
+        exchange.after_sync(self)
 
     def _sync_co2(self, exchange: Exchange, joining: bool) -> None:
         """CO2: send this round's local progress; apply last round's average (one stale)."""
@@ -172,6 +188,7 @@ class IslandsEngine:
         self.local = self.theta.unsqueeze(0) - (self.round_start - self.local)
         self.round_start = self.local.clone()
         self.sync_index += 1
+        exchange.after_sync(self)
 
     def _apply_due_merges(self) -> None:
         due = [p for at, p in self.merges if at <= self.step]

@@ -1,0 +1,212 @@
+"""`koinon launch`: start M DiLoCo worker processes on this machine and coordinate them.
+
+The launcher hosts the TCPStore (127.0.0.1 and an ephemeral port by default), runs the
+`Coordinator` in a thread, starts `python -m koinon.islands.worker` processes, and when they are
+done writes `summary.json`: which workers survived, whether their shared parameters are
+bit-identical (one SHA-256 for all), the final validation loss, bytes exchanged and the
+coordinator's log. Fault injection for tests and demos: `--crash W@STEP` kills worker W at inner
+step STEP (SIGKILL, no clean-up); `--join-at S` starts a new worker when sync event S begins,
+which receives the state from a live peer. `--join HOST:PORT` joins a running launch from
+another shell or machine as one more worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from torch.distributed import TCPStore
+
+from koinon.errors import ConfigError, KoinonError
+from koinon.experiment.checkpoint import atomic_write_text
+from koinon.experiment.config import Config, load_config
+from koinon.islands.build import build_parts
+from koinon.islands.membership import Coordinator
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="koinon launch", description=__doc__.splitlines()[0])
+    p.add_argument("config", help="TOML config with topology.name = 'diloco'")
+    p.add_argument("--workers", type=int, default=0, help="number of worker processes M")
+    p.add_argument("--out", help="run folder (default runs/<config name>-launch)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--host", default="127.0.0.1", help="address the store listens on")
+    p.add_argument("--port", type=int, default=0, help="store port (0: an ephemeral port)")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds any wait may take before a silent worker is dropped")
+    p.add_argument("--crash", action="append", default=[], metavar="W@STEP",
+                   help="fault injection: kill worker W at inner step STEP")
+    p.add_argument("--join-at", type=int, action="append", default=[], metavar="S",
+                   help="start one new worker when sync event S begins")
+    p.add_argument("--join", metavar="HOST:PORT", help="join a running launch as a new worker")
+    return p
+
+
+def _parse_crashes(items: list[str]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for item in items:
+        w, sep, step = item.partition("@")
+        if not sep or not w.isdigit() or not step.isdigit() or int(step) < 1:
+            raise ConfigError(f"--crash {item!r}: expected WORKER@STEP, e.g. --crash 1@30")
+        out[int(w)] = int(step)
+    return out
+
+
+def launch(
+    cfg: Config, workers: int, out: str | Path, *, host: str = "127.0.0.1", port: int = 0,
+    timeout_s: float = 60.0, crashes: dict[int, int] | None = None,
+    join_at: list[int] | None = None, overwrite: bool = False, max_wall_s: float = 0.0,
+) -> dict[str, Any]:
+    """Run a DiLoCo job as real processes; returns (and writes) the summary."""
+    if workers < 1:
+        raise ConfigError(f"--workers = {workers}: must be >= 1")
+    if cfg.topology.name != "diloco":
+        raise ConfigError(f"topology.name = {cfg.topology.name!r}: koinon launch needs 'diloco'")
+    if timeout_s <= 0:
+        raise ConfigError(f"--timeout = {timeout_s}: must be > 0")
+    crashes = crashes or {}
+    for w in crashes:
+        if w >= workers:
+            raise ConfigError(f"--crash {w}@...: worker ids are 0..{workers - 1}")
+    cfg.diloco.options["workers"] = workers
+    build_parts(cfg)  # every config error now, in one line, before any process starts
+    out_dir = Path(out)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ConfigError(f"output folder {str(out_dir)!r} is not empty; pass --overwrite or another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in [*out_dir.glob("worker-*"), *out_dir.glob("final-*"), *out_dir.glob("params-*")]:
+        old.unlink()
+    atomic_write_text(out_dir / "config.toml", cfg.to_toml())
+    store = TCPStore(host, port, is_master=True, wait_for_workers=False,
+                     timeout=timedelta(seconds=timeout_s))
+    store.add("next_id", workers)
+    procs: dict[int, subprocess.Popen] = {}
+    lock = threading.Lock()
+
+    def start(worker_id: int, joining: bool) -> None:
+        cmd = [sys.executable, "-m", "koinon.islands.worker", "--store", f"{host}:{store.port}",
+               "--config", str(out_dir / "config.toml"), "--out", str(out_dir),
+               "--id", str(worker_id), "--timeout", str(timeout_s)]
+        if joining:
+            cmd.append("--join")
+        if worker_id in crashes:
+            cmd += ["--crash-at-step", str(crashes[worker_id])]
+        logf = (out_dir / f"worker-{worker_id}.log").open("w")
+        with lock:
+            procs[worker_id] = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
+
+    def alive(worker_id: int) -> bool:
+        with lock:
+            proc = procs.get(worker_id)
+        return proc is None or proc.poll() is None
+
+    pending_joins = sorted(join_at or [])
+
+    def on_sync(s: int) -> None:
+        while pending_joins and pending_joins[0] <= s:
+            pending_joins.pop(0)
+            start(int(store.add("next_id", 1)) - 1, joining=True)
+
+    started = time.monotonic()
+    for w in range(workers):
+        start(w, joining=False)
+    coordinator = Coordinator(store, list(range(workers)), alive, timeout_s, on_sync)
+    thread = threading.Thread(target=coordinator.run, daemon=True)
+    thread.start()
+    try:
+        while True:
+            with lock:
+                running = [p for p in procs.values() if p.poll() is None]
+            if not running and not thread.is_alive():
+                break
+            if not running and time.monotonic() - started > 1.0:
+                coordinator.stop()
+            if max_wall_s and time.monotonic() - started > max_wall_s:
+                raise KoinonError(f"the launch ran past {max_wall_s:.0f} s; workers stopped")
+            time.sleep(0.05)
+    finally:
+        coordinator.stop()
+        with lock:
+            for proc in procs.values():
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(timeout=10)
+        thread.join(timeout=10)
+    summary = _summarize(out_dir, procs, coordinator, time.monotonic() - started)
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1))
+    return summary
+
+
+def _summarize(out: Path, procs: dict[int, subprocess.Popen], coordinator: Coordinator,
+               wall: float) -> dict[str, Any]:
+    finals = {}
+    for w in sorted(procs):
+        path = out / f"final-{w}.json"
+        if procs[w].returncode == 0 and path.is_file():
+            finals[w] = json.loads(path.read_text())
+    hashes = sorted({f["params_sha256"] for f in finals.values()})
+    reporter = finals[min(finals)] if finals else {}
+    rounds: dict[int, dict] = {}
+    for w in sorted(procs):  # metrics.jsonl: each round from the lowest-id worker that has it
+        path = out / f"worker-{w}.jsonl"
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            rec = json.loads(line)
+            if rec["round"] not in rounds or rec["test_loss"] is not None:
+                rounds.setdefault(rec["round"], rec)
+                if rec["test_loss"] is not None and rounds[rec["round"]]["test_loss"] is None:
+                    rounds[rec["round"]] = rec
+    atomic_write_text(out / "metrics.jsonl",
+                      "".join(json.dumps(rounds[r]) + "\n" for r in sorted(rounds)))
+    log = coordinator.log
+    return {
+        "survivors": sorted(finals), "exit_codes": {str(w): p.returncode for w, p in procs.items()},
+        "identical_params": len(hashes) == 1, "params_sha256": hashes,
+        "final_test_loss": reporter.get("test_loss"),
+        "final_accuracy": reporter.get("test_accuracy"),
+        "inner_steps": reporter.get("inner_steps"), "sync_events": log.committed,
+        "uplink_bytes_total": reporter.get("uplink_bytes_total"),
+        "retries": log.retries, "dropped": log.dropped, "joined": log.joined,
+        "hash_checks": log.hash_checks, "hash_mismatches": log.hash_mismatches,
+        "coordinator_error": log.error, "wall_s": round(wall, 3),
+    }
+
+
+def _join(args: argparse.Namespace) -> int:
+    from koinon.islands.worker import main as worker_main
+
+    out = Path(args.out or Path("runs") / (Path(args.config).stem + "-join"))
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(args.config, args.overrides)
+    atomic_write_text(out / "config.toml", cfg.to_toml())
+    return worker_main(["--store", args.join, "--config", str(out / "config.toml"), "--out",
+                        str(out), "--join", "--timeout", str(args.timeout)])
+
+
+def launch_main(argv: list[str]) -> int:
+    """Entry point of `koinon launch` (argv without the command name); returns an exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.join:
+            return _join(args)
+        cfg = load_config(args.config, args.overrides)
+        out = args.out or str(Path("runs") / (Path(args.config).stem + "-launch"))
+        summary = launch(cfg, args.workers, out, host=args.host, port=args.port,
+                         timeout_s=args.timeout, crashes=_parse_crashes(args.crash),
+                         join_at=args.join_at, overwrite=args.overwrite)
+    except KoinonError as exc:
+        print(f"koinon: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"results: {out}/ (summary.json, metrics.jsonl, worker-*.jsonl)")
+    print(f"survivors {summary['survivors']}, identical parameters: {summary['identical_params']}, "
+          f"final validation loss {summary['final_test_loss']}, "
+          f"{summary['sync_events']} sync events, {summary['retries']} retries")
+    ok = summary["survivors"] and summary["identical_params"] and not summary["coordinator_error"]
+    return 0 if ok else 1
