@@ -1,15 +1,18 @@
 """Robustness matrix on digits, reported against issue 5's goals.
 
-Aggregators {mean, median, trimmed_mean, krum, multi_krum, geometric_median, centered_clipping,
-meamed, nnm+trimmed_mean, signguard, flag} x attacks {alie, ipm, sign_flip, label_flip} x
-Byzantine fraction {0, 10, 20, 30, 40 %} x Dirichlet alpha {0.5, 0.1}; base config
-`robustness.default_config()` (50 clients, 20 a round, 2 local epochs, lr 0.05, momentum 0.9,
-one seed). Prints the accuracy tables and, per alpha, whether the goals hold: with 20 %
-attackers the best configuration stays within 3 points of the attack-free accuracy, with 40 %
-within 10 points.
+Aggregators {mean, nnm+trimmed_mean, centered_clipping} (the plain baseline, the best rule we
+found, the best single rule of the earlier 30-round matrix; any registered rule can be added
+with --aggregators) x attacks {alie, ipm, sign_flip, label_flip} x Byzantine fraction
+{0, 10, 20, 30, 40 %} x Dirichlet alpha {0.5, 0.1}; base config `robustness.default_config()`
+(50 clients, 20 a round, 200 rounds of 5 local SGD steps at lr 0.1, one seed), the same for
+the attack-free and the attacked runs. Prints the accuracy tables and, per alpha, whether the
+goals hold: with 20 % attackers the best configuration stays within 3 points of the
+attack-free accuracy, with 40 % within 10 points. The reference is the best attack-free
+accuracy of any row (the strict reading); each line also gives the gap to the same rule's own
+attack-free run.
 
-    python benchmarks/robustness.py                     # the full matrix, 30 rounds
-    python benchmarks/robustness.py --rounds 10 --alphas 0.5 --out /tmp/rob
+    python benchmarks/robustness.py                     # about 7 minutes on 2 cores
+    python benchmarks/robustness.py --rounds 30 --alphas 0.5 --out /tmp/rob
 """
 
 from __future__ import annotations
@@ -21,8 +24,7 @@ from typing import Any
 
 from koinon.experiment.robustness import CLEAN, default_config, markdown, run_matrix
 
-AGGREGATORS = ["mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median",
-               "centered_clipping", "meamed", "nnm+trimmed_mean", "signguard", "flag"]
+AGGREGATORS = ["mean", "nnm+trimmed_mean", "centered_clipping"]
 ATTACKS = ["alie", "ipm", "sign_flip", "label_flip"]
 GOALS = {0.2: 3.0, 0.4: 10.0}  # fraction -> allowed loss in accuracy points
 
@@ -45,8 +47,11 @@ def goal_report(results: list[dict[str, Any]]) -> str:
                 best = max((r for r in cells if r["attack"] == attack), key=lambda r: r["accuracy"])
                 gap = reference - 100 * best["accuracy"]
                 verdict = "met" if gap <= allowed else "NOT met"
+                own = clean.get(best["aggregator"])
+                own_gap = f", {100 * own - 100 * best['accuracy']:4.1f} below its own clean" if own else ""
                 lines.append(f"  f = {fraction:.0%} {attack:10s} best {best['aggregator']:18s} "
-                             f"{100 * best['accuracy']:5.1f} %  gap {gap:5.1f} pts (goal <= {allowed:g}): {verdict}")
+                             f"{100 * best['accuracy']:5.1f} %  gap {gap:5.1f} pts{own_gap} "
+                             f"(goal <= {allowed:g}): {verdict}")
             # One configuration must face every attack: the rule with the best worst case.
             by_rule: dict[str, list[float]] = {}
             for r in cells:
@@ -63,18 +68,19 @@ def goal_report(results: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=200)
     p.add_argument("--alphas", default="0.5,0.1")
     p.add_argument("--fractions", default="0,0.1,0.2,0.3,0.4")
     p.add_argument("--aggregators", default=",".join(AGGREGATORS))
     p.add_argument("--attacks", default=",".join(ATTACKS))
     p.add_argument("--out", default="runs/robustness")
+    p.add_argument("--jobs", type=int, default=2, help="worker processes (cells are independent)")
     args = p.parse_args()
     start = time.perf_counter()
     results = run_matrix(
         default_config(), args.aggregators.split(","), args.attacks.split(","),
         [float(v) for v in args.fractions.split(",")], [float(v) for v in args.alphas.split(",")],
-        args.rounds, Path(args.out),
+        args.rounds, Path(args.out), jobs=args.jobs,
     )
     print(f"\n## Final test accuracy (%), digits MLP, {args.rounds} rounds, one seed\n")
     print(markdown(results))

@@ -181,3 +181,15 @@ def test_deterministic_and_total_without_honest_rows(name):
         mask = torch.ones(len(stack), dtype=torch.bool)
         out = ATTACKS.build(name, {}, "attack").forge(stack, mask, context(len(stack)))
         assert out.shape == stack.shape and torch.isfinite(out).all()
+
+
+def test_sign_flip_flips_each_attackers_own_update_or_the_honest_mean():
+    updates = torch.tensor([[1.0, -2.0], [4.0, 0.0], *HONEST.tolist()])
+    mask = torch.tensor([True, True, False, False, False])
+    own = ATTACKS.build("sign_flip", {"scale": 2.0}, "attack").forge(updates, mask, context(5))
+    assert torch.equal(own[:2], torch.tensor([[-2.0, 4.0], [-8.0, 0.0]]))
+    byzfl = ATTACKS.build("sign_flip", {"of": "honest_mean"}, "attack").forge(updates, mask, context(5))
+    assert torch.equal(byzfl[:2], (-MEAN).expand(2, 2))
+    assert torch.equal(byzfl[2:], HONEST)
+    with pytest.raises(ValueError, match="attack.of"):
+        ATTACKS.get("sign_flip")(of="mean")

@@ -14,30 +14,36 @@ interrupted matrix keeps what it measured), `robustness.md` (one accuracy table 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from koinon.errors import KoinonError
 from koinon.experiment.checkpoint import atomic_write_text
 from koinon.experiment.config import Config, load_config
 
-if TYPE_CHECKING:
-
-    pass
-
 CLEAN = "none"
 
 
 def default_config() -> Config:
-    """Digits, 50 clients with a Dirichlet label skew, 20 a round: the MLP reaches about 90 %
-    in 30 rounds on the vectorized runtime, about a second a run on one core."""
+    """Digits, 50 clients with a Dirichlet label skew, 20 a round, 200 rounds of 5 local steps.
+
+    Short local work (5 plain SGD steps at lr 0.1, no local momentum) over many rounds, rather
+    than 2 epochs with momentum 0.9 over 30 rounds: a robust rule discards or mixes part of
+    every round's signal, so it needs rounds to converge, and small local steps keep the honest
+    updates close to each other under label skew (less client drift), which is what distance-
+    and rank-based rules rely on. The MLP reaches about 95 % attack-free at alpha 0.5, about
+    8 s a run on one core (vectorized runtime).
+    """
     return Config().with_overrides({
         "data.name": "digits", "data.partition": "dirichlet", "data.num_clients": 50,
-        "server.clients_per_round": 20, "server.rounds": 30, "client.epochs": 2,
-        "client.lr": 0.05, "client.momentum": 0.9, "runtime.name": "vectorized",
+        "server.clients_per_round": 20, "server.rounds": 200, "client.epochs": 1,
+        "client.steps": 5, "client.lr": 0.1, "client.momentum": 0.0,
+        "runtime.name": "vectorized",
     })
 
 
@@ -78,27 +84,54 @@ def run_cell(base_config: Config, aggregator: str, attack: str, fraction: float,
     return record
 
 
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def run_matrix(base_config: Config, aggregators: list[str], attacks: list[str],
                fractions: list[float], alphas: list[float], rounds: int, out_dir: Path,
-               *, progress: bool = True) -> list[dict[str, Any]]:
-    """Run every cell, write the JSON, the markdown tables and a heat map per alpha."""
+               *, progress: bool = True, jobs: int = 1) -> list[dict[str, Any]]:
+    """Run every cell, write the JSON, the markdown tables and a heat map per alpha.
+
+    `jobs > 1` runs cells in that many worker processes (one torch thread each): cells are
+    independent and seeded, so the numbers do not depend on `jobs`; results keep cell order.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cells = _cells(aggregators, attacks, fractions, alphas)
     results: list[dict[str, Any]] = []
-    for i, (alpha, aggregator, attack, fraction) in enumerate(cells, start=1):
-        record = run_cell(base_config, aggregator, attack, fraction, alpha, rounds)
+    with contextlib.ExitStack() as stack:
+        if jobs > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            pool = stack.enter_context(ProcessPoolExecutor(
+                jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread))
+            records = pool.map(run_cell, *zip(*[(base_config, g, a, f, al, rounds)
+                                                for al, g, a, f in cells], strict=True))
+        else:
+            records = (run_cell(base_config, g, a, f, al, rounds) for al, g, a, f in cells)
+        _collect(records, cells, results, out_dir, base_config, rounds, progress)
+    atomic_write_text(out_dir / "robustness.md", markdown(results))
+    for alpha in alphas:
+        plot_heatmap([r for r in results if r["alpha"] == alpha], out_dir / f"robustness_alpha{alpha}.png",
+                     f"final accuracy, Dirichlet alpha = {alpha}, {rounds} rounds")
+    return results
+
+
+def _collect(records: Iterable[dict[str, Any]], cells: list[tuple[float, str, str, float]],
+             results: list[dict[str, Any]], out_dir: Path, base_config: Config, rounds: int,
+             progress: bool) -> None:
+    for i, record in enumerate(records, start=1):
+        alpha, aggregator, attack, fraction = cells[i - 1]
         results.append(record)
         if progress:
             shown = f"{record['accuracy']:.4f}" if record["status"] == "ok" else "refused"
             print(f"[{i}/{len(cells)}] alpha={alpha} {aggregator} {attack} f={fraction}: {shown} "
                   f"({record['wall_s']:.1f} s)", file=sys.stderr, flush=True)
         _write_json(out_dir, base_config, rounds, results)
-    atomic_write_text(out_dir / "robustness.md", markdown(results))
-    for alpha in alphas:
-        plot_heatmap([r for r in results if r["alpha"] == alpha], out_dir / f"robustness_alpha{alpha}.png",
-                     f"final accuracy, Dirichlet alpha = {alpha}, {rounds} rounds")
-    return results
 
 
 def _write_json(out_dir: Path, cfg: Config, rounds: int, results: list[dict[str, Any]]) -> None:
