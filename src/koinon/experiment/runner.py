@@ -77,6 +77,8 @@ class Topology(Protocol):
 
 def build_federation(cfg: Config) -> Topology:
     """Every component of the experiment, checked; raises ConfigError before anything runs."""
+    if cfg.topology.name == "diloco":
+        return _build_diloco(cfg)
     d = cfg.data
     DATASETS.get(d.name, key="data.name")
     _check_options(DATASETS, d.name, d.options, "data", ["name", "partition", "alpha", "num_clients",
@@ -143,13 +145,26 @@ def build_federation(cfg: Config) -> Topology:
     if cfg.topology.name == "gossip":
         return _build_gossip(cfg, model, fed_data, local, algorithm, codec, aggregator, runtime)
     if cfg.topology.name != "federated":
-        raise ConfigError(f"topology.name = {cfg.topology.name!r}: allowed: federated, gossip")
+        raise ConfigError(f"topology.name = {cfg.topology.name!r}: allowed: federated, gossip, diloco")
     return _guard(
         "federation", Federation, model, fed_data, local=local, algorithm=algorithm,
         server_optimizer=optimizer, sampler=sampler, codec=codec, downlink=downlink,
         aggregator=aggregator, runtime=runtime, clients_per_round=s.clients_per_round, seed=cfg.seed,
         attack=attack, byzantine_fraction=a.fraction, downlink_delta=cfg.downlink.delta,
     )
+
+
+def _build_diloco(cfg: Config) -> Topology:
+    """Compute islands (DiLoCo family, simulated in one process); [client] and [server]
+    optimizer keys do not apply: the [diloco] section holds the inner and outer optimizers."""
+    from koinon.islands import DiLoCo, build_parts
+
+    s = cfg.server
+    for key, value in (("server.rounds", s.rounds), ("server.eval_every", s.eval_every),
+                       ("server.checkpoint_every", s.checkpoint_every)):
+        if value < 1:
+            raise ConfigError(f"{key} = {value}: must be >= 1")
+    return DiLoCo(build_parts(cfg), cfg.seed)
 
 
 def _build_gossip(cfg: Config, model, fed_data, local, algorithm, codec, aggregator, runtime) -> Topology:

@@ -28,7 +28,7 @@ from koinon.errors import ConfigError, KoinonError
 from koinon.experiment.checkpoint import atomic_write_text
 from koinon.experiment.config import Config, load_config
 from koinon.islands.build import build_parts
-from koinon.islands.membership import Coordinator
+from koinon.islands.membership import Coordinator, MembershipTimeout, wait_key
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -111,9 +111,16 @@ def launch(
     pending_joins = sorted(join_at or [])
 
     def on_sync(s: int) -> None:
+        """Start the joiners due at sync event s and wait until they ask to join, so that an
+        injected join lands exactly at s (a real joiner just arrives when it arrives)."""
         while pending_joins and pending_joins[0] <= s:
             pending_joins.pop(0)
-            start(int(store.add("next_id", 1)) - 1, joining=True)
+            worker_id = int(store.add("next_id", 1)) - 1
+            start(worker_id, joining=True)
+            try:
+                wait_key(store, f"join/{worker_id}", timeout_s, abort=lambda: not alive(worker_id))
+            except MembershipTimeout:
+                pass  # it will be left out; the summary shows it did not survive
 
     started = time.monotonic()
     for w in range(workers):

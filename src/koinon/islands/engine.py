@@ -60,6 +60,21 @@ class LocalExchange:
         """Nothing to publish in one process."""
 
 
+def average_payloads(codec: Codec, payloads: dict[int, bytes]) -> torch.Tensor:
+    """Decode every non-empty payload and average them, summing in ascending worker id (a
+    fixed order, so every member computes the same float32 result bit for bit)."""
+    total: torch.Tensor | None = None
+    count = 0
+    for w in sorted(payloads):
+        if payloads[w]:
+            decoded = codec.decode(payloads[w])
+            total = decoded if total is None else total + decoded
+            count += 1
+    if total is None:
+        raise RuntimeError("no member sent a pseudo-gradient")
+    return total / count
+
+
 class IslandsEngine:
     """K workers' local training plus the shared DiLoCo/CO2/sync state."""
 
@@ -212,22 +227,11 @@ class IslandsEngine:
             payloads[w] = b"" if joining else self._encode(w, fragment, rows[k])
         got = exchange.gather(self.sync_index, payloads, self)
         fragment = fragment_at(self.sync_index, self.spec.fragments) if self.spec.mode == "diloco" else 0
-        codec = self.codecs[fragment]
-        total: torch.Tensor | None = None
-        count = 0
-        for w in sorted(got):
-            if not got[w]:
-                continue
-            decoded = codec.decode(got[w])
-            total = decoded if total is None else total + decoded
-            count += 1
-        if total is None:
-            raise RuntimeError(f"sync {self.sync_index}: no member sent a pseudo-gradient")
         sizes = sum(len(b) for b in got.values())
         self.bytes_sent += sizes
         self.bytes_received += (len(got) - 1) * sizes
         self.last_members = sorted(got)
-        return total / count
+        return average_payloads(self.codecs[fragment], got)
 
     def _encode(self, worker_id: int, fragment: int, row: torch.Tensor) -> bytes:
         key = (worker_id, fragment)

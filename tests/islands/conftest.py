@@ -1,0 +1,29 @@
+"""Tiny DiLoCo setups: a two-layer MLP on random data, small enough to run in milliseconds."""
+
+import pytest
+import torch
+from torch import nn
+
+from koinon.compress.base import CODECS
+from koinon.islands import IslandsEngine, IslandsSpec
+from koinon.islands.build import build_codec_for
+from koinon.params import Layout
+
+
+def tiny_engine(spec: IslandsSpec, codec: str = "identity", seed: int = 0,
+                workers: list[int] | None = None) -> IslandsEngine:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    gen = torch.Generator().manual_seed(123)
+    x = torch.randn(120, 6, generator=gen)
+    y = torch.randint(3, (120,), generator=gen)
+    ids = list(range(spec.workers)) if workers is None else workers
+    shards = {w: torch.arange(w % 4, 120, 4) for w in ids}
+    assert codec in CODECS
+    return IslandsEngine(spec, model, Layout.from_module(model), x, y, shards,
+                         lambda n: build_codec_for(codec, {}, n), seed)
+
+
+@pytest.fixture
+def make_engine():
+    return tiny_engine
