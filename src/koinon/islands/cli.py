@@ -13,11 +13,13 @@ another shell or machine as one more worker.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -117,8 +119,9 @@ def launch(
             pending_joins.pop(0)
             worker_id = int(store.add("next_id", 1)) - 1
             start(worker_id, joining=True)
+            gone = functools.partial(_dead, alive, worker_id)
             try:
-                wait_key(store, f"join/{worker_id}", timeout_s, abort=lambda: not alive(worker_id))
+                wait_key(store, f"join/{worker_id}", timeout_s, abort=gone)
             except MembershipTimeout:
                 pass  # it will be left out; the summary shows it did not survive
 
@@ -150,6 +153,10 @@ def launch(
     summary = _summarize(out_dir, procs, coordinator, time.monotonic() - started)
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1))
     return summary
+
+
+def _dead(alive: Callable[[int], bool], worker_id: int) -> bool:
+    return not alive(worker_id)
 
 
 def _summarize(out: Path, procs: dict[int, subprocess.Popen], coordinator: Coordinator,
