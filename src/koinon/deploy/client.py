@@ -86,22 +86,6 @@ class DataSpec:
         return dataset
 
 
-class _OneClient(list):
-    """Index lists of a population where only client `idx` holds data (its own dataset):
-    lets `CohortTrainer` train a custom dataset under the client's global index without
-    materializing empty lists for every other index."""
-
-    def __init__(self, idx: int, indices: torch.Tensor) -> None:
-        super().__init__()
-        self.idx, self.indices = idx, indices
-
-    def __getitem__(self, i: Any) -> Any:
-        return self.indices if i == self.idx else torch.zeros(0, dtype=torch.long)
-
-    def __len__(self) -> int:
-        return self.idx + 1
-
-
 class ClientState:
     """`--state DIR`: codec and algorithm state, saved after every accepted upload."""
 
@@ -169,7 +153,10 @@ class Worker:
         from koinon.runtime import CohortTrainer
 
         fed = self.fed
-        data = FederatedData(self.dataset, _OneClient(idx, torch.arange(self.num_samples)))
+        # Other indices hold nothing; the server hands out indices after the config's partitions
+        # in join order, so this list stays short.
+        empty = torch.zeros(0, dtype=torch.long)
+        data = FederatedData(self.dataset, [empty] * idx + [torch.arange(self.num_samples)])
         fed.runtime.setup(CohortTrainer(fed.model, fed.layout, data, fed.algorithm, fed.local,
                                         loss_fn=fed.loss_fn))
         self.bound = idx
@@ -251,6 +238,9 @@ def _session(stub: Any, name: str, spec: DataSpec, state_dir: Path, worker: Work
     worker.bind(idx)
     state = ClientState(state_dir, reply.layout_hash)
     log(name, f"joined as index {idx} ({worker.num_samples} samples)")
+    if state.codec or state.algorithm:
+        log(name, f"going on with the codec/algorithm (error-feedback) state of round {state.last_round} "
+                  f"from {state_dir}")
     max_stream = worker.fed.downlink.max_bytes()
     try:
         while True:

@@ -37,7 +37,7 @@ from koinon.experiment.config import Config
 from koinon.topology.federated import Federation
 
 POLL_HOLD_S = 5.0  # a long poll waits this long for work before answering WAIT
-LIVENESS_S = 20.0  # a client that has not polled for this long is no longer "connected"
+LIVENESS_S = 10.0  # a client that has not polled for this long is no longer "connected"
 DONE_GRACE_S = 3.0  # after the last round, time for polling clients to hear DONE
 _DELTA = "delta"
 
@@ -212,7 +212,8 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
                     self.changed.wait(min(left, 1.0))
             finally:
                 member.polling -= 1
-                member.last_seen = time.monotonic()
+                # A poll cut off by the client (process gone) ends its liveness at once.
+                member.last_seen = time.monotonic() if context.is_active() else 0.0
         if self.finished:
             header = pb.TaskHeader(status=pb.TaskHeader.DONE, message="the run has finished")
             return task_messages(header, [])

@@ -1,0 +1,102 @@
+"""Server and clients as real processes on 127.0.0.1: training, SIGKILL, churn.
+
+Each test has an overall deadline (every wait in `helpers` has one), so a hang fails the test
+instead of stalling CI.
+"""
+
+import importlib.util
+import json
+import signal
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from koinon.experiment import load_config, run_experiment
+
+_spec = importlib.util.spec_from_file_location("deploy_helpers", Path(__file__).with_name("helpers.py"))
+assert _spec and _spec.loader
+h = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(h)
+
+pytestmark = pytest.mark.slow
+
+
+def simulate(config: Path, out: Path) -> dict:
+    """`koinon run` of the same config: the reference a deployment must reproduce."""
+    return run_experiment(load_config(config), out, progress=False)
+
+
+def finish(server, clients, state: Path, timeout: float = 90) -> dict:
+    assert server.wait(timeout) == 0, server.text()[-3000:]
+    for c in clients:
+        assert c.wait(30) == 0, c.text()[-3000:]
+    return json.loads((state / "summary.json").read_text())
+
+
+def test_three_clients_train_digits_to_the_simulation_model(tmp_path, certs):
+    config = h.write_config(tmp_path / "fed.toml")
+    state = tmp_path / "state"
+    server, address = h.start_server(tmp_path, config, certs, state)
+    clients = [h.start_client(tmp_path, address, certs, f"client-{i}", f"partition:{i}") for i in range(3)]
+    summary = finish(server, clients, state)
+    reference = simulate(config, tmp_path / "sim")
+    assert summary["final_accuracy"] > 0.85
+    # Same sampling, batches, codec and aggregation: bit for bit the simulated model.
+    assert summary["model_sha256"] == reference["model_sha256"]
+    records = h.metrics(state)
+    assert [r["round"] for r in records] == list(range(1, 7))
+    assert all(r["num_clients"] == 3 and not r["rejected"] for r in records)
+
+
+def test_server_sigkill_mid_round_then_restart_gives_the_uninterrupted_model(tmp_path, certs):
+    config = h.write_config(tmp_path / "fed.toml", server={"rounds": 8, "clients_per_round": 2},
+                            data={"num_clients": 3}, deploy={"min_connected": 3})
+    state = tmp_path / "state"
+    server, address = h.start_server(tmp_path, config, certs, state)
+    clients = [h.start_client(tmp_path, address, certs, f"client-{i}", f"partition:{i}") for i in range(3)]
+    h.wait_for(lambda: h.committed_rounds(state) >= 3, 60, server, "three rounds")
+    # Kill while a round is open with an update already accepted (or at worst at any moment).
+    try:
+        h.wait_for(lambda: any((state / "pending").glob("*.bin")), 10, server, "a pending update")
+    except AssertionError:
+        pass
+    server.p.send_signal(signal.SIGKILL)
+    server.p.wait(10)
+    killed_at = h.committed_rounds(state)
+    assert killed_at < 8
+    port = int(address.rsplit(":", 1)[1])
+    server, _ = h.start_server(tmp_path, config, certs, state, "server-2", port=port)
+    summary = finish(server, clients, state)
+    assert "resuming" in server.text()
+    records = h.metrics(state)
+    assert [r["round"] for r in records] == list(range(1, 9))  # none lost, none doubled
+    assert summary["model_sha256"] == simulate(config, tmp_path / "sim")["model_sha256"]
+    final = load_file(str(state / "model.safetensors"))
+    assert all(v.isfinite().all() for v in final.values())
+
+
+def test_clients_killed_mid_round_and_replaced_rounds_keep_completing(tmp_path, certs):
+    config = h.write_config(
+        tmp_path / "fed.toml", data={"num_clients": 5}, server={"rounds": 8, "clients_per_round": 3},
+        codec={"name": "ef", "inner": {"name": "topk", "ratio": 0.1}},
+        deploy={"min_clients": 2, "min_connected": 4, "round_timeout_s": 4.0},
+    )
+    state = tmp_path / "state"
+    server, address = h.start_server(tmp_path, config, certs, state)
+    clients = {i: h.start_client(tmp_path, address, certs, f"client-{i}", f"partition:{i}") for i in range(4)}
+    h.wait_for(lambda: h.committed_rounds(state) >= 2, 60, server, "two rounds")
+    for i in (1, 2):
+        clients[i].kill()
+    # A cohort of 3 out of 4 always held client 1 or 2: restart one that had an update accepted.
+    again = next(i for i in (1, 2) if (tmp_path / "client-state" / f"client-{i}" / "state.json").is_file())
+    clients[4] = h.start_client(tmp_path, address, certs, "client-4", "partition:4")  # a newcomer
+    clients[again] = h.start_client(tmp_path, address, certs, f"client-{again}", f"partition:{again}")
+    summary = finish(server, [clients[i] for i in (0, again, 3, 4)], state, timeout=120)
+    records = h.metrics(state)
+    assert [r["round"] for r in records] == list(range(1, 9))
+    assert summary["rounds"] == 8 and all(r["num_clients"] >= 1 for r in records)
+    late_cohorts = [set(r["cohort"]) for r in records[3:]]
+    assert any(4 in c for c in late_cohorts), "the newcomer was never sampled"
+    assert "(error-feedback) state of round" in clients[again].text()  # it went on with its residual
+    assert summary["final_accuracy"] > 0.5
