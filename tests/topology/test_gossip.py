@@ -190,7 +190,7 @@ def test_state_dict_resumes_bit_identically(kw):
 
 
 def test_variance_correction_restores_the_layer_variance_and_keeps_the_mean():
-    from koinon.topology.gossip import correct_variance, layer_variances
+    from koinon.topology.variance import correct_mixed_variance, correct_variance, layer_variances
 
     net = _net(num_nodes=12, graph="ring", variance_correction=True)
     layout = net.layout
@@ -212,7 +212,7 @@ def test_variance_correction_restores_the_layer_variance_and_keeps_the_mean():
     net.stack = torch.sparse.mm(net.mixing, own)
     live_ids = net.live.nonzero().flatten().tolist()
     mixed = net.stack.clone()
-    net._correct_variance(own, own, net.mixing, live_ids)
+    correct_mixed_variance(net.stack, own, own, net.mixing, live_ids, layout)
     variances = layer_variances(own, layout)
     for i in live_ids:
         hood = [i] + [j for j in net.graph.neighbors(i) if net.live[j]]

@@ -23,7 +23,7 @@ sample when there are more (`GossipRound.evaluated_nodes` says how many).
 More options: `variance_correction` (the Vanishing Variance correction after each mixing step,
 `correct_variance`); `resample_every` k (a fresh seeded random graph every k rounds);
 `sampling = "modest"` (MoDeST decentralized sampling instead of all-node gossip, see
-`_modest_round`).
+`koinon.topology.modest`).
 
 Failure scenarios (all seeded by (seed, round), all TOML-friendly): `failures` {round: fraction
 of all nodes} crash at that round's start (`failure_choice` random / degree / central);
@@ -45,9 +45,6 @@ uplink from aggregator -> trainer downlink), `params`, `evaluate()`, `state_dict
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-
 import networkx as nx
 import numpy as np
 import torch
@@ -64,123 +61,16 @@ from koinon.runtime import RUNTIMES, CohortTrainer, Runtime, evaluate, mix_seed
 from koinon.runtime.base import notice
 from koinon.runtime.trainer import cross_entropy
 from koinon.topology.federated import component, fit_rounds
+from koinon.topology.gossip_round import GossipRound, churn_schedule
 from koinon.topology.graphs import build_graph, fail_links, from_networkx, mixing_matrix
+from koinon.topology.modest import modest_ranking, modest_round
+from koinon.topology.variance import correct_mixed_variance, correct_variance, layer_variances
 
 FAILURE_CHOICES = ("random", "degree", "central")
 SAMPLING_CHOICES = ("all", "modest")
 RESAMPLED_GRAPHS = ("random_regular", "erdos_renyi", "barabasi_albert")  # seeded random graphs
-VARIANCE_EPS = 1e-4  # the epsilon of the Vanishing Variance correction
 
-
-def modest_ranking(view: list[int], seed: int, round_index: int) -> list[int]:
-    """MoDeST: the peers of a node's `view` ranked by hash(seed, round, peer id).
-
-    Every node computes this alone; nodes that share a view derive the same sample without
-    coordination (the view's order does not matter).
-    """
-    return sorted(set(view), key=lambda p: (mix_seed(seed, round_index, p, 0x30D5), p))
-
-
-def layer_variances(x: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """Variance of each layer's elements, per row: `[N, P] -> [N, L]` (L = layout entries)."""
-    return torch.stack(
-        [x[:, e.offset : e.offset + e.numel].var(dim=1, unbiased=False) for e in layout.entries], dim=1
-    )
-
-
-def correct_variance(
-    mixed: torch.Tensor, target: torch.Tensor, layout: Layout, eps: float = VARIANCE_EPS
-) -> torch.Tensor:
-    """Vanishing Variance correction (https://arxiv.org/abs/2404.04616), per row and layer.
-
-    Each layer `w` of each row becomes `(w - mean(w)) * sqrt((v* + eps) / (var(w) + eps)) + mean(w)`
-    with `v* = target[row, layer]`: the layer keeps its mean and gets (for eps -> 0) variance
-    v*. Scalar layers (one element) and buffers are left alone.
-    """
-    out = mixed.clone()
-    for k, e in enumerate(layout.entries):
-        if e.numel < 2 or not e.trainable:  # scalars and buffers (running statistics) stay
-            continue
-        w = mixed[:, e.offset : e.offset + e.numel]
-        mean = w.mean(dim=1, keepdim=True)
-        var = w.var(dim=1, unbiased=False, keepdim=True)
-        scale = ((target[:, k : k + 1] + eps) / (var + eps)).sqrt()
-        out[:, e.offset : e.offset + e.numel] = (w - mean) * scale + mean
-    return out
-
-
-@dataclass
-class GossipRound:
-    """Metrics of one gossip round (accuracies on the held-out test split)."""
-
-    round: int
-    num_live: int
-    train_loss: float
-    bytes_total: int  # sent by all nodes this round
-    bytes_per_node: float  # mean over the live nodes
-    consensus_distance: float  # mean squared distance of live models to their average
-    averaged_accuracy: float | None = None  # the average of the live models
-    averaged_loss: float | None = None
-    mean_accuracy: float | None = None  # over the evaluated nodes
-    min_accuracy: float | None = None
-    max_accuracy: float | None = None
-    evaluated_nodes: int = 0
-    crashed: list[int] = field(default_factory=list)  # nodes that failed at this round's start
-    rejoined: list[int] = field(default_factory=list)  # crashed nodes back at this round's start
-    failed_links: int = 0  # edges of the graph down this round (`link_failure`)
-    merged: bool = False
-    num_clients: int = 0  # live nodes that trained this round
-    uplink_bytes: int = 0  # this round's; gossip puts all its bytes here (see `Gossip`)
-    downlink_bytes: int = 0
-
-    @property
-    def test_accuracy(self) -> float | None:
-        """Accuracy of the averaged model (the name every topology's rounds share)."""
-        return self.averaged_accuracy
-
-    @property
-    def test_loss(self) -> float | None:
-        return self.averaged_loss
-
-    def as_dict(self) -> dict:
-        return {
-            # The keys every topology's rounds share (the runner reads these).
-            "round": self.round,
-            "test_accuracy": self.averaged_accuracy,
-            "test_loss": self.averaged_loss,
-            "train_loss": self.train_loss,
-            "num_clients": self.num_clients,
-            "uplink_bytes": self.uplink_bytes,
-            "downlink_bytes": self.downlink_bytes,
-            # Gossip's own.
-            "num_live": self.num_live,
-            "bytes_total": self.bytes_total,
-            "bytes_per_node": self.bytes_per_node,
-            "consensus_distance": self.consensus_distance,
-            "averaged_accuracy": self.averaged_accuracy,
-            "averaged_loss": self.averaged_loss,
-            "mean_accuracy": self.mean_accuracy,
-            "min_accuracy": self.min_accuracy,
-            "max_accuracy": self.max_accuracy,
-            "evaluated_nodes": self.evaluated_nodes,
-            "crashed": self.crashed,
-            "rejoined": self.rejoined,
-            "failed_links": self.failed_links,
-            "merged": self.merged,
-        }
-
-
-def _churn_schedule(churn: dict | None) -> dict[int, float]:
-    """{round: signed fraction} from a TOML-friendly dict (keys may be strings like "20")."""
-    out: dict[int, float] = {}
-    for key, value in (churn or {}).items():
-        if not str(key).strip().isdigit() or isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"churn {churn!r}: expected {{round: fraction}}, negative = that fraction of "
-                             'the live nodes leave, positive = of the crashed nodes rejoin, e.g. { "10" = -0.3 }')
-        if not -1.0 <= value <= 1.0:
-            raise ValueError(f"churn {{{key}: {value}}}: the fraction must be in [-1, 1]")
-        out[int(str(key).strip())] = float(value)
-    return out
+__all__ = ["Gossip", "GossipRound", "correct_variance", "layer_variances", "modest_ranking"]
 
 
 class Gossip:
@@ -231,7 +121,7 @@ class Gossip:
         for r, fraction in (failures or {}).items():
             if r < 0 or not 0.0 <= fraction <= 1.0:
                 raise ValueError(f"failures {{{r}: {fraction}}}: need round >= 0 and fraction in [0, 1]")
-        self.churn = _churn_schedule(churn)
+        self.churn = churn_schedule(churn)
         if not 0.0 <= link_failure <= 1.0:
             raise ValueError(f"link_failure must be a probability in [0, 1], got {link_failure}")
         if link_failure and sampling == "modest":
@@ -432,26 +322,6 @@ class Gossip:
                 pass
         return out
 
-    def _correct_variance(
-        self, own: torch.Tensor, public: torch.Tensor, w: torch.Tensor, live_ids: list[int]
-    ) -> None:
-        """Rescale each live node's mixed layers to the mean layer variance of the models it mixed.
-
-        v*[i, l] is the mean, over node i's closed live neighbourhood, of the element variance
-        of layer l in the models i received (its own exact model, its neighbours' public copies):
-        averaging shrinks the weights' variance, the correction restores it.
-        """
-        index = w.indices()
-        off = index[0] != index[1]
-        adjacency = torch.sparse_coo_tensor(
-            index[:, off], torch.ones(int(off.sum())), w.shape, check_invariants=True
-        ).coalesce()
-        count = torch.sparse.sum(adjacency, dim=1).to_dense().unsqueeze(1) if off.any() else 0.0
-        target = (torch.sparse.mm(adjacency, layer_variances(public, self.layout))
-                  + layer_variances(own, self.layout)) / (1.0 + count)
-        rows = torch.tensor(live_ids)
-        self.stack[rows] = correct_variance(self.stack[rows], target[rows], self.layout)
-
     def merge(self) -> None:
         """Exact global average of the live models (one all-reduce), counted in `uplink_total`."""
         live_ids = self.live.nonzero().flatten()
@@ -470,7 +340,7 @@ class Gossip:
             self._mixing = None
         crashed, rejoined = self._apply_failures(r)
         if self.sampling == "modest":
-            out = self._modest_round(r, evaluate, crashed)
+            out = modest_round(self, r, evaluate, crashed)
             out.rejoined = rejoined
             return out
         live_ids = self.live.nonzero().flatten().tolist()
@@ -506,7 +376,7 @@ class Gossip:
             diag[index[0, on_diag]] = w.values()[on_diag]
             self.stack = torch.sparse.mm(w, public) + diag.unsqueeze(1) * (self.stack - public)
         if self.variance_correction and live_ids:
-            self._correct_variance(before, public, w, live_ids)
+            correct_mixed_variance(self.stack, before, public, w, live_ids, self.layout)
         self.public = public
         round_bytes = int(sent.sum())
         self.uplink_total += round_bytes
@@ -526,7 +396,7 @@ class Gossip:
             num_clients=num_live, uplink_bytes=round_bytes,
         )
         if evaluate and num_live:
-            self._evaluate_into(out, live_ids)
+            self.evaluate_into(out, live_ids)
         return out
 
     # --------------------------------------------------------------- MoDeST
@@ -539,89 +409,6 @@ class Gossip:
         """
         ranked = modest_ranking(list(range(self.num_nodes)) if view is None else view, self.seed, round_index)
         return [p for p in ranked if self.live[p]][:count]
-
-    def _modest_round(self, r: int, evaluate: bool, crashed: list[int]) -> GossipRound:
-        """MoDeST round r: sample r's trainers train from the model of round r-1's aggregators and
-        send to round r's aggregators (the first of sample r+1), which average what arrived.
-
-        Simulated arrival: a trainer's time is its number of samples trained, so the aggregators
-        average the first ceil(success_fraction x trainers) models to arrive (ties by rank);
-        later ones are sent (and counted) but ignored. Bytes: uplink = each trainer's payload
-        (encoded with its codec) x the aggregators other than itself; downlink = the fp32 model x
-        each (live aggregator of r-1, trainer of r) pair of distinct nodes. Pings are not counted.
-        """
-        model_bytes = 4 * self.layout.numel
-        trainers = self.modest_sample(r, self.trainers_per_round)
-        holders = [a for a in self.modest_holders if self.live[a]]
-        downlink = 0
-        if holders:
-            start = self.stack[holders[0]].expand(len(trainers), -1).clone()
-            downlink = model_bytes * sum(1 for a in holders for t in trainers if a != t)
-        else:  # first round, or every holder crashed: trainers go on from the model they have
-            if self.modest_holders:
-                notice(f"round {r + 1}: every aggregator of the last round crashed")
-            start = self.stack[trainers].clone()
-        aggregators = self.modest_sample(r + 1, self.aggregators_per_round)
-        uplink, train_loss = 0, float("nan")
-        if trainers:
-            result = self.runtime.train(
-                trainers, start, {}, [self.client_states.get(c, {}) for c in trainers], self.seed, r
-            )
-            trained = start + result.deltas
-            for i, c in enumerate(trainers):
-                if result.client_states[i]:
-                    self.client_states[c] = result.client_states[i]
-            seen = result.num_samples.to(torch.float32)
-            train_loss = float((result.train_loss * seen).sum() / seen.sum().clamp_min(1.0))
-            received, weights = [], []
-            order = sorted(range(len(trainers)), key=lambda i: (int(result.num_samples[i]), i))
-            for i in order:
-                c = trainers[i]
-                state = self.codec_states.get(c) or self.codec.init_state()
-                gen = torch.Generator().manual_seed(mix_seed(self.seed, r, c, 0x30D5))
-                payload, new_state = self.codec.encode(trained[i], state, gen)
-                if new_state:
-                    self.codec_states[c] = new_state
-                uplink += len(payload) * sum(1 for a in aggregators if a != c)
-                try:
-                    row = self.codec.decode(payload)
-                except CodecError as exc:
-                    notice(f"round {r + 1}: trainer {c}'s payload was refused ({exc})")
-                    continue
-                if getattr(self.codec, "decodes_increment", False):
-                    row = self.increment_sums.get(c, torch.zeros_like(row)) + row
-                    self.increment_sums[c] = row
-                if bool(torch.isfinite(row).all()):
-                    received.append(row)
-                    weights.append(float(result.num_samples[i]))
-            ok = torch.isfinite(trained).all(dim=1)
-            self.stack[torch.tensor(trainers)[ok]] = trained[ok]
-            needed = max(1, math.ceil(self.success_fraction * len(trainers)))
-            received, weights = received[:needed], weights[:needed]
-            if received and aggregators:
-                models, w = torch.stack(received), torch.tensor(weights)
-                if self.aggregator is not None and len(received) > 1:
-                    try:
-                        merged = self.aggregator.aggregate(models, w)
-                    except ValueError:
-                        merged = (models * w.unsqueeze(1)).sum(0) / w.sum().clamp_min(1.0)
-                else:
-                    merged = (models * w.unsqueeze(1)).sum(0) / w.sum().clamp_min(1.0)
-                self.stack[aggregators] = merged
-                self.modest_holders = aggregators
-        self.uplink_total += uplink
-        self.downlink_total += downlink
-        self.round_index += 1
-        num_live = int(self.live.sum())
-        total = uplink + downlink
-        out = GossipRound(
-            self.round_index, num_live, train_loss, total, total / num_live if num_live else 0.0,
-            self.consensus_distance(), crashed=crashed, num_clients=len(trainers),
-            uplink_bytes=uplink, downlink_bytes=downlink,
-        )
-        if evaluate and num_live:
-            self._evaluate_into(out, self.live.nonzero().flatten().tolist())
-        return out
 
     # ------------------------------------------------------------- metrics
 
@@ -663,7 +450,7 @@ class Gossip:
         ds = self.data.dataset
         return evaluate(self.model, self.layout, self.stack[node], ds.x_test, ds.y_test, self.loss_fn)
 
-    def _evaluate_into(self, out: GossipRound, live_ids: list[int]) -> None:
+    def evaluate_into(self, out: GossipRound, live_ids: list[int]) -> None:
         out.averaged_accuracy, out.averaged_loss = self.evaluate()
         nodes = live_ids
         if len(nodes) > self.eval_nodes:  # a seeded sample keeps large networks affordable
