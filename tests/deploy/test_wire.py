@@ -8,7 +8,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from koinon.compress import CODECS
-from koinon.deploy.wire import CHUNK, Limits, Rejected, pb, read_task, read_upload, task_messages, upload_messages
+from koinon.deploy.wire import (
+    CHUNK,
+    Limits,
+    Rejected,
+    pb,
+    read_task,
+    read_upload,
+    task_messages,
+    upload_messages,
+)
 from koinon.errors import CodecError
 from koinon.params import Layout
 

@@ -246,6 +246,7 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
         claimed: list[int] = []
 
         def admit(header: Any) -> None:
+            claimed.append(int(header.round))
             if header.layout_hash != self.layout_hash:
                 raise Rejected(f"layout hash {header.layout_hash!r} is not the model's {self.layout_hash!r}")
             if header.codec != self.fed.codec.name:
@@ -257,13 +258,14 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
                                "declared when joining")
             with self.lock:
                 self._admit_round(header.round, member)
-            claimed.append(int(header.round))
 
         try:
             header, payloads = read_upload(request_iterator, self.limits, admit)
             rows = [self._decode(payload, stream) for stream, payload in zip(self.streams, payloads)]
         except Rejected as exc:
-            return self._refuse(member, claimed[0] if claimed else -1, str(exc), "rejected")
+            rnd = self.open
+            round_index = claimed[0] if claimed else (rnd.index if rnd else -1)
+            return self._refuse(member, round_index, str(exc), "rejected")
         with self.lock:
             try:
                 self._admit_round(int(header.round), member)  # the round may have closed meanwhile
