@@ -50,7 +50,7 @@ class Proc:
             return self.p.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(f"{self.log.name} still running after {timeout} s:\n{self.text()[-3000:]}")
+            raise AssertionError(f"{self.log.name} still running after {timeout} s:\n{self.text()[-3000:]}") from None
 
     def kill(self) -> None:
         if self.p.poll() is None:

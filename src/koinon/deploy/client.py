@@ -19,6 +19,7 @@ import json
 import os
 import random
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -191,25 +192,29 @@ def _channel(server: str, creds: Credentials) -> grpc.Channel:
 
 
 def run_client(server: str, creds: Credentials, name: str, spec: DataSpec, state_dir: Path,
-               give_up_s: float = 120.0, call_timeout_s: float = 600.0) -> int:
-    """Serve the federation until it is done; 0 when it finished, 1 when the server stayed away."""
+               give_up_s: float = 120.0, call_timeout_s: float = 600.0, hooks: Hooks | None = None) -> int:
+    """Serve the federation until it is done; 0 when it finished (or was told to stop), 1 when
+    the server stayed away for `give_up_s`."""
     torch.set_num_threads(1)
+    hooks = hooks or Hooks()
     backoff, last_contact = 0.5, time.monotonic()
     worker: Worker | None = None
     while True:
+        if hooks.stop is not None and hooks.stop.is_set():
+            return 0
         channel = _channel(server, creds)
         stub = federation_pb2_grpc.FederationStub(channel)
         try:
-            worker = _session(stub, name, spec, state_dir, worker, call_timeout_s)
+            worker = _session(stub, name, spec, state_dir, worker, call_timeout_s, hooks)
             return 0
         except grpc.RpcError as exc:
             code = exc.code()
             if code in _FATAL:
                 raise KoinonError(f"server refused client {name}: {exc.details()}") from None
             if time.monotonic() - last_contact > give_up_s:
-                log(name, f"server unreachable for {give_up_s:.0f} s ({code.name}); giving up")
+                hooks.log(name, f"server unreachable for {give_up_s:.0f} s ({code.name}); giving up")
                 return 1
-            log(name, f"server unavailable ({code.name}: {exc.details()}); retrying in {backoff:.1f} s")
+            hooks.log(name, f"server unavailable ({code.name}: {exc.details()}); retrying in {backoff:.1f} s")
             time.sleep(backoff * random.uniform(0.5, 1.0))
             backoff = min(backoff * 2, 10.0)
         except _Contact:
@@ -219,12 +224,27 @@ def run_client(server: str, creds: Credentials, name: str, spec: DataSpec, state
             channel.close()
 
 
+@dataclass
+class Hooks:
+    """For programs that run many clients in one process (the load benchmark): `stop` makes the
+    client leave at its next step (as if its process died), `on_upload(round, accepted, bytes,
+    seconds)` reports every upload and the time its transfer took."""
+
+    stop: threading.Event | None = None
+    on_upload: Callable[[int, bool, int, float], None] | None = None
+    verbose: bool = True
+
+    def log(self, name: str, message: str) -> None:
+        if self.verbose:
+            log(name, message)
+
+
 class _Contact(Exception):
     """Raised to the retry loop after a session that had reached the server ended."""
 
 
 def _session(stub: Any, name: str, spec: DataSpec, state_dir: Path, worker: Worker | None,
-             call_timeout_s: float) -> Worker:
+             call_timeout_s: float, hooks: Hooks) -> Worker:
     if worker is None:
         probe = _join(stub, spec, None)
         worker = Worker(Config.from_dict(tomllib.loads(probe.config_toml)), spec)
@@ -237,32 +257,33 @@ def _session(stub: Any, name: str, spec: DataSpec, state_dir: Path, worker: Work
     idx = int(reply.client_index)
     worker.bind(idx)
     state = ClientState(state_dir, reply.layout_hash)
-    log(name, f"joined as index {idx} ({worker.num_samples} samples)")
+    hooks.log(name, f"joined as index {idx} ({worker.num_samples} samples)")
     if state.codec or state.algorithm:
-        log(name, f"going on with the codec/algorithm (error-feedback) state of round {state.last_round} "
+        hooks.log(name, f"going on with the codec/algorithm (error-feedback) state of round {state.last_round} "
                   f"from {state_dir}")
     max_stream = worker.fed.downlink.max_bytes()
     try:
-        while True:
+        while hooks.stop is None or not hooks.stop.is_set():
             header, payloads = read_task(
                 stub.Poll(pb.PollRequest(client_index=idx, last_round=state.last_round), timeout=60.0),
                 max_stream)
             if header.status == pb.TaskHeader.DONE:
-                log(name, "the run has finished")
+                hooks.log(name, "the run has finished")
                 return worker
             if header.status == pb.TaskHeader.WAIT:
                 continue
             if header.layout_hash != reply.layout_hash:
                 raise Rejected("the server switched models; rejoining")
             _train_and_upload(stub, name, idx, int(header.round), payloads, list(header.streams),
-                              worker, state, reply.layout_hash, call_timeout_s)
+                              worker, state, reply.layout_hash, call_timeout_s, hooks)
+        return worker
     except Rejected as exc:
-        log(name, f"bad answer from the server: {exc}")
+        hooks.log(name, f"bad answer from the server: {exc}")
         raise _Contact from None
     except grpc.RpcError as exc:
         if exc.code() in _FATAL:
             raise
-        log(name, f"connection lost ({exc.code().name}: {exc.details()})")
+        hooks.log(name, f"connection lost ({exc.code().name}: {exc.details()})")
         raise _Contact from None
 
 
@@ -275,9 +296,11 @@ def _join(stub: Any, spec: DataSpec, worker: Worker | None) -> Any:
 
 def _train_and_upload(stub: Any, name: str, idx: int, round_index: int, payloads: list[bytes],
                       streams: list[str], worker: Worker, state: ClientState, layout_hash: str,
-                      call_timeout_s: float) -> None:
+                      call_timeout_s: float, hooks: Hooks) -> None:
     start = time.perf_counter()
     uploads, codec_states, result = worker.train(idx, round_index, payloads, streams, state)
+    if hooks.stop is not None and hooks.stop.is_set():
+        return  # leaves mid-round, like a client that crashed before uploading
     fed = worker.fed
     header = pb.UploadHeader(
         round=round_index, layout_hash=layout_hash, codec=fed.codec.name,
@@ -285,13 +308,17 @@ def _train_and_upload(stub: Any, name: str, idx: int, round_index: int, payloads
         num_samples=worker.num_samples, num_steps=int(result.num_steps[0]),
         train_loss=float(result.train_loss[0]), client_index=idx,
     )
+    sent = time.perf_counter()
     reply = stub.Upload(upload_messages(header, uploads), timeout=call_timeout_s)
     took = time.perf_counter() - start
+    nbytes = sum(len(p) for p in uploads)
+    if hooks.on_upload is not None:
+        hooks.on_upload(round_index, bool(reply.accepted), nbytes, time.perf_counter() - sent)
     if reply.accepted:
         state.codec.update({k: v for k, v in codec_states.items() if v})
         if result.client_states[0]:
             state.algorithm = result.client_states[0]
         state.save(layout_hash, round_index)
-        log(name, f"round {round_index}: update accepted ({sum(len(p) for p in uploads)} bytes, {took:.2f} s)")
+        hooks.log(name, f"round {round_index}: update accepted ({nbytes} bytes, {took:.2f} s)")
     else:
-        log(name, f"round {round_index}: update rejected: {reply.reason}")
+        hooks.log(name, f"round {round_index}: update rejected: {reply.reason}")

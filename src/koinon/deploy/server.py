@@ -38,6 +38,7 @@ from koinon.topology.federated import Federation
 
 POLL_HOLD_S = 5.0  # a long poll waits this long for work before answering WAIT
 LIVENESS_S = 10.0  # a client that has not polled for this long is no longer "connected"
+RECEIVING = 4  # uploads read and decoded at the same time (bounds the server's memory)
 DONE_GRACE_S = 3.0  # after the last round, time for polling clients to hear DONE
 _DELTA = "delta"
 
@@ -118,6 +119,7 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
         }
         self.open: OpenRound | None = None
         self.finished = False
+        self.receiving = threading.BoundedSemaphore(RECEIVING)
         self.wall_offset = float(store.get("wall_s", 0.0))
 
     # ------------------------------------------------------------ identity
@@ -260,8 +262,15 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
                 self._admit_round(header.round, member)
 
         try:
-            header, payloads = read_upload(request_iterator, self.limits, admit)
-            rows = [self._decode(payload, stream) for stream, payload in zip(self.streams, payloads)]
+            # At most RECEIVING uploads are buffered and decoded at once; the others wait here,
+            # unread (gRPC flow control holds their senders), so memory stays bounded.
+            if not self.receiving.acquire(timeout=self.cfg.deploy.round_timeout_s):
+                raise Rejected("server busy: no upload slot within the round deadline")
+            try:
+                header, payloads = read_upload(request_iterator, self.limits, admit)
+                rows = [self._decode(payload, stream) for stream, payload in zip(self.streams, payloads)]
+            finally:
+                self.receiving.release()
         except Rejected as exc:
             rnd = self.open
             round_index = claimed[0] if claimed else (rnd.index if rnd else -1)

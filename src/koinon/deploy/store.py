@@ -116,13 +116,17 @@ class Store:
     def accept(self, round_index: int, client: str, idx: int, payloads: list[bytes],
                num_samples: int, train_loss: float) -> None:
         """Record an accepted upload durably, before the client hears it was accepted."""
-        blob = _pack(payloads)
         path = self._pending_path(round_index, idx)
         tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(blob)
+        digest, size = hashlib.sha256(), 0
+        with tmp.open("wb") as f:  # written piece by piece: no second copy of a large payload
+            for piece in (_pack_head(payloads), *payloads):
+                f.write(piece)
+                digest.update(piece)
+                size += len(piece)
         os.replace(tmp, path)
-        self._log(round_index, client, idx, "accepted", "", len(blob),
-                  hashlib.sha256(blob).hexdigest(), num_samples, train_loss)
+        self._log(round_index, client, idx, "accepted", "", size, digest.hexdigest(), num_samples,
+                  train_loss)
 
     def reject(self, round_index: int, client: str, idx: int, status: str, reason: str, nbytes: int) -> None:
         self._log(round_index, client, idx, status, reason, nbytes, "", 0, 0.0)
@@ -193,10 +197,9 @@ class Store:
         return [json.loads(r[0]) for r in self.db.execute("SELECT record FROM rounds ORDER BY round")]
 
 
-def _pack(payloads: list[bytes]) -> bytes:
-    """Several payloads in one file: a count, the sizes (u64 each), then the bytes."""
-    head = len(payloads).to_bytes(8, "little") + b"".join(len(p).to_bytes(8, "little") for p in payloads)
-    return head + b"".join(payloads)
+def _pack_head(payloads: list[bytes]) -> bytes:
+    """A pending file holds a count, the payload sizes (u64 each), then the payloads."""
+    return len(payloads).to_bytes(8, "little") + b"".join(len(p).to_bytes(8, "little") for p in payloads)
 
 
 def _unpack(blob: bytes) -> list[bytes]:

@@ -99,21 +99,33 @@ def read_upload(
     check_upload_header(header, limits)
     admit(header)
     declared = sum(header.sizes)
-    buffer = bytearray()
+    # Allocated once at the declared (already bounded) size: growing a buffer chunk by chunk
+    # would copy a large payload over and over and double the peak while doing it.
+    buffer = bytearray(declared)
+    filled = 0
     for msg in it:
         if msg.HasField("header"):
             raise Rejected("a second header in one upload")
-        if len(buffer) + len(msg.data) > declared:
+        n = len(msg.data)
+        if filled + n > declared:
             raise Rejected(f"sent more than the {declared} bytes declared (oversized payload)")
-        buffer += msg.data
-    if len(buffer) != declared:
-        raise Rejected(f"truncated upload: {len(buffer)} of {declared} declared bytes")
+        buffer[filled : filled + n] = msg.data
+        filled += n
+    if filled != declared:
+        raise Rejected(f"truncated upload: {filled} of {declared} declared bytes")
+    return header, _cut(buffer, list(header.sizes))
+
+
+def _cut(buffer: bytearray, sizes: list[int]) -> list[bytes]:
+    """The payloads in `buffer`; a single one is the buffer itself (no copy of a large model)."""
+    if len(sizes) == 1:
+        return [buffer]  # type: ignore[list-item]  # bytearray reads like bytes everywhere we use it
     view = memoryview(buffer)
     payloads, offset = [], 0
-    for size in header.sizes:
+    for size in sizes:
         payloads.append(bytes(view[offset : offset + size]))
         offset += size
-    return header, payloads
+    return payloads
 
 
 def read_task(messages: Iterable[Any], max_stream_bytes: int) -> tuple[Any, list[bytes]]:
@@ -134,9 +146,4 @@ def read_task(messages: Iterable[Any], max_stream_bytes: int) -> tuple[Any, list
         buffer += msg.data
     if len(buffer) != declared:
         raise Rejected(f"truncated download: {len(buffer)} of {declared} bytes")
-    view = memoryview(buffer)
-    payloads, offset = [], 0
-    for size in header.sizes:
-        payloads.append(bytes(view[offset : offset + size]))
-        offset += size
-    return header, payloads
+    return header, _cut(buffer, list(header.sizes))

@@ -327,16 +327,17 @@ class Federation:
         if rejected:
             notice(f"round {round_index + 1}: rejected updates ({'; '.join(reasons)})")
         keep = finite.nonzero().squeeze(1)
+        everyone = len(keep) == len(cohort)  # then no row copy: the stack can be a large model's
         delta = None
         if len(keep):
             weights = num_samples[keep].to(torch.float32)
             try:
-                delta = self.aggregator.aggregate(decoded[_DELTA][keep], weights)
+                delta = self.aggregator.aggregate(decoded[_DELTA] if everyone else decoded[_DELTA][keep], weights)
             except ValueError as exc:  # e.g. rejections left too few inputs for a robust rule
                 notice(f"round {round_index + 1}: aggregator refused the cohort, model unchanged ({exc})")
         if delta is not None:
             self.params = self.server_optimizer.step(self.params, delta, self.optimizer_state)
-            means = {n: decoded[n][keep].mean(dim=0) for n in self.algorithm.uploads}
+            means = {n: (decoded[n] if everyone else decoded[n][keep]).mean(dim=0) for n in self.algorithm.uploads}
             self.server_state = self.algorithm.server_update(
                 self.server_state, means, len(keep) / self.data.num_clients
             )

@@ -1,0 +1,264 @@
+"""Deployment transport: what `koinon server` / `koinon client` cost over real sockets.
+
+Two runs, both with the server as its own process and clients as threads of this process, each
+client with its own TLS connection and certificate:
+
+1. Large model: an MLP of about 10M parameters (40 MB in float32), 10 clients, one local step
+   each, so the round time is transport + validation + aggregation + checkpointing. Prints
+   seconds per round, the upload throughput (bytes of a round over the time its uploads took),
+   the raw TCP throughput of this machine's loopback measured in the same run, and the server's
+   resident memory (before the clients join and at its peak while receiving).
+2. Load: 100 clients joining, training a small model and leaving at random for 20 rounds; the
+   server is SIGKILLed once half-way and restarted. Prints rounds completed, updates accepted and
+   rejected, the longest round and upload, and checks that every upload the server confirmed
+   ended up in a committed round.
+
+    .venv/bin/python benchmarks/transport.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import tomli_w
+
+from koinon.deploy.certs import client_credentials, create_certs
+from koinon.deploy.client import DataSpec, Hooks, run_client
+
+KOINON = [sys.executable, "-c", "import sys; from koinon.cli import main; sys.exit(main())"]
+
+
+def raw_tcp_mb_s(total_mb: int) -> float:
+    """Loopback TCP throughput: one connection, 1 MiB writes, the reader drains."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    received = 0
+
+    def drain() -> None:
+        nonlocal received
+        conn, _ = listener.accept()
+        while chunk := conn.recv(1 << 20):
+            received += len(chunk)
+        conn.close()
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    block = b"\x00" * (1 << 20)
+    start = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        for _ in range(total_mb):
+            sock.sendall(block)
+    reader.join()
+    listener.close()
+    return received / 1e6 / (time.perf_counter() - start)
+
+
+class Server:
+    """`koinon server` as a subprocess, with its resident memory sampled every 50 ms."""
+
+    def __init__(self, tmp: Path, config: Path, certs: Path, state: Path, port: int = 0) -> None:
+        (state / "server.port").unlink(missing_ok=True)
+        self.log = (tmp / "server.log").open("ab")
+        self.p = subprocess.Popen([*KOINON, "server", str(config), "--listen", f"127.0.0.1:{port}",
+                                   "--certs", str(certs), "--state", str(state)],
+                                  stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while not (state / "server.port").is_file():
+            if self.p.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"server did not start; see {tmp / 'server.log'}")
+            time.sleep(0.05)
+        self.port = int((state / "server.port").read_text())
+        self.rss_start = self.rss()
+        self.rss_peak = self.rss_start
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+
+    def rss(self) -> int:
+        try:
+            for line in Path(f"/proc/{self.p.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
+    def _sample(self) -> None:
+        while self.p.poll() is None:
+            self.rss_peak = max(self.rss_peak, self.rss())
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        self.p.send_signal(signal.SIGKILL)
+        self.p.wait(10)
+
+    def wait(self, timeout: float) -> int:
+        return self.p.wait(timeout)
+
+
+def write_config(path: Path, **sections: dict) -> Path:
+    cfg: dict = {"seed": 0, "data": {"name": "digits", "partition": "dirichlet", "alpha": 1.0},
+                 "runtime": {"name": "inprocess"}}
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    path.write_text(tomli_w.dumps(cfg))
+    return path
+
+
+class Uploads:
+    """Every upload the clients made: (client, round, accepted, bytes, start, end)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.rows: list[tuple[str, int, bool, int, float, float]] = []
+
+    def hook(self, name: str):
+        def record(round_index: int, accepted: bool, nbytes: int, seconds: float) -> None:
+            end = time.perf_counter()
+            with self.lock:
+                self.rows.append((name, round_index, accepted, nbytes, end - seconds, end))
+        return record
+
+
+def large_model(tmp: Path, rounds: int) -> None:
+    certs = tmp / "certs-large"
+    names = create_certs(certs, 10, ["127.0.0.1"])
+    config = write_config(
+        tmp / "large.toml", data={"num_clients": 10}, model={"name": "mlp", "hidden": [3100, 3100]},
+        client={"steps": 1, "batch_size": 16, "lr": 0.01}, server={"rounds": rounds, "clients_per_round": 10},
+        deploy={"round_timeout_s": 300.0, "wait_clients_s": 300.0})
+    state = tmp / "state-large"
+    tcp = raw_tcp_mb_s(400)
+    server = Server(tmp, config, certs, state)
+    uploads = Uploads()
+    address = f"127.0.0.1:{server.port}"
+    threads = [threading.Thread(target=run_client, args=(
+        address, client_credentials(certs, name), name, DataSpec(i, ""), tmp / "cs-large" / name),
+        kwargs={"hooks": Hooks(on_upload=uploads.hook(name), verbose=False)}) for i, name in enumerate(names)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    server.wait(60)
+    records = [json.loads(ln) for ln in (state / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((state / "summary.json").read_text())
+    walls = [r["wall_s"] for r in records]
+    per_round = [b - a for a, b in zip(walls, walls[1:])] or walls
+    rates = []
+    for r in range(rounds):
+        rows = [u for u in uploads.rows if u[1] == r and u[2]]
+        if rows:
+            span = max(u[5] for u in rows) - min(u[4] for u in rows)
+            rates.append(sum(u[3] for u in rows) / 1e6 / span)
+    params = summary["num_parameters"]
+    print(f"large model: {params / 1e6:.2f}M parameters ({params * 4 / 1e6:.1f} MB float32), "
+          f"10 clients, {rounds} rounds")
+    print(f"  s/round (after the first): {sum(per_round) / len(per_round):.2f} "
+          f"(first round {walls[0]:.2f} s, includes joining)")
+    print(f"  upload: {sum(rates) / len(rates):.0f} MB/s aggregate over a round's uploads "
+          f"({sum(u[3] for u in uploads.rows) / 1e6:.0f} MB in {len(uploads.rows)} uploads)")
+    print(f"  raw loopback TCP in the same run: {tcp:.0f} MB/s")
+    print(f"  server memory: {server.rss_start / 1e6:.0f} MB before clients joined, peak "
+          f"{server.rss_peak / 1e6:.0f} MB while receiving (one round's updates: "
+          f"{10 * params * 4 / 1e6:.0f} MB)")
+
+
+def load_run(tmp: Path, num_clients: int, rounds: int) -> None:
+    certs = tmp / "certs-load"
+    names = create_certs(certs, num_clients, ["127.0.0.1"])
+    config = write_config(
+        tmp / "load.toml", data={"num_clients": num_clients}, model={"name": "mlp", "hidden": [32]},
+        client={"epochs": 1, "batch_size": 16, "lr": 0.05}, server={"rounds": rounds, "clients_per_round": 10},
+        deploy={"min_clients": 8, "min_connected": 10, "round_timeout_s": 5.0, "wait_clients_s": 60.0})
+    state = tmp / "state-load"
+    server = Server(tmp, config, certs, state)
+    address = f"127.0.0.1:{server.port}"
+    uploads = Uploads()
+    rng = random.Random(0)
+    online: dict[int, tuple[threading.Thread, threading.Event]] = {}
+    joins = leaves = 0
+
+    def join(i: int) -> None:
+        nonlocal joins
+        stop = threading.Event()
+        t = threading.Thread(target=run_client, daemon=True, args=(
+            address, client_credentials(certs, names[i]), names[i], DataSpec(i, ""), tmp / "cs-load" / names[i]),
+            kwargs={"hooks": Hooks(stop=stop, on_upload=uploads.hook(names[i]), verbose=False),
+                    "give_up_s": 120.0})
+        t.start()
+        online[i] = (t, stop)
+        joins += 1
+
+    for i in rng.sample(range(num_clients), num_clients * 3 // 5):
+        join(i)
+    killed = False
+    start = time.monotonic()
+    while server.p.poll() is None and time.monotonic() - start < 900:
+        time.sleep(0.5)
+        for i in list(online):
+            t, stop = online[i]
+            if not t.is_alive():
+                del online[i]
+            elif rng.random() < 0.02:  # leaves (mid-round if it was training)
+                stop.set()
+                del online[i]
+                leaves += 1
+        for i in range(num_clients):
+            if i not in online and rng.random() < 0.02:
+                join(i)
+        done = len((state / "metrics.jsonl").read_text().splitlines()) if (state / "metrics.jsonl").is_file() else 0
+        if not killed and done >= rounds // 2:
+            server.kill()
+            killed = True
+            server = Server(tmp, config, certs, state, port=server.port)
+    server.wait(60)
+    for _thread, stop in online.values():
+        stop.set()
+    records = [json.loads(ln) for ln in (state / "metrics.jsonl").read_text().splitlines()]
+    applied = {(c, r["round"] - 1) for r in records for c in r["cohort"] if c not in r["missing"]}
+    confirmed = {(int(row[0].split("-")[1]), row[1]) for row in uploads.rows if row[2]}
+    db = sqlite3.connect(state / "state.db")
+    statuses = dict(db.execute("SELECT status, COUNT(*) FROM updates GROUP BY status").fetchall())
+    walls = [0.0] + [r["wall_s"] for r in records]
+    longest_round = max(b - a for a, b in zip(walls, walls[1:]))
+    longest_upload = max((row[5] - row[4] for row in uploads.rows), default=0.0)
+    lost = confirmed - applied
+    print(f"load run: {num_clients} clients (threads, one TLS connection and certificate each), "
+          f"{joins} joins, {leaves} leaves at random, server SIGKILLed and restarted at round "
+          f"{rounds // 2}")
+    print(f"  rounds completed: {len(records)}/{rounds}, final accuracy {records[-1]['test_accuracy']:.4f}")
+    print(f"  updates accepted: {statuses.get('accepted', 0)}, rejected: {statuses.get('rejected', 0)}, "
+          f"late (discarded): {statuses.get('late', 0)}, lost pending files: {statuses.get('lost', 0)}")
+    print(f"  longest round: {longest_round:.2f} s (deadline 5 s once the cohort is asked), "
+          f"longest upload call: {longest_upload:.2f} s")
+    print(f"  confirmed to clients: {len(confirmed)}; applied in committed rounds: {len(applied)}; "
+          f"confirmed but not applied: {len(lost)}" + (" -> NO ACCEPTED UPDATE LOST" if not lost else " !!"))
+    if lost:
+        raise SystemExit(f"accepted updates lost: {sorted(lost)[:10]}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="2 large rounds, 30 clients x 6 rounds")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        tmp = Path(folder)
+        large_model(tmp, rounds=2 if args.quick else 4)
+        if args.quick:
+            load_run(tmp, num_clients=30, rounds=6)
+        else:
+            load_run(tmp, num_clients=100, rounds=20)
+
+
+if __name__ == "__main__":
+    main()
