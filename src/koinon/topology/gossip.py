@@ -37,6 +37,14 @@ Metropolis-Hastings matrix is built on the surviving live subgraph (so it stays 
 stochastic), a node cut off from all its neighbours keeps its own model, and no bytes are counted
 over failed links. Each round reports `crashed`, `rejoined` and `failed_links`.
 
+Byzantine peers (`attack`, `byzantine_fraction`; see `koinon.topology.byzantine`): a seeded
+fraction of the nodes poisons its data or forges the copies it sends; accuracies and the averaged
+model are over honest nodes only. `bristle = true` (or a table of `BristleOptions`) runs Bristle
+(`koinon.topology.bristle`): feature layers pretrained on a public split and frozen, only the
+output layer trained and exchanged (bytes are the head's), a distance-based prioritizer and a
+per-class performance-based integrator in place of neighbour averaging. Frozen parameters are
+non-trainable layout entries, so the vectorized runtime falls back to the in-process one.
+
 Runner interface as `Federation`: `round_index`, `uplink_total` /
 `downlink_total` (gossip counts every byte as uplink; MoDeST splits trainer -> aggregator
 uplink from aggregator -> trainer downlink), `params`, `evaluate()`, `state_dict()` /
@@ -51,6 +59,7 @@ import torch
 from torch import nn
 
 from koinon.aggregate import Aggregator, build_aggregator
+from koinon.attacks import Attack
 from koinon.clients import CLIENT_ALGORITHMS, ClientAlgorithm, LocalTraining
 from koinon.clients.base import State
 from koinon.compress import CODECS, Codec
@@ -60,6 +69,13 @@ from koinon.params import Layout
 from koinon.runtime import RUNTIMES, CohortTrainer, Runtime, evaluate, mix_seed
 from koinon.runtime.base import notice
 from koinon.runtime.trainer import cross_entropy
+from koinon.topology.bristle import (
+    BristleMixer,
+    BristleOptions,
+    pretrain_and_freeze,
+    reserve_public,
+)
+from koinon.topology.byzantine import ByzantinePeers
 from koinon.topology.federated import component, fit_rounds
 from koinon.topology.gossip_round import GossipRound, churn_schedule
 from koinon.topology.graphs import build_graph, fail_links, from_networkx, mixing_matrix
@@ -95,6 +111,9 @@ class Gossip:
         compress_delta: bool = False,
         aggregator: Aggregator | str | None = None,
         runtime: Runtime | str = "vectorized",
+        bristle: bool | dict = False,
+        attack: Attack | str | None = None,
+        byzantine_fraction: float = 0.0,
         final_merge_every: int = 0,
         variance_correction: bool = False,
         resample_every: int = 0,
@@ -138,15 +157,36 @@ class Gossip:
             raise ValueError(f"resample_every needs a seeded random graph: {', '.join(RESAMPLED_GRAPHS)}")
         if final_merge_every < 0 or eval_nodes < 1:
             raise ValueError("final_merge_every must be >= 0 and eval_nodes >= 1")
+        self.bristle_options = BristleOptions.parse(bristle)
+        if self.bristle_options is not None:
+            if aggregator is not None or sampling != "all" or compress_delta or variance_correction:
+                raise ValueError("bristle replaces the mixing step: it takes no aggregator, "
+                                 "MoDeST sampling, compress_delta or variance_correction")
+            data, public = reserve_public(data, self.bristle_options.public_fraction, seed)
+            pretrain_and_freeze(model, data.dataset.x_train[public], data.dataset.y_train[public],
+                                self.bristle_options, seed)
+        self.byzantine = ByzantinePeers(attack, byzantine_fraction, n, seed)
+        if self.byzantine.nodes and sampling == "modest":
+            raise ValueError("attacks apply to gossip (sampling = 'all'), not to MoDeST sampling")
+        data = self.byzantine.poison(data)
         self.model = model
         self.data = data
         self.layout = Layout.from_module(model)
+        # What a node sends: its whole model, or under Bristle only the (trainable) head.
+        self.exchanged = self.layout.numel if self.bristle_options is None else self.layout.num_trainable
+        self.bristle = (BristleMixer(model, data, self.bristle_options, seed)
+                        if self.bristle_options is not None and self.bristle_options.defense else None)
         self.local = local or LocalTraining()
         self.algorithm = component(CLIENT_ALGORITHMS, algorithm, "client.algorithm")
         if self.algorithm.downloads or self.algorithm.uploads:
             # Server state (SCAFFOLD's control variate) has no owner without a server.
             raise ValueError(f"client algorithm {self.algorithm.name!r} needs a server; use fedavg or fedprox")
-        self.codec = component(CODECS, codec, "codec", layout=self.layout)
+        if self.bristle_options is None:
+            self.codec = component(CODECS, codec, "codec", layout=self.layout)
+        else:  # the codec sees only the head; a codec built for the whole model is rebuilt by name
+            head = Layout(tuple(e for e in self.layout.entries if e.trainable))
+            self.codec = component(CODECS, codec if isinstance(codec, str) else codec.name, "codec",
+                                   layout=head)
         self.compress_delta = compress_delta
         self.aggregator = build_aggregator(aggregator) if isinstance(aggregator, str) else aggregator
         self.runtime = component(RUNTIMES, runtime, "runtime")
@@ -287,7 +327,9 @@ class Gossip:
         sizes = torch.zeros(self.num_nodes, dtype=torch.long)
         public = self.public.clone()
         for i in live_ids:
-            target = self.stack[i] - self.public[i] if self.compress_delta else self.stack[i]
+            width = self.exchanged
+            mine = self.stack[i, :width]
+            target = mine - self.public[i, :width] if self.compress_delta else mine
             state = self.codec_states.get(i) or self.codec.init_state()
             gen = torch.Generator().manual_seed(mix_seed(self.seed, r, i, 0x6055))
             payload, new_state = self.codec.encode(target, state, gen)
@@ -302,9 +344,9 @@ class Gossip:
             if getattr(self.codec, "decodes_increment", False):
                 row = self.increment_sums.get(i, torch.zeros_like(row)) + row
                 self.increment_sums[i] = row
-            row = public[i] + row if self.compress_delta else row
+            row = public[i, :width] + row if self.compress_delta else row
             if bool(torch.isfinite(row).all()):
-                public[i] = row
+                public[i, :width] = row
         return public, sizes
 
     def _robust_mix(self, public: torch.Tensor, live_ids: list[int], w: torch.Tensor) -> torch.Tensor:
@@ -361,12 +403,17 @@ class Gossip:
             train_loss = float((result.train_loss * seen).sum() / seen.sum().clamp_min(1.0))
 
         public, sizes = self._gossip_copies(live_ids, r)
+        if self.byzantine.nodes and live_ids:
+            public = self.byzantine.forge(public, live_ids, self.exchanged, r, self.aggregator)
         graph, w, failed_links = self._round_links(r)
         degree = torch.tensor([sum(1 for v in graph.neighbors(u) if v != u and self.live[v])
                                for u in range(self.num_nodes)])
         sent = sizes * degree * self.live
         before = self.stack
-        if self.aggregator is not None:
+        if self.bristle is not None:
+            neighbours = {i: [v for v in graph.neighbors(i) if v != i and self.live[v]] for i in live_ids}
+            self.stack = self.bristle.mix(self.stack, public, neighbours, live_ids, r)
+        elif self.aggregator is not None:
             self.stack = self._robust_mix(public, live_ids, w)
         else:
             # x_i <- sum_{j != i} W_ij x_hat_j + W_ii x_i: exact self term, decoded neighbours.
@@ -423,7 +470,7 @@ class Gossip:
         return self.averaged_model()
 
     def averaged_model(self) -> torch.Tensor:
-        """The mean of the live nodes' models `[P]` (of all nodes when none is live).
+        """The mean of the live honest nodes' models `[P]` (of all nodes when none is live).
 
         With MoDeST sampling: the model of the last round's first live aggregator (the model the
         next trainers start from), when there is one.
@@ -431,7 +478,8 @@ class Gossip:
         holders = [a for a in self.modest_holders if self.live[a]]
         if self.sampling == "modest" and holders:
             return self.stack[holders[0]].clone()
-        rows = self.stack[self.live] if bool(self.live.any()) else self.stack
+        honest = self.live & ~self.byzantine.mask
+        rows = self.stack[honest] if bool(honest.any()) else self.stack
         return rows.mean(dim=0)
 
     def evaluate(self) -> tuple[float, float]:
@@ -440,8 +488,8 @@ class Gossip:
         return evaluate(self.model, self.layout, self.params, ds.x_test, ds.y_test, self.loss_fn)
 
     def consensus_distance(self) -> float:
-        """Mean over live nodes of ||x_i - x_bar||^2."""
-        live = self.stack[self.live]
+        """Mean over live honest nodes of ||x_i - x_bar||^2."""
+        live = self.stack[self.live & ~self.byzantine.mask]
         if len(live) == 0:
             return 0.0
         return float(((live - live.mean(dim=0)) ** 2).sum(dim=1).mean())
@@ -452,7 +500,7 @@ class Gossip:
 
     def evaluate_into(self, out: GossipRound, live_ids: list[int]) -> None:
         out.averaged_accuracy, out.averaged_loss = self.evaluate()
-        nodes = live_ids
+        nodes = [i for i in live_ids if not self.byzantine.mask[i]] or live_ids
         if len(nodes) > self.eval_nodes:  # a seeded sample keeps large networks affordable
             rng = np.random.default_rng([self.seed, self.round_index, 0xE7A1])
             nodes = sorted(int(v) for v in rng.choice(live_ids, self.eval_nodes, replace=False))
