@@ -178,7 +178,8 @@ def load_run(tmp: Path, num_clients: int, rounds: int) -> None:
     names = create_certs(certs, num_clients, ["127.0.0.1"])
     config = write_config(
         tmp / "load.toml", data={"num_clients": num_clients}, model={"name": "mlp", "hidden": [32]},
-        client={"epochs": 1, "batch_size": 16, "lr": 0.05}, server={"rounds": rounds, "clients_per_round": 10},
+        client={"epochs": 5, "batch_size": 16, "lr": 0.05, "momentum": 0.9},
+        server={"rounds": rounds, "clients_per_round": 10},
         deploy={"min_clients": 8, "min_connected": 10, "round_timeout_s": 5.0, "wait_clients_s": 60.0})
     state = tmp / "state-load"
     server = Server(tmp, config, certs, state)

@@ -76,6 +76,8 @@ class DataSpec:
 
     def load(self) -> Dataset:
         module_name, func_name = self.entry_point.split(":")
+        if os.getcwd() not in sys.path:  # `koinon client` run next to the user's data module
+            sys.path.insert(0, os.getcwd())
         try:
             func: Callable[[], Any] = getattr(importlib.import_module(module_name), func_name)
         except (ImportError, AttributeError) as exc:

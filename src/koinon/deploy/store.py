@@ -113,9 +113,12 @@ class Store:
     def _pending_path(self, round_index: int, idx: int) -> Path:
         return self.folder / "pending" / f"r{round_index:06d}-c{idx}.bin"
 
-    def accept(self, round_index: int, client: str, idx: int, payloads: list[bytes],
-               num_samples: int, train_loss: float) -> None:
-        """Record an accepted upload durably, before the client hears it was accepted."""
+    def write_pending(self, round_index: int, idx: int, payloads: list[bytes]) -> tuple[int, str]:
+        """Put an upload's bytes in `pending/` (not yet counted); returns (size, sha256).
+
+        Done outside the server's lock, so large files do not serialize other clients' calls;
+        the upload counts only once `record_accepted` has committed its row.
+        """
         path = self._pending_path(round_index, idx)
         tmp = path.with_suffix(".tmp")
         digest, size = hashlib.sha256(), 0
@@ -125,8 +128,21 @@ class Store:
                 digest.update(piece)
                 size += len(piece)
         os.replace(tmp, path)
-        self._log(round_index, client, idx, "accepted", "", size, digest.hexdigest(), num_samples,
-                  train_loss)
+        return size, digest.hexdigest()
+
+    def drop_pending(self, round_index: int, idx: int) -> None:
+        self._pending_path(round_index, idx).unlink(missing_ok=True)
+
+    def record_accepted(self, round_index: int, client: str, idx: int, size: int, digest: str,
+                        num_samples: int, train_loss: float) -> None:
+        """The upload counts from here on; the client hears "accepted" only after this."""
+        self._log(round_index, client, idx, "accepted", "", size, digest, num_samples, train_loss)
+
+    def accept(self, round_index: int, client: str, idx: int, payloads: list[bytes],
+               num_samples: int, train_loss: float) -> None:
+        """`write_pending` + `record_accepted` in one go."""
+        size, digest = self.write_pending(round_index, idx, payloads)
+        self.record_accepted(round_index, client, idx, size, digest, num_samples, train_loss)
 
     def reject(self, round_index: int, client: str, idx: int, status: str, reason: str, nbytes: int) -> None:
         self._log(round_index, client, idx, status, reason, nbytes, "", 0, 0.0)
