@@ -168,7 +168,7 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
                                   f"partition {p} is held by connected client {holder.name}")
                 if holder is not None:
                     del self.members[holder.name]
-                    self.store.db.execute("DELETE FROM clients WHERE name = ?", (holder.name,))
+                    self.store.forget_client(holder.name)
                 idx = p
             else:
                 known = self.members.get(name)

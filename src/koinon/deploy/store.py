@@ -19,7 +19,10 @@ import hashlib
 import json
 import os
 import sqlite3
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,41 +77,61 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(_SCHEMA)
+        # One connection serves every thread; a transaction belongs to the connection, so
+        # statements from other threads must not interleave with one: all go through this lock.
+        self._sql = threading.RLock()
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._sql:
+            return self.db.execute(sql, args).fetchall()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._sql:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
 
     def close(self) -> None:
-        self.db.close()
+        with self._sql:
+            self.db.close()
 
     # ------------------------------------------------------------------ meta
 
     def get(self, key: str, default: Any = None) -> Any:
-        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return default if row is None else json.loads(row[0])
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return default if not rows else json.loads(rows[0][0])
 
     def put(self, key: str, value: Any) -> None:
-        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+        self._query("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
 
     # --------------------------------------------------------------- clients
 
     def clients(self) -> dict[str, tuple[int, int, str]]:
-        rows = self.db.execute("SELECT name, idx, num_samples, data_spec FROM clients").fetchall()
+        rows = self._query("SELECT name, idx, num_samples, data_spec FROM clients")
         return {name: (idx, n, spec) for name, idx, n, spec in rows}
 
     def save_client(self, name: str, idx: int, num_samples: int, data_spec: str) -> None:
-        self.db.execute("INSERT OR REPLACE INTO clients VALUES (?, ?, ?, ?, ?)",
-                        (name, idx, num_samples, data_spec, time.time()))
+        self._query("INSERT OR REPLACE INTO clients VALUES (?, ?, ?, ?, ?)",
+                    (name, idx, num_samples, data_spec, time.time()))
+
+    def forget_client(self, name: str) -> None:
+        self._query("DELETE FROM clients WHERE name = ?", (name,))
 
     # ---------------------------------------------------------------- rounds
 
     def open_round(self) -> tuple[int, list[int]] | None:
-        row = self.db.execute("SELECT round, cohort FROM open_round").fetchone()
-        return None if row is None else (int(row[0]), json.loads(row[1]))
+        rows = self._query("SELECT round, cohort FROM open_round")
+        return None if not rows else (int(rows[0][0]), json.loads(rows[0][1]))
 
     def begin_round(self, round_index: int, cohort: list[int]) -> None:
-        with self.db:
-            self.db.execute("BEGIN IMMEDIATE")
-            self.db.execute("DELETE FROM open_round")
-            self.db.execute("INSERT INTO open_round VALUES (?, ?, ?)",
-                            (round_index, json.dumps(cohort), time.time()))
+        with self._transaction() as db:
+            db.execute("DELETE FROM open_round")
+            db.execute("INSERT INTO open_round VALUES (?, ?, ?)", (round_index, json.dumps(cohort), time.time()))
 
     def _pending_path(self, round_index: int, idx: int) -> Path:
         return self.folder / "pending" / f"r{round_index:06d}-c{idx}.bin"
@@ -149,25 +172,23 @@ class Store:
 
     def _log(self, round_index: int, client: str, idx: int, status: str, reason: str, nbytes: int,
              digest: str, num_samples: int, train_loss: float) -> None:
-        with self.db:
-            self.db.execute("BEGIN IMMEDIATE")
-            self.db.execute("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            (round_index, client, idx, status, reason, nbytes, digest, num_samples,
+        with self._transaction() as db:
+            db.execute("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (round_index, client, idx, status, reason, nbytes, digest, num_samples,
                              train_loss, time.time()))
 
     def pending(self, round_index: int) -> list[PendingUpdate]:
         """The open round's accepted uploads whose files are intact; broken ones are forgotten."""
-        rows = self.db.execute(
+        rows = self._query(
             "SELECT client, idx, sha256, num_samples, train_loss FROM updates "
-            "WHERE round = ? AND status = 'accepted' ORDER BY idx", (round_index,)).fetchall()
+            "WHERE round = ? AND status = 'accepted' ORDER BY idx", (round_index,))
         out = []
         for client, idx, digest, n, loss in rows:
             path = self._pending_path(round_index, idx)
             blob = path.read_bytes() if path.is_file() else b""
             if hashlib.sha256(blob).hexdigest() != digest:
-                with self.db:
-                    self.db.execute("BEGIN IMMEDIATE")
-                    self.db.execute("UPDATE updates SET status = 'lost', reason = 'pending file "
+                with self._transaction() as db:
+                    db.execute("UPDATE updates SET status = 'lost', reason = 'pending file "
                                     "missing or damaged after a restart' WHERE round = ? AND idx = ? "
                                     "AND status = 'accepted'", (round_index, idx))
                 continue
@@ -175,7 +196,7 @@ class Store:
         return out
 
     def counts(self) -> dict[str, int]:
-        rows = self.db.execute("SELECT status, COUNT(*) FROM updates GROUP BY status").fetchall()
+        rows = self._query("SELECT status, COUNT(*) FROM updates GROUP BY status")
         return {status: n for status, n in rows}
 
     def write_checkpoint(self, round_index: int, tensors: dict[str, torch.Tensor]) -> str:
@@ -192,12 +213,11 @@ class Store:
     def commit_round(self, round_index: int, checkpoint: str, record: dict[str, Any],
                      totals: dict[str, Any]) -> None:
         """Round `round_index` (1-based count of rounds done) becomes the truth, atomically."""
-        with self.db:
-            self.db.execute("BEGIN IMMEDIATE")
-            self.db.execute("INSERT OR REPLACE INTO rounds VALUES (?, ?)", (round_index, json.dumps(record)))
-            self.db.execute("DELETE FROM open_round")
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO rounds VALUES (?, ?)", (round_index, json.dumps(record)))
+            db.execute("DELETE FROM open_round")
             for key, value in {"round": round_index, "checkpoint": checkpoint, **totals}.items():
-                self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+                db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
         # Only now are the older files garbage.
         for old in self.folder.glob("ckpt-*.safetensors"):
             if old.name != checkpoint:
@@ -210,7 +230,7 @@ class Store:
         return None if name is None else load_file(str(self.folder / name))
 
     def records(self) -> list[dict[str, Any]]:
-        return [json.loads(r[0]) for r in self.db.execute("SELECT record FROM rounds ORDER BY round")]
+        return [json.loads(r[0]) for r in self._query("SELECT record FROM rounds ORDER BY round")]
 
 
 def _pack_head(payloads: list[bytes]) -> bytes:
