@@ -40,15 +40,19 @@ class DistExchange:
     def gather(
         self, sync_index: int, payloads: dict[int, bytes], engine: IslandsEngine
     ) -> dict[int, bytes]:
-        if self.joining:
-            raw = wait_key(self.store, f"joinq/{self.worker_id}", self.timeout_s)
+        # Deadlines are staggered so that the coordinator always decides before a worker
+        # gives up on it: it waits `timeout_s` for arrivals (twice that on a retry, since a
+        # survivor may first have to time out of a broken collective), workers wait longer.
+        if self.joining:  # the next sync event may be a whole round away
+            raw = wait_key(self.store, f"joinq/{self.worker_id}", 20 * self.timeout_s)
             s, a = (int(v) for v in raw.decode().split("/"))
         else:
             s, a = sync_index, 0
         while True:
             if not self.joining:
                 self.store.set(f"ready/{s}/{a}/{self.worker_id}", "1")
-            quorum = Quorum.from_json(wait_key(self.store, f"quorum/{s}/{a}", self.timeout_s))
+            quorum = Quorum.from_json(
+                wait_key(self.store, f"quorum/{s}/{a}", 4 * self.timeout_s))
             if self.worker_id not in quorum.members:
                 raise Dropped(f"worker {self.worker_id} was left out of sync event {s}")
             got: dict[int, bytes] | None = None
@@ -57,7 +61,7 @@ class DistExchange:
             except (RuntimeError, ValueError, MembershipTimeout):  # a peer died mid-collective
                 got = None
             self.store.set(f"done/{s}/{a}/{self.worker_id}", "ok" if got is not None else "fail")
-            verdict = wait_key(self.store, f"verdict/{s}/{a}", self.timeout_s)
+            verdict = wait_key(self.store, f"verdict/{s}/{a}", 3 * self.timeout_s)
             if verdict == b"commit" and got is not None:
                 self.joining = False
                 return got

@@ -156,7 +156,7 @@ class Coordinator:
         return False
 
     def _gather_ready(self, s: int, a: int) -> list[int]:
-        deadline = time.monotonic() + self.round_timeout_s
+        deadline = time.monotonic() + self.round_timeout_s * (2 if a else 1)
         while True:
             ready = [w for w in self.members if self.store.check([f"ready/{s}/{a}/{w}"])]
             waiting = [w for w in self.members if w not in ready and self.alive(w)]
