@@ -154,3 +154,18 @@ def test_bristle_resists_byzantine_peers_where_plain_gossip_collapses(attack):
     assert attacked > clean - 0.1  # measured: sign_flip 0.82, gaussian 0.87 vs clean 0.88
     assert plain < 0.3  # the full-model averages are destroyed
     assert averaged_heads < attacked - 0.3  # the defense, not the frozen features, does it
+
+
+def test_the_example_config_reaches_bristle_through_topology_options():
+    from koinon.experiment.config import load_config
+    from koinon.experiment.runner import build_federation
+
+    cfg = load_config("examples/bristle.toml").with_overrides({"server.rounds": 1})
+    net = build_federation(cfg)
+    try:
+        assert isinstance(net, Gossip) and net.bristle is not None
+        assert len(net.byzantine.nodes) == 15  # 30 % of 50 peers
+        r = net.run_round(evaluate=False)
+        assert r.bytes_total == 4 * 330 * 6 * 50  # fp32 head (32 x 10 + 10) to 6 neighbours each
+    finally:
+        net.close()
