@@ -76,13 +76,13 @@ from koinon.topology.bristle import (
     reserve_public,
 )
 from koinon.topology.byzantine import ByzantinePeers
+from koinon.topology.failures import FailureSchedule
 from koinon.topology.federated import component, fit_rounds
-from koinon.topology.gossip_round import GossipRound, churn_schedule
+from koinon.topology.gossip_round import GossipRound
 from koinon.topology.graphs import build_graph, fail_links, from_networkx, mixing_matrix
 from koinon.topology.modest import modest_ranking, modest_round
 from koinon.topology.variance import correct_mixed_variance, correct_variance, layer_variances
 
-FAILURE_CHOICES = ("random", "degree", "central")
 SAMPLING_CHOICES = ("all", "modest")
 RESAMPLED_GRAPHS = ("random_regular", "erdos_renyi", "barabasi_albert")  # seeded random graphs
 
@@ -135,12 +135,7 @@ class Gossip:
                       else from_networkx(graph))
         if self.graph.number_of_nodes() != n:
             raise ValueError(f"the graph has {self.graph.number_of_nodes()} nodes, the data {n} clients")
-        if failure_choice not in FAILURE_CHOICES:
-            raise ValueError(f"failure_choice {failure_choice!r}; allowed: {', '.join(FAILURE_CHOICES)}")
-        for r, fraction in (failures or {}).items():
-            if r < 0 or not 0.0 <= fraction <= 1.0:
-                raise ValueError(f"failures {{{r}: {fraction}}}: need round >= 0 and fraction in [0, 1]")
-        self.churn = churn_schedule(churn)
+        self.schedule = FailureSchedule.build(failures, churn, failure_choice, seed)
         if not 0.0 <= link_failure <= 1.0:
             raise ValueError(f"link_failure must be a probability in [0, 1], got {link_failure}")
         if link_failure and sampling == "modest":
@@ -201,8 +196,6 @@ class Gossip:
         self.modest_holders: list[int] = []  # MoDeST: last round's aggregators (hold its model)
         self.graph_name = graph if isinstance(graph, str) else None
         self.graph_options = dict(graph_options or {})
-        self.failures = dict(failures or {})
-        self.failure_choice = failure_choice
         self.crash_loses_data = crash_loses_data
         self.link_failure = link_failure
         self.eval_nodes = eval_nodes
@@ -269,33 +262,6 @@ class Gossip:
         self.live[nodes] = True
         self._mixing = None
 
-    def choose_rejoins(self, count: int, round_index: int) -> list[int]:
-        """`count` seeded random crashed nodes to come back."""
-        dead = (~self.live).nonzero().flatten().tolist()
-        count = min(count, len(dead))
-        rng = np.random.default_rng([self.seed, round_index, 0x4E70])
-        return sorted(int(v) for v in rng.choice(dead, count, replace=False)) if count else []
-
-    def _apply_failures(self, r: int) -> tuple[list[int], list[int]]:
-        """Round r's scheduled crashes (`failures`, then leaving `churn`) and rejoins."""
-        crashed: list[int] = []
-        if r in self.failures:
-            crashed = self.choose_failures(round(self.failures[r] * self.num_nodes), r)
-            self.crash(crashed)
-        rejoined: list[int] = []
-        change = self.churn.get(r, 0.0)
-        if change < 0:
-            leaving = self.choose_failures(round(-change * int(self.live.sum())), mix_seed(r, 0x1EA7))
-            self.crash(leaving)
-            crashed = sorted(set(crashed) | set(leaving))
-        elif change > 0:
-            rejoined = self.choose_rejoins(round(change * int((~self.live).sum())), r)
-            self.rejoin(rejoined)
-        if crashed or rejoined:
-            notice(f"round {r + 1}: {len(crashed)} nodes crashed, {len(rejoined)} rejoined, "
-                   f"{int(self.live.sum())} live")
-        return crashed, rejoined
-
     def _round_links(self, r: int) -> tuple[nx.Graph, torch.Tensor, int]:
         """Round r's graph after link failures, its mixing matrix and the failed edge count."""
         if not self.link_failure:
@@ -303,22 +269,6 @@ class Gossip:
         rng = np.random.default_rng([self.seed, r, 0x714C])
         graph, failed = fail_links(self.graph, self.link_failure, rng)
         return graph, mixing_matrix(graph, self.mixing_rule, self.live), failed
-
-    def choose_failures(self, count: int, round_index: int) -> list[int]:
-        """`count` live nodes to fail: seeded random ones, or the most central of the live graph."""
-        alive = self.live.nonzero().flatten().tolist()
-        count = min(count, len(alive))
-        if self.failure_choice == "random":
-            rng = np.random.default_rng([self.seed, round_index, 0xFA11])
-            return sorted(int(v) for v in rng.choice(alive, count, replace=False))
-        sub = self.graph.subgraph(alive)
-        if self.failure_choice == "degree":
-            score = dict(sub.degree())
-        else:  # betweenness is O(N E); sample pivots on large graphs to keep it seconds
-            k = None if len(alive) <= 300 else 300
-            score = nx.betweenness_centrality(sub, k=k, seed=self.seed)
-        ranked = sorted(alive, key=lambda v: (-score[v], v))  # ties broken by id: deterministic
-        return sorted(ranked[:count])
 
     # ---------------------------------------------------------------- round
 
@@ -380,7 +330,7 @@ class Gossip:
         if self.resample_every and r % self.resample_every == 0 and r:
             self.graph = self.graph_for(r)  # a fresh random graph ("epidemic learning")
             self._mixing = None
-        crashed, rejoined = self._apply_failures(r)
+        crashed, rejoined = self.schedule.apply(self, r)
         if self.sampling == "modest":
             out = modest_round(self, r, evaluate, crashed)
             out.rejoined = rejoined

@@ -1,4 +1,4 @@
-"""Bookkeeping of a gossip round: its metrics record and the churn schedule parser."""
+"""The metrics record of one gossip round."""
 
 from __future__ import annotations
 
@@ -64,16 +64,3 @@ class GossipRound:
             "failed_links": self.failed_links,
             "merged": self.merged,
         }
-
-
-def churn_schedule(churn: dict | None) -> dict[int, float]:
-    """{round: signed fraction} from a TOML-friendly dict (keys may be strings like "20")."""
-    out: dict[int, float] = {}
-    for key, value in (churn or {}).items():
-        if not str(key).strip().isdigit() or isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"churn {churn!r}: expected {{round: fraction}}, negative = that fraction of "
-                             'the live nodes leave, positive = of the crashed nodes rejoin, e.g. { "10" = -0.3 }')
-        if not -1.0 <= value <= 1.0:
-            raise ValueError(f"churn {{{key}: {value}}}: the fraction must be in [-1, 1]")
-        out[int(str(key).strip())] = float(value)
-    return out
