@@ -53,3 +53,18 @@ def test_a_custom_dataset_trains_under_its_global_index(monkeypatch):
     uploads, _, result = worker.train(1005, 0, [payload], ["delta"], state)
     delta = worker.fed.codec.decode(uploads[0])
     assert int(result.num_samples[0]) == 40 and delta.abs().sum() > 0
+
+
+def test_an_upload_whose_reply_was_lost_keeps_its_state_only_if_the_server_holds_it(tmp_path):
+    from types import SimpleNamespace
+
+    from koinon.deploy.client import _settle
+
+    for held, expected in ((4, 1.0), (3, 0.0)):
+        state = ClientState(tmp_path / str(held), "h")
+        state.codec = {"delta": {"residual": torch.zeros(2)}}
+        worker = SimpleNamespace(unconfirmed=(4, {"delta": {"residual": torch.ones(2)}}, {}))
+        _settle(worker, state, held, "h")
+        assert worker.unconfirmed is None
+        assert float(ClientState(tmp_path / str(held), "h").codec.get("delta", {"residual": torch.zeros(2)})
+                     ["residual"][0]) == expected

@@ -148,6 +148,8 @@ class Worker:
             self.dataset = spec.load()
             self.num_samples = len(self.dataset.y_train)
         self.bound = -1
+        # (round, codec states, algorithm state) of an upload sent but not yet confirmed.
+        self.unconfirmed: tuple[int, dict[str, State], State] | None = None
 
     def bind(self, idx: int) -> None:
         """Train under global index `idx` (a custom dataset is installed as that client's data)."""
@@ -200,14 +202,14 @@ def run_client(server: str, creds: Credentials, name: str, spec: DataSpec, state
     torch.set_num_threads(1)
     hooks = hooks or Hooks()
     backoff, last_contact = 0.5, time.monotonic()
-    worker: Worker | None = None
+    workers: list[Worker] = []  # built once, kept across reconnections (with its unconfirmed upload)
     while True:
         if hooks.stop is not None and hooks.stop.is_set():
             return 0
         channel = _channel(server, creds)
         stub = federation_pb2_grpc.FederationStub(channel)
         try:
-            worker = _session(stub, name, spec, state_dir, worker, call_timeout_s, hooks)
+            _session(stub, name, spec, state_dir, workers, call_timeout_s, hooks)
             return 0
         except grpc.RpcError as exc:
             code = exc.code()
@@ -245,14 +247,17 @@ class _Contact(Exception):
     """Raised to the retry loop after a session that had reached the server ended."""
 
 
-def _session(stub: Any, name: str, spec: DataSpec, state_dir: Path, worker: Worker | None,
-             call_timeout_s: float, hooks: Hooks) -> Worker:
-    if worker is None:
+def _session(stub: Any, name: str, spec: DataSpec, state_dir: Path, workers: list[Worker],
+             call_timeout_s: float, hooks: Hooks) -> None:
+    """One connection's life: join, then poll / train / upload until the run is done."""
+    if not workers:
         probe = _join(stub, spec, None)
-        worker = Worker(Config.from_dict(tomllib.loads(probe.config_toml)), spec)
-        if worker.fed.layout.hash() != probe.layout_hash:
-            raise KoinonError(f"this client's model (layout {worker.fed.layout.hash()}) is not the "
+        built = Worker(Config.from_dict(tomllib.loads(probe.config_toml)), spec)
+        if built.fed.layout.hash() != probe.layout_hash:
+            raise KoinonError(f"this client's model (layout {built.fed.layout.hash()}) is not the "
                               f"server's ({probe.layout_hash}); the data shapes differ")
+        workers.append(built)
+    worker = workers[0]
     reply = _join(stub, spec, worker)
     if reply.layout_hash != worker.fed.layout.hash():
         raise KoinonError("the server now runs another model; restart this client")
@@ -269,16 +274,16 @@ def _session(stub: Any, name: str, spec: DataSpec, state_dir: Path, worker: Work
             header, payloads = read_task(
                 stub.Poll(pb.PollRequest(client_index=idx, last_round=state.last_round), timeout=60.0),
                 max_stream)
+            _settle(worker, state, header.last_accepted_round, reply.layout_hash)
             if header.status == pb.TaskHeader.DONE:
                 hooks.log(name, "the run has finished")
-                return worker
+                return
             if header.status == pb.TaskHeader.WAIT:
                 continue
             if header.layout_hash != reply.layout_hash:
                 raise Rejected("the server switched models; rejoining")
             _train_and_upload(stub, name, idx, int(header.round), payloads, list(header.streams),
                               worker, state, reply.layout_hash, call_timeout_s, hooks)
-        return worker
     except Rejected as exc:
         hooks.log(name, f"bad answer from the server: {exc}")
         raise _Contact from None
@@ -296,6 +301,25 @@ def _join(stub: Any, spec: DataSpec, worker: Worker | None) -> Any:
     return stub.Join(request, timeout=30.0)
 
 
+def _commit(state: ClientState, round_index: int, codec_states: dict[str, State], client_state: State,
+            layout_hash: str) -> None:
+    """The states of an accepted upload become the client's, on disk first."""
+    state.codec.update({k: v for k, v in codec_states.items() if v})
+    if client_state:
+        state.algorithm = client_state
+    state.save(layout_hash, round_index)
+
+
+def _settle(worker: Worker, state: ClientState, last_accepted: int, layout_hash: str) -> None:
+    """Resolve an upload whose reply was lost: keep its states if the server holds it."""
+    if worker.unconfirmed is None:
+        return
+    round_index, codec_states, client_state = worker.unconfirmed
+    if last_accepted == round_index:
+        _commit(state, round_index, codec_states, client_state, layout_hash)
+    worker.unconfirmed = None
+
+
 def _train_and_upload(stub: Any, name: str, idx: int, round_index: int, payloads: list[bytes],
                       streams: list[str], worker: Worker, state: ClientState, layout_hash: str,
                       call_timeout_s: float, hooks: Hooks) -> None:
@@ -311,16 +335,17 @@ def _train_and_upload(stub: Any, name: str, idx: int, round_index: int, payloads
         train_loss=float(result.train_loss[0]), client_index=idx,
     )
     sent = time.perf_counter()
+    # Until the server confirms, this round's new states are "unconfirmed": if the reply is lost,
+    # the next poll says whether the server holds the update (see `_settle`).
+    worker.unconfirmed = (round_index, codec_states, result.client_states[0])
     reply = stub.Upload(upload_messages(header, uploads), timeout=call_timeout_s)
+    worker.unconfirmed = None
     took = time.perf_counter() - start
     nbytes = sum(len(p) for p in uploads)
     if hooks.on_upload is not None:
         hooks.on_upload(round_index, bool(reply.accepted), nbytes, time.perf_counter() - sent)
     if reply.accepted:
-        state.codec.update({k: v for k, v in codec_states.items() if v})
-        if result.client_states[0]:
-            state.algorithm = result.client_states[0]
-        state.save(layout_hash, round_index)
+        _commit(state, round_index, codec_states, result.client_states[0], layout_hash)
         hooks.log(name, f"round {round_index}: update accepted ({nbytes} bytes, {took:.2f} s)")
     else:
         hooks.log(name, f"round {round_index}: update rejected: {reply.reason}")

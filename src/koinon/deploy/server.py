@@ -217,12 +217,19 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
                 member.polling -= 1
                 # A poll cut off by the client (process gone) ends its liveness at once.
                 member.last_seen = time.monotonic() if context.is_active() else 0.0
+        # Tells a client whose last "accepted" reply was lost (server crash) that its update
+        # counts, so it keeps the codec state that goes with it.
+        last = self.store.last_accepted(name)
         if self.finished:
-            header = pb.TaskHeader(status=pb.TaskHeader.DONE, message="the run has finished")
+            header = pb.TaskHeader(status=pb.TaskHeader.DONE, message="the run has finished",
+                                   last_accepted_round=last)
             return task_messages(header, [])
         if task is None:
-            return task_messages(pb.TaskHeader(status=pb.TaskHeader.WAIT, message="no work"), [])
-        return task
+            header = pb.TaskHeader(status=pb.TaskHeader.WAIT, message="no work", last_accepted_round=last)
+            return task_messages(header, [])
+        header, payloads = task
+        header.last_accepted_round = last
+        return task_messages(header, payloads)
 
     def _task_for(self, member: Member) -> Any:
         """TRAIN messages when `member` is in the open round's cohort and has not delivered."""
@@ -239,7 +246,7 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
             codec=self.fed.downlink.name, streams=[n for n, _ in rnd.payloads], sizes=sizes,
             seed=self.cfg.seed,
         )
-        return task_messages(header, [p for _, p in rnd.payloads])
+        return header, [p for _, p in rnd.payloads]
 
     # -------------------------------------------------------------- Upload
 

@@ -195,6 +195,11 @@ class Store:
             out.append(PendingUpdate(client, idx, _unpack(blob), n, loss))
         return out
 
+    def last_accepted(self, client: str) -> int:
+        """The last round for which an upload of `client` is held as accepted (-1: none)."""
+        rows = self._query("SELECT MAX(round) FROM updates WHERE client = ? AND status = 'accepted'", (client,))
+        return -1 if not rows or rows[0][0] is None else int(rows[0][0])
+
     def counts(self) -> dict[str, int]:
         rows = self._query("SELECT status, COUNT(*) FROM updates GROUP BY status")
         return {status: n for status, n in rows}
