@@ -1,7 +1,7 @@
 """Bristle: decentralized learning of an output layer over frozen pretrained features.
 
-Verbraeken, Vos, Epema, "Bristle: Decentralized Federated Learning in Byzantine, Non-i.i.d.
-Environments" (2021), https://arxiv.org/abs/2110.11006. Three ideas, each here:
+"Bristle: Decentralized Federated Learning in Byzantine, Non-i.i.d. Environments" (arXiv,
+October 2021; one of our seed papers). Three ideas, each here:
 
 * Transfer learning. The feature layers are pretrained once and frozen; only the output layer
   (the model's last `nn.Linear`, "the head") is trained and exchanged. We pretrain centrally on a
@@ -14,7 +14,7 @@ Environments" (2021), https://arxiv.org/abs/2110.11006. Three ideas, each here:
   own and considers the `closest` nearest, plus `explore` others drawn at random (seeded), so
   that honest heads trained on other classes still get a chance under label skew. `explore`
   is 0 by default: the far heads it re-admits are mostly the attackers' (noise, flipped heads),
-  and the integrator below cannot test rows of classes a node has no samples of.
+  and the integrator below can only partly test rows of classes a node has no samples of.
 * A performance-based integrator, per class. Features are frozen, so a head is judged on the
   node's own samples in one matrix product. For each class c and each prioritized neighbour j,
   the node plugs j's row for c (weights and bias) into its own head and measures its local
