@@ -42,3 +42,14 @@ def test_commit_clears_the_open_round_and_its_files(tmp_path):
     assert store.open_round() is None
     assert not list((tmp_path / "pending").iterdir())
     assert [p.name for p in tmp_path.glob("ckpt-*")] == ["ckpt-000001.safetensors"]
+
+
+def test_a_restart_may_change_deadlines_and_rounds_but_not_the_run():
+    from koinon.deploy.server import _changed_keys
+    from koinon.experiment.config import Config
+
+    base = Config.from_dict({"server": {"rounds": 5}, "client": {"lr": 0.1}})
+    later = Config.from_dict({"server": {"rounds": 9}, "client": {"lr": 0.1}, "deploy": {"round_timeout_s": 5.0}})
+    assert _changed_keys(base.to_toml(), later) == []
+    other = Config.from_dict({"server": {"rounds": 5}, "client": {"lr": 0.2}, "seed": 3})
+    assert _changed_keys(base.to_toml(), other) == ["client.lr", "seed"]

@@ -36,6 +36,11 @@ from koinon.experiment.checkpoint import atomic_write_text
 from koinon.experiment.config import Config
 from koinon.topology.federated import Federation
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
 POLL_HOLD_S = 5.0  # a long poll waits this long for work before answering WAIT
 LIVENESS_S = 10.0  # a client that has not polled for this long is no longer "connected"
 RECEIVING = 4  # uploads read and decoded at the same time (bounds the server's memory)
@@ -511,6 +516,27 @@ def _return_large_buffers_to_the_os() -> None:
         pass
 
 
+# What a restart may change: deadlines and limits, and how long the run goes on.
+_RESUMABLE = {"deploy", "server.rounds", "server.eval_every", "server.checkpoint_every"}
+
+
+def _changed_keys(stored_toml: str, cfg: Config) -> list[str]:
+    """Config keys that differ from the stored run's, other than those a restart may change."""
+    old = Config.from_dict(tomllib.loads(stored_toml)).to_dict()
+    new = cfg.to_dict()
+    changed = []
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section), new.get(section)
+        if section in _RESUMABLE or a == b:
+            continue
+        if not isinstance(a, dict) or not isinstance(b, dict):
+            changed.append(section)
+            continue
+        changed += [f"{section}.{k}" for k in sorted(set(a) | set(b))
+                    if a.get(k) != b.get(k) and f"{section}.{k}" not in _RESUMABLE]
+    return changed
+
+
 def serve(cfg: Config, state: Path, certs: Path, listen: str) -> dict[str, Any]:
     """Run (or resume) the deployment in `state`; returns the summary once every round is done."""
     from koinon.experiment.runner import _finish, build_federation
@@ -525,14 +551,18 @@ def serve(cfg: Config, state: Path, certs: Path, listen: str) -> dict[str, Any]:
     store = Store(state)
     try:
         stored = store.get("config_toml")
-        if stored is None:
-            store.put("config_toml", cfg.to_toml())
-            store.put("layout_hash", fed.layout.hash())
-            atomic_write_text(state / "config.toml", cfg.to_toml())
-        elif stored != cfg.to_toml():
-            raise ConfigError(f"--state {state} holds a run with another configuration (see "
-                              f"{state / 'config.toml'}); use a new --state folder")
+        if stored is not None:
+            changed = _changed_keys(stored, cfg)
+            if changed:
+                raise ConfigError(f"--state {state} holds a run with another configuration ({', '.join(changed)} "
+                                  f"differ; see {state / 'config.toml'}); use a new --state folder")
+        store.put("config_toml", cfg.to_toml())
+        store.put("layout_hash", fed.layout.hash())
+        atomic_write_text(state / "config.toml", cfg.to_toml())
         restore(fed, store)
+        if fed.round_index > cfg.server.rounds:
+            raise ConfigError(f"server.rounds = {cfg.server.rounds} is below the {fed.round_index} rounds "
+                              f"already committed in {state}")
         if fed.round_index:
             log(f"resuming from {state}: {fed.round_index} rounds committed")
         server = FederationServer(cfg, fed, store, certs)
