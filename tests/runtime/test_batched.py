@@ -41,6 +41,8 @@ def _stacked_mlp_case(model: nn.Module, shape: tuple[int, ...], k: int = 3, b: i
     (build_model("mlp", {"hidden": [16, 12]}, (1, 8, 8), 10, seed=0), (1, 8, 8)),
     (build_model("logreg", {}, (20,), 10, seed=0), (20,)),
     (nn.Sequential(nn.Flatten(), nn.Linear(12, 9), nn.Tanh(), nn.Identity(), nn.Linear(9, 10, bias=False)), (3, 4)),
+    (nn.Sequential(nn.Linear(12, 9).requires_grad_(False), nn.ReLU(), nn.Linear(9, 7), nn.Tanh(),
+                   nn.Linear(7, 10)), (12,)),
 ])
 def test_hand_written_backward_equals_autograd(model, shape):
     layout, stack, x, y, scale = _stacked_mlp_case(model, shape)
@@ -49,12 +51,15 @@ def test_hand_written_backward_equals_autograd(model, shape):
     grad = torch.zeros_like(stack)
     losses = step(layout.views(stack), layout.views(grad), x, y, scale)
 
-    leaf = stack.clone().requires_grad_(True)
-    out = vmap(lambda p, xx: functional_call(model, p, (xx,)))(layout.views(leaf), x)
+    trainable = layout.num_trainable
+    leaf = stack[:, :trainable].clone().requires_grad_(True)
+    out = vmap(lambda p, xx: functional_call(model, p, (xx,)))(
+        layout.views(torch.cat([leaf, stack[:, trainable:]], dim=1)), x)
     ref_losses = torch.nn.functional.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
     (ref_losses * scale).sum().backward()
     assert torch.allclose(losses, ref_losses.detach(), atol=1e-5)
-    assert torch.allclose(grad, leaf.grad, atol=1e-5)
+    assert torch.allclose(grad[:, :trainable], leaf.grad, atol=1e-5)
+    assert not grad[:, trainable:].any()  # frozen layers get no gradient
     assert grad.abs().sum() > 0
 
 

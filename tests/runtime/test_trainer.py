@@ -187,3 +187,31 @@ def test_vectorized_seed_mixing_equals_the_scalar_one():
     clients = torch.tensor([0, 1, 7, 99_999, -1, 2**40])
     for seed, r in [(0, 0), (7, 3), (123_456_789, 10**6), (-5, 2)]:
         assert mix_seeds(seed, r, clients).tolist() == [mix_seed(seed, r, int(c)) for c in clients]
+
+
+def test_frozen_feature_layers_train_vectorized_without_fallback(capsys):
+    """Frozen parameters (a pretrained feature extractor) are constants, not buffers: the
+    vectorized runtime keeps them fixed and equals the sequential runtime."""
+    from koinon.topology import Federation
+
+    def frozen_model():
+        model = _model()
+        for p in model[0].parameters():
+            p.requires_grad_(False)
+        return model
+
+    data = _data(num_clients=8, n=120)
+    finals = {}
+    for runtime in ("inprocess", "vectorized"):
+        fed = Federation(frozen_model(), data, local=LocalTraining(epochs=2, batch_size=8, lr=0.1, momentum=0.9),
+                         runtime=runtime, clients_per_round=5, seed=3)
+        start = fed.params.clone()
+        for _ in range(3):
+            fed.run_round(evaluate=False)
+        finals[runtime] = fed.params.clone()
+        layout = fed.layout
+    assert "falls back" not in capsys.readouterr().err
+    assert torch.allclose(finals["inprocess"], finals["vectorized"], atol=ATOL)
+    frozen = layout.num_trainable  # frozen entries follow the trainable ones
+    assert torch.equal(finals["vectorized"][frozen:], start[frozen:])
+    assert not torch.equal(finals["vectorized"][:frozen], start[:frozen])

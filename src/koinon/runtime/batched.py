@@ -77,7 +77,8 @@ def batched_forward(module: nn.Module) -> Forward | None:
         return None
     steps: list[Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]] = []
     for name, m in module.named_children():
-        if list(m.buffers()) or not all(p.requires_grad for p in m.parameters()):
+        # Frozen parameters are fine (they arrive stacked like the rest); buffers are not.
+        if list(m.buffers()):
             return None
         if isinstance(m, nn.Linear):
             steps.append(_linear_step(name, m.bias is not None))
@@ -130,7 +131,7 @@ def mlp_value_and_grad(module: nn.Module) -> GradStep | None:
         return None
     layers: list[tuple[str, nn.Module]] = []
     for name, m in module.named_children():
-        if list(m.buffers()) or not all(p.requires_grad for p in m.parameters()):
+        if list(m.buffers()):
             return None
         if isinstance(m, nn.Flatten):
             if m.start_dim != 1 or m.end_dim != -1:
@@ -138,8 +139,13 @@ def mlp_value_and_grad(module: nn.Module) -> GradStep | None:
         elif not isinstance(m, (nn.Linear, *_GRAD_ACTIVATIONS)):
             return None
         layers.append((name, m))
-    if not any(isinstance(m, nn.Linear) for _, m in layers):
+    # Backward starts at the output and stops at the first layer with a trainable parameter
+    # (frozen feature layers below it, as in Bristle, need no gradient at all).
+    trainable = [i for i, (_, m) in enumerate(layers)
+                 if isinstance(m, nn.Linear) and any(q.requires_grad for q in m.parameters())]
+    if not trainable:
         return None
+    first_trainable = trainable[0]
 
     def step(
         params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
@@ -167,16 +173,16 @@ def mlp_value_and_grad(module: nn.Module) -> GradStep | None:
         g = logp.exp_()
         g.scatter_add_(-1, target, torch.full_like(target, -1.0, dtype=g.dtype))
         g.mul_(scale.unsqueeze(-1))
-        first_linear = next(i for i, (_, m) in enumerate(layers) if isinstance(m, nn.Linear))
-        for i in range(len(layers) - 1, first_linear - 1, -1):
+        for i in range(len(layers) - 1, first_trainable - 1, -1):
             name, m = layers[i]
             a = saved[i]
             if isinstance(m, nn.Linear):
                 w = params[f"{name}.weight"]
-                grads[f"{name}.weight"].copy_(torch.bmm(g.transpose(1, 2), a))
-                if m.bias is not None:
+                if f"{name}.weight" in grads:
+                    grads[f"{name}.weight"].copy_(torch.bmm(g.transpose(1, 2), a))
+                if m.bias is not None and f"{name}.bias" in grads:
                     grads[f"{name}.bias"].copy_(g.sum(dim=1))
-                if i > first_linear:
+                if i > first_trainable:
                     g = torch.bmm(g, w)
             elif isinstance(m, nn.ReLU):
                 g = g * (a > 0)

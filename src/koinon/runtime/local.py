@@ -97,14 +97,17 @@ class Vectorized(InProcess):
 
     @staticmethod
     def _cannot_vmap(trainer: CohortTrainer) -> str:
-        if trainer.layout.has_buffers:
-            names = [e.name for e in trainer.layout.entries if not e.trainable][:3]
-            return f"the model has buffers updated during training ({', '.join(names)})"
+        # Frozen parameters stay constant and stack like the rest; buffers (BatchNorm's running
+        # statistics) are updated in place by the forward pass, which vmap cannot do per client.
+        buffers = [name for name, _ in trainer.module.named_buffers()]
+        if buffers:
+            return f"the model has buffers updated during training ({', '.join(buffers[:3])})"
         try:  # a dry run on two stacked copies: some modules (in-place ops, data-dependent control flow) cannot vmap
             x = trainer.data.dataset.x_train[:1]
             p = torch.zeros(2, trainer.layout.numel)
             with torch.no_grad():
-                trainer._forward_many(trainer._params(p, p[:, :0]), x.unsqueeze(0).expand(2, *x.shape))
+                pt = trainer.layout.num_trainable
+                trainer._forward_many(trainer._params(p[:, :pt], p[:, pt:]), x.unsqueeze(0).expand(2, *x.shape))
         except Exception as exc:  # noqa: BLE001 - any failure means: do not vmap this model
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             return f"torch.func.vmap cannot run this model ({first})"
