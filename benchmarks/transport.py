@@ -173,8 +173,8 @@ def large_model(tmp: Path, rounds: int) -> None:
     print(f"  s/round (after the first): {sum(per_round) / len(per_round):.2f} "
           f"(first round {walls[0]:.2f} s, includes joining)")
     print(f"  upload: {sum(u[3] for u in rows) / 1e6 / busy:.0f} MB/s aggregate while uploads were in "
-          f"flight ({sum(u[3] for u in rows) / 1e6:.0f} MB in {len(rows)} uploads, {busy:.1f} s); one "
-          f"upload alone: median {per_upload[len(per_upload) // 2]:.0f} MB/s")
+          f"flight ({sum(u[3] for u in rows) / 1e6:.0f} MB in {len(rows)} uploads, {busy:.1f} s); per "
+          f"upload (10 at once, 4 read at a time): median {per_upload[len(per_upload) // 2]:.0f} MB/s")
     print(f"  raw loopback TCP in the same run: {tcp:.0f} MB/s")
     print(f"  server memory: {server.rss_start / 1e6:.0f} MB before clients joined, peak "
           f"{server.rss_peak / 1e6:.0f} MB while receiving (one round's updates: "
