@@ -71,6 +71,23 @@ def test_non_finite_updates_are_rejected_not_applied(capsys):
     assert "rejected updates" in capsys.readouterr().err
 
 
+class _Huge(_PoisonOne):
+    """Finite values whose row sum overflows float32: large, but not a reason to reject."""
+
+    def train(self, *args, **kwargs):
+        result = self.inner.train(*args, **kwargs)
+        result.deltas[1, :4] = 3e38
+        result.deltas[2, 0] = float("inf")
+        return result
+
+
+def test_only_truly_non_finite_rows_are_rejected():
+    fed = _federation(runtime=_Huge(), aggregator="median", clients_per_round=5)
+    cohort = fed.sample_cohort(0)
+    r = fed.run_round(evaluate=False)
+    assert r.rejected == [cohort[2]]  # the overflowing-but-finite row 1 is kept
+
+
 def test_state_dict_round_trip_continues_identically():
     a = _federation(algorithm="scaffold", server_optimizer="fedadam")
     a.fit(rounds=2)

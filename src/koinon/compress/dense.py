@@ -64,8 +64,10 @@ class _DenseCodec:
             else str(CodecError(self.name, f"payload is {len(d)} bytes, expected exactly {expected}"))
             for d in payloads
         ]
-        good = b"".join(d if e is None else bytes(expected) for d, e in zip(payloads, errors))
-        arr = np.frombuffer(good, dtype=self.np_dtype).astype(np.float32).reshape(len(payloads), self.numel)
+        arr = np.zeros((len(payloads), self.numel), dtype=np.float32)
+        for i, (d, e) in enumerate(zip(payloads, errors)):
+            if e is None:
+                arr[i] = np.frombuffer(d, dtype=self.np_dtype)
         return torch.from_numpy(arr), errors
 
     def _check_range(self, x: torch.Tensor) -> None:

@@ -247,10 +247,22 @@ class Federation:
             result.deltas = self.attack.forge(result.deltas, byzantine, context)
 
         streams = [(_DELTA, result.deltas), *((n, result.uploads[n]) for n in self.algorithm.uploads)]
-        decoded = {name: torch.zeros_like(t) for name, t in streams}
+        batched = result.messages is None and hasattr(self.codec, "encode_batch")
+        decoded = {} if batched else {name: torch.zeros_like(t) for name, t in streams}
         finite = torch.ones(k, dtype=torch.bool)
         reasons: list[str] = []
         uplink = 0
+        # Stateless dense codecs encode and decode the whole cohort at once: the same bytes as
+        # client by client, without K small conversions (they dominated rounds of 100 clients).
+        if batched:
+            for name, stack in streams:
+                payloads = self.codec.encode_batch(stack)
+                uplink += sum(len(b) for b in payloads)
+                decoded[name], errors = self.codec.decode_batch(payloads)
+                for i, err in enumerate(errors):
+                    if err is not None:
+                        finite[i] = False
+                        reasons.append(f"client {cohort[i]}: {err}")
         for i, c in enumerate(cohort):
             if result.messages is not None:  # the algorithm's own wire format (SPSA's bytes)
                 payload = result.messages[i]
@@ -263,6 +275,8 @@ class Federation:
                 except CodecError as exc:
                     finite[i] = False
                     reasons.append(f"client {c}: {exc}")
+                continue
+            if batched:
                 continue
             for s, (name, stack) in enumerate(streams):
                 key = (c, name)
@@ -320,7 +334,12 @@ class Federation:
         """
         finite = finite.clone()
         for name, stack in decoded.items():  # one check over the stack, for codecs that skip it
-            bad = finite & ~torch.isfinite(stack).all(dim=1)
+            # A row's sum is finite when all its values are (the cheap test); rows whose sum
+            # is not (NaN, Inf, or only an overflowing sum) get the exact test.
+            suspect = ~torch.isfinite(stack.sum(dim=1))
+            if suspect.any():
+                suspect[suspect.clone()] = ~torch.isfinite(stack[suspect]).all(dim=1)
+            bad = finite & suspect
             reasons += [f"client {cohort[i]}: non-finite {name}" for i in bad.nonzero().flatten().tolist()]
             finite &= ~bad
         rejected = [c for c, ok in zip(cohort, finite.tolist()) if not ok]
