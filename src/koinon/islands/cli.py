@@ -35,7 +35,8 @@ from koinon.islands.membership import Coordinator, MembershipTimeout, wait_key
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="koinon launch", description=__doc__.splitlines()[0])
-    p.add_argument("config", help="TOML config with topology.name = 'diloco'")
+    p.add_argument("config", nargs="?", help="TOML config with topology.name = 'diloco' "
+                   "(with --join: not needed, the running job's config is used)")
     p.add_argument("--workers", type=int, default=0, help="number of worker processes M")
     p.add_argument("--out", help="run folder (default runs/<config name>-launch)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -66,6 +67,7 @@ def launch(
     cfg: Config, workers: int, out: str | Path, *, host: str = "127.0.0.1", port: int = 0,
     timeout_s: float = 60.0, crashes: dict[int, int] | None = None,
     join_at: list[int] | None = None, overwrite: bool = False, max_wall_s: float = 0.0,
+    on_start: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run a DiLoCo job as real processes; returns (and writes) the summary."""
     if workers < 1:
@@ -90,6 +92,11 @@ def launch(
     store = TCPStore(host, port, is_master=True, wait_for_workers=False,
                      timeout=timedelta(seconds=timeout_s))
     store.add("next_id", workers)
+    store.set("config", cfg.to_toml())  # joiners from elsewhere train with the job's config
+    address = f"{host}:{store.port}"
+    atomic_write_text(out_dir / "store_address", address + "\n")
+    if on_start is not None:
+        on_start(address)
     procs: dict[int, subprocess.Popen] = {}
     lock = threading.Lock()
 
@@ -196,10 +203,8 @@ def _summarize(out: Path, procs: dict[int, subprocess.Popen], coordinator: Coord
 def _join(args: argparse.Namespace) -> int:
     from koinon.islands.worker import main as worker_main
 
-    out = Path(args.out or Path("runs") / (Path(args.config).stem + "-join"))
+    out = Path(args.out or Path("runs") / "diloco-join")
     out.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(args.config, args.overrides)
-    atomic_write_text(out / "config.toml", cfg.to_toml())
     return worker_main(["--store", args.join, "--config", str(out / "config.toml"), "--out",
                         str(out), "--join", "--timeout", str(args.timeout)])
 
@@ -210,11 +215,16 @@ def launch_main(argv: list[str]) -> int:
     try:
         if args.join:
             return _join(args)
+        if not args.config:
+            raise ConfigError("koinon launch needs a CONFIG.toml (or --join HOST:PORT)")
         cfg = load_config(args.config, args.overrides)
         out = args.out or str(Path("runs") / (Path(args.config).stem + "-launch"))
         summary = launch(cfg, args.workers, out, host=args.host, port=args.port,
                          timeout_s=args.timeout, crashes=_parse_crashes(args.crash),
-                         join_at=args.join_at, overwrite=args.overwrite)
+                         join_at=args.join_at, overwrite=args.overwrite,
+                         on_start=lambda a: print(f"store {a}: more workers can join with "
+                                                  f"koinon launch --join {a} {args.config}",
+                                                  flush=True))
     except KoinonError as exc:
         print(f"koinon: error: {exc}", file=sys.stderr)
         return 2

@@ -32,6 +32,8 @@ from datetime import timedelta
 
 from torch.distributed import Store, TCPStore
 
+from koinon.errors import KoinonError
+
 POLL_S = 0.005
 
 
@@ -40,7 +42,12 @@ class MembershipTimeout(RuntimeError):
 
 
 def connect(host: str, port: int, timeout_s: float) -> TCPStore:
-    return TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
+    """A client of the launcher's store; a one-line KoinonError when nobody answers there."""
+    try:
+        return TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
+    except RuntimeError as exc:  # DistNetworkError and friends
+        raise KoinonError(f"no koinon launch answers at {host}:{port} "
+                          f"({type(exc).__name__} after {timeout_s:.0f} s)") from None
 
 
 def wait_key(store: Store, key: str, timeout_s: float,

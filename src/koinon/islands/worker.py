@@ -40,10 +40,12 @@ def _parser() -> argparse.ArgumentParser:
 def run_worker(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     torch.set_num_threads(1)  # M processes share the machine's cores
-    cfg = load_config(args.config)
-    parts = build_parts(cfg)
     host, _, port = args.store.rpartition(":")
     store = connect(host, int(port), args.timeout)
+    if args.join:  # train with the running job's config, whatever was given locally
+        Path(args.config).write_text(store.get("config").decode())
+    cfg = load_config(args.config)
+    parts = build_parts(cfg)
     worker_id = args.id if args.id >= 0 else int(store.add("next_id", 1)) - 1
     exchange = DistExchange(store, worker_id, args.timeout, joining=args.join)
     topo = DiLoCo(parts, cfg.seed, worker_ids=[worker_id], exchange=exchange)
