@@ -48,8 +48,11 @@ def config(tmp_path):
 
 
 @pytest.mark.slow
-def test_worker_processes_compute_what_the_simulation_computes(config, tmp_path):
-    overrides = ["diloco.fragments=2", "diloco.overlap=1", "diloco.alpha=0.5"]
+@pytest.mark.parametrize("overrides, syncs", [
+    (["diloco.fragments=2", "diloco.overlap=1", "diloco.alpha=0.5"], 8),  # Streaming DiLoCo
+    (["diloco.mode=co2", "diloco.co2_penalty=0.5", "diloco.co2_clip=1.0"], 4),
+], ids=["streaming", "co2"])
+def test_worker_processes_compute_what_the_simulation_computes(config, tmp_path, overrides, syncs):
     cfg = load_config(config, overrides)
     sim = DiLoCo(build_parts(cfg), cfg.seed)
     for _ in range(cfg.server.rounds):
@@ -57,7 +60,7 @@ def test_worker_processes_compute_what_the_simulation_computes(config, tmp_path)
     summary = launch(load_config(config, overrides), 2, tmp_path / "run", timeout_s=30,
                      max_wall_s=240)
     assert summary["survivors"] == [0, 1] and summary["identical_params"]
-    assert summary["sync_events"] == 8 and summary["hash_mismatches"] == []
+    assert summary["sync_events"] == syncs and summary["hash_mismatches"] == []
     real = torch.load(tmp_path / "run" / "params-0.pt")
     torch.testing.assert_close(real, sim.params, rtol=1e-6, atol=1e-7)
     assert summary["uplink_bytes_total"] == sim.uplink_total  # the same codec bytes
