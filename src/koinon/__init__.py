@@ -23,8 +23,19 @@ from koinon.models import MODELS, build_model  # noqa: E402
 from koinon.params import Layout  # noqa: E402
 from koinon.topology import Federation, Gossip, RoundResult  # noqa: E402
 
+
+def __getattr__(name: str):
+    # Compute-island training is imported on first use, so `import koinon` stays lean.
+    if name in ("DiLoCo", "IslandsSpec", "build_parts"):
+        import koinon.islands
+
+        return getattr(koinon.islands, name)
+    raise AttributeError(f"module 'koinon' has no attribute {name!r}")
+
+
 __all__ = [
-    "CLIENT_ALGORITHMS", "DATASETS", "MODELS", "PARTITIONERS", "CodecError", "Config", "ConfigError",
+    "CLIENT_ALGORITHMS", "DATASETS", "DiLoCo", "IslandsSpec", "MODELS", "PARTITIONERS", "CodecError",
+    "Config", "ConfigError", "build_parts",
     "Dataset", "FedProx", "Federation", "Gossip", "FederatedData", "KoinonError", "Layout", "LocalSGD",
     "LocalTraining", "RoundResult", "Scaffold", "build_model", "load_config", "partition_dataset",
     "resume_experiment", "run_experiment",

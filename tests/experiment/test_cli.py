@@ -213,3 +213,20 @@ def test_gossip_bad_keys(config, tmp_path, capsys):
                  "--set", "topology.failures={x = 1}"]) == 2
     assert "topology.failures" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_attack_section_makes_byzantine_gossip_peers(config, tmp_path, capsys):
+    """[attack] applies to gossip as to a federation: sign-flipping peers wreck plain D-PSGD."""
+    from koinon.experiment import load_config
+    from koinon.experiment.runner import build_federation
+
+    gossip = ["topology.name=gossip", "topology.graph=exponential", "server.rounds=4"]
+    attacked = build_federation(load_config(config, [*gossip, "attack.name=sign_flip", "attack.fraction=0.3"]))
+    assert int(attacked.byzantine.mask.sum()) == 6  # 30 % of 20 peers
+    clean = build_federation(load_config(config, gossip))
+    assert int(clean.byzantine.mask.sum()) == 0
+    assert attacked.fit(4)[-1].test_accuracy < clean.fit(4)[-1].test_accuracy - 0.2
+    out = tmp_path / "both"
+    assert main(["run", str(config), "--out", str(out), *[a for s in gossip for a in ("--set", s)],
+                 "--set", "attack.name=gaussian", "--set", "topology.byzantine_fraction=0.2"]) == 2
+    assert "not both" in capsys.readouterr().err

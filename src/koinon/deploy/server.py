@@ -539,7 +539,7 @@ def _changed_keys(stored_toml: str, cfg: Config) -> list[str]:
 
 def serve(cfg: Config, state: Path, certs: Path, listen: str) -> dict[str, Any]:
     """Run (or resume) the deployment in `state`; returns the summary once every round is done."""
-    from koinon.experiment.runner import _finish, build_federation
+    from koinon.experiment.runner import build_federation, finish_run
 
     _return_large_buffers_to_the_os()
 
@@ -597,6 +597,6 @@ def serve(cfg: Config, state: Path, certs: Path, listen: str) -> dict[str, Any]:
         counts = store.counts()
         log(f"done: {fed.round_index} rounds; updates accepted {counts.get('accepted', 0)}, "
             f"rejected {counts.get('rejected', 0)}, late {counts.get('late', 0)}")
-        return _finish(fed, cfg, state, float(store.get("wall_s", 0.0)))
+        return finish_run(fed, cfg, state, float(store.get("wall_s", 0.0)))
     finally:
         store.close()

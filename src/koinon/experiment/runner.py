@@ -143,7 +143,7 @@ def build_federation(cfg: Config) -> Topology:
            torch.zeros(s.clients_per_round, 2), torch.ones(s.clients_per_round))
     runtime = RUNTIMES.build(cfg.runtime.name, cfg.runtime.options, "runtime")
     if cfg.topology.name == "gossip":
-        return _build_gossip(cfg, model, fed_data, local, algorithm, codec, aggregator, runtime)
+        return _build_gossip(cfg, model, fed_data, local, algorithm, codec, aggregator, runtime, attack)
     if cfg.topology.name != "federated":
         raise ConfigError(f"topology.name = {cfg.topology.name!r}: allowed: federated, gossip, diloco")
     return _guard(
@@ -164,10 +164,17 @@ def _build_diloco(cfg: Config) -> Topology:
                        ("server.checkpoint_every", s.checkpoint_every)):
         if value < 1:
             raise ConfigError(f"{key} = {value}: must be >= 1")
-    return DiLoCo(build_parts(cfg), cfg.seed)
+    from koinon.runtime.local import set_threads
+
+    parts = build_parts(cfg)
+    threads = cfg.runtime.options.get("threads", 0)
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
+        raise ConfigError(f"runtime.threads = {threads!r}: expected an integer >= 0 (0 = 1 for small models)")
+    set_threads(threads, parts.layout.numel)  # small models: one thread (see set_threads)
+    return DiLoCo(parts, cfg.seed)
 
 
-def _build_gossip(cfg: Config, model, fed_data, local, algorithm, codec, aggregator, runtime) -> Topology:
+def _build_gossip(cfg: Config, model, fed_data, local, algorithm, codec, aggregator, runtime, attack) -> Topology:
     """Decentralized training: every client is a node; server-only sections are ignored."""
     import inspect
 
@@ -184,6 +191,12 @@ def _build_gossip(cfg: Config, model, fed_data, local, algorithm, codec, aggrega
     extra = {k: v for k, v in t.options.items() if k in accepted}
     graph_options = {k: v for k, v in t.options.items() if k not in accepted}
     robust = None if cfg.aggregator.name == "mean" else aggregator
+    if cfg.attack.name != "none":
+        if "attack" in extra or "byzantine_fraction" in extra:
+            raise ConfigError("gossip attacks: use [attack] name/fraction or topology.options "
+                              "attack/byzantine_fraction, not both")
+        # [attack] applies to gossip as to a federation: Byzantine peers forge what they send.
+        extra.update(attack=attack, byzantine_fraction=cfg.attack.fraction)
     return _guard(
         "topology", Gossip, model, fed_data, graph=t.graph, graph_options=graph_options,
         mixing=t.mixing, local=local, algorithm=algorithm, codec=codec, compress_delta=t.compress_delta,
@@ -306,10 +319,10 @@ def _train(fed: Topology, cfg: Config, out: Path, wall_offset: float, progress: 
         bar.close()
         fed.close()
     wall = wall_offset + time.perf_counter() - start
-    return _finish(fed, cfg, out, wall)
+    return finish_run(fed, cfg, out, wall)
 
 
-def _finish(fed: Topology, cfg: Config, out: Path, wall: float) -> dict[str, Any]:
+def finish_run(fed: Topology, cfg: Config, out: Path, wall: float) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     from koinon.experiment.report import plot_run
