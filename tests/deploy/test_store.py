@@ -1,5 +1,6 @@
 """Server state: a round counts once committed, pending uploads survive a restart, damage is caught."""
 
+import pytest
 import torch
 
 from koinon.deploy.store import Store
@@ -53,3 +54,16 @@ def test_a_restart_may_change_deadlines_and_rounds_but_not_the_run():
     assert _changed_keys(base.to_toml(), later) == []
     other = Config.from_dict({"server": {"rounds": 5}, "client": {"lr": 0.2}, "seed": 3})
     assert _changed_keys(base.to_toml(), other) == ["client.lr", "seed"]
+
+
+def test_one_server_per_state_folder(tmp_path):
+    from koinon.errors import KoinonError
+
+    first = Store(tmp_path / "s")
+    with pytest.raises(KoinonError, match="in use by another running server"):
+        Store(tmp_path / "s")
+    first.close()
+    Store(tmp_path / "s").close()  # free again once the first one is gone
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(KoinonError, match="cannot use it as a state folder"):
+        Store(tmp_path / "file")

@@ -215,3 +215,16 @@ def test_frozen_feature_layers_train_vectorized_without_fallback(capsys):
     frozen = layout.num_trainable  # frozen entries follow the trainable ones
     assert torch.equal(finals["vectorized"][frozen:], start[frozen:])
     assert not torch.equal(finals["vectorized"][:frozen], start[:frozen])
+
+
+def test_layers_on_multi_dim_inputs_use_autograd():
+    """A Linear applied per position before a Flatten is not a plain MLP on feature vectors."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 4, 3, generator=g), torch.randint(0, 2, (60,), generator=g)
+    data = partition_dataset(Dataset.from_tensors(x, y, x[:10], y[:10]), "iid", 4, seed=0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Flatten(), nn.Linear(20, 2))
+    layout = Layout.from_module(model)
+    trainer = CohortTrainer(model, layout, data, CLIENT_ALGORITHMS.get("fedavg")(), LocalTraining(lr=0.1))
+    assert trainer._manual is None
+    result = trainer.train([0, 1, 2], layout.flatten(model), {}, [{}] * 3, seed=0, round_index=0)
+    assert torch.isfinite(result.deltas).all() and result.deltas.abs().sum() > 0

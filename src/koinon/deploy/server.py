@@ -44,6 +44,8 @@ else:  # pragma: no cover
 POLL_HOLD_S = 5.0  # a long poll waits this long for work before answering WAIT
 LIVENESS_S = 10.0  # a client that has not polled for this long is no longer "connected"
 RECEIVING = 4  # uploads read and decoded at the same time (bounds the server's memory)
+MAX_OPEN_UPLOADS = 2  # Upload calls one client may have open at once
+UPLOAD_GRACE_S = 5.0  # an Upload call is cut off this long after a round's full deadline
 DONE_GRACE_S = 3.0  # after the last round, time for polling clients to hear DONE
 _DELTA = "delta"
 
@@ -64,6 +66,7 @@ class Member:
     polling: int = 0  # open long polls
     busy_round: int = -1  # round it was handed and has not answered yet
     uploading: bool = False
+    open_uploads: int = 0  # Upload calls in progress, admitted or not
 
 
 @dataclass
@@ -82,7 +85,8 @@ class OpenRound:
 def check_deployable(fed: Federation, cfg: Config) -> None:
     """Refuse, before listening, what this server cannot run faithfully."""
     if not isinstance(fed, Federation):
-        raise ConfigError("topology.name = 'gossip': koinon server runs server-based federations only")
+        raise ConfigError(f"topology.name = {cfg.topology.name!r}: koinon server runs server-based "
+                          "federations only (topology.name = 'federated')")
     if getattr(fed.algorithm, "zeroth_order", False):
         raise ConfigError(f"client.algorithm = {cfg.client.algorithm!r}: its own wire format is not "
                           "supported by koinon server")
@@ -258,13 +262,25 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
     def Upload(self, request_iterator: Any, context: grpc.ServicerContext) -> Any:
         name = self._identify(context)
         member = self._member(name, context)
+        with self.lock:
+            if member.open_uploads >= MAX_OPEN_UPLOADS:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"{MAX_OPEN_UPLOADS} uploads from this client are already open")
+            member.open_uploads += 1
+        # No upload outlives a round: a sender that stalls (or never sends its header) is cut
+        # off, so it cannot hold a server thread or a receive slot past the round's deadline.
+        timer = threading.Timer(self.cfg.deploy.round_timeout_s + UPLOAD_GRACE_S, context.cancel)
+        timer.daemon = True
+        timer.start()
         claimed: list[int] = []
         uploading: list[bool] = []
         try:
             return self._receive(request_iterator, member, claimed, uploading)
         finally:
-            if uploading:
-                with self.lock:
+            timer.cancel()
+            with self.lock:
+                member.open_uploads -= 1
+                if uploading:
                     member.uploading = False
 
     def _receive(self, request_iterator: Any, member: Member, claimed: list[int], uploading: list[bool]) -> Any:
@@ -288,22 +304,38 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
                 member.uploading = True
                 uploading.append(True)
 
-        try:
-            # At most RECEIVING uploads are buffered and decoded at once; the others wait here,
+        slot: list[bool] = []
+
+        def take_slot() -> None:
+            # At most RECEIVING uploads are buffered and decoded at once, and only admitted ones
+            # (right round, sampled, not a duplicate) wait for a slot; the others wait here,
             # unread (gRPC flow control holds their senders), so memory stays bounded.
             if not self.receiving.acquire(timeout=self.cfg.deploy.round_timeout_s):
                 raise Rejected("server busy: no upload slot within the round deadline")
+            slot.append(True)
+
+        try:
             try:
-                header, payloads = read_upload(request_iterator, self.limits, admit)
+                try:
+                    header, payloads = read_upload(request_iterator, self.limits, admit, take_slot)
+                except Rejected:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a cancelled or broken stream
+                    raise Rejected(f"upload stream ended early ({type(exc).__name__}): not finished "
+                                   "before the round's deadline, or the connection broke") from None
                 rows = [self._decode(payload, stream) for stream, payload in zip(self.streams, payloads)]
+                round_index = int(header.round)
+                # Written while the slot is held, so no more than RECEIVING buffers are alive.
+                size, digest = self.store.write_pending(round_index, member.idx, payloads)
+                nbytes = sum(len(p) for p in payloads)
+                del payloads
             finally:
-                self.receiving.release()
+                if slot:
+                    self.receiving.release()
         except Rejected as exc:
             rnd = self.open
             round_index = claimed[0] if claimed else (rnd.index if rnd else -1)
             return self._refuse(member, round_index, str(exc), "rejected")
-        round_index = int(header.round)
-        size, digest = self.store.write_pending(round_index, member.idx, payloads)
         with self.lock:
             try:
                 self._admit_round(round_index, member)  # the round may have closed meanwhile
@@ -315,7 +347,6 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
             position = rnd.cohort.index(member.idx)
             for stream, row in zip(self.streams, rows):
                 rnd.stacks[stream][position] = row
-            nbytes = sum(len(p) for p in payloads)
             self.store.record_accepted(rnd.index, name, member.idx, size, digest, member.num_samples,
                                        header.train_loss)
             rnd.accepted[member.idx] = (member.num_samples, float(header.train_loss), nbytes)
@@ -354,7 +385,8 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
         try:
             if late and self.open is not None:
                 self.open.late += 1
-            elif self.open is not None and self.open.index == round_index:
+            elif (self.open is not None and self.open.index == round_index
+                  and not reason.startswith("duplicate")):  # its first upload still counts
                 self.open.rejected[member.idx] = reason
             self.store.reject(round_index, member.name, member.idx, status, reason, 0)
         finally:
@@ -545,7 +577,8 @@ def serve(cfg: Config, state: Path, certs: Path, listen: str) -> dict[str, Any]:
 
     fed = build_federation(cfg)
     if not isinstance(fed, Federation):
-        raise ConfigError("topology.name = 'gossip': koinon server runs server-based federations only")
+        raise ConfigError(f"topology.name = {cfg.topology.name!r}: koinon server runs server-based "
+                          "federations only (topology.name = 'federated')")
     check_deployable(fed, cfg)
     creds = server_credentials(certs)
     store = Store(state)

@@ -15,6 +15,7 @@ What a SIGKILL at any moment must not break, and how:
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -29,6 +30,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from koinon.errors import KoinonError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -70,13 +73,28 @@ class Store:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "pending").mkdir(exist_ok=True)
-        # One connection shared by the server's threads, serialized by the server's lock.
-        self.db = sqlite3.connect(folder / "state.db", check_same_thread=False, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(_SCHEMA)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "pending").mkdir(exist_ok=True)
+            # One server per state folder: a second one would commit rounds of its own and
+            # delete the first one's checkpoints. The OS drops the lock when the process dies.
+            self._lock_file = open(folder / "server.lock", "w")  # noqa: SIM115 - held until close()
+        except OSError as exc:
+            raise KoinonError(f"--state {folder}: cannot use it as a state folder ({exc.strerror})") from None
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock_file.close()
+            raise KoinonError(f"--state {folder} is in use by another running server") from None
+        try:
+            # One connection shared by the server's threads, serialized by the server's lock.
+            self.db = sqlite3.connect(folder / "state.db", check_same_thread=False, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            self._lock_file.close()
+            raise KoinonError(f"--state {folder}: state.db is not a usable SQLite database ({exc})") from None
         # One connection serves every thread; a transaction belongs to the connection, so
         # statements from other threads must not interleave with one: all go through this lock.
         self._sql = threading.RLock()
@@ -99,6 +117,7 @@ class Store:
     def close(self) -> None:
         with self._sql:
             self.db.close()
+        self._lock_file.close()
 
     # ------------------------------------------------------------------ meta
 

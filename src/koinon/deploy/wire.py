@@ -82,12 +82,14 @@ def check_upload_header(header: Any, limits: Limits) -> None:
 
 
 def read_upload(
-    messages: Iterable[Any], limits: Limits, admit: Callable[[Any], None]
+    messages: Iterable[Any], limits: Limits, admit: Callable[[Any], None],
+    before_body: Callable[[], None] | None = None,
 ) -> tuple[Any, list[bytes]]:
     """(header, one payload per stream) from an upload stream, or `Rejected` with the reason.
 
     `admit(header)` is the caller's stateful check (right round, sampled, not a duplicate); it
-    runs after the size checks and before the first data byte is read.
+    runs after the size checks and before the first data byte is read. `before_body()` runs
+    after it, e.g. to wait for a receive slot only once the sender is known to be legitimate.
     """
     it = iter(messages)
     first = next(it, None)
@@ -98,6 +100,8 @@ def read_upload(
     header = first.header
     check_upload_header(header, limits)
     admit(header)
+    if before_body is not None:
+        before_body()
     declared = sum(header.sizes)
     # Allocated once at the declared (already bounded) size: growing a buffer chunk by chunk
     # would copy a large payload over and over and double the peak while doing it.

@@ -152,7 +152,11 @@ def mlp_value_and_grad(module: nn.Module) -> GradStep | None:
         x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
     ) -> torch.Tensor:
         k = x.shape[0]
-        h = x.reshape(k, x.shape[1], -1) if x.dim() > 3 else x
+        if x.dim() > 3:  # [K, B, ...] samples: only a leading Flatten makes them feature vectors
+            if not isinstance(layers[0][1], nn.Flatten):
+                raise ValueError("mlp_value_and_grad: inputs with several feature dims need a leading Flatten")
+            x = x.reshape(k, x.shape[1], -1)
+        h = x
         saved: list[torch.Tensor] = []  # each layer's input (Linear) or output (activations)
         for name, m in layers:
             if isinstance(m, nn.Linear):

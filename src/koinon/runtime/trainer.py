@@ -176,6 +176,8 @@ class CohortTrainer:
         self._forward_many = self._batched or vmap(forward_one, in_dims=(0, 0))
         # Plain MLPs with the default loss skip autograd altogether (see `mlp_value_and_grad`).
         self._manual = mlp_value_and_grad(module) if loss_fn is cross_entropy else None
+        if self._manual is not None and self._x.dim() > 2 and not isinstance(next(iter(module.children())), nn.Flatten):
+            self._manual = None  # per-position layers on [B, ..., F] inputs: autograd's case
 
     # ----------------------------------------------------------------- batches
 
