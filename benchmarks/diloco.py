@@ -4,7 +4,9 @@ M simulated islands (one process; the math the worker processes run too), each t
 character-level transformer on its own plays. Methods: synchronous data parallel (gradients
 all-reduced every step), DiLoCo with H in {10, 50, 200}, Streaming DiLoCo (fragments, overlap,
 alpha merge) and DiLoCo with 4-bit outer gradients. Every method takes the same number of
-inner steps per worker (same compute). Bytes are the real encoded payloads, summed over the
+inner steps per worker (same compute, same tokens: sync DP's global batch is M per-worker
+batches) and the same inner AdamW learning-rate schedule (linear warm-up, then cosine decay to
+a tenth, over the whole run, indexed by the global inner step). Bytes are the real encoded payloads, summed over the
 workers (what leaves the islands). Wall time is measured compute plus a *modeled* link: each
 sync costs (M - 1) payloads received per worker over `--link-mbps` (default 10 Mbit/s, a slow
 inter-island link); the simulation itself sends nothing over a network.
@@ -30,32 +32,33 @@ from koinon.islands import DiLoCo, build_parts
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def base_config(workers: int, seed: int) -> dict:
+def base_config(workers: int, seed: int, steps: int = 1600, partition: str = "natural",
+                inner_lr: float = 0.01, schedule: str = "cosine", lr_warmup: int = 50) -> dict:
     return {
         "seed": seed,
-        "data": {"name": "shakespeare", "partition": "natural", "num_clients": workers,
+        "data": {"name": "shakespeare", "partition": partition, "num_clients": workers,
                  "seq_len": 32, "test_fraction": 0.1},
         "model": {"name": "char_transformer", "dim": 32, "layers": 2, "heads": 4},
         "codec": {"name": "identity"},
         "topology": {"name": "diloco"},
-        "diloco": {"workers": workers, "batch_size": 8, "inner_lr": 0.01, "vectorized": False,
-                   "eval_batches": 16},
+        "diloco": {"workers": workers, "batch_size": 8, "inner_lr": inner_lr, "vectorized": False,
+                   "eval_batches": 16, "lr_schedule": schedule,
+                   "lr_warmup": min(lr_warmup, steps), "total_steps": steps},
     }
 
 
 def methods(steps: int) -> list[tuple[str, dict, str]]:
     """(label, [diloco]/[codec] overrides, codec name)."""
-    h_stream = 50
+    stream = {"fragments": 2, "overlap": 5, "alpha": 0.5}
     return [
         ("sync DP (fp32, every step)", {"mode": "sync", "inner_steps": 50}, "identity"),
         ("DiLoCo H=10", {"inner_steps": 10}, "identity"),
         ("DiLoCo H=50", {"inner_steps": 50}, "identity"),
         ("DiLoCo H=200", {"inner_steps": min(200, steps)}, "identity"),
-        (f"Streaming DiLoCo H={h_stream} P=2 tau=5", {"inner_steps": h_stream, "fragments": 2,
-                                                     "overlap": 5, "alpha": 0.5}, "identity"),
+        ("Streaming DiLoCo H=50 P=2 tau=5", {"inner_steps": 50, **stream}, "identity"),
+        ("DiLoCo H=20 4-bit", {"inner_steps": 20}, "int4"),
         ("DiLoCo H=50 4-bit", {"inner_steps": 50}, "int4"),
-        (f"Streaming H={h_stream} P=2 tau=5 4-bit", {"inner_steps": h_stream, "fragments": 2,
-                                                    "overlap": 5, "alpha": 0.5}, "int4"),
+        ("Streaming H=50 P=2 tau=5 4-bit", {"inner_steps": 50, **stream}, "int4"),
     ]
 
 
@@ -131,6 +134,13 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--link-mbps", type=float, default=10.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--partition", default="natural", choices=["natural", "iid"],
+                   help="natural: each island trains on its own plays (non-IID); iid: shuffled")
+    p.add_argument("--inner-lr", type=float, default=0.01,
+                   help="peak inner AdamW lr, every method (0.01 was best for sync DP)")
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"],
+                   help="inner lr schedule over the run, the same for every method")
+    p.add_argument("--lr-warmup", type=int, default=50, help="linear lr warm-up steps")
     p.add_argument("--jobs", type=int, default=2, help="methods run in parallel processes")
     p.add_argument("--quick", action="store_true", help="60 steps, for a smoke test")
     p.add_argument("--out", default=str(ROOT / "docs" / "img" / "diloco.png"))
@@ -140,7 +150,8 @@ def main() -> None:
     futures = {}
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         for label, options, codec in methods(steps):
-            raw = base_config(args.workers, args.seed)
+            raw = base_config(args.workers, args.seed, steps, args.partition, args.inner_lr,
+                              args.schedule, args.lr_warmup)
             raw["diloco"].update(options)
             raw["codec"]["name"] = codec
             futures[label] = pool.submit(run_method, raw, steps, eval_every, args.link_mbps)
@@ -149,8 +160,9 @@ def main() -> None:
         print(f"{label}: loss {r['final_loss']:.4f}, {r['bytes'] / 1e6:.2f} MB, "
               f"{r['elapsed_s']:.0f} s", flush=True)
     n_params = next(iter(results.values()))["num_params"]
-    title = (f"Shakespeare char LM ({n_params:,} params), {args.workers} islands, "
-             f"{steps} inner steps each")
+    title = (f"Shakespeare char LM ({n_params:,} params), {args.workers} islands "
+             f"({'split by play' if args.partition == 'natural' else 'IID shards'}), "
+             f"{steps} inner steps each, {args.schedule} lr {args.inner_lr:g}")
     text = table(results)
     print(f"\n{title}\n\n{text}")
     plot(results, Path(args.out), title)

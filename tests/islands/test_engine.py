@@ -158,9 +158,57 @@ def test_joiner_gets_the_shared_state_and_the_same_update(make_engine):
     ({"alpha": 2.0}, "diloco.alpha"),
     ({"workers": "4"}, "diloco.workers"),
     ({"inner_step": 3}, "diloco.inner_step"),
+    ({"lr_schedule": "linear"}, "diloco.lr_schedule"),
+    ({"lr_schedule": "cosine"}, "diloco.total_steps"),
+    ({"lr_warmup": -1}, "diloco.lr_warmup"),
+    ({"lr_min_ratio": 1.5}, "diloco.lr_min_ratio"),
 ])
 def test_bad_settings_are_one_line_config_errors(options, key):
     with pytest.raises(ConfigError) as info:
         spec_from_options(options)
     message = str(info.value)
     assert key in message and "\n" not in message
+
+
+def test_inner_lr_schedule_linear_warmup_then_cosine_to_the_floor():
+    spec = IslandsSpec(inner_lr=0.01, lr_schedule="cosine", lr_warmup=10, total_steps=110,
+                       lr_min_ratio=0.1)
+    assert spec.lr_at(0) == pytest.approx(0.001)
+    assert spec.lr_at(9) == pytest.approx(0.01)
+    assert spec.lr_at(10) == pytest.approx(0.01)
+    assert spec.lr_at(60) == pytest.approx(0.0055)  # half way: the midpoint of 0.01 and 0.001
+    assert spec.lr_at(110) == pytest.approx(0.001)
+    assert spec.lr_at(500) == pytest.approx(0.001)
+    lrs = [spec.lr_at(t) for t in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    constant = IslandsSpec(inner_lr=0.01, lr_warmup=4)
+    assert [constant.lr_at(t) for t in (0, 3, 4, 1000)] == pytest.approx([0.0025, 0.01, 0.01, 0.01])
+
+
+def test_schedule_is_per_global_step_and_the_same_for_sync_and_diloco(make_engine):
+    # The H = 1 equivalence still holds under a schedule: both modes take step t at lr_at(t).
+    common = dict(workers=3, inner_optimizer="sgd", inner_lr=0.1, grad_clip=0.0, batch_size=8,
+                  lr_schedule="cosine", lr_warmup=3, total_steps=12)
+    diloco = make_engine(IslandsSpec(mode="diloco", inner_steps=1, outer_optimizer="sgd",
+                                     outer_lr=1.0, outer_momentum=0.0, **common))
+    sync = make_engine(IslandsSpec(mode="sync", inner_steps=1, **common))
+    flat = make_engine(IslandsSpec(mode="sync", inner_steps=1, **{**common, "lr_schedule":
+                                                                  "constant", "lr_warmup": 0}))
+    for engine in (diloco, sync, flat):
+        engine.run_steps(12, LocalExchange())
+    torch.testing.assert_close(diloco.theta, sync.theta, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(sync.theta, flat.theta)  # the schedule changed the steps taken
+
+
+def test_cosine_total_steps_defaults_to_the_run_length():
+    from koinon.experiment.config import Config
+    from koinon.islands.build import build_parts
+
+    cfg = Config.from_dict({
+        "data": {"name": "shakespeare", "partition": "natural", "num_clients": 2, "seq_len": 16,
+                 "plays": 2},
+        "model": {"name": "char_transformer", "dim": 8, "layers": 1, "heads": 2},
+        "server": {"rounds": 7}, "topology": {"name": "diloco"},
+        "diloco": {"workers": 2, "inner_steps": 5, "lr_schedule": "cosine"},
+    })
+    assert build_parts(cfg).spec.total_steps == 35

@@ -69,7 +69,12 @@ def spec_from_options(options: dict[str, Any]) -> IslandsSpec:
 
 def build_parts(cfg: Config) -> IslandsParts:
     """Check and build everything a DiLoCo run needs; writes resolved [diloco] keys into cfg."""
-    spec = spec_from_options(cfg.diloco.options)
+    options = dict(cfg.diloco.options)
+    if options.get("lr_schedule") == "cosine" and not options.get("total_steps"):
+        # one round of `koinon run` is inner_steps inner steps
+        options["total_steps"] = cfg.server.rounds * int(
+            options.get("inner_steps", IslandsSpec.inner_steps))
+    spec = spec_from_options(options)
     cfg.diloco.options = dataclasses.asdict(spec)
     d = cfg.data
     DATASETS.get(d.name, key="data.name")

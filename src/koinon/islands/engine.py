@@ -143,7 +143,7 @@ class IslandsEngine:
             self._sync_dp(exchange, grads, joining=False)
         else:
             inner.inner_step(self.local, inner.clip_rows(grads, self.spec.grad_clip),
-                             self.inner_state, self.spec)
+                             self.inner_state, self.spec, self.spec.lr_at(self.step))
             self.step += 1
             self._apply_due_merges()
             if self.step % self.spec.sync_period == 0:
@@ -155,7 +155,7 @@ class IslandsEngine:
         avg = self._exchange(exchange, grads, 0, joining)
         avg = inner.clip_rows(avg.unsqueeze(0), self.spec.grad_clip)
         theta = self.theta.unsqueeze(0)
-        inner.inner_step(theta, avg, self.inner_state, self.spec)
+        inner.inner_step(theta, avg, self.inner_state, self.spec, self.spec.lr_at(self.step))
         self.local = theta.expand(len(self.worker_ids), -1).clone()
         self.step += 1
         self.sync_index += 1

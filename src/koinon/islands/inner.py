@@ -98,10 +98,12 @@ def init_inner_state(num_rows: int, numel: int) -> dict[str, torch.Tensor]:
 
 
 def inner_step(
-    params: torch.Tensor, grads: torch.Tensor, state: dict[str, torch.Tensor], spec: IslandsSpec
+    params: torch.Tensor, grads: torch.Tensor, state: dict[str, torch.Tensor], spec: IslandsSpec,
+    lr: float | None = None,
 ) -> None:
-    """One inner optimizer step on a `[K, P]` stack, in place (AdamW as in torch.optim.AdamW)."""
-    lr = spec.inner_lr
+    """One inner optimizer step on a `[K, P]` stack, in place (AdamW as in torch.optim.AdamW).
+    `lr`: this step's learning rate (the engine passes `spec.lr_at(step)`); None: inner_lr."""
+    lr = spec.inner_lr if lr is None else lr
     if spec.inner_optimizer == "sgd":
         params.sub_(grads, alpha=lr)
         return

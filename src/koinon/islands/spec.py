@@ -8,6 +8,7 @@ no overlap its math *is* DiLoCo's.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from koinon.errors import ConfigError
@@ -16,6 +17,7 @@ MODES = ("diloco", "co2", "sync")
 INNER_OPTIMIZERS = ("adamw", "sgd")
 OUTER_OPTIMIZERS = ("nesterov", "sgd")
 FRAGMENT_PATTERNS = ("strided", "sequential")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,14 @@ class IslandsSpec:
     batch_size: int = 16
     inner_optimizer: str = "adamw"
     inner_lr: float = 3e-3
+    # Inner learning-rate schedule over the *global* inner step (the same for every mode, so
+    # sync and DiLoCo see the same lr at the same step): linear warm-up for `lr_warmup` steps,
+    # then constant, or cosine decay to `lr_min_ratio * inner_lr` at `total_steps`
+    # (0 = server.rounds * inner_steps, filled in by the builder).
+    lr_schedule: str = "constant"
+    lr_warmup: int = 0
+    lr_min_ratio: float = 0.1
+    total_steps: int = 0
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -45,6 +55,17 @@ class IslandsSpec:
     vectorized: bool = True  # simulation: vmap the workers' gradients (false: a loop)
     eval_batches: int = 8  # validation batches of `batch_size * 4` windows per evaluation
 
+    def lr_at(self, step: int) -> float:
+        """Inner learning rate of global inner step `step` (0-based)."""
+        if step < self.lr_warmup:
+            return self.inner_lr * (step + 1) / self.lr_warmup
+        if self.lr_schedule == "constant":
+            return self.inner_lr
+        span = max(self.total_steps - self.lr_warmup, 1)
+        progress = min(max(step - self.lr_warmup, 0) / span, 1.0)
+        low = self.lr_min_ratio * self.inner_lr
+        return low + (self.inner_lr - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
     @property
     def sync_period(self) -> int:
         """Inner steps between two consecutive sync events (of any fragment)."""
@@ -56,6 +77,14 @@ class IslandsSpec:
         _choice(section, "inner_optimizer", self.inner_optimizer, INNER_OPTIMIZERS)
         _choice(section, "outer_optimizer", self.outer_optimizer, OUTER_OPTIMIZERS)
         _choice(section, "fragment_pattern", self.fragment_pattern, FRAGMENT_PATTERNS)
+        _choice(section, "lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        for key in ("lr_warmup", "total_steps"):
+            _at_least(section, key, getattr(self, key), 0)
+        if not 0.0 <= self.lr_min_ratio <= 1.0:
+            raise ConfigError(f"{section}.lr_min_ratio = {self.lr_min_ratio}: must be in [0, 1]")
+        if self.lr_schedule == "cosine" and self.total_steps < 1:
+            raise ConfigError(f"{section}.total_steps = {self.total_steps}: lr_schedule = "
+                              "'cosine' needs the run's length in inner steps (>= 1)")
         for key in ("workers", "inner_steps", "batch_size", "fragments", "eval_batches"):
             _at_least(section, key, getattr(self, key), 1)
         for key in ("inner_lr", "outer_lr"):
