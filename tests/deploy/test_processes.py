@@ -78,7 +78,7 @@ def test_server_sigkill_mid_round_then_restart_gives_the_uninterrupted_model(tmp
 
 def test_clients_killed_mid_round_and_replaced_rounds_keep_completing(tmp_path, certs):
     config = h.write_config(
-        tmp_path / "fed.toml", data={"num_clients": 5}, server={"rounds": 8, "clients_per_round": 3},
+        tmp_path / "fed.toml", data={"num_clients": 5}, server={"rounds": 14, "clients_per_round": 3},
         codec={"name": "ef", "inner": {"name": "topk", "ratio": 0.1}},
         deploy={"min_clients": 2, "min_connected": 4, "round_timeout_s": 4.0},
     )
@@ -94,9 +94,16 @@ def test_clients_killed_mid_round_and_replaced_rounds_keep_completing(tmp_path, 
     clients[again] = h.start_client(tmp_path, address, certs, f"client-{again}", f"partition:{again}")
     summary = finish(server, [clients[i] for i in (0, again, 3, 4)], state, timeout=120)
     records = h.metrics(state)
-    assert [r["round"] for r in records] == list(range(1, 9))
-    assert summary["rounds"] == 8 and all(r["num_clients"] >= 1 for r in records)
-    late_cohorts = [set(r["cohort"]) for r in records[3:]]
-    assert any(4 in c for c in late_cohorts), "the newcomer was never sampled"
+    assert [r["round"] for r in records] == list(range(1, 15))
+    assert summary["rounds"] == 14 and all(r["num_clients"] >= 1 for r in records)
+    # Killed clients count as connected for a few seconds (rounds go on without them meanwhile);
+    # once they are gone the server waits for 4 connected clients, so the newcomer takes part.
+    log = server.text()
+    assert "client client-4 joined" in log
+    joined_at = log[: log.index("client client-4 joined")].count(" closed: ")
+    # How many rounds were left when the newcomer arrived depends on process start-up times;
+    # with five or more, a cohort of 3 out of 4 misses it every time with probability < 0.1%.
+    if joined_at <= 9:
+        assert any(4 in set(r["cohort"]) for r in records[joined_at:]), "the newcomer was never sampled"
     assert "(error-feedback) state of round" in clients[again].text()  # it went on with its residual
     assert summary["final_accuracy"] > 0.5
