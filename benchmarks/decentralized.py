@@ -43,6 +43,21 @@ from koinon.topology import Gossip
 NODES = 50
 
 
+
+def _save(fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
+    """Label, grid, legend and write one figure; returns its path."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
 def _setup() -> tuple[nn.Module, kn.FederatedData]:
     ds = kn.DATASETS.get("digits")(seed=0, test_fraction=0.2, num_clients=NODES)
     data = kn.partition_dataset(ds, "dirichlet", NODES, seed=0, options={"alpha": 0.5})
@@ -123,15 +138,9 @@ def plot(rows: list[dict], out: Path, half: int, target: float) -> list[Path]:
                 marker=".", label=row["name"])
     ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target}")
     ax.set_xscale("log")
-    ax.set_xlabel("cumulative MB sent (log)")
-    ax.set_ylabel("accuracy of the averaged model")
-    ax.set_title(f"digits, {NODES} nodes, Dirichlet(0.5): accuracy against communication")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "accuracy_vs_mb.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, ax, "cumulative MB sent (log)", "accuracy of the averaged model",
+                       f"digits, {NODES} nodes, Dirichlet(0.5): accuracy against communication",
+                       out / "accuracy_vs_mb.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for row in [rows[2], rows[3], *rows[5:]]:
@@ -139,15 +148,9 @@ def plot(rows: list[dict], out: Path, half: int, target: float) -> list[Path]:
         ax.plot([r for r, _, _ in row["curve"]], [a for _, _, a in row["curve"]], style,
                 label=row["name"])
     ax.axvline(half + 1, color="red", linestyle=":", linewidth=1, label=f"failures (round {half + 1})")
-    ax.set_xlabel("round")
-    ax.set_ylabel("accuracy of the averaged live model")
-    ax.set_title("D-PSGD and MoDeST when 50% / 80% of the nodes fail mid-training")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "failures.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, ax, "round", "accuracy of the averaged live model",
+                       "D-PSGD and MoDeST when 50% / 80% of the nodes fail mid-training",
+                       out / "failures.png"))
     return paths
 
 
