@@ -2,7 +2,9 @@
 
 Cao et al., FLTrust: Byzantine-robust Federated Learning via Trust Bootstrapping (NDSS 2021),
 https://arxiv.org/abs/2012.13995. The server computes that reference update itself, so the
-caller passes it with `set_reference` before each `aggregate`.
+caller passes it with `set_reference` before each `aggregate`. In a `Federation` the server sets
+aside `root_samples` clean training examples and computes that update every round
+(`koinon.server.root`).
 """
 
 from __future__ import annotations
@@ -20,12 +22,16 @@ class FLTrust:
     Tolerates any number of Byzantine inputs as long as the root dataset is clean (so it takes
     no f). Call `set_reference(update)` with the server's update of the round before
     `aggregate`; without one, `aggregate` raises. If no input has positive cosine similarity
-    the output is zero. https://arxiv.org/abs/2012.13995
+    the output is zero. `root_samples` is the size of the server's root dataset (the paper uses
+    100), read by the federation that computes the reference. https://arxiv.org/abs/2012.13995
     """
 
     name = "fltrust"
 
-    def __init__(self) -> None:
+    def __init__(self, root_samples: int = 100) -> None:
+        if isinstance(root_samples, bool) or not isinstance(root_samples, int) or root_samples < 1:
+            raise ValueError(f"root_samples must be an integer >= 1 (the server's clean examples), got {root_samples!r}")
+        self.root_samples = root_samples
         self.reference: torch.Tensor | None = None
 
     def set_reference(self, update: torch.Tensor) -> None:

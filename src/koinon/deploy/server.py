@@ -97,6 +97,9 @@ def check_deployable(fed: Federation, cfg: Config) -> None:
                           "supported by koinon server")
     if cfg.attack.fraction > 0:
         raise ConfigError("attack.fraction > 0: simulated attacks have no meaning in a deployment")
+    if fed.root is not None:
+        raise ConfigError(f"aggregator.name = {cfg.aggregator.name!r}: the server's root-data update "
+                          "(FLTrust) is computed only in simulation; koinon server does not support it")
 
 
 def peer_name(context: grpc.ServicerContext) -> str | None:

@@ -134,14 +134,22 @@ def build_federation(cfg: Config) -> Topology:
     f = agg_options.pop("num_byzantine", round(a.fraction * s.clients_per_round))
     if not isinstance(f, int) or isinstance(f, bool) or f < 0:
         raise ConfigError(f"aggregator.num_byzantine = {f!r}: expected an integer >= 0")
+    _check_root_samples(cfg.aggregator.name, agg_options)
     aggregator = build_aggregator(cfg.aggregator.name, agg_options, f)
     # A throwaway instance aggregates a dummy cohort, so a rule whose assumption (e.g. Bulyan's
     # n >= 4f + 3) this cohort size breaks is refused now, not in the middle of training.
     probe = build_aggregator(cfg.aggregator.name, agg_options, f)
+    from koinon.server.root import reference_users
+
+    for part in reference_users(probe):  # FLTrust: any reference, only the cohort size is checked
+        part.set_reference(torch.ones(2))
     _guard(f"aggregator.name = {cfg.aggregator.name!r} with server.clients_per_round = "
            f"{s.clients_per_round}", probe.aggregate,
            torch.zeros(s.clients_per_round, 2), torch.ones(s.clients_per_round))
     runtime = RUNTIMES.build(cfg.runtime.name, cfg.runtime.options, "runtime")
+    if reference_users(aggregator) and cfg.topology.name == "gossip":
+        raise ConfigError(f"aggregator.name = {cfg.aggregator.name!r} needs a server with a root dataset; "
+                          f"topology.name = {cfg.topology.name!r} has none (use topology.name = 'federated')")
     if cfg.topology.name == "gossip":
         return _build_gossip(cfg, model, fed_data, local, algorithm, codec, aggregator, runtime, attack)
     if cfg.topology.name != "federated":
@@ -152,6 +160,20 @@ def build_federation(cfg: Config) -> Topology:
         aggregator=aggregator, runtime=runtime, clients_per_round=s.clients_per_round, seed=cfg.seed,
         attack=attack, byzantine_fraction=a.fraction, downlink_delta=cfg.downlink.delta,
     )
+
+
+def _check_root_samples(name: str, options: dict[str, Any]) -> None:
+    """`root_samples` sizes a server root dataset: only rules that trust one (FLTrust) take it,
+    so on any other rule say which do, rather than a bare "not an option"."""
+    from koinon.aggregate import AGGREGATORS
+
+    final = name.split("+")[-1].strip()
+    if "root_samples" not in options or final not in AGGREGATORS:
+        return
+    users = [n for n in AGGREGATORS.names() if "root_samples" in AGGREGATORS.options(n)]
+    if "root_samples" not in AGGREGATORS.options(final):
+        raise ConfigError(f"aggregator.root_samples: only {', '.join(users)} (or a composition ending "
+                          f"in it, e.g. nnm+{users[0]}) takes it, not aggregator.name = {name!r}")
 
 
 def _build_diloco(cfg: Config) -> Topology:

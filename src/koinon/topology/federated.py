@@ -4,7 +4,8 @@ One round: the sampler picks a cohort; the server encodes the global model with 
 codec (every sampled client receives those bytes); the runtime trains the cohort; each client
 encodes its delta with its own codec state (error feedback stays with the client); the server
 decodes, drops non-finite updates, aggregates the stack `[n, P]`, and its optimizer takes the
-step. Bytes are the lengths of the real payloads.
+step. Bytes are the lengths of the real payloads. A rule that trusts the server's own update
+(FLTrust) gets it each round from a root dataset the server set aside (`koinon.server.root`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from koinon.runtime import RUNTIMES, CohortTrainer, Runtime, evaluate, mix_seed
 from koinon.runtime.base import notice
 from koinon.runtime.trainer import cross_entropy
 from koinon.server import SAMPLERS, SERVER_OPTIMIZERS, Sampler, ServerOptimizer
+from koinon.server.root import RootUpdate, reference_users, reserve_root
 
 _DELTA = "delta"
 
@@ -111,6 +113,19 @@ class Federation:
         if not 0.0 <= byzantine_fraction < 1.0:
             raise ValueError(f"byzantine_fraction must be in [0, 1), got {byzantine_fraction}")
         self.model = model
+        self.aggregator = build_aggregator(aggregator) if isinstance(aggregator, str) else aggregator
+        self.local = local or LocalTraining()
+        self.algorithm = component(CLIENT_ALGORITHMS, algorithm, "client.algorithm")
+        self.layout = Layout.from_module(model)
+        # FLTrust and the like: the server sets its clean root dataset aside before anything
+        # else (so no client, honest or Byzantine, owns those samples) and trains on it itself.
+        self._reference_users = reference_users(self.aggregator)
+        self.root: RootUpdate | None = None
+        if self._reference_users:
+            count = getattr(self._reference_users[-1], "root_samples", 100)
+            data, root_indices = reserve_root(data, count, seed)
+            self.root = RootUpdate(model, self.layout, data, root_indices, self.algorithm,
+                                   self.local, seed, loss_fn=loss_fn)
         self.attack = component(ATTACKS, attack or "none", "attack")
         # The Byzantine population: a fixed, seeded fraction of all clients.
         rng = np.random.default_rng([seed, 0xBAD])
@@ -124,14 +139,10 @@ class Federation:
             )
             data = FederatedData(poisoned, data.client_indices)
         self.data = data
-        self.layout = Layout.from_module(model)
-        self.local = local or LocalTraining()
-        self.algorithm = component(CLIENT_ALGORITHMS, algorithm, "client.algorithm")
         self.server_optimizer = component(SERVER_OPTIMIZERS, server_optimizer, "server.optimizer")
         self.sampler = component(SAMPLERS, sampler, "server.sampler")
         self.codec = component(CODECS, codec, "codec", layout=self.layout)
         self.downlink = component(CODECS, downlink, "downlink", layout=self.layout)
-        self.aggregator = build_aggregator(aggregator) if isinstance(aggregator, str) else aggregator
         self.runtime = component(RUNTIMES, runtime, "runtime")
         self.clients_per_round = clients_per_round
         self.seed = seed
@@ -237,6 +248,12 @@ class Federation:
             cohort, received, server_state, [self.client_states.get(c, {}) for c in cohort],
             self.seed, r,
         )
+        if self.root is not None:
+            # The server's update starts from the model the clients received, so its direction
+            # is comparable to theirs; set before the attack, which may probe the aggregator.
+            reference = self.root.compute(received, server_state, r)
+            for part in self._reference_users:
+                part.set_reference(reference)
 
         byzantine = torch.tensor([c in self.byzantine for c in cohort], dtype=torch.bool)
         if byzantine.any():
@@ -394,6 +411,8 @@ class Federation:
             out.update({f"aggregator/{k}": v for k, v in self.aggregator.state_dict().items()})
         for (c, stream), v in self.increment_sums.items():
             out[f"increment/{c}/{stream}"] = v
+        if self.root is not None:
+            out.update({f"root/{k}": v for k, v in self.root.state.items()})
         if self.downlink_delta:
             out["reference"] = self.reference
             out["last_seen"] = self.last_seen
@@ -409,6 +428,8 @@ class Federation:
         self.optimizer_state, self.server_state = {}, {}
         self.client_states, self.codec_states, self.downlink_states = {}, {}, {}
         self.increment_sums = {}
+        if self.root is not None:
+            self.root.state = {}
         aggregator_state = {}
         for key, v in tensors.items():
             parts = key.split("/")
@@ -426,6 +447,8 @@ class Federation:
                 aggregator_state[parts[1]] = v.clone()
             elif parts[0] == "increment":
                 self.increment_sums[(int(parts[1]), parts[2])] = v.clone()
+            elif parts[0] == "root" and self.root is not None:
+                self.root.state[parts[1]] = v.clone()
             elif key == "reference":
                 self.reference = v.clone()
             elif key == "last_seen":
