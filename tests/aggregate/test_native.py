@@ -1,0 +1,103 @@
+"""The generated C order-statistics kernel: same results as the float64 references and NumPy."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+
+from koinon.aggregate import build_aggregator, kernels, native
+
+_spec = importlib.util.spec_from_file_location(
+    "aggregate_reference", pathlib.Path(__file__).with_name("reference.py")
+)
+ref = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
+_spec.loader.exec_module(ref)  # type: ignore[union-attr]
+
+needs_kernel = pytest.mark.skipif(
+    native._kernel(5) is None, reason="no C compiler with AVX here: NumPy path only"
+)
+# Enough columns to take the native path, plus a ragged tail of 5 (not a multiple of 8).
+P = native.MIN_COLUMNS + 5
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 8, 12])
+def test_network_sorts_every_zero_one_input(n: int) -> None:
+    # 0-1 principle: a comparator network that sorts all 2^n 0-1 inputs sorts everything.
+    pairs = native.sorting_network(n)
+    for bits in itertools.product((0, 1), repeat=n):
+        v = list(bits)
+        for i, j in pairs:
+            v[i], v[j] = min(v[i], v[j]), max(v[i], v[j])
+        assert v == sorted(bits)
+
+
+def test_network_size() -> None:
+    assert len(native.sorting_network(50)) == 403  # Batcher for 64, pruned to 50 inputs
+    assert native.sorting_network(1) == []
+
+
+def _stack(seed: int, n: int, ties: bool = False) -> torch.Tensor:
+    x = torch.randn(n, P, generator=torch.Generator().manual_seed(seed))
+    return x.round() if ties else x  # rounding makes many exact ties per column
+
+
+@pytest.mark.parametrize(("n", "f"), [(2, 0), (3, 1), (7, 2), (16, 3), (50, 10), (51, 12)])
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("use_native", [True, False])
+def test_rules_match_reference_on_both_paths(
+    n: int, f: int, ties: bool, use_native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ties (many repeated values per column) are where Meamed's selection is delicate.
+    if use_native and native._kernel(n) is None:
+        pytest.skip("no C compiler with AVX here")
+    if not use_native:
+        monkeypatch.setattr(native, "MIN_COLUMNS", 10**9)
+    x = _stack(n, n, ties)
+    x64 = x.double().numpy()
+    for name, expected in (
+        ("median", ref.median(x64)),
+        ("trimmed_mean", ref.trimmed_mean(x64, f)),
+        ("meamed", ref.meamed(x64, f)),
+    ):
+        if name == "trimmed_mean" and f == 0:
+            continue
+        got = build_aggregator(name, {}, num_byzantine=f).aggregate(x, torch.ones(n))
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@needs_kernel
+def test_native_equals_numpy_path_and_handles_infinities() -> None:
+    x = _stack(0, 20)
+    x[3, :100] = float("inf")
+    x[4, 50:150] = -float("inf")
+    fast = native.order_reduce(x.numpy(), 0, 4, 16, 0, map)
+    assert fast is not None
+    slow = kernels.sorted_reduce(x, lambda b: b[:, 4:16].mean(1), torch.float32)
+    np.testing.assert_allclose(fast, slow.numpy(), rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
+def test_nan_falls_back_to_numpy() -> None:
+    x = _stack(1, 9)
+    x[2, P - 1] = float("nan")  # in the ragged tail
+    assert native.order_reduce(x.numpy(), 0, 2, 7, 0, map) is None
+    out = kernels.coordinate_median(x)  # still answers, through NumPy's sort
+    assert torch.isfinite(out[:-1]).all()
+
+
+def test_small_or_unsupported_inputs_take_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = np.zeros((5, 100), dtype=np.float32)
+    assert native.order_reduce(x, 0, 1, 4, 0, map) is None  # too few columns
+    big = np.zeros((5, P), dtype=np.float64)
+    assert native.order_reduce(big, 0, 1, 4, 0, map) is None  # float64: NumPy
+    monkeypatch.setenv("KOINON_NATIVE", "0")
+    native._kernel.cache_clear()
+    try:
+        assert native.order_reduce(np.zeros((5, P), np.float32), 0, 1, 4, 0, map) is None
+    finally:
+        native._kernel.cache_clear()
