@@ -28,6 +28,13 @@ def test_root_samples_are_set_aside_from_every_client():
     assert min(len(ix) for ix in fed.data.client_indices) >= 1
 
 
+def test_root_steps_sets_the_servers_local_steps():
+    assert build_federation(small()).root.trainer.local.steps == 0  # the clients' own (1 epoch)
+    fed = build_federation(small(**{"aggregator.root_steps": 7, "client.steps": 3}))
+    assert fed.root.trainer.local.steps == 7 and fed.local.steps == 3
+    assert fed.root.trainer.schedule([0], 0, 0)[1].tolist() == [7]
+
+
 def test_reserve_root_keeps_one_sample_per_client_and_refuses_too_many():
     ds = DATASETS.build("digits", {}, "data", seed=0, test_fraction=0.2, num_clients=5)
     data = kn.partition_dataset(ds, "iid", num_clients=5, seed=0, options={})
@@ -97,6 +104,8 @@ def test_compositions_ending_in_fltrust_run_and_others_are_refused():
      r"only fltrust \(or a composition ending in it, e.g. nnm\+fltrust\) takes it, not aggregator.name = 'mean'"),
     ({"aggregator.name": "nnm+trimmed_mean", "aggregator.root_samples": 100},
      r"only fltrust .* not aggregator.name = 'nnm\+trimmed_mean'"),
+    ({"aggregator.root_steps": -1}, "root_steps must be an integer >= 0"),
+    ({"aggregator.name": "median", "aggregator.root_steps": 5}, "only fltrust .* not aggregator.name = 'median'"),
     ({"topology.name": "gossip"}, "needs a server with a root dataset"),
 ])
 def test_config_errors_are_one_line(overrides, message):

@@ -22,16 +22,23 @@ class FLTrust:
     Tolerates any number of Byzantine inputs as long as the root dataset is clean (so it takes
     no f). Call `set_reference(update)` with the server's update of the round before
     `aggregate`; without one, `aggregate` raises. If no input has positive cosine similarity
-    the output is zero. `root_samples` is the size of the server's root dataset (the paper uses
-    100), read by the federation that computes the reference. https://arxiv.org/abs/2012.13995
+    the output is zero. https://arxiv.org/abs/2012.13995
+
+    Read by the federation that computes the reference: `root_samples`, the size of the
+    server's root dataset (the paper uses 100), and `root_steps`, the server's local SGD steps
+    on it (0: the clients' own local steps or epochs, as in the paper). The output has the
+    reference's norm, so more server steps also mean larger global steps.
     """
 
     name = "fltrust"
 
-    def __init__(self, root_samples: int = 100) -> None:
+    def __init__(self, root_samples: int = 100, root_steps: int = 0) -> None:
         if isinstance(root_samples, bool) or not isinstance(root_samples, int) or root_samples < 1:
             raise ValueError(f"root_samples must be an integer >= 1 (the server's clean examples), got {root_samples!r}")
+        if isinstance(root_steps, bool) or not isinstance(root_steps, int) or root_steps < 0:
+            raise ValueError(f"root_steps must be an integer >= 0 (0 = the clients' local steps), got {root_steps!r}")
         self.root_samples = root_samples
+        self.root_steps = root_steps
         self.reference: torch.Tensor | None = None
 
     def set_reference(self, update: torch.Tensor) -> None:

@@ -5,6 +5,8 @@ the same number of rounds and evaluated once at the end. With no attackers the a
 irrelevant, so f = 0 runs once per aggregator and alpha (the "clean" column). A rule whose
 assumption a cell breaks (f too large for its n) refuses it with a `ValueError` or
 `ConfigError`; the cell is recorded as "refused" with that reason and the matrix goes on.
+A row may carry aggregator options after colons, `fltrust:root_steps=20` (TOML values), so
+one matrix can compare settings of the same rule.
 
 Outputs in `out_dir`: `robustness.json` (every cell, rewritten as cells finish, so an
 interrupted matrix keeps what it measured), `robustness.md` (one accuracy table per alpha) and
@@ -22,9 +24,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from koinon.errors import KoinonError
+from koinon.errors import ConfigError, KoinonError
 from koinon.experiment.checkpoint import atomic_write_text
-from koinon.experiment.config import Config, load_config
+from koinon.experiment.config import Config, load_config, parse_override
 
 CLEAN = "none"
 
@@ -58,6 +60,19 @@ def _cells(aggregators: list[str], attacks: list[str], fractions: list[float],
     return out
 
 
+def parse_row(row: str) -> tuple[str, dict[str, Any]]:
+    """`"nnm+fltrust:root_steps=20:root_samples=200"` -> the rule's name and its options."""
+    name, *settings = row.split(":")
+    options: dict[str, Any] = {}
+    for text in settings:
+        key, value = parse_override(text) if text.partition("=")[0].strip() and "=" in text else ("", None)
+        if not key.isidentifier():
+            raise ConfigError(f"aggregator row {row!r}: {text!r} is not key=value; "
+                              "expected name:key=value[:key=value...]")
+        options[key] = value
+    return name.strip(), options
+
+
 def run_cell(base_config: Config, aggregator: str, attack: str, fraction: float, alpha: float,
              rounds: int) -> dict[str, Any]:
     """Train one federation; a refused configuration becomes a record, not an exception."""
@@ -65,12 +80,14 @@ def run_cell(base_config: Config, aggregator: str, attack: str, fraction: float,
 
     record: dict[str, Any] = {"alpha": alpha, "aggregator": aggregator, "attack": attack,
                               "fraction": fraction}
-    cfg = base_config.with_overrides({
-        "aggregator.name": aggregator, "attack.name": attack, "attack.fraction": fraction,
-        "data.alpha": alpha, "server.rounds": rounds,
-    })
     start = time.perf_counter()
     try:
+        name, options = parse_row(aggregator)
+        cfg = base_config.with_overrides({
+            "aggregator.name": name, **{f"aggregator.{k}": v for k, v in options.items()},
+            "attack.name": attack, "attack.fraction": fraction, "data.alpha": alpha,
+            "server.rounds": rounds,
+        })
         fed = build_federation(cfg)
         try:
             last = fed.fit(rounds, eval_every=rounds)[-1]
@@ -200,7 +217,8 @@ def plot_heatmap(results: list[dict[str, Any]], path: Path, title: str) -> None:
             grid[i, j] = 100 * r["accuracy"]
         else:
             refused[i, j] = True
-    fig, ax = plt.subplots(figsize=(1.0 + 0.62 * len(columns), 1.4 + 0.45 * len(aggregators)))
+    label_width = 0.07 * max(len(a) for a in aggregators)  # rows like fltrust:root_steps=20
+    fig, ax = plt.subplots(figsize=(1.0 + label_width + 0.62 * len(columns), 1.4 + 0.45 * len(aggregators)))
     cmap = plt.get_cmap("viridis").with_extremes(bad="0.85")
     image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=100, aspect="auto")
     for i in range(len(aggregators)):
@@ -238,6 +256,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", help="base experiment TOML (its data, model, client and server sections)")
     p.add_argument("--aggregators", type=_names,
+                   help="comma-separated rules, each optionally with options: fltrust:root_steps=20",
                    default=_names("mean,median,trimmed_mean,krum,geometric_median,centered_clipping"))
     p.add_argument("--attacks", type=_names, default=_names("alie,ipm,sign_flip,label_flip"))
     p.add_argument("--fractions", type=_floats, default=_floats("0,0.1,0.2,0.3,0.4"))
@@ -263,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
 
         for name in args.attacks:
             ATTACKS.get(name, key="--attacks")
-        for name in args.aggregators:
+        for row in args.aggregators:
+            name, _ = parse_row(row)
             if "+" not in name:  # compositions are checked by the federation that builds them
                 AGGREGATORS.get(name, key="--aggregators")
         results = run_matrix(cfg, args.aggregators, args.attacks, args.fractions, args.alphas,

@@ -134,7 +134,7 @@ def build_federation(cfg: Config) -> Topology:
     f = agg_options.pop("num_byzantine", round(a.fraction * s.clients_per_round))
     if not isinstance(f, int) or isinstance(f, bool) or f < 0:
         raise ConfigError(f"aggregator.num_byzantine = {f!r}: expected an integer >= 0")
-    _check_root_samples(cfg.aggregator.name, agg_options)
+    _check_root_options(cfg.aggregator.name, agg_options)
     aggregator = build_aggregator(cfg.aggregator.name, agg_options, f)
     # A throwaway instance aggregates a dummy cohort, so a rule whose assumption (e.g. Bulyan's
     # n >= 4f + 3) this cohort size breaks is refused now, not in the middle of training.
@@ -162,18 +162,19 @@ def build_federation(cfg: Config) -> Topology:
     )
 
 
-def _check_root_samples(name: str, options: dict[str, Any]) -> None:
-    """`root_samples` sizes a server root dataset: only rules that trust one (FLTrust) take it,
-    so on any other rule say which do, rather than a bare "not an option"."""
+def _check_root_options(name: str, options: dict[str, Any]) -> None:
+    """`root_samples` / `root_steps` set up a server root dataset: only rules that trust one
+    (FLTrust) take them, so on any other rule say which do, rather than a bare "not an option"."""
     from koinon.aggregate import AGGREGATORS
 
     final = name.split("+")[-1].strip()
-    if "root_samples" not in options or final not in AGGREGATORS:
-        return
-    users = [n for n in AGGREGATORS.names() if "root_samples" in AGGREGATORS.options(n)]
-    if "root_samples" not in AGGREGATORS.options(final):
-        raise ConfigError(f"aggregator.root_samples: only {', '.join(users)} (or a composition ending "
-                          f"in it, e.g. nnm+{users[0]}) takes it, not aggregator.name = {name!r}")
+    for key in ("root_samples", "root_steps"):
+        if key not in options or final not in AGGREGATORS:
+            continue
+        users = [n for n in AGGREGATORS.names() if key in AGGREGATORS.options(n)]
+        if key not in AGGREGATORS.options(final):
+            raise ConfigError(f"aggregator.{key}: only {', '.join(users)} (or a composition ending "
+                              f"in it, e.g. nnm+{users[0]}) takes it, not aggregator.name = {name!r}")
 
 
 def _build_diloco(cfg: Config) -> Topology:

@@ -10,6 +10,7 @@ step. Bytes are the lengths of the real payloads. A rule that trusts the server'
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -122,10 +123,12 @@ class Federation:
         self._reference_users = reference_users(self.aggregator)
         self.root: RootUpdate | None = None
         if self._reference_users:
-            count = getattr(self._reference_users[-1], "root_samples", 100)
-            data, root_indices = reserve_root(data, count, seed)
+            user = self._reference_users[-1]
+            data, root_indices = reserve_root(data, getattr(user, "root_samples", 100), seed)
+            steps = getattr(user, "root_steps", 0)
+            root_local = dataclasses.replace(self.local, steps=steps) if steps else self.local
             self.root = RootUpdate(model, self.layout, data, root_indices, self.algorithm,
-                                   self.local, seed, loss_fn=loss_fn)
+                                   root_local, seed, loss_fn=loss_fn)
         self.attack = component(ATTACKS, attack or "none", "attack")
         # The Byzantine population: a fixed, seeded fraction of all clients.
         rng = np.random.default_rng([seed, 0xBAD])
