@@ -36,7 +36,23 @@ def test_network_sorts_every_zero_one_input(n: int) -> None:
         assert v == sorted(bits)
 
 
+@pytest.mark.parametrize(
+    ("n", "lo", "hi"), [(8, 2, 6), (9, 2, 7), (12, 3, 9), (12, 1, 10), (11, 5, 6), (10, 3, 8)]
+)
+def test_rank_network_groups_every_zero_one_input(n: int, lo: int, hi: int) -> None:
+    # The 0-1 principle holds for selection too: the groups are right for all inputs if they
+    # are right for every 0-1 input.
+    pairs = native.rank_network(n, lo, hi)
+    for bits in itertools.product((0, 1), repeat=n):
+        v = list(bits)
+        for i, j in pairs:
+            v[i], v[j] = min(v[i], v[j]), max(v[i], v[j])
+        s = sorted(bits)
+        assert sum(v[:lo]) == sum(s[:lo]) and sum(v[hi:]) == sum(s[hi:])
+
+
 def test_network_size() -> None:
+    assert len(native.rank_network(50, 10, 40)) == 294  # halves sorted, tails merged, pruned
     assert len(native.sorting_network(50)) == 403  # Batcher for 64, pruned to 50 inputs
     assert native.sorting_network(1) == []
 

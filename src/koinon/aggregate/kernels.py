@@ -205,9 +205,11 @@ def row_sq_norms(x: torch.Tensor, center: torch.Tensor | None = None) -> torch.T
     x = x.detach()
     n, p = x.shape
     out = torch.zeros(n, dtype=torch.float64, device=x.device)
+    buf = torch.empty(n, min(p, _GRAM_BLOCK), dtype=x.dtype, device=x.device)
     for start in range(0, p, _GRAM_BLOCK):
         block = x[:, start : start + _GRAM_BLOCK]
         if center is not None:
-            block = block - center[start : start + _GRAM_BLOCK]
+            c = block.shape[1]
+            block = torch.sub(block, center[start : start + c], out=buf[:, :c])
         out += torch.linalg.vector_norm(block, dim=1).double() ** 2
     return out
