@@ -27,3 +27,40 @@ def tiny_engine(spec: IslandsSpec, codec: str = "identity", seed: int = 0,
 @pytest.fixture
 def make_engine():
     return tiny_engine
+
+
+TINY_SHAKESPEARE = """
+seed = 3
+[data]
+name = "shakespeare"
+partition = "natural"
+num_clients = 3
+seq_len = 16
+plays = 6
+[model]
+name = "char_transformer"
+dim = 8
+layers = 1
+heads = 2
+[codec]
+name = "int8"
+[server]
+rounds = 4
+eval_every = 2
+[topology]
+name = "diloco"
+[diloco]
+workers = 2
+inner_steps = 4
+batch_size = 4
+vectorized = false
+eval_batches = 1
+"""
+
+
+@pytest.fixture
+def tiny_toml(tmp_path):
+    """A character transformer on six plays, small enough for worker-process tests."""
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_SHAKESPEARE)
+    return path

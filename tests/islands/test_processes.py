@@ -1,5 +1,5 @@
-"""Real worker processes on 127.0.0.1 (ephemeral ports): equivalence with the simulation, a
-worker killed mid-run, a worker that joins. Every wait in the launcher and the workers has a
+"""Real worker processes on 127.0.0.1 (ephemeral ports): equivalence with the simulation (with
+the exchanges really overlapping training), a worker killed mid-run, a worker that joins. Every wait in the launcher and the workers has a
 timeout, and `max_wall_s` bounds each launch, so a bug fails these tests instead of hanging."""
 
 import json
@@ -11,40 +11,10 @@ from koinon.experiment.config import load_config
 from koinon.islands import DiLoCo, build_parts
 from koinon.islands.cli import launch, launch_main
 
-TINY = """
-seed = 3
-[data]
-name = "shakespeare"
-partition = "natural"
-num_clients = 3
-seq_len = 16
-options = {}
-[model]
-name = "char_transformer"
-dim = 8
-layers = 1
-heads = 2
-[codec]
-name = "int8"
-[server]
-rounds = 4
-eval_every = 2
-[topology]
-name = "diloco"
-[diloco]
-workers = 2
-inner_steps = 4
-batch_size = 4
-vectorized = false
-eval_batches = 1
-"""
-
 
 @pytest.fixture
-def config(tmp_path):
-    path = tmp_path / "tiny.toml"
-    path.write_text(TINY.replace("options = {}\n", "plays = 6\n"))
-    return path
+def config(tiny_toml):
+    return tiny_toml
 
 
 @pytest.mark.slow
@@ -64,6 +34,8 @@ def test_worker_processes_compute_what_the_simulation_computes(config, tmp_path,
     real = torch.load(tmp_path / "run" / "params-0.pt")
     torch.testing.assert_close(real, sim.params, rtol=1e-6, atol=1e-7)
     assert summary["uplink_bytes_total"] == sim.uplink_total  # the same codec bytes
+    final = json.loads((tmp_path / "run" / "final-0.json").read_text())
+    assert final["background_exchanges"] == syncs  # every exchange overlapped training
 
 
 @pytest.mark.slow
@@ -95,3 +67,26 @@ def test_launch_errors_are_one_line(config, tmp_path, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 3 and all(ln.startswith("koinon: error: ") for ln in lines)
     assert "--workers = 0" in lines[0] and "int3" in lines[1] and "--crash" in lines[2]
+
+
+@pytest.mark.slow
+def test_co2_worker_killed_while_its_background_exchange_is_in_flight(config, tmp_path):
+    # A 1 s emulated link keeps sync event 0's exchange in flight while the workers train on:
+    # worker 1 dies at inner step 5, inside that exchange (its all-gather done, its `done` not
+    # yet sent). The survivors' background threads must retry without it, as the blocking
+    # exchange does, and a new worker joins at sync event 2 from a peer whose own exchange is
+    # in flight (it is served the state of the sync event, not of the peer's training since).
+    cfg = load_config(config, ["diloco.workers=3", "diloco.mode=co2", "diloco.co2_clip=1.0"])
+    out = tmp_path / "run"
+    summary = launch(cfg, 3, out, timeout_s=30, crashes={1: 5}, join_at=[2],
+                     link_latency_ms=1000, max_wall_s=240)
+    assert summary["exit_codes"]["1"] != 0 and summary["dropped"] == [1]
+    assert summary["retries"] >= 1  # the broken attempt of sync event 0 was retried
+    assert summary["joined"] == [3] and summary["survivors"] == [0, 2, 3]
+    assert summary["identical_params"] and summary["hash_mismatches"] == []
+    assert summary["sync_events"] == 4 and summary["inner_steps"] == 16
+    finals = [json.loads((out / f"final-{w}.json").read_text()) for w in (0, 2, 3)]
+    assert finals[0]["background_exchanges"] == 4 and finals[2]["background_exchanges"] == 1
+    rounds = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    # CO2 logs the members of the average applied in the round: the one of the round before
+    assert [r["members"] for r in rounds][1:] == [[0, 2], [0, 2], [0, 2, 3]]

@@ -7,7 +7,11 @@ bit-identical (one SHA-256 for all), the final validation loss, bytes exchanged 
 coordinator's log. Fault injection for tests and demos: `--crash W@STEP` kills worker W at inner
 step STEP (SIGKILL, no clean-up); `--join-at S` starts a new worker when sync event S begins,
 which receives the state from a live peer. `--join HOST:PORT` joins a running launch from
-another shell or machine as one more worker.
+another shell or machine as one more worker. `--blocking` turns the workers' communication
+overlap off (for comparisons); `--link-latency-ms` / `--link-mbps` emulate a slow network.
+
+The same workers also run under torchrun (`koinon.islands.torchrun`); rank 0 then does this
+module's part with `prepare_run` and `summarize`.
 """
 
 from __future__ import annotations
@@ -50,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--join-at", type=int, action="append", default=[], metavar="S",
                    help="start one new worker when sync event S begins")
     p.add_argument("--join", metavar="HOST:PORT", help="join a running launch as a new worker")
+    p.add_argument("--blocking", action="store_true",
+                   help="block on every exchange (no communication overlap; for comparisons)")
+    p.add_argument("--link-latency-ms", type=float, default=0.0,
+                   help="emulated link: extra latency per all-gather")
+    p.add_argument("--link-mbps", type=float, default=0.0,
+                   help="emulated link: bandwidth in Mbit/s (0: loopback speed)")
     return p
 
 
@@ -67,28 +77,20 @@ def launch(
     cfg: Config, workers: int, out: str | Path, *, host: str = "127.0.0.1", port: int = 0,
     timeout_s: float = 60.0, crashes: dict[int, int] | None = None,
     join_at: list[int] | None = None, overwrite: bool = False, max_wall_s: float = 0.0,
-    on_start: Callable[[str], None] | None = None,
+    on_start: Callable[[str], None] | None = None, blocking: bool = False,
+    link_latency_ms: float = 0.0, link_mbps: float = 0.0,
 ) -> dict[str, Any]:
     """Run a DiLoCo job as real processes; returns (and writes) the summary."""
-    if workers < 1:
-        raise ConfigError(f"--workers = {workers}: must be >= 1")
-    if cfg.topology.name != "diloco":
-        raise ConfigError(f"topology.name = {cfg.topology.name!r}: koinon launch needs 'diloco'")
     if timeout_s <= 0:
         raise ConfigError(f"--timeout = {timeout_s}: must be > 0")
+    if link_latency_ms < 0 or link_mbps < 0:
+        raise ConfigError(f"--link-latency-ms = {link_latency_ms}, --link-mbps = {link_mbps}: "
+                          "both must be >= 0")
     crashes = crashes or {}
     for w in crashes:
-        if w >= workers:
+        if w >= max(workers, 1):
             raise ConfigError(f"--crash {w}@...: worker ids are 0..{workers - 1}")
-    cfg.diloco.options["workers"] = workers
-    build_parts(cfg)  # every config error now, in one line, before any process starts
-    out_dir = Path(out)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ConfigError(f"output folder {str(out_dir)!r} is not empty; pass --overwrite or another --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for old in [*out_dir.glob("worker-*"), *out_dir.glob("final-*"), *out_dir.glob("params-*")]:
-        old.unlink()
-    atomic_write_text(out_dir / "config.toml", cfg.to_toml())
+    out_dir = prepare_run(cfg, workers, out, overwrite, "--workers")
     store = TCPStore(host, port, is_master=True, wait_for_workers=False,
                      timeout=timedelta(seconds=timeout_s))
     store.add("next_id", workers)
@@ -108,6 +110,10 @@ def launch(
             cmd.append("--join")
         if worker_id in crashes:
             cmd += ["--crash-at-step", str(crashes[worker_id])]
+        if blocking:
+            cmd.append("--blocking")
+        if link_latency_ms or link_mbps:
+            cmd += ["--link-latency-ms", str(link_latency_ms), "--link-mbps", str(link_mbps)]
         logf = (out_dir / f"worker-{worker_id}.log").open("w")
         with lock:
             procs[worker_id] = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
@@ -157,26 +163,48 @@ def launch(
                     proc.kill()
                     proc.wait(timeout=10)
         thread.join(timeout=10)
-    summary = _summarize(out_dir, procs, coordinator, time.monotonic() - started)
-    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1))
-    return summary
+    codes = {w: p.returncode for w, p in procs.items()}
+    return summarize(out_dir, codes, coordinator, time.monotonic() - started)
+
+
+def prepare_run(cfg: Config, workers: int, out: str | Path, overwrite: bool,
+                workers_flag: str) -> Path:
+    """Check the job (one-line ConfigError, before any worker trains) and make its folder.
+    `workers_flag` names where the worker count came from, for the message."""
+    if workers < 1:
+        raise ConfigError(f"{workers_flag} = {workers}: must be >= 1")
+    if cfg.topology.name != "diloco":
+        raise ConfigError(f"topology.name = {cfg.topology.name!r}: worker processes need 'diloco'")
+    cfg.diloco.options["workers"] = workers
+    build_parts(cfg)  # every config error now, in one line, before any process starts
+    out_dir = Path(out)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ConfigError(f"output folder {str(out_dir)!r} is not empty; pass --overwrite or another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in [*out_dir.glob("worker-*"), *out_dir.glob("final-*"), *out_dir.glob("params-*")]:
+        old.unlink()
+    atomic_write_text(out_dir / "config.toml", cfg.to_toml())
+    return out_dir
 
 
 def _dead(alive: Callable[[int], bool], worker_id: int) -> bool:
     return not alive(worker_id)
 
 
-def _summarize(out: Path, procs: dict[int, subprocess.Popen], coordinator: Coordinator,
-               wall: float) -> dict[str, Any]:
-    finals = {}
-    for w in sorted(procs):
-        path = out / f"final-{w}.json"
-        if procs[w].returncode == 0 and path.is_file():
-            finals[w] = json.loads(path.read_text())
+def summarize(out: Path, exit_codes: dict[int, int | None], coordinator: Coordinator,
+              wall: float, finals: dict[int, dict] | None = None) -> dict[str, Any]:
+    """Write (and return) summary.json and metrics.jsonl. `finals`: each worker's final record
+    (default: read from final-{id}.json of the workers that exited with 0)."""
+    if finals is None:
+        finals = {}
+        for w in sorted(exit_codes):
+            path = out / f"final-{w}.json"
+            if exit_codes[w] == 0 and path.is_file():
+                finals[w] = json.loads(path.read_text())
     hashes = sorted({f["params_sha256"] for f in finals.values()})
     reporter = finals[min(finals)] if finals else {}
     rounds: dict[int, dict] = {}
-    for w in sorted(procs):  # metrics.jsonl: each round from the lowest-id worker that has it
+    for w in sorted(exit_codes):  # metrics.jsonl: each round from the lowest-id worker that has it
         path = out / f"worker-{w}.jsonl"
         for line in path.read_text().splitlines() if path.is_file() else []:
             rec = json.loads(line)
@@ -187,8 +215,8 @@ def _summarize(out: Path, procs: dict[int, subprocess.Popen], coordinator: Coord
     atomic_write_text(out / "metrics.jsonl",
                       "".join(json.dumps(rounds[r]) + "\n" for r in sorted(rounds)))
     log = coordinator.log
-    return {
-        "survivors": sorted(finals), "exit_codes": {str(w): p.returncode for w, p in procs.items()},
+    summary = {
+        "survivors": sorted(finals), "exit_codes": {str(w): c for w, c in exit_codes.items()},
         "identical_params": len(hashes) == 1, "params_sha256": hashes,
         "final_test_loss": reporter.get("test_loss"),
         "final_accuracy": reporter.get("test_accuracy"),
@@ -198,6 +226,8 @@ def _summarize(out: Path, procs: dict[int, subprocess.Popen], coordinator: Coord
         "hash_checks": log.hash_checks, "hash_mismatches": log.hash_mismatches,
         "coordinator_error": log.error, "wall_s": round(wall, 3),
     }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    return summary
 
 
 def _join(args: argparse.Namespace) -> int:
@@ -205,8 +235,10 @@ def _join(args: argparse.Namespace) -> int:
 
     out = Path(args.out or Path("runs") / "diloco-join")
     out.mkdir(parents=True, exist_ok=True)
-    return worker_main(["--store", args.join, "--config", str(out / "config.toml"), "--out",
-                        str(out), "--join", "--timeout", str(args.timeout)])
+    argv = ["--store", args.join, "--config", str(out / "config.toml"), "--out", str(out),
+            "--join", "--timeout", str(args.timeout), "--link-latency-ms",
+            str(args.link_latency_ms), "--link-mbps", str(args.link_mbps)]
+    return worker_main(argv + (["--blocking"] if args.blocking else []))
 
 
 def launch_main(argv: list[str]) -> int:
@@ -222,6 +254,8 @@ def launch_main(argv: list[str]) -> int:
         summary = launch(cfg, args.workers, out, host=args.host, port=args.port,
                          timeout_s=args.timeout, crashes=_parse_crashes(args.crash),
                          join_at=args.join_at, overwrite=args.overwrite,
+                         blocking=args.blocking, link_latency_ms=args.link_latency_ms,
+                         link_mbps=args.link_mbps,
                          on_start=lambda a: print(f"store {a}: more workers can join with "
                                                   f"koinon launch --join {a} {args.config}",
                                                   flush=True))

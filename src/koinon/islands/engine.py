@@ -9,15 +9,24 @@ decoding is deterministic and the summation order fixed, every worker computes t
 `theta`, whichever mode it runs in.
 
 Sync events happen every `inner_steps / fragments` inner steps; event i carries fragment
-i mod P. With overlap tau > 0 a fragment's average is applied to `theta` at once (shared state
-stays identical) but merged into the local parameters only tau inner steps later:
-`local <- alpha * local + (1 - alpha) * theta`.
+i mod P. With overlap tau > 0 a fragment's average is merged into the local parameters only tau
+inner steps later: `local <- alpha * local + (1 - alpha) * theta`. CO2 applies each average one
+sync event late.
+
+Real overlap: an exchange that can run in the background (`OverlappingExchange`, the worker
+processes) is *begun* at the sync event and *waited for* only where the math first needs its
+result: tau inner steps later for Streaming DiLoCo (the outer step on the fragment, then the
+merge), the next sync event for CO2. Nothing reads those values in between (fragment p's slice
+of `theta` and `outer_m` is touched only by fragment p's events, and tau < inner_steps / P), so
+the numbers are those of the one-process simulation, where the same update lands at once.
+Plain DiLoCo (tau = 0) and `sync` need the result before the next inner step: they block.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -46,6 +55,38 @@ class Exchange(Protocol):
     def after_sync(self, engine: IslandsEngine) -> None:
         """Called once the engine has applied a sync event (workers publish a hash here)."""
         ...
+
+
+class InFlight(Protocol):
+    """A begun exchange; `wait` returns what `Exchange.gather` would have returned."""
+
+    def wait(self) -> dict[int, bytes]:
+        ...
+
+
+@runtime_checkable
+class OverlappingExchange(Exchange, Protocol):
+    """An exchange that can go on in the background while the worker keeps training."""
+
+    overlap: bool  # False: the engine blocks on every exchange (for comparisons)
+
+    def begin(
+        self, sync_index: int, payloads: dict[int, bytes], engine: IslandsEngine
+    ) -> InFlight:
+        """Start the gather of sync event `sync_index` and return at once. `engine` is only
+        read here (its shared state, for a joiner the peers may have to serve)."""
+        ...
+
+
+@dataclass
+class Pending:
+    """A sync event's exchange: its payloads are out; the result is `got` or `handle.wait()`."""
+
+    sync_index: int
+    fragment: int
+    got: dict[int, bytes] | None = None
+    handle: InFlight | None = None
+    apply_at: int = 0  # Streaming DiLoCo: the inner step at which the math applies it
 
 
 class LocalExchange:
@@ -107,6 +148,8 @@ class IslandsEngine:
         self.codec_states: dict[tuple[int, int], CodecState] = {}
         self.co2_pending: torch.Tensor | None = None
         self.co2_previous: torch.Tensor | None = None
+        self.inflight: Pending | None = None  # a background exchange not applied yet
+        self.background_exchanges = 0  # exchanges that overlapped training (worker processes)
 
     def _reset_local(self) -> None:
         """Local parameters := theta, fresh local optimizer state (start, and after joining)."""
@@ -145,7 +188,7 @@ class IslandsEngine:
             inner.inner_step(self.local, inner.clip_rows(grads, self.spec.grad_clip),
                              self.inner_state, self.spec, self.spec.lr_at(self.step))
             self.step += 1
-            self._apply_due_merges()
+            self._apply_due(exchange)
             if self.step % self.spec.sync_period == 0:
                 self.sync(exchange)
         return float(losses.mean())
@@ -173,37 +216,78 @@ class IslandsEngine:
         p = fragment_at(self.sync_index, self.spec.fragments)
         idx = self.fragments[p]
         deltas = self.theta[idx].unsqueeze(0) - self.local[:, idx]
-        avg = self._exchange(exchange, deltas, p, joining)
-        p = fragment_at(self.sync_index, self.spec.fragments)  # a joiner learns it just now
+        pending = self._begin(exchange, deltas, p, joining, background=self.spec.overlap > 0)
+        self.sync_index = pending.sync_index + 1
+        if pending.handle is not None:  # in flight for tau inner steps, then `_apply_due`
+            pending.apply_at = self.step + self.spec.overlap
+            self.inflight = pending
+            return
+        self._apply_fragment(exchange, pending, merge_now=not self.spec.overlap)
+
+    def _apply_fragment(self, exchange: Exchange, pending: Pending, merge_now: bool) -> None:
+        """Outer step on the fragment's slice of the shared state; merge now or tau later."""
+        avg = self._finish(pending)
+        p = pending.fragment
         idx = self.fragments[p]
         theta, momentum = self.theta[idx], self.outer_m[idx]
         outer_sgd(theta, momentum, avg, self.spec.outer_lr, self.spec.outer_momentum,
                   nesterov=self.spec.outer_optimizer == "nesterov")
         self.theta[idx] = theta
         self.outer_m[idx] = momentum
-        self.sync_index += 1
-        if self.spec.overlap:
-            self.merges.append((self.step + self.spec.overlap, p))
-        else:
+        if merge_now:
             self._merge(p)
+        else:
+            self.merges.append((self.step + self.spec.overlap, p))
         exchange.after_sync(self)
 
     def _sync_co2(self, exchange: Exchange, joining: bool) -> None:
-        """CO2: send this round's local progress; apply last round's average (one stale)."""
+        """CO2: apply last event's average (one stale), then send this round's progress; in
+        worker processes that exchange runs in the background until the next sync event."""
         deltas = self.round_start - self.local
-        fresh = self._exchange(exchange, deltas, 0, joining)
+        self._settle_co2()
         s = self.spec
         if self.co2_pending is not None:
             lam = co2_penalty(self.co2_pending, self.co2_previous, s.co2_penalty)
             co2_step(self.theta, self.outer_m, self.co2_pending, lam, s.outer_lr,
                      s.outer_momentum, s.co2_clip)
-            self.co2_previous = self.co2_pending
-        self.co2_pending = fresh
+            self.co2_previous, self.co2_pending = self.co2_pending, None
         # Each worker keeps its own in-flight progress on top of the agreed parameters.
-        self.local = self.theta.unsqueeze(0) - (self.round_start - self.local)
+        self.local = self.theta.unsqueeze(0) - deltas
         self.round_start = self.local.clone()
-        self.sync_index += 1
+        pending = self._begin(exchange, deltas, 0, joining, background=True)
+        if pending.handle is None:
+            self.co2_pending = self._finish(pending)
+        else:
+            self.inflight = pending
+        self.sync_index = pending.sync_index + 1
         exchange.after_sync(self)
+
+    def _settle_co2(self) -> None:
+        """Wait for the previous CO2 exchange (if in the background): it is `co2_pending`."""
+        if self.spec.mode == "co2" and self.inflight is not None:
+            pending, self.inflight = self.inflight, None
+            self.co2_pending = self._finish(pending)
+
+    def flush(self, exchange: Exchange) -> None:
+        """End of a run: wait for the exchange still in flight and settle it as the simulation
+        has (a fragment's outer step is applied; CO2's last average stays pending)."""
+        if self.spec.mode == "co2":
+            self._settle_co2()
+        elif self.inflight is not None:
+            pending, self.inflight = self.inflight, None
+            self._apply_fragment(exchange, pending, merge_now=True)
+
+    @property
+    def settled(self) -> bool:
+        """Whether `theta` is what the simulation has now (no fragment update in flight)."""
+        return self.spec.mode == "co2" or self.inflight is None
+
+    def _apply_due(self, exchange: Exchange) -> None:
+        if self.inflight is not None and self.spec.mode != "co2" \
+                and self.inflight.apply_at <= self.step:
+            pending, self.inflight = self.inflight, None
+            self._apply_fragment(exchange, pending, merge_now=True)
+        self._apply_due_merges()
 
     def _apply_due_merges(self) -> None:
         due = [p for at, p in self.merges if at <= self.step]
@@ -222,16 +306,36 @@ class IslandsEngine:
         self, exchange: Exchange, rows: torch.Tensor, fragment: int, joining: bool = False
     ) -> torch.Tensor:
         """Encode each local row, gather every member's bytes, decode, average in id order."""
+        return self._finish(self._begin(exchange, rows, fragment, joining, background=False))
+
+    def _begin(
+        self, exchange: Exchange, rows: torch.Tensor, fragment: int, joining: bool,
+        background: bool,
+    ) -> Pending:
+        """Encode each local row and hand the payloads to the exchange: in the background when
+        `background` and the exchange can (never for a joiner: it has no state to go on with)."""
         payloads: dict[int, bytes] = {}
         for k, w in enumerate(self.worker_ids):
             payloads[w] = b"" if joining else self._encode(w, fragment, rows[k])
+        if background and not joining and isinstance(exchange, OverlappingExchange) \
+                and exchange.overlap:
+            handle = exchange.begin(self.sync_index, payloads, self)
+            self.background_exchanges += 1
+            return Pending(self.sync_index, fragment, handle=handle)
         got = exchange.gather(self.sync_index, payloads, self)
-        fragment = fragment_at(self.sync_index, self.spec.fragments) if self.spec.mode == "diloco" else 0
+        if self.spec.mode == "diloco":  # a joiner learns the sync index only now
+            fragment = fragment_at(self.sync_index, self.spec.fragments)
+        return Pending(self.sync_index, fragment, got=got)
+
+    def _finish(self, pending: Pending) -> torch.Tensor:
+        """Wait for the exchange if it is in flight; count the bytes; the decoded average."""
+        got = pending.got if pending.handle is None else pending.handle.wait()
+        assert got is not None
         sizes = sum(len(b) for b in got.values())
         self.bytes_sent += sizes
         self.bytes_received += (len(got) - 1) * sizes
         self.last_members = sorted(got)
-        return average_payloads(self.codecs[fragment], got)
+        return average_payloads(self.codecs[pending.fragment], got)
 
     def _encode(self, worker_id: int, fragment: int, row: torch.Tensor) -> bytes:
         key = (worker_id, fragment)

@@ -41,12 +41,13 @@ class MembershipTimeout(RuntimeError):
     """A store key did not appear before its deadline."""
 
 
-def connect(host: str, port: int, timeout_s: float) -> TCPStore:
-    """A client of the launcher's store; a one-line KoinonError when nobody answers there."""
+def connect(host: str, port: int, timeout_s: float, who: str = "koinon launch") -> TCPStore:
+    """A client of the run's store (`who` hosts it); a one-line KoinonError when nobody
+    answers there."""
     try:
         return TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
     except RuntimeError as exc:  # DistNetworkError and friends
-        raise KoinonError(f"no koinon launch answers at {host}:{port} "
+        raise KoinonError(f"no {who} answers at {host}:{port} "
                           f"({type(exc).__name__} after {timeout_s:.0f} s)") from None
 
 
@@ -158,6 +159,7 @@ class Coordinator:
                 return True
             self.store.set(f"verdict/{s}/{a}", "retry")
             self.log.retries += 1
+            self._drop([w for w in quorum.members if not self.alive(w)])  # died in the attempt
             self.members = [w for w in quorum.members if self.alive(w) and w not in joiners]
             a += 1
         return False

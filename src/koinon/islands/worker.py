@@ -1,9 +1,13 @@
-"""One DiLoCo worker process: `python -m koinon.islands.worker --store HOST:PORT ...`.
+"""One DiLoCo worker process, started by `koinon launch` or by torchrun.
 
-Started by `koinon launch` (or by hand / torchrun-style scripts on other machines). It builds
-the same seeded parts as the simulation, runs the engine on a stack of one worker, exchanges
-through `DistExchange`, and writes `worker-{id}.jsonl` (one line per round, with the shared
-parameters' hash) and `final-{id}.json` into the run folder.
+    python -m koinon.islands.worker --store HOST:PORT --config C --out DIR ...   (koinon launch)
+    torchrun --nproc-per-node M -m koinon.islands.worker CONFIG.toml [--out DIR]  (torchrun)
+
+Without `--store` the worker reads torchrun's environment (`koinon.islands.torchrun`). Either
+way it builds the same seeded parts as the simulation, runs the engine on a stack of one worker,
+exchanges through `DistExchange` (in the background where the math allows, see `engine`), and
+writes `worker-{id}.jsonl` (one line per round, with the shared parameters' hash) and
+`final-{id}.json` into the run folder.
 """
 
 from __future__ import annotations
@@ -13,81 +17,130 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch.distributed import Store
 
 from koinon.errors import KoinonError
-from koinon.experiment.config import load_config
+from koinon.experiment.config import Config, load_config
 from koinon.islands.build import build_parts
-from koinon.islands.dist import DistExchange, Dropped
+from koinon.islands.dist import DistExchange, Dropped, Link
 from koinon.islands.membership import connect
 from koinon.islands.topology import DiLoCo, params_hash
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="koinon-islands-worker")
-    p.add_argument("--store", required=True, help="HOST:PORT of the run's TCPStore")
-    p.add_argument("--config", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("config_path", nargs="?", metavar="CONFIG",
+                   help="TOML config (under torchrun; rank 0 checks it and serves it to all)")
+    p.add_argument("--store", help="HOST:PORT of a koinon launch's TCPStore (not under torchrun)")
+    p.add_argument("--config", help="TOML config (with --store)")
+    p.add_argument("--out", help="run folder (torchrun default: runs/<config name>-torchrun)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override (torchrun)")
+    p.add_argument("--overwrite", action="store_true", help="reuse a non-empty run folder")
     p.add_argument("--id", type=int, default=-1, help="worker id (-1: ask the store for one)")
     p.add_argument("--join", action="store_true", help="join a running job (state from a peer)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds any wait may take")
     p.add_argument("--crash-at-step", type=int, default=0, help="fault injection: SIGKILL self")
+    p.add_argument("--blocking", action="store_true",
+                   help="block on every exchange (no communication overlap; for comparisons)")
+    p.add_argument("--link-latency-ms", type=float, default=0.0,
+                   help="emulated link: extra latency per all-gather")
+    p.add_argument("--link-mbps", type=float, default=0.0,
+                   help="emulated link: bandwidth in Mbit/s (0: loopback speed)")
     return p
 
 
 def run_worker(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     torch.set_num_threads(1)  # M processes share the machine's cores
+    if args.timeout <= 0:
+        raise KoinonError(f"--timeout = {args.timeout}: must be > 0")
+    link = Link(args.link_latency_ms / 1000, args.link_mbps)
+    if args.store is None:
+        from koinon.islands.torchrun import run_under_torchrun
+
+        return run_under_torchrun(args, link)
+    if not args.config or not args.out:
+        raise KoinonError("--store needs --config and --out (koinon launch passes them)")
     host, _, port = args.store.rpartition(":")
     store = connect(host, int(port), args.timeout)
     if args.join:  # train with the running job's config, whatever was given locally
         Path(args.config).write_text(store.get("config").decode())
     cfg = load_config(args.config)
-    parts = build_parts(cfg)
     worker_id = args.id if args.id >= 0 else int(store.add("next_id", 1)) - 1
-    exchange = DistExchange(store, worker_id, args.timeout, joining=args.join)
+    exchange = DistExchange(store, worker_id, args.timeout, joining=args.join,
+                            overlap=not args.blocking, link=link)
+    train(cfg, store, worker_id, Path(args.out), exchange, join=args.join,
+          crash_at_step=args.crash_at_step)
+    return 0
+
+
+def train(cfg: Config, store: Store, worker_id: int, out: Path, exchange: DistExchange, *,
+          join: bool = False, crash_at_step: int = 0) -> dict[str, Any]:
+    """The worker's run: every round's record to worker-{id}.jsonl, then final-{id}.json and
+    params-{id}.pt; returns the final record."""
+    parts = build_parts(cfg)
     topo = DiLoCo(parts, cfg.seed, worker_ids=[worker_id], exchange=exchange)
     engine = topo.engine
-    out = Path(args.out)
     spec = parts.spec
     total = cfg.server.rounds * spec.inner_steps
     log = (out / f"worker-{worker_id}.jsonl").open("a")
-    if args.join:
+    if join:
         store.set(f"join/{worker_id}", "1")
         engine.sync(exchange, joining=True)
-    test_loss: float | None = None
-    test_acc: float | None = None
+    started = time.monotonic()
+    evaluated: list[tuple[float, float]] = []
+    waiting: dict[str, Any] | None = None  # a round whose last fragment update is in flight
+
+    def write(record: dict[str, Any]) -> None:
+        """Complete a round's record once `theta` is the round's (its updates applied)."""
+        record.update(members=engine.last_members, uplink_bytes_total=engine.bytes_sent,
+                      retries=exchange.attempts, params_sha256=params_hash(engine.theta))
+        reporter = worker_id == min(engine.last_members)
+        last = record["inner_steps"] >= total
+        if reporter and (record["round"] % cfg.server.eval_every == 0 or last):
+            evaluated.append(topo.evaluate())
+            record["test_loss"], record["test_accuracy"] = evaluated[-1]
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+
     while engine.step < total:
         todo = spec.inner_steps - engine.step % spec.inner_steps
         loss = 0.0
         for _ in range(todo):
             loss += engine.run_steps(1, exchange) / todo
-            if args.crash_at_step and engine.step >= args.crash_at_step:
+            if waiting is not None and engine.settled:
+                write(waiting)
+                waiting = None
+            if crash_at_step and engine.step >= crash_at_step:
                 log.flush()
                 os.kill(os.getpid(), signal.SIGKILL)
-        round_index = engine.step // spec.inner_steps
-        record = {"round": round_index, "inner_steps": engine.step, "worker": worker_id,
-                  "train_loss": loss, "members": engine.last_members,
-                  "uplink_bytes_total": engine.bytes_sent, "retries": exchange.attempts,
-                  "params_sha256": params_hash(engine.theta), "test_loss": None,
+        record = {"round": engine.step // spec.inner_steps, "inner_steps": engine.step,
+                  "worker": worker_id, "train_loss": loss,
+                  "wall_s": round(time.monotonic() - started, 4), "test_loss": None,
                   "test_accuracy": None}
-        reporter = worker_id == min(engine.last_members)
-        if reporter and (round_index % cfg.server.eval_every == 0 or engine.step >= total):
-            test_loss, test_acc = topo.evaluate()
-            record["test_loss"], record["test_accuracy"] = test_loss, test_acc
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-    if test_loss is None:
-        test_loss, test_acc = topo.evaluate()
+        if engine.settled:
+            write(record)
+        else:
+            waiting = record
+    engine.flush(exchange)
+    if waiting is not None:
+        write(waiting)
+    test_loss, test_acc = evaluated[-1] if evaluated else topo.evaluate()
     final = {"worker": worker_id, "inner_steps": engine.step, "sync_events": engine.sync_index,
              "params_sha256": params_hash(engine.theta), "test_loss": test_loss,
              "test_accuracy": test_acc, "uplink_bytes_total": engine.bytes_sent,
-             "downlink_bytes_total": engine.bytes_received, "members": engine.last_members}
+             "downlink_bytes_total": engine.bytes_received, "members": engine.last_members,
+             "background_exchanges": engine.background_exchanges,
+             "wall_s": round(time.monotonic() - started, 4)}
     (out / f"final-{worker_id}.json").write_text(json.dumps(final))
     torch.save(engine.theta, out / f"params-{worker_id}.pt")
-    return 0
+    return final
 
 
 def main(argv: list[str] | None = None) -> int:
