@@ -14,7 +14,7 @@ attack-free accuracy, with 40 % within 10 points. The reference is the best atta
 accuracy of any row (the strict reading); each line also gives the gap to the same rule's own
 attack-free run.
 
-    python benchmarks/robustness.py                     # about 7 minutes on 2 cores
+    python benchmarks/robustness.py                     # about 14 minutes on 2 cores
     python benchmarks/robustness.py --rounds 30 --alphas 0.5 --out /tmp/rob
 """
 
