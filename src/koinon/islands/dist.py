@@ -70,10 +70,15 @@ class Link:
 
 
 class Background(Generic[T]):
-    """`run()` in a daemon thread; `wait` returns its result or raises its error."""
+    """`run()` in a daemon thread; `wait` returns its result or raises its error.
+
+    The thread gets its creator's intra-op thread count: OpenMP's is per thread, and with a
+    new thread's default (all cores) the exchange's larger byte copies would start a team of
+    OpenMP threads that spin-wait next to the training thread (see `run_worker`)."""
 
     def __init__(self, run: Callable[[], T], deadline_s: float, name: str) -> None:
         self._run = run
+        self._threads = torch.get_num_threads()
         self._deadline_s = deadline_s
         self._result: T | None = None
         self._error: BaseException | None = None
@@ -81,6 +86,7 @@ class Background(Generic[T]):
         self._thread.start()
 
     def _target(self) -> None:
+        torch.set_num_threads(self._threads)
         try:
             self._result = self._run()
         except BaseException as exc:  # handed to the waiting thread by `wait`

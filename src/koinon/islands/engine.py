@@ -24,6 +24,7 @@ Plain DiLoCo (tau = 0) and `sync` need the result before the next inner step: th
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -150,6 +151,7 @@ class IslandsEngine:
         self.co2_previous: torch.Tensor | None = None
         self.inflight: Pending | None = None  # a background exchange not applied yet
         self.background_exchanges = 0  # exchanges that overlapped training (worker processes)
+        self.comm_wait_s = 0.0  # wall time training stood still waiting for an exchange
 
     def _reset_local(self) -> None:
         """Local parameters := theta, fresh local optimizer state (start, and after joining)."""
@@ -322,14 +324,20 @@ class IslandsEngine:
             handle = exchange.begin(self.sync_index, payloads, self)
             self.background_exchanges += 1
             return Pending(self.sync_index, fragment, handle=handle)
+        started = time.perf_counter()
         got = exchange.gather(self.sync_index, payloads, self)
+        self.comm_wait_s += time.perf_counter() - started
         if self.spec.mode == "diloco":  # a joiner learns the sync index only now
             fragment = fragment_at(self.sync_index, self.spec.fragments)
         return Pending(self.sync_index, fragment, got=got)
 
     def _finish(self, pending: Pending) -> torch.Tensor:
         """Wait for the exchange if it is in flight; count the bytes; the decoded average."""
-        got = pending.got if pending.handle is None else pending.handle.wait()
+        got = pending.got
+        if pending.handle is not None:
+            started = time.perf_counter()
+            got = pending.handle.wait()
+            self.comm_wait_s += time.perf_counter() - started
         assert got is not None
         sizes = sum(len(b) for b in got.values())
         self.bytes_sent += sizes

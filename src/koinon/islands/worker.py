@@ -101,6 +101,7 @@ def train(cfg: Config, store: Store, worker_id: int, out: Path, exchange: DistEx
         """Complete a round's record once `theta` is the round's (its updates applied)."""
         record.update(members=engine.last_members, uplink_bytes_total=engine.bytes_sent,
                       retries=exchange.attempts, params_sha256=params_hash(engine.theta))
+        record.setdefault("comm_wait_s", round(engine.comm_wait_s, 4))
         reporter = worker_id == min(engine.last_members)
         last = record["inner_steps"] >= total
         if reporter and (record["round"] % cfg.server.eval_every == 0 or last):
@@ -122,7 +123,8 @@ def train(cfg: Config, store: Store, worker_id: int, out: Path, exchange: DistEx
                 os.kill(os.getpid(), signal.SIGKILL)
         record = {"round": engine.step // spec.inner_steps, "inner_steps": engine.step,
                   "worker": worker_id, "train_loss": loss,
-                  "wall_s": round(time.monotonic() - started, 4), "test_loss": None,
+                  "wall_s": round(time.monotonic() - started, 4),
+                  "comm_wait_s": round(engine.comm_wait_s, 4), "test_loss": None,
                   "test_accuracy": None}
         if engine.settled:
             write(record)
@@ -137,6 +139,7 @@ def train(cfg: Config, store: Store, worker_id: int, out: Path, exchange: DistEx
              "test_accuracy": test_acc, "uplink_bytes_total": engine.bytes_sent,
              "downlink_bytes_total": engine.bytes_received, "members": engine.last_members,
              "background_exchanges": engine.background_exchanges,
+             "comm_wait_s": round(engine.comm_wait_s, 4),
              "wall_s": round(time.monotonic() - started, 4)}
     (out / f"final-{worker_id}.json").write_text(json.dumps(final))
     torch.save(engine.theta, out / f"params-{worker_id}.pt")
