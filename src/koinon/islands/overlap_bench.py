@@ -37,8 +37,12 @@ def per_round(out: Path) -> tuple[float, float]:
 
 
 def measure(mode: str, latency_ms: float, blocking: bool, workers: int, rounds: int,
-            examples: Path, root: Path) -> tuple[float, float, str]:
-    cfg = load_config(examples / MODES[mode], [f"server.rounds={rounds}", "server.eval_every=1000"])
+            examples: Path, root: Path, tau: int = -1) -> tuple[float, float, str]:
+    """One launch; `tau` >= 0 overrides Streaming DiLoCo's overlap (in inner steps)."""
+    sets = [f"server.rounds={rounds}", "server.eval_every=1000"]
+    if mode == "streaming" and tau >= 0:
+        sets.append(f"diloco.overlap={tau}")
+    cfg = load_config(examples / MODES[mode], sets)
     out = root / f"{mode}-{latency_ms:g}-{'blocking' if blocking else 'overlap'}"
     summary = launch(cfg, workers, out, timeout_s=60, blocking=blocking,
                      link_latency_ms=latency_ms, overwrite=True, max_wall_s=600)
@@ -56,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--tau", type=int, default=-1,
+                   help="Streaming DiLoCo's overlap in inner steps (default: the example's, 2)")
     p.add_argument("--examples", type=Path, default=EXAMPLES)
     args = p.parse_args(argv)
     print("| mode | link latency | s/round blocking | s/round overlap | comm wait/round "
@@ -70,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(args.repeats):
                     for blocking in (True, False):
                         wall, wait, h = measure(mode, latency, blocking, args.workers,
-                                                args.rounds, args.examples, Path(tmp))
+                                                args.rounds, args.examples, Path(tmp), args.tau)
                         walls[blocking].append(wall)
                         waits[blocking].append(wait)
                         hashes.add(h)
@@ -78,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                     raise RuntimeError(f"{mode}: overlap changed the parameters ({hashes})")
                 w = [statistics.median(walls[b]) for b in (True, False)]
                 c = [statistics.median(waits[b]) for b in (True, False)]
-                print(f"| {mode} | {latency:g} ms | {w[0]:.3f} | {w[1]:.3f} | {c[0]:.3f} | "
+                name = f"{mode} tau={args.tau}" if mode == "streaming" and args.tau >= 0 else mode
+                print(f"| {name} | {latency:g} ms | {w[0]:.3f} | {w[1]:.3f} | {c[0]:.3f} | "
                       f"{c[1]:.3f} |", flush=True)
     return 0
 
