@@ -87,7 +87,15 @@ def sorted_rows_mean(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     fast = _native(x, 0, lo, hi, 0)
     if fast is not None:
         return fast
-    return sorted_reduce(x, lambda block: block[:, lo:hi].mean(1), x.dtype)
+    # Summed in float64 like the C kernel, so both paths agree to rounding (and huge finite
+    # values do not overflow a float32 sum).
+    return sorted_reduce(x, lambda block: _rank_mean(block, lo, hi), x.dtype)
+
+
+def _rank_mean(block: Any, lo: int, hi: int) -> Any:
+    if isinstance(block, np.ndarray):
+        return block[:, lo:hi].mean(1, dtype=np.float64)
+    return block[:, lo:hi].double().mean(1)
 
 
 def coordinate_median(x: torch.Tensor) -> torch.Tensor:
@@ -127,10 +135,11 @@ def nearest_window_mean(block: Any, k: int) -> Any:
             go_left = (right >= n) | ((left >= 0) & (med - lval <= rval - med))
             left = left - go_left
             right = right + ~go_left
-        csum = np.zeros((rows, n + 1), dtype=np.float64)
-        np.cumsum(wide, axis=1, out=csum[:, 1:])
-        total = csum[index, right] - csum[index, left + 1]
-        return total / k
+        # Sum the window itself: a difference of prefix sums would let one huge value outside
+        # the window (a Byzantine -1e17) wipe out the honest values inside it.
+        cols = np.arange(n)
+        inside = (cols > left[:, None]) & (cols < right[:, None])
+        return np.where(inside, wide, 0.0).sum(1) / k
     wide_t = block.double()
     med_t = (wide_t[:, (n - 1) // 2] + wide_t[:, n // 2]) / 2
     left_t = torch.full((rows,), (n - 1) // 2, dtype=torch.long, device=block.device)
@@ -142,8 +151,9 @@ def nearest_window_mean(block: Any, k: int) -> Any:
         go = (right_t >= n) | ((left_t >= 0) & (med_t - lval_t <= rval_t - med_t))
         left_t = left_t - go.long()
         right_t = right_t + (~go).long()
-    csum_t = torch.nn.functional.pad(wide_t.cumsum(1), (1, 0))
-    return (csum_t[index_t, right_t] - csum_t[index_t, left_t + 1]) / k
+    cols_t = torch.arange(n, device=block.device)
+    inside_t = (cols_t > left_t[:, None]) & (cols_t < right_t[:, None])
+    return torch.where(inside_t, wide_t, 0.0).sum(1) / k
 
 
 def meamed_rows(x: torch.Tensor, k: int) -> torch.Tensor:

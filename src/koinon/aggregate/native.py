@@ -9,9 +9,9 @@ generate it: for each n, Batcher's odd-even merge sort unrolled into AVX min/max
 
 The library is compiled with the system C compiler (`$CC`, else `cc`) into a per-user cache
 (`$KOINON_CACHE`, else `~/.cache/koinon`), keyed by the source, the flags and the CPU, so each
-n is built once per machine (about a second). Without a compiler or AVX, or with
-`KOINON_NATIVE=0`, `order_reduce` returns None and the callers use NumPy's sort, with the same
-results.
+n is built once per machine (about a second for n = 50, some seconds for n in the hundreds).
+Without a compiler or AVX, or with `KOINON_NATIVE=0`, `order_reduce` returns None and the callers use NumPy's sort: the same
+selection, with sums in float64 on both paths, so results agree to rounding.
 """
 
 from __future__ import annotations
@@ -203,6 +203,26 @@ def _source(n: int, lo: int, hi: int) -> str:
     return _TEMPLATE.format(n=n, network=network)
 
 
+def _build(compiler: str, source: str, cache_dir: Path, target: Path) -> Path:
+    if target.exists():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # Write and build under temporary names, then rename: processes building the same kernel
+    # at once never load a half-written library.
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        c_file = Path(tmp) / "order.c"
+        c_file.write_text(source)
+        built = Path(tmp) / "order.so"
+        subprocess.run(
+            [compiler, *_FLAGS, "-o", str(built), str(c_file)],
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+        os.replace(built, target)
+    return target
+
+
 @cache
 def _kernel(n: int, lo: int = -1, hi: int = -1) -> Any:
     if os.environ.get("KOINON_NATIVE", "1") == "0":
@@ -215,25 +235,17 @@ def _kernel(n: int, lo: int = -1, hi: int = -1) -> Any:
     cache_dir = Path(os.environ.get("KOINON_CACHE", Path.home() / ".cache" / "koinon"))
     target = cache_dir / f"order-n{n}-{lo}-{hi}-{key}.so"
     try:
-        if not target.exists():
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            # Write and build under temporary names, then rename: processes building the same
-            # kernel at once never load a half-written library.
-            with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-                c_file = Path(tmp) / "order.c"
-                c_file.write_text(source)
-                built = Path(tmp) / "order.so"
-                subprocess.run(
-                    [compiler, *_FLAGS, "-o", str(built), str(c_file)],
-                    check=True,
-                    capture_output=True,
-                    timeout=300,
-                )
-                os.replace(built, target)
-        fn = ctypes.CDLL(str(target)).koinon_order_reduce
+        try:
+            fn = ctypes.CDLL(str(_build(compiler, source, cache_dir, target))).koinon_order_reduce
+        except OSError:
+            # A cached library that does not load (truncated by a full disk, say) is rebuilt once.
+            target.unlink(missing_ok=True)
+            fn = ctypes.CDLL(str(_build(compiler, source, cache_dir, target))).koinon_order_reduce
     except (OSError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", b"") or b""
+        reason = detail.decode(errors="replace").strip().splitlines()[:1] or [str(error)]
         warnings.warn(
-            f"koinon: no C order-statistics kernel for n = {n} ({error}); using NumPy's sort",
+            f"koinon: no C order-statistics kernel for n = {n} ({reason[0]}); using NumPy's sort",
             RuntimeWarning,
             stacklevel=4,
         )
