@@ -28,7 +28,7 @@ from koinon.errors import KoinonError
 from koinon.experiment.config import Config, load_config
 from koinon.islands.build import build_parts
 from koinon.islands.dist import DistExchange, Dropped, Link
-from koinon.islands.membership import connect
+from koinon.islands.membership import MembershipTimeout, connect
 from koinon.islands.topology import DiLoCo, params_hash
 
 
@@ -155,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     except KoinonError as exc:
         print(f"koinon worker: error: {exc}", file=sys.stderr)
         return 2
+    except (torch.distributed.DistError, MembershipTimeout) as exc:
+        # The store or the coordinator went away (rank 0 / the launcher died): one line, not
+        # a C++ trace; exit code 4 tells it apart from a config error or being dropped.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"koinon worker: lost the run's store or coordinator: {first}", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":
