@@ -5,7 +5,7 @@ import math
 import pytest
 
 import koinon as kn
-from koinon.aggregate import AGGREGATORS
+from koinon.aggregate import build_aggregator
 from koinon.attacks import ATTACKS
 from koinon.data import DATASETS
 from koinon.experiment.config import Config
@@ -33,12 +33,19 @@ def accuracy_under_sign_flip(aggregator: str, fraction: float) -> float:
     fed = kn.Federation(
         model, data, local=kn.LocalTraining(lr=0.05, epochs=2, momentum=0.9),
         clients_per_round=20, runtime="vectorized", seed=0,
-        aggregator=AGGREGATORS.build(aggregator, {}, "aggregator", num_byzantine=6),
+        aggregator=build_aggregator(aggregator, {}, 6),
         # Scale 3: the six attackers outweigh the fourteen honest clients in a plain mean
         # (14 - 3 * 6 < 0), while they remain a minority for the median.
         attack=ATTACKS.build("sign_flip", {"scale": 3.0}, "attack"), byzantine_fraction=fraction,
     )
     return fed.fit(15, eval_every=15)[-1].test_accuracy
+
+
+def test_fltrust_defeats_sign_flipping_that_breaks_the_mean():
+    # The server's own update on its clean root data gives the sign flippers no trust.
+    attacked_mean = accuracy_under_sign_flip("mean", 0.3)
+    assert attacked_mean < 0.3
+    assert accuracy_under_sign_flip("fltrust", 0.3) > max(0.85, attacked_mean + 0.5)
 
 
 @pytest.mark.slow

@@ -34,6 +34,7 @@ from koinon.errors import ConfigError, KoinonError
 from koinon.experiment.checkpoint import atomic_write_text
 from koinon.experiment.config import Config, load_config
 from koinon.islands.build import build_parts
+from koinon.islands.dist import add_link_options
 from koinon.islands.membership import Coordinator, MembershipTimeout, wait_key
 
 
@@ -54,12 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--join-at", type=int, action="append", default=[], metavar="S",
                    help="start one new worker when sync event S begins")
     p.add_argument("--join", metavar="HOST:PORT", help="join a running launch as a new worker")
-    p.add_argument("--blocking", action="store_true",
-                   help="block on every exchange (no communication overlap; for comparisons)")
-    p.add_argument("--link-latency-ms", type=float, default=0.0,
-                   help="emulated link: extra latency per all-gather")
-    p.add_argument("--link-mbps", type=float, default=0.0,
-                   help="emulated link: bandwidth in Mbit/s (0: loopback speed)")
+    add_link_options(p)
     return p
 
 

@@ -27,6 +27,7 @@ exchange begins: the peers' training goes on, but the state they serve is the sy
 
 from __future__ import annotations
 
+import argparse
 import threading
 import time
 from collections.abc import Callable
@@ -49,6 +50,17 @@ T = TypeVar("T")
 
 class Dropped(KoinonError):
     """This worker is not in the quorum (it was too slow): it leaves the run."""
+
+
+def add_link_options(parser: argparse.ArgumentParser) -> None:
+    """`--blocking` and the emulated link (`--link-latency-ms`, `--link-mbps`): the launcher
+    passes them on to its workers, which take them too."""
+    parser.add_argument("--blocking", action="store_true",
+                        help="block on every exchange (no communication overlap; for comparisons)")
+    parser.add_argument("--link-latency-ms", type=float, default=0.0,
+                        help="emulated link: extra latency per all-gather")
+    parser.add_argument("--link-mbps", type=float, default=0.0,
+                        help="emulated link: bandwidth in Mbit/s (0: loopback speed)")
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from torch.distributed import Store
 from koinon.errors import KoinonError
 from koinon.experiment.config import Config, load_config
 from koinon.islands.build import build_parts
-from koinon.islands.dist import DistExchange, Dropped, Link
+from koinon.islands.dist import DistExchange, Dropped, Link, add_link_options
 from koinon.islands.membership import MembershipTimeout, connect
 from koinon.islands.topology import DiLoCo, params_hash
 
@@ -46,12 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--join", action="store_true", help="join a running job (state from a peer)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds any wait may take")
     p.add_argument("--crash-at-step", type=int, default=0, help="fault injection: SIGKILL self")
-    p.add_argument("--blocking", action="store_true",
-                   help="block on every exchange (no communication overlap; for comparisons)")
-    p.add_argument("--link-latency-ms", type=float, default=0.0,
-                   help="emulated link: extra latency per all-gather")
-    p.add_argument("--link-mbps", type=float, default=0.0,
-                   help="emulated link: bandwidth in Mbit/s (0: loopback speed)")
+    add_link_options(p)
     return p
 
 
