@@ -132,7 +132,9 @@ def run_under_torchrun(args: argparse.Namespace, link: Link) -> int:
     if env.rank == 0:
         try:
             cfg = load_config(config, args.overrides)
-            prepare_run(cfg, env.world_size, out, args.overwrite, "WORLD_SIZE")
+            # A torchrun restart (--max-restarts) starts the group again from step 0 in the
+            # same folder, which its first attempt filled: that is not a user's old run.
+            prepare_run(cfg, env.world_size, out, args.overwrite or env.restart > 0, "WORLD_SIZE")
         except KoinonError as exc:
             store.set("abort", str(exc))  # the other ranks print it too, and stop
             raise
