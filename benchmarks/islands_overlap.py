@@ -1,4 +1,6 @@
-"""How much wall time the communication overlap saves: `python -m koinon.islands.overlap_bench`.
+"""How much wall time the communication overlap of the islands' worker processes saves.
+
+    .venv/bin/python benchmarks/islands_overlap.py [--latency-ms 0 300] [--modes co2]
 
 Runs `koinon launch` (M worker processes on this machine) for Streaming DiLoCo and CO2, each
 with the workers blocking on every exchange (`--blocking`) and overlapping it, over an emulated
@@ -21,7 +23,7 @@ from pathlib import Path
 from koinon.experiment.config import load_config
 from koinon.islands.cli import launch
 
-EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 MODES = {"streaming": "diloco_streaming.toml", "co2": "diloco_co2.toml"}
 
 
@@ -53,7 +55,7 @@ def measure(mode: str, latency_ms: float, blocking: bool, workers: int, rounds: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m koinon.islands.overlap_bench",
+    p = argparse.ArgumentParser(prog="python benchmarks/islands_overlap.py",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--latency-ms", type=float, nargs="+", default=[0.0, 300.0])
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
