@@ -140,3 +140,74 @@ def test_one_huge_finite_value_does_not_wipe_out_meamed(
         else:
             got = build_aggregator(name, {}, num_byzantine=1).aggregate(x, torch.ones(10))
         assert (got - 1.0).abs().max() < 0.05, name
+
+
+needs_linalg = pytest.mark.skipif(
+    native._linalg() is None, reason="no C compiler with AVX here: torch path only"
+)
+
+
+@needs_linalg
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 13, 50])
+@pytest.mark.parametrize("centred", ["mean", "given"])
+def test_gram_and_norms_match_float64(n: int, centred: str) -> None:
+    # A common offset of 1000 on unit-scale differences: without centring, float32 products
+    # would lose the distances; P has a ragged tail past the 1024-column blocks and 16 lanes.
+    x = 1000.0 + _stack(n, n).numpy()
+    x64 = x.astype(np.float64)
+    center = None if centred == "mean" else x[n // 2].copy()
+    ref64 = x64.mean(0) if center is None else center.astype(np.float64)
+    d = x64 - ref64
+    expected = d @ d.T
+    got = native.gram(x, center, kernels._pool().map)
+    assert got is not None and got.shape == (n, n)
+    assert np.array_equal(got, got.T)
+    # The float32 column mean is off by rounding, which moves the Gram matrix but not the
+    # distances; a given centre is exact.
+    dist, dist64 = (kernels.sq_distances_from_gram(torch.from_numpy(g)) for g in (got, expected))
+    np.testing.assert_allclose(dist, dist64, rtol=1e-6, atol=1e-6 * float(dist64.max()))
+    if center is not None:
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
+    norms = native.row_sq_norms(x, center, map)
+    if center is not None:
+        assert norms is not None
+        np.testing.assert_allclose(norms, np.diag(expected), rtol=1e-6, atol=1e-3)
+
+
+@needs_linalg
+def test_gram_kernel_is_used_and_small_inputs_take_torch() -> None:
+    assert native.gram(np.zeros((4, 100), np.float32), None, map) is None  # too few columns
+    assert native.gram(np.zeros((4, P), np.float64), None, map) is None  # float64: torch
+    x = _stack(4, 6)
+    np.testing.assert_allclose(
+        kernels.gram(x).numpy(), native.gram(x.numpy(), None, map), rtol=1e-12
+    )
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+def test_distance_rules_match_reference_on_both_paths(
+    use_native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if use_native and native._linalg() is None:
+        pytest.skip("no C compiler with AVX here")
+    if not use_native:
+        monkeypatch.setattr(native, "MIN_COLUMNS", 10**9)
+    n, f = 16, 3
+    x = _stack(7, n)
+    x[2] += 0.5  # spread the inputs so that the selections are clear-cut
+    x[5] -= 0.3
+    x64 = x.double().numpy()
+    zero = np.zeros(P)
+    cases = {
+        "krum": ref.krum(x64, f),
+        "multi_krum": ref.multi_krum(x64, f, n - f),
+        "monna": ref.monna(x64, f, 0),
+        "nnm+mean": ref.nnm(x64, f).mean(0),
+        "geometric_median": ref.geometric_median(x64, 100, 1e-6),
+        "centered_clipping": ref.centered_clipping(x64, zero, 100.0, 1),
+        "clipping+mean": ref.clip(x64, 2.0).mean(0),
+        "arc+mean": ref.arc(x64, f).mean(0),
+    }
+    for name, expected in cases.items():
+        got = build_aggregator(name, {}, num_byzantine=f).aggregate(x, torch.ones(n))
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-5, err_msg=name)

@@ -141,7 +141,9 @@ class MoNNA:
         n, f = honest_majority(self.name, updates, weights, self.num_byzantine)
         if self.pivot >= n:
             raise ValueError(f"monna: pivot = {self.pivot} is not a row of {n} inputs")
-        d2 = kernels.pairwise_sq_distances(updates)[self.pivot]
+        # Only the distances to the pivot are needed: one pass of row norms, no Gram matrix.
+        d2 = kernels.row_sq_norms(updates, updates[self.pivot])
+        d2[self.pivot] = 0.0
         chosen = d2.argsort(stable=True)[: n - f]
         return kernels.combine(_uniform(chosen, n), updates)
 

@@ -12,7 +12,8 @@ Two facts make robust aggregation cheap on a `[n, P]` stack with small n and hug
   `n x n` Gram matrix: the outputs are combinations `c @ updates` of the inputs. One pass over
   the data builds it; afterwards the rules work on `n x n` matrices and finish with one matmul.
   The Gram matrix is accumulated over column blocks in float64 after subtracting a centre, so
-  that distances between nearby inputs do not drown in float32 cancellation.
+  that distances between nearby inputs do not drown in float32 cancellation. On large float32
+  stacks a generated C kernel (`native.gram`) does it with half the flops of `x @ x.T`.
 """
 
 from __future__ import annotations
@@ -79,6 +80,21 @@ def _native(x: torch.Tensor, mode: int, lo: int, hi: int, k: int) -> torch.Tenso
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return None
     out = native.order_reduce(x.detach().contiguous().numpy(), mode, lo, hi, k, _pool().map)
+    return None if out is None else torch.from_numpy(out)
+
+
+def _native_columns(
+    kernel: Callable[..., Any], x: torch.Tensor, center: torch.Tensor | None
+) -> torch.Tensor | None:
+    """A `native` column kernel (Gram matrix, row norms) on a CPU float32 stack, else None."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return None
+    ref = None
+    if center is not None:
+        if center.device.type != "cpu":
+            return None
+        ref = center.detach().to(torch.float32).contiguous().numpy()
+    out = kernel(x.contiguous().numpy(), ref, _pool().map)
     return None if out is None else torch.from_numpy(out)
 
 
@@ -173,6 +189,9 @@ def gram(x: torch.Tensor, center: torch.Tensor | None = None) -> torch.Tensor:
     """
     x = x.detach()
     n, p = x.shape
+    fast = _native_columns(native.gram, x, center)
+    if fast is not None:
+        return fast
     g = torch.zeros(n, n, dtype=torch.float64, device=x.device)
     # Reused block buffers: a fresh `block - ref` per block costs more in page faults than the
     # subtraction itself. The row mean of a block is a [1, n] @ [n, C] product (one read).
@@ -214,6 +233,9 @@ def row_sq_norms(x: torch.Tensor, center: torch.Tensor | None = None) -> torch.T
     # Blocks keep the float64 accumulation without a float64 copy of the whole stack.
     x = x.detach()
     n, p = x.shape
+    fast = _native_columns(native.row_sq_norms, x, center)
+    if fast is not None:
+        return fast
     out = torch.zeros(n, dtype=torch.float64, device=x.device)
     buf = torch.empty(n, min(p, _GRAM_BLOCK), dtype=x.dtype, device=x.device)
     for start in range(0, p, _GRAM_BLOCK):

@@ -12,6 +12,13 @@ The library is compiled with the system C compiler (`$CC`, else `cc`) into a per
 n is built once per machine (about a second for n = 50, some seconds for n in the hundreds).
 Without a compiler or AVX, or with `KOINON_NATIVE=0`, `order_reduce` returns None and the callers use NumPy's sort: the same
 selection, with sums in float64 on both paths, so results agree to rounding.
+
+The distance-based rules need the `n x n` Gram matrix of the centred rows (`gram`) or only the
+row norms (`row_sq_norms`). A general GEMM computes both triangles of the symmetric product and
+needs the centred block written out first; the generated kernel centres a cache-sized block
+once, then accumulates only the upper triangle in 4 x 4 register tiles of FMAs (SYRK-style:
+half the flops of `x @ x.T`), and adds each block's float32 sums into float64. It is not
+specialised per n, so one library serves every n.
 """
 
 from __future__ import annotations
@@ -127,6 +134,164 @@ int koinon_order_reduce(const float *x, int64_t p, int64_t c_begin, int64_t c_en
 }}
 """
 
+# Gram matrix and row norms of `x - ref`, over a column range; built once for every n. ref is
+# `center` when given, else the mean of each column over the rows. Blocks of B columns are
+# centred into a scratch buffer (rows padded with zeros to a multiple of 4), then 4 x 4 tiles
+# of the upper triangle accumulate FMAs in registers; each block's float32 sums are added
+# into the caller's float64 output. AVX-512 where the CPU has it, else AVX2 (8 lanes).
+_LINALG = r"""
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512F__)
+typedef __m512 vec;
+#define W 16
+#define VLOAD _mm512_loadu_ps
+#define VSTORE _mm512_storeu_ps
+#define VZERO _mm512_setzero_ps
+#define VSET1 _mm512_set1_ps
+#define VADD _mm512_add_ps
+#define VSUB _mm512_sub_ps
+#define VMUL _mm512_mul_ps
+#define VFMA _mm512_fmadd_ps
+static inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
+#else
+typedef __m256 vec;
+#define W 8
+#define VLOAD _mm256_loadu_ps
+#define VSTORE _mm256_storeu_ps
+#define VZERO _mm256_setzero_ps
+#define VSET1 _mm256_set1_ps
+#define VADD _mm256_add_ps
+#define VSUB _mm256_sub_ps
+#define VMUL _mm256_mul_ps
+#if defined(__FMA__)
+#define VFMA _mm256_fmadd_ps
+#else
+#define VFMA(a, b, c) _mm256_add_ps(_mm256_mul_ps(a, b), c)
+#endif
+static inline float vsum(vec v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_hadd_ps(s, s);
+    s = _mm_hadd_ps(s, s);
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+#define B 1024 /* columns per block: 52 rows x 1024 floats = 208 KB, in L2 */
+#define T 4    /* tile side */
+
+/* buf[r * B + j] = x[r, c + j] - ref[c + j] for j < width, 0 up to the next multiple of W
+ * and on the padding rows n <= r < rows. */
+static void centre_block(const float *x, int64_t n, int64_t p, int64_t c, int64_t width,
+                         const float *center, float *buf, int64_t rows) {
+    int64_t padded = (width + W - 1) / W * W;
+    float inv = 1.0f / (float)n;
+    for (int64_t j = 0; j < padded; j += W) {
+        if (j + W <= width) {
+            vec ref;
+            if (center) {
+                ref = VLOAD(center + c + j);
+            } else {
+                vec s = VZERO();
+                for (int64_t r = 0; r < n; r++) s = VADD(s, VLOAD(x + r * p + c + j));
+                ref = VMUL(s, VSET1(inv));
+            }
+            for (int64_t r = 0; r < n; r++) VSTORE(buf + r * B + j, VSUB(VLOAD(x + r * p + c + j), ref));
+        } else {
+            for (int64_t jj = j; jj < j + W; jj++) {
+                if (jj >= width) {
+                    for (int64_t r = 0; r < n; r++) buf[r * B + jj] = 0.0f;
+                    continue;
+                }
+                float ref = 0.0f;
+                if (center) {
+                    ref = center[c + jj];
+                } else {
+                    for (int64_t r = 0; r < n; r++) ref += x[r * p + c + jj];
+                    ref *= inv;
+                }
+                for (int64_t r = 0; r < n; r++) buf[r * B + jj] = x[r * p + c + jj] - ref;
+            }
+        }
+    }
+    for (int64_t r = n; r < rows; r++) memset(buf + r * B, 0, (size_t)padded * sizeof(float));
+}
+
+/* g[i * n + k] += sum over columns [c0, c1) of (x_i - ref)(x_k - ref), for i <= k only. */
+int koinon_gram(const float *x, int64_t n, int64_t p, int64_t c0, int64_t c1,
+                const float *center, double *g) {
+    int64_t rows = (n + T - 1) / T * T;
+    float *buf = aligned_alloc(64, (size_t)(rows * B) * sizeof(float));
+    if (!buf) return 1;
+    for (int64_t c = c0; c < c1; c += B) {
+        int64_t width = c1 - c < B ? c1 - c : B;
+        int64_t padded = (width + W - 1) / W * W;
+        centre_block(x, n, p, c, width, center, buf, rows);
+        for (int64_t ti = 0; ti < rows; ti += T) {
+            for (int64_t tj = ti; tj < rows; tj += T) {
+                vec acc[T][T];
+#pragma GCC unroll 4
+                for (int a = 0; a < T; a++)
+#pragma GCC unroll 4
+                    for (int b = 0; b < T; b++) acc[a][b] = VZERO();
+                const float *ra = buf + ti * B, *rb = buf + tj * B;
+                for (int64_t j = 0; j < padded; j += W) {
+                    vec va[T], vb[T];
+#pragma GCC unroll 4
+                    for (int a = 0; a < T; a++) {
+                        va[a] = VLOAD(ra + a * B + j);
+                        vb[a] = VLOAD(rb + a * B + j);
+                    }
+#pragma GCC unroll 4
+                    for (int a = 0; a < T; a++)
+#pragma GCC unroll 4
+                        for (int b = 0; b < T; b++) acc[a][b] = VFMA(va[a], vb[b], acc[a][b]);
+                }
+                for (int a = 0; a < T; a++)
+                    for (int b = 0; b < T; b++) {
+                        int64_t i = ti + a, k = tj + b;
+                        if (i < n && k < n && i <= k) g[i * n + k] += (double)vsum(acc[a][b]);
+                    }
+            }
+        }
+    }
+    free(buf);
+    return 0;
+}
+
+/* out[i] += sum over columns [c0, c1) of (x_i - center)^2 (center may be NULL: zero). */
+int koinon_sq_norms(const float *x, int64_t n, int64_t p, int64_t c0, int64_t c1,
+                    const float *center, double *out) {
+    for (int64_t i = 0; i < n; i++) {
+        const float *row = x + i * p;
+        for (int64_t c = c0; c < c1; c += B) {
+            int64_t end = c1 - c < B ? c1 : c + B;
+            vec acc0 = VZERO(), acc1 = VZERO();
+            int64_t j = c;
+            for (; j + 2 * W <= end; j += 2 * W) {
+                vec d0 = VLOAD(row + j), d1 = VLOAD(row + j + W);
+                if (center) {
+                    d0 = VSUB(d0, VLOAD(center + j));
+                    d1 = VSUB(d1, VLOAD(center + j + W));
+                }
+                acc0 = VFMA(d0, d0, acc0);
+                acc1 = VFMA(d1, d1, acc1);
+            }
+            double total = (double)vsum(VADD(acc0, acc1));
+            for (; j < end; j++) {
+                double d = (double)row[j] - (center ? (double)center[j] : 0.0);
+                total += d * d;
+            }
+            out[i] += total;
+        }
+    }
+    return 0;
+}
+"""
+
 
 def sorting_network(n: int) -> list[tuple[int, int]]:
     """Comparator pairs of Batcher's odd-even merge sort for n inputs (403 for n = 50).
@@ -223,37 +388,109 @@ def _build(compiler: str, source: str, cache_dir: Path, target: Path) -> Path:
     return target
 
 
-@cache
-def _kernel(n: int, lo: int = -1, hi: int = -1) -> Any:
+def _library(stem: str, source: str, what: str) -> Any:
+    """The compiled `source` (built once into the cache), or None with a warning naming `what`."""
     if os.environ.get("KOINON_NATIVE", "1") == "0":
         return None
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         return None
-    source = _source(n, lo, hi)
     key = hashlib.sha256((source + " ".join(_FLAGS) + _cpu_key()).encode()).hexdigest()[:16]
     cache_dir = Path(os.environ.get("KOINON_CACHE", Path.home() / ".cache" / "koinon"))
-    target = cache_dir / f"order-n{n}-{lo}-{hi}-{key}.so"
+    target = cache_dir / f"{stem}-{key}.so"
     try:
         try:
-            fn = ctypes.CDLL(str(_build(compiler, source, cache_dir, target))).koinon_order_reduce
+            return ctypes.CDLL(str(_build(compiler, source, cache_dir, target)))
         except OSError:
             # A cached library that does not load (truncated by a full disk, say) is rebuilt once.
             target.unlink(missing_ok=True)
-            fn = ctypes.CDLL(str(_build(compiler, source, cache_dir, target))).koinon_order_reduce
+            return ctypes.CDLL(str(_build(compiler, source, cache_dir, target)))
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", b"") or b""
         reason = detail.decode(errors="replace").strip().splitlines()[:1] or [str(error)]
-        warnings.warn(
-            f"koinon: no C order-statistics kernel for n = {n} ({reason[0]}); using NumPy's sort",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+        warnings.warn(f"koinon: no C {what} ({reason[0]})", RuntimeWarning, stacklevel=5)
         return None
+
+
+@cache
+def _kernel(n: int, lo: int = -1, hi: int = -1) -> Any:
+    lib = _library(
+        f"order-n{n}-{lo}-{hi}",
+        _source(n, lo, hi),
+        f"order-statistics kernel for n = {n}; using NumPy's sort",
+    )
+    if lib is None:
+        return None
+    fn = lib.koinon_order_reduce
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [ptr, i64, i64, i64, ctypes.c_int32, i64, i64, i64, ptr]
     fn.restype = ctypes.c_int
     return fn
+
+
+@cache
+def _linalg() -> Any:
+    lib = _library("linalg", _LINALG, "Gram kernel; using torch")
+    if lib is None:
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    for fn in (lib.koinon_gram, lib.koinon_sq_norms):
+        fn.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr]
+        fn.restype = ctypes.c_int
+    return lib
+
+
+# Columns per thread-pool task of the Gram and norm kernels (a multiple of the C block, 1024).
+_LINALG_STEP = 64 * 1024
+
+
+def _column_reduce(
+    name: str, x: np.ndarray, center: np.ndarray | None, shape: tuple[int, ...],
+    map_fn: Callable[..., Any],
+) -> np.ndarray | None:
+    n, p = x.shape
+    if x.dtype != np.float32 or p < MIN_COLUMNS or n < 1:
+        return None
+    if center is not None and (center.dtype != np.float32 or center.shape != (p,)):
+        return None
+    lib = _linalg()
+    if lib is None:
+        return None
+    fn = getattr(lib, name)
+    x = np.ascontiguousarray(x)
+    center_keep = None if center is None else np.ascontiguousarray(center)
+    c_ptr = None if center_keep is None else center_keep.ctypes.data
+
+    # At most 8 tasks: enough to even out the threads, few partial n x n sums to hold.
+    step = max(_LINALG_STEP, -(-p // 8 // 1024) * 1024)
+
+    def work(start: int) -> np.ndarray:
+        part = np.zeros(shape, dtype=np.float64)
+        code = fn(x.ctypes.data, n, p, start, min(p, start + step), c_ptr, part.ctypes.data)
+        if code:
+            raise MemoryError(f"koinon: {name} could not allocate its block buffer")
+        return part
+
+    return np.sum(list(map_fn(work, range(0, p, step))), axis=0)
+
+
+def gram(
+    x: np.ndarray, center: np.ndarray | None, map_fn: Callable[..., Any]
+) -> np.ndarray | None:
+    """Float64 Gram matrix of the rows of `x - ref` (`ref`: `center`, else each column's mean),
+    or None when the kernel does not apply (dtype, P below MIN_COLUMNS, no compiler)."""
+    n = x.shape[0]
+    upper = _column_reduce("koinon_gram", x, center, (n, n), map_fn)
+    if upper is None:
+        return None
+    return upper + np.triu(upper, 1).T
+
+
+def row_sq_norms(
+    x: np.ndarray, center: np.ndarray | None, map_fn: Callable[..., Any]
+) -> np.ndarray | None:
+    """Float64 squared norms of the rows of `x - center` (`center` None: of `x`), or None."""
+    return _column_reduce("koinon_sq_norms", x, center, (x.shape[0],), map_fn)
 
 
 def order_reduce(
