@@ -211,3 +211,23 @@ def test_distance_rules_match_reference_on_both_paths(
     for name, expected in cases.items():
         got = build_aggregator(name, {}, num_byzantine=f).aggregate(x, torch.ones(n))
         np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@needs_linalg
+def test_gram_kernel_avx2_branch(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
+    # This machine may have AVX-512; build the 8-lane branch too, as a CPU without it would.
+    monkeypatch.setattr(native, "_FLAGS", [*native._FLAGS, "-mno-avx512f"])
+    monkeypatch.setenv("KOINON_CACHE", str(tmp_path))
+    native._linalg.cache_clear()
+    try:
+        x = _stack(5, 7).numpy()
+        x64 = x.astype(np.float64)
+        d = x64 - x64[3]
+        got = native.gram(x, x[3].copy(), map)
+        assert got is not None and list(tmp_path.glob("linalg-*.so"))
+        np.testing.assert_allclose(got, d @ d.T, rtol=1e-6, atol=1e-3)
+        norms = native.row_sq_norms(x, None, map)
+        assert norms is not None
+        np.testing.assert_allclose(norms, (x64**2).sum(1), rtol=1e-6)
+    finally:
+        native._linalg.cache_clear()
