@@ -214,11 +214,12 @@ def test_distance_rules_match_reference_on_both_paths(
 
 
 @needs_linalg
-def test_gram_kernel_avx2_branch(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
-    # This machine may have AVX-512; build the 8-lane branch too, as a CPU without it would.
+def test_avx2_branches(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
+    # This machine may have AVX-512; build the 8-lane branches too, as a CPU without it would.
     monkeypatch.setattr(native, "_FLAGS", [*native._FLAGS, "-mno-avx512f"])
     monkeypatch.setenv("KOINON_CACHE", str(tmp_path))
     native._linalg.cache_clear()
+    native._kernel.cache_clear()
     try:
         x = _stack(5, 7).numpy()
         x64 = x.astype(np.float64)
@@ -229,5 +230,14 @@ def test_gram_kernel_avx2_branch(monkeypatch: pytest.MonkeyPatch, tmp_path: path
         norms = native.row_sq_norms(x, None, map)
         assert norms is not None
         np.testing.assert_allclose(norms, (x64**2).sum(1), rtol=1e-6)
+        for mode, lo, hi, k, expected in (
+            (0, 2, 5, 0, ref.trimmed_mean(x64, 2)),
+            (1, 0, 0, 5, ref.meamed(x64, 2)),
+        ):
+            out = native.order_reduce(x, mode, lo, hi, k, map)
+            assert out is not None
+            np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+        assert list(tmp_path.glob("order-n7-*.so"))
     finally:
         native._linalg.cache_clear()
+        native._kernel.cache_clear()
