@@ -49,6 +49,20 @@ def test_three_clients_train_digits_to_the_simulation_model(tmp_path, certs):
     assert all(r["num_clients"] == 3 and not r["rejected"] for r in records)
 
 
+def test_fltrust_server_trains_on_its_root_data_as_in_the_simulation(tmp_path, certs):
+    # The server sets its root samples aside and takes its own steps each round from the bytes
+    # the clients received; momentum on both sides, so its local state must carry over too.
+    config = h.write_config(tmp_path / "fed.toml", aggregator={"name": "fltrust", "root_samples": 60, "root_steps": 20},
+                            server={"rounds": 4, "clients_per_round": 3})
+    state = tmp_path / "state"
+    server, address = h.start_server(tmp_path, config, certs, state)
+    clients = [h.start_client(tmp_path, address, certs, f"client-{i}", f"partition:{i}") for i in range(3)]
+    summary = finish(server, clients, state)
+    reference = simulate(config, tmp_path / "sim")
+    assert summary["final_accuracy"] > 0.8
+    assert summary["model_sha256"] == reference["model_sha256"]
+
+
 def test_server_sigkill_mid_round_then_restart_gives_the_uninterrupted_model(tmp_path, certs):
     config = h.write_config(tmp_path / "fed.toml", server={"rounds": 8, "clients_per_round": 2},
                             data={"num_clients": 3}, deploy={"min_connected": 3})

@@ -97,9 +97,6 @@ def check_deployable(fed: Federation, cfg: Config) -> None:
                           "supported by koinon server")
     if cfg.attack.fraction > 0:
         raise ConfigError("attack.fraction > 0: simulated attacks have no meaning in a deployment")
-    if fed.root is not None:
-        raise ConfigError(f"aggregator.name = {cfg.aggregator.name!r}: the server's root-data update "
-                          "(FLTrust) is computed only in simulation; koinon server does not support it")
 
 
 def peer_name(context: grpc.ServicerContext) -> str | None:
@@ -464,6 +461,8 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
         decoded = {s: (t if whole else t[index]) for s, t in rnd.stacks.items()}
         samples = torch.tensor([rnd.accepted[c][0] for c in cohort], dtype=torch.long)
         if cohort:
+            # FLTrust: the server's own update on its root data, from the bytes the clients got.
+            self.fed.set_root_reference(rnd.index, *self.fed.decode_broadcast(rnd.payloads))
             self.fed.apply_updates(rnd.index, cohort, decoded, torch.ones(len(cohort), dtype=torch.bool),
                                    samples, [{} for _ in cohort], [])
         self.fed.round_index = rnd.index + 1

@@ -221,6 +221,21 @@ class Federation:
             out.append((name, self._encode_down(name, self.server_state[name], round_index, i)))
         return out
 
+    def decode_broadcast(self, payloads: list[tuple[str, bytes]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """What a client decodes from `broadcast_payloads`: the model and the algorithm's downloads."""
+        decoded = {name: self.downlink.decode(payload) for name, payload in payloads}
+        return decoded.pop(_DELTA), decoded
+
+    def set_root_reference(self, round_index: int, received: torch.Tensor, server_state: dict[str, torch.Tensor]) -> None:
+        """FLTrust and the like: the server trains on its root data from the model the clients
+        received (so its direction is comparable to theirs) and hands the update to the rules
+        that trust it. Once per round: the server's local state moves on."""
+        if self.root is None:
+            return
+        reference = self.root.compute(received, server_state, round_index)
+        for part in self._reference_users:
+            part.set_reference(reference)
+
     def run_round(self, evaluate: bool = True) -> RoundResult:
         r = self.round_index
         cohort = self.sample_cohort(r)
@@ -251,12 +266,8 @@ class Federation:
             cohort, received, server_state, [self.client_states.get(c, {}) for c in cohort],
             self.seed, r,
         )
-        if self.root is not None:
-            # The server's update starts from the model the clients received, so its direction
-            # is comparable to theirs; set before the attack, which may probe the aggregator.
-            reference = self.root.compute(received, server_state, r)
-            for part in self._reference_users:
-                part.set_reference(reference)
+        # Before the attack, which may probe the aggregator.
+        self.set_root_reference(r, received, server_state)
 
         byzantine = torch.tensor([c in self.byzantine for c in cohort], dtype=torch.bool)
         if byzantine.any():
