@@ -23,7 +23,10 @@ def _scale_rows(updates: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     # Leave the caller's stack untouched; skip the copy when nothing is clipped.
     if bool((scale >= 1).all()):
         return updates
-    return updates * scale.to(updates.dtype)[:, None]
+    factor = scale.to(updates.dtype)[:, None]
+    if updates.requires_grad or updates.device.type != "cpu":
+        return updates * factor
+    return torch.mul(updates, factor, out=kernels.new_stack(len(updates), updates))
 
 
 @AGGREGATORS.register("centered_clipping")
