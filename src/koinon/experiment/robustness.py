@@ -10,7 +10,10 @@ one matrix can compare settings of the same rule.
 
 Outputs in `out_dir`: `robustness.json` (every cell, rewritten as cells finish, so an
 interrupted matrix keeps what it measured), `robustness.md` (one accuracy table per alpha) and
-`robustness_alpha<alpha>.png` (a heat map per alpha).
+`robustness_alpha<alpha>.png` (a heat map per alpha). Each record carries the base config's
+`seed`, which draws the partition, the attackers, the client sample and the model's
+initialisation; `mean_over_seeds` averages the records of several matrices run with different
+seeds (in different folders) into one per cell.
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ def run_cell(base_config: Config, aggregator: str, attack: str, fraction: float,
     from koinon.experiment.runner import build_federation
 
     record: dict[str, Any] = {"alpha": alpha, "aggregator": aggregator, "attack": attack,
-                              "fraction": fraction}
+                              "fraction": fraction, "seed": base_config.seed}
     start = time.perf_counter()
     try:
         name, options = parse_row(aggregator)
@@ -156,6 +159,34 @@ def _write_json(out_dir: Path, cfg: Config, rounds: int, results: list[dict[str,
     atomic_write_text(out_dir / "robustness.json", json.dumps(payload, indent=1))
 
 
+def mean_over_seeds(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per (alpha, aggregator, attack, fraction), averaged over the seeds it ran with.
+
+    `accuracy` and `test_loss` become the means, `accuracy_std` the population standard
+    deviation over seeds and `seeds` the seeds averaged; a cell refused on any seed stays
+    refused (with the first reason). Cells keep their first-seen order.
+    """
+    import statistics
+
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((r["alpha"], r["aggregator"], r["attack"], r["fraction"]), []).append(r)
+    out = []
+    for (alpha, aggregator, attack, fraction), rows in groups.items():
+        record: dict[str, Any] = {"alpha": alpha, "aggregator": aggregator, "attack": attack,
+                                  "fraction": fraction, "seeds": [r.get("seed") for r in rows]}
+        refused = [r for r in rows if r["status"] != "ok"]
+        if refused:
+            record.update(status="refused", reason=refused[0]["reason"])
+        else:
+            accuracies = [r["accuracy"] for r in rows]
+            record.update(status="ok", accuracy=statistics.fmean(accuracies),
+                          accuracy_std=statistics.pstdev(accuracies),
+                          test_loss=statistics.fmean(r["test_loss"] for r in rows))
+        out.append(record)
+    return out
+
+
 def _columns(results: list[dict[str, Any]]) -> list[tuple[str, float]]:
     """The clean column first, then each attack (in run order) by increasing fraction."""
     attacks = list(dict.fromkeys(r["attack"] for r in results))
@@ -169,7 +200,10 @@ def _label(column: tuple[str, float]) -> str:
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
-    """One table per alpha: rows aggregator, columns attack x fraction, cells final accuracy (%)."""
+    """One table per alpha: rows aggregator, columns attack x fraction, cells final accuracy (%).
+
+    Records from `mean_over_seeds` that averaged several seeds show "mean ± std".
+    """
     lines: list[str] = []
     for alpha in dict.fromkeys(r["alpha"] for r in results):
         rows = [r for r in results if r["alpha"] == alpha]
@@ -185,6 +219,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
                 r = by_key.get((aggregator, *column))
                 if r is None:
                     cells.append("")
+                elif r["status"] == "ok" and len(r.get("seeds", ())) > 1:  # mean_over_seeds
+                    cells.append(f"{100 * r['accuracy']:.1f} ± {100 * r['accuracy_std']:.1f}")
                 elif r["status"] == "ok":
                     cells.append(f"{100 * r['accuracy']:.1f}")
                 else:
