@@ -301,8 +301,9 @@ int koinon_sq_norms(const float *x, int64_t n, int64_t p, int64_t c0, int64_t c1
             }
             double total = (double)vsum(VADD(acc0, acc1));
             for (; j < end; j++) {
-                double d = (double)row[j] - (center ? (double)center[j] : 0.0);
-                total += d * d;
+                /* float32 like the vector body, so one huge entry overflows alike anywhere */
+                float d = row[j] - (center ? center[j] : 0.0f);
+                total += (double)(d * d);
             }
             out[i] += total;
         }
