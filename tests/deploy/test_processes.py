@@ -34,13 +34,17 @@ def finish(server, clients, state: Path, timeout: float = 90) -> dict:
     return json.loads((state / "summary.json").read_text())
 
 
+def deploy_and_simulate(tmp_path: Path, config: Path, certs, state: Path) -> tuple[dict, dict]:
+    """Three clients on partitions 0-2 to the end, then `koinon run` of the same config."""
+    server, address = h.start_server(tmp_path, config, certs, state)
+    clients = [h.start_client(tmp_path, address, certs, f"client-{i}", f"partition:{i}") for i in range(3)]
+    return finish(server, clients, state), simulate(config, tmp_path / "sim")
+
+
 def test_three_clients_train_digits_to_the_simulation_model(tmp_path, certs):
     config = h.write_config(tmp_path / "fed.toml")
     state = tmp_path / "state"
-    server, address = h.start_server(tmp_path, config, certs, state)
-    clients = [h.start_client(tmp_path, address, certs, f"client-{i}", f"partition:{i}") for i in range(3)]
-    summary = finish(server, clients, state)
-    reference = simulate(config, tmp_path / "sim")
+    summary, reference = deploy_and_simulate(tmp_path, config, certs, state)
     assert summary["final_accuracy"] > 0.85
     # Same sampling, batches, codec and aggregation: bit for bit the simulated model.
     assert summary["model_sha256"] == reference["model_sha256"]
@@ -55,10 +59,7 @@ def test_fltrust_server_trains_on_its_root_data_as_in_the_simulation(tmp_path, c
     config = h.write_config(tmp_path / "fed.toml", aggregator={"name": "fltrust", "root_samples": 60, "root_steps": 20},
                             server={"rounds": 4, "clients_per_round": 3})
     state = tmp_path / "state"
-    server, address = h.start_server(tmp_path, config, certs, state)
-    clients = [h.start_client(tmp_path, address, certs, f"client-{i}", f"partition:{i}") for i in range(3)]
-    summary = finish(server, clients, state)
-    reference = simulate(config, tmp_path / "sim")
+    summary, reference = deploy_and_simulate(tmp_path, config, certs, state)
     assert summary["final_accuracy"] > 0.8
     assert summary["model_sha256"] == reference["model_sha256"]
 
