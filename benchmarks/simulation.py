@@ -51,8 +51,8 @@ def plain_loop(w: dict, rounds: int) -> tuple[float, float]:
     torch, kn, ds, data, model = _setup(w)
     import numpy as np
 
+    from koinon.local import CohortTrainer
     from koinon.params import Layout
-    from koinon.runtime import CohortTrainer
     from koinon.server import SAMPLERS
 
     # Same cohorts and the same batch order as koinon (its sampler and batch schedule), so the

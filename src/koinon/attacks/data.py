@@ -13,8 +13,8 @@ from torch import nn
 
 from koinon.attacks.base import ATTACKS, DataAttack
 from koinon.data.datasets import Dataset
+from koinon.local.losses import evaluate
 from koinon.params import Layout
-from koinon.runtime.trainer import evaluate
 
 
 def stamp(x: torch.Tensor, patch_size: int, value: float) -> torch.Tensor:

@@ -1,80 +1,17 @@
-"""Client algorithms: what a client does to the gradient of local SGD, and what it sends back.
+"""Client algorithms: what a client does to the gradient of local training, and what it sends back.
 
-Local training itself (batches, momentum, weight decay, the optimizer step) is shared by every
-algorithm and lives in `koinon.runtime.trainer`, which runs a *stack* of K clients at once
-(`theta` is `[K, P]`). An algorithm only says how it corrects the gradient (FedProx adds a
-proximal term, SCAFFOLD control variates) and what it uploads besides the model delta. Because
-the hooks work on stacks, the sequential runtime (K = 1) and the vectorized runtime (K = cohort)
-run literally the same algorithm code.
+The interface (`ClientAlgorithm`) and local training itself live in `koinon.local`; this module
+holds the registry and the classic algorithms: local SGD (FedAvg), FedProx, SCAFFOLD.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
-
 import torch
 
+from koinon.local.algorithm import ClientAlgorithm, LocalTraining, State
 from koinon.registry import Registry
 
-State = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class LocalTraining:
-    """Hyperparameters of local SGD, shared by all client algorithms."""
-
-    epochs: int = 1
-    steps: int = 0  # if > 0, exactly this many local steps (reshuffling each pass) instead of epochs
-    batch_size: int = 16
-    lr: float = 0.05
-    momentum: float = 0.0
-    nesterov: bool = False
-    weight_decay: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 and self.steps < 1:
-            raise ValueError(f"client.epochs must be >= 1 (or client.steps >= 1), got {self.epochs}")
-        if self.steps < 0:
-            raise ValueError(f"client.steps must be >= 0, got {self.steps}")
-        if self.batch_size < 1:
-            raise ValueError(f"client.batch_size must be >= 1, got {self.batch_size}")
-        if self.lr <= 0:
-            raise ValueError(f"client.lr must be > 0, got {self.lr}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"client.momentum must be in [0, 1), got {self.momentum}")
-        if self.weight_decay < 0:
-            raise ValueError(f"client.weight_decay must be >= 0, got {self.weight_decay}")
-
-
-class ClientAlgorithm(Protocol):
-    """Hooks of one client algorithm, each acting on a stack of K clients."""
-
-    name: str
-    uploads: tuple[str, ...]  # tensors sent to the server besides the model delta
-    downloads: tuple[str, ...]  # server tensors every sampled client receives
-
-    def init_server_state(self, numel: int) -> State: ...
-
-    def begin(self, global_params: torch.Tensor, server_state: State, client_states: list[State]) -> State:
-        """Stacked per-cohort context (e.g. `[K, P]` control variates) for `correct` and `end`."""
-        ...
-
-    def correct(self, theta: torch.Tensor, grad: torch.Tensor, theta0: torch.Tensor, ctx: State) -> None:
-        """Modify `grad` (`[K, P]`) in place before the optimizer step."""
-        ...
-
-    def end(
-        self, theta0: torch.Tensor, theta: torch.Tensor, num_steps: torch.Tensor, lr: float, ctx: State
-    ) -> tuple[dict[str, torch.Tensor], list[State]]:
-        """Extra uploads (`name -> [K, P]`) and each client's new persistent state."""
-        ...
-
-    def server_update(
-        self, server_state: State, uploads: dict[str, torch.Tensor], cohort_fraction: float
-    ) -> State:
-        """New server state from the cohort means of the extra uploads (|S|/N = cohort_fraction)."""
-        ...
+__all__ = ["CLIENT_ALGORITHMS", "ClientAlgorithm", "FedProx", "LocalSGD", "LocalTraining", "Scaffold", "State"]
 
 
 CLIENT_ALGORITHMS: Registry[ClientAlgorithm] = Registry("client algorithm")

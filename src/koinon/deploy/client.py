@@ -29,7 +29,6 @@ from typing import Any
 import grpc
 import torch
 
-from koinon.clients.base import State
 from koinon.data.datasets import Dataset
 from koinon.data.federated import FederatedData
 from koinon.deploy import federation_pb2_grpc
@@ -37,8 +36,9 @@ from koinon.deploy.certs import Credentials
 from koinon.deploy.wire import MAX_GRPC_MESSAGE, Rejected, pb, read_task, upload_messages
 from koinon.errors import KoinonError
 from koinon.experiment.config import Config
-from koinon.runtime import mix_seed
+from koinon.seeding import mix_seed
 from koinon.topology.federated import Federation
+from koinon.update import State
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -155,7 +155,7 @@ class Worker:
         """Train under global index `idx` (a custom dataset is installed as that client's data)."""
         if self.spec.partition >= 0 or idx == self.bound:
             return
-        from koinon.runtime import CohortTrainer
+        from koinon.local import CohortTrainer
 
         fed = self.fed
         # Other indices hold nothing; the server hands out indices after the config's partitions

@@ -7,14 +7,13 @@ which algorithm it runs; the topology never knows where the work happens.
 
 from __future__ import annotations
 
-import sys
 from typing import Protocol
 
 import torch
 
-from koinon.clients.base import State
+from koinon.local import CohortTrainer
 from koinon.registry import Registry
-from koinon.runtime.trainer import CohortResult, CohortTrainer
+from koinon.update import CohortResult, State
 
 
 class Runtime(Protocol):
@@ -37,8 +36,3 @@ class Runtime(Protocol):
 
 RUNTIMES: Registry[Runtime] = Registry("runtime")
 """Factories are called with the `[runtime]` options they declare."""
-
-
-def notice(message: str) -> None:
-    """One-line message to the user on stderr (fallbacks, resumptions)."""
-    print(f"koinon: {message}", file=sys.stderr, flush=True)

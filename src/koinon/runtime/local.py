@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from koinon.clients.base import State
-from koinon.runtime.base import RUNTIMES, notice
-from koinon.runtime.trainer import CohortResult, CohortTrainer
+from koinon.local import CohortTrainer
+from koinon.log import notice
+from koinon.runtime.base import RUNTIMES
+from koinon.update import CohortResult, State
 
 SMALL_MODEL = 1_000_000
 
@@ -107,7 +108,7 @@ class Vectorized(InProcess):
             p = torch.zeros(2, trainer.layout.numel)
             with torch.no_grad():
                 pt = trainer.layout.num_trainable
-                trainer._forward_many(trainer._params(p[:, :pt], p[:, pt:]), x.unsqueeze(0).expand(2, *x.shape))
+                trainer.forward_many(trainer.stack_params(p[:, :pt], p[:, pt:]), x.unsqueeze(0).expand(2, *x.shape))
         except Exception as exc:  # noqa: BLE001 - any failure means: do not vmap this model
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             return f"torch.func.vmap cannot run this model ({first})"

@@ -25,11 +25,12 @@ from typing import Any
 
 import torch
 
-from koinon.clients.base import State
 from koinon.errors import ConfigError, KoinonError
-from koinon.runtime.base import RUNTIMES, notice
+from koinon.local import CohortTrainer
+from koinon.log import notice
+from koinon.runtime.base import RUNTIMES
 from koinon.runtime.local import InProcess, Vectorized
-from koinon.runtime.trainer import CohortResult, CohortTrainer
+from koinon.update import CohortResult, State
 
 _INNER = ("vectorized", "inprocess")
 

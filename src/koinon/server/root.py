@@ -19,10 +19,11 @@ import torch
 from torch import nn
 
 from koinon.clients import ClientAlgorithm, LocalTraining
-from koinon.clients.base import State
 from koinon.data.federated import FederatedData
+from koinon.local import CohortTrainer, cross_entropy
 from koinon.params import Layout
-from koinon.runtime.trainer import CohortTrainer, cross_entropy, mix_seed
+from koinon.seeding import mix_seed
+from koinon.update import State
 
 _ROOT = 0x7057  # seed stream of the root dataset and of the server's local batches
 

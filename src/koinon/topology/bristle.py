@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from koinon.data.federated import FederatedData
-from koinon.runtime import mix_seed
+from koinon.seeding import mix_seed
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import torch
 from koinon.aggregate import Aggregator, build_aggregator
 from koinon.attacks import ATTACKS, Attack, AttackContext
 from koinon.data.federated import FederatedData
-from koinon.runtime import mix_seed
+from koinon.seeding import mix_seed
 from koinon.topology.federated import component
 
 

@@ -16,8 +16,8 @@ import networkx as nx
 import numpy as np
 import torch
 
-from koinon.runtime import mix_seed
-from koinon.runtime.base import notice
+from koinon.log import notice
+from koinon.seeding import mix_seed
 
 if TYPE_CHECKING:
     from koinon.topology.gossip import Gossip

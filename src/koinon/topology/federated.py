@@ -20,16 +20,17 @@ from torch import nn
 from koinon.aggregate import Aggregator, build_aggregator
 from koinon.attacks import ATTACKS, Attack, AttackContext
 from koinon.clients import CLIENT_ALGORITHMS, ClientAlgorithm, LocalTraining
-from koinon.clients.base import State
 from koinon.compress import CODECS, Codec
 from koinon.data.federated import FederatedData
 from koinon.errors import CodecError
+from koinon.local import CohortTrainer, cross_entropy, evaluate
+from koinon.log import notice
 from koinon.params import Layout
-from koinon.runtime import RUNTIMES, CohortTrainer, Runtime, evaluate, mix_seed
-from koinon.runtime.base import notice
-from koinon.runtime.trainer import cross_entropy
+from koinon.runtime import RUNTIMES, Runtime
+from koinon.seeding import mix_seed
 from koinon.server import SAMPLERS, SERVER_OPTIMIZERS, Sampler, ServerOptimizer
 from koinon.server.root import RootUpdate, reference_users, reserve_root
+from koinon.update import State
 
 _DELTA = "delta"
 

@@ -61,14 +61,14 @@ from torch import nn
 from koinon.aggregate import Aggregator, build_aggregator
 from koinon.attacks import Attack
 from koinon.clients import CLIENT_ALGORITHMS, ClientAlgorithm, LocalTraining
-from koinon.clients.base import State
 from koinon.compress import CODECS, Codec
 from koinon.data.federated import FederatedData
 from koinon.errors import CodecError
+from koinon.local import CohortTrainer, cross_entropy, evaluate
+from koinon.log import notice
 from koinon.params import Layout
-from koinon.runtime import RUNTIMES, CohortTrainer, Runtime, evaluate, mix_seed
-from koinon.runtime.base import notice
-from koinon.runtime.trainer import cross_entropy
+from koinon.runtime import RUNTIMES, Runtime
+from koinon.seeding import mix_seed
 from koinon.topology.bristle import (
     BristleMixer,
     BristleOptions,
@@ -82,6 +82,7 @@ from koinon.topology.gossip_round import GossipRound
 from koinon.topology.graphs import build_graph, fail_links, from_networkx, mixing_matrix
 from koinon.topology.modest import modest_ranking, modest_round
 from koinon.topology.variance import correct_mixed_variance, correct_variance, layer_variances
+from koinon.update import State
 
 SAMPLING_CHOICES = ("all", "modest")
 RESAMPLED_GRAPHS = ("random_regular", "erdos_renyi", "barabasi_albert")  # seeded random graphs

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from koinon.errors import CodecError
-from koinon.runtime import mix_seed
-from koinon.runtime.base import notice
+from koinon.log import notice
+from koinon.seeding import mix_seed
 from koinon.topology.gossip_round import GossipRound
 
 if TYPE_CHECKING:

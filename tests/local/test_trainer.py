@@ -6,8 +6,9 @@ from torch import nn
 
 from koinon.clients import CLIENT_ALGORITHMS, LocalTraining
 from koinon.data import Dataset, partition_dataset
+from koinon.local import CohortTrainer
 from koinon.params import Layout
-from koinon.runtime import RUNTIMES, CohortTrainer
+from koinon.runtime import RUNTIMES
 
 
 def _data(num_clients=6, n=90, seed=0, partition="quantity"):
@@ -182,7 +183,7 @@ def test_hand_written_backward_equals_autograd_path(algorithm):
 
 
 def test_vectorized_seed_mixing_equals_the_scalar_one():
-    from koinon.runtime.trainer import mix_seed, mix_seeds
+    from koinon.seeding import mix_seed, mix_seeds
 
     clients = torch.tensor([0, 1, 7, 99_999, -1, 2**40])
     for seed, r in [(0, 0), (7, 3), (123_456_789, 10**6), (-5, 2)]:

@@ -3,9 +3,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from koinon.local.batched import batched_forward, mlp_value_and_grad
 from koinon.models import build_model
 from koinon.params import Layout
-from koinon.runtime.batched import batched_forward, mlp_value_and_grad
 
 
 @pytest.mark.parametrize("name,shape", [("mlp", (1, 8, 8)), ("cnn", (1, 8, 8)), ("cnn1d", (1, 40)), ("logreg", (60,))])

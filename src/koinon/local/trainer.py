@@ -1,125 +1,43 @@
-"""Local training of a stack of K clients in lock-step: the engine every simulation runtime uses.
+"""Local training of a stack of K clients in lock-step: the engine every driver uses.
 
 The cohort's models are one `[K, P]` tensor. Each step gathers one minibatch per client
 (`[K, B, ...]`), runs the model's forward under `torch.func.vmap` over the stacked parameters,
 and takes a single `autograd.grad` of the sum of the clients' mean losses: clients are
 independent, so row k of that gradient is exactly client k's own gradient. The optimizer step is
-a few in-place ops on the whole stack. With K = 1 the forward is a plain `functional_call`
-(no vmap), which is what the sequential runtime uses; the algorithm code is the same either way.
+a few in-place ops on the whole stack (`koinon.local.optim`). With K = 1 the forward is a plain
+`functional_call` (no vmap), which is what the sequential runtime uses; the algorithm code is
+the same either way.
 
 Clients with unequal data: each client's batches come from its own seeded permutation; a client
 whose last batch is short, or that has finished its steps, is padded with zero-weight samples
-and its slice is frozen (no gradient, no momentum change), so the result equals training that
-client alone.
+and its slice is frozen (no gradient, no optimizer state change), so the result equals training
+that client alone.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from koinon.clients.base import ClientAlgorithm, LocalTraining, State
 from koinon.data.federated import FederatedData
+from koinon.local.algorithm import ClientAlgorithm, LocalTraining, State
+from koinon.local.batched import batched_forward, mlp_value_and_grad
+from koinon.local.losses import cross_entropy
+from koinon.local.optim import rows as optimizer_rows
 from koinon.params import Layout
-from koinon.runtime.batched import batched_forward, mlp_value_and_grad
+from koinon.seeding import GOLDEN, hash64, mix_seeds
+from koinon.update import CohortResult
 
-_MASK64 = (1 << 64) - 1
-
-
-_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)  # as a signed int64
 _PREGATHER_BYTES = 256 << 20
 # Layer gradients are accumulated into views of one flat buffer on purpose (see `train`);
 # autograd's layout advice about such views is not an error.
 warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
 
 
-def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's `>>` is arithmetic)."""
-    return (z >> bits) & ((1 << (64 - bits)) - 1)
-
-
-def _hash64(z: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finalizer on int64 tensors (multiplication wraps modulo 2^64)."""
-    z = (z ^ _shr(z, 30)) * (0xBF58476D1CE4E5B9 - (1 << 64))
-    z = (z ^ _shr(z, 27)) * (0x94D049BB133111EB - (1 << 64))
-    return z ^ _shr(z, 31)
-
-
-def mix_seed(*parts: int) -> int:
-    """Deterministic 63-bit seed from integers (splitmix64 over the parts)."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (p & _MASK64)) & _MASK64
-        h = (h + 0x9E3779B97F4A7C15) & _MASK64
-        z = h
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-        h = z ^ (z >> 31)
-    return h >> 1
-
-
-def mix_seeds(seed: int, round_index: int, clients: torch.Tensor) -> torch.Tensor:
-    """`mix_seed(seed, round_index, c)` for every c in `clients` at once (int64 tensor ops,
-    which wrap modulo 2^64 as the scalar version's masks do); equal values, tested."""
-    h = 0x9E3779B97F4A7C15
-    for part in (seed, round_index):
-        h = (h ^ (part & _MASK64)) & _MASK64
-        h = (h + 0x9E3779B97F4A7C15) & _MASK64
-        z = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-        h = z ^ (z >> 31)
-    signed = h - (1 << 64) if h >= 1 << 63 else h
-    mixed = (torch.as_tensor(clients, dtype=torch.long) ^ signed) + _GOLDEN
-    return _shr(_hash64(mixed), 1)
-
-
-@dataclass
-class CohortResult:
-    """What a cohort's local training produced (rows follow `client_ids`)."""
-
-    client_ids: list[int]
-    deltas: torch.Tensor  # [K, P] local model minus the model the client received
-    uploads: dict[str, torch.Tensor]  # algorithm extras, each [K, P]
-    num_samples: torch.Tensor  # [K] local dataset sizes (FedAvg weights)
-    num_steps: torch.Tensor  # [K]
-    train_loss: torch.Tensor  # [K] mean per-sample training loss over local training
-    client_states: list[State]
-    messages: list[bytes] | None = None  # payloads of algorithms with their own wire format
-
-    def take(self, rows: torch.Tensor) -> CohortResult:
-        """The same result with its clients in the order `rows`."""
-        order = rows.tolist()
-        return CohortResult(
-            [self.client_ids[i] for i in order], self.deltas[rows],
-            {k: v[rows] for k, v in self.uploads.items()}, self.num_samples[rows],
-            self.num_steps[rows], self.train_loss[rows], [self.client_states[i] for i in order],
-            None if self.messages is None else [self.messages[i] for i in order],
-        )
-
-    @staticmethod
-    def concat(parts: list[CohortResult]) -> CohortResult:
-        if len(parts) == 1:
-            return parts[0]
-        keys = parts[0].uploads.keys()
-        return CohortResult(
-            [c for p in parts for c in p.client_ids],
-            torch.cat([p.deltas for p in parts]),
-            {k: torch.cat([p.uploads[k] for p in parts]) for k in keys},
-            torch.cat([p.num_samples for p in parts]),
-            torch.cat([p.num_steps for p in parts]),
-            torch.cat([p.train_loss for p in parts]),
-            [s for p in parts for s in p.client_states],
-            None if parts[0].messages is None else [m for p in parts for m in p.messages or []],
-        )
-
-
-def _start(params: torch.Tensor, k: int, pt: int) -> tuple[torch.Tensor, torch.Tensor]:
+def start_stack(params: torch.Tensor, k: int, pt: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each client's starting point: one model `[P]` for all (federated), or one each `[K, P]`
     (decentralized nodes that start from their own models)."""
     stack = params.unsqueeze(0).repeat(k, 1) if params.dim() == 1 else params.clone()
@@ -135,11 +53,6 @@ def _rows(ctx: State, k: int, m: int) -> State:
         return ctx
     return {key: v[:m] if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == k else v
             for key, v in ctx.items()}
-
-
-def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-sample loss (`reduction='none'`); the default loss of classification tasks."""
-    return F.cross_entropy(outputs, targets, reduction="none")
 
 
 class CohortTrainer:
@@ -160,12 +73,13 @@ class CohortTrainer:
         self.algorithm = algorithm
         self.local = local
         self.loss_fn = loss_fn
+        self.optimizer = local.build_optimizer()
         pt = layout.num_trainable
         self._train_entries = [e for e in layout.entries if e.trainable]
         self._buffer_entries = [e for e in layout.entries if not e.trainable]
-        self._num_trainable = pt
-        self._x = data.dataset.x_train
-        self._y = data.dataset.y_train
+        self.num_trainable = pt
+        self.x_train = data.dataset.x_train
+        self.y_train = data.dataset.y_train
         self._flat: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
         def forward_one(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -173,10 +87,10 @@ class CohortTrainer:
 
         # Hand-batched kernels where the layer stack allows it (about 2x faster), vmap otherwise.
         self._batched = batched_forward(module)
-        self._forward_many = self._batched or vmap(forward_one, in_dims=(0, 0))
+        self.forward_many = self._batched or vmap(forward_one, in_dims=(0, 0))
         # Plain MLPs with the default loss skip autograd altogether (see `mlp_value_and_grad`).
         self._manual = mlp_value_and_grad(module) if loss_fn is cross_entropy else None
-        if self._manual is not None and self._x.dim() > 2 and not isinstance(next(iter(module.children())), nn.Flatten):
+        if self._manual is not None and self.x_train.dim() > 2 and not isinstance(next(iter(module.children())), nn.Flatten):
             self._manual = None  # per-position layers on [B, ..., F] inputs: autograd's case
 
     # ----------------------------------------------------------------- batches
@@ -215,7 +129,7 @@ class CohortTrainer:
         slot = torch.arange(n_max).view(1, 1, n_max)
         epoch = torch.arange(e_max).view(1, e_max, 1)
         pos = (epoch << 32) + slot  # a position's key must not depend on the cohort's n_max
-        keys = _hash64(ids.view(k, 1, 1) ^ (pos * _GOLDEN))
+        keys = hash64(ids.view(k, 1, 1) ^ (pos * GOLDEN))
         keys = keys.masked_fill(slot >= sizes.view(k, 1, 1), torch.iinfo(torch.long).max)
         order = keys.argsort(dim=2)  # [K, E, n_max]: a permutation of each client's positions
         picked = padded.gather(1, order.view(k, -1)).view(k, e_max, n_max)
@@ -251,10 +165,20 @@ class CohortTrainer:
             for e in entries
         }
 
-    def _params(self, theta: torch.Tensor, bufs: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward_stack(self, theta: torch.Tensor, bufs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Outputs `[K, B, ...]` of the stacked models `theta` (`[K, P_trainable]`) on `x` (`[K, B, ...]`)."""
+        if theta.shape[0] == 1 and self._batched is None:
+            return functional_call(self.module, self.stack_params(theta[0], bufs[0]), (x[0],)).unsqueeze(0)
+        return self.forward_many(self.stack_params(theta, bufs), x)
+
+    def sizes(self, client_ids: list[int]) -> torch.Tensor:
+        """Local dataset sizes `[K]` of `client_ids`."""
+        return self._flat_indices()[2][torch.as_tensor(client_ids, dtype=torch.long)]
+
+    def stack_params(self, theta: torch.Tensor, bufs: torch.Tensor) -> dict[str, torch.Tensor]:
         params = self._views(theta, self._train_entries, 0)
         if self._buffer_entries:
-            params.update(self._views(bufs, self._buffer_entries, self._num_trainable))
+            params.update(self._views(bufs, self._buffer_entries, self.num_trainable))
         return params
 
     # ---------------------------------------------------------------- training
@@ -272,8 +196,9 @@ class CohortTrainer:
         """Local training of `client_ids`; `schedule` (`[K, S, B]` indices, `[K]` steps) may be
         given when the caller computed the cohort's batches at once (the sequential runtime)."""
         idx, steps = schedule if schedule is not None else self.schedule(client_ids, seed, round_index)
-        if getattr(self.algorithm, "zeroth_order", False):
-            return self._train_zeroth_order(client_ids, global_params, idx, steps, seed, round_index)
+        own = getattr(self.algorithm, "train_cohort", None)
+        if own is not None:  # an algorithm with its own local step (SPSA) or objective
+            return own(self, client_ids, global_params, idx, steps, seed, round_index)
         # Clients with more steps first: at step s only the prefix of clients that still have a
         # batch trains, so a cohort with unequal data does not pay for its padding (on a
         # Dirichlet split most of a lock-step cohort's work was padding). The order is undone
@@ -299,17 +224,17 @@ class CohortTrainer:
     ) -> CohortResult:
         """`train` for a cohort whose step counts do not increase along it."""
         k = len(client_ids)
-        pt = self._num_trainable
+        pt = self.num_trainable
         hp = self.local
         num_steps = idx.shape[1]
-        theta, bufs = _start(global_params, k, pt)
+        theta, bufs = start_stack(global_params, k, pt)
         theta0 = global_params[..., :pt]
         # One client without batched kernels: plain functional_call on unstacked views.
         plain = k == 1 and self._batched is None
         # Gradients accumulate straight into views of one flat buffer (zeroed each step), so the
         # optimizer step needs no concatenation of per-layer gradients.
         grad = torch.zeros(k, pt)
-        momentum = torch.zeros(k, pt) if hp.momentum else None
+        opt_state = self.optimizer.init(k, pt)
         ctx = self.algorithm.begin(global_params, server_state, client_states)
         loss_sum = torch.zeros(k)
         seen = torch.zeros(k)
@@ -323,9 +248,9 @@ class CohortTrainer:
             # The round's minibatches in one gather, step-major so each step's slice is
             # contiguous; per-step gathers when that would take much memory.
             by_step = idx.transpose(0, 1)
-            whole = by_step.numel() * self._x[0].numel() * 4 <= _PREGATHER_BYTES
-            xs = self._x[by_step] if whole else None
-            ys = self._y[by_step]
+            whole = by_step.numel() * self.x_train[0].numel() * 4 <= _PREGATHER_BYTES
+            xs = self.x_train[by_step] if whole else None
+            ys = self.y_train[by_step]
 
         live = -1  # clients in the training prefix the current leaves were made for
         params: dict[str, torch.Tensor] = {}
@@ -350,11 +275,11 @@ class CohortTrainer:
             if self._manual is not None:
                 if k == 1:
                     ix = batches[s]
-                    x, y = self._x[ix].unsqueeze(0), self._y[ix].unsqueeze(0)
+                    x, y = self.x_train[ix].unsqueeze(0), self.y_train[ix].unsqueeze(0)
                     scale = torch.full((1, len(ix)), 1.0 / max(len(ix), 1))
                     n_b = torch.tensor([float(len(ix))])
                 else:
-                    x = xs[s, :m] if xs is not None else self._x[idx[:m, s]]
+                    x = xs[s, :m] if xs is not None else self.x_train[idx[:m, s]]
                     y, n_b = ys[s, :m], counts[:m, s]
                     scale = weights[:m, s] / n_b.clamp_min(1.0).unsqueeze(1)
                 per_sample = self._manual(params, grads, x, y, scale)
@@ -362,22 +287,22 @@ class CohortTrainer:
                 seen[:m] += n_b
                 with torch.no_grad():
                     self._step(theta[:m], grad[:m], theta0[:m] if theta0.dim() == 2 else theta0,
-                               None if momentum is None else momentum[:m], _rows(ctx, k, m))
+                               optimizer_rows(opt_state, m), _rows(ctx, k, m), s)
                 continue
             if k == 1:
                 ix = batches[s]
-                x = self._x[ix]
+                x = self.x_train[ix]
                 out = (functional_call(self.module, params, (x,)) if plain
-                       else self._forward_many(params, x.unsqueeze(0))[0])
-                per_sample = self.loss_fn(out, self._y[ix])
+                       else self.forward_many(params, x.unsqueeze(0))[0])
+                per_sample = self.loss_fn(out, self.y_train[ix])
                 loss = per_sample.mean()
                 loss_sum += per_sample.detach().sum()
                 seen += len(ix)
             else:
                 w = weights[:m, s]
                 n_b = counts[:m, s]
-                x = xs[s, :m] if xs is not None else self._x[idx[:m, s]]
-                out = self._forward_many(params, x)
+                x = xs[s, :m] if xs is not None else self.x_train[idx[:m, s]]
+                out = self.forward_many(params, x)
                 per_sample = self.loss_fn(out.flatten(0, 1), ys[s, :m].flatten()).view(m, -1)
                 weighted = (per_sample * w).sum(dim=1)
                 loss = (weighted / n_b.clamp_min(1.0)).sum()
@@ -388,81 +313,24 @@ class CohortTrainer:
             with torch.no_grad():
                 rows = _rows(ctx, k, m)
                 self._step(theta[:m], grad[:m], theta0[:m] if theta0.dim() == 2 else theta0,
-                           None if momentum is None else momentum[:m], rows)
+                           optimizer_rows(opt_state, m), rows, s)
 
         final = torch.cat([theta, bufs], dim=1)
         uploads, new_states = self.algorithm.end(global_params, final, steps, hp.lr, ctx)
-        sizes = self._flat_indices()[2][torch.as_tensor(client_ids, dtype=torch.long)]
+        sizes = self.sizes(client_ids)
         return CohortResult(
             list(client_ids), final - global_params, uploads, sizes, steps,
             loss_sum / seen.clamp_min(1.0), new_states,
         )
 
-    @torch.no_grad()
-    def _train_zeroth_order(
-        self, client_ids: list[int], global_params: torch.Tensor, idx: torch.Tensor,
-        steps: torch.Tensor, seed: int, round_index: int,
-    ) -> CohortResult:
-        """SPSA local training (see `koinon.clients.spsa`): two forward passes a step, no autograd."""
-        from koinon.clients.spsa import SPSA, spsa_direction
+    def _step(self, theta: torch.Tensor, grad: torch.Tensor, theta0: torch.Tensor, opt_state: State,
+              ctx: State, step: int) -> None:
+        """One optimizer step of the clients that train this step (finished ones are outside
+        the stack: frozen), with the algorithm's gradient correction where it belongs."""
+        def correct(g: torch.Tensor) -> None:
+            self.algorithm.correct(theta, g, theta0, ctx)
 
-        alg = cast(SPSA, self.algorithm)
-        k, pt, lr = len(client_ids), self._num_trainable, self.local.lr
-        theta, bufs = _start(global_params, k, pt)
-        weights = (idx >= 0).to(torch.float32)
-        idx = idx.clamp(min=0)
-        counts = weights.sum(dim=2)
-        levels = torch.zeros(k, idx.shape[1])
-        loss_sum, seen = torch.zeros(k), torch.zeros(k)
-        plain = k == 1 and self._batched is None
-        self.module.train()
-
-        def losses(th: torch.Tensor, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-            if plain:
-                out = functional_call(self.module, self._params(th[0], bufs[0]), (x[0],)).unsqueeze(0)
-            else:
-                out = self._forward_many(self._params(th, bufs), x)
-            per_sample = self.loss_fn(out.flatten(0, 1), y.flatten()).view(k, -1)
-            return (per_sample * w).sum(dim=1)
-
-        for s in range(idx.shape[1]):
-            ix, w, n_b = idx[:, s], weights[:, s], counts[:, s]
-            x, y = self._x[ix], self._y[ix]
-            z = torch.stack([spsa_direction(seed, round_index, c, s, pt) for c in client_ids])
-            plus = losses(theta + alg.epsilon * z, x, y, w)
-            minus = losses(theta - alg.epsilon * z, x, y, w)
-            g = (plus - minus) / (2 * alg.epsilon * n_b.clamp_min(1.0))
-            q = alg.quantize(g) * (n_b > 0)
-            levels[:, s] = q
-            theta.sub_(z * (q * alg.step_size * lr).unsqueeze(1))
-            loss_sum += (plus + minus) / 2
-            seen += n_b
-        final = torch.cat([theta, bufs], dim=1)
-        sizes = torch.tensor([len(self.data.client_indices[c]) for c in client_ids], dtype=torch.long)
-        messages = [alg.encode_update(levels[i, : int(steps[i])]) for i in range(k)]
-        return CohortResult(
-            list(client_ids), final - global_params, {}, sizes, steps,
-            loss_sum / seen.clamp_min(1.0), [{} for _ in client_ids], messages,
-        )
-
-    def _step(
-        self,
-        theta: torch.Tensor,
-        grad: torch.Tensor,
-        theta0: torch.Tensor,
-        momentum: torch.Tensor | None,
-        ctx: State,
-    ) -> None:
-        """SGD with weight decay and (Nesterov) momentum, as `torch.optim.SGD`, on the stack of
-        clients that train this step (finished clients are outside it: frozen)."""
-        hp = self.local
-        if hp.weight_decay:
-            grad.add_(theta, alpha=hp.weight_decay)
-        self.algorithm.correct(theta, grad, theta0, ctx)
-        if momentum is not None:
-            momentum.mul_(hp.momentum).add_(grad)
-            grad = grad.add(momentum, alpha=hp.momentum) if hp.nesterov else momentum
-        theta.sub_(grad, alpha=hp.lr)
+        self.optimizer.step(theta, grad, opt_state, step, self.local.lr, correct)
 
     # -------------------------------------------------------------- estimates
 
@@ -478,34 +346,9 @@ class CohortTrainer:
         handles = [m.register_forward_hook(hook) for m in self.module.modules() if not list(m.children())]
         try:
             with torch.no_grad():
-                self.module(self._x[:1])
+                self.module(self.x_train[:1])
         finally:
             for h in handles:
                 h.remove()
         params = self.layout.numel * 4 * 6  # theta, grad, momentum, correction, delta, upload
-        return params + activations * 4 * 3 * self.local.batch_size + self._x[0].numel() * 4 * self.local.batch_size
-
-
-@torch.no_grad()
-def evaluate(
-    module: nn.Module,
-    layout: Layout,
-    params: torch.Tensor,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    loss_fn=cross_entropy,
-    batch_size: int = 4096,
-) -> tuple[float, float]:
-    """(accuracy, mean loss) of the flat `params` on `(x, y)`."""
-    module.eval()
-    views = layout.views(params)
-    correct = 0
-    total_loss = 0.0
-    for start in range(0, len(y), batch_size):
-        out = functional_call(module, views, (x[start : start + batch_size],))
-        target = y[start : start + batch_size]
-        total_loss += loss_fn(out, target).sum().item()
-        correct += (out.argmax(dim=1) == target).sum().item()
-    module.train()
-    n = max(len(y), 1)
-    return correct / n, total_loss / n
+        return params + activations * 4 * 3 * self.local.batch_size + self.x_train[0].numel() * 4 * self.local.batch_size

@@ -1,0 +1,99 @@
+"""The client-algorithm interface and the hyperparameters of local training.
+
+Local training itself (batches, the optimizer step, losses) lives in `koinon.local.trainer` and
+runs a *stack* of K clients at once (`theta` is `[K, P]`). An algorithm only says how it
+corrects the gradient (FedProx adds a proximal term, SCAFFOLD control variates), what it keeps
+per client, and what it uploads besides the model delta. Because the hooks work on stacks, the
+sequential runtime (K = 1) and the vectorized runtime (K = cohort) run the same algorithm code.
+
+What the interface carries beyond FedAvg (all optional, each shown by a test):
+- per-client persistent state: `end` returns each client's new state (SCAFFOLD's control
+  variate, a personal head); the driver keeps it and hands it back at the next `begin`;
+- a shared subset: `shared_mask(layout)` names the entries of the layout that cross the wire
+  (FedBN keeps normalization layers local, FedRep the head); unshared coordinates upload zero
+  and are restored from the client's state;
+- several global models: `downloads` names server tensors every sampled client receives (a
+  cluster's models, SCAFFOLD's control), decoded into `server_state` for `begin`;
+- its own local objective or step: `train_cohort(trainer, ...)`, when defined, replaces the
+  trainer's gradient loop for that algorithm (SPSA's zeroth-order steps; Ditto; distillation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from koinon.local.optim import SGD, AdamW, LocalOptimizer
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """Hyperparameters of local training, shared by all client algorithms."""
+
+    epochs: int = 1
+    steps: int = 0  # if > 0, exactly this many local steps (reshuffling each pass) instead of epochs
+    batch_size: int = 16
+    lr: float = 0.05
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    optimizer: str = "sgd"  # "sgd" or "adamw"
+    beta1: float = 0.9  # adamw
+    beta2: float = 0.999  # adamw
+    eps: float = 1e-8  # adamw
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 and self.steps < 1:
+            raise ValueError(f"client.epochs must be >= 1 (or client.steps >= 1), got {self.epochs}")
+        if self.steps < 0:
+            raise ValueError(f"client.steps must be >= 0, got {self.steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"client.batch_size must be >= 1, got {self.batch_size}")
+        if self.lr <= 0:
+            raise ValueError(f"client.lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"client.momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ValueError(f"client.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"client.optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
+        self.build_optimizer()  # checks the optimizer's own options
+
+    def build_optimizer(self) -> LocalOptimizer:
+        if self.optimizer == "adamw":
+            return AdamW(self.beta1, self.beta2, self.eps, self.weight_decay)
+        return SGD(self.momentum, self.nesterov, self.weight_decay)
+
+
+class ClientAlgorithm(Protocol):
+    """Hooks of one client algorithm, each acting on a stack of K clients."""
+
+    name: str
+    uploads: tuple[str, ...]  # tensors sent to the server besides the model delta
+    downloads: tuple[str, ...]  # server tensors every sampled client receives
+
+    def init_server_state(self, numel: int) -> State: ...
+
+    def begin(self, global_params: torch.Tensor, server_state: State, client_states: list[State]) -> State:
+        """Stacked per-cohort context (e.g. `[K, P]` control variates) for `correct` and `end`."""
+        ...
+
+    def correct(self, theta: torch.Tensor, grad: torch.Tensor, theta0: torch.Tensor, ctx: State) -> None:
+        """Modify `grad` (`[K, P]`) in place before the optimizer step."""
+        ...
+
+    def end(
+        self, theta0: torch.Tensor, theta: torch.Tensor, num_steps: torch.Tensor, lr: float, ctx: State
+    ) -> tuple[dict[str, torch.Tensor], list[State]]:
+        """Extra uploads (`name -> [K, P]`) and each client's new persistent state."""
+        ...
+
+    def server_update(
+        self, server_state: State, uploads: dict[str, torch.Tensor], cohort_fraction: float
+    ) -> State:
+        """New server state from the cohort means of the extra uploads (|S|/N = cohort_fraction)."""
+        ...

@@ -1,0 +1,40 @@
+"""Losses and evaluation of flat parameters, shared by every driver."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from koinon.params import Layout
+
+
+def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss (`reduction='none'`); the default loss of classification tasks."""
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+@torch.no_grad()
+def evaluate(
+    module: nn.Module,
+    layout: Layout,
+    params: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn=cross_entropy,
+    batch_size: int = 4096,
+) -> tuple[float, float]:
+    """(accuracy, mean loss) of the flat `params` on `(x, y)`."""
+    module.eval()
+    views = layout.views(params)
+    correct = 0
+    total_loss = 0.0
+    for start in range(0, len(y), batch_size):
+        out = functional_call(module, views, (x[start : start + batch_size],))
+        target = y[start : start + batch_size]
+        total_loss += loss_fn(out, target).sum().item()
+        correct += (out.argmax(dim=1) == target).sum().item()
+    module.train()
+    n = max(len(y), 1)
+    return correct / n, total_loss / n
