@@ -189,8 +189,8 @@ def e2e_specs() -> list[tuple[str, dict, dict | None]]:
 def _e2e_run(config: str, label: str, codec: dict, downlink: dict | None, seed: int,
              rounds: int) -> dict:
     """One training run in this process; returns its final accuracy and byte counts."""
+    from koinon.config import ComponentConfig, DownlinkConfig
     from koinon.experiment import build_federation, load_config
-    from koinon.experiment.config import ComponentConfig, DownlinkConfig
 
     cfg = load_config(config).with_overrides({"seed": seed})
     cfg.codec = ComponentConfig(codec["name"], {k: v for k, v in codec.items() if k != "name"})

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from koinon.experiment.config import Config
+from koinon.config import Config
 from koinon.islands import DiLoCo, build_parts
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from koinon.experiment.config import load_config
+from koinon.config import load_config
 from koinon.islands.cli import launch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 
 def _keys_epilog() -> str:
-    from koinon.experiment.config import describe_keys
+    from koinon.config import describe_keys
 
     lines = ["config keys (TOML section.key = default; component sections also take the",
              "component's own options, see `koinon list`):"]

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import koinon as kn
+from koinon.config import Config
 from koinon.data import DATASETS
 from koinon.errors import ConfigError
-from koinon.experiment.config import Config
 from koinon.experiment.runner import build_federation
 from koinon.server.root import reserve_root
 

@@ -7,8 +7,8 @@ import pytest
 import koinon as kn
 from koinon.aggregate import build_aggregator
 from koinon.attacks import ATTACKS
+from koinon.config import Config
 from koinon.data import DATASETS
-from koinon.experiment.config import Config
 from koinon.experiment.runner import build_federation
 
 

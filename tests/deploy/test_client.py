@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from koinon.config import Config
 from koinon.data.datasets import Dataset
 from koinon.deploy.client import ClientState, DataSpec, Worker
 from koinon.errors import KoinonError
-from koinon.experiment.config import Config
 
 
 def test_data_specs():

@@ -46,8 +46,8 @@ def test_commit_clears_the_open_round_and_its_files(tmp_path):
 
 
 def test_a_restart_may_change_deadlines_and_rounds_but_not_the_run():
+    from koinon.config import Config
     from koinon.deploy.server import _changed_keys
-    from koinon.experiment.config import Config
 
     base = Config.from_dict({"server": {"rounds": 5}, "client": {"lr": 0.1}})
     later = Config.from_dict({"server": {"rounds": 9}, "client": {"lr": 0.1}, "deploy": {"round_timeout_s": 5.0}})

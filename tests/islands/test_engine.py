@@ -201,7 +201,7 @@ def test_schedule_is_per_global_step_and_the_same_for_sync_and_diloco(make_engin
 
 
 def test_cosine_total_steps_defaults_to_the_run_length():
-    from koinon.experiment.config import Config
+    from koinon.config import Config
     from koinon.islands.build import build_parts
 
     cfg = Config.from_dict({

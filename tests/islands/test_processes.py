@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from koinon.experiment.config import load_config
+from koinon.config import load_config
 from koinon.islands import DiLoCo, build_parts
 from koinon.islands.cli import launch, launch_main
 

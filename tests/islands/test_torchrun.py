@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from koinon.config import load_config
 from koinon.errors import KoinonError
-from koinon.experiment.config import load_config
 from koinon.islands import DiLoCo, build_parts
 from koinon.islands.cli import launch
 from koinon.islands.torchrun import TorchrunEnv

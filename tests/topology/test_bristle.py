@@ -157,7 +157,7 @@ def test_bristle_resists_byzantine_peers_where_plain_gossip_collapses(attack):
 
 
 def test_the_example_config_reaches_bristle_through_topology_options():
-    from koinon.experiment.config import load_config
+    from koinon.config import load_config
     from koinon.experiment.runner import build_federation
 
     cfg = load_config("examples/bristle.toml").with_overrides({"server.rounds": 1})

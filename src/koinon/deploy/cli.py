@@ -72,8 +72,8 @@ def server_main(argv: list[str]) -> int:
                    help="override a config key (repeatable)")
     try:
         args = p.parse_args(argv)
+        from koinon.config import load_config
         from koinon.deploy.server import serve
-        from koinon.experiment.config import load_config
 
         cfg = load_config(args.config, args.overrides)
         summary = serve(cfg, Path(args.state), Path(args.certs), args.listen)

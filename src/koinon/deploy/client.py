@@ -29,13 +29,13 @@ from typing import Any
 import grpc
 import torch
 
+from koinon.config import Config
 from koinon.data.datasets import Dataset
 from koinon.data.federated import FederatedData
 from koinon.deploy import federation_pb2_grpc
 from koinon.deploy.certs import Credentials
 from koinon.deploy.wire import MAX_GRPC_MESSAGE, Rejected, pb, read_task, upload_messages
 from koinon.errors import KoinonError
-from koinon.experiment.config import Config
 from koinon.seeding import mix_seed
 from koinon.topology.federated import Federation
 from koinon.update import State

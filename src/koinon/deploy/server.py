@@ -27,13 +27,13 @@ import grpc
 import numpy as np
 import torch
 
+from koinon.config import Config
 from koinon.deploy import federation_pb2_grpc
 from koinon.deploy.certs import read_revoked, server_credentials
 from koinon.deploy.store import Store
 from koinon.deploy.wire import MAX_GRPC_MESSAGE, Limits, Rejected, pb, read_upload, task_messages
 from koinon.errors import CodecError, ConfigError, KoinonError
 from koinon.experiment.checkpoint import atomic_write_text
-from koinon.experiment.config import Config
 from koinon.topology.federated import Federation
 
 if sys.version_info >= (3, 11):

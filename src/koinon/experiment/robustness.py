@@ -27,9 +27,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from koinon.config import Config, load_config, parse_override
 from koinon.errors import ConfigError, KoinonError
 from koinon.experiment.checkpoint import atomic_write_text
-from koinon.experiment.config import Config, load_config, parse_override
 
 CLEAN = "none"
 

@@ -20,10 +20,10 @@ from typing import Any, Protocol
 import torch
 
 from koinon.clients import CLIENT_ALGORITHMS, LocalTraining
+from koinon.config import Config, load_config, parse_override
 from koinon.data import DATASETS, partition_dataset
 from koinon.errors import ConfigError, KoinonError
 from koinon.experiment.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
-from koinon.experiment.config import Config, load_config, parse_override
 from koinon.models import build_model
 from koinon.params import Layout
 from koinon.registry import Registry
@@ -95,6 +95,7 @@ def build_federation(cfg: Config) -> Topology:
     local = _guard(
         "client", LocalTraining, epochs=c.epochs, steps=c.steps, batch_size=c.batch_size, lr=c.lr,
         momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay,
+        optimizer=c.optimizer, beta1=c.beta1, beta2=c.beta2, eps=c.eps,
     )
     CLIENT_ALGORITHMS.get(c.algorithm, key="client.algorithm")
     algorithm = CLIENT_ALGORITHMS.build(c.algorithm, c.options, "client", mu=c.mu)

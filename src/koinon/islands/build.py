@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from koinon.compress.base import CODECS, Codec
+from koinon.config import Config
 from koinon.data import DATASETS, Dataset, partition_dataset
 from koinon.errors import ConfigError, KoinonError
-from koinon.experiment.config import Config
 from koinon.islands.spec import IslandsSpec
 from koinon.models import build_model
 from koinon.params import Entry, Layout

@@ -30,9 +30,9 @@ from typing import Any
 
 from torch.distributed import TCPStore
 
+from koinon.config import Config, load_config
 from koinon.errors import ConfigError, KoinonError
 from koinon.experiment.checkpoint import atomic_write_text
-from koinon.experiment.config import Config, load_config
 from koinon.islands.build import build_parts
 from koinon.islands.dist import add_link_options
 from koinon.islands.membership import Coordinator, MembershipTimeout, wait_key

@@ -38,8 +38,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from koinon.config import Config, load_config
 from koinon.errors import KoinonError
-from koinon.experiment.config import Config, load_config
 from koinon.islands.cli import prepare_run, summarize
 from koinon.islands.dist import DistExchange, Link
 from koinon.islands.membership import Coordinator, MembershipTimeout, connect, wait_key

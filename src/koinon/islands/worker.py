@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch.distributed import Store
 
+from koinon.config import Config, load_config
 from koinon.errors import KoinonError
-from koinon.experiment.config import Config, load_config
 from koinon.islands.build import build_parts
 from koinon.islands.dist import DistExchange, Dropped, Link, add_link_options
 from koinon.islands.membership import MembershipTimeout, connect

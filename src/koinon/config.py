@@ -80,6 +80,10 @@ class ClientConfig:
     momentum: float = 0.0
     nesterov: bool = False
     weight_decay: float = 0.0
+    optimizer: str = "sgd"  # local optimizer: sgd or adamw
+    beta1: float = 0.9  # adamw
+    beta2: float = 0.999  # adamw
+    eps: float = 1e-8  # adamw
     mu: float = 0.01  # FedProx proximal weight
     options: dict = field(default_factory=dict)  # the algorithm's own options (e.g. spsa epsilon)
 
