@@ -5,8 +5,8 @@ import stat
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from koinon.cli import main
 from koinon.deploy.certs import read_revoked
-from koinon.deploy.cli import certs_main
 
 
 def cn(cert: x509.Certificate) -> str:
@@ -15,7 +15,7 @@ def cn(cert: x509.Certificate) -> str:
 
 def test_certs_are_signed_by_the_ca_and_keys_are_private(tmp_path, capsys):
     out = tmp_path / "certs"
-    assert certs_main(["--out", str(out), "--clients", "2", "--hosts", "10.0.0.5,fl.example.org"]) == 0
+    assert main(["certs", "--out", str(out), "--clients", "2", "--hosts", "10.0.0.5,fl.example.org"]) == 0
     ca = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
     server = x509.load_pem_x509_certificate((out / "server.crt").read_bytes())
     server.verify_directly_issued_by(ca)
@@ -32,20 +32,20 @@ def test_certs_are_signed_by_the_ca_and_keys_are_private(tmp_path, capsys):
 
 def test_user_errors_are_one_line(tmp_path, capsys):
     out = tmp_path / "certs"
-    assert certs_main(["--out", str(out), "--clients", "1"]) == 0
+    assert main(["certs", "--out", str(out), "--clients", "1"]) == 0
     capsys.readouterr()
-    assert certs_main(["--out", str(out), "--clients", "1"]) == 2  # would invalidate issued certs
+    assert main(["certs", "--out", str(out), "--clients", "1"]) == 2  # would invalidate issued certs
     err = capsys.readouterr().err
     assert err.startswith("koinon: error:") and "already holds a CA" in err and err.count("\n") == 1
-    assert certs_main(["--out", str(out), "--add", "bad name"]) == 2
-    assert certs_main(["--clients", "1"]) == 2
+    assert main(["certs", "--out", str(out), "--add", "bad name"]) == 2
+    assert main(["certs", "--clients", "1"]) == 2
 
 
 def test_add_and_revoke(tmp_path):
     out = tmp_path / "certs"
-    certs_main(["--out", str(out), "--clients", "1"])
-    assert certs_main(["--out", str(out), "--add", "hospital-a"]) == 0
+    main(["certs", "--out", str(out), "--clients", "1"])
+    assert main(["certs", "--out", str(out), "--add", "hospital-a"]) == 0
     assert (out / "clients" / "hospital-a.crt").is_file()
-    assert certs_main(["--out", str(out), "--revoke", "hospital-a"]) == 0
-    assert certs_main(["--out", str(out), "--revoke", "hospital-a"]) == 0
+    assert main(["certs", "--out", str(out), "--revoke", "hospital-a"]) == 0
+    assert main(["certs", "--out", str(out), "--revoke", "hospital-a"]) == 0
     assert read_revoked(out) == {"hospital-a"}

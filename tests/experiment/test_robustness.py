@@ -2,7 +2,8 @@
 
 import json
 
-from koinon.experiment.robustness import default_config, main, markdown, run_matrix
+from koinon.cli import main
+from koinon.experiment.robustness import default_config, markdown, run_matrix
 
 
 def tiny_config():
@@ -40,10 +41,10 @@ def test_main_runs_from_a_toml_and_rejects_unknown_names(tmp_path, capsys):
     config = tmp_path / "base.toml"
     config.write_text(tiny_config().to_toml())
     out = tmp_path / "out"
-    assert main([str(config), "--aggregators", "median", "--attacks", "label_flip",
+    assert main(["robustness", str(config), "--aggregators", "median", "--attacks", "label_flip",
                  "--fractions", "0,0.2", "--alphas", "1.0", "--rounds", "1", "--out", str(out),
                  "--quiet"]) == 0
     assert "| median |" in capsys.readouterr().out
     assert len(json.loads((out / "robustness.json").read_text())["results"]) == 2
-    assert main([str(config), "--attacks", "no_such_attack", "--out", str(out)]) == 2
+    assert main(["robustness", str(config), "--attacks", "no_such_attack", "--out", str(out)]) == 2
     assert "no_such_attack" in capsys.readouterr().err

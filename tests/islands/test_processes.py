@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
+from koinon.cli import main
 from koinon.config import load_config
 from koinon.islands import DiLoCo, build_parts
-from koinon.islands.cli import launch, launch_main
+from koinon.islands.cli import launch
 
 
 @pytest.fixture
@@ -59,10 +60,10 @@ def test_a_killed_worker_is_dropped_the_rest_finish_identical_and_a_joiner_catch
 
 
 def test_launch_errors_are_one_line(config, tmp_path, capsys):
-    assert launch_main([str(config), "--workers", "0", "--out", str(tmp_path / "a")]) == 2
-    assert launch_main([str(config), "--workers", "2", "--set", "codec.name=int3",
+    assert main(["launch", str(config), "--workers", "0", "--out", str(tmp_path / "a")]) == 2
+    assert main(["launch", str(config), "--workers", "2", "--set", "codec.name=int3",
                         "--out", str(tmp_path / "b")]) == 2
-    assert launch_main([str(config), "--workers", "2", "--crash", "x",
+    assert main(["launch", str(config), "--workers", "2", "--crash", "x",
                         "--out", str(tmp_path / "c")]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 3 and all(ln.startswith("koinon: error: ") for ln in lines)

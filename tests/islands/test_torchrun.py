@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from koinon.cli import main
 from koinon.config import load_config
 from koinon.errors import KoinonError
 from koinon.islands import DiLoCo, build_parts
 from koinon.islands.cli import launch
 from koinon.islands.torchrun import TorchrunEnv
-from koinon.islands.worker import main as worker_main
 
 STREAMING = ["diloco.fragments=2", "diloco.overlap=1", "diloco.alpha=0.5"]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -118,7 +118,7 @@ def test_torchrun_variables_are_read():
 def test_a_worker_started_outside_torchrun_says_how_to_start_it(tiny_toml, monkeypatch, capsys):
     for key in ENV:
         monkeypatch.delenv(key, raising=False)
-    assert worker_main([str(tiny_toml)]) == 2
+    assert main(["worker", str(tiny_toml)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("koinon worker: error: no --store and no torchrun")
     assert "torchrun --nproc-per-node M -m koinon.islands.worker" in err[0]

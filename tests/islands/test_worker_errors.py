@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from koinon.cli import main
 from koinon.islands import worker
 from koinon.islands.membership import MembershipTimeout
 
@@ -19,11 +20,11 @@ from koinon.islands.membership import MembershipTimeout
 def test_lost_store_is_one_line(
     error: Exception, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    def fail(argv: list[str]) -> int:
+    def fail(args: object) -> int:
         raise error
 
     monkeypatch.setattr(worker, "run_worker", fail)
-    assert worker.main([]) == 4
+    assert main(["worker"]) == 4
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert err.startswith("koinon worker: lost the run's store or coordinator: ")

@@ -12,13 +12,13 @@ Outputs in `out_dir`: `robustness.json` (every cell, rewritten as cells finish, 
 interrupted matrix keeps what it measured), `robustness.md` (one accuracy table per alpha) and
 `robustness_alpha<alpha>.png` (a heat map per alpha). Each record carries the base config's
 `seed`, which draws the partition, the attackers, the client sample and the model's
-initialisation; `mean_over_seeds` averages the records of several matrices run with different
-seeds (in different folders) into one per cell.
+initialisation; `run_seeds` runs the matrix once per seed (in different folders) and
+`mean_over_seeds` averages their records into one per cell. `goal_report` judges a matrix
+against accuracy goals (`GOALS`: how many points the best rule may lose to attackers).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from koinon.config import Config, load_config, parse_override
+from koinon.config import Config, parse_override
 from koinon.errors import ConfigError, KoinonError
 from koinon.experiment.checkpoint import atomic_write_text
 
@@ -273,60 +273,162 @@ def plot_heatmap(results: list[dict[str, Any]], path: Path, title: str) -> None:
     tmp.replace(path)
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _names(text: str) -> list[str]:
+def parse_names(text: str) -> list[str]:
+    """`"mean, krum"` -> ["mean", "krum"] (empty items dropped)."""
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="koinon robustness",
-        description="Final accuracy of every aggregator under every attack, Byzantine fraction and "
-                    "Dirichlet alpha; writes robustness.json, robustness.md and heat maps.",
-    )
-    p.add_argument("config", help="base experiment TOML (its data, model, client and server sections)")
-    p.add_argument("--aggregators", type=_names,
-                   help="comma-separated rules, each optionally with options: fltrust:root_steps=20",
-                   default=_names("mean,median,trimmed_mean,krum,geometric_median,centered_clipping"))
-    p.add_argument("--attacks", type=_names, default=_names("alie,ipm,sign_flip,label_flip"))
-    p.add_argument("--fractions", type=_floats, default=_floats("0,0.1,0.2,0.3,0.4"))
-    p.add_argument("--alphas", type=_floats, default=_floats("0.5,0.1"))
-    p.add_argument("--rounds", type=int, help="rounds per run (default: the config's server.rounds)")
-    p.add_argument("--out", default="runs/robustness", help="output folder (default: runs/robustness)")
-    p.add_argument("--quiet", action="store_true", help="no line per finished cell")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+def parse_numbers(text: str) -> list[float]:
+    """`"0,0.1,0.2"` -> [0.0, 0.1, 0.2] (empty items dropped)."""
     try:
-        cfg = load_config(args.config)
-        rounds = args.rounds or cfg.server.rounds
-        if rounds < 1:
-            raise KoinonError(f"--rounds {rounds}: must be >= 1")
-        bad = [f for f in args.fractions if not 0 <= f < 1] + [a for a in args.alphas if a <= 0]
-        if bad:
-            raise KoinonError(f"fractions must be in [0, 1) and alphas > 0, got {bad}")
-        from koinon.aggregate import AGGREGATORS
-        from koinon.attacks import ATTACKS
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"expected comma-separated numbers, got {text!r}") from None
 
-        for name in args.attacks:
-            ATTACKS.get(name, key="--attacks")
-        for row in args.aggregators:
-            name, _ = parse_row(row)
-            if "+" not in name:  # compositions are checked by the federation that builds them
-                AGGREGATORS.get(name, key="--aggregators")
-        results = run_matrix(cfg, args.aggregators, args.attacks, args.fractions, args.alphas,
-                             rounds, Path(args.out), progress=not args.quiet)
-    except KoinonError as exc:
-        print(f"koinon: error: {exc}", file=sys.stderr)
-        return 2
-    print(markdown(results))
-    print(f"results: {args.out}/ (robustness.json, robustness.md, robustness_alpha*.png)")
-    return 0
+
+def parse_seeds(text: str) -> list[int]:
+    """`"0,1,2"` -> [0, 1, 2]; empty, non-integer, negative or repeated seeds are refused."""
+    try:
+        seeds = [int(v.strip()) for v in text.split(",")]
+    except ValueError:
+        raise ConfigError(
+            f"expected comma-separated non-negative integers, e.g. 0,1,2; got {text!r}") from None
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds must be distinct non-negative integers, got {text!r}")
+    return seeds
+
+
+def check_matrix(aggregators: list[str], attacks: list[str], fractions: list[float],
+                 alphas: list[float], rounds: int) -> None:
+    """One-line KoinonError for a matrix that cannot run, before any cell trains."""
+    if rounds < 1:
+        raise KoinonError(f"--rounds {rounds}: must be >= 1")
+    bad = [f for f in fractions if not 0 <= f < 1] + [a for a in alphas if a <= 0]
+    if bad:
+        raise KoinonError(f"fractions must be in [0, 1) and alphas > 0, got {bad}")
+    from koinon.aggregate import AGGREGATORS
+    from koinon.attacks import ATTACKS
+
+    for name in attacks:
+        ATTACKS.get(name, key="--attacks")
+    for row in aggregators:
+        name, _ = parse_row(row)
+        if "+" not in name:  # compositions are checked by the federation that builds them
+            AGGREGATORS.get(name, key="--aggregators")
+
+
+def run_seeds(base_config: Config, seeds: list[int], aggregators: list[str], attacks: list[str],
+              fractions: list[float], alphas: list[float], rounds: int, out_dir: Path,
+              *, progress: bool = True, jobs: int = 1) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The matrix once per seed: (every seed's records, the records to report).
+
+    One seed runs into `out_dir` and reports its own records; several run into
+    `out_dir/seed<k>/` and report `mean_over_seeds`, whose tables and verdicts are also written
+    to `out_dir/robustness_mean.md`.
+    """
+    check_matrix(aggregators, attacks, fractions, alphas, rounds)
+    out_dir = Path(out_dir)
+    per_seed: list[dict[str, Any]] = []
+    for seed in seeds:
+        per_seed += run_matrix(base_config.with_overrides({"seed": seed}), aggregators, attacks,
+                               fractions, alphas, rounds,
+                               out_dir if len(seeds) == 1 else out_dir / f"seed{seed}",
+                               progress=progress, jobs=jobs)
+    if len(seeds) == 1:
+        return per_seed, per_seed
+    results = mean_over_seeds(per_seed)
+    atomic_write_text(out_dir / "robustness_mean.md",
+                      markdown(results) + "\n" + goal_report(results, per_seed) + "\n")
+    return per_seed, results
+
+
+GOALS = {0.2: 3.0, 0.4: 10.0}
+"""Byzantine fraction -> accuracy points the best configuration may lose against the best
+attack-free run (the strict reading: the reference is the best clean accuracy of any row)."""
+
+
+def _one_rule(rows: list[dict[str, Any]], fraction: float) -> tuple[str, float] | None:
+    """The rule with the best worst case over the attacks at `fraction`, and that worst case."""
+    cells = [r for r in rows if r["fraction"] == fraction]
+    by_rule: dict[str, list[float]] = {}
+    for r in cells:
+        by_rule.setdefault(r["aggregator"], []).append(r["accuracy"])
+    complete = {k: min(v) for k, v in by_rule.items() if len(v) == len({r["attack"] for r in cells})}
+    if not complete:
+        return None
+    rule = max(complete, key=complete.__getitem__)
+    return rule, complete[rule]
+
+
+def _reference(rows: list[dict[str, Any]]) -> tuple[str, float] | None:
+    clean = {r["aggregator"]: r["accuracy"] for r in rows if r["attack"] == CLEAN}
+    if not clean:
+        return None
+    best = max(clean, key=clean.__getitem__)
+    return best, 100 * clean[best]
+
+
+def _worst_seed(per_seed: list[dict[str, Any]], alpha: float, rule: str,
+                fraction: float) -> tuple[Any, float, float] | None:
+    """The seed on which `rule` does worst at `fraction` (its worst attack against that seed's
+    own attack-free reference): (seed, gap in points, accuracy in %); None for one seed."""
+    seeds = sorted({r["seed"] for r in per_seed if r["alpha"] == alpha}, key=str)
+    if len(seeds) < 2:
+        return None
+    gaps = {}
+    for seed in seeds:
+        mine = [r for r in per_seed if r["alpha"] == alpha and r["seed"] == seed and r["status"] == "ok"]
+        ref = _reference(mine)
+        attacked = [r["accuracy"] for r in mine if r["aggregator"] == rule and r["fraction"] == fraction]
+        if ref is not None and attacked:
+            gaps[seed] = (ref[1] - 100 * min(attacked), 100 * min(attacked))
+    if not gaps:
+        return None
+    seed = max(gaps, key=lambda s: gaps[s][0])
+    return seed, *gaps[seed]
+
+
+def goal_report(results: list[dict[str, Any]], per_seed: list[dict[str, Any]] | None = None,
+                goals: dict[float, float] | None = None) -> str:
+    """Verdicts on `results` (one seed, or `mean_over_seeds` records) against `goals` (default
+    `GOALS`): per alpha and goal fraction, the best rule under each attack, and the one rule with
+    the best worst case over all attacks. With `per_seed` (the raw records of several seeds),
+    that line also gives the rule's worst single seed."""
+    lines = []
+    for alpha in dict.fromkeys(r["alpha"] for r in results):
+        rows = [r for r in results if r["alpha"] == alpha and r["status"] == "ok"]
+        found = _reference(rows)
+        if found is None:
+            continue
+        best_clean, reference = found
+        lines.append(f"alpha = {alpha}: attack-free reference {reference:.1f} % ({best_clean})")
+        clean = {r["aggregator"]: r["accuracy"] for r in rows if r["attack"] == CLEAN}
+        for fraction, allowed in (goals or GOALS).items():
+            cells = [r for r in rows if r["fraction"] == fraction]
+            if not cells:
+                continue
+            for attack in dict.fromkeys(r["attack"] for r in cells):
+                best = max((r for r in cells if r["attack"] == attack), key=lambda r: r["accuracy"])
+                gap = reference - 100 * best["accuracy"]
+                verdict = "met" if gap <= allowed else "NOT met"
+                own = clean.get(best["aggregator"])
+                own_gap = f", {100 * own - 100 * best['accuracy']:4.1f} below its own clean" if own else ""
+                lines.append(f"  f = {fraction:.0%} {attack:10s} best {best['aggregator']:22s} "
+                             f"{100 * best['accuracy']:5.1f} %  gap {gap:5.1f} pts{own_gap} "
+                             f"(goal <= {allowed:g}): {verdict}")
+            # One configuration must face every attack: the rule with the best worst case.
+            one = _one_rule(rows, fraction)
+            if one is None:
+                continue
+            rule, worst = one
+            gap = reference - 100 * worst
+            verdict = "met" if gap <= allowed else "NOT met"
+            line = (f"  f = {fraction:.0%} one rule for all attacks: {rule}, worst "
+                    f"{100 * worst:.1f} %, gap {gap:.1f} pts: {verdict}")
+            worst_seed = _worst_seed(per_seed or [], alpha, rule, fraction)
+            if worst_seed is not None:
+                seed, seed_gap, seed_worst = worst_seed
+                line += (f"; worst single seed {seed}: {seed_worst:.1f} %, gap {seed_gap:.1f} pts "
+                         f"({'met' if seed_gap <= allowed else 'NOT met'})")
+            lines.append(line)
+    return "\n".join(lines)

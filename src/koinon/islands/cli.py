@@ -16,7 +16,6 @@ module's part with `prepare_run` and `summarize`.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import subprocess
@@ -30,43 +29,11 @@ from typing import Any
 
 from torch.distributed import TCPStore
 
-from koinon.config import Config, load_config
+from koinon.config import Config
 from koinon.errors import ConfigError, KoinonError
 from koinon.experiment.checkpoint import atomic_write_text
 from koinon.islands.build import build_parts
-from koinon.islands.dist import add_link_options
 from koinon.islands.membership import Coordinator, MembershipTimeout, wait_key
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="koinon launch", description=__doc__.splitlines()[0])
-    p.add_argument("config", nargs="?", help="TOML config with topology.name = 'diloco' "
-                   "(with --join: not needed, the running job's config is used)")
-    p.add_argument("--workers", type=int, default=0, help="number of worker processes M")
-    p.add_argument("--out", help="run folder (default runs/<config name>-launch)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--host", default="127.0.0.1", help="address the store listens on")
-    p.add_argument("--port", type=int, default=0, help="store port (0: an ephemeral port)")
-    p.add_argument("--timeout", type=float, default=60.0,
-                   help="seconds any wait may take before a silent worker is dropped")
-    p.add_argument("--crash", action="append", default=[], metavar="W@STEP",
-                   help="fault injection: kill worker W at inner step STEP")
-    p.add_argument("--join-at", type=int, action="append", default=[], metavar="S",
-                   help="start one new worker when sync event S begins")
-    p.add_argument("--join", metavar="HOST:PORT", help="join a running launch as a new worker")
-    add_link_options(p)
-    return p
-
-
-def _parse_crashes(items: list[str]) -> dict[int, int]:
-    out: dict[int, int] = {}
-    for item in items:
-        w, sep, step = item.partition("@")
-        if not sep or not w.isdigit() or not step.isdigit() or int(step) < 1:
-            raise ConfigError(f"--crash {item!r}: expected WORKER@STEP, e.g. --crash 1@30")
-        out[int(w)] = int(step)
-    return out
 
 
 def launch(
@@ -224,43 +191,3 @@ def summarize(out: Path, exit_codes: dict[int, int | None], coordinator: Coordin
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     return summary
-
-
-def _join(args: argparse.Namespace) -> int:
-    from koinon.islands.worker import main as worker_main
-
-    out = Path(args.out or Path("runs") / "diloco-join")
-    out.mkdir(parents=True, exist_ok=True)
-    argv = ["--store", args.join, "--config", str(out / "config.toml"), "--out", str(out),
-            "--join", "--timeout", str(args.timeout), "--link-latency-ms",
-            str(args.link_latency_ms), "--link-mbps", str(args.link_mbps)]
-    return worker_main(argv + (["--blocking"] if args.blocking else []))
-
-
-def launch_main(argv: list[str]) -> int:
-    """Entry point of `koinon launch` (argv without the command name); returns an exit code."""
-    args = _parser().parse_args(argv)
-    try:
-        if args.join:
-            return _join(args)
-        if not args.config:
-            raise ConfigError("koinon launch needs a CONFIG.toml (or --join HOST:PORT)")
-        cfg = load_config(args.config, args.overrides)
-        out = args.out or str(Path("runs") / (Path(args.config).stem + "-launch"))
-        summary = launch(cfg, args.workers, out, host=args.host, port=args.port,
-                         timeout_s=args.timeout, crashes=_parse_crashes(args.crash),
-                         join_at=args.join_at, overwrite=args.overwrite,
-                         blocking=args.blocking, link_latency_ms=args.link_latency_ms,
-                         link_mbps=args.link_mbps,
-                         on_start=lambda a: print(f"store {a}: more workers can join with "
-                                                  f"koinon launch --join {a} {args.config}",
-                                                  flush=True))
-    except KoinonError as exc:
-        print(f"koinon: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"results: {out}/ (summary.json, metrics.jsonl, worker-*.jsonl)")
-    print(f"survivors {summary['survivors']}, identical parameters: {summary['identical_params']}, "
-          f"final validation loss {summary['final_test_loss']}, "
-          f"{summary['sync_events']} sync events, {summary['retries']} retries")
-    ok = summary["survivors"] and summary["identical_params"] and not summary["coordinator_error"]
-    return 0 if ok else 1

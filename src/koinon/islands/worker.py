@@ -27,31 +27,14 @@ from torch.distributed import Store
 from koinon.config import Config, load_config
 from koinon.errors import KoinonError
 from koinon.islands.build import build_parts
-from koinon.islands.dist import DistExchange, Dropped, Link, add_link_options
-from koinon.islands.membership import MembershipTimeout, connect
+from koinon.islands.dist import DistExchange, Link
+from koinon.islands.membership import connect
 from koinon.islands.topology import DiLoCo, params_hash
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="koinon-islands-worker")
-    p.add_argument("config_path", nargs="?", metavar="CONFIG",
-                   help="TOML config (under torchrun; rank 0 checks it and serves it to all)")
-    p.add_argument("--store", help="HOST:PORT of a koinon launch's TCPStore (not under torchrun)")
-    p.add_argument("--config", help="TOML config (with --store)")
-    p.add_argument("--out", help="run folder (torchrun default: runs/<config name>-torchrun)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override (torchrun)")
-    p.add_argument("--overwrite", action="store_true", help="reuse a non-empty run folder")
-    p.add_argument("--id", type=int, default=-1, help="worker id (-1: ask the store for one)")
-    p.add_argument("--join", action="store_true", help="join a running job (state from a peer)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds any wait may take")
-    p.add_argument("--crash-at-step", type=int, default=0, help="fault injection: SIGKILL self")
-    add_link_options(p)
-    return p
-
-
-def run_worker(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+def run_worker(args: argparse.Namespace) -> int:
+    """`koinon worker` (see `koinon.cli` for its arguments): join a launch through its store,
+    or run under torchrun when no `--store` is given."""
     torch.set_num_threads(1)  # M processes share the machine's cores
     if args.timeout <= 0:
         raise KoinonError(f"--timeout = {args.timeout}: must be > 0")
@@ -141,22 +124,7 @@ def train(cfg: Config, store: Store, worker_id: int, out: Path, exchange: DistEx
     return final
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        return run_worker(sys.argv[1:] if argv is None else argv)
-    except Dropped as exc:
-        print(f"koinon worker: {exc}", file=sys.stderr)
-        return 3
-    except KoinonError as exc:
-        print(f"koinon worker: error: {exc}", file=sys.stderr)
-        return 2
-    except (torch.distributed.DistError, MembershipTimeout) as exc:
-        # The store or the coordinator went away (rank 0 / the launcher died): one line, not
-        # a C++ trace; exit code 4 tells it apart from a config error or being dropped.
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"koinon worker: lost the run's store or coordinator: {first}", file=sys.stderr)
-        return 4
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from koinon.cli import main
+
+    sys.exit(main(["worker", *sys.argv[1:]]))

@@ -1,7 +1,13 @@
-"""Topologies: how parties are wired (server-based federated learning, decentralized gossip)."""
+"""Topologies: how parties are wired (a server, decentralized gossip, compute islands).
 
+`TOPOLOGIES` holds their builders by `topology.name` (federated, gossip, diloco); `GRAPHS` holds
+the communication graphs a gossip network can use (`topology.graph`).
+"""
+
+from koinon.topology import build as _build  # noqa: F401  (registers the topology builders)
+from koinon.topology.base import TOPOLOGIES, Topology
 from koinon.topology.federated import Federation, RoundResult
 from koinon.topology.gossip import Gossip, GossipRound
-from koinon.topology.graphs import TOPOLOGIES
+from koinon.topology.graphs import GRAPHS
 
-__all__ = ["TOPOLOGIES", "Federation", "Gossip", "GossipRound", "RoundResult"]
+__all__ = ["GRAPHS", "TOPOLOGIES", "Federation", "Gossip", "GossipRound", "RoundResult", "Topology"]

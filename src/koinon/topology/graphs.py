@@ -1,7 +1,7 @@
 """Communication graphs for decentralized learning and their mixing matrices.
 
 Graph builders return an undirected `networkx.Graph` on nodes `0..N-1` and are registered in
-`TOPOLOGIES`, so configs name them (`ring`, `exponential`, `barabasi_albert`, ...). A mixing
+`GRAPHS`, so configs name them (`ring`, `exponential`, `barabasi_albert`, ...). A mixing
 matrix is a sparse `[N, N]` float32 COO tensor (COO rather than CSR: CSR still warns "beta" in
 torch, and `torch.sparse.mm` on coalesced COO is as fast for our sizes). Both weight rules give
 symmetric, doubly stochastic matrices on any undirected graph, so gossip preserves the mean:
@@ -27,7 +27,7 @@ import torch
 
 from koinon.registry import Registry
 
-TOPOLOGIES: Registry[nx.Graph] = Registry("topology")
+GRAPHS: Registry[nx.Graph] = Registry("graph")
 """Graph builders, called as `factory(num_nodes=..., seed=..., **options)` (context optional)."""
 
 MIXING_RULES = ("metropolis", "max_degree", "uniform")
@@ -38,14 +38,14 @@ def _check_size(num_nodes: int, least: int = 1) -> None:
         raise ValueError(f"num_nodes must be >= {least}, got {num_nodes}")
 
 
-@TOPOLOGIES.register("ring")
+@GRAPHS.register("ring")
 def ring(num_nodes: int) -> nx.Graph:
     """Cycle: each node talks to its two neighbours (weights 1/3 under Metropolis-Hastings)."""
     _check_size(num_nodes)
     return nx.cycle_graph(num_nodes) if num_nodes > 2 else nx.path_graph(num_nodes)
 
 
-@TOPOLOGIES.register("torus")
+@GRAPHS.register("torus")
 def torus(num_nodes: int, rows: int = 0) -> nx.Graph:
     """2-D torus (wrap-around grid) of rows x (num_nodes / rows); rows = 0 picks the squarest."""
     _check_size(num_nodes)
@@ -57,7 +57,7 @@ def torus(num_nodes: int, rows: int = 0) -> nx.Graph:
     return nx.Graph(nx.convert_node_labels_to_integers(graph, ordering="sorted"))
 
 
-@TOPOLOGIES.register("exponential")
+@GRAPHS.register("exponential")
 def exponential(num_nodes: int) -> nx.Graph:
     """Exponential graph: node i is linked to i +- 2^k (mod N), so log2(N) neighbours a side."""
     _check_size(num_nodes)
@@ -70,21 +70,21 @@ def exponential(num_nodes: int) -> nx.Graph:
     return graph
 
 
-@TOPOLOGIES.register("fully_connected")
+@GRAPHS.register("fully_connected")
 def fully_connected(num_nodes: int) -> nx.Graph:
     """Complete graph: one mixing step is the exact average (weights 1/N)."""
     _check_size(num_nodes)
     return nx.complete_graph(num_nodes)
 
 
-@TOPOLOGIES.register("star")
+@GRAPHS.register("star")
 def star(num_nodes: int) -> nx.Graph:
     """Star: node 0 is linked to every other node (a server without a server)."""
     _check_size(num_nodes)
     return nx.star_graph(num_nodes - 1)
 
 
-@TOPOLOGIES.register("random_regular")
+@GRAPHS.register("random_regular")
 def random_regular(num_nodes: int, degree: int = 4, seed: int = 0) -> nx.Graph:
     """Random d-regular graph (seeded); degree * num_nodes must be even."""
     _check_size(num_nodes, 2)
@@ -93,7 +93,7 @@ def random_regular(num_nodes: int, degree: int = 4, seed: int = 0) -> nx.Graph:
     return nx.random_regular_graph(degree, num_nodes, seed=seed)
 
 
-@TOPOLOGIES.register("erdos_renyi")
+@GRAPHS.register("erdos_renyi")
 def erdos_renyi(num_nodes: int, p: float = 0.2, seed: int = 0) -> nx.Graph:
     """Erdos-Renyi G(N, p) (seeded), redrawn with the next seeds until it is connected."""
     _check_size(num_nodes)
@@ -106,7 +106,7 @@ def erdos_renyi(num_nodes: int, p: float = 0.2, seed: int = 0) -> nx.Graph:
     raise ValueError(f"G({num_nodes}, {p}) was disconnected in 100 draws; raise p")
 
 
-@TOPOLOGIES.register("barabasi_albert")
+@GRAPHS.register("barabasi_albert")
 def barabasi_albert(num_nodes: int, m: int = 2, seed: int = 0) -> nx.Graph:
     """Barabasi-Albert preferential attachment, m edges per new node (seeded; scale-free hubs)."""
     _check_size(num_nodes, 2)
@@ -122,7 +122,7 @@ def from_networkx(graph: nx.Graph) -> nx.Graph:
     return out
 
 
-@TOPOLOGIES.register("edge_list")
+@GRAPHS.register("edge_list")
 def edge_list(num_nodes: int, path: str = "") -> nx.Graph:
     """Graph read from a text file of `u v` lines (node ids 0..N-1; '#' starts a comment)."""
     if not path:
@@ -145,7 +145,8 @@ def edge_list(num_nodes: int, path: str = "") -> nx.Graph:
 
 def build_graph(name: str, num_nodes: int, seed: int = 0, options: dict | None = None) -> nx.Graph:
     """A registered graph on `num_nodes` nodes with checked options."""
-    graph = TOPOLOGIES.build(name, dict(options or {}), "topology.graph", num_nodes=num_nodes, seed=seed)
+    GRAPHS.get(name, key="topology.graph")
+    graph = GRAPHS.build(name, dict(options or {}), "topology.graph", num_nodes=num_nodes, seed=seed)
     if graph.number_of_nodes() != num_nodes:
         raise ValueError(f"graph {name!r} has {graph.number_of_nodes()} nodes, expected {num_nodes}")
     return graph

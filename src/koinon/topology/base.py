@@ -1,0 +1,45 @@
+"""What every topology offers its drivers, and the registry of topologies (`topology.name`).
+
+A topology is built from a checked `Config` by the builder registered under its name
+(`federated`, `gossip`, `diloco`; see `koinon.topology.build`), so the runner, the robustness
+matrix and the deployment drivers look a name up instead of branching on it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from koinon.params import Layout
+from koinon.registry import Registry
+
+
+class Topology(Protocol):
+    """What a driver needs of a topology: `Federation` (a server), `Gossip` (peers) or `DiLoCo`
+    (compute islands). The round counters are writable so that a checkpoint can restore them."""
+
+    layout: Layout
+    round_index: int
+    uplink_total: int
+    downlink_total: int
+
+    @property
+    def params(self) -> torch.Tensor: ...
+
+    def run_round(self, evaluate: bool = True) -> Any: ...
+
+    def fit(self, rounds: int, eval_every: int = 1) -> list[Any]: ...
+
+    def evaluate(self) -> tuple[float, float]: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+TOPOLOGIES: Registry[Topology] = Registry("topology")
+"""Topology builders, called as `builder(cfg)` with a loaded `Config`; each checks the sections
+it reads and raises a one-line `ConfigError` before anything trains."""

@@ -1,0 +1,235 @@
+"""Build a topology from a `Config`: the builders registered in `TOPOLOGIES` (`topology.name`).
+
+`federated` and `gossip` share one recipe for their parts (`build_components`: dataset,
+partition, model, local training, client algorithm, server optimizer and sampler, codecs,
+attack, aggregator, runtime); `diloco` builds its own (`koinon.islands.build_parts`) and is
+imported only when named, so `import koinon` stays lean. Every builder checks what it reads and
+raises a one-line `ConfigError` before anything trains.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+from torch import nn
+
+from koinon.clients import CLIENT_ALGORITHMS, ClientAlgorithm, LocalTraining
+from koinon.config import Config, ServerConfig
+from koinon.data import DATASETS, FederatedData, partition_dataset
+from koinon.errors import ConfigError, KoinonError
+from koinon.models import build_model
+from koinon.params import Layout
+from koinon.registry import Registry
+from koinon.server import SAMPLERS, SERVER_OPTIMIZERS, Sampler, ServerOptimizer
+from koinon.topology.base import TOPOLOGIES, Topology
+from koinon.topology.federated import Federation
+from koinon.topology.gossip import Gossip
+
+if TYPE_CHECKING:
+    from koinon.aggregate import Aggregator
+    from koinon.attacks import Attack
+    from koinon.compress import Codec
+    from koinon.runtime import Runtime
+
+R = TypeVar("R")
+
+
+def guard(what: str, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+    """Turn a component's ValueError into a one-line ConfigError naming the config key."""
+    try:
+        return fn(*args, **kwargs)
+    except KoinonError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{what}: {exc}") from None
+
+
+def _check_options(registry: Registry[Any], name: str, options: dict[str, Any], section: str,
+                   fixed: list[str]) -> None:
+    allowed = [k for k in registry.options(name) if k not in ("seed", "test_fraction", "num_clients")]
+    for key in options:
+        if key not in allowed:
+            raise ConfigError(f"unknown key {section}.{key}; allowed: {', '.join(fixed + allowed)}")
+
+
+def _check_schedule(s: ServerConfig) -> None:
+    for key, value in (("server.rounds", s.rounds), ("server.eval_every", s.eval_every),
+                       ("server.checkpoint_every", s.checkpoint_every)):
+        if value < 1:
+            raise ConfigError(f"{key} = {value}: must be >= 1")
+
+
+def _check_root_options(name: str, options: dict[str, Any]) -> None:
+    """`root_samples` / `root_steps` set up a server root dataset: only rules that trust one
+    (FLTrust) take them, so on any other rule say which do, rather than a bare "not an option"."""
+    from koinon.aggregate import AGGREGATORS
+
+    final = name.split("+")[-1].strip()
+    for key in ("root_samples", "root_steps"):
+        if key not in options or final not in AGGREGATORS:
+            continue
+        users = [n for n in AGGREGATORS.names() if key in AGGREGATORS.options(n)]
+        if key not in AGGREGATORS.options(final):
+            raise ConfigError(f"aggregator.{key}: only {', '.join(users)} (or a composition ending "
+                              f"in it, e.g. nnm+{users[0]}) takes it, not aggregator.name = {name!r}")
+
+
+@dataclass
+class Components:
+    """The parts a federation or a gossip network is made of, built and checked from a config."""
+
+    model: nn.Module
+    fed_data: FederatedData
+    local: LocalTraining
+    algorithm: ClientAlgorithm
+    optimizer: ServerOptimizer
+    sampler: Sampler
+    codec: Codec
+    downlink: Codec
+    attack: Attack
+    aggregator: Aggregator
+    runtime: Runtime
+
+
+def build_components(cfg: Config) -> Components:
+    """Every shared component of the experiment, checked; raises ConfigError before anything
+    runs. Records the server learning rate actually used in `cfg.server.lr`."""
+    d = cfg.data
+    DATASETS.get(d.name, key="data.name")
+    _check_options(DATASETS, d.name, d.options, "data", ["name", "partition", "alpha", "num_clients",
+                   "test_fraction", "classes_per_client", "power"])
+    dataset = DATASETS.build(
+        d.name, d.options, "data", seed=cfg.seed, test_fraction=d.test_fraction, num_clients=d.num_clients
+    )
+    fed_data = guard(
+        f"data.partition = {d.partition!r}", partition_dataset, dataset, d.partition, d.num_clients,
+        cfg.seed, {"alpha": d.alpha, "classes_per_client": d.classes_per_client, "power": d.power},
+    )
+    model = build_model(cfg.model.name, cfg.model.options, dataset.input_shape, dataset.num_classes, cfg.seed)
+    c = cfg.client
+    local = guard(
+        "client", LocalTraining, epochs=c.epochs, steps=c.steps, batch_size=c.batch_size, lr=c.lr,
+        momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay,
+        optimizer=c.optimizer, beta1=c.beta1, beta2=c.beta2, eps=c.eps,
+    )
+    CLIENT_ALGORITHMS.get(c.algorithm, key="client.algorithm")
+    algorithm = CLIENT_ALGORITHMS.build(c.algorithm, c.options, "client", mu=c.mu)
+    s = cfg.server
+    server_context: dict[str, Any] = {"momentum": s.momentum, "beta1": s.beta1, "beta2": s.beta2, "tau": s.tau}
+    if s.lr:
+        server_context["lr"] = s.lr
+    optimizer = SERVER_OPTIMIZERS.build(s.optimizer, {}, "server.optimizer", **server_context)
+    s.lr = optimizer.lr  # the resolved config records the learning rate actually used
+    sampler = SAMPLERS.build(s.sampler, {}, "server.sampler")
+    _check_schedule(s)
+    if not 1 <= s.clients_per_round <= fed_data.num_clients:
+        raise ConfigError(
+            f"server.clients_per_round = {s.clients_per_round}: must be between 1 and "
+            f"data.num_clients = {fed_data.num_clients}"
+        )
+    layout = Layout.from_module(model)
+    from koinon.aggregate import build_aggregator
+    from koinon.compress import CODECS
+    from koinon.runtime import RUNTIMES
+
+    codec = CODECS.build(cfg.codec.name, cfg.codec.options, "codec", layout=layout)
+    downlink = CODECS.build(cfg.downlink.name, cfg.downlink.options, "downlink", layout=layout)
+    from koinon.attacks import ATTACKS
+
+    a = cfg.attack
+    if not 0.0 <= a.fraction < 1.0:
+        raise ConfigError(f"attack.fraction = {a.fraction}: must be in [0, 1)")
+    if a.fraction > 0 and a.name == "none":
+        raise ConfigError("attack.fraction > 0 needs attack.name; see `koinon list` for the attacks")
+    attack = ATTACKS.build(a.name, a.options, "attack")
+    # Robust rules get f = the number of Byzantine clients in every cohort, unless set.
+    agg_options = dict(cfg.aggregator.options)
+    f = agg_options.pop("num_byzantine", round(a.fraction * s.clients_per_round))
+    if not isinstance(f, int) or isinstance(f, bool) or f < 0:
+        raise ConfigError(f"aggregator.num_byzantine = {f!r}: expected an integer >= 0")
+    _check_root_options(cfg.aggregator.name, agg_options)
+    aggregator = build_aggregator(cfg.aggregator.name, agg_options, f)
+    # A throwaway instance aggregates a dummy cohort, so a rule whose assumption (e.g. Bulyan's
+    # n >= 4f + 3) this cohort size breaks is refused now, not in the middle of training.
+    probe = build_aggregator(cfg.aggregator.name, agg_options, f)
+    from koinon.server.root import reference_users
+
+    for part in reference_users(probe):  # FLTrust: any reference, only the cohort size is checked
+        part.set_reference(torch.ones(2))
+    guard(f"aggregator.name = {cfg.aggregator.name!r} with server.clients_per_round = "
+          f"{s.clients_per_round}", probe.aggregate,
+          torch.zeros(s.clients_per_round, 2), torch.ones(s.clients_per_round))
+    runtime = RUNTIMES.build(cfg.runtime.name, cfg.runtime.options, "runtime")
+    return Components(model, fed_data, local, algorithm, optimizer, sampler, codec, downlink,
+                      attack, aggregator, runtime)
+
+
+@TOPOLOGIES.register("federated")
+def build_federated(cfg: Config, /) -> Topology:
+    """A server and simulated clients (FedAvg family, robust aggregation, attacks)."""
+    parts = build_components(cfg)
+    s, a = cfg.server, cfg.attack
+    return guard(
+        "federation", Federation, parts.model, parts.fed_data, local=parts.local,
+        algorithm=parts.algorithm, server_optimizer=parts.optimizer, sampler=parts.sampler,
+        codec=parts.codec, downlink=parts.downlink, aggregator=parts.aggregator,
+        runtime=parts.runtime, clients_per_round=s.clients_per_round, seed=cfg.seed,
+        attack=parts.attack, byzantine_fraction=a.fraction, downlink_delta=cfg.downlink.delta,
+    )
+
+
+@TOPOLOGIES.register("gossip")
+def build_gossip(cfg: Config, /) -> Topology:
+    """Decentralized training (D-PSGD): every client is a peer; server-only sections are ignored."""
+    from koinon.server.root import reference_users
+
+    parts = build_components(cfg)
+    if reference_users(parts.aggregator):
+        raise ConfigError(f"aggregator.name = {cfg.aggregator.name!r} needs a server with a root dataset; "
+                          f"topology.name = {cfg.topology.name!r} has none (use topology.name = 'federated')")
+    t = cfg.topology
+    failures: dict[int, float] = {}
+    for key, value in t.failures.items():
+        if not str(key).isdigit() or not isinstance(value, (int, float)):
+            raise ConfigError(f"topology.failures = {t.failures!r}: expected {{round = fraction}}, "
+                              "e.g. failures = {{ 20 = 0.5 }}")
+        failures[int(key)] = float(value)
+    accepted = set(inspect.signature(Gossip).parameters)
+    extra = {k: v for k, v in t.options.items() if k in accepted}
+    graph_options = {k: v for k, v in t.options.items() if k not in accepted}
+    robust = None if cfg.aggregator.name == "mean" else parts.aggregator
+    if cfg.attack.name != "none":
+        if "attack" in extra or "byzantine_fraction" in extra:
+            raise ConfigError("gossip attacks: use [attack] name/fraction or topology.options "
+                              "attack/byzantine_fraction, not both")
+        # [attack] applies to gossip as to a federation: Byzantine peers forge what they send.
+        extra.update(attack=parts.attack, byzantine_fraction=cfg.attack.fraction)
+    return guard(
+        "topology", Gossip, parts.model, parts.fed_data, graph=t.graph, graph_options=graph_options,
+        mixing=t.mixing, local=parts.local, algorithm=parts.algorithm, codec=parts.codec,
+        compress_delta=t.compress_delta, aggregator=robust, runtime=parts.runtime,
+        final_merge_every=t.final_merge_every, failures=failures, failure_choice=t.failure_choice,
+        eval_nodes=t.eval_nodes, seed=cfg.seed, **extra,
+    )
+
+
+@TOPOLOGIES.register("diloco")
+def build_diloco(cfg: Config, /) -> Topology:
+    """Compute islands (DiLoCo family), simulated in one process.
+
+    The [diloco] section holds the inner and outer optimizers, so the [client] and [server]
+    optimizer keys do not apply."""
+    from koinon.islands import DiLoCo, build_parts
+    from koinon.runtime.local import set_threads
+
+    _check_schedule(cfg.server)
+    parts = build_parts(cfg)
+    threads = cfg.runtime.options.get("threads", 0)
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
+        raise ConfigError(f"runtime.threads = {threads!r}: expected an integer >= 0 (0 = 1 for small models)")
+    set_threads(threads, parts.layout.numel)  # small models: one thread (see set_threads)
+    return DiLoCo(parts, cfg.seed)
