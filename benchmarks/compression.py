@@ -312,8 +312,9 @@ def main() -> None:
         standalone(args.numel, args.repeats)
     if args.e2e or both:
         from koinon.experiment import load_config
+        from koinon.experiment.robustness import parse_seeds
 
-        seeds = [int(s) for s in args.seeds.split(",")]
+        seeds = parse_seeds(args.seeds)
         rounds = args.rounds or load_config(args.config).server.rounds
         specs = e2e_specs()
         if args.only:
