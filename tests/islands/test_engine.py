@@ -5,7 +5,7 @@ from koinon.errors import ConfigError
 from koinon.islands import IslandsSpec, LocalExchange
 from koinon.islands.build import build_codec_for, spec_from_options
 from koinon.islands.engine import average_payloads
-from koinon.islands.outer import co2_step, outer_sgd
+from koinon.islands.outer import co2_step, outer_optimizer
 
 
 def test_diloco_h1_with_plain_sgd_outer_step_is_synchronous_data_parallel(make_engine):
@@ -22,16 +22,19 @@ def test_diloco_h1_with_plain_sgd_outer_step_is_synchronous_data_parallel(make_e
     assert not torch.equal(diloco.theta, make_engine(IslandsSpec(workers=3)).theta)  # it moved
 
 
-def test_outer_nesterov_matches_torch_sgd():
+def test_outer_step_is_torch_nesterov_sgd_on_the_averaged_pseudo_gradient():
+    # DiLoCo's outer optimizer (Nesterov, lr 0.7, momentum 0.9) is the server optimizer, stepped
+    # with Delta = -average: torch.optim.SGD(nesterov=True) with grad = average.
+    opt = outer_optimizer(IslandsSpec())
     theta = torch.randn(10)
     reference = theta.clone().requires_grad_(True)
-    opt = torch.optim.SGD([reference], lr=0.7, momentum=0.9, nesterov=True)
-    momentum = torch.zeros(10)
+    torch_opt = torch.optim.SGD([reference], lr=0.7, momentum=0.9, nesterov=True)
+    state = opt.init(theta)
     for k in range(4):
         g = torch.randn(10, generator=torch.Generator().manual_seed(k))
-        outer_sgd(theta, momentum, g, 0.7, 0.9, nesterov=True)
+        theta = opt.step(theta, -g, state)
         reference.grad = g.clone()
-        opt.step()
+        torch_opt.step()
     torch.testing.assert_close(theta, reference.detach())
 
 
@@ -88,7 +91,7 @@ def test_co2_applies_the_average_one_round_late_and_clips_momentum(make_engine):
     assert torch.equal(eng.theta, theta0) and eng.co2_pending is not None  # still in flight
     eng.run_steps(4, LocalExchange())
     assert not torch.equal(eng.theta, theta0)
-    assert eng.outer_m.norm() <= 0.05 + 1e-6
+    assert eng.outer_state["momentum"].norm() <= 0.05 + 1e-6
     # each worker keeps its own in-flight progress: local = theta + (own last-round movement)
     assert not torch.equal(eng.local[0], eng.local[1])
 

@@ -26,6 +26,33 @@ def test_fedavgm_hand_computed():
     assert x.item() == pytest.approx(2.5)
 
 
+@pytest.mark.parametrize("name, nesterov", [("fedavgm", False), ("nesterov", True)])
+def test_momentum_matches_torch_sgd_on_the_pseudo_gradient(name, nesterov):
+    # Delta is minus the pseudo-gradient: the server step is torch's SGD step on -Delta.
+    x = torch.randn(10, generator=torch.Generator().manual_seed(0))
+    reference = x.clone().requires_grad_(True)
+    torch_opt = torch.optim.SGD([reference], lr=0.7, momentum=0.9, nesterov=nesterov)
+    opt = _opt(name, lr=0.7, momentum=0.9)
+    st = opt.init(x)
+    for k in range(5):
+        delta = torch.randn(10, generator=torch.Generator().manual_seed(k + 1))
+        x = opt.step(x, delta, st)
+        reference.grad = -delta
+        torch_opt.step()
+    torch.testing.assert_close(x, reference.detach())
+    assert opt.name == name
+
+
+def test_nesterov_hand_computed():
+    opt = _opt("nesterov", lr=1.0, momentum=0.5)
+    x = torch.zeros(1)
+    st = opt.init(x)
+    x = opt.step(x, torch.tensor([1.0]), st)  # v = 1, step 1 + 0.5 * 1
+    assert x.item() == 1.5
+    x = opt.step(x, torch.tensor([1.0]), st)  # v = 1.5, step 1 + 0.75
+    assert x.item() == 3.25
+
+
 @pytest.mark.parametrize("name", ["fedadagrad", "fedadam", "fedyogi"])
 def test_adaptive_first_step_hand_computed(name):
     lr, b1, b2, tau = 0.1, 0.9, 0.99, 1e-3

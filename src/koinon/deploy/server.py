@@ -33,7 +33,7 @@ from koinon.deploy.certs import read_revoked, server_credentials
 from koinon.deploy.store import Store
 from koinon.deploy.wire import MAX_GRPC_MESSAGE, Limits, Rejected, pb, read_upload, task_messages
 from koinon.errors import CodecError, ConfigError, KoinonError
-from koinon.experiment.checkpoint import atomic_write_text
+from koinon.files import atomic_write_text
 from koinon.topology.federated import Federation
 
 if sys.version_info >= (3, 11):

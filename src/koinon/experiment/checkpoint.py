@@ -16,14 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from koinon.errors import KoinonError
+from koinon.files import atomic_write_text
 
 POINTER = "checkpoint.json"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def save_checkpoint(out_dir: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:

@@ -29,7 +29,7 @@ from typing import Any
 
 from koinon.config import Config, parse_override
 from koinon.errors import ConfigError, KoinonError
-from koinon.experiment.checkpoint import atomic_write_text
+from koinon.files import atomic_write_text
 
 CLEAN = "none"
 

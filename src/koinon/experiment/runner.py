@@ -21,7 +21,8 @@ import torch
 
 from koinon.config import Config, load_config, parse_override
 from koinon.errors import ConfigError, KoinonError
-from koinon.experiment.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from koinon.experiment.checkpoint import load_checkpoint, save_checkpoint
+from koinon.files import atomic_write_text
 from koinon.topology import TOPOLOGIES, Topology
 
 RUN_FILES = ("config.toml", "metrics.jsonl", "summary.json", "checkpoint.json", "model.safetensors", "accuracy.png")

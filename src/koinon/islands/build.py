@@ -16,10 +16,11 @@ from torch import nn
 from koinon.compress.base import CODECS, Codec
 from koinon.config import Config
 from koinon.data import DATASETS, Dataset, partition_dataset
-from koinon.errors import ConfigError, KoinonError
+from koinon.errors import ConfigError
 from koinon.islands.spec import IslandsSpec
 from koinon.models import build_model
 from koinon.params import Entry, Layout
+from koinon.registry import Registry
 
 
 @dataclass
@@ -45,49 +46,37 @@ def build_codec_for(name: str, options: dict, numel: int) -> Codec:
     return CODECS.build(name, options, "codec", layout=layout)
 
 
-def spec_from_options(options: dict[str, Any]) -> IslandsSpec:
-    """`[diloco]` keys -> a checked `IslandsSpec` (unknown key or wrong type: ConfigError)."""
-    defaults = IslandsSpec()
-    fields = {f.name for f in dataclasses.fields(IslandsSpec)}
-    clean: dict[str, Any] = {}
-    for key, value in options.items():
-        if key not in fields:
-            raise ConfigError(f"unknown key diloco.{key}; allowed: {', '.join(sorted(fields))}")
-        default = getattr(defaults, key)
-        if isinstance(default, bool) or isinstance(value, bool):
-            ok = isinstance(default, bool) and isinstance(value, bool)
-        elif isinstance(default, float):
-            ok = isinstance(value, (int, float))
-            value = float(value) if ok else value
-        else:
-            ok = isinstance(value, type(default))
-        if not ok:
-            raise ConfigError(f"diloco.{key} = {value!r}: expected {type(default).__name__}")
-        clean[key] = value
-    return IslandsSpec(**clean).check()
+SPECS: Registry[IslandsSpec] = Registry("DiLoCo setting")
+"""One entry: the `[diloco]` section is checked as a registry component's options are."""
+SPECS.register("diloco")(IslandsSpec)
+
+
+def spec_from_options(options: dict[str, Any], rounds: int = 0) -> IslandsSpec:
+    """`[diloco]` keys -> a checked `IslandsSpec` (unknown key or wrong type: ConfigError).
+    `rounds`: the run's rounds, for a cosine schedule without `total_steps` (one round of
+    `koinon run` is `inner_steps` inner steps)."""
+    spec = SPECS.build("diloco", options, "diloco")
+    # TOML writes 1 for 1.0: store floats as floats, so the resolved config reads the same.
+    resolved: dict[str, Any] = {f.name: float(getattr(spec, f.name))
+                                for f in dataclasses.fields(spec) if isinstance(f.default, float)}
+    if spec.lr_schedule == "cosine" and not spec.total_steps:
+        resolved["total_steps"] = rounds * spec.inner_steps
+    return dataclasses.replace(spec, **resolved).check()
 
 
 def build_parts(cfg: Config) -> IslandsParts:
     """Check and build everything a DiLoCo run needs; writes resolved [diloco] keys into cfg."""
-    options = dict(cfg.diloco.options)
-    if options.get("lr_schedule") == "cosine" and not options.get("total_steps"):
-        # one round of `koinon run` is inner_steps inner steps
-        options["total_steps"] = cfg.server.rounds * int(
-            options.get("inner_steps", IslandsSpec.inner_steps))
-    spec = spec_from_options(options)
+    spec = spec_from_options(cfg.diloco.options, cfg.server.rounds)
     cfg.diloco.options = dataclasses.asdict(spec)
     d = cfg.data
-    DATASETS.get(d.name, key="data.name")
+    dataset = DATASETS.build(d.name, d.options, "data", seed=cfg.seed,
+                             test_fraction=d.test_fraction, num_clients=d.num_clients)
     try:
-        dataset = DATASETS.build(d.name, d.options, "data", seed=cfg.seed,
-                                 test_fraction=d.test_fraction, num_clients=d.num_clients)
         fed = partition_dataset(dataset, d.partition, d.num_clients, cfg.seed,
                                 {"alpha": d.alpha, "classes_per_client": d.classes_per_client,
                                  "power": d.power})
-    except KoinonError:
-        raise
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"data ({d.name!r}, partition {d.partition!r}): {exc}") from None
+        raise ConfigError(f"data.partition = {d.partition!r}: {exc}") from None
     model = build_model(cfg.model.name, cfg.model.options, dataset.input_shape,
                         dataset.num_classes, cfg.seed)
     layout = Layout.from_module(model)

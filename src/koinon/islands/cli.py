@@ -31,7 +31,7 @@ from torch.distributed import TCPStore
 
 from koinon.config import Config
 from koinon.errors import ConfigError, KoinonError
-from koinon.experiment.checkpoint import atomic_write_text
+from koinon.files import atomic_write_text
 from koinon.islands.build import build_parts
 from koinon.islands.membership import Coordinator, MembershipTimeout, wait_key
 

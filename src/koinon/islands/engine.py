@@ -17,8 +17,8 @@ Real overlap: an exchange that can run in the background (`OverlappingExchange`,
 processes) is *begun* at the sync event and *waited for* only where the math first needs its
 result: tau inner steps later for Streaming DiLoCo (the outer step on the fragment, then the
 merge), the next sync event for CO2. Nothing reads those values in between (fragment p's slice
-of `theta` and `outer_m` is touched only by fragment p's events, and tau < inner_steps / P), so
-the numbers are those of the one-process simulation, where the same update lands at once.
+of `theta` and `outer_state` is touched only by fragment p's events, and tau < inner_steps / P),
+so the numbers are those of the one-process simulation, where the same update lands at once.
 Plain DiLoCo (tau = 0) and `sync` need the result before the next inner step: they block.
 """
 
@@ -35,7 +35,7 @@ from torch import nn
 from koinon.compress.base import Codec, CodecState
 from koinon.islands import inner
 from koinon.islands.fragments import fragment_at, fragment_indices
-from koinon.islands.outer import co2_penalty, co2_step, outer_sgd
+from koinon.islands.outer import co2_penalty, co2_step, outer_optimizer
 from koinon.islands.spec import IslandsSpec
 from koinon.params import Layout
 
@@ -139,7 +139,11 @@ class IslandsEngine:
         self.codecs = [codec_factory(len(idx)) for idx in self.fragments]
         self.grad_fn = inner.make_stack_grad(inner.make_loss(model, layout), spec.vectorized)
         self.theta = layout.flatten(model)
-        self.outer_m = torch.zeros(numel)
+        self.inner_opt = inner.inner_optimizer(spec)
+        self.outer_opt = outer_optimizer(spec)
+        # Outer optimizer state, on the whole of theta (a fragment's step reads its slice).
+        self.outer_state = (self.outer_opt.init(self.theta) if spec.mode == "diloco"
+                            else {"momentum": torch.zeros(numel)})
         self.step = 0
         self.sync_index = 0
         self.bytes_sent = 0
@@ -159,7 +163,8 @@ class IslandsEngine:
         self.local = self.theta.repeat(k, 1)
         self.round_start = self.local.clone()
         rows = 1 if self.spec.mode == "sync" else k  # sync: one optimizer, on theta
-        self.inner_state = inner.init_inner_state(rows, numel)
+        self.inner_state = self.inner_opt.init(rows, numel)
+        self.inner_opt_steps = 0  # optimizer steps on this state (AdamW's bias correction)
         self.merges: list[tuple[int, int]] = []  # (apply at inner step, fragment)
 
     # ------------------------------------------------------------------ training
@@ -187,20 +192,25 @@ class IslandsEngine:
         if self.spec.mode == "sync":
             self._sync_dp(exchange, grads, joining=False)
         else:
-            inner.inner_step(self.local, inner.clip_rows(grads, self.spec.grad_clip),
-                             self.inner_state, self.spec, self.spec.lr_at(self.step))
+            self._inner_opt_step(self.local, inner.clip_rows(grads, self.spec.grad_clip))
             self.step += 1
             self._apply_due(exchange)
             if self.step % self.spec.sync_period == 0:
                 self.sync(exchange)
         return float(losses.mean())
 
+    def _inner_opt_step(self, params: torch.Tensor, grads: torch.Tensor) -> None:
+        """One inner optimizer step on a `[K, P]` stack, in place, at this step's lr."""
+        self.inner_opt.step(params, grads, self.inner_state, self.inner_opt_steps,
+                            self.spec.lr_at(self.step))
+        self.inner_opt_steps += 1
+
     def _sync_dp(self, exchange: Exchange, grads: torch.Tensor, joining: bool) -> None:
         """Synchronous data parallel: average the gradients, one optimizer step on theta."""
         avg = self._exchange(exchange, grads, 0, joining)
         avg = inner.clip_rows(avg.unsqueeze(0), self.spec.grad_clip)
         theta = self.theta.unsqueeze(0)
-        inner.inner_step(theta, avg, self.inner_state, self.spec, self.spec.lr_at(self.step))
+        self._inner_opt_step(theta, avg)
         self.local = theta.expand(len(self.worker_ids), -1).clone()
         self.step += 1
         self.sync_index += 1
@@ -231,11 +241,11 @@ class IslandsEngine:
         avg = self._finish(pending)
         p = pending.fragment
         idx = self.fragments[p]
-        theta, momentum = self.theta[idx], self.outer_m[idx]
-        outer_sgd(theta, momentum, avg, self.spec.outer_lr, self.spec.outer_momentum,
-                  nesterov=self.spec.outer_optimizer == "nesterov")
-        self.theta[idx] = theta
-        self.outer_m[idx] = momentum
+        # The fragment's slices are copies (index tensors): step them, then write them back.
+        state = {k: v[idx] for k, v in self.outer_state.items()}
+        self.theta[idx] = self.outer_opt.step(self.theta[idx], -avg, state)
+        for k, v in state.items():
+            self.outer_state[k][idx] = v
         if merge_now:
             self._merge(p)
         else:
@@ -250,8 +260,8 @@ class IslandsEngine:
         s = self.spec
         if self.co2_pending is not None:
             lam = co2_penalty(self.co2_pending, self.co2_previous, s.co2_penalty)
-            co2_step(self.theta, self.outer_m, self.co2_pending, lam, s.outer_lr,
-                     s.outer_momentum, s.co2_clip)
+            co2_step(self.theta, self.outer_state["momentum"], self.co2_pending, lam,
+                     s.outer_lr, s.outer_momentum, s.co2_clip)
             self.co2_previous, self.co2_pending = self.co2_pending, None
         # Each worker keeps its own in-flight progress on top of the agreed parameters.
         self.local = self.theta.unsqueeze(0) - deltas
@@ -362,9 +372,11 @@ class IslandsEngine:
     def shared_state(self) -> dict[str, torch.Tensor]:
         """What a joining worker needs from a live peer to continue in lockstep."""
         out = {
-            "theta": self.theta, "outer_m": self.outer_m,
-            "counters": torch.tensor([self.step, self.sync_index], dtype=torch.float64),
+            "theta": self.theta,
+            "counters": torch.tensor([self.step, self.sync_index, self.inner_opt_steps],
+                                     dtype=torch.float64),
         }
+        out.update({f"outer.{k}": v for k, v in self.outer_state.items()})
         if self.co2_pending is not None:
             out["co2_pending"] = self.co2_pending
         if self.co2_previous is not None:
@@ -375,13 +387,15 @@ class IslandsEngine:
 
     def load_shared_state(self, state: dict[str, torch.Tensor]) -> None:
         self.theta = state["theta"].clone()
-        self.outer_m = state["outer_m"].clone()
-        self.step, self.sync_index = (int(v) for v in state["counters"].tolist())
+        self.outer_state = {k[6:]: v.clone() for k, v in state.items() if k.startswith("outer.")}
+        step, sync_index, inner_opt_steps = (int(v) for v in state["counters"].tolist())
+        self.step, self.sync_index = step, sync_index
         self.co2_pending = state.get("co2_pending")
         self.co2_previous = state.get("co2_previous")
         self._reset_local()
         if self.spec.mode == "sync":
             self.inner_state = {k[4:]: v.clone() for k, v in state.items() if k.startswith("opt.")}
+            self.inner_opt_steps = inner_opt_steps
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Everything (shared and local) for a bit-identical resume of the simulation."""
@@ -402,6 +416,7 @@ class IslandsEngine:
         self.bytes_sent, self.bytes_received = (int(v) for v in state["bytes"].tolist())
         self.merges = [(int(a), int(b)) for a, b in state["merges"].tolist()]
         self.inner_state = {k[6:]: v.clone() for k, v in state.items() if k.startswith("inner.")}
+        self.inner_opt_steps = int(state["counters"][2])
         self.codec_states = {}
         for key, value in state.items():
             if key.startswith("codec."):

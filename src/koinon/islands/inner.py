@@ -2,8 +2,12 @@
 
 The simulation runs all M workers as one stack (K = M); a worker process runs the same code on a
 stack of one (K = 1). Same functions, same seeded batches, so the two modes agree to float
-tolerance. The inner optimizer (AdamW, or SGD for the H = 1 equivalence test) is written on the
-flat stack because `torch.optim` would need one module per worker and a Python loop over them.
+tolerance. The inner optimizer (AdamW, or SGD for the H = 1 equivalence test) is the shared
+local optimizer on the flat stack (`koinon.local.optim`), the one federated clients use.
+
+`evaluate` is islands' own: the shared `koinon.local.losses.evaluate` scores one prediction per
+sample (`argmax(dim=1)`, a per-sample mean), while a sequence model here predicts every
+position of a `[B, T, V]` output and is scored per token.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from torch.nn import functional as F
 
 from koinon.islands.spec import IslandsSpec
+from koinon.local.optim import LOCAL_OPTIMIZERS, LocalOptimizer
 from koinon.params import Layout
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -70,7 +75,9 @@ def make_stack_grad(loss: LossFn, vectorized: bool) -> StackGrad:
 
 def batch_generator(seed: int, worker_id: int, step: int) -> torch.Generator:
     """The generator of worker `worker_id`'s batch at inner step `step`: the same in every mode
-    and on every machine, and computable without replaying earlier steps (joiners, resume)."""
+    and on every machine, and computable without replaying earlier steps (joiners, resume).
+    Not `koinon.seeding.generator`: its batches would be as independent but different ones,
+    moving every figure of the README's DiLoCo table for no gain in the math."""
     return torch.Generator().manual_seed((seed * 1_000_003 + worker_id) * 1_000_000_007 + step)
 
 
@@ -89,33 +96,12 @@ def clip_rows(grads: torch.Tensor, max_norm: float) -> torch.Tensor:
     return grads * (max_norm / (norms + 1e-6)).clamp(max=1.0)
 
 
-def init_inner_state(num_rows: int, numel: int) -> dict[str, torch.Tensor]:
-    return {
-        "exp_avg": torch.zeros(num_rows, numel),
-        "exp_avg_sq": torch.zeros(num_rows, numel),
-        "steps": torch.zeros(num_rows),
-    }
-
-
-def inner_step(
-    params: torch.Tensor, grads: torch.Tensor, state: dict[str, torch.Tensor], spec: IslandsSpec,
-    lr: float | None = None,
-) -> None:
-    """One inner optimizer step on a `[K, P]` stack, in place (AdamW as in torch.optim.AdamW).
-    `lr`: this step's learning rate (the engine passes `spec.lr_at(step)`); None: inner_lr."""
-    lr = spec.inner_lr if lr is None else lr
+def inner_optimizer(spec: IslandsSpec) -> LocalOptimizer:
+    """The inner optimizer of `spec` (its weight decay applies to AdamW only, decoupled)."""
     if spec.inner_optimizer == "sgd":
-        params.sub_(grads, alpha=lr)
-        return
-    state["steps"] += 1
-    b1, b2 = spec.beta1, spec.beta2
-    state["exp_avg"].lerp_(grads, 1 - b1)
-    state["exp_avg_sq"].mul_(b2).addcmul_(grads, grads, value=1 - b2)
-    bias1 = (1 - b1 ** state["steps"]).unsqueeze(1)
-    bias2 = (1 - b2 ** state["steps"]).unsqueeze(1)
-    denom = (state["exp_avg_sq"] / bias2).sqrt_().add_(1e-8)
-    params.mul_(1 - lr * spec.weight_decay)
-    params.addcdiv_(state["exp_avg"] / bias1, denom, value=-lr)
+        return LOCAL_OPTIMIZERS.build("sgd", {}, "diloco")
+    return LOCAL_OPTIMIZERS.build("adamw", {}, "diloco", beta1=spec.beta1, beta2=spec.beta2,
+                                  weight_decay=spec.weight_decay)
 
 
 @torch.no_grad()

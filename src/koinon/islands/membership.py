@@ -1,8 +1,15 @@
 """Membership for worker processes: a quorum per sync event, decided by one coordinator.
 
-Why not torchft: its Lighthouse (the quorum server) and Manager are Rust extensions that need a
-toolchain and a server process we cannot install here; what we need of them is small. We keep
-their design: one coordinator decides, per sync event, which live workers form the quorum; the
+Why not torchft's Lighthouse and Manager (torchft 0.2.0's wheel ships them compiled;
+tests/islands/test_torchft.py runs its DiLoCo against a live lighthouse and gets our parameters):
+they cover the quorum, joins (healing from a live peer), drops and the commit vote, but their
+collective is an all-reduce of float tensors, and we need (1) an all-gather of codec bytes of
+varying size, decoded and summed in worker-id order so every member gets the same float32 bits
+whatever the codec; (2) a failed exchange retried with the survivors within the same sync event
+(torchft votes the step down and its DiLoCo drops the round's inner steps); (3) CO2's exchange in
+flight for a whole round (torchft's overlap stays below one fragment period); (4) one store that
+the launcher hosts, not a lighthouse process plus a store and a manager server per replica. We
+keep their design: one coordinator decides, per sync event, which live workers form the quorum; the
 workers then form a *fresh* gloo group among exactly those members; a joiner receives the shared
 state from a live peer inside that group (torchft's "recovery" from a healthy replica); a failed
 collective is retried with the survivors, and nothing is applied until every member of the

@@ -2,26 +2,34 @@
 
 All of them work in float32 on the decoded average, never on quantized values, as Streaming
 DiLoCo prescribes (outer gradients may travel in 4 bits; accumulation stays in FP32).
+
+DiLoCo's outer step is a server optimizer (`koinon.server.optimizers`: Nesterov, or plain
+momentum SGD), stepped with Delta = -average pseudo-gradient like a federated server's.
+
+CO2's step stays here: its penalty lambda compares the average applied now with the one applied
+the round before, which only means something for CO2's one-round-stale application, and it
+clips the momentum *between* the momentum update and the parameter step, which the
+`init`/`step` protocol has no place for. Offered as a server optimizer, it would be a federated
+option that silently means nothing.
 """
 
 from __future__ import annotations
 
 import torch
 
+from koinon.islands.spec import IslandsSpec
+from koinon.server.optimizers import SERVER_OPTIMIZERS, ServerOptimizer
 
-def outer_sgd(
-    theta: torch.Tensor, momentum: torch.Tensor, grad: torch.Tensor, lr: float, mu: float,
-    nesterov: bool,
-) -> None:
-    """SGD with (Nesterov) momentum on views of the shared state, in place.
+_SERVER_NAMES = {"nesterov": "nesterov", "sgd": "fedavgm"}
 
-    Same update as `torch.optim.SGD(momentum=mu, nesterov=...)`: buf <- mu*buf + g;
-    step = g + mu*buf (Nesterov) or buf; theta <- theta - lr*step. DiLoCo's outer optimizer is
-    Nesterov with lr 0.7, mu 0.9; lr 1 and mu 0 makes theta the plain average of the workers.
-    """
-    momentum.mul_(mu).add_(grad)
-    step = grad + mu * momentum if nesterov else momentum
-    theta.sub_(step, alpha=lr)
+
+def outer_optimizer(spec: IslandsSpec) -> ServerOptimizer:
+    """DiLoCo's outer optimizer: `nesterov` or `sgd` (momentum SGD; lr 1 and momentum 0 makes
+    theta the plain average of the workers)."""
+    return SERVER_OPTIMIZERS.build(
+        _SERVER_NAMES[spec.outer_optimizer], {}, "diloco.outer_optimizer",
+        lr=spec.outer_lr, momentum=spec.outer_momentum,
+    )
 
 
 def co2_penalty(avg: torch.Tensor, previous: torch.Tensor | None, gamma: float) -> float:

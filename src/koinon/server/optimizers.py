@@ -56,15 +56,19 @@ class FedAvg:
 
 @SERVER_OPTIMIZERS.register("fedavgm")
 class FedAvgM:
-    """Server momentum (Hsu et al. 2019): v <- momentum * v + Delta; x <- x + lr * v."""
+    """Server momentum (Hsu et al. 2019): v <- momentum * v + Delta; x <- x + lr * v.
+
+    `nesterov`: x <- x + lr * (Delta + momentum * v), which is `torch.optim.SGD(nesterov=True)`
+    on the pseudo-gradient -Delta (v is minus torch's momentum buffer)."""
 
     name = "fedavgm"
 
-    def __init__(self, lr: float = 1.0, momentum: float = 0.9) -> None:
+    def __init__(self, lr: float = 1.0, momentum: float = 0.9, nesterov: bool = False) -> None:
         _check_lr(lr)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"server.momentum must be in [0, 1), got {momentum}")
-        self.lr, self.momentum = lr, momentum
+        self.lr, self.momentum, self.nesterov = lr, momentum, nesterov
+        self.name = "nesterov" if nesterov else "fedavgm"
 
     def init(self, params: torch.Tensor) -> State:
         return {"velocity": torch.zeros_like(params)}
@@ -72,7 +76,17 @@ class FedAvgM:
     def step(self, params: torch.Tensor, delta: torch.Tensor, state: State) -> torch.Tensor:
         v = state["velocity"]
         v.mul_(self.momentum).add_(delta)
+        if self.nesterov:
+            # One fused multiply-add, as torch.optim.SGD's `param.add_(step, alpha=-lr)`.
+            return params.add(delta + self.momentum * v, alpha=self.lr)
         return params + self.lr * v
+
+
+@SERVER_OPTIMIZERS.register("nesterov")
+def nesterov(lr: float = 1.0, momentum: float = 0.9) -> FedAvgM:
+    """Nesterov momentum on the pseudo-gradient: DiLoCo's outer optimizer (Douillard et al.
+    2023, arXiv:2311.08105, uses lr 0.7, momentum 0.9)."""
+    return FedAvgM(lr, momentum, nesterov=True)
 
 
 class _Adaptive:
