@@ -98,7 +98,7 @@ def test_resume_continues_the_servers_momentum_exactly():
     straight.fit(3)
     first = build_federation(cfg)
     first.fit(2)
-    assert any(k.startswith("root/") for k in first.state_dict())
+    assert any(k.startswith("server/root/") for k in first.state_dict())
     resumed = build_federation(cfg)
     resumed.load_state_dict(first.state_dict())
     resumed.round_index = 2

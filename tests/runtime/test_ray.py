@@ -79,8 +79,8 @@ def test_ray_equals_inprocess(algorithm):
         ids = [0, 2, 3, 5, 7]
         starts = fed.params + 0.1 * torch.randn(5, fed.layout.numel, generator=torch.Generator().manual_seed(0))
         states = [{} for _ in ids]
-        got = fed.runtime.train(ids, starts, ref.server_state, states, 11, 3)
-        want = ref.runtime.train(ids, starts, ref.server_state, states, 11, 3)
+        got = fed.runtime.train(ids, starts, ref.server.server_state, states, 11, 3)
+        want = ref.runtime.train(ids, starts, ref.server.server_state, states, 11, 3)
         assert torch.allclose(got.deltas, want.deltas, atol=ATOL)
     finally:
         fed.close()

@@ -54,10 +54,14 @@ class _PoisonOne:
     def setup(self, trainer):
         self.inner.setup(trainer)
 
-    def train(self, *args, **kwargs):
-        result = self.inner.train(*args, **kwargs)
-        result.deltas[0, 0] = float("nan")
-        return result
+    def train(self, *args):
+        *head, encoder = args  # corrupt the update before the client encodes it
+        result = self.inner.train(*head)
+        self.corrupt(result.deltas)
+        return encoder.encode(result)
+
+    def corrupt(self, deltas):
+        deltas[0, 0] = float("nan")
 
     def close(self):
         pass
@@ -74,11 +78,9 @@ def test_non_finite_updates_are_rejected_not_applied(capsys):
 class _Huge(_PoisonOne):
     """Finite values whose row sum overflows float32: large, but not a reason to reject."""
 
-    def train(self, *args, **kwargs):
-        result = self.inner.train(*args, **kwargs)
-        result.deltas[1, :4] = 3e38
-        result.deltas[2, 0] = float("inf")
-        return result
+    def corrupt(self, deltas):
+        deltas[1, :4] = 3e38
+        deltas[2, 0] = float("inf")
 
 
 def test_only_truly_non_finite_rows_are_rejected():
@@ -107,7 +109,7 @@ def test_delta_downlink_sends_missed_payloads_or_the_full_model():
     first = delta.run_round(evaluate=False)
     assert first.downlink_bytes == 20 * 4 * p  # new clients get the full fp32 model
     second = delta.run_round(evaluate=False)
-    assert second.downlink_bytes == 20 * delta.broadcast_sizes[-1] < 20 * p + 20 * 16
+    assert second.downlink_bytes == 20 * delta.server.broadcast.sizes[-1] < 20 * p + 20 * 16
     full.fit(rounds=2)
     assert torch.allclose(full.params, delta.params, atol=0.05)  # int8 downlink: close, not equal
     partial = _federation(downlink_delta=True, downlink="int8")
@@ -129,7 +131,7 @@ def test_increment_codecs_and_delta_downlink_resume_identically():
     a = _federation(**kwargs)
     a.fit(rounds=2)
     saved = {k: v.clone() for k, v in a.state_dict().items()}
-    assert any(k.startswith("increment/") for k in saved) and "reference" in saved
+    assert any(k.startswith("server/receiver/") for k in saved) and "server/broadcast/reference" in saved
     a.fit(rounds=2)
     b = _federation(**{**kwargs, "codec": kn.compress.CODECS.get("ef21")(layout=a.layout)})
     b.load_state_dict(saved)

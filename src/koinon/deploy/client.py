@@ -2,9 +2,10 @@
 
 A client learns the run's configuration from the server (so it cannot drift from it), builds the
 same components the simulation builds, and trains with the simulation's runtime and
-`CohortTrainer`: batches are hashed from (seed, round, client index), uploads encoded with
-(seed, round, client index, stream), so the bytes it sends are the bytes the simulated client
-would produce. Its codec state (error feedback) and algorithm state (e.g. SCAFFOLD's control
+`CohortTrainer`: batches are hashed from (seed, round, client index), uploads encoded by the
+wire's `CohortEncoder` with (seed, round, client index, stream), so the bytes it sends are the
+bytes the simulated client would produce. With a delta downlink it keeps the model it last
+received and adds the changes it missed, as the simulated clients do. Its codec state (error feedback) and algorithm state (e.g. SCAFFOLD's control
 variate) live in `--state DIR` and are saved atomically once the server has accepted the upload
 they belong to, so a restarted client goes on with them.
 
@@ -36,16 +37,15 @@ from koinon.deploy import federation_pb2_grpc
 from koinon.deploy.certs import Credentials
 from koinon.deploy.wire import MAX_GRPC_MESSAGE, Rejected, pb, read_task, upload_messages
 from koinon.errors import KoinonError
-from koinon.seeding import mix_seed
 from koinon.topology.federated import Federation
 from koinon.update import State
+from koinon.wire import MODEL, CohortEncoder, receive_model
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-_DELTA = "delta"
 # Server refusals that retrying cannot fix: the client stops with the server's reason.
 _FATAL = {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
           grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS}
@@ -98,6 +98,8 @@ class ClientState:
         self.codec: dict[str, State] = {}
         self.algorithm: State = {}
         self.last_round = -1
+        self.model: torch.Tensor | None = None  # delta downlink: the model of round `model_round`
+        self.model_round = -1
         folder.mkdir(parents=True, exist_ok=True)
         meta_path = folder / "state.json"
         if not meta_path.is_file():
@@ -114,6 +116,19 @@ class ClientState:
             elif parts[0] == "algorithm":
                 self.algorithm[parts[1]] = value
         self.last_round = int(meta.get("last_round", -1))
+        model_path = folder / "model.safetensors"
+        if model_path.is_file():
+            held = load_file(str(model_path))
+            self.model, self.model_round = held["model"], int(held["round"])
+
+    def hold_model(self, model: torch.Tensor, round_index: int) -> None:
+        """Keep the model of `round_index` on disk (delta downlink catches up from it)."""
+        from safetensors.torch import save_file
+
+        tmp = self.folder / ".model.safetensors.tmp"
+        save_file({"model": model.contiguous(), "round": torch.tensor(round_index)}, str(tmp))
+        os.replace(tmp, self.folder / "model.safetensors")
+        self.model, self.model_round = model, round_index
 
     def save(self, layout_hash: str, last_round: int) -> None:
         from safetensors.torch import save_file
@@ -170,18 +185,27 @@ class Worker:
               state: ClientState) -> tuple[list[bytes], dict[str, State], Any]:
         """The upload payloads of one round and the codec states they leave behind."""
         fed = self.fed
-        down = {name: fed.downlink.decode(p) for name, p in zip(streams, payloads)}
-        params = down.pop(_DELTA)
-        if params.shape != (fed.layout.numel,):
-            raise Rejected(f"the server's model has {params.numel()} values, this model {fed.layout.numel}")
-        result = fed.runtime.train([idx], params, down, [state.algorithm], fed.seed, round_index)
-        uploads = [(_DELTA, result.deltas[0]), *((n, result.uploads[n][0]) for n in fed.algorithm.uploads)]
-        out, states = [], {}
-        for s, (name, tensor) in enumerate(uploads):
-            gen = torch.Generator().manual_seed(mix_seed(fed.seed, round_index, idx, s))
-            payload, states[name] = fed.codec.encode(tensor, state.codec.get(name) or fed.codec.init_state(), gen)
-            out.append(payload)
-        return out, states, result
+        numel = fed.layout.numel
+        parts = list(zip(streams, payloads))
+        model = [p for name, p in parts if name == "model" or name == MODEL or name.startswith(f"{MODEL}@")]
+        names = [name for name, _ in parts[: len(model)]]
+        if not model:
+            raise Rejected("the task holds no model")
+        reference = None
+        if names[0].startswith(f"{MODEL}@"):  # delta downlink: the changes since the model held
+            if state.model is None or int(names[0].split("@")[1]) != state.model_round + 1:
+                raise Rejected(f"changes from {names[0]} for a client holding round {state.model_round}")
+            reference = state.model
+        params = receive_model(fed.downlink, reference, model, names[0] == "model", numel)
+        if params.shape != (numel,):
+            raise Rejected(f"the server's model has {params.numel()} values, this model {numel}")
+        if fed.server.broadcast.delta:
+            state.hold_model(params, round_index)
+        down = {name: fed.downlink.decode(p) for name, p in parts[len(model):]}
+        encoder = CohortEncoder(fed.codec, fed.seed, round_index, fed.server.streams, [state.codec])
+        result = fed.runtime.train([idx], params, down, [state.algorithm], fed.seed, round_index, encoder)
+        assert result.payloads is not None and result.codec_states is not None
+        return result.payloads[0], result.codec_states[0], result
 
 
 def _channel(server: str, creds: Credentials) -> grpc.Channel:
@@ -269,10 +293,13 @@ def _session(stub: Any, name: str, spec: DataSpec, state_dir: Path, workers: lis
         hooks.log(name, f"going on with the codec/algorithm (error-feedback) state of round {state.last_round} "
                   f"from {state_dir}")
     max_stream = worker.fed.downlink.max_bytes()
+    if worker.fed.server.broadcast.delta:  # a client that fell behind gets the full float32 model
+        max_stream = max(max_stream, worker.fed.layout.numel * 4)
     try:
         while hooks.stop is None or not hooks.stop.is_set():
             header, payloads = read_task(
-                stub.Poll(pb.PollRequest(client_index=idx, last_round=state.last_round), timeout=60.0),
+                # last_round: the round of the model this client holds (delta downlink starts there).
+                stub.Poll(pb.PollRequest(client_index=idx, last_round=state.model_round), timeout=60.0),
                 max_stream)
             _settle(worker, state, header.last_accepted_round, reply.layout_hash)
             if header.status == pb.TaskHeader.DONE:
@@ -330,7 +357,7 @@ def _train_and_upload(stub: Any, name: str, idx: int, round_index: int, payloads
     fed = worker.fed
     header = pb.UploadHeader(
         round=round_index, layout_hash=layout_hash, codec=fed.codec.name,
-        streams=[_DELTA, *fed.algorithm.uploads], sizes=[len(p) for p in uploads],
+        streams=list(fed.server.streams), sizes=[len(p) for p in uploads],
         num_samples=worker.num_samples, num_steps=int(result.num_steps[0]),
         train_loss=float(result.train_loss[0]), client_index=idx,
     )

@@ -1,11 +1,12 @@
 """`koinon server`: the federation's server over gRPC with mutual TLS, durable in `--state DIR`.
 
-The round math is the simulation's: the server holds a `Federation` built from the config
-(`build_federation`) and uses its pieces: `sample_from` for the cohort (drawn only from the
-clients connected now), `broadcast_payloads` for the downlink bytes, the codec's `decode`, and
-`apply_updates` for validation, aggregation, the server optimizer and the algorithm's server
-state; `state_dict` is the checkpoint. With a fixed seed and every client present, a deployment
-ends with the model `koinon run` computes for the same config.
+The round math is the simulation's: this driver steps the same `FederatedServer` state machine
+(`koinon.topology.server`) that the simulation steps, through its public steps only: `sample`
+(from the clients connected now), `open_round`, `task_for` (each client's downlink bytes, with
+delta-mode catch-up), `decode` + `accept` for every upload, `close_round`; `state_dict` is the
+checkpoint. So every client algorithm (SPSA's own bytes included), codec (increment codecs such
+as EF21), downlink mode and simulated attack of the simulation runs here too, and with a fixed
+seed and every client present a deployment ends with the model `koinon run` computes.
 
 Threads: gRPC's pool serves the calls (joins, long polls, uploads, each validated as it streams
 in); the main thread drives rounds. One lock and one condition guard the shared state, and
@@ -19,20 +20,19 @@ import sys
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
-import torch
 
 from koinon.config import Config
 from koinon.deploy import federation_pb2_grpc
 from koinon.deploy.certs import read_revoked, server_credentials
 from koinon.deploy.store import Store
 from koinon.deploy.wire import MAX_GRPC_MESSAGE, Limits, Rejected, pb, read_upload, task_messages
-from koinon.errors import CodecError, ConfigError, KoinonError
+from koinon.errors import ConfigError, KoinonError
 from koinon.files import atomic_write_text
 from koinon.topology.federated import Federation
 
@@ -47,7 +47,6 @@ RECEIVING = 4  # uploads read and decoded at the same time (bounds the server's 
 MAX_OPEN_UPLOADS = 2  # Upload calls one client may have open at once
 UPLOAD_GRACE_S = 5.0  # an Upload call is cut off this long after a round's full deadline
 DONE_GRACE_S = 3.0  # after the last round, time for polling clients to hear DONE
-_DELTA = "delta"
 
 
 def log(message: str) -> None:
@@ -69,34 +68,11 @@ class Member:
     open_uploads: int = 0  # Upload calls in progress, admitted or not
 
 
-@dataclass
-class OpenRound:
-    index: int  # 0-based
-    cohort: list[int]
-    payloads: list[tuple[str, bytes]]
-    deadline: float
-    stacks: dict[str, torch.Tensor]
-    accepted: dict[int, tuple[int, float, int]] = field(default_factory=dict)  # idx -> samples, loss, bytes
-    rejected: dict[int, str] = field(default_factory=dict)
-    late: int = 0
-    downlink_bytes: int = 0
-
-
-def check_deployable(fed: Federation, cfg: Config) -> None:
-    """Refuse, before listening, what this server cannot run faithfully."""
+def check_deployable(fed: Any, cfg: Config) -> None:
+    """Refuse, before listening, what this server cannot run: only server-based federations."""
     if not isinstance(fed, Federation):
         raise ConfigError(f"topology.name = {cfg.topology.name!r}: koinon server runs server-based "
                           "federations only (topology.name = 'federated')")
-    if getattr(fed.algorithm, "zeroth_order", False):
-        raise ConfigError(f"client.algorithm = {cfg.client.algorithm!r}: its own wire format is not "
-                          "supported by koinon server")
-    if fed.downlink_delta:
-        raise ConfigError("downlink.delta = true is not supported by koinon server")
-    if getattr(fed.codec, "decodes_increment", False):
-        raise ConfigError(f"codec.name = {cfg.codec.name!r}: codecs that send increments are not "
-                          "supported by koinon server")
-    if cfg.attack.fraction > 0:
-        raise ConfigError("attack.fraction > 0: simulated attacks have no meaning in a deployment")
 
 
 def peer_name(context: grpc.ServicerContext) -> str | None:
@@ -115,8 +91,10 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
         self.certs = certs
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
+        self.server = fed.server
+        self.local = fed.local
         self.layout_hash = fed.layout.hash()
-        self.streams = (_DELTA, *fed.algorithm.uploads)
+        self.streams = self.server.streams
         self.max_stream = fed.codec.max_bytes()
         d = cfg.deploy
         auto = len(self.streams) * self.max_stream + (1 << 20)
@@ -127,7 +105,7 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
         self.members: dict[str, Member] = {
             name: Member(name, idx, n, spec) for name, (idx, n, spec) in store.clients().items()
         }
-        self.open: OpenRound | None = None
+        self.deadline = 0.0  # of the open round (monotonic seconds)
         self.finished = False
         self.receiving = threading.BoundedSemaphore(RECEIVING)
         self.wall_offset = float(store.get("wall_s", 0.0))
@@ -215,7 +193,7 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
             self.changed.notify_all()
             try:
                 while True:
-                    task = self._task_for(member)
+                    task = self._task_for(member, int(request.last_round))
                     if task is not None or self.finished:
                         break
                     left = deadline - time.monotonic()
@@ -240,22 +218,24 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
         header.last_accepted_round = last
         return task_messages(header, payloads)
 
-    def _task_for(self, member: Member) -> Any:
-        """TRAIN messages when `member` is in the open round's cohort and has not delivered."""
-        rnd = self.open
-        if rnd is None or member.idx not in rnd.cohort or member.idx in rnd.accepted:
+    def _task_for(self, member: Member, held_round: int) -> Any:
+        """TRAIN messages when `member` is in the open round's cohort and has not delivered.
+        `held_round`: the round of the model the client holds (delta downlink catches up from it)."""
+        rnd = self.server.open
+        if rnd is None or member.idx not in rnd.cohort or member.idx in rnd.rows:
             return None
-        if time.monotonic() > rnd.deadline:
+        if time.monotonic() > self.deadline:
             return None
         member.busy_round = rnd.index
-        sizes = [len(p) for _, p in rnd.payloads]
-        rnd.downlink_bytes += sum(sizes)
+        if self.server.broadcast.delta:
+            self.server.held_model(member.idx, held_round)
+        named, _ = self.server.task_for(member.idx)
         header = pb.TaskHeader(
             status=pb.TaskHeader.TRAIN, round=rnd.index, layout_hash=self.layout_hash,
-            codec=self.fed.downlink.name, streams=[n for n, _ in rnd.payloads], sizes=sizes,
+            codec=self.fed.downlink.name, streams=[n for n, _ in named], sizes=[len(p) for _, p in named],
             seed=self.cfg.seed,
         )
-        return header, [p for _, p in rnd.payloads]
+        return header, [p for _, p in named]
 
     # -------------------------------------------------------------- Upload
 
@@ -323,17 +303,15 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
                 except Exception as exc:  # noqa: BLE001 - a cancelled or broken stream
                     raise Rejected(f"upload stream ended early ({type(exc).__name__}): not finished "
                                    "before the round's deadline, or the connection broke") from None
-                rows = [self._decode(payload, stream) for stream, payload in zip(self.streams, payloads)]
                 round_index = int(header.round)
+                rows = self.server.decode(member.idx, payloads, self.local.num_steps(member.num_samples))
                 # Written while the slot is held, so no more than RECEIVING buffers are alive.
                 size, digest = self.store.write_pending(round_index, member.idx, payloads)
-                nbytes = sum(len(p) for p in payloads)
-                del payloads
             finally:
                 if slot:
                     self.receiving.release()
         except Rejected as exc:
-            rnd = self.open
+            rnd = self.server.open
             round_index = claimed[0] if claimed else (rnd.index if rnd else -1)
             return self._refuse(member, round_index, str(exc), "rejected")
         with self.lock:
@@ -342,40 +320,21 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
             except Rejected as exc:
                 self.store.drop_pending(round_index, member.idx)
                 return self._refuse(member, round_index, str(exc), "late", locked=True)
-            rnd = self.open
-            assert rnd is not None
-            position = rnd.cohort.index(member.idx)
-            for stream, row in zip(self.streams, rows):
-                rnd.stacks[stream][position] = row
-            self.store.record_accepted(rnd.index, name, member.idx, size, digest, member.num_samples,
+            self.server.accept(member.idx, round_index, rows, member.num_samples, float(header.train_loss),
+                               payloads)
+            self.store.record_accepted(round_index, name, member.idx, size, digest, member.num_samples,
                                        header.train_loss)
-            rnd.accepted[member.idx] = (member.num_samples, float(header.train_loss), nbytes)
             member.busy_round = -1
             self.changed.notify_all()
         return pb.UploadReply(accepted=True)
 
     def _admit_round(self, round_index: int, member: Member) -> None:
-        rnd = self.open
-        if rnd is None or round_index != rnd.index:
-            current = "no round is open" if rnd is None else f"round {rnd.index} is open"
-            raise Rejected(f"late or wrong round: round {round_index} is not open ({current})")
-        if member.idx not in rnd.cohort:
-            raise Rejected(f"client {member.name} was not sampled for round {round_index}")
-        if member.idx in rnd.accepted:
-            raise Rejected(f"duplicate submission for round {round_index}")
-        if time.monotonic() > rnd.deadline:
-            raise Rejected(f"late: the deadline of round {round_index} has passed")
-
-    def _decode(self, payload: bytes, stream: str) -> torch.Tensor:
         try:
-            row = self.fed.codec.decode(payload)
-        except CodecError as exc:
-            raise Rejected(f"undecodable {stream}: {exc}") from None
-        if row.shape != (self.fed.layout.numel,):
-            raise Rejected(f"{stream} has shape {tuple(row.shape)}, the model has ({self.fed.layout.numel},)")
-        if not bool(torch.isfinite(row).all()):
-            raise Rejected(f"{stream} holds NaN or Inf values")
-        return row
+            self.server.admit(member.idx, round_index)
+        except Rejected as exc:
+            raise Rejected(str(exc).replace(f"client {member.idx} ", f"client {member.name} ")) from None
+        if time.monotonic() > self.deadline:
+            raise Rejected(f"late: the deadline of round {round_index} has passed")
 
     def _refuse(self, member: Member, round_index: int, reason: str, status: str, locked: bool = False) -> Any:
         late = status == "late" or reason.startswith("late")
@@ -383,11 +342,12 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
         if not locked:
             self.lock.acquire()
         try:
-            if late and self.open is not None:
-                self.open.late += 1
-            elif (self.open is not None and self.open.index == round_index
+            rnd = self.server.open
+            if late and rnd is not None:
+                rnd.late += 1
+            elif (rnd is not None and rnd.index == round_index and member.idx not in rnd.rows
                   and not reason.startswith("duplicate")):  # its first upload still counts
-                self.open.rejected[member.idx] = reason
+                self.server.reject(member.idx, reason)
             self.store.reject(round_index, member.name, member.idx, status, reason, 0)
         finally:
             if not locked:
@@ -399,16 +359,18 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
     # --------------------------------------------------------------- rounds
 
     def _connected(self, member: Member, now: float) -> bool:
+        rnd = self.server.open
         return member.polling > 0 or now - member.last_seen < LIVENESS_S or (
-            self.open is not None and member.busy_round == self.open.index)
+            rnd is not None and member.busy_round == rnd.index)
 
     def _population(self) -> tuple[np.ndarray, np.ndarray]:
         now = time.monotonic()
         live = sorted((m.idx, m.num_samples) for m in self.members.values() if self._connected(m, now))
         return (np.array([i for i, _ in live], dtype=np.int64), np.array([n for _, n in live], dtype=np.int64))
 
-    def _open(self, round_index: int, cohort: list[int] | None) -> OpenRound:
-        """Open round `round_index`: wait for clients (if the cohort is not known yet), sample, encode."""
+    def _open(self, round_index: int, cohort: list[int] | None) -> None:
+        """Open round `round_index`: wait for clients (if the cohort is not known yet), sample,
+        encode, and take back the updates a crashed server had already accepted."""
         d = self.cfg.deploy
         if cohort is None:
             give_up = time.monotonic() + d.wait_clients_s
@@ -422,68 +384,43 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
             if len(population) < self.min_connected:
                 log(f"round {round_index}: only {len(population)} clients connected after "
                     f"{d.wait_clients_s} s, going on with them")
-            cohort = self.fed.sample_from(round_index, population, sizes)
+            cohort = self.server.sample(round_index, population, sizes)
             self.store.begin_round(round_index, cohort)
-        payloads = self.fed.broadcast_payloads(round_index)
-        numel = self.fed.layout.numel
-        stacks = {s: torch.zeros(len(cohort), numel) for s in self.streams}
-        rnd = OpenRound(round_index, cohort, payloads, time.monotonic() + d.round_timeout_s, stacks)
-        for up in self.store.pending(round_index):
-            if up.idx not in cohort:
-                continue
-            try:
-                rows = [self._decode(p, s) for s, p in zip(self.streams, up.payloads)]
-            except Rejected:
-                continue
-            for s, row in zip(self.streams, rows):
-                stacks[s][cohort.index(up.idx)] = row
-            rnd.accepted[up.idx] = (up.num_samples, up.train_loss, sum(len(p) for p in up.payloads))
-        log(f"round {round_index}: cohort {cohort}" + (f" ({len(rnd.accepted)} updates recovered)"
-                                                      if rnd.accepted else ""))
-        return rnd
+        with self.lock:
+            rnd = self.server.open_round(round_index, cohort)
+            self.deadline = time.monotonic() + d.round_timeout_s
+            for up in self.store.pending(round_index):
+                if up.idx not in cohort:
+                    continue
+                try:
+                    rows = self.server.decode(up.idx, up.payloads, self.local.num_steps(up.num_samples))
+                except Rejected:
+                    continue
+                self.server.accept(up.idx, round_index, rows, up.num_samples, up.train_loss, up.payloads)
+            self.changed.notify_all()
+        log(f"round {round_index}: cohort {cohort}" + (f" ({len(rnd.rows)} updates recovered)"
+                                                      if rnd.rows else ""))
 
-    def _wait(self, rnd: OpenRound) -> None:
+    def _wait(self) -> None:
+        rnd = self.server.open
+        assert rnd is not None
         need = min(self.min_clients, len(rnd.cohort))
         with self.lock:
-            while len(rnd.accepted) < need and time.monotonic() < rnd.deadline:
-                self.changed.wait(min(1.0, max(rnd.deadline - time.monotonic(), 0.01)))
+            while len(rnd.rows) < need and time.monotonic() < self.deadline:
+                self.changed.wait(min(1.0, max(self.deadline - time.monotonic(), 0.01)))
             # From here on uploads for this round are late.
-            rnd.deadline = min(rnd.deadline, time.monotonic())
+            self.deadline = min(self.deadline, time.monotonic())
 
-    def _close(self, rnd: OpenRound, start: float) -> dict[str, Any]:
+    def _close(self, start: float) -> dict[str, Any]:
         """Apply the round's accepted updates, evaluate, checkpoint, commit."""
         with self.lock:
-            positions = [i for i, c in enumerate(rnd.cohort) if c in rnd.accepted]
-            self.open = None
-        cohort = [rnd.cohort[i] for i in positions]
-        index = torch.tensor(positions, dtype=torch.long)
-        whole = len(positions) == len(rnd.cohort)
-        decoded = {s: (t if whole else t[index]) for s, t in rnd.stacks.items()}
-        samples = torch.tensor([rnd.accepted[c][0] for c in cohort], dtype=torch.long)
-        if cohort:
-            # FLTrust: the server's own update on its root data, from the bytes the clients got.
-            self.fed.set_root_reference(rnd.index, *self.fed.decode_broadcast(rnd.payloads))
-            self.fed.apply_updates(rnd.index, cohort, decoded, torch.ones(len(cohort), dtype=torch.bool),
-                                   samples, [{} for _ in cohort], [])
-        self.fed.round_index = rnd.index + 1
-        uplink = sum(rnd.accepted[c][2] for c in cohort)
-        self.fed.uplink_total += uplink
-        self.fed.downlink_total += rnd.downlink_bytes
+            result = self.server.close_round()
         s = self.cfg.server
-        upcoming = rnd.index + 1
-        record: dict[str, Any] = {"round": upcoming, "test_accuracy": None, "test_loss": None}
+        upcoming = result.round
         if upcoming % s.eval_every == 0 or upcoming == s.rounds:
-            record["test_accuracy"], record["test_loss"] = self.fed.evaluate()
-        weights = samples.to(torch.float64)
-        losses = torch.tensor([rnd.accepted[c][1] for c in cohort], dtype=torch.float64)
-        record.update({
-            "train_loss": float((losses * weights).sum() / weights.sum()) if cohort else None,
-            "num_clients": len(cohort), "cohort": rnd.cohort, "uplink_bytes": uplink,
-            "downlink_bytes": rnd.downlink_bytes, "rejected": sorted(rnd.rejected),
-            "rejected_reasons": {str(k): v for k, v in sorted(rnd.rejected.items())},
-            "late": rnd.late, "missing": [c for c in rnd.cohort if c not in rnd.accepted],
-            "wall_s": round(self.wall_offset + time.perf_counter() - start, 4),
-        })
+            self.fed.evaluate_into(result)
+        result.wall_s = round(self.wall_offset + time.perf_counter() - start, 4)
+        record = result.as_dict()
         ckpt = self.store.write_checkpoint(upcoming, self.fed.state_dict())
         self.store.commit_round(upcoming, ckpt, record, {
             "uplink_total": self.fed.uplink_total, "downlink_total": self.fed.downlink_total,
@@ -491,7 +428,7 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
         })
         self._write_metrics()
         acc = record["test_accuracy"]
-        log(f"round {upcoming}/{s.rounds} closed: {len(cohort)}/{len(rnd.cohort)} updates"
+        log(f"round {upcoming}/{s.rounds} closed: {result.num_clients}/{len(result.cohort)} updates"
             + (f", accuracy {acc:.4f}" if acc is not None else ""))
         return record
 
@@ -507,12 +444,9 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
             pending = self.store.open_round()
             r = self.fed.round_index
             cohort = pending[1] if pending and pending[0] == r else None
-            rnd = self._open(r, cohort)
-            with self.lock:
-                self.open = rnd
-                self.changed.notify_all()
-            self._wait(rnd)
-            self._close(rnd, start)
+            self._open(r, cohort)
+            self._wait()
+            self._close(start)
         with self.lock:
             self.finished = True
             self.changed.notify_all()
@@ -524,9 +458,6 @@ def restore(fed: Federation, store: Store) -> None:
     if tensors is None:
         return
     fed.load_state_dict(tensors)
-    fed.round_index = int(store.get("round"))
-    fed.uplink_total = int(store.get("uplink_total", 0))
-    fed.downlink_total = int(store.get("downlink_total", 0))
 
 
 def _return_large_buffers_to_the_os() -> None:

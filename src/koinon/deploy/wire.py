@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from koinon.deploy import federation_pb2 as _pb
+from koinon.wire import Rejected
+
+__all__ = ["MAX_GRPC_MESSAGE", "Limits", "Rejected", "pb", "read_task", "read_upload", "task_messages", "upload_messages"]
 
 pb: Any = _pb  # generated classes are built at import time; mypy cannot see their attributes
 
@@ -24,10 +27,6 @@ CHUNK = 1 << 20
 # gRPC's own per-message ceiling: one chunk plus a header. A sender ignoring the chunking is cut
 # off by gRPC before the message reaches our code.
 MAX_GRPC_MESSAGE = CHUNK + (64 << 10)
-
-
-class Rejected(Exception):
-    """An upload the server refuses; the message is the reason the client is told."""
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,12 @@ class LocalTraining:
             raise ValueError(f"client.optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         self.build_optimizer()  # checks the optimizer's own options
 
+    def num_steps(self, num_samples: int) -> int:
+        """Local steps of a client that holds `num_samples` samples (as the trainer schedules them)."""
+        if num_samples <= 0:
+            return 0
+        return self.steps if self.steps > 0 else self.epochs * -(-num_samples // self.batch_size)
+
     def build_optimizer(self) -> LocalOptimizer:
         if self.optimizer == "adamw":
             return AdamW(self.beta1, self.beta2, self.eps, self.weight_decay)

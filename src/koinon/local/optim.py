@@ -27,7 +27,7 @@ Correct = Callable[[torch.Tensor], None]
 class LocalOptimizer(Protocol):
     """One optimizer step on the rows of the clients that train this step."""
 
-    name: str
+    name: ClassVar[str]
 
     def init(self, num_rows: int, numel: int) -> State:
         """Stacked state (`[K, P]` tensors) for K clients of `numel` trainable values."""

@@ -14,6 +14,7 @@ import torch
 from koinon.local import CohortTrainer
 from koinon.registry import Registry
 from koinon.update import CohortResult, State
+from koinon.wire import CohortEncoder
 
 
 class Runtime(Protocol):
@@ -29,7 +30,11 @@ class Runtime(Protocol):
         client_states: list[State],
         seed: int,
         round_index: int,
-    ) -> CohortResult: ...
+        encoder: CohortEncoder | None = None,
+    ) -> CohortResult:
+        """Local training of `client_ids`; with `encoder`, each client's update is encoded where
+        it was trained and the result carries bytes (`payloads`) instead of float stacks."""
+        ...
 
     def close(self) -> None: ...
 

@@ -8,6 +8,7 @@ from koinon.local import CohortTrainer
 from koinon.log import notice
 from koinon.runtime.base import RUNTIMES
 from koinon.update import CohortResult, State
+from koinon.wire import CohortEncoder
 
 SMALL_MODEL = 1_000_000
 
@@ -53,6 +54,7 @@ class InProcess:
         client_states: list[State],
         seed: int,
         round_index: int,
+        encoder: CohortEncoder | None = None,
     ) -> CohortResult:
         assert self.trainer is not None, "runtime.setup() was not called"
         idx, steps = self.trainer.schedule(client_ids, seed, round_index)  # all batches at once
@@ -61,7 +63,8 @@ class InProcess:
                                schedule=(idx[i : i + 1, : int(steps[i])], steps[i : i + 1]))
             for i, (c, s) in enumerate(zip(client_ids, client_states))
         ]
-        return CohortResult.concat(parts)
+        result = CohortResult.concat(parts)
+        return result if encoder is None else encoder.encode(result)
 
     def close(self) -> None:
         self.trainer = None
@@ -122,9 +125,11 @@ class Vectorized(InProcess):
         client_states: list[State],
         seed: int,
         round_index: int,
+        encoder: CohortEncoder | None = None,
     ) -> CohortResult:
         if self.fallback:
-            return super().train(client_ids, global_params, server_state, client_states, seed, round_index)
+            return super().train(client_ids, global_params, server_state, client_states, seed,
+                                 round_index, encoder)
         assert self.trainer is not None, "runtime.setup() was not called"
         parts = []
         for start in range(0, len(client_ids), self.chunk):
@@ -132,4 +137,5 @@ class Vectorized(InProcess):
             states = client_states[start : start + self.chunk]
             starts = _rows(global_params, start, start + self.chunk)
             parts.append(self.trainer.train(ids, starts, server_state, states, seed, round_index))
-        return CohortResult.concat(parts)
+        result = CohortResult.concat(parts)
+        return result if encoder is None else encoder.encode(result)

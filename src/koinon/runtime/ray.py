@@ -6,6 +6,8 @@ What is notable:
   object store once, in `setup`; every actor builds its own `inprocess` or `vectorized` runtime
   from them once and keeps it across rounds. A round ships only the client ids, their states, and
   one `ray.put` of the global parameters and server state that all actors share.
+- Actors encode their share's updates with the clients' codec states (`koinon.wire`) and return
+  bytes: the driver never receives a `[K, P]` float stack.
 - Shares are contiguous slices of the cohort in order, so `CohortResult.concat` gives rows in
   cohort order. The trainer seeds each client by `(seed, round, client_id)`, so the split does not
   change the result: it equals `inprocess` up to float32 summation order.
@@ -31,6 +33,7 @@ from koinon.log import notice
 from koinon.runtime.base import RUNTIMES
 from koinon.runtime.local import InProcess, Vectorized
 from koinon.update import CohortResult, State
+from koinon.wire import CohortEncoder
 
 _INNER = ("vectorized", "inprocess")
 
@@ -59,12 +62,13 @@ class _Worker:
         seed: int,
         round_index: int,
         offset: int = 0,
+        encoder: CohortEncoder | None = None,
     ) -> CohortResult:
         global_params, server_state = shared
         if global_params.dim() == 2:  # one starting model per client: this share's rows
             global_params = global_params[offset : offset + len(client_ids)]
         return self.runtime.train(
-            client_ids, global_params, server_state, client_states, seed, round_index
+            client_ids, global_params, server_state, client_states, seed, round_index, encoder
         )
 
 
@@ -200,6 +204,7 @@ class RayRuntime:
         client_states: list[State],
         seed: int,
         round_index: int,
+        encoder: CohortEncoder | None = None,
     ) -> CohortResult:
         assert self._actors, "runtime.setup() was not called"
         ray = self._ray
@@ -212,8 +217,10 @@ class RayRuntime:
         shared = ray.put((global_params, server_state))
 
         def submit(i: int) -> Any:
+            # Each actor encodes its share with the clients' codec states: it returns bytes.
             ids, states, offset = shares[i]
-            return self._actors[i].train.remote(ids, shared, states, seed, round_index, offset)
+            rows = None if encoder is None else encoder.rows(offset, offset + len(ids))
+            return self._actors[i].train.remote(ids, shared, states, seed, round_index, offset, rows)
 
         pending = {submit(i): i for i in range(n)}
         attempts = [0] * n

@@ -85,4 +85,5 @@ class RootUpdate:
         result = self.trainer.train([0], params, server_state, [self.state], self.seed, round_index)
         if result.client_states[0]:
             self.state = result.client_states[0]
+        assert result.deltas is not None  # trained here, never encoded
         return result.deltas[0]

@@ -1,0 +1,447 @@
+"""The federated server as a state machine: open a round, accept or reject updates, close it.
+
+One object holds the server's whole state (`FederatedServer`); two drivers step it through its
+public steps and never reach into it: the simulation (`koinon.topology.federated.Federation`:
+server + runtime) and the gRPC deployment (`koinon.deploy.server`). Both therefore run the same
+math on the same bytes, and a deployment with every client present ends with the simulation's
+model bit for bit.
+
+A round:
+
+1. `sample(r, population, sizes)`: the cohort, from the clients available (everyone in the
+   simulation, the connected ones in a deployment), with a fixed seeded generator. Under a
+   simulated attack every cohort holds exactly round(fraction * K) Byzantine clients (the
+   evaluation protocol of the robustness literature, e.g. ByzFL).
+2. `open_round(r, cohort)`: the broadcast is encoded once (`koinon.wire.Broadcast`).
+3. `decode(client, payloads)` (pure, thread-safe) then `accept(client, rows, ...)`; or
+   `accept_cohort(result)` for a whole simulated cohort. A bad update is `Rejected` with the
+   reason, recorded, and never reaches the model.
+4. `close_round()`: the server's own root update (FLTrust), the simulated adversary (it sees
+   every accepted update, the omniscient threat model, and replaces the Byzantine clients'
+   rows), aggregation, the server optimizer, the algorithm's server state. Returns the round's
+   `RoundResult`, the one record type (who was sampled, included, rejected and why, payload
+   digests when asked for, bytes).
+
+`apply_update` applies one update at once, outside rounds, for asynchronous schedules
+(FedBuff/FedAsync): decoded, validated, scaled by the caller's staleness weight, stepped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from koinon.aggregate import Aggregator
+from koinon.attacks import Attack, AttackContext
+from koinon.clients import ClientAlgorithm
+from koinon.compress import Codec
+from koinon.log import notice
+from koinon.seeding import generator
+from koinon.server import Sampler, ServerOptimizer
+from koinon.server.root import RootUpdate, reference_users
+from koinon.update import CohortResult, State
+from koinon.wire import MODEL, Broadcast, Receiver, Rejected
+
+__all__ = ["FederatedServer", "OpenRound", "Rejected", "RoundResult"]
+
+
+@dataclass
+class RoundResult:
+    """One round's record, the same for the simulation and the deployment."""
+
+    round: int
+    num_clients: int  # updates included
+    uplink_bytes: int
+    downlink_bytes: int
+    train_loss: float | None
+    rejected: list[int] = field(default_factory=list)
+    test_accuracy: float | None = None
+    test_loss: float | None = None
+    num_byzantine: int = 0
+    extra: dict[str, float] = field(default_factory=dict)  # e.g. an attack's success rate
+    cohort: list[int] = field(default_factory=list)  # sampled
+    reasons: dict[int, str] = field(default_factory=dict)  # rejected client -> why
+    missing: list[int] = field(default_factory=list)  # sampled, never delivered (deployment)
+    late: int = 0  # updates that arrived after the round closed (deployment)
+    digests: dict[int, str] = field(default_factory=dict)  # client -> SHA-256 of its payloads
+    wall_s: float | None = None
+    applied: bool = True  # False when the aggregator refused the cohort (model unchanged)
+
+    @property
+    def included(self) -> list[int]:
+        """Clients whose update went into the aggregate."""
+        out = set(self.rejected) | set(self.missing)
+        return [c for c in self.cohort if c not in out]
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "round": self.round,
+            "test_accuracy": self.test_accuracy,
+            "test_loss": self.test_loss,
+            "train_loss": self.train_loss,
+            "num_clients": self.num_clients,
+            "uplink_bytes": self.uplink_bytes,
+            "downlink_bytes": self.downlink_bytes,
+            "rejected": self.rejected,
+            "rejected_reasons": {str(k): v for k, v in sorted(self.reasons.items())},
+            "num_byzantine": self.num_byzantine,
+            "cohort": self.cohort,
+            "missing": self.missing,
+            "late": self.late,
+            **self.extra,
+        }
+        if self.digests:
+            out["digests"] = {str(k): v for k, v in sorted(self.digests.items())}
+        if self.wall_s is not None:
+            out["wall_s"] = self.wall_s
+        return out
+
+
+@dataclass
+class OpenRound:
+    """A round between `open_round` and `close_round`."""
+
+    index: int
+    cohort: list[int]
+    payloads: list[tuple[str, bytes]]  # the broadcast: the model (or its change), then downloads
+    received: torch.Tensor  # the model every client starts from (decoded as a client does)
+    downloads: State  # the algorithm's downloads, decoded
+    rows: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # accepted, by client
+    samples: dict[int, int] = field(default_factory=dict)
+    losses: dict[int, float] = field(default_factory=dict)
+    nbytes: dict[int, int] = field(default_factory=dict)
+    reasons: dict[int, str] = field(default_factory=dict)
+    digests: dict[int, str] = field(default_factory=dict)
+    stacks: dict[str, torch.Tensor] | None = None  # accept_cohort's decoded `[K, P]` stacks
+    ok: torch.Tensor | None = None  # accept_cohort's valid rows
+    downlink_bytes: int = 0
+    late: int = 0
+
+
+def digest(payloads: list[bytes]) -> str:
+    h = hashlib.sha256()
+    for p in payloads:
+        h.update(len(p).to_bytes(8, "little"))
+        h.update(p)
+    return h.hexdigest()
+
+
+@dataclass
+class Adversary:
+    """A simulated attack: which clients are Byzantine and what they do to their updates."""
+
+    attack: Attack
+    byzantine: set[int]
+    fraction: float
+
+
+class FederatedServer:
+    """The server of a federation; see the module docstring for its steps."""
+
+    def __init__(
+        self,
+        params: torch.Tensor,
+        *,
+        algorithm: ClientAlgorithm,
+        optimizer: ServerOptimizer,
+        sampler: Sampler,
+        aggregator: Aggregator,
+        codec: Codec,
+        downlink: Codec,
+        sizes: np.ndarray,
+        clients_per_round: int,
+        seed: int,
+        lr: float,
+        num_trainable: int,
+        downlink_delta: bool = False,
+        adversary: Adversary | None = None,
+        root: RootUpdate | None = None,
+        record_digests: bool = False,
+    ) -> None:
+        self.params = params
+        self.algorithm = algorithm
+        self.optimizer = optimizer
+        self.sampler = sampler
+        self.aggregator = aggregator
+        self.sizes = sizes
+        self.num_clients = len(sizes)
+        self.clients_per_round = clients_per_round
+        self.seed = seed
+        self.adversary = adversary
+        self.root = root
+        self.record_digests = record_digests
+        self.streams = (MODEL, *algorithm.uploads) if not hasattr(algorithm, "decode_update") else (MODEL,)
+        numel = params.numel()
+        own = None
+        if hasattr(algorithm, "decode_update"):  # its own wire format (SPSA's bytes)
+            trainable = num_trainable
+
+            def own(payload: bytes, client: int, round_index: int, num_steps: int) -> torch.Tensor:
+                row = torch.zeros(numel)
+                row[:trainable] = algorithm.decode_update(  # type: ignore[attr-defined]
+                    payload, seed, round_index, client, trainable, lr, num_steps)
+                return row
+        self.receiver = Receiver(codec, numel, self.streams, own)
+        self.broadcast = Broadcast(downlink, params, seed, self.num_clients, algorithm.downloads,
+                                   downlink_delta)
+        self.round_index = 0  # rounds completed
+        self.optimizer_state = optimizer.init(params)
+        self.server_state = algorithm.init_server_state(numel)
+        self.uplink_total = 0
+        self.downlink_total = 0
+        self.open: OpenRound | None = None
+
+    # ------------------------------------------------------------------ cohort
+
+    def sample(self, round_index: int, population: np.ndarray | None = None,
+               sizes: np.ndarray | None = None) -> list[int]:
+        """The round's cohort from `population` (default: every client), seeded by (seed, round)."""
+        if population is None:
+            population, sizes = np.arange(self.num_clients), self.sizes
+        assert sizes is not None
+        rng = np.random.default_rng([self.seed, round_index, 0x5A3B])
+        k = min(self.clients_per_round, len(population))
+        adv = self.adversary
+        if adv is None or not adv.byzantine:
+            return sorted(int(c) for c in self.sampler.sample(population, sizes, k, rng))
+        is_bad = np.isin(population, np.array(sorted(adv.byzantine)))
+        bad, good = population[is_bad], population[~is_bad]
+        f = min(round(adv.fraction * k), len(bad))
+        chosen = self.sampler.sample(bad, sizes[is_bad], f, rng) if f else []
+        chosen += self.sampler.sample(good, sizes[~is_bad], k - f, rng)
+        return sorted(int(c) for c in chosen)
+
+    # ------------------------------------------------------------------- round
+
+    def open_round(self, round_index: int, cohort: list[int]) -> OpenRound:
+        """Encode round `round_index`'s broadcast for `cohort` and start accepting updates."""
+        if round_index != self.round_index:
+            raise ValueError(f"round {round_index} cannot open: {self.round_index} rounds are done")
+        payloads = self.broadcast.open(round_index, self.params, self.server_state)
+        decoded = {name: self.broadcast.codec.decode(p) for name, p in payloads}
+        received = self.broadcast.reference if self.broadcast.delta else decoded[MODEL]
+        decoded.pop(MODEL)
+        self.open = OpenRound(round_index, list(cohort), payloads, received, decoded)
+        return self.open
+
+    def task_for(self, client: int) -> tuple[list[tuple[str, bytes]], int]:
+        """What `client` receives this round, as named payloads, and their byte count: the model
+        (in delta mode the changes it missed, `delta@R` each, or the full `model`), then downloads."""
+        rnd = self._current()
+        model, *downloads = rnd.payloads
+        parts, full = self.broadcast.model_payloads(client, rnd.index, model[1])
+        if full:
+            named = [("model", parts[0])]
+        elif self.broadcast.delta:
+            first = rnd.index - len(parts) + 1
+            named = [(f"delta@{first + i}", p) for i, p in enumerate(parts)]
+        else:
+            named = [model]
+        named += downloads
+        nbytes = sum(len(p) for _, p in named)
+        rnd.downlink_bytes += nbytes
+        return named, nbytes
+
+    def held_model(self, client: int, round_index: int) -> None:
+        """A client says which round's model it holds (-1: none): delta mode sends it what it
+        misses from there, whatever the server's own record says (a client may have lost it)."""
+        self.broadcast.last_seen[client] = round_index
+
+    def _current(self) -> OpenRound:
+        if self.open is None:
+            raise Rejected("no round is open")
+        return self.open
+
+    def admit(self, client: int, round_index: int) -> None:
+        """Refuse, before reading a body, an update this round would not take."""
+        rnd = self.open
+        if rnd is None or round_index != rnd.index:
+            current = "no round is open" if rnd is None else f"round {rnd.index} is open"
+            raise Rejected(f"late or wrong round: round {round_index} is not open ({current})")
+        if client not in rnd.cohort:
+            raise Rejected(f"client {client} was not sampled for round {round_index}")
+        if client in rnd.rows:
+            raise Rejected(f"duplicate submission for round {round_index}")
+
+    def decode(self, client: int, payloads: list[bytes], num_steps: int = 0) -> dict[str, torch.Tensor]:
+        """A client's validated rows, or `Rejected` (pure: safe on many threads at once)."""
+        return self.receiver.decode(client, payloads, self._current().index, num_steps)
+
+    def accept(self, client: int, round_index: int, rows: dict[str, torch.Tensor], num_samples: int,
+               train_loss: float, payloads: list[bytes]) -> None:
+        """Keep a decoded update of the open round (`admit` is checked again)."""
+        self.admit(client, round_index)
+        rnd = self._current()
+        self.receiver.keep(client, rows)
+        rnd.rows[client] = rows
+        rnd.samples[client] = num_samples
+        rnd.losses[client] = train_loss
+        rnd.nbytes[client] = sum(len(p) for p in payloads)
+        if self.record_digests:
+            rnd.digests[client] = digest(payloads)
+
+    def reject(self, client: int, reason: str) -> None:
+        """Record that `client`'s update of the open round was refused (its first refusal counts)."""
+        if self.open is not None and client in self.open.cohort:
+            self.open.reasons.setdefault(client, reason)
+
+    def accept_cohort(self, result: CohortResult) -> None:
+        """A whole simulated cohort's encoded updates at once (batched decode where possible)."""
+        rnd = self._current()
+        assert result.payloads is not None
+        stacks, ok, reasons = self.receiver.decode_cohort(result.client_ids, result, rnd.index)
+        rnd.stacks, rnd.ok = stacks, ok
+        for i, c in enumerate(result.client_ids):
+            rnd.samples[c] = int(result.num_samples[i])
+            rnd.losses[c] = float(result.train_loss[i])
+            rnd.nbytes[c] = sum(len(p) for p in result.payloads[i])
+            if self.record_digests:
+                rnd.digests[c] = digest(result.payloads[i])
+        for client, reason in reasons.items():
+            rnd.reasons.setdefault(client, reason)
+
+    def close_round(self) -> RoundResult:
+        """Aggregate what was accepted and step the model; the round is done."""
+        rnd = self._current()
+        r = rnd.index
+        if rnd.stacks is not None:  # accept_cohort: rows follow the cohort
+            assert rnd.ok is not None
+            ok = rnd.ok.clone()
+            order = list(rnd.cohort)
+            stacks = rnd.stacks
+        else:
+            order = [c for c in rnd.cohort if c in rnd.rows]
+            ok = torch.ones(len(order), dtype=torch.bool)
+            numel = self.params.numel()
+            stacks = {s: (torch.stack([rnd.rows[c][s] for c in order]) if order else torch.zeros(0, numel))
+                      for s in self.streams}
+        present = list(order)
+        samples = torch.tensor([rnd.samples.get(c, 0) for c in order], dtype=torch.long)
+        num_byzantine = 0
+        if order:
+            # FLTrust: the server's own update on its root data, from the model the clients got.
+            # Before the adversary, which may probe the aggregator.
+            if self.root is not None:
+                reference = self.root.compute(rnd.received, rnd.downloads, r)
+                for part in reference_users(self.aggregator):
+                    part.set_reference(reference)
+            num_byzantine = self._forge(rnd, order, ok, stacks, samples)
+        rejected = [c for c, good in zip(order, ok.tolist()) if not good]
+        if rejected:
+            why = "; ".join(f"client {c}: {rnd.reasons.get(c, 'rejected')}" for c in rejected)
+            notice(f"round {r + 1}: rejected updates ({why})")
+        # Updates refused on arrival (`reject`, deployment) never became rows.
+        refused = [c for c in rnd.cohort if c in rnd.reasons and c not in order]
+        keep = ok.nonzero().squeeze(1)
+        everyone = len(keep) == len(order)  # then no row copy: the stack can be a large model's
+        applied = False
+        if len(keep):
+            weights = samples[keep].to(torch.float32)
+            model = stacks[MODEL]
+            try:
+                delta = self.aggregator.aggregate(model if everyone else model[keep], weights)
+            except ValueError as exc:  # e.g. rejections left too few inputs for a robust rule
+                notice(f"round {r + 1}: aggregator refused the cohort, model unchanged ({exc})")
+            else:
+                self.params = self.optimizer.step(self.params, delta, self.optimizer_state)
+                means = {n: (stacks[n] if everyone else stacks[n][keep]).mean(dim=0)
+                         for n in self.algorithm.uploads if n in stacks}
+                self.server_state = self.algorithm.server_update(
+                    self.server_state, means, len(keep) / self.num_clients)
+                applied = True
+        included = [order[i] for i in keep.tolist()] if applied else []
+        missing = [c for c in rnd.cohort if c not in present and c not in refused]
+        rejected = [c for c in rnd.cohort if c in set(rejected) | set(refused)]
+        uplink = sum(rnd.nbytes.values())
+        w = torch.tensor([float(rnd.samples[c]) for c in present], dtype=torch.float64)
+        losses = torch.tensor([rnd.losses[c] for c in present], dtype=torch.float64)
+        train_loss = float((losses * w).sum() / w.sum().clamp_min(1.0)) if present else None
+        self.open = None
+        self.round_index = r + 1
+        self.uplink_total += uplink
+        self.downlink_total += rnd.downlink_bytes
+        out = RoundResult(
+            r + 1, len(included), uplink, rnd.downlink_bytes, train_loss, rejected,
+            num_byzantine=num_byzantine, cohort=rnd.cohort,
+            reasons={c: rnd.reasons[c] for c in rejected if c in rnd.reasons},
+            missing=missing, late=rnd.late, digests=rnd.digests,
+        )
+        out.applied = applied
+        return out
+
+    def _forge(self, rnd: OpenRound, order: list[int], ok: torch.Tensor, stacks: dict[str, torch.Tensor],
+               samples: torch.Tensor) -> int:
+        """The simulated adversary replaces the Byzantine clients' model rows; what it forges is
+        validated like any update (a non-finite forgery is rejected)."""
+        adv = self.adversary
+        if adv is None:
+            return 0
+        byzantine = torch.tensor([c in adv.byzantine for c in order], dtype=torch.bool)
+        if not byzantine.any():
+            return 0
+        context = AttackContext(rnd.index, rnd.received, samples.to(torch.float32), self.aggregator,
+                                generator(self.seed, rnd.index, 0xBAD))
+        stacks[MODEL] = adv.attack.forge(stacks[MODEL], byzantine, context)
+        bad = byzantine & ~torch.isfinite(stacks[MODEL]).all(dim=1)
+        for i in bad.nonzero().flatten().tolist():
+            ok[i] = False
+            rnd.reasons.setdefault(order[i], f"forged {MODEL} holds NaN or Inf values")
+        return int(byzantine.sum())
+
+    # -------------------------------------------------------------- one at a time
+
+    def apply_update(self, client: int, payloads: list[bytes], weight: float = 1.0,
+                     num_steps: int = 0) -> None:
+        """Decode, validate and apply one update now, scaled by `weight` (a staleness weight):
+        the server step of asynchronous schedules. `Rejected` leaves the model unchanged."""
+        rows = self.receiver.decode(client, payloads, self.round_index, num_steps)
+        self.receiver.keep(client, rows)
+        self.params = self.optimizer.step(self.params, rows[MODEL] * weight, self.optimizer_state)
+        self.uplink_total += sum(len(p) for p in payloads)
+
+    # -------------------------------------------------------------- checkpoint
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything needed to continue exactly where this server stands (one schema)."""
+        out: dict[str, torch.Tensor] = {"params": self.params}
+        out.update({f"optimizer/{k}": v for k, v in self.optimizer_state.items()})
+        out.update({f"algorithm/{k}": v for k, v in self.server_state.items()})
+        out.update({f"receiver/{k}": v for k, v in self.receiver.state_dict().items()})
+        out.update({f"broadcast/{k}": v for k, v in self.broadcast.state_dict().items()})
+        if hasattr(self.aggregator, "state_dict"):
+            out.update({f"aggregator/{k}": v for k, v in self.aggregator.state_dict().items()})
+        if self.root is not None:
+            out.update({f"root/{k}": v for k, v in self.root.state.items()})
+        out["counters"] = torch.tensor([self.round_index, self.uplink_total, self.downlink_total],
+                                       dtype=torch.long)
+        return {k: v.detach().contiguous() for k, v in out.items()}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        if tensors["params"].shape != self.params.shape:
+            raise ValueError(f"checkpoint holds {tensors['params'].numel()} parameters, "
+                             f"the model has {self.params.numel()}")
+        groups: dict[str, dict[str, torch.Tensor]] = {}
+        for key, v in tensors.items():
+            head, _, rest = key.partition("/")
+            if rest:
+                groups.setdefault(head, {})[rest] = v.clone()
+        self.params = tensors["params"].clone()
+        self.optimizer_state = groups.get("optimizer", {})
+        self.server_state = groups.get("algorithm", {})
+        self.receiver.load_state_dict(groups.get("receiver", {}))
+        self.broadcast.load_state_dict(groups.get("broadcast", {}))
+        if "aggregator" in groups and hasattr(self.aggregator, "load_state_dict"):
+            self.aggregator.load_state_dict(groups["aggregator"])
+        if self.root is not None:
+            self.root.state = groups.get("root", {})
+        self.round_index, self.uplink_total, self.downlink_total = (int(x) for x in tensors["counters"])
+        self.open = None
+        # Optimizers with state must find all of it, or the resumed run would silently differ.
+        missing = set(self.optimizer.init(self.params)) - set(self.optimizer_state)
+        if missing:
+            raise ValueError(f"checkpoint lacks server optimizer state {sorted(missing)}")
+
