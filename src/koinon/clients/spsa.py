@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from koinon.clients.base import CLIENT_ALGORITHMS, LocalSGD
+from koinon.clients.base import CLIENT_ALGORITHMS, LocalSGD, State
 from koinon.errors import CodecError
 from koinon.local.trainer import start_stack
 from koinon.seeding import generator
@@ -78,7 +78,8 @@ class SPSA(LocalSGD):
     @torch.no_grad()
     def train_cohort(
         self, trainer: CohortTrainer, client_ids: list[int], global_params: torch.Tensor,
-        idx: torch.Tensor, steps: torch.Tensor, seed: int, round_index: int,
+        server_state: State, client_states: list[State], idx: torch.Tensor, steps: torch.Tensor,
+        seed: int, round_index: int,
     ) -> CohortResult:
         """SPSA's local steps, in place of the trainer's gradient loop: two forward passes a
         step, no autograd; each client's payload is its levels, one byte a step."""

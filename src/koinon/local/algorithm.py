@@ -6,16 +6,20 @@ corrects the gradient (FedProx adds a proximal term, SCAFFOLD control variates),
 per client, and what it uploads besides the model delta. Because the hooks work on stacks, the
 sequential runtime (K = 1) and the vectorized runtime (K = cohort) run the same algorithm code.
 
-What the interface carries beyond FedAvg (all optional, each shown by a test):
+What the interface carries beyond FedAvg (all optional, each shown by a test in
+`tests/local/test_algorithm_interface.py`):
 - per-client persistent state: `end` returns each client's new state (SCAFFOLD's control
-  variate, a personal head); the driver keeps it and hands it back at the next `begin`;
-- a shared subset: `shared_mask(layout)` names the entries of the layout that cross the wire
-  (FedBN keeps normalization layers local, FedRep the head); unshared coordinates upload zero
-  and are restored from the client's state;
-- several global models: `downloads` names server tensors every sampled client receives (a
-  cluster's models, SCAFFOLD's control), decoded into `server_state` for `begin`;
-- its own local objective or step: `train_cohort(trainer, ...)`, when defined, replaces the
-  trainer's gradient loop for that algorithm (SPSA's zeroth-order steps; Ditto; distillation).
+  variate, worker momentum, a personal model); the driver keeps it and hands it back to `begin`;
+- a shared subset: `shared_mask(layout) -> [P] bool` names the coordinates that cross the wire
+  (FedRep and FedPer keep the head, FedBN the normalization layers); the trainer starts the
+  others from the client's own `private` state, uploads zero there and keeps what it trained;
+- several global models: `downloads` names server tensors every sampled client receives
+  (cluster models, SCAFFOLD's control), and `start(trainer, client_ids, global_params,
+  server_state, client_states) -> [K, P]` picks where each client starts;
+- its own local objective or step: `train_cohort(trainer, client_ids, global_params,
+  server_state, client_states, idx, steps, seed, round_index)` replaces the trainer's gradient
+  loop (SPSA's zeroth-order steps) and may call `trainer.run_steps(..., algorithm=...)` for
+  each part of its objective (Ditto's global and personal models).
 """
 
 from __future__ import annotations

@@ -197,21 +197,70 @@ class CohortTrainer:
         given when the caller computed the cohort's batches at once (the sequential runtime)."""
         idx, steps = schedule if schedule is not None else self.schedule(client_ids, seed, round_index)
         own = getattr(self.algorithm, "train_cohort", None)
-        if own is not None:  # an algorithm with its own local step (SPSA) or objective
-            return own(self, client_ids, global_params, idx, steps, seed, round_index)
+        if own is not None:  # an algorithm with its own local step (SPSA) or objective (Ditto)
+            return own(self, client_ids, global_params, server_state, client_states, idx, steps,
+                       seed, round_index)
+        return self.run_steps(client_ids, global_params, server_state, client_states, idx, steps)
+
+    def run_steps(
+        self,
+        client_ids: list[int],
+        global_params: torch.Tensor,
+        server_state: State,
+        client_states: list[State],
+        idx: torch.Tensor,
+        steps: torch.Tensor,
+        algorithm: ClientAlgorithm | None = None,
+    ) -> CohortResult:
+        """The gradient loop on batches `idx` (`[K, S, B]`), with `algorithm`'s hooks (default:
+        the trainer's own). Algorithms with their own objective call it for each part of it.
+
+        Where each client starts: the received model, or what the algorithm's `start` hook
+        picks (one of several downloaded models, a personal model); with a `shared_mask`, the
+        unshared coordinates come from the client's own state (`private`), its update is zero
+        there, and the trained values go back into its state."""
+        alg = algorithm or self.algorithm
+        starts = global_params
+        pick = getattr(alg, "start", None)
+        if pick is not None:
+            starts = pick(self, client_ids, global_params, server_state, client_states)
+        mask = self._shared_mask(alg)
+        if mask is not None:
+            stack = starts.unsqueeze(0).repeat(len(client_ids), 1) if starts.dim() == 1 else starts.clone()
+            for i, st in enumerate(client_states):
+                if "private" in st:
+                    stack[i, ~mask] = st["private"]
+            starts = stack
         # Clients with more steps first: at step s only the prefix of clients that still have a
         # batch trains, so a cohort with unequal data does not pay for its padding (on a
         # Dirichlet split most of a lock-step cohort's work was padding). The order is undone
         # before returning; a client's arithmetic does not depend on it.
         order = torch.argsort(steps, descending=True, stable=True)
         if len(client_ids) > 1 and bool((order != torch.arange(len(order))).any()):
-            starts = global_params[order] if global_params.dim() == 2 else global_params
+            sorted_starts = starts[order] if starts.dim() == 2 else starts
             result = self._train_sorted(
-                [client_ids[i] for i in order.tolist()], starts, server_state,
-                [client_states[i] for i in order.tolist()], idx[order], steps[order],
-            )
-            return result.take(torch.argsort(order))
-        return self._train_sorted(client_ids, global_params, server_state, client_states, idx, steps)
+                [client_ids[i] for i in order.tolist()], sorted_starts, server_state,
+                [client_states[i] for i in order.tolist()], idx[order], steps[order], alg,
+            ).take(torch.argsort(order))
+        else:
+            result = self._train_sorted(client_ids, starts, server_state, client_states, idx, steps, alg)
+        if mask is not None:
+            assert result.deltas is not None
+            final = starts + result.deltas
+            result.deltas[:, ~mask] = 0.0
+            result.client_states = [{**st, "private": final[i, ~mask].clone()}
+                                    for i, st in enumerate(result.client_states)]
+        return result
+
+    def _shared_mask(self, alg: ClientAlgorithm) -> torch.Tensor | None:
+        """`[P]` bool: the coordinates `alg` shares with the server (None: all of them)."""
+        make = getattr(alg, "shared_mask", None)
+        if make is None:
+            return None
+        mask = make(self.layout)
+        if mask.shape != (self.layout.numel,) or mask.dtype != torch.bool:
+            raise ValueError(f"{alg.name}.shared_mask must be a bool tensor of {self.layout.numel} values")
+        return mask
 
     def _train_sorted(
         self,
@@ -221,8 +270,9 @@ class CohortTrainer:
         client_states: list[State],
         idx: torch.Tensor,
         steps: torch.Tensor,
+        alg: ClientAlgorithm,
     ) -> CohortResult:
-        """`train` for a cohort whose step counts do not increase along it."""
+        """`run_steps` for a cohort whose step counts do not increase along it."""
         k = len(client_ids)
         pt = self.num_trainable
         hp = self.local
@@ -235,7 +285,7 @@ class CohortTrainer:
         # optimizer step needs no concatenation of per-layer gradients.
         grad = torch.zeros(k, pt)
         opt_state = self.optimizer.init(k, pt)
-        ctx = self.algorithm.begin(global_params, server_state, client_states)
+        ctx = alg.begin(global_params, server_state, client_states)
         loss_sum = torch.zeros(k)
         seen = torch.zeros(k)
 
@@ -287,7 +337,7 @@ class CohortTrainer:
                 seen[:m] += n_b
                 with torch.no_grad():
                     self._step(theta[:m], grad[:m], theta0[:m] if theta0.dim() == 2 else theta0,
-                               optimizer_rows(opt_state, m), _rows(ctx, k, m), s)
+                               optimizer_rows(opt_state, m), _rows(ctx, k, m), s, alg)
                 continue
             if k == 1:
                 ix = batches[s]
@@ -313,10 +363,10 @@ class CohortTrainer:
             with torch.no_grad():
                 rows = _rows(ctx, k, m)
                 self._step(theta[:m], grad[:m], theta0[:m] if theta0.dim() == 2 else theta0,
-                           optimizer_rows(opt_state, m), rows, s)
+                           optimizer_rows(opt_state, m), rows, s, alg)
 
         final = torch.cat([theta, bufs], dim=1)
-        uploads, new_states = self.algorithm.end(global_params, final, steps, hp.lr, ctx)
+        uploads, new_states = alg.end(global_params, final, steps, hp.lr, ctx)
         sizes = self.sizes(client_ids)
         return CohortResult(
             list(client_ids), final - global_params, uploads, sizes, steps,
@@ -324,11 +374,11 @@ class CohortTrainer:
         )
 
     def _step(self, theta: torch.Tensor, grad: torch.Tensor, theta0: torch.Tensor, opt_state: State,
-              ctx: State, step: int) -> None:
+              ctx: State, step: int, alg: ClientAlgorithm) -> None:
         """One optimizer step of the clients that train this step (finished ones are outside
         the stack: frozen), with the algorithm's gradient correction where it belongs."""
         def correct(g: torch.Tensor) -> None:
-            self.algorithm.correct(theta, g, theta0, ctx)
+            alg.correct(theta, g, theta0, ctx)
 
         self.optimizer.step(theta, grad, opt_state, step, self.local.lr, correct)
 
