@@ -103,6 +103,20 @@ class Sender:
         return CohortEncoder(self.codec, self.seed, round_index, self.streams,
                              [self.states.get(c, {}) for c in cohort])
 
+    def encode(self, client: int, tensor: torch.Tensor, round_index: int, salt: int,
+               stream: str = MODEL) -> bytes:
+        """One payload of `client` (a gossip or MoDeST peer encodes alone): `encode_one` with
+        `salt` as the seed's last part; the client's new codec state is kept."""
+        payload, state = encode_one(self.codec, tensor, self.states.get(client, {}).get(stream),
+                                    self.seed, round_index, client, salt)
+        if state:
+            self.states.setdefault(client, {})[stream] = state
+        return payload
+
+    def forget(self, client: int) -> None:
+        """`client` lost its state (a peer that crashed with its data)."""
+        self.states.pop(client, None)
+
     def keep(self, result: CohortResult) -> None:
         """Take the cohort's new codec states (after `CohortEncoder.encode`)."""
         assert result.codec_states is not None
@@ -166,6 +180,10 @@ class Receiver:
         if self.increments:
             for stream, row in rows.items():
                 self.sums[(client, stream)] = row
+
+    def forget(self, client: int) -> None:
+        """`client` restarts from nothing: its increment sums go."""
+        self.sums = {key: v for key, v in self.sums.items() if key[0] != client}
 
     def decode_cohort(self, cohort: list[int], result: CohortResult, round_index: int,
                       ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[int, str]]:
