@@ -34,6 +34,7 @@ demo: $(STAMP)
 test: $(RAY_STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy src/koinon
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest tests
 
 bench: $(RAY_STAMP)
@@ -42,6 +43,7 @@ bench: $(RAY_STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy src/koinon
+	$(BIN)/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) runs

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from koinon.config import Config
-from koinon.islands import DiLoCo, build_parts
+from koinon.topology.diloco import DiLoCo, build_parts
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -27,9 +27,9 @@ from koinon.topology import Federation, Gossip, RoundResult  # noqa: E402
 def __getattr__(name: str):
     # Compute-island training is imported on first use, so `import koinon` stays lean.
     if name in ("DiLoCo", "IslandsSpec", "build_parts"):
-        import koinon.islands
+        import koinon.topology.diloco
 
-        return getattr(koinon.islands, name)
+        return getattr(koinon.topology.diloco, name)
     raise AttributeError(f"module 'koinon' has no attribute {name!r}")
 
 

@@ -105,7 +105,7 @@ class ServerConfig:
 
 @dataclass
 class DiLoCoSection:
-    """`[diloco]`: settings of `topology.name = "diloco"` (see `koinon.islands.IslandsSpec`).
+    """`[diloco]`: settings of `topology.name = "diloco"` (see `koinon.topology.diloco.IslandsSpec`).
 
     Every key lives in `options` and is checked (name, type, range) by the islands builder,
     which then writes the resolved values back, so a run's config.toml spells out all of them.

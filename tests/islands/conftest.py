@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from koinon.compress.base import CODECS
-from koinon.islands import IslandsEngine, IslandsSpec
-from koinon.islands.build import build_codec_for
 from koinon.params import Layout
+from koinon.topology.diloco import IslandsEngine, IslandsSpec
+from koinon.topology.diloco.build import build_codec_for
 
 
 def tiny_engine(spec: IslandsSpec, codec: str = "identity", seed: int = 0,

@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from koinon.errors import ConfigError
-from koinon.islands import IslandsSpec, LocalExchange
-from koinon.islands.build import build_codec_for, spec_from_options
-from koinon.islands.engine import average_payloads
-from koinon.islands.outer import co2_step, outer_optimizer
+from koinon.topology.diloco import IslandsSpec, LocalExchange
+from koinon.topology.diloco.build import build_codec_for, spec_from_options
+from koinon.topology.diloco.engine import average_payloads
+from koinon.topology.diloco.outer import co2_step, outer_optimizer
 
 
 def test_diloco_h1_with_plain_sgd_outer_step_is_synchronous_data_parallel(make_engine):
@@ -205,7 +205,7 @@ def test_schedule_is_per_global_step_and_the_same_for_sync_and_diloco(make_engin
 
 def test_cosine_total_steps_defaults_to_the_run_length():
     from koinon.config import Config
-    from koinon.islands.build import build_parts
+    from koinon.topology.diloco.build import build_parts
 
     cfg = Config.from_dict({
         "data": {"name": "shakespeare", "partition": "natural", "num_clients": 2, "seq_len": 16,

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from koinon.errors import ConfigError
-from koinon.islands.fragments import fragment_at, fragment_indices
 from koinon.models import build_model
 from koinon.params import Layout
+from koinon.topology.diloco.fragments import fragment_at, fragment_indices
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ sync event (CO2), at once (DiLoCo without overlap)."""
 import pytest
 import torch
 
-from koinon.islands import IslandsSpec, LocalExchange
-from koinon.islands.engine import OverlappingExchange
+from koinon.topology.diloco import IslandsSpec, LocalExchange
+from koinon.topology.diloco.engine import OverlappingExchange
 
 
 class Deferred(LocalExchange):

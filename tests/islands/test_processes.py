@@ -9,8 +9,8 @@ import torch
 
 from koinon.cli import main
 from koinon.config import load_config
-from koinon.islands import DiLoCo, build_parts
 from koinon.islands.cli import launch
+from koinon.topology.diloco import DiLoCo, build_parts
 
 
 @pytest.fixture

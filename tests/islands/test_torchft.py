@@ -20,10 +20,10 @@ from torchft import Manager, ProcessGroupGloo
 from torchft._torchft import LighthouseServer
 from torchft.local_sgd import DiLoCo
 
-from koinon.islands import IslandsEngine, IslandsSpec, LocalExchange
-from koinon.islands.build import build_codec_for
-from koinon.islands.inner import batch_generator, sample_batch
 from koinon.params import Layout
+from koinon.topology.diloco import IslandsEngine, IslandsSpec, LocalExchange
+from koinon.topology.diloco.build import build_codec_for
+from koinon.topology.diloco.inner import batch_generator, sample_batch
 
 SEED = 5
 ROUNDS = 3

@@ -16,9 +16,9 @@ import torch
 from koinon.cli import main
 from koinon.config import load_config
 from koinon.errors import KoinonError
-from koinon.islands import DiLoCo, build_parts
 from koinon.islands.cli import launch
 from koinon.islands.torchrun import TorchrunEnv
+from koinon.topology.diloco import DiLoCo, build_parts
 
 STREAMING = ["diloco.fragments=2", "diloco.overlap=1", "diloco.alpha=0.5"]
 TORCHRUN = Path(sys.executable).parent / "torchrun"

@@ -6,8 +6,8 @@ from koinon.cli import main
 from koinon.config import Config
 from koinon.errors import ConfigError
 from koinon.experiment.runner import build_federation
-from koinon.islands import DiLoCo
 from koinon.topology import GRAPHS, TOPOLOGIES, Federation, Gossip
+from koinon.topology.diloco import DiLoCo
 
 
 def test_every_topology_is_registered_and_graphs_are_not_topologies():

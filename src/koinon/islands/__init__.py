@@ -1,17 +1,6 @@
-"""Training across compute islands: DiLoCo, Streaming DiLoCo and CO2.
+"""The compute-islands process driver: `koinon launch`, worker processes, torchrun.
 
-Two execution modes with the same math: `DiLoCo` simulates M workers in one process (a vmapped
-stack), and `koinon launch --workers M CONFIG.toml` runs real worker processes that exchange
-codec bytes over torch.distributed (gloo), survive a worker's death and accept joiners.
+Real worker processes run the DiLoCo protocol of `koinon.topology.diloco` (the same
+`IslandsEngine` the one-process simulation runs) and exchange codec bytes over
+torch.distributed (gloo); they survive a worker's death and accept joiners (`membership`).
 """
-
-from koinon.islands.build import IslandsParts, build_parts
-from koinon.islands.engine import Exchange, IslandsEngine, LocalExchange
-from koinon.islands.fragments import fragment_indices
-from koinon.islands.spec import IslandsSpec
-from koinon.islands.topology import DiLoCo, IslandsRound, params_hash
-
-__all__ = [
-    "DiLoCo", "Exchange", "IslandsEngine", "IslandsParts", "IslandsRound", "IslandsSpec",
-    "LocalExchange", "build_parts", "fragment_indices", "params_hash",
-]

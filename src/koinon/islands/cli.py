@@ -32,8 +32,8 @@ from torch.distributed import TCPStore
 from koinon.config import Config
 from koinon.errors import ConfigError, KoinonError
 from koinon.files import atomic_write_text
-from koinon.islands.build import build_parts
 from koinon.islands.membership import Coordinator, MembershipTimeout, wait_key
+from koinon.topology.diloco.build import build_parts
 
 
 def launch(

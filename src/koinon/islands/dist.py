@@ -41,9 +41,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from koinon.errors import KoinonError
-from koinon.islands.engine import IslandsEngine
 from koinon.islands.membership import POLL_S, MembershipTimeout, Quorum, wait_key
-from koinon.islands.topology import params_hash
+from koinon.topology.diloco.diloco import params_hash
+from koinon.topology.diloco.engine import IslandsEngine
 
 T = TypeVar("T")
 

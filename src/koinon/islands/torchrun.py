@@ -43,7 +43,7 @@ from koinon.errors import KoinonError
 from koinon.islands.cli import prepare_run, summarize
 from koinon.islands.dist import DistExchange, Link
 from koinon.islands.membership import Coordinator, MembershipTimeout, connect, wait_key
-from koinon.islands.worker import train
+from koinon.islands.process import train
 
 REQUIRED = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 HOW = ("start the workers with torchrun --nproc-per-node M -m koinon.islands.worker CONFIG.toml, "

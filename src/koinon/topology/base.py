@@ -43,3 +43,14 @@ class Topology(Protocol):
 TOPOLOGIES: Registry[Topology] = Registry("topology")
 """Topology builders, called as `builder(cfg)` with a loaded `Config`; each checks the sections
 it reads and raises a one-line `ConfigError` before anything trains."""
+
+
+def fit_rounds(topology, rounds: int, eval_every: int) -> list:
+    """`rounds` more rounds of any topology, evaluating every `eval_every` rounds and after the last."""
+    if rounds < 0 or eval_every < 1:
+        raise ValueError(f"need rounds >= 0 and eval_every >= 1, got {rounds} and {eval_every}")
+    out = []
+    for i in range(rounds):
+        last = i == rounds - 1
+        out.append(topology.run_round(evaluate=last or (topology.round_index + 1) % eval_every == 0))
+    return out

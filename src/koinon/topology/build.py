@@ -2,7 +2,7 @@
 
 `federated` and `gossip` share one recipe for their parts (`build_components`: dataset,
 partition, model, local training, client algorithm, server optimizer and sampler, codecs,
-attack, aggregator, runtime); `diloco` builds its own (`koinon.islands.build_parts`) and is
+attack, aggregator, runtime); `diloco` builds its own (`koinon.topology.diloco.build_parts`) and is
 imported only when named, so `import koinon` stays lean. Every builder checks what it reads and
 raises a one-line `ConfigError` before anything trains.
 """
@@ -223,8 +223,8 @@ def build_diloco(cfg: Config, /) -> Topology:
 
     The [diloco] section holds the inner and outer optimizers, so the [client] and [server]
     optimizer keys do not apply."""
-    from koinon.islands import DiLoCo, build_parts
     from koinon.runtime.local import set_threads
+    from koinon.topology.diloco import DiLoCo, build_parts
 
     _check_schedule(cfg.server)
     parts = build_parts(cfg)

@@ -27,22 +27,12 @@ from koinon.runtime import RUNTIMES, Runtime
 from koinon.seeding import generator
 from koinon.server import SAMPLERS, SERVER_OPTIMIZERS, Sampler, ServerOptimizer
 from koinon.server.root import RootUpdate, reference_users, reserve_root
+from koinon.topology.base import fit_rounds
 from koinon.topology.server import Adversary, FederatedServer, RoundResult
 from koinon.update import State
 from koinon.wire import Sender
 
 __all__ = ["Federation", "RoundResult", "component", "fit_rounds"]
-
-
-def fit_rounds(topology, rounds: int, eval_every: int) -> list:
-    """`rounds` more rounds of any topology, evaluating every `eval_every` rounds and after the last."""
-    if rounds < 0 or eval_every < 1:
-        raise ValueError(f"need rounds >= 0 and eval_every >= 1, got {rounds} and {eval_every}")
-    out = []
-    for i in range(rounds):
-        last = i == rounds - 1
-        out.append(topology.run_round(evaluate=last or (topology.round_index + 1) % eval_every == 0))
-    return out
 
 
 def component(registry, value, section: str, **context):

@@ -64,7 +64,7 @@ class RoundResult:
     num_byzantine: int = 0
     extra: dict[str, float] = field(default_factory=dict)  # e.g. an attack's success rate
     cohort: list[int] = field(default_factory=list)  # sampled
-    reasons: dict[int, str] = field(default_factory=dict)  # rejected client -> why
+    reasons: dict[int, str] = field(default_factory=dict)  # client -> why an update was refused
     missing: list[int] = field(default_factory=list)  # sampled, never delivered (deployment)
     late: int = 0  # updates that arrived after the round closed (deployment)
     digests: dict[int, str] = field(default_factory=dict)  # client -> SHA-256 of its payloads
@@ -367,7 +367,7 @@ class FederatedServer:
         out = RoundResult(
             r + 1, len(included), uplink, rnd.downlink_bytes, train_loss, rejected,
             num_byzantine=num_byzantine, cohort=rnd.cohort,
-            reasons={c: rnd.reasons[c] for c in rejected if c in rnd.reasons},
+            reasons=dict(rnd.reasons),  # every refusal, also of a client whose later update counted
             missing=missing, late=rnd.late, digests=rnd.digests,
         )
         out.applied = applied

@@ -33,11 +33,11 @@ import torch
 from torch import nn
 
 from koinon.compress.base import Codec, CodecState
-from koinon.islands import inner
-from koinon.islands.fragments import fragment_at, fragment_indices
-from koinon.islands.outer import co2_penalty, co2_step, outer_optimizer
-from koinon.islands.spec import IslandsSpec
 from koinon.params import Layout
+from koinon.topology.diloco import inner
+from koinon.topology.diloco.fragments import fragment_at, fragment_indices
+from koinon.topology.diloco.outer import co2_penalty, co2_step, outer_optimizer
+from koinon.topology.diloco.spec import IslandsSpec
 
 CodecFactory = Callable[[int], Codec]
 """Builds the codec for a fragment of n elements."""

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from koinon.islands.spec import IslandsSpec
 from koinon.server.optimizers import SERVER_OPTIMIZERS, ServerOptimizer
+from koinon.topology.diloco.spec import IslandsSpec
 
 _SERVER_NAMES = {"nesterov": "nesterov", "sgd": "fedavgm"}
 

@@ -17,10 +17,10 @@ from koinon.compress.base import CODECS, Codec
 from koinon.config import Config
 from koinon.data import DATASETS, Dataset, partition_dataset
 from koinon.errors import ConfigError
-from koinon.islands.spec import IslandsSpec
 from koinon.models import build_model
 from koinon.params import Entry, Layout
 from koinon.registry import Registry
+from koinon.topology.diloco.spec import IslandsSpec
 
 
 @dataclass

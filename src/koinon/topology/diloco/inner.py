@@ -19,9 +19,9 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 from torch.nn import functional as F
 
-from koinon.islands.spec import IslandsSpec
 from koinon.local.optim import LOCAL_OPTIMIZERS, LocalOptimizer
 from koinon.params import Layout
+from koinon.topology.diloco.spec import IslandsSpec
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 

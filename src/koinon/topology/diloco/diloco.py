@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from koinon.islands.build import IslandsParts
-from koinon.islands.engine import Exchange, IslandsEngine, LocalExchange
-from koinon.islands.inner import evaluate
+from koinon.topology.base import fit_rounds
+from koinon.topology.diloco.build import IslandsParts
+from koinon.topology.diloco.engine import Exchange, IslandsEngine, LocalExchange
+from koinon.topology.diloco.inner import evaluate
 
 
 @dataclass
@@ -110,7 +111,6 @@ class DiLoCo:
         return result
 
     def fit(self, rounds: int, eval_every: int = 1) -> list[IslandsRound]:
-        from koinon.topology.federated import fit_rounds
 
         return fit_rounds(self, rounds, eval_every)
 
