@@ -39,6 +39,9 @@ from torch import nn
 
 import koinon as kn
 from koinon.topology import Gossip
+from koinon.topology.bristle import BristleOptions
+from koinon.topology.byzantine import ByzantineOptions
+from koinon.topology.gossip import GossipOptions, split_options
 
 NODES = 50
 
@@ -84,7 +87,7 @@ def fedavg(rounds: int, target: float) -> dict:
 
 def gossip(name: str, graph: str, rounds: int, target: float, **kw) -> dict:
     model, data = _setup()
-    net = Gossip(model, data, graph=graph, local=_local(), seed=0, **kw)
+    net = Gossip(model, data, graph=graph, local=_local(), seed=0, **split_options(kw))
     total, reached, curve, trained = 0, None, [], []
     for r in net.fit(rounds):
         total += r.bytes_total
@@ -101,9 +104,11 @@ def byzantine(name: str, rounds: int, bristle: bool | dict, attack: str | None) 
     # Frozen features are non-trainable layout entries, which the vectorized runtime does not
     # take: Bristle runs in process (the head is 330 parameters, that costs little).
     model, data = _setup()
-    net = Gossip(model, data, graph="random_regular", graph_options={"degree": 6}, local=_local(),
-                 seed=0, bristle=bristle, attack=attack, byzantine_fraction=0.3 if attack else 0.0,
-                 eval_nodes=NODES, runtime="inprocess" if bristle else "vectorized")
+    net = Gossip(model, data, graph="random_regular", local=_local(), seed=0,
+                 options=GossipOptions(graph_options={"degree": 6}, eval_nodes=NODES,
+                                       runtime="inprocess" if bristle else "vectorized"),
+                 bristle=BristleOptions.parse(bristle),
+                 byzantine=ByzantineOptions(attack, 0.3 if attack else 0.0))
     results = net.fit(rounds, eval_every=rounds)
     last = results[-1]
     return {"name": name, "attack": attack or "none", "acc": last.averaged_accuracy,

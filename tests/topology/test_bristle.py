@@ -16,6 +16,8 @@ from koinon.topology.bristle import (
     reserve_public,
     swap_accuracy,
 )
+from koinon.topology.byzantine import ByzantineOptions
+from koinon.topology.gossip import GossipOptions
 
 NODES = 30
 
@@ -28,9 +30,9 @@ def _data(alpha: float = 0.5, nodes: int = NODES) -> kn.FederatedData:
 def _net(bristle=True, attack=None, fraction=0.0, nodes: int = NODES, **kw) -> Gossip:
     data = _data(nodes=nodes)
     model = kn.build_model("mlp", {}, data.dataset.input_shape, data.dataset.num_classes, 0)
-    return Gossip(model, data, graph="random_regular", graph_options={"degree": 6},
-                  local=kn.LocalTraining(lr=0.05, epochs=1, momentum=0.9), bristle=bristle,
-                  attack=attack, byzantine_fraction=fraction, seed=0, eval_nodes=nodes, **kw)
+    return Gossip(model, data, graph="random_regular", local=kn.LocalTraining(lr=0.05, epochs=1, momentum=0.9),
+                  seed=0, options=GossipOptions(graph_options={"degree": 6}, eval_nodes=nodes, **kw),
+                  bristle=BristleOptions.parse(bristle), byzantine=ByzantineOptions(attack, fraction))
 
 
 def test_public_split_is_disjoint_from_what_clients_keep_and_covers_their_data():
@@ -49,11 +51,11 @@ def test_only_the_head_is_trained_and_sent():
     _, head = head_of(net.model)
     head_numel = head.weight.numel() + head.bias.numel()
     assert net.layout.num_trainable == head_numel == 650
-    frozen = net.stack[:, head_numel:].clone()
+    frozen = net.peers.stack[:, head_numel:].clone()
     r = net.run_round(evaluate=False)
-    assert torch.equal(net.stack[:, head_numel:], frozen)  # the features never move
-    assert net.stack[:, :head_numel].abs().sum() > 0  # the head (reset to zero) learned
-    degree = torch.tensor([net.graph.degree(i) for i in range(NODES)])
+    assert torch.equal(net.peers.stack[:, head_numel:], frozen)  # the features never move
+    assert net.peers.stack[:, :head_numel].abs().sum() > 0  # the head (reset to zero) learned
+    degree = torch.tensor([net.peers.graph.degree(i) for i in range(NODES)])
     assert r.bytes_total == int((4 * head_numel * degree).sum())  # fp32 head to every neighbour
     plain = _net(bristle=False)
     assert plain.run_round(evaluate=False).bytes_total == int((4 * plain.layout.numel * degree).sum())

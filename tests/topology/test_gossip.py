@@ -8,6 +8,8 @@ from torch import nn
 import koinon as kn
 from koinon.topology import GRAPHS as REGISTERED_GRAPHS
 from koinon.topology import Gossip
+from koinon.topology.failures import FailureOptions
+from koinon.topology.gossip import GossipOptions, split_options
 from koinon.topology.graphs import build_graph, check_mixing, from_networkx, mixing_matrix
 
 GRAPHS = {
@@ -16,14 +18,33 @@ GRAPHS = {
 }
 
 
-def _net(num_nodes=20, **kw):
+def _parts(num_nodes):
     ds = kn.DATASETS.get("digits")(seed=0, test_fraction=0.2, num_clients=num_nodes)
     data = kn.partition_dataset(ds, "dirichlet", num_nodes, seed=0, options={"alpha": 0.5})
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-    args = {"local": kn.LocalTraining(lr=0.05, epochs=2, momentum=0.9), "seed": 3}
-    args.update(kw)
-    return Gossip(model, data, **args)
+    return model, data
+
+
+def _net(num_nodes=20, graph="ring", final_merge_every=0, **flat):
+    """A network whose options are given flat, as a config's `topology.options` (split_options)."""
+    model, data = _parts(num_nodes)
+    return Gossip(model, data, graph=graph, local=kn.LocalTraining(lr=0.05, epochs=2, momentum=0.9),
+                  final_merge_every=final_merge_every, seed=3, **split_options(flat))
+
+
+def test_options_dataclasses_build_the_same_network_as_flat_options():
+    model, data = _parts(10)
+    direct = Gossip(model, data, graph="exponential", local=kn.LocalTraining(lr=0.05, epochs=2, momentum=0.9),
+                    seed=3, options=GossipOptions(codec="ef21"),
+                    failures=FailureOptions(failures={1: 0.2}, link_failure=0.3))
+    flat = _net(num_nodes=10, graph="exponential", codec="ef21", failures={1: 0.2}, link_failure=0.3)
+    direct.fit(rounds=3, eval_every=10)
+    flat.fit(rounds=3, eval_every=10)
+    assert direct.state_dict().keys() == flat.state_dict().keys()
+    assert all(torch.equal(v, flat.state_dict()[k]) for k, v in direct.state_dict().items())
+    with pytest.raises(ValueError, match="sampling"):
+        split_options({"sampling": "everyone"})
 
 
 def test_every_registered_graph_is_covered():
@@ -122,12 +143,12 @@ def test_crashing_half_the_nodes_mid_run_keeps_going_without_nans():
     results = net.fit(rounds=6)
     assert [r.num_live for r in results] == [20, 20, 20, 10, 10, 10]
     assert len(results[3].crashed) == 10
-    assert torch.isfinite(net.stack).all()
+    assert torch.isfinite(net.peers.stack).all()
     for r in results:
         assert all(math.isfinite(v) for v in (r.train_loss, r.consensus_distance, r.averaged_accuracy))
-    net.rejoin(results[3].crashed)
+    net.peers.rejoin(results[3].crashed)
     assert net.run_round().num_live == 20
-    net.crash(list(range(20)))  # everyone gone: the round is empty, not an error
+    net.peers.crash(list(range(20)))  # everyone gone: the round is empty, not an error
     empty = net.run_round()
     assert empty.num_live == 0 and empty.bytes_total == 0
 
@@ -144,13 +165,13 @@ def test_compressed_gossip_counts_real_bytes():
     assert a.bytes_total == 20 * 2 * 4 * p and b.bytes_total == 20 * 2 * 2 * p
     delta = _net(graph="ring", codec="fp16", compress_delta=True)
     result = delta.fit(rounds=8, eval_every=8)[-1]
-    assert result.averaged_accuracy > 0.3 and torch.isfinite(delta.stack).all()
+    assert result.averaged_accuracy > 0.3 and torch.isfinite(delta.peers.stack).all()
 
 
 def test_robust_aggregator_per_neighbourhood():
     net = _net(graph="exponential", aggregator="median")
     result = net.fit(rounds=8, eval_every=8)[-1]
-    assert torch.isfinite(net.stack).all() and result.averaged_accuracy > 0.5
+    assert torch.isfinite(net.peers.stack).all() and result.averaged_accuracy > 0.5
 
 
 def test_runner_interface_and_round_metrics():
@@ -163,7 +184,7 @@ def test_runner_interface_and_round_metrics():
     assert d["round"] == net.round_index == 2 and d["num_clients"] == 8
     assert d["test_accuracy"] == results[-1].averaged_accuracy == net.evaluate()[0]
     assert net.uplink_total == sum(r.uplink_bytes for r in results) and net.downlink_total == 0
-    assert torch.equal(net.params, net.stack[net.live].mean(dim=0))
+    assert torch.equal(net.params, net.peers.stack[net.peers.live].mean(dim=0))
 
 
 @pytest.mark.parametrize("kw", [
@@ -208,26 +229,26 @@ def test_variance_correction_restores_the_layer_variance_and_keeps_the_mean():
                 (target[:, k] + eps) / (w.var(dim=1, unbiased=False) + eps))
             assert torch.allclose(var, expected, rtol=1e-4)
     # In a round: each live node gets the mean layer variance of its closed neighbourhood's models.
-    net.crash([5])
+    net.peers.crash([5])
     own = x.clone()  # the models each node mixed (identity codec: public copies are exact)
-    net.stack = torch.sparse.mm(net.mixing, own)
-    live_ids = net.live.nonzero().flatten().tolist()
-    mixed = net.stack.clone()
-    correct_mixed_variance(net.stack, own, own, net.mixing, live_ids, layout)
+    net.peers.stack = torch.sparse.mm(net.peers.mixing, own)
+    live_ids = net.peers.live.nonzero().flatten().tolist()
+    mixed = net.peers.stack.clone()
+    correct_mixed_variance(net.peers.stack, own, own, net.peers.mixing, live_ids, layout)
     variances = layer_variances(own, layout)
     for i in live_ids:
-        hood = [i] + [j for j in net.graph.neighbors(i) if net.live[j]]
+        hood = [i] + [j for j in net.peers.graph.neighbors(i) if net.peers.live[j]]
         target = variances[hood].mean(dim=0)
-        assert torch.allclose(net.stack[i], correct_variance(mixed[i : i + 1], target[None], layout)[0], atol=1e-6)
-    assert torch.equal(net.stack[5], mixed[5])  # a crashed node is left alone
-    mean_var = layer_variances(net.stack[live_ids], layout)
+        assert torch.allclose(net.peers.stack[i], correct_variance(mixed[i : i + 1], target[None], layout)[0], atol=1e-6)
+    assert torch.equal(net.peers.stack[5], mixed[5])  # a crashed node is left alone
+    mean_var = layer_variances(net.peers.stack[live_ids], layout)
     assert (mean_var > layer_variances(mixed[live_ids], layout) - 1e-6).all()  # averaging had shrunk it
 
 
 def test_variance_corrected_gossip_learns():
     net = _net(graph="ring", variance_correction=True)
     result = net.fit(rounds=10, eval_every=10)[-1]
-    assert torch.isfinite(net.stack).all() and result.averaged_accuracy > 0.6
+    assert torch.isfinite(net.peers.stack).all() and result.averaged_accuracy > 0.6
 
 
 def test_random_regular_graph_resampled_every_k_rounds():
@@ -238,27 +259,27 @@ def test_random_regular_graph_resampled_every_k_rounds():
     edges = []
     for r in range(6):
         result = net.run_round(evaluate=r == 5)
-        edges.append(sorted(net.graph.edges()))
-        assert all(d == 3 for _, d in net.graph.degree())
-        check_mixing(net.mixing)
+        edges.append(sorted(net.peers.graph.edges()))
+        assert all(d == 3 for _, d in net.peers.graph.degree())
+        check_mixing(net.peers.mixing)
     assert edges[0] == edges[1] != edges[2] == edges[3] != edges[4] == edges[5]
     assert edges[0] != edges[4]
     assert sorted(twin.graph_for(4).edges()) == edges[4]  # seeded by (seed, round): every node agrees
-    assert result.averaged_accuracy > 0.5 and torch.isfinite(net.stack).all()
+    assert result.averaged_accuracy > 0.5 and torch.isfinite(net.peers.stack).all()
 
 
 def test_modest_samples_are_the_same_on_nodes_sharing_a_view():
-    from koinon.topology.gossip import modest_ranking
+    from koinon.topology.modest import modest_ranking
 
     view = list(range(30))
     shuffled = sorted(view, key=lambda p: (p * 7919) % 31)  # another node's copy, another order
     assert modest_ranking(view, 3, 5) == modest_ranking(shuffled, 3, 5)
     assert modest_ranking(view, 3, 5) != modest_ranking(view, 3, 6)  # a fresh sample every round
     net = _net(num_nodes=30, sampling="modest", trainers_per_round=6, aggregators_per_round=2)
-    sample = net.modest_sample(4, 6)
-    net.crash(sample[:2])  # pinged, unresponsive: skipped, the next ranked peers step in
-    stale_view = net.modest_sample(4, 6, view=view)
-    fresh_view = net.modest_sample(4, 6, view=[p for p in view if net.live[p]])
+    sample = net.protocol.sample(net.peers, 4, 6)
+    net.peers.crash(sample[:2])  # pinged, unresponsive: skipped, the next ranked peers step in
+    stale_view = net.protocol.sample(net.peers, 4, 6, view=view)
+    fresh_view = net.protocol.sample(net.peers, 4, 6, view=[p for p in view if net.peers.live[p]])
     assert stale_view == fresh_view and stale_view[:4] == sample[2:] and len(stale_view) == 6
 
 
@@ -267,18 +288,18 @@ def test_modest_sampling_learns_counts_bytes_and_survives_failures():
     net = _net(**kw)
     first = net.run_round(evaluate=False)
     p4 = 4 * net.layout.numel
-    trainers, aggregators = net.modest_sample(0, 8), net.modest_sample(1, 2)
+    trainers, aggregators = net.protocol.sample(net.peers, 0, 8), net.protocol.sample(net.peers, 1, 2)
     assert first.num_clients == 8 and first.downlink_bytes == 0
     assert first.uplink_bytes == p4 * sum(1 for t in trainers for a in aggregators if a != t)
     second = net.run_round(evaluate=False)
-    assert second.downlink_bytes == p4 * sum(1 for a in aggregators for t in net.modest_sample(1, 8) if a != t)
+    assert second.downlink_bytes == p4 * sum(1 for a in aggregators for t in net.protocol.sample(net.peers, 1, 8) if a != t)
     result = net.fit(rounds=10, eval_every=10)[-1]
-    assert result.test_accuracy > 0.6 and torch.equal(net.params, net.stack[net.modest_holders[0]])
+    assert result.test_accuracy > 0.6 and torch.equal(net.params, net.peers.stack[net.peers.holders[0]])
     # 80% of the nodes crash mid-run; sampling skips them and training goes on.
     crashy = _net(failures={3: 0.8}, success_fraction=0.75, **kw)
     results = crashy.fit(rounds=8, eval_every=8)
     assert [r.num_clients for r in results] == [8, 8, 8, 4, 4, 4, 4, 4]
-    assert torch.isfinite(crashy.stack).all() and results[-1].test_accuracy > 0.15  # 4 non-IID nodes left
+    assert torch.isfinite(crashy.peers.stack).all() and results[-1].test_accuracy > 0.15  # 4 non-IID nodes left
     # Resume bit-identically.
     a = _net(failures={2: 0.3}, **kw)
     a.fit(rounds=3, eval_every=10)
@@ -294,28 +315,28 @@ def test_link_failures_mix_doubly_stochastic_without_nans_and_learn():
     net = _net(graph="exponential", link_failure=0.4, failures={2: 0.25})
     results = []
     for r in range(10):
-        graph, w, failed = net._round_links(r)
-        check_mixing(w)  # doubly stochastic on the surviving live subgraph, every round
+        links = net.peers.links(r, 0.4)
+        check_mixing(links.mixing)  # doubly stochastic on the surviving live subgraph, every round
         results.append(net.run_round(evaluate=r == 9))
-        assert results[-1].failed_links == failed
-        assert torch.isfinite(net.stack).all() and math.isfinite(results[-1].consensus_distance)
-    assert 0 < sum(r.failed_links for r in results) < 10 * net.graph.number_of_edges()
+        assert results[-1].failed_links == links.failed
+        assert torch.isfinite(net.peers.stack).all() and math.isfinite(results[-1].consensus_distance)
+    assert 0 < sum(r.failed_links for r in results) < 10 * net.peers.graph.number_of_edges()
     assert results[-1].averaged_accuracy > 0.5
     # Bytes only over links up this round (the graph is 8-regular, failures are per round).
     full = _net(graph="exponential").run_round(evaluate=False).bytes_total
     assert 0 < results[0].bytes_total < full
     # A node cut off from every neighbour keeps its own (trained) model; no links: nothing sent.
     lonely = _net(num_nodes=10, graph="ring", link_failure=1.0)
-    assert torch.equal(lonely._round_links(0)[1].to_dense(), torch.eye(10))
+    assert torch.equal(lonely.peers.links(0, 1.0).mixing.to_dense(), torch.eye(10))
     out = lonely.run_round(evaluate=False)
     assert out.bytes_total == 0 and out.failed_links == 10
     isolated = _net(num_nodes=10, graph=nx.empty_graph(10))
     isolated.run_round(evaluate=False)
-    assert torch.equal(lonely.stack, isolated.stack)
+    assert torch.equal(lonely.peers.stack, isolated.peers.stack)
     # Seeded by (seed, round): the same on two networks, different from round to round.
     twin = _net(graph="exponential", link_failure=0.4)
-    assert set(twin._round_links(3)[0].edges()) == set(net._round_links(3)[0].edges())
-    assert set(net._round_links(3)[0].edges()) != set(net._round_links(4)[0].edges())
+    assert set(twin.peers.links(3, 0.4).graph.edges()) == set(net.peers.links(3, 0.4).graph.edges())
+    assert set(net.peers.links(3, 0.4).graph.edges()) != set(net.peers.links(4, 0.4).graph.edges())
     with pytest.raises(ValueError, match="link_failure"):
         _net(link_failure=1.5)
 
@@ -328,7 +349,7 @@ def test_churn_schedule_leaves_and_rejoins_and_is_reported():
     assert len(results[4].rejoined) == 4 and set(results[4].rejoined) <= set(results[2].crashed)
     assert sorted(results[4].rejoined + results[5].rejoined) == results[2].crashed
     assert results[5].as_dict()["rejoined"] == results[5].rejoined
-    assert torch.isfinite(net.stack).all() and results[-1].averaged_accuracy > 0.5
+    assert torch.isfinite(net.peers.stack).all() and results[-1].averaged_accuracy > 0.5
     with pytest.raises(ValueError, match="churn"):
         _net(churn={"ten": -0.3})
     with pytest.raises(ValueError, match="churn"):
@@ -340,13 +361,13 @@ def test_crash_with_or_without_data(loses):
     net = _net(num_nodes=10, graph="ring", churn={1: -0.3, 3: 1.0}, crash_loses_data=loses,
                failure_choice="degree")
     net.fit(rounds=3, eval_every=10)
-    gone = (~net.live).nonzero().flatten().tolist()
+    gone = (~net.peers.live).nonzero().flatten().tolist()
     assert len(gone) == 3
-    stale = net.stack[gone].clone()
-    live_before = net.live.clone()
+    stale = net.peers.stack[gone].clone()
+    live_before = net.peers.live.clone()
     expected = torch.stack([
-        net.stack[[v for v in net.graph.neighbors(i) if live_before[v]]].mean(dim=0)
-        if any(live_before[v] for v in net.graph.neighbors(i)) else net.stack[live_before].mean(dim=0)
+        net.peers.stack[[v for v in net.peers.graph.neighbors(i) if live_before[v]]].mean(dim=0)
+        if any(live_before[v] for v in net.peers.graph.neighbors(i)) else net.peers.stack[live_before].mean(dim=0)
         for i in gone
     ])
     out = net.run_round(evaluate=False)  # round 4: everyone rejoins, then trains
@@ -354,6 +375,6 @@ def test_crash_with_or_without_data(loses):
     net2 = _net(num_nodes=10, graph="ring", churn={1: -0.3, 3: 1.0}, crash_loses_data=loses,
                 failure_choice="degree")
     net2.fit(rounds=3, eval_every=10)
-    net2.rejoin(gone)
-    assert torch.equal(net2.stack[gone], expected if loses else stale)
-    assert torch.isfinite(net.stack).all()
+    net2.peers.rejoin(gone, loses)
+    assert torch.equal(net2.peers.stack[gone], expected if loses else stale)
+    assert torch.isfinite(net.peers.stack).all()

@@ -40,6 +40,7 @@ from torch import nn
 
 from koinon.data.federated import FederatedData
 from koinon.seeding import mix_seed
+from koinon.topology.peers import Links, PeerNetwork
 
 
 @dataclass(frozen=True)
@@ -222,14 +223,14 @@ class BristleMixer:
             out[self.num_classes * self.dim : self.head_numel] = new_rows[:, self.dim]
         return out
 
-    def mix(self, stack: torch.Tensor, public: torch.Tensor, neighbours: dict[int, list[int]],
-            live_ids: list[int], round_index: int) -> torch.Tensor:
-        """Every live node's new head from its exact own head and its live neighbours' copies."""
+    def mix(self, net: PeerNetwork, public: torch.Tensor, links: Links, round_index: int) -> torch.Tensor:
+        """Every live node's new head from its exact own head and its live neighbours' copies
+        (a `koinon.topology.mixers.Mixer`)."""
         h = self.head_numel
-        out = stack.clone()
+        out = net.stack.clone()
         heads = public[:, :h]
-        for i in live_ids:
-            own = stack[i, :h]
-            chosen = self.prioritize(own, neighbours[i], heads, i, round_index)
+        for i in net.live_ids():
+            own = net.stack[i, :h]
+            chosen = self.prioritize(own, links.live_neighbours(i, net.live), heads, i, round_index)
             out[i, :h] = self.integrate(i, own, heads[chosen])
         return out

@@ -9,7 +9,6 @@ raises a one-line `ConfigError` before anything trains.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -27,7 +26,7 @@ from koinon.registry import Registry
 from koinon.server import SAMPLERS, SERVER_OPTIMIZERS, Sampler, ServerOptimizer
 from koinon.topology.base import TOPOLOGIES, Topology
 from koinon.topology.federated import Federation
-from koinon.topology.gossip import Gossip
+from koinon.topology.gossip import Gossip, split_options
 
 if TYPE_CHECKING:
     from koinon.aggregate import Aggregator
@@ -198,22 +197,23 @@ def build_gossip(cfg: Config, /) -> Topology:
             raise ConfigError(f"topology.failures = {t.failures!r}: expected {{round = fraction}}, "
                               "e.g. failures = {{ 20 = 0.5 }}")
         failures[int(key)] = float(value)
-    accepted = set(inspect.signature(Gossip).parameters)
-    extra = {k: v for k, v in t.options.items() if k in accepted}
-    graph_options = {k: v for k, v in t.options.items() if k not in accepted}
     robust = None if cfg.aggregator.name == "mean" else parts.aggregator
+    typed = {"mixing": t.mixing, "codec": parts.codec, "compress_delta": t.compress_delta,
+             "aggregator": robust, "runtime": parts.runtime, "algorithm": parts.algorithm,
+             "failures": failures, "failure_choice": t.failure_choice, "eval_nodes": t.eval_nodes}
+    clash = sorted(set(typed) & set(t.options))
+    if clash:
+        raise ConfigError(f"topology.options.{clash[0]}: set by its own config key, not in topology.options")
     if cfg.attack.name != "none":
-        if "attack" in extra or "byzantine_fraction" in extra:
+        if "attack" in t.options or "byzantine_fraction" in t.options:
             raise ConfigError("gossip attacks: use [attack] name/fraction or topology.options "
                               "attack/byzantine_fraction, not both")
         # [attack] applies to gossip as to a federation: Byzantine peers forge what they send.
-        extra.update(attack=parts.attack, byzantine_fraction=cfg.attack.fraction)
+        typed.update(attack=parts.attack, byzantine_fraction=cfg.attack.fraction)
+    options = guard("topology", split_options, {**t.options, **typed})
     return guard(
-        "topology", Gossip, parts.model, parts.fed_data, graph=t.graph, graph_options=graph_options,
-        mixing=t.mixing, local=parts.local, algorithm=parts.algorithm, codec=parts.codec,
-        compress_delta=t.compress_delta, aggregator=robust, runtime=parts.runtime,
-        final_merge_every=t.final_merge_every, failures=failures, failure_choice=t.failure_choice,
-        eval_nodes=t.eval_nodes, seed=cfg.seed, **extra,
+        "topology", Gossip, parts.model, parts.fed_data, graph=t.graph, local=parts.local,
+        final_merge_every=t.final_merge_every, seed=cfg.seed, **options,
     )
 
 

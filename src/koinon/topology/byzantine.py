@@ -12,6 +12,8 @@ Byzantine node holds itself is never evaluated.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -22,20 +24,32 @@ from koinon.seeding import mix_seed
 from koinon.topology.federated import component
 
 
-class ByzantinePeers:
-    """The Byzantine nodes of a network and the attack they run."""
+@dataclass(frozen=True)
+class ByzantineOptions:
+    """`attack` (a registered name or an `Attack`) run by a `byzantine_fraction` of the nodes."""
 
-    def __init__(self, attack: Attack | str | None, fraction: float, num_nodes: int, seed: int) -> None:
-        if not 0.0 <= fraction < 1.0:
-            raise ValueError(f"byzantine_fraction must be in [0, 1), got {fraction}")
-        self.attack = component(ATTACKS, attack or "none", "attack")
+    attack: Attack | str | None = None
+    byzantine_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.byzantine_fraction < 1.0:
+            raise ValueError(f"byzantine_fraction must be in [0, 1), got {self.byzantine_fraction}")
+
+
+class ByzantinePeers:
+    """The Byzantine nodes of a network and the attack they run. `aggregator` is what the
+    honest nodes mix with (omniscient attacks read it); the mean when they average."""
+
+    def __init__(self, options: ByzantineOptions, num_nodes: int, seed: int,
+                 aggregator: Aggregator | None = None) -> None:
+        self.attack = component(ATTACKS, options.attack or "none", "attack")
         rng = np.random.default_rng([seed, 0xBAD])
-        count = round(fraction * num_nodes)
+        count = round(options.byzantine_fraction * num_nodes)
         self.nodes = sorted(int(c) for c in rng.choice(num_nodes, count, replace=False))
         self.mask = torch.zeros(num_nodes, dtype=torch.bool)
         self.mask[self.nodes] = True
         self.seed = seed
-        self._mean: Aggregator = build_aggregator("mean")
+        self.aggregator: Aggregator = aggregator or build_aggregator("mean")
 
     def poison(self, data: FederatedData) -> FederatedData:
         """The data with the Byzantine nodes' samples poisoned (data attacks; others: unchanged)."""
@@ -47,8 +61,7 @@ class ByzantinePeers:
         )
         return FederatedData(poisoned, data.client_indices)
 
-    def forge(self, public: torch.Tensor, live_ids: list[int], width: int, round_index: int,
-              aggregator: Aggregator | None) -> torch.Tensor:
+    def forge(self, public: torch.Tensor, live_ids: list[int], width: int, round_index: int) -> torch.Tensor:
         """`public` with the live Byzantine rows' first `width` entries replaced by the attack's."""
         rows = torch.tensor(live_ids, dtype=torch.long)
         byzantine = self.mask[rows]
@@ -57,7 +70,7 @@ class ByzantinePeers:
         sent = public[rows, :width]
         context = AttackContext(
             round_index, sent[~byzantine].mean(dim=0) if bool((~byzantine).any()) else sent.mean(dim=0),
-            torch.ones(len(rows)), aggregator or self._mean,
+            torch.ones(len(rows)), self.aggregator,
             torch.Generator().manual_seed(mix_seed(self.seed, round_index, 0xBAD)),
         )
         out = public.clone()

@@ -1,16 +1,19 @@
-"""Scheduled node failures of a gossip network: crashes at given rounds and churn.
+"""Scheduled node and link failures of a peer network: crashes at given rounds, churn, lost links.
 
-`failures` {round: fraction of all nodes} crash at that round's start (`choice`: seeded
-`random` ones, or the highest `degree` / most `central` (betweenness) of the live graph);
-`churn` {round: signed fraction}: negative = that fraction of the live nodes leave (chosen like
-`failures`), positive = that fraction of the crashed nodes rejoin (seeded random ones). Every
-choice is seeded by (seed, round), so a resumed run replays the same schedule.
+`FailureOptions` (TOML-friendly, `topology.options`): `failures` {round: fraction of all nodes}
+crash at that round's start (`failure_choice`: seeded `random` ones, or the highest `degree` /
+most `central` (betweenness) of the live graph); `churn` {round: signed fraction}: negative =
+that fraction of the live nodes leave (chosen like `failures`), positive = that fraction of the
+crashed nodes rejoin (seeded random ones), e.g. `churn = { "10" = -0.3, "20" = 0.3 }` (string
+keys are accepted); `crash_loses_data`: a node that rejoins lost its model (and its optimizer /
+codec state) and restarts from the average of its live neighbours; `link_failure` p: every
+round each edge fails independently with probability p (`PeerNetwork.links`). Every choice is
+seeded by (seed, round), so a resumed run replays the same schedule.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 import networkx as nx
 import numpy as np
@@ -18,9 +21,7 @@ import torch
 
 from koinon.log import notice
 from koinon.seeding import mix_seed
-
-if TYPE_CHECKING:
-    from koinon.topology.gossip import Gossip
+from koinon.topology.peers import PeerNetwork
 
 FAILURE_CHOICES = ("random", "degree", "central")
 
@@ -39,33 +40,43 @@ def churn_schedule(churn: dict | None) -> dict[int, float]:
 
 
 @dataclass(frozen=True)
-class FailureSchedule:
-    """Which nodes crash or rejoin at which round (see the module docstring)."""
+class FailureOptions:
+    """How nodes and links fail (see the module docstring); checked when built."""
 
-    failures: dict[int, float]
-    churn: dict[int, float]
-    choice: str
-    seed: int
+    failures: dict[int, float] = field(default_factory=dict)
+    failure_choice: str = "random"
+    churn: dict = field(default_factory=dict)
+    crash_loses_data: bool = False
+    link_failure: float = 0.0
 
-    @staticmethod
-    def build(failures: dict[int, float] | None, churn: dict | None, choice: str, seed: int) -> FailureSchedule:
-        """A checked schedule from the TOML-friendly options."""
-        if choice not in FAILURE_CHOICES:
-            raise ValueError(f"failure_choice {choice!r}; allowed: {', '.join(FAILURE_CHOICES)}")
-        for r, fraction in (failures or {}).items():
+    def __post_init__(self) -> None:
+        if self.failure_choice not in FAILURE_CHOICES:
+            raise ValueError(f"failure_choice {self.failure_choice!r}; allowed: {', '.join(FAILURE_CHOICES)}")
+        for r, fraction in self.failures.items():
             if r < 0 or not 0.0 <= fraction <= 1.0:
                 raise ValueError(f"failures {{{r}: {fraction}}}: need round >= 0 and fraction in [0, 1]")
-        return FailureSchedule(dict(failures or {}), churn_schedule(churn), choice, seed)
+        object.__setattr__(self, "churn", churn_schedule(self.churn))
+        if not 0.0 <= self.link_failure <= 1.0:
+            raise ValueError(f"link_failure must be a probability in [0, 1], got {self.link_failure}")
 
 
-    def apply(self, net: Gossip, r: int) -> tuple[list[int], list[int]]:
+class FailureSchedule:
+    """Which nodes crash or rejoin at which round."""
+
+    def __init__(self, options: FailureOptions, seed: int) -> None:
+        self.options = options
+        self.choice = options.failure_choice
+        self.seed = seed
+
+    def apply(self, net: PeerNetwork, r: int) -> tuple[list[int], list[int]]:
         """Round r's scheduled crashes (`failures`, then leaving `churn`) and rejoins."""
         crashed: list[int] = []
-        if r in self.failures:
-            crashed = self.choose_failures(net.graph, net.live, round(self.failures[r] * net.num_nodes), r)
+        failures = self.options.failures
+        if r in failures:
+            crashed = self.choose_failures(net.graph, net.live, round(failures[r] * net.num_nodes), r)
             net.crash(crashed)
         rejoined: list[int] = []
-        change = self.churn.get(r, 0.0)
+        change = self.options.churn.get(r, 0.0)
         if change < 0:
             leaving = self.choose_failures(net.graph, net.live, round(-change * int(net.live.sum())),
                                            mix_seed(r, 0x1EA7))
@@ -73,7 +84,7 @@ class FailureSchedule:
             crashed = sorted(set(crashed) | set(leaving))
         elif change > 0:
             rejoined = self.choose_rejoins(net.live, round(change * int((~net.live).sum())), r)
-            net.rejoin(rejoined)
+            net.rejoin(rejoined, self.options.crash_loses_data)
         if crashed or rejoined:
             notice(f"round {r + 1}: {len(crashed)} nodes crashed, {len(rejoined)} rejoined, "
                    f"{int(net.live.sum())} live")
