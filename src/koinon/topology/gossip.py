@@ -51,6 +51,7 @@ from koinon.local import CohortTrainer, cross_entropy, evaluate
 from koinon.params import Layout
 from koinon.runtime import RUNTIMES, Runtime
 from koinon.seeding import mix_seed
+from koinon.topology.base import fit_rounds
 from koinon.topology.bristle import (
     BristleMixer,
     BristleOptions,
@@ -60,7 +61,7 @@ from koinon.topology.bristle import (
 from koinon.topology.byzantine import ByzantineOptions, ByzantinePeers
 from koinon.topology.dpsgd import DPSGD, CopyExchange
 from koinon.topology.failures import FailureOptions, FailureSchedule
-from koinon.topology.federated import component, fit_rounds
+from koinon.topology.federated import component
 from koinon.topology.gossip_round import GossipRound
 from koinon.topology.graphs import build_graph, from_networkx
 from koinon.topology.mixers import Mixer, RobustMixer, VarianceCorrected, WeightedMixer
