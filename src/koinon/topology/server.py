@@ -295,12 +295,11 @@ class FederatedServer:
         assert result.payloads is not None
         stacks, ok, reasons = self.receiver.decode_cohort(result.client_ids, result, rnd.index)
         rnd.stacks, rnd.ok = stacks, ok
-        for i, c in enumerate(result.client_ids):
-            rnd.samples[c] = int(result.num_samples[i])
-            rnd.losses[c] = float(result.train_loss[i])
-            rnd.nbytes[c] = sum(len(p) for p in result.payloads[i])
-            if self.record_digests:
-                rnd.digests[c] = digest(result.payloads[i])
+        rnd.samples.update(zip(result.client_ids, result.num_samples.tolist()))
+        rnd.losses.update(zip(result.client_ids, result.train_loss.tolist()))
+        rnd.nbytes.update((c, sum(map(len, p))) for c, p in zip(result.client_ids, result.payloads))
+        if self.record_digests:
+            rnd.digests.update((c, digest(p)) for c, p in zip(result.client_ids, result.payloads))
         for client, reason in reasons.items():
             rnd.reasons.setdefault(client, reason)
 
