@@ -39,6 +39,7 @@ from koinon.aggregate import Aggregator
 from koinon.attacks import Attack, AttackContext
 from koinon.clients import ClientAlgorithm
 from koinon.compress import Codec
+from koinon.errors import KoinonError
 from koinon.log import notice
 from koinon.seeding import generator
 from koinon.server import Sampler, ServerOptimizer
@@ -420,6 +421,11 @@ class FederatedServer:
         return {k: v.detach().contiguous() for k, v in out.items()}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        missing = {"params", "counters"} - set(tensors)
+        if missing:
+            raise KoinonError(f"checkpoint lacks {', '.join(sorted(missing))}: not a server state of "
+                              "this koinon version (checkpoints from before the wire/state-machine "
+                              "schema cannot be resumed; start the run again)")
         if tensors["params"].shape != self.params.shape:
             raise ValueError(f"checkpoint holds {tensors['params'].numel()} parameters, "
                              f"the model has {self.params.numel()}")
