@@ -41,7 +41,7 @@ def _setup(w: dict):
 
     opts = {"num_samples": w["num_samples"]} if "num_samples" in w else {}
     ds = kn.DATASETS.build(w["dataset"], opts, "data", seed=0, test_fraction=0.2, num_clients=w["num_clients"])
-    data = kn.partition_dataset(ds, w["partition"], w["num_clients"], seed=0, options={"alpha": 0.5})
+    data = kn.partition_dataset(ds, w["partition"], w["num_clients"], seed=0, options={"alpha": 0.5} if w["partition"] == "dirichlet" else {})
     model = kn.build_model("mlp", {"hidden": [64]}, ds.input_shape, ds.num_classes, seed=0)
     return torch, kn, ds, data, model
 

@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 from koinon import aggregate as _aggregate  # noqa: E402,F401  (registers aggregators)
 from koinon import compress as _compress  # noqa: E402,F401  (registers codecs)
+from koinon import records  # noqa: E402
 from koinon.clients import CLIENT_ALGORITHMS, FedProx, LocalSGD, LocalTraining, Scaffold  # noqa: E402
 from koinon.data import DATASETS, PARTITIONERS, Dataset, FederatedData, partition_dataset  # noqa: E402
 from koinon.errors import CodecError, ConfigError, KoinonError  # noqa: E402
@@ -22,6 +23,7 @@ from koinon.experiment import Config, load_config, resume_experiment, run_experi
 from koinon.models import MODELS, build_model  # noqa: E402
 from koinon.params import Layout  # noqa: E402
 from koinon.topology import Federation, Gossip, RoundResult  # noqa: E402
+from koinon.topology.evaluation import Evaluation  # noqa: E402
 
 
 def __getattr__(name: str):
@@ -35,7 +37,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "CLIENT_ALGORITHMS", "DATASETS", "DiLoCo", "IslandsSpec", "MODELS", "PARTITIONERS", "CodecError",
-    "Config", "ConfigError", "build_parts",
+    "Config", "ConfigError", "Evaluation", "build_parts", "records",
     "Dataset", "FedProx", "Federation", "Gossip", "FederatedData", "KoinonError", "Layout", "LocalSGD",
     "LocalTraining", "RoundResult", "Scaffold", "build_model", "load_config", "partition_dataset",
     "resume_experiment", "run_experiment",

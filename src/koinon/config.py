@@ -84,6 +84,8 @@ class ClientConfig:
     beta1: float = 0.9  # adamw
     beta2: float = 0.999  # adamw
     eps: float = 1e-8  # adamw
+    lr_schedule: str = "constant"  # local lr over a round's steps: constant, cosine or linear (needs steps > 0)
+    lr_warmup: int = 0  # local steps of linear warm-up at the start of each round
     mu: float = 0.01  # FedProx proximal weight
     options: dict = field(default_factory=dict)  # the algorithm's own options (e.g. spsa epsilon)
 
@@ -123,6 +125,7 @@ class DeployConfig:
     round_timeout_s: float = 120.0  # deadline for a round's updates once the cohort is asked
     max_message_mb: float = 0.0  # largest accepted upload (0 = 4x the model's fp32 size + 1 MB)
     min_connected: int = 0  # connected clients a round waits for before sampling (0 = min_clients)
+    max_update_norm: float = 0.0  # refuse model updates with a larger L2 norm (0 = no bound)
 
 
 @dataclass

@@ -43,14 +43,18 @@ class Dataset:
         name: str = "custom",
         num_classes: int | None = None,
     ) -> Dataset:
-        """Wrap your own tensors (labels are class indices)."""
-        y_train = torch.as_tensor(y_train, dtype=torch.long)
-        y_test = torch.as_tensor(y_test, dtype=torch.long)
+        """Wrap your own tensors (labels are class indices; checked, see `koinon.data.checks`)."""
+        from koinon.data.checks import check_dataset, check_labels
+
+        y_train = check_labels("y_train", y_train)
+        y_test = check_labels("y_test", y_test)
         n_cls = num_classes or int(max(y_train.max().item(), y_test.max().item())) + 1
-        return Dataset(
+        ds = Dataset(
             name, torch.as_tensor(x_train).float(), y_train, torch.as_tensor(x_test).float(),
             y_test, n_cls,
         )
+        check_dataset(ds)
+        return ds
 
     @staticmethod
     def from_torch(train: torch.utils.data.Dataset, test: torch.utils.data.Dataset,

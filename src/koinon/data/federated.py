@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from koinon.data.checks import check_dataset
 from koinon.data.datasets import Dataset
 from koinon.data.partition import PARTITIONERS
 
@@ -32,13 +33,26 @@ def partition_dataset(
     seed: int,
     options: dict | None = None,
 ) -> FederatedData:
-    """Split `dataset`'s training set with a registered partitioner (seeded)."""
+    """Split `dataset`'s training set with a registered partitioner (seeded). `options` are the
+    partitioner's own (e.g. `{"alpha": 0.5}` for dirichlet); any other key is refused."""
     factory = PARTITIONERS.get(partition, key="data.partition")
-    accepted = PARTITIONERS.options(partition)
-    kwargs = {k: v for k, v in (options or {}).items() if k in accepted}
+    accepted = [k for k in PARTITIONERS.options(partition) if k not in ("labels", "num_clients", "rng", "groups")]
+    kwargs = dict(options or {})
+    for key in kwargs:
+        if key not in accepted:
+            raise ValueError(f"{key!r} is not an option of partition {partition!r}; "
+                             f"allowed: {', '.join(accepted) or '(none)'}")
+    check_dataset(dataset)
     rng = np.random.default_rng([seed, 0xDA7A])
     parts = factory(
         labels=dataset.y_train.numpy(), num_clients=num_clients, rng=rng,
         groups=dataset.groups, **kwargs,
     )
     return FederatedData(dataset, [torch.from_numpy(np.asarray(p, dtype=np.int64)) for p in parts])
+
+
+def partition_options(partition: str, values: dict) -> dict:
+    """The entries of `values` that `partition` takes: a config's flat data keys (`alpha`,
+    `classes_per_client`, `power`) always have values, but each partitioner reads its own."""
+    accepted = PARTITIONERS.options(partition)
+    return {k: v for k, v in values.items() if k in accepted}

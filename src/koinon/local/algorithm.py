@@ -24,6 +24,8 @@ What the interface carries beyond FedAvg (all optional, each shown by a test in
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -49,6 +51,11 @@ class LocalTraining:
     beta1: float = 0.9  # adamw
     beta2: float = 0.999  # adamw
     eps: float = 1e-8  # adamw
+    # Local learning-rate schedule over a round's local steps: "constant", "cosine" or "linear"
+    # decay to zero over `steps` (so those need client.steps > 0: every client then follows the
+    # same schedule), after `lr_warmup` steps of linear warm-up; or a callable step -> factor.
+    lr_schedule: str | Callable[[int], float] = "constant"
+    lr_warmup: int = 0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 and self.steps < 1:
@@ -66,6 +73,32 @@ class LocalTraining:
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"client.optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         self.build_optimizer()  # checks the optimizer's own options
+        if isinstance(self.lr_schedule, str):
+            if self.lr_schedule not in ("constant", "cosine", "linear"):
+                raise ValueError(f"client.lr_schedule must be 'constant', 'cosine' or 'linear' (or a callable "
+                                 f"step -> factor), got {self.lr_schedule!r}")
+            if self.lr_schedule != "constant" and self.steps < 1:
+                raise ValueError(f"client.lr_schedule = {self.lr_schedule!r} decays over client.steps; set "
+                                 "client.steps > 0 (with epochs, clients of different sizes would decay differently)")
+        elif not callable(self.lr_schedule):
+            raise ValueError(f"client.lr_schedule must be a name or a callable, got {self.lr_schedule!r}")
+        if self.lr_warmup < 0 or (self.steps and self.lr_warmup >= self.steps):
+            raise ValueError(f"client.lr_warmup must be in [0, client.steps), got {self.lr_warmup}")
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of local step `step` (from 0) under the schedule."""
+        if self.lr_schedule == "constant" and not self.lr_warmup:
+            return self.lr
+        if step < self.lr_warmup:
+            return self.lr * (step + 1) / self.lr_warmup
+        if callable(self.lr_schedule):
+            return self.lr * float(self.lr_schedule(step))
+        if self.lr_schedule == "constant":
+            return self.lr
+        progress = (step - self.lr_warmup) / (self.steps - self.lr_warmup)
+        if self.lr_schedule == "cosine":
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.lr * (1.0 - progress)
 
     def num_steps(self, num_samples: int) -> int:
         """Local steps of a client that holds `num_samples` samples (as the trainer schedules them)."""

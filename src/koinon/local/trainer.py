@@ -380,7 +380,7 @@ class CohortTrainer:
         def correct(g: torch.Tensor) -> None:
             alg.correct(theta, g, theta0, ctx)
 
-        self.optimizer.step(theta, grad, opt_state, step, self.local.lr, correct)
+        self.optimizer.step(theta, grad, opt_state, step, self.local.lr_at(step), correct)
 
     # -------------------------------------------------------------- estimates
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from koinon.local import CohortTrainer
 from koinon.log import notice
@@ -106,6 +107,13 @@ class Vectorized(InProcess):
         buffers = [name for name, _ in trainer.module.named_buffers()]
         if buffers:
             return f"the model has buffers updated during training ({', '.join(buffers[:3])})"
+        # Dropout draws a random mask in every forward pass, and torch.func.vmap refuses random
+        # ops unless each client's randomness is managed; say so rather than vmap's raw error.
+        dropout = [name or type(m).__name__ for name, m in trainer.module.named_modules()
+                   if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
+        if dropout:
+            return (f"the model has dropout ({', '.join(dropout[:3])}), whose random masks "
+                    "torch.func.vmap cannot draw per client")
         try:  # a dry run on two stacked copies: some modules (in-place ops, data-dependent control flow) cannot vmap
             x = trainer.data.dataset.x_train[:1]
             p = torch.zeros(2, trainer.layout.numel)
@@ -114,6 +122,8 @@ class Vectorized(InProcess):
                 trainer.forward_many(trainer.stack_params(p[:, :pt], p[:, pt:]), x.unsqueeze(0).expand(2, *x.shape))
         except Exception as exc:  # noqa: BLE001 - any failure means: do not vmap this model
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if "random" in first:
+                return f"the model draws random numbers in its forward pass (dropout or similar), which torch.func.vmap cannot do per client ({first})"
             return f"torch.func.vmap cannot run this model ({first})"
         return ""
 

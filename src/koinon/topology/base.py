@@ -7,11 +7,13 @@ matrix and the deployment drivers look a name up instead of branching on it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import torch
 
 from koinon.params import Layout
+from koinon.records import Callback, run_rounds
 from koinon.registry import Registry
 
 
@@ -45,12 +47,11 @@ TOPOLOGIES: Registry[Topology] = Registry("topology")
 it reads and raises a one-line `ConfigError` before anything trains."""
 
 
-def fit_rounds(topology, rounds: int, eval_every: int) -> list:
-    """`rounds` more rounds of any topology, evaluating every `eval_every` rounds and after the last."""
+def fit_rounds(topology, rounds: int, eval_every: int, callbacks: Iterable[Callback] = (),
+               progress: bool = False) -> list:
+    """`rounds` more rounds of any topology, evaluating every `eval_every` rounds and after the
+    last; each result goes to `callbacks` as it finishes (`koinon.records.run_rounds`)."""
     if rounds < 0 or eval_every < 1:
         raise ValueError(f"need rounds >= 0 and eval_every >= 1, got {rounds} and {eval_every}")
-    out = []
-    for i in range(rounds):
-        last = i == rounds - 1
-        out.append(topology.run_round(evaluate=last or (topology.round_index + 1) % eval_every == 0))
-    return out
+    return run_rounds(topology, topology.round_index + rounds, eval_every, callbacks=callbacks,
+                      progress=progress)

@@ -13,19 +13,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
 from torch import nn
 
 from koinon.clients import CLIENT_ALGORITHMS, ClientAlgorithm, LocalTraining
 from koinon.config import Config, ServerConfig
-from koinon.data import DATASETS, FederatedData, partition_dataset
+from koinon.data import DATASETS, FederatedData, partition_dataset, partition_options
 from koinon.errors import ConfigError, KoinonError
 from koinon.models import build_model
 from koinon.params import Layout
 from koinon.registry import Registry
 from koinon.server import SAMPLERS, SERVER_OPTIMIZERS, Sampler, ServerOptimizer
 from koinon.topology.base import TOPOLOGIES, Topology
-from koinon.topology.federated import Federation
+from koinon.topology.federated import Federation, check_aggregator
 from koinon.topology.gossip import Gossip, split_options
 
 if TYPE_CHECKING:
@@ -106,7 +105,8 @@ def build_components(cfg: Config) -> Components:
     )
     fed_data = guard(
         f"data.partition = {d.partition!r}", partition_dataset, dataset, d.partition, d.num_clients,
-        cfg.seed, {"alpha": d.alpha, "classes_per_client": d.classes_per_client, "power": d.power},
+        cfg.seed, partition_options(d.partition, {"alpha": d.alpha, "classes_per_client": d.classes_per_client,
+                                                  "power": d.power}),
     )
     model = build_model(cfg.model.name, cfg.model.options, dataset.input_shape, dataset.num_classes, cfg.seed)
     c = cfg.client
@@ -114,6 +114,7 @@ def build_components(cfg: Config) -> Components:
         "client", LocalTraining, epochs=c.epochs, steps=c.steps, batch_size=c.batch_size, lr=c.lr,
         momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay,
         optimizer=c.optimizer, beta1=c.beta1, beta2=c.beta2, eps=c.eps,
+        lr_schedule=c.lr_schedule, lr_warmup=c.lr_warmup,
     )
     CLIENT_ALGORITHMS.get(c.algorithm, key="client.algorithm")
     algorithm = CLIENT_ALGORITHMS.build(c.algorithm, c.options, "client", mu=c.mu)
@@ -152,16 +153,8 @@ def build_components(cfg: Config) -> Components:
         raise ConfigError(f"aggregator.num_byzantine = {f!r}: expected an integer >= 0")
     _check_root_options(cfg.aggregator.name, agg_options)
     aggregator = build_aggregator(cfg.aggregator.name, agg_options, f)
-    # A throwaway instance aggregates a dummy cohort, so a rule whose assumption (e.g. Bulyan's
-    # n >= 4f + 3) this cohort size breaks is refused now, not in the middle of training.
-    probe = build_aggregator(cfg.aggregator.name, agg_options, f)
-    from koinon.server.root import reference_users
-
-    for part in reference_users(probe):  # FLTrust: any reference, only the cohort size is checked
-        part.set_reference(torch.ones(2))
-    guard(f"aggregator.name = {cfg.aggregator.name!r} with server.clients_per_round = "
-          f"{s.clients_per_round}", probe.aggregate,
-          torch.zeros(s.clients_per_round, 2), torch.ones(s.clients_per_round))
+    # A rule whose assumption (e.g. Bulyan's n >= 4f + 3) this cohort size breaks is refused now.
+    check_aggregator(cfg.aggregator.name, agg_options, f, s.clients_per_round)
     runtime = RUNTIMES.build(cfg.runtime.name, cfg.runtime.options, "runtime")
     return Components(model, fed_data, local, algorithm, optimizer, sampler, codec, downlink,
                       attack, aggregator, runtime)

@@ -15,7 +15,7 @@ from torch import nn
 
 from koinon.compress.base import CODECS, Codec
 from koinon.config import Config
-from koinon.data import DATASETS, Dataset, partition_dataset
+from koinon.data import DATASETS, Dataset, partition_dataset, partition_options
 from koinon.errors import ConfigError
 from koinon.models import build_model
 from koinon.params import Entry, Layout
@@ -72,9 +72,8 @@ def build_parts(cfg: Config) -> IslandsParts:
     dataset = DATASETS.build(d.name, d.options, "data", seed=cfg.seed,
                              test_fraction=d.test_fraction, num_clients=d.num_clients)
     try:
-        fed = partition_dataset(dataset, d.partition, d.num_clients, cfg.seed,
-                                {"alpha": d.alpha, "classes_per_client": d.classes_per_client,
-                                 "power": d.power})
+        fed = partition_dataset(dataset, d.partition, d.num_clients, cfg.seed, partition_options(
+            d.partition, {"alpha": d.alpha, "classes_per_client": d.classes_per_client, "power": d.power}))
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"data.partition = {d.partition!r}: {exc}") from None
     model = build_model(cfg.model.name, cfg.model.options, dataset.input_shape,
