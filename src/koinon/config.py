@@ -126,6 +126,7 @@ class DeployConfig:
     max_message_mb: float = 0.0  # largest accepted upload (0 = 4x the model's fp32 size + 1 MB)
     min_connected: int = 0  # connected clients a round waits for before sampling (0 = min_clients)
     max_update_norm: float = 0.0  # refuse model updates with a larger L2 norm (0 = no bound)
+    max_update_norm: float = 0.0  # refuse model updates with a larger L2 norm (0 = no bound)
 
 
 @dataclass

@@ -149,6 +149,14 @@ class Receiver:
         self.own_format = own_format
         self.increments = bool(getattr(codec, "decodes_increment", False))
         self.sums: dict[tuple[int, str], torch.Tensor] = {}
+        self.max_norm = 0.0  # largest L2 norm of a model update (0: no bound); see `bound_norm`
+
+    def bound_norm(self, max_norm: float) -> None:
+        """Refuse model updates whose L2 norm exceeds `max_norm` (0 lifts the bound): a
+        validation rule against finite but huge updates (`deploy.max_update_norm`)."""
+        if not max_norm >= 0:
+            raise ValueError(f"max_update_norm must be >= 0, got {max_norm}")
+        self.max_norm = float(max_norm)
 
     def decode(self, client: int, payloads: list[bytes], round_index: int = 0,
                num_steps: int = 0) -> dict[str, torch.Tensor]:
@@ -172,6 +180,11 @@ class Receiver:
                 row = self.sums.get((client, stream), torch.zeros_like(row)) + row
             if not bool(torch.isfinite(row).all()):
                 raise Rejected(f"{stream} holds NaN or Inf values")
+            if self.max_norm and stream == MODEL:
+                norm = float(row.double().norm())
+                if norm > self.max_norm:
+                    raise Rejected(f"{stream} has L2 norm {norm:.4g}, over the bound of {self.max_norm:g} "
+                                   "(deploy.max_update_norm)")
             rows[stream] = row
         return rows
 
@@ -192,7 +205,8 @@ class Receiver:
         k = len(cohort)
         ok = torch.ones(k, dtype=torch.bool)
         reasons: dict[int, str] = {}
-        if self.own_format is None and not self.increments and hasattr(self.codec, "decode_batch"):
+        if (self.own_format is None and not self.increments and not self.max_norm
+                and hasattr(self.codec, "decode_batch")):
             stacks = {}
             for s, stream in enumerate(self.streams):
                 stacks[stream], errors = self.codec.decode_batch([p[s] for p in result.payloads])

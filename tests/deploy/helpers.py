@@ -36,11 +36,11 @@ def write_config(path: Path, **sections: dict) -> Path:
 class Proc:
     """A koinon subprocess whose stderr goes to a file (read it when a test fails)."""
 
-    def __init__(self, args: list[str], log: Path, cwd: Path) -> None:
+    def __init__(self, args: list[str], log: Path, cwd: Path, env: dict[str, str] | None = None) -> None:
         self.log = log
         self.handle = log.open("ab")
         self.p = subprocess.Popen([*KOINON, *args], stdout=self.handle, stderr=subprocess.STDOUT,
-                                  cwd=cwd, env=ENV)
+                                  cwd=cwd, env={**ENV, **(env or {})})
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -60,20 +60,22 @@ class Proc:
 
 
 def start_server(tmp: Path, config: Path, certs: Path, state: Path, name: str = "server",
-                 port: int = 0) -> tuple[Proc, str]:
-    """A server (on an ephemeral port unless given); returns it and its HOST:PORT once it listens."""
+                 port: int = 0, env: dict[str, str] | None = None) -> tuple[Proc, str]:
+    """A server (on an ephemeral port unless given); returns it and its HOST:PORT once it listens.
+    `env`: extra environment, e.g. `KOINON_CRASH_AT` (koinon.deploy.faults)."""
     (state / "server.port").unlink(missing_ok=True)
     proc = Proc(["server", str(config), "--listen", f"127.0.0.1:{port}", "--certs", str(certs),
-                 "--state", str(state)], tmp / f"{name}.log", tmp)
+                 "--state", str(state)], tmp / f"{name}.log", tmp, env)
     port_file = state / "server.port"
     wait_for(lambda: port_file.is_file() and port_file.read_text().strip(), 60, proc, "server listening")
     return proc, f"127.0.0.1:{port_file.read_text().strip()}"
 
 
-def start_client(tmp: Path, address: str, certs: Path, name: str, data: str, give_up: float = 60) -> Proc:
+def start_client(tmp: Path, address: str, certs: Path, name: str, data: str, give_up: float = 60,
+                 env: dict[str, str] | None = None) -> Proc:
     return Proc(["client", "--server", address, "--certs", str(certs), "--id", name, "--data", data,
                  "--state", str(tmp / "client-state" / name), "--give-up", str(give_up)],
-                tmp / f"{name}.log", tmp)
+                tmp / f"{name}.log", tmp, env)
 
 
 def wait_for(condition, timeout: float, proc: Proc | None = None, what: str = "condition"):

@@ -17,16 +17,38 @@ def test_data_specs():
             DataSpec.parse(bad)
 
 
-def test_codec_state_survives_a_restart_and_not_a_model_change(tmp_path):
+def test_staged_state_becomes_current_only_when_the_server_holds_its_upload(tmp_path):
     state = ClientState(tmp_path, "hash-a")
-    state.codec = {"delta": {"residual": torch.arange(4.0)}}
-    state.algorithm = {"control": torch.ones(2)}
-    state.save("hash-a", 7)
+    state.stage(7, {"delta": {"residual": torch.arange(4.0)}}, {"control": torch.ones(2)})
+    # A restart before the server's word: the staged states are kept aside, not current.
     again = ClientState(tmp_path, "hash-a")
+    assert again.codec == {} and again.staged_round == 7
+    again.settle(7)  # the server holds round 7's upload
     assert torch.equal(again.codec["delta"]["residual"], torch.arange(4.0))
     assert torch.equal(again.algorithm["control"], torch.ones(2)) and again.last_round == 7
-    other = ClientState(tmp_path, "hash-b")
+    third = ClientState(tmp_path, "hash-a")
+    assert third.last_round == 7 and third.staged_round == -1
+    # Round 8 staged, but the server's last accepted upload is round 7's: dropped.
+    third.stage(8, {"delta": {"residual": torch.zeros(4)}}, {})
+    ClientState(tmp_path, "hash-a").settle(7)
+    fourth = ClientState(tmp_path, "hash-a")
+    assert fourth.last_round == 7 and fourth.staged_round == -1
+    assert torch.equal(fourth.codec["delta"]["residual"], torch.arange(4.0))
+    other = ClientState(tmp_path, "hash-b")  # another model: the old residuals mean nothing
     assert other.codec == {} and other.last_round == -1
+
+
+def test_clients_back_off_after_refusals():
+    import random
+
+    from koinon.deploy.client import refusal_backoff
+
+    rng = random.Random(0)
+    waits = [refusal_backoff(n, rng) for n in range(1, 12)]
+    assert all(0.25 <= w <= 30.0 for w in waits)
+    assert waits[0] <= 0.5 and waits[-1] >= 15.0  # doubles up to the cap of 30 s
+    # Jitter only halves at most, so the n-th wait is at least half the nominal 0.5 * 2**(n-1).
+    assert all(w >= min(0.25 * 2 ** n, 15.0) for n, w in enumerate(waits))
 
 
 def custom_digits() -> Dataset:
@@ -53,18 +75,3 @@ def test_a_custom_dataset_trains_under_its_global_index(monkeypatch):
     uploads, _, result = worker.train(1005, 0, [payload], ["delta"], state)
     delta = worker.fed.codec.decode(uploads[0])
     assert int(result.num_samples[0]) == 40 and delta.abs().sum() > 0
-
-
-def test_an_upload_whose_reply_was_lost_keeps_its_state_only_if_the_server_holds_it(tmp_path):
-    from types import SimpleNamespace
-
-    from koinon.deploy.client import _settle
-
-    for held, expected in ((4, 1.0), (3, 0.0)):
-        state = ClientState(tmp_path / str(held), "h")
-        state.codec = {"delta": {"residual": torch.zeros(2)}}
-        worker = SimpleNamespace(unconfirmed=(4, {"delta": {"residual": torch.ones(2)}}, {}))
-        _settle(worker, state, held, "h")
-        assert worker.unconfirmed is None
-        assert float(ClientState(tmp_path / str(held), "h").codec.get("delta", {"residual": torch.zeros(2)})
-                     ["residual"][0]) == expected

@@ -104,7 +104,7 @@ def test_clients_killed_mid_round_and_replaced_rounds_keep_completing(tmp_path, 
     for i in (1, 2):
         clients[i].kill()
     # A cohort of 3 out of 4 always held client 1 or 2: restart one that had an update accepted.
-    again = next(i for i in (1, 2) if (tmp_path / "client-state" / f"client-{i}" / "state.json").is_file())
+    again = next(i for i in (1, 2) if (tmp_path / "client-state" / f"client-{i}" / "state.safetensors").is_file())
     clients[4] = h.start_client(tmp_path, address, certs, "client-4", "partition:4")  # a newcomer
     clients[again] = h.start_client(tmp_path, address, certs, f"client-{again}", f"partition:{again}")
     summary = finish(server, [clients[i] for i in (0, again, 3, 4)], state, timeout=120)

@@ -5,20 +5,28 @@ same components the simulation builds, and trains with the simulation's runtime 
 `CohortTrainer`: batches are hashed from (seed, round, client index), uploads encoded by the
 wire's `CohortEncoder` with (seed, round, client index, stream), so the bytes it sends are the
 bytes the simulated client would produce. With a delta downlink it keeps the model it last
-received and adds the changes it missed, as the simulated clients do. Its codec state (error feedback) and algorithm state (e.g. SCAFFOLD's control
-variate) live in `--state DIR` and are saved atomically once the server has accepted the upload
-they belong to, so a restarted client goes on with them.
+received and adds the changes it missed, as the simulated clients do.
+
+Its codec state (error feedback) and algorithm state (e.g. SCAFFOLD's control variate) live in
+`--state DIR`, keyed by round, and the server's acceptance decides which are current: before an
+upload is sent, the states it leaves behind are written as *staged* (`staged.safetensors`, round
+r); "accepted" promotes them (one `os.replace`), a refusal drops them, and when the answer was
+lost (the client or the server was killed, the connection broke) the next poll's
+`last_accepted_round` decides: r means the server holds the update, so the staged states become
+current. A kill at any point therefore leaves the client with the states that match what the
+server counted, as in the simulation.
 
 Every call has a deadline; when the server is unreachable the client retries with exponential
-backoff and jitter, and gives up after `give_up_s` without contact.
+backoff and jitter, and gives up after `give_up_s` without contact, saying why (the last error:
+connection refused, TLS failure, ...). After a refused upload it also backs off before trying again.
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import random
+import re
 import sys
 import threading
 import time
@@ -35,6 +43,7 @@ from koinon.data.datasets import Dataset
 from koinon.data.federated import FederatedData
 from koinon.deploy import federation_pb2_grpc
 from koinon.deploy.certs import Credentials
+from koinon.deploy.faults import crash_point
 from koinon.deploy.wire import MAX_GRPC_MESSAGE, Rejected, pb, read_task, upload_messages
 from koinon.errors import KoinonError
 from koinon.topology.federated import Federation
@@ -90,36 +99,52 @@ class DataSpec:
 
 
 class ClientState:
-    """`--state DIR`: codec and algorithm state, saved after every accepted upload."""
+    """`--state DIR`: codec and algorithm state, current and staged (see the module docstring)."""
 
     def __init__(self, folder: Path, layout_hash: str) -> None:
         self.folder = folder
+        self.layout_hash = layout_hash
         self.path = folder / "state.safetensors"
+        self.staged_path = folder / "staged.safetensors"
         self.codec: dict[str, State] = {}
         self.algorithm: State = {}
-        self.last_round = -1
+        self.last_round = -1  # round of the accepted upload the current states belong to
+        self.staged_round = -1  # round of the staged states (-1: none)
         self.model: torch.Tensor | None = None  # delta downlink: the model of round `model_round`
         self.model_round = -1
         folder.mkdir(parents=True, exist_ok=True)
-        meta_path = folder / "state.json"
-        if not meta_path.is_file():
-            return
-        meta = json.loads(meta_path.read_text())
-        if meta.get("layout_hash") != layout_hash or not self.path.is_file():
-            return  # another model: the old residuals mean nothing for it
-        from safetensors.torch import load_file
-
-        for key, value in load_file(str(self.path)).items():
-            parts = key.split("/")
-            if parts[0] == "codec":
-                self.codec.setdefault(parts[1], {})[parts[2]] = value
-            elif parts[0] == "algorithm":
-                self.algorithm[parts[1]] = value
-        self.last_round = int(meta.get("last_round", -1))
+        current = self._read(self.path)
+        if current is not None:  # else another model: the old residuals mean nothing for it
+            self.last_round, self.codec, self.algorithm = current
+        staged = self._read(self.staged_path)
+        if staged is not None and staged[0] > self.last_round:
+            self.staged_round = staged[0]
         model_path = folder / "model.safetensors"
-        if model_path.is_file():
+        if current is not None and model_path.is_file():
+            from safetensors.torch import load_file
+
             held = load_file(str(model_path))
             self.model, self.model_round = held["model"], int(held["round"])
+
+    def _read(self, path: Path) -> tuple[int, dict[str, State], State] | None:
+        """(round, codec states, algorithm state) of a state file of this model, or None."""
+        from safetensors import safe_open
+
+        if not path.is_file():
+            return None
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("layout_hash") != self.layout_hash:
+                return None
+            codec: dict[str, State] = {}
+            algorithm: State = {}
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                parts = key.split("/")
+                if parts[0] == "codec":
+                    codec.setdefault(parts[1], {})[parts[2]] = f.get_tensor(key)
+                elif parts[0] == "algorithm":
+                    algorithm[parts[1]] = f.get_tensor(key)
+        return int(meta["round"]), codec, algorithm
 
     def hold_model(self, model: torch.Tensor, round_index: int) -> None:
         """Keep the model of `round_index` on disk (delta downlink catches up from it)."""
@@ -130,18 +155,40 @@ class ClientState:
         os.replace(tmp, self.folder / "model.safetensors")
         self.model, self.model_round = model, round_index
 
-    def save(self, layout_hash: str, last_round: int) -> None:
+    def stage(self, round_index: int, codec_states: dict[str, State], client_state: State) -> None:
+        """Write the states an upload of `round_index` leaves behind, before it is sent."""
         from safetensors.torch import save_file
 
-        tensors = {f"codec/{s}/{k}": v.contiguous() for s, st in self.codec.items() for k, v in st.items()}
-        tensors.update({f"algorithm/{k}": v.contiguous() for k, v in self.algorithm.items()})
-        tmp = self.folder / ".state.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, self.path)
-        meta_tmp = self.folder / ".state.json.tmp"
-        meta_tmp.write_text(json.dumps({"layout_hash": layout_hash, "last_round": last_round}))
-        os.replace(meta_tmp, self.folder / "state.json")
-        self.last_round = last_round
+        codec = {**self.codec, **{k: v for k, v in codec_states.items() if v}}
+        algorithm = client_state or self.algorithm
+        tensors = {f"codec/{s}/{k}": v.contiguous() for s, st in codec.items() for k, v in st.items()}
+        tensors.update({f"algorithm/{k}": v.contiguous() for k, v in algorithm.items()})
+        tmp = self.folder / ".staged.safetensors.tmp"
+        save_file(tensors, str(tmp), metadata={"layout_hash": self.layout_hash, "round": str(round_index)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.staged_path)
+        self.staged_round = round_index
+
+    def settle(self, accepted_round: int) -> None:
+        """The server's word on the staged upload: it holds the update of `accepted_round`
+        (its last accepted one). The staged states become current if that is theirs, else go."""
+        if self.staged_round < 0:
+            return
+        if accepted_round == self.staged_round:
+            os.replace(self.staged_path, self.path)  # atomic: current is old or new, never half
+            staged = self._read(self.path)
+            assert staged is not None
+            self.last_round, self.codec, self.algorithm = staged
+        else:
+            self.staged_path.unlink(missing_ok=True)
+        self.staged_round = -1
+
+
+def refusal_backoff(refusals: int, rng: random.Random) -> float:
+    """Seconds to wait after the `refusals`-th refusal in a row: 0.5 s doubling up to 30 s, with
+    jitter, so clients whose uploads a server refuses do not retry in a tight loop."""
+    return min(0.5 * 2 ** (refusals - 1), 30.0) * rng.uniform(0.5, 1.0)
 
 
 class Worker:
@@ -163,8 +210,7 @@ class Worker:
             self.dataset = spec.load()
             self.num_samples = len(self.dataset.y_train)
         self.bound = -1
-        # (round, codec states, algorithm state) of an upload sent but not yet confirmed.
-        self.unconfirmed: tuple[int, dict[str, State], State] | None = None
+        self.refusals = 0  # uploads refused in a row (backoff)
 
     def bind(self, idx: int) -> None:
         """Train under global index `idx` (a custom dataset is installed as that client's data)."""
@@ -223,10 +269,12 @@ def run_client(server: str, creds: Credentials, name: str, spec: DataSpec, state
                give_up_s: float = 120.0, call_timeout_s: float = 600.0, hooks: Hooks | None = None) -> int:
     """Serve the federation until it is done; 0 when it finished (or was told to stop), 1 when
     the server stayed away for `give_up_s`."""
+    if not re.fullmatch(r".+:\d+", server):
+        raise KoinonError(f"--server {server}: expected HOST:PORT, e.g. fl.example.org:7070")
     torch.set_num_threads(1)
     hooks = hooks or Hooks()
     backoff, last_contact = 0.5, time.monotonic()
-    workers: list[Worker] = []  # built once, kept across reconnections (with its unconfirmed upload)
+    workers: list[Worker] = []  # built once, kept across reconnections
     while True:
         if hooks.stop is not None and hooks.stop.is_set():
             return 0
@@ -240,7 +288,8 @@ def run_client(server: str, creds: Credentials, name: str, spec: DataSpec, state
             if code in _FATAL:
                 raise KoinonError(f"server refused client {name}: {exc.details()}") from None
             if time.monotonic() - last_contact > give_up_s:
-                hooks.log(name, f"server unreachable for {give_up_s:.0f} s ({code.name}); giving up")
+                hooks.log(name, f"giving up: server {server} unreachable for {give_up_s:.0f} s; last error: "
+                          f"{_cause(exc)}")
                 return 1
             hooks.log(name, f"server unavailable ({code.name}: {exc.details()}); retrying in {backoff:.1f} s")
             time.sleep(backoff * random.uniform(0.5, 1.0))
@@ -250,6 +299,21 @@ def run_client(server: str, creds: Credentials, name: str, spec: DataSpec, state
             time.sleep(random.uniform(0.2, 0.5))
         finally:
             channel.close()
+
+
+def _cause(exc: grpc.RpcError) -> str:
+    """What the last failed call says, with a hint for the usual causes."""
+    details = str(exc.details() or exc.code().name)
+    if "refused" in details.lower():
+        hint = "connection refused: is the server running, and is the port right?"
+    elif any(w in details for w in ("SSL", "ssl", "handshake", "CERTIFICATE")):
+        hint = ("TLS failed: is --certs the run's ca.crt with this client's certificate, and does the "
+                "server's certificate name this host (koinon certs --hosts)?")
+    elif "DNS" in details or "resolve" in details.lower():
+        hint = "the server's host name does not resolve"
+    else:
+        hint = exc.code().name
+    return f"{hint} ({details[:300]})"
 
 
 @dataclass
@@ -289,6 +353,9 @@ def _session(stub: Any, name: str, spec: DataSpec, state_dir: Path, workers: lis
     worker.bind(idx)
     state = ClientState(state_dir, reply.layout_hash)
     hooks.log(name, f"joined as index {idx} ({worker.num_samples} samples)")
+    if state.staged_round >= 0:
+        hooks.log(name, f"the upload of round {state.staged_round} was sent or about to be; the server's "
+                  "answer decides which states go on")
     if state.codec or state.algorithm:
         hooks.log(name, f"going on with the codec/algorithm (error-feedback) state of round {state.last_round} "
                   f"from {state_dir}")
@@ -301,7 +368,7 @@ def _session(stub: Any, name: str, spec: DataSpec, state_dir: Path, workers: lis
                 # last_round: the round of the model this client holds (delta downlink starts there).
                 stub.Poll(pb.PollRequest(client_index=idx, last_round=state.model_round), timeout=60.0),
                 max_stream)
-            _settle(worker, state, header.last_accepted_round, reply.layout_hash)
+            state.settle(int(header.last_accepted_round))
             if header.status == pb.TaskHeader.DONE:
                 hooks.log(name, "the run has finished")
                 return
@@ -328,25 +395,6 @@ def _join(stub: Any, spec: DataSpec, worker: Worker | None) -> Any:
     return stub.Join(request, timeout=30.0)
 
 
-def _commit(state: ClientState, round_index: int, codec_states: dict[str, State], client_state: State,
-            layout_hash: str) -> None:
-    """The states of an accepted upload become the client's, on disk first."""
-    state.codec.update({k: v for k, v in codec_states.items() if v})
-    if client_state:
-        state.algorithm = client_state
-    state.save(layout_hash, round_index)
-
-
-def _settle(worker: Worker, state: ClientState, last_accepted: int, layout_hash: str) -> None:
-    """Resolve an upload whose reply was lost: keep its states if the server holds it."""
-    if worker.unconfirmed is None:
-        return
-    round_index, codec_states, client_state = worker.unconfirmed
-    if last_accepted == round_index:
-        _commit(state, round_index, codec_states, client_state, layout_hash)
-    worker.unconfirmed = None
-
-
 def _train_and_upload(stub: Any, name: str, idx: int, round_index: int, payloads: list[bytes],
                       streams: list[str], worker: Worker, state: ClientState, layout_hash: str,
                       call_timeout_s: float, hooks: Hooks) -> None:
@@ -362,17 +410,25 @@ def _train_and_upload(stub: Any, name: str, idx: int, round_index: int, payloads
         train_loss=float(result.train_loss[0]), client_index=idx,
     )
     sent = time.perf_counter()
-    # Until the server confirms, this round's new states are "unconfirmed": if the reply is lost,
-    # the next poll says whether the server holds the update (see `_settle`).
-    worker.unconfirmed = (round_index, codec_states, result.client_states[0])
+    # Written before sending: whatever happens next, `settle` makes the states match the server's.
+    state.stage(round_index, codec_states, result.client_states[0])
+    crash_point("client.staged", round_index)
     reply = stub.Upload(upload_messages(header, uploads), timeout=call_timeout_s)
-    worker.unconfirmed = None
     took = time.perf_counter() - start
     nbytes = sum(len(p) for p in uploads)
     if hooks.on_upload is not None:
         hooks.on_upload(round_index, bool(reply.accepted), nbytes, time.perf_counter() - sent)
     if reply.accepted:
-        _commit(state, round_index, codec_states, result.client_states[0], layout_hash)
+        crash_point("client.accepted", round_index)
+        state.settle(round_index)
+        worker.refusals = 0
         hooks.log(name, f"round {round_index}: update accepted ({nbytes} bytes, {took:.2f} s)")
     else:
-        hooks.log(name, f"round {round_index}: update rejected: {reply.reason}")
+        state.settle(-1)
+        worker.refusals += 1
+        wait = refusal_backoff(worker.refusals, random.Random())
+        hooks.log(name, f"round {round_index}: update rejected: {reply.reason} (retrying in {wait:.1f} s)")
+        if hooks.stop is not None:
+            hooks.stop.wait(wait)
+        else:
+            time.sleep(wait)

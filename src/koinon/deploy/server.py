@@ -10,7 +10,9 @@ seed and every client present a deployment ends with the model `koinon run` comp
 
 Threads: gRPC's pool serves the calls (joins, long polls, uploads, each validated as it streams
 in); the main thread drives rounds. One lock and one condition guard the shared state, and
-every wait has a deadline.
+every wait has a deadline. One client certificate may hold at most `MAX_OPEN_CALLS` calls of
+any kind open at once, so no identity can take the pool from the others; a partition belongs to
+the first certificate that joined with it (kept in `state.db`) until that certificate is revoked.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +35,15 @@ from koinon.config import Config
 from koinon.deploy import federation_pb2_grpc
 from koinon.deploy.certs import read_revoked, server_credentials
 from koinon.deploy.store import Store
-from koinon.deploy.wire import MAX_GRPC_MESSAGE, Limits, Rejected, pb, read_upload, task_messages
+from koinon.deploy.wire import (
+    MAX_GRPC_MESSAGE,
+    Limits,
+    Rejected,
+    pb,
+    quote,
+    read_upload,
+    task_messages,
+)
 from koinon.errors import ConfigError, KoinonError
 from koinon.files import atomic_write_text
 from koinon.topology.federated import Federation
@@ -45,6 +57,7 @@ POLL_HOLD_S = 5.0  # a long poll waits this long for work before answering WAIT
 LIVENESS_S = 10.0  # a client that has not polled for this long is no longer "connected"
 RECEIVING = 4  # uploads read and decoded at the same time (bounds the server's memory)
 MAX_OPEN_UPLOADS = 2  # Upload calls one client may have open at once
+MAX_OPEN_CALLS = 4  # calls of any kind one client certificate may have open at once
 UPLOAD_GRACE_S = 5.0  # an Upload call is cut off this long after a round's full deadline
 DONE_GRACE_S = 3.0  # after the last round, time for polling clients to hear DONE
 
@@ -66,6 +79,11 @@ class Member:
     busy_round: int = -1  # round it was handed and has not answered yet
     uploading: bool = False
     open_uploads: int = 0  # Upload calls in progress, admitted or not
+    muted_round: int = -1  # the server round in which its refusals stopped being logged
+
+
+class Late(Rejected):
+    """An upload for a round that has closed, or that came after the open round's deadline."""
 
 
 def check_deployable(fed: Any, cfg: Config) -> None:
@@ -109,6 +127,7 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
         self.finished = False
         self.receiving = threading.BoundedSemaphore(RECEIVING)
         self.wall_offset = float(store.get("wall_s", 0.0))
+        self.open_calls: dict[str, int] = {}  # by certificate name
 
     # ------------------------------------------------------------ identity
 
@@ -123,6 +142,25 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"client {name} is revoked")
         return name
 
+    @contextmanager
+    def _call(self, context: grpc.ServicerContext) -> Iterator[str]:
+        """The caller's name for the length of a call, which counts against its open calls."""
+        name = self._identify(context)
+        with self.lock:
+            busy = self.open_calls.get(name, 0) >= MAX_OPEN_CALLS
+            if not busy:
+                self.open_calls[name] = self.open_calls.get(name, 0) + 1
+        if busy:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"client {name} already has {MAX_OPEN_CALLS} calls open; wait for them to end")
+        try:
+            yield name
+        finally:
+            with self.lock:
+                self.open_calls[name] -= 1
+                if not self.open_calls[name]:
+                    del self.open_calls[name]
+
     def _member(self, name: str, context: grpc.ServicerContext) -> Member:
         with self.lock:
             member = self.members.get(name)
@@ -134,7 +172,10 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
     # ---------------------------------------------------------------- Join
 
     def Join(self, request: Any, context: grpc.ServicerContext) -> Any:
-        name = self._identify(context)
+        with self._call(context) as name:
+            return self._join(request, context, name)
+
+    def _join(self, request: Any, context: grpc.ServicerContext, name: str) -> Any:
         data = self.fed.data
         if request.num_samples == 0:  # a probe for the config, registers nothing
             return self._join_reply(-1)
@@ -144,16 +185,19 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
                 if p >= data.num_clients:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                   f"partition {p} does not exist (data.num_clients = {data.num_clients})")
-                expected = len(data.client_indices[p])
-                if request.num_samples != expected:
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                  f"partition {p} holds {expected} samples, the client reports "
-                                  f"{request.num_samples}: client and server disagree on the data")
+                # A partition belongs to the first certificate that joined with it (persisted in
+                # state.db), connected or not, until that certificate is revoked. The refusal
+                # names neither the holder nor the partition's size.
                 holder = next((m for m in self.members.values() if m.idx == p and m.name != name), None)
-                if holder is not None and self._connected(holder, time.monotonic()):
-                    context.abort(grpc.StatusCode.ALREADY_EXISTS,
-                                  f"partition {p} is held by connected client {holder.name}")
-                if holder is not None:
+                if holder is not None and holder.name not in read_revoked(self.certs):
+                    log(f"refused client {name}: partition {p} belongs to another certificate")
+                    context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                  f"partition {p} belongs to another client certificate")
+                if request.num_samples != len(data.client_indices[p]):
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"client and server disagree on the data of partition {p} "
+                                  "(the number of samples differs)")
+                if holder is not None:  # revoked: its partition is free again
                     del self.members[holder.name]
                     self.store.forget_client(holder.name)
                 idx = p
@@ -184,7 +228,10 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
     # ---------------------------------------------------------------- Poll
 
     def Poll(self, request: Any, context: grpc.ServicerContext) -> Any:
-        name = self._identify(context)
+        with self._call(context) as name:
+            return self._poll(request, context, name)
+
+    def _poll(self, request: Any, context: grpc.ServicerContext, name: str) -> Any:
         member = self._member(name, context)
         deadline = time.monotonic() + POLL_HOLD_S
         with self.lock:
@@ -192,6 +239,10 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
             member.last_seen = time.monotonic()
             self.changed.notify_all()
             try:
+                # An upload of this client still in flight (its process was killed after sending
+                # it) is decided first: the answer below tells the client which states are current.
+                while member.open_uploads and time.monotonic() < deadline and context.is_active():
+                    self.changed.wait(min(deadline - time.monotonic(), 1.0))
                 while True:
                     task = self._task_for(member, int(request.last_round))
                     if task is not None or self.finished:
@@ -240,7 +291,10 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
     # -------------------------------------------------------------- Upload
 
     def Upload(self, request_iterator: Any, context: grpc.ServicerContext) -> Any:
-        name = self._identify(context)
+        with self._call(context) as name:
+            return self._upload(request_iterator, context, name)
+
+    def _upload(self, request_iterator: Any, context: grpc.ServicerContext, name: str) -> Any:
         member = self._member(name, context)
         with self.lock:
             if member.open_uploads >= MAX_OPEN_UPLOADS:
@@ -262,6 +316,7 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
                 member.open_uploads -= 1
                 if uploading:
                     member.uploading = False
+                self.changed.notify_all()
 
     def _receive(self, request_iterator: Any, member: Member, claimed: list[int], uploading: list[bool]) -> Any:
         name = member.name
@@ -269,9 +324,9 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
         def admit(header: Any) -> None:
             claimed.append(int(header.round))
             if header.layout_hash != self.layout_hash:
-                raise Rejected(f"layout hash {header.layout_hash!r} is not the model's {self.layout_hash!r}")
+                raise Rejected(f"layout hash {quote(header.layout_hash)} is not the model's {self.layout_hash!r}")
             if header.codec != self.fed.codec.name:
-                raise Rejected(f"codec {header.codec!r}, the run uses {self.fed.codec.name!r}")
+                raise Rejected(f"codec {quote(header.codec)}, the run uses {self.fed.codec.name!r}")
             if header.client_index != member.idx:
                 raise Rejected(f"client index {header.client_index} is not this client's {member.idx}")
             if header.num_samples != member.num_samples:
@@ -313,13 +368,14 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
         except Rejected as exc:
             rnd = self.server.open
             round_index = claimed[0] if claimed else (rnd.index if rnd else -1)
-            return self._refuse(member, round_index, str(exc), "rejected")
+            return self._refuse(member, round_index, str(exc), "late" if isinstance(exc, Late) else "rejected")
         with self.lock:
             try:
                 self._admit_round(round_index, member)  # the round may have closed meanwhile
             except Rejected as exc:
                 self.store.drop_pending(round_index, member.idx)
-                return self._refuse(member, round_index, str(exc), "late", locked=True)
+                status = "late" if isinstance(exc, Late) else "rejected"
+                return self._refuse(member, round_index, str(exc), status, locked=True)
             self.server.accept(member.idx, round_index, rows, member.num_samples, float(header.train_loss),
                                payloads)
             self.store.record_accepted(round_index, name, member.idx, size, digest, member.num_samples,
@@ -329,16 +385,19 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
         return pb.UploadReply(accepted=True)
 
     def _admit_round(self, round_index: int, member: Member) -> None:
+        """`Late` for a round that has closed or is past its deadline; `Rejected` for a round
+        that is not open (a future or unknown one), an unsampled client or a duplicate."""
+        if 0 <= round_index < self.server.round_index:
+            raise Late(f"late: round {round_index} has closed")
         try:
             self.server.admit(member.idx, round_index)
         except Rejected as exc:
             raise Rejected(str(exc).replace(f"client {member.idx} ", f"client {member.name} ")) from None
         if time.monotonic() > self.deadline:
-            raise Rejected(f"late: the deadline of round {round_index} has passed")
+            raise Late(f"late: the deadline of round {round_index} has passed")
 
     def _refuse(self, member: Member, round_index: int, reason: str, status: str, locked: bool = False) -> Any:
-        late = status == "late" or reason.startswith("late")
-        status = "late" if late else status
+        late = status == "late"
         if not locked:
             self.lock.acquire()
         try:
@@ -348,12 +407,20 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
             elif (rnd is not None and rnd.index == round_index and member.idx not in rnd.rows
                   and not reason.startswith("duplicate")):  # its first upload still counts
                 self.server.reject(member.idx, reason)
-            self.store.reject(round_index, member.name, member.idx, status, reason, 0)
+            window = self.server.round_index
+            stored = self.store.reject(round_index, member.name, member.idx, status, reason, 0, window)
+            mute = not stored and member.muted_round != window
+            if mute:
+                member.muted_round = window
         finally:
             if not locked:
                 self.lock.release()
-        log(f"round {round_index}: {'discarded late' if late else 'rejected'} update from "
-            f"{member.name}: {reason}")
+        if stored:
+            log(f"round {round_index}: {'discarded late' if late else 'rejected'} update from "
+                f"{member.name}: {reason}")
+        elif mute:
+            log(f"round {round_index}: further refusals of {member.name} this round are counted, not "
+                "stored or logged")
         return pb.UploadReply(accepted=False, reason=reason)
 
     # --------------------------------------------------------------- rounds
@@ -421,7 +488,7 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
             self.fed.evaluate_into(result)
         result.wall_s = round(self.wall_offset + time.perf_counter() - start, 4)
         record = result.as_dict()
-        ckpt = self.store.write_checkpoint(upcoming, self.fed.state_dict())
+        ckpt = self.store.write_checkpoint(upcoming, self.fed.state_dict())  # with its SHA-256
         self.store.commit_round(upcoming, ckpt, record, {
             "uplink_total": self.fed.uplink_total, "downlink_total": self.fed.downlink_total,
             "wall_s": record["wall_s"],
@@ -429,7 +496,8 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
         self._write_metrics()
         acc = record["test_accuracy"]
         log(f"round {upcoming}/{s.rounds} closed: {result.num_clients}/{len(result.cohort)} updates"
-            + (f", accuracy {acc:.4f}" if acc is not None else ""))
+            + (f", accuracy {acc:.4f}" if acc is not None else "")
+            + (f"; {result.refused}" if result.refused else ""))
         return record
 
     def _write_metrics(self) -> None:
@@ -457,7 +525,11 @@ def restore(fed: Federation, store: Store) -> None:
     tensors = store.load_checkpoint()
     if tensors is None:
         return
-    fed.load_state_dict(tensors)
+    try:
+        fed.load_state_dict(tensors)
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise KoinonError(f"--state {store.folder}: checkpoint {store.get('checkpoint')} does not fit this "
+                          f"run ({type(exc).__name__}: {str(exc)[:200]}); use a new --state folder") from None
 
 
 def _return_large_buffers_to_the_os() -> None:
@@ -513,6 +585,9 @@ def serve(cfg: Config, state: Path, certs: Path, listen: str) -> dict[str, Any]:
         raise ConfigError(f"topology.name = {cfg.topology.name!r}: koinon server runs server-based "
                           "federations only (topology.name = 'federated')")
     check_deployable(fed, cfg)
+    if not cfg.deploy.max_update_norm >= 0:
+        raise ConfigError(f"deploy.max_update_norm = {cfg.deploy.max_update_norm}: must be >= 0 (0: no bound)")
+    fed.server.bound_update_norm(cfg.deploy.max_update_norm)
     creds = server_credentials(certs)
     store = Store(state)
     try:
@@ -535,7 +610,10 @@ def serve(cfg: Config, state: Path, certs: Path, listen: str) -> dict[str, Any]:
         workers = min(1024, 2 * fed.data.num_clients + 32)
         grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers),
-            options=[("grpc.max_receive_message_length", MAX_GRPC_MESSAGE),
+            # so_reuseport = 0: the port is this server's alone; with gRPC's default a second
+            # server (another --state) would bind the same port and clients would split.
+            options=[("grpc.so_reuseport", 0),
+                     ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE),
                      ("grpc.max_send_message_length", MAX_GRPC_MESSAGE),
                      ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
                      ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
@@ -550,7 +628,8 @@ def serve(cfg: Config, state: Path, certs: Path, listen: str) -> dict[str, Any]:
         except RuntimeError as exc:
             raise KoinonError(f"--listen {listen}: cannot listen there ({exc})") from None
         if port == 0:
-            raise KoinonError(f"--listen {listen}: cannot listen there (address in use or invalid)")
+            raise KoinonError(f"--listen {listen}: cannot listen there (the port is in use, e.g. by another "
+                              "server, or the address is invalid); choose another --listen")
         grpc_server.start()
         host = listen.rsplit(":", 1)[0]
         log(f"listening on {host}:{port} (TLS, client certificates from {certs}), state in {state}")

@@ -11,6 +11,17 @@ What a SIGKILL at any moment must not break, and how:
   with those updates (a pending file that does not match its recorded hash is dropped and its
   client asked again).
 - WAL journaling: readers never block the writer and a torn write cannot corrupt the database.
+
+What it refuses rather than repairs (one line naming the file and what to do; nothing deleted):
+a folder that holds a run (checkpoints, metrics, pending uploads) but no usable `state.db`
+(missing, empty, or a database of no run: starting over there would overwrite the run), a
+damaged `state.db` (`PRAGMA quick_check`), and a committed checkpoint that is missing, unreadable
+or whose SHA-256 differs from the one recorded when its round was committed.
+
+Refusals are bounded: a reason is stored cut to `MAX_REASON` characters, and per client and
+round at most `REFUSALS_KEPT` refusals (and `REFUSAL_BYTES_KEPT` bytes of reasons) are stored;
+the rest are only counted (`refusals_suppressed`, written with the round's commit), so a client
+sending refused uploads in a loop cannot fill the disk.
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from koinon.deploy.faults import crash_point
 from koinon.errors import KoinonError
 
 _SCHEMA = """
@@ -46,7 +58,22 @@ CREATE TABLE IF NOT EXISTS updates (
     train_loss REAL NOT NULL, at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS updates_round ON updates (round, status);
 CREATE TABLE IF NOT EXISTS rounds (round INTEGER PRIMARY KEY, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS refusals_suppressed (
+    client TEXT NOT NULL, round INTEGER NOT NULL, count INTEGER NOT NULL, bytes INTEGER NOT NULL,
+    PRIMARY KEY (client, round));
 """
+
+MAX_REASON = 300  # characters of a refusal reason that are stored and logged
+REFUSALS_KEPT = 20  # refusals stored per client and round; more are counted only
+REFUSAL_BYTES_KEPT = 4096  # bytes of reasons stored per client and round
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint file on disk and the SHA-256 of its bytes (recorded when its round commits)."""
+
+    name: str
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -75,7 +102,6 @@ class Store:
         self.folder = folder
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / "pending").mkdir(exist_ok=True)
             # One server per state folder: a second one would commit rounds of its own and
             # delete the first one's checkpoints. The OS drops the lock when the process dies.
             self._lock_file = open(folder / "server.lock", "w")  # noqa: SIM115 - held until close()
@@ -87,17 +113,68 @@ class Store:
             self._lock_file.close()
             raise KoinonError(f"--state {folder} is in use by another running server") from None
         try:
-            # One connection shared by the server's threads, serialized by the server's lock.
-            self.db = sqlite3.connect(folder / "state.db", check_same_thread=False, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            self.db.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
+            self._open_db()
+        except BaseException:
             self._lock_file.close()
-            raise KoinonError(f"--state {folder}: state.db is not a usable SQLite database ({exc})") from None
+            raise
+        (folder / "pending").mkdir(exist_ok=True)
         # One connection serves every thread; a transaction belongs to the connection, so
         # statements from other threads must not interleave with one: all go through this lock.
         self._sql = threading.RLock()
+        self._refusals: dict[tuple[str, int], list[int]] = {}  # (client, round) -> [count, bytes]
+        self._clear_garbage()
+
+    def _run_files(self) -> list[str]:
+        """Files that show this folder holds a run (what starting over would overwrite)."""
+        found = [p.name for p in sorted(self.folder.glob("ckpt-*.safetensors"))]
+        found += [name for name in ("metrics.jsonl", "summary.json", "state.db-wal")
+                  if (self.folder / name).is_file()]
+        found += [f"pending/{p.name}" for p in sorted(self.folder.glob("pending/*.bin"))]
+        return found
+
+    def _refuse_start_over(self, what: str, found: list[str]) -> KoinonError:
+        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        return KoinonError(f"--state {self.folder}: state.db {what}, but the folder holds a run ({shown}); "
+                           "refusing to start over in it: restore state.db from a backup, or use a new "
+                           "--state folder (nothing was changed)")
+
+    def _open_db(self) -> None:
+        """Open `state.db`, or refuse a missing, empty, damaged or foreign one next to a run."""
+        path = self.folder / "state.db"
+        found = self._run_files()
+        if found and (not path.is_file() or path.stat().st_size == 0):
+            raise self._refuse_start_over("is missing" if not path.is_file() else "is empty", found)
+        damaged = (f"--state {self.folder}: state.db is damaged ({{}}); restore it from a backup or use "
+                   "a new --state folder (nothing was changed)")
+        # One connection shared by the server's threads, serialized by the server's lock.
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        try:
+            check = db.execute("PRAGMA quick_check").fetchall()
+            if check != [("ok",)]:
+                raise KoinonError(damaged.format(" ".join(str(check[0][0]).split())[:200]))
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_SCHEMA)
+            holds_run = bool(db.execute("SELECT 1 FROM meta UNION ALL SELECT 1 FROM open_round UNION ALL "
+                                        "SELECT 1 FROM updates LIMIT 1").fetchall())
+            if found and not holds_run:
+                raise self._refuse_start_over("holds no run", found)
+        except sqlite3.Error as exc:
+            db.close()
+            raise KoinonError(damaged.format(" ".join(str(exc).split())[:200])) from None
+        except KoinonError:
+            db.close()
+            raise
+        self.db = db
+
+    def _clear_garbage(self) -> None:
+        """Pending files of committed rounds (a kill between a commit and its clean-up leaves
+        them) and half-written files: never part of the truth."""
+        committed = int(self.get("round", 0))
+        for path in (self.folder / "pending").iterdir():
+            head = path.name[1:7]
+            if path.suffix == ".tmp" or (head.isdigit() and int(head) < committed):
+                path.unlink(missing_ok=True)
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._sql:
@@ -186,15 +263,48 @@ class Store:
         size, digest = self.write_pending(round_index, idx, payloads)
         self.record_accepted(round_index, client, idx, size, digest, num_samples, train_loss)
 
-    def reject(self, round_index: int, client: str, idx: int, status: str, reason: str, nbytes: int) -> None:
-        self._log(round_index, client, idx, status, reason, nbytes, "", 0, 0.0)
+    def reject(self, round_index: int, client: str, idx: int, status: str, reason: str, nbytes: int,
+               window: int) -> bool:
+        """Record a refusal (its reason cut to `MAX_REASON`); `window` is the server's round. Past
+        the per-client budget of that round it is only counted: returns whether it was stored."""
+        reason = reason[:MAX_REASON]
+        with self._sql:
+            # [stored, bytes stored, counted only, their bytes]
+            used = self._refusals.setdefault((client, window), [0, 0, 0, 0])
+            if used[0] >= REFUSALS_KEPT or used[1] + len(reason) > REFUSAL_BYTES_KEPT:
+                used[2] += 1
+                used[3] += len(reason)
+                return False
+            used[0] += 1
+            used[1] += len(reason)
+            self._log(round_index, client, idx, status, reason, nbytes, "", 0, 0.0)
+        return True
+
+    def suppressed(self) -> dict[str, int]:
+        """Refusals counted but not stored, by client (committed rounds and the current one)."""
+        with self._sql:
+            out: dict[str, int] = {}
+            for client, n in self._query("SELECT client, SUM(count) FROM refusals_suppressed GROUP BY client"):
+                out[client] = int(n)
+            for (client, _), (_, _, count, _) in self._refusals.items():
+                if count:
+                    out[client] = out.get(client, 0) + count
+        return out
+
+    def _flush_refusals(self, db: sqlite3.Connection) -> None:
+        for (client, window), (_, _, count, nbytes) in self._refusals.items():
+            if count:
+                db.execute("INSERT INTO refusals_suppressed VALUES (?, ?, ?, ?) ON CONFLICT (client, round) "
+                           "DO UPDATE SET count = count + excluded.count, bytes = bytes + excluded.bytes",
+                           (client, window, count, nbytes))
+        self._refusals.clear()
 
     def _log(self, round_index: int, client: str, idx: int, status: str, reason: str, nbytes: int,
              digest: str, num_samples: int, train_loss: float) -> None:
         with self._transaction() as db:
             db.execute("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (round_index, client, idx, status, reason, nbytes, digest, num_samples,
-                             train_loss, time.time()))
+                        train_loss, time.time()))
 
     def pending(self, round_index: int) -> list[PendingUpdate]:
         """The open round's accepted uploads whose files are intact; broken ones are forgotten."""
@@ -223,38 +333,71 @@ class Store:
         rows = self._query("SELECT status, COUNT(*) FROM updates GROUP BY status")
         return {status: n for status, n in rows}
 
-    def write_checkpoint(self, round_index: int, tensors: dict[str, torch.Tensor]) -> str:
-        """The tensors of committed round `round_index`, durably on disk; returns the file name."""
+    def write_checkpoint(self, round_index: int, tensors: dict[str, torch.Tensor]) -> Checkpoint:
+        """The tensors of committed round `round_index`, durably on disk, and their SHA-256."""
         name = f"ckpt-{round_index:06d}.safetensors"
         tmp = self.folder / f".{name}.tmp"
         save_file(tensors, str(tmp))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        digest = _file_sha256(tmp)
         os.replace(tmp, self.folder / name)
         _fsync_dir(self.folder)
-        return name
+        return Checkpoint(name, digest)
 
-    def commit_round(self, round_index: int, checkpoint: str, record: dict[str, Any],
+    def commit_round(self, round_index: int, checkpoint: Checkpoint, record: dict[str, Any],
                      totals: dict[str, Any]) -> None:
         """Round `round_index` (1-based count of rounds done) becomes the truth, atomically."""
         with self._transaction() as db:
             db.execute("INSERT OR REPLACE INTO rounds VALUES (?, ?)", (round_index, json.dumps(record)))
             db.execute("DELETE FROM open_round")
-            for key, value in {"round": round_index, "checkpoint": checkpoint, **totals}.items():
+            meta = {"round": round_index, "checkpoint": checkpoint.name,
+                    "checkpoint_sha256": checkpoint.sha256, **totals}
+            for key, value in meta.items():
                 db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+            self._flush_refusals(db)
+        crash_point("server.committed", round_index)
         # Only now are the older files garbage.
         for old in self.folder.glob("ckpt-*.safetensors"):
-            if old.name != checkpoint:
+            if old.name != checkpoint.name:
                 old.unlink(missing_ok=True)
         for old in (self.folder / "pending").glob(f"r{round_index - 1:06d}-*"):
             old.unlink(missing_ok=True)
 
     def load_checkpoint(self) -> dict[str, torch.Tensor] | None:
+        """The last committed round's tensors (None on a fresh folder), verified against the
+        SHA-256 recorded at its commit; a missing or damaged file is refused in one line."""
         name = self.get("checkpoint")
-        return None if name is None else load_file(str(self.folder / name))
+        if name is None:
+            return None
+        path = self.folder / name
+        todo = ("restore it from a backup (its SHA-256 is in state.db, meta 'checkpoint_sha256'), "
+                "or use a new --state folder")
+        if not path.is_file():
+            raise KoinonError(f"--state {self.folder}: checkpoint {name} of committed round "
+                              f"{self.get('round')} is missing; {todo}")
+        expected = self.get("checkpoint_sha256")
+        if expected is not None:
+            digest = _file_sha256(path)
+            if digest != expected:
+                raise KoinonError(f"--state {self.folder}: checkpoint {name} is damaged (SHA-256 "
+                                  f"{digest[:16]}..., recorded {expected[:16]}...); {todo}")
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises several kinds on bad bytes
+            raise KoinonError(f"--state {self.folder}: checkpoint {name} cannot be read "
+                              f"({type(exc).__name__}); {todo}") from None
 
     def records(self) -> list[dict[str, Any]]:
         return [json.loads(r[0]) for r in self._query("SELECT record FROM rounds ORDER BY round")]
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _pack_head(payloads: list[bytes]) -> bytes:

@@ -19,7 +19,8 @@ from typing import Any
 from koinon.deploy import federation_pb2 as _pb
 from koinon.wire import Rejected
 
-__all__ = ["MAX_GRPC_MESSAGE", "Limits", "Rejected", "pb", "read_task", "read_upload", "task_messages", "upload_messages"]
+__all__ = ["MAX_GRPC_MESSAGE", "Limits", "Rejected", "pb", "quote", "read_task", "read_upload", "task_messages",
+           "upload_messages"]
 
 pb: Any = _pb  # generated classes are built at import time; mypy cannot see their attributes
 
@@ -36,6 +37,17 @@ class Limits:
     streams: tuple[str, ...]
     max_stream_bytes: int  # the codec's `max_bytes()`: no valid payload is longer
     max_total_bytes: int  # the deployment's message limit
+
+
+QUOTE_CHARS = 40  # of a client-controlled string that a refusal reason may quote
+
+
+def quote(value: str) -> str:
+    """`value` as a reason may quote it: its repr, cut to `QUOTE_CHARS` characters (a header
+    string can be a megabyte long, and reasons are stored and logged)."""
+    if len(value) <= QUOTE_CHARS:
+        return repr(value)
+    return f"{value[:QUOTE_CHARS]!r}... ({len(value)} characters)"
 
 
 def split(data: bytes | memoryview) -> Iterator[bytes]:
@@ -63,7 +75,8 @@ def task_messages(header: Any, payloads: list[bytes]) -> Iterator[Any]:
 def check_upload_header(header: Any, limits: Limits) -> None:
     """Refuse a header whose shape of payload is impossible, before any data is read."""
     if tuple(header.streams) != limits.streams:
-        raise Rejected(f"streams {list(header.streams)} do not match the expected {list(limits.streams)}")
+        shown = "[" + ", ".join(quote(n) for n in list(header.streams)[:4]) + (", ...]" if len(header.streams) > 4 else "]")
+        raise Rejected(f"streams {shown} do not match the expected {list(limits.streams)}")
     if len(header.sizes) != len(limits.streams):
         raise Rejected(f"{len(header.sizes)} sizes for {len(limits.streams)} streams")
     for name, size in zip(limits.streams, header.sizes):

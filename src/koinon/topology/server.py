@@ -71,6 +71,7 @@ class RoundResult:
     digests: dict[int, str] = field(default_factory=dict)  # client -> SHA-256 of its payloads
     wall_s: float | None = None
     applied: bool = True  # False when the aggregator refused the cohort (model unchanged)
+    refused: str = ""  # why the round's aggregate was not applied (a non-finite model)
 
     @property
     def included(self) -> list[int]:
@@ -99,6 +100,8 @@ class RoundResult:
             out["digests"] = {str(k): v for k, v in sorted(self.digests.items())}
         if self.wall_s is not None:
             out["wall_s"] = self.wall_s
+        if self.refused:
+            out["update_refused"] = self.refused
         return out
 
 
@@ -268,6 +271,10 @@ class FederatedServer:
         if client in rnd.rows:
             raise Rejected(f"duplicate submission for round {round_index}")
 
+    def bound_update_norm(self, max_norm: float) -> None:
+        """From now on refuse model updates whose L2 norm exceeds `max_norm` (0: no bound)."""
+        self.receiver.bound_norm(max_norm)
+
     def decode(self, client: int, payloads: list[bytes], num_steps: int = 0) -> dict[str, torch.Tensor]:
         """A client's validated rows, or `Rejected` (pure: safe on many threads at once)."""
         return self.receiver.decode(client, payloads, self._current().index, num_steps)
@@ -339,6 +346,7 @@ class FederatedServer:
         keep = ok.nonzero().squeeze(1)
         everyone = len(keep) == len(order)  # then no row copy: the stack can be a large model's
         applied = False
+        refused_update = ""
         if len(keep):
             weights = samples[keep].to(torch.float32)
             model = stacks[MODEL]
@@ -347,12 +355,15 @@ class FederatedServer:
             except ValueError as exc:  # e.g. rejections left too few inputs for a robust rule
                 notice(f"round {r + 1}: aggregator refused the cohort, model unchanged ({exc})")
             else:
-                self.params = self.optimizer.step(self.params, delta, self.optimizer_state)
-                means = {n: (stacks[n] if everyone else stacks[n][keep]).mean(dim=0)
-                         for n in self.algorithm.uploads if n in stacks}
-                self.server_state = self.algorithm.server_update(
-                    self.server_state, means, len(keep) / self.num_clients)
-                applied = True
+                refused_update = self._step(delta)
+                if refused_update:
+                    notice(f"round {r + 1}: {refused_update}")
+                else:
+                    means = {n: (stacks[n] if everyone else stacks[n][keep]).mean(dim=0)
+                             for n in self.algorithm.uploads if n in stacks}
+                    self.server_state = self.algorithm.server_update(
+                        self.server_state, means, len(keep) / self.num_clients)
+                    applied = True
         included = [order[i] for i in keep.tolist()] if applied else []
         missing = [c for c in rnd.cohort if c not in present and c not in refused]
         rejected = [c for c in rnd.cohort if c in set(rejected) | set(refused)]
@@ -371,7 +382,25 @@ class FederatedServer:
             missing=missing, late=rnd.late, digests=rnd.digests,
         )
         out.applied = applied
+        out.refused = refused_update
         return out
+
+    def _step(self, delta: torch.Tensor) -> str:
+        """Step the model by the aggregate, unless the new model would not be finite in float32
+        arithmetic: then the model and optimizer state stay as they were and the reason is returned.
+
+        Finite values are not enough: finite but huge updates (all 3e38) average to a model whose
+        every forward pass overflows, after which no client can send a finite loss again. The sum
+        of squares catches both (NaN/Inf, and any value past ~1.8e19, far beyond a trained model).
+        """
+        saved = {k: v.clone() for k, v in self.optimizer_state.items()}
+        params = self.optimizer.step(self.params, delta, self.optimizer_state)
+        if bool(torch.isfinite(params.square().sum())):
+            self.params = params
+            return ""
+        self.optimizer_state = saved
+        return ("update refused, model unchanged: the aggregate would make the global model "
+                "non-finite (NaN/Inf, or values whose squares overflow float32)")
 
     def _forge(self, rnd: OpenRound, order: list[int], ok: torch.Tensor, stacks: dict[str, torch.Tensor],
                samples: torch.Tensor) -> int:
