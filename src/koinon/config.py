@@ -126,7 +126,13 @@ class DeployConfig:
     max_message_mb: float = 0.0  # largest accepted upload (0 = 4x the model's fp32 size + 1 MB)
     min_connected: int = 0  # connected clients a round waits for before sampling (0 = min_clients)
     max_update_norm: float = 0.0  # refuse model updates with a larger L2 norm (0 = no bound)
-    max_update_norm: float = 0.0  # refuse model updates with a larger L2 norm (0 = no bound)
+
+
+@dataclass
+class LogConfig:
+    """What a run logs besides metrics.jsonl."""
+
+    tensorboard: bool = False  # TensorBoard event files in DIR/tensorboard (the tensorboard extra)
 
 
 @dataclass
@@ -144,6 +150,7 @@ class Config:
     topology: TopologyConfig = field(default_factory=lambda: TopologyConfig())
     deploy: DeployConfig = field(default_factory=lambda: DeployConfig())
     diloco: DiLoCoSection = field(default_factory=lambda: DiLoCoSection())
+    log: LogConfig = field(default_factory=lambda: LogConfig())
 
     # ---------------------------------------------------------------- (de)serialize
 
@@ -204,7 +211,7 @@ class Config:
 
 
 SECTIONS = ("data", "model", "client", "server", "codec", "downlink", "aggregator", "runtime", "attack",
-            "topology", "deploy", "diloco")
+            "topology", "deploy", "diloco", "log")
 COMPONENT_SECTIONS = ("model", "codec", "downlink", "aggregator", "runtime", "attack")
 
 

@@ -229,3 +229,14 @@ def test_layers_on_multi_dim_inputs_use_autograd():
     assert trainer._manual is None
     result = trainer.train([0, 1, 2], layout.flatten(model), {}, [{}] * 3, seed=0, round_index=0)
     assert torch.isfinite(result.deltas).all() and result.deltas.abs().sum() > 0
+
+
+def test_vectorized_fallback_for_dropout_says_dropout(capsys):
+    from koinon.topology import Federation
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Dropout(0.2), nn.Linear(8, 3))
+    Federation(model, _data(), runtime="vectorized", clients_per_round=3, seed=0)
+    err = capsys.readouterr().err
+    assert "falls back to 'inprocess'" in err and "dropout (2)" in err and "vmap" in err
+    assert "randomness" not in err  # not vmap's raw error

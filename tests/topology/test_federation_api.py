@@ -171,3 +171,19 @@ def test_client_side_evaluation_on_held_out_splits_and_a_server_evaluate_fn():
     sampled = _fed(evaluation=kn.Evaluation(holdout=0.25, clients=3)).fit(1)[-1]
     assert sampled.extra["client_eval_clients"] == 3
     assert "client_accuracy_mean" not in _fed().fit(1)[-1].extra  # off unless asked for
+
+
+def _python_block(path: str, index: int) -> str:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / path).read_text()
+    return text.split("```python\n")[index].split("```")[0]
+
+
+@pytest.mark.parametrize("path,index,rounds", [("README.md", 1, "fit(50"), ("docs/from-flower.md", 2, "fit(30")])
+def test_the_documented_python_blocks_run_as_written(path, index, rounds, tmp_path, monkeypatch):
+    code = _python_block(path, index)
+    assert rounds in code and "import koinon as kn" in code
+    monkeypatch.chdir(tmp_path)  # the blocks write runs/... where they are run
+    exec(compile(code.replace(rounds, "fit(2"), path, "exec"), {})
+    assert list((tmp_path / "runs").glob("*/summary.json"))

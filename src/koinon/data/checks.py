@@ -8,11 +8,13 @@ size does not fit fails inside a vmapped step with a raw `RuntimeError` or an in
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from koinon.data.datasets import Dataset
+if TYPE_CHECKING:  # datasets.py calls these checks, so only the type is imported here
+    from koinon.data.datasets import Dataset
 
 
 def check_labels(name: str, y: torch.Tensor) -> torch.Tensor:

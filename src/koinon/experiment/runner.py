@@ -61,8 +61,9 @@ def _train(fed: Topology, cfg: Config, out: Path, wall_offset: float, progress: 
     s = cfg.server
     start = time.perf_counter()
     try:
+        callbacks = [folder.TensorBoard(out / "tensorboard")] if cfg.log.tensorboard else []
         folder.run_rounds(fed, s.rounds, s.eval_every, out=out, checkpoint_every=s.checkpoint_every,
-                          progress=progress, wall_offset=wall_offset)
+                          callbacks=callbacks, progress=progress, wall_offset=wall_offset)
     finally:
         fed.close()
     return finish_run(fed, cfg, out, wall_offset + time.perf_counter() - start)

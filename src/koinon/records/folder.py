@@ -31,7 +31,7 @@ from koinon.params import Layout
 from koinon.records.checkpoint import load_checkpoint, save_checkpoint
 
 RUN_FILES = ("config.toml", "federation.json", "metrics.jsonl", "summary.json", "checkpoint.json",
-             "model.safetensors", "accuracy.png")
+             "model.safetensors", "accuracy.png", "tensorboard")
 
 Callback = Callable[[Any], object]
 """Called with each round's result (a `RoundResult` or a topology's own record) as it finishes."""
@@ -176,7 +176,36 @@ def run_rounds(
         bar.close()
         if log is not None:
             log.close()
+        for callback in callbacks:
+            close = getattr(callback, "close", None)
+            if callable(close):
+                close()
     return results
+
+
+class TensorBoard:
+    """A callback that writes each round's numeric metrics as TensorBoard scalars (one tag per
+    `metrics.jsonl` key, step = round) to `log_dir`; needs the `tensorboard` extra
+    (`pip install 'koinon[tensorboard]'`). `[log] tensorboard = true` adds one writing to the
+    run folder's `tensorboard/`."""
+
+    def __init__(self, log_dir: str | Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("TensorBoard logging needs the tensorboard package: "
+                              "pip install 'koinon[tensorboard]'") from None
+        self.writer = SummaryWriter(str(log_dir))
+
+    def __call__(self, result: Any) -> None:
+        record = result.as_dict()
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "round":
+                self.writer.add_scalar(key, value, record["round"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def _versions() -> dict[str, str]:

@@ -10,10 +10,25 @@ a band, and crashes (`crashed`), drawn as vertical lines.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def plot_run(metrics: list[dict[str, Any]], path: Path, title: str) -> None:
+    """`draw_run` saved to `path` (through a temporary file, so a reader never sees half a PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = draw_run(metrics, title)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def draw_run(metrics: list[dict[str, Any]], title: str) -> Figure:
+    """Three panels: accuracy by round, loss by round, accuracy by cumulative MB each way."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,7 +76,4 @@ def plot_run(metrics: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    return fig

@@ -1,0 +1,39 @@
+"""The run plot: titled by what ran, a loss panel, uplink and downlink apart, integer rounds,
+gossip's node spread and crashes."""
+
+import matplotlib.pyplot as plt
+
+from koinon.records.plots import draw_run, plot_run
+
+
+def _metrics(rounds=3, **extra):
+    return [{"round": r, "test_accuracy": 0.5 + 0.1 * r, "test_loss": 1.0 / r, "train_loss": 1.2 / r,
+             "uplink_bytes": 10_000, "downlink_bytes": 40_000, **extra} for r in range(1, rounds + 1)]
+
+
+def test_panels_title_and_integer_round_ticks():
+    fig = draw_run(_metrics(), "federated fedavg / digits / seed 3")
+    acc, loss, by_bytes = fig.axes
+    assert fig._suptitle.get_text() == "federated fedavg / digits / seed 3"
+    assert loss.get_ylabel() == "loss"
+    assert [ln.get_label() for ln in loss.get_lines()] == ["test loss", "train loss (clients' mean)"]
+    for ax in (acc, loss):
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks)  # 3 rounds: no 0.5, 1.5
+    up, down = by_bytes.get_lines()
+    assert (up.get_label(), down.get_label()) == ("uplink", "downlink")
+    assert list(up.get_xdata()) == [0.01, 0.02, 0.03]  # cumulative MB, each direction on its own
+    assert list(down.get_xdata()) == [0.04, 0.08, 0.12]
+    plt.close(fig)
+
+
+def test_gossip_spread_and_crashes_are_drawn(tmp_path):
+    metrics = _metrics(min_accuracy=0.4, max_accuracy=0.9)
+    metrics[1]["crashed"] = [3, 4]
+    fig = draw_run(metrics, "gossip")
+    acc = fig.axes[0]
+    assert len(acc.collections) == 1  # the min-max band
+    assert [list(ln.get_xdata()) for ln in acc.get_lines()[1:]] == [[2, 2]]  # a vertical line at round 2
+    plt.close(fig)
+    plot_run(metrics, tmp_path / "a.png", "gossip")
+    assert (tmp_path / "a.png").stat().st_size > 0 and not list(tmp_path.glob(".*"))
