@@ -82,6 +82,13 @@ def test_ray_equals_inprocess(algorithm):
         got = fed.runtime.train(ids, starts, ref.server.server_state, states, 11, 3)
         want = ref.runtime.train(ids, starts, ref.server.server_state, states, 11, 3)
         assert torch.allclose(got.deltas, want.deltas, atol=ATOL)
+        # With the round's encoder the actors encode where they trained: only bytes come back.
+        encoder = fed.sender.for_cohort(ids, 3)
+        shipped = fed.runtime.train(ids, starts, ref.server.server_state, states, 11, 3, encoder)
+        assert shipped.deltas is None and shipped.uploads == {}
+        assert [len(p) for p in shipped.payloads] == [len(fed.server.streams)] * len(ids)
+        decoded = torch.stack([fed.codec.decode(p[0]) for p in shipped.payloads])
+        assert torch.allclose(decoded, want.deltas, atol=ATOL)
     finally:
         fed.close()
     assert ray.is_initialized()  # the runtime reused the fixture's Ray and left it running
