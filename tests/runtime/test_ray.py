@@ -13,6 +13,8 @@ from torch import nn
 from koinon.clients import CLIENT_ALGORITHMS, LocalTraining
 from koinon.data import Dataset, partition_dataset
 from koinon.errors import ConfigError, KoinonError
+from koinon.local import CohortTrainer
+from koinon.params import Layout
 from koinon.runtime import RUNTIMES
 from koinon.topology import Federation
 
@@ -128,16 +130,21 @@ def test_dead_actor_is_replaced_and_its_clients_retried(capsys):
 
 def test_client_error_names_the_clients_and_the_cause():
     data = _data()
-    fed = _federation("inprocess", data=data)
-    cohort = fed.sample_cohort(0)
+    cohort = _federation("inprocess", data=data).sample_cohort(0)
     bad = cohort[4]  # in the second actor's share (clients 3 and 4 of the cohort)
-    data.dataset.y_train[data.client_indices[bad]] = 7  # a label out of range: cross_entropy raises
-    fed = _federation(RUNTIMES.build("ray", {}, "runtime"), data=data)
+    # A label out of range fails inside local training (cross_entropy raises). Federation refuses
+    # such data before round 1, so the runtime gets a trainer built on it directly.
+    data.dataset.y_train[data.client_indices[bad]] = 7
+    model = _model()
+    trainer = CohortTrainer(model, Layout.from_module(model), data,
+                            CLIENT_ALGORITHMS.build("fedavg", {}, "client.algorithm"), LOCAL)
+    runtime = RUNTIMES.build("ray", {}, "runtime")
+    runtime.setup(trainer)
     try:
         with pytest.raises(KoinonError) as info:
-            fed.run_round(evaluate=False)
+            runtime.train(cohort, Layout.from_module(model).flatten(model), {}, [{}] * 5, 11, 0)
     finally:
-        fed.close()
+        runtime.close()
     message = str(info.value)
     assert f"clients {cohort[3]}, {cohort[4]} failed" in message
     assert "out of bounds" in message
