@@ -75,3 +75,28 @@ def test_a_custom_dataset_trains_under_its_global_index(monkeypatch):
     uploads, _, result = worker.train(1005, 0, [payload], ["delta"], state)
     delta = worker.fed.codec.decode(uploads[0])
     assert int(result.num_samples[0]) == 40 and delta.abs().sum() > 0
+
+
+@pytest.mark.parametrize("model, x_shape, num_classes, match", [
+    ("mlp", (40, 65), 10, r"samples have shape \[65\] but the model is built for 'digits' samples of shape \[1, 8, 8\]"),
+    ("cnn", (40, 64), 10, r"the model cannot take the data's inputs \(samples of shape \[64\]"),
+    ("mlp", (40, 64), 12, r"labels go up to 11 but the model is built for 'digits' with 10 classes"),
+])
+def test_a_custom_dataset_that_does_not_fit_the_servers_model_is_refused(monkeypatch, model, x_shape, num_classes,
+                                                                           match):
+    import sys
+    import types
+
+    def load() -> Dataset:
+        x = torch.randn(*x_shape, generator=torch.Generator().manual_seed(0))
+        y = torch.arange(40) % num_classes
+        return Dataset.from_tensors(x, y, x[:0], y[:0], num_classes=num_classes)
+
+    module = types.ModuleType("deploy_misfit_data")
+    module.load = load  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "deploy_misfit_data", module)
+    cfg = Config.from_dict({"data": {"name": "digits", "num_clients": 3}, "model": {"name": model},
+                            "runtime": {"name": "inprocess"}, "server": {"clients_per_round": 1}})
+    with pytest.raises(KoinonError, match=match) as info:
+        Worker(cfg, DataSpec.parse("deploy_misfit_data:load"))
+    assert str(info.value).startswith("--data deploy_misfit_data:load: ") and "\n" not in str(info.value)

@@ -146,3 +146,27 @@ def test_deployment_runs_what_the_simulation_runs_to_the_same_model(tmp_path, ce
     # The same bytes each way as the simulation counted.
     assert [r["uplink_bytes"] for r in records] == [r["uplink_bytes"] for r in sim]
     assert [r["downlink_bytes"] for r in records] == [r["downlink_bytes"] for r in sim]
+
+
+def test_a_client_whose_data_does_not_fit_never_joins_and_logs_count_rounds_from_one(tmp_path, certs):
+    (tmp_path / "misfit_data.py").write_text(
+        "import torch\nfrom koinon.data import Dataset\n\n"
+        "def load():\n"
+        "    x, y = torch.zeros(30, 65), torch.arange(30) % 10\n"
+        "    return Dataset.from_tensors(x, y, x[:0], y[:0], num_classes=10)\n")
+    config = h.write_config(tmp_path / "fed.toml", server={"rounds": 2, "clients_per_round": 2})
+    state = tmp_path / "state"
+    server, address = h.start_server(tmp_path, config, certs, state)
+    misfit = h.start_client(tmp_path, address, certs, "client-5", "misfit_data:load")
+    assert misfit.wait(60) == 2, misfit.text()[-3000:]
+    lines = misfit.text().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("koinon: error: --data misfit_data:load: samples "
+                                                   "have shape [65]"), lines
+    clients = [h.start_client(tmp_path, address, certs, f"client-{i}", f"partition:{i}") for i in range(2)]
+    finish(server, clients, state)
+    log = server.text()
+    assert "client-5" not in log  # refused before it joined: the server never heard of it
+    rounds = [ln.split("] ", 1)[1].split(":")[0].split(" closed")[0] for ln in log.splitlines()
+              if "] round " in ln]
+    assert set(rounds) == {"round 1/2", "round 2/2"}, rounds  # cohort and closed lines alike
+    assert "round 1: update accepted" in clients[0].text() and "round 0" not in clients[0].text()

@@ -48,6 +48,21 @@ def check_dataset(ds: Dataset) -> None:
                          f"{list(ds.x_train.shape[1:])}")
 
 
+def check_fits(ds: Dataset, like: Dataset) -> None:
+    """`ds` can stand in for `like`, the dataset a model was built for (a deployment client's own
+    data against the server's config): `ds` is consistent, its samples hold as many values as
+    `like`'s (the layout may differ where the model flattens; `check_model` probes that) and its
+    labels are classes `like` has."""
+    check_dataset(ds)
+    if ds.x_train[0].numel() != like.x_train[0].numel():
+        raise ValueError(f"samples have shape {list(ds.x_train.shape[1:])} but the model is built for "
+                         f"{like.name!r} samples of shape {list(like.x_train.shape[1:])}")
+    top = int(ds.y_train.max())
+    if top >= like.num_classes:
+        raise ValueError(f"labels go up to {top} but the model is built for {like.name!r} with "
+                         f"{like.num_classes} classes (labels must be 0..{like.num_classes - 1})")
+
+
 def check_model(model: nn.Module, ds: Dataset, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                 classification: bool = True) -> None:
     """A forward pass and the loss on two training samples succeed, and (for classification

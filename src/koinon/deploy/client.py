@@ -39,6 +39,7 @@ import grpc
 import torch
 
 from koinon.config import Config
+from koinon.data.checks import check_fits, check_model
 from koinon.data.datasets import Dataset
 from koinon.data.federated import FederatedData
 from koinon.deploy import federation_pb2_grpc
@@ -185,6 +186,17 @@ class ClientState:
         self.staged_round = -1
 
 
+def fits_model(dataset: Dataset, fed: Federation, entry_point: str) -> None:
+    """Refuse, before joining, data the server's model cannot train on: samples of another shape
+    or dtype, labels of classes the model has no output for (it would crash in round 1, with the
+    server waiting out the round for its update)."""
+    try:
+        check_fits(dataset, fed.data.dataset)
+        check_model(fed.model, dataset, fed.loss_fn)
+    except ValueError as exc:
+        raise KoinonError(f"--data {entry_point}: {exc}; not joining") from None
+
+
 def refusal_backoff(refusals: int, rng: random.Random) -> float:
     """Seconds to wait after the `refusals`-th refusal in a row: 0.5 s doubling up to 30 s, with
     jitter, so clients whose uploads a server refuses do not retry in a tight loop."""
@@ -209,6 +221,7 @@ class Worker:
         else:
             self.dataset = spec.load()
             self.num_samples = len(self.dataset.y_train)
+            fits_model(self.dataset, fed, spec.entry_point)
         self.bound = -1
         self.refusals = 0  # uploads refused in a row (backoff)
 
@@ -239,8 +252,10 @@ class Worker:
             raise Rejected("the task holds no model")
         reference = None
         if names[0].startswith(f"{MODEL}@"):  # delta downlink: the changes since the model held
-            if state.model is None or int(names[0].split("@")[1]) != state.model_round + 1:
-                raise Rejected(f"changes from {names[0]} for a client holding round {state.model_round}")
+            first = int(names[0].split("@")[1])
+            if state.model is None or first != state.model_round + 1:
+                held = "no model" if state.model is None else f"the model of round {state.model_round + 1}"
+                raise Rejected(f"changes from round {first + 1} on for a client holding {held}")
             reference = state.model
         params = receive_model(fed.downlink, reference, model, names[0] == "model", numel)
         if params.shape != (numel,):
@@ -354,10 +369,10 @@ def _session(stub: Any, name: str, spec: DataSpec, state_dir: Path, workers: lis
     state = ClientState(state_dir, reply.layout_hash)
     hooks.log(name, f"joined as index {idx} ({worker.num_samples} samples)")
     if state.staged_round >= 0:
-        hooks.log(name, f"the upload of round {state.staged_round} was sent or about to be; the server's "
+        hooks.log(name, f"the upload of round {state.staged_round + 1} was sent or about to be; the server's "
                   "answer decides which states go on")
     if state.codec or state.algorithm:
-        hooks.log(name, f"going on with the codec/algorithm (error-feedback) state of round {state.last_round} "
+        hooks.log(name, f"going on with the codec/algorithm (error-feedback) state of round {state.last_round + 1} "
                   f"from {state_dir}")
     max_stream = worker.fed.downlink.max_bytes()
     if worker.fed.server.broadcast.delta:  # a client that fell behind gets the full float32 model
@@ -422,12 +437,12 @@ def _train_and_upload(stub: Any, name: str, idx: int, round_index: int, payloads
         crash_point("client.accepted", round_index)
         state.settle(round_index)
         worker.refusals = 0
-        hooks.log(name, f"round {round_index}: update accepted ({nbytes} bytes, {took:.2f} s)")
+        hooks.log(name, f"round {round_index + 1}: update accepted ({nbytes} bytes, {took:.2f} s)")
     else:
         state.settle(-1)
         worker.refusals += 1
         wait = refusal_backoff(worker.refusals, random.Random())
-        hooks.log(name, f"round {round_index}: update rejected: {reply.reason} (retrying in {wait:.1f} s)")
+        hooks.log(name, f"round {round_index + 1}: update rejected: {reply.reason} (retrying in {wait:.1f} s)")
         if hooks.stop is not None:
             hooks.stop.wait(wait)
         else:

@@ -388,13 +388,13 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
         """`Late` for a round that has closed or is past its deadline; `Rejected` for a round
         that is not open (a future or unknown one), an unsampled client or a duplicate."""
         if 0 <= round_index < self.server.round_index:
-            raise Late(f"late: round {round_index} has closed")
+            raise Late(f"late: round {round_index + 1} has closed")
         try:
             self.server.admit(member.idx, round_index)
         except Rejected as exc:
             raise Rejected(str(exc).replace(f"client {member.idx} ", f"client {member.name} ")) from None
         if time.monotonic() > self.deadline:
-            raise Late(f"late: the deadline of round {round_index} has passed")
+            raise Late(f"late: the deadline of round {round_index + 1} has passed")
 
     def _refuse(self, member: Member, round_index: int, reason: str, status: str, locked: bool = False) -> Any:
         late = status == "late"
@@ -416,10 +416,10 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
             if not locked:
                 self.lock.release()
         if stored:
-            log(f"round {round_index}: {'discarded late' if late else 'rejected'} update from "
+            log(f"{self._round(round_index)}: {'discarded late' if late else 'rejected'} update from "
                 f"{member.name}: {reason}")
         elif mute:
-            log(f"round {round_index}: further refusals of {member.name} this round are counted, not "
+            log(f"{self._round(round_index)}: further refusals of {member.name} this round are counted, not "
                 "stored or logged")
         return pb.UploadReply(accepted=False, reason=reason)
 
@@ -449,7 +449,7 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
                 raise KoinonError(f"no client connected within deploy.wait_clients_s = {d.wait_clients_s} s; "
                                   "state is saved, restart the server to go on")
             if len(population) < self.min_connected:
-                log(f"round {round_index}: only {len(population)} clients connected after "
+                log(f"{self._round(round_index)}: only {len(population)} clients connected after "
                     f"{d.wait_clients_s} s, going on with them")
             cohort = self.server.sample(round_index, population, sizes)
             self.store.begin_round(round_index, cohort)
@@ -465,7 +465,7 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
                     continue
                 self.server.accept(up.idx, round_index, rows, up.num_samples, up.train_loss, up.payloads)
             self.changed.notify_all()
-        log(f"round {round_index}: cohort {cohort}" + (f" ({len(rnd.rows)} updates recovered)"
+        log(f"{self._round(round_index)}: cohort {cohort}" + (f" ({len(rnd.rows)} updates recovered)"
                                                       if rnd.rows else ""))
 
     def _wait(self) -> None:
@@ -495,10 +495,14 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
         })
         self._write_metrics()
         acc = record["test_accuracy"]
-        log(f"round {upcoming}/{s.rounds} closed: {result.num_clients}/{len(result.cohort)} updates"
+        log(f"{self._round(upcoming - 1)} closed: {result.num_clients}/{len(result.cohort)} updates"
             + (f", accuracy {acc:.4f}" if acc is not None else "")
             + (f"; {result.refused}" if result.refused else ""))
         return record
+
+    def _round(self, round_index: int) -> str:
+        """Round `round_index` (0-based, as on the wire) as logs and records show it: "round N/T"."""
+        return f"round {round_index + 1}/{self.cfg.server.rounds}"
 
     def _write_metrics(self) -> None:
         text = "".join(json.dumps(r) + "\n" for r in self.store.records())

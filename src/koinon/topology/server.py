@@ -264,12 +264,12 @@ class FederatedServer:
         """Refuse, before reading a body, an update this round would not take."""
         rnd = self.open
         if rnd is None or round_index != rnd.index:
-            current = "no round is open" if rnd is None else f"round {rnd.index} is open"
-            raise Rejected(f"late or wrong round: round {round_index} is not open ({current})")
+            current = "no round is open" if rnd is None else f"round {rnd.index + 1} is open"
+            raise Rejected(f"late or wrong round: round {round_index + 1} is not open ({current})")
         if client not in rnd.cohort:
-            raise Rejected(f"client {client} was not sampled for round {round_index}")
+            raise Rejected(f"client {client} was not sampled for round {round_index + 1}")
         if client in rnd.rows:
-            raise Rejected(f"duplicate submission for round {round_index}")
+            raise Rejected(f"duplicate submission for round {round_index + 1}")
 
     def bound_update_norm(self, max_norm: float) -> None:
         """From now on refuse model updates whose L2 norm exceeds `max_norm` (0: no bound)."""
