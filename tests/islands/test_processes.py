@@ -91,3 +91,27 @@ def test_co2_worker_killed_while_its_background_exchange_is_in_flight(config, tm
     rounds = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     # CO2 logs the members of the average applied in the round: the one of the round before
     assert [r["members"] for r in rounds][1:] == [[0, 2], [0, 2], [0, 2, 3]]
+
+
+@pytest.mark.slow
+def test_a_worker_joining_from_another_shell_says_so_and_is_counted_among_the_survivors(config, tmp_path):
+    import subprocess
+    import sys
+
+    joiner: list[subprocess.Popen] = []
+
+    def start_joiner(address: str) -> None:  # as soon as the store is up: it joins at an early sync
+        joiner.append(subprocess.Popen(
+            [sys.executable, "-c", "import sys; from koinon.cli import main; sys.exit(main())",
+             "launch", "--join", address, "--out", str(tmp_path / "joiner"), "--timeout", "30"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+
+    # A 300 ms link keeps the run going for a few seconds, longer than the joiner's start-up.
+    summary = launch(load_config(config), 2, tmp_path / "run", timeout_s=30, on_start=start_joiner,
+                     link_latency_ms=300, max_wall_s=240)
+    out, _ = joiner[0].communicate(timeout=60)
+    assert joiner[0].returncode == 0, out
+    assert "worker 2: joining the launch at " in out and "worker 2: done after 16 inner steps" in out
+    assert summary["joined"] == [2] and summary["survivors"] == [0, 1, 2]
+    assert summary["identical_params"] and len(summary["params_sha256"]) == 1
+    assert json.loads((tmp_path / "joiner" / "final-2.json").read_text())["params_sha256"] == summary["params_sha256"][0]

@@ -7,7 +7,8 @@ bit-identical (one SHA-256 for all), the final validation loss, bytes exchanged 
 coordinator's log. Fault injection for tests and demos: `--crash W@STEP` kills worker W at inner
 step STEP (SIGKILL, no clean-up); `--join-at S` starts a new worker when sync event S begins,
 which receives the state from a live peer. `--join HOST:PORT` joins a running launch from
-another shell or machine as one more worker. `--blocking` turns the workers' communication
+another shell or machine as one more worker; its final record comes back through the store, so
+the summary counts it among the survivors. `--blocking` turns the workers' communication
 overlap off (for comparisons); `--link-latency-ms` / `--link-mbps` emulate a slow network.
 
 The same workers also run under torchrun (`koinon.islands.torchrun`); rank 0 then does this
@@ -127,7 +128,14 @@ def launch(
                     proc.wait(timeout=10)
         thread.join(timeout=10)
     codes = {w: p.returncode for w, p in procs.items()}
-    return summarize(out_dir, codes, coordinator, time.monotonic() - started)
+    finals = read_finals(out_dir, codes)
+    for w in coordinator.log.joined:
+        if w not in procs:  # joined from elsewhere (koinon launch --join): its record comes by the store
+            try:
+                finals[w] = json.loads(wait_key(store, f"final/{w}", timeout_s))
+            except MembershipTimeout:
+                pass  # it did not finish: not a survivor
+    return summarize(out_dir, codes, coordinator, time.monotonic() - started, finals)
 
 
 def prepare_run(cfg: Config, workers: int, out: str | Path, overwrite: bool,
@@ -154,16 +162,20 @@ def _dead(alive: Callable[[int], bool], worker_id: int) -> bool:
     return not alive(worker_id)
 
 
+def read_finals(out: Path, exit_codes: dict[int, int | None]) -> dict[int, dict]:
+    """The final records (final-{id}.json) of the workers that exited with 0."""
+    finals = {}
+    for w in sorted(exit_codes):
+        path = out / f"final-{w}.json"
+        if exit_codes[w] == 0 and path.is_file():
+            finals[w] = json.loads(path.read_text())
+    return finals
+
+
 def summarize(out: Path, exit_codes: dict[int, int | None], coordinator: Coordinator,
-              wall: float, finals: dict[int, dict] | None = None) -> dict[str, Any]:
-    """Write (and return) summary.json and metrics.jsonl. `finals`: each worker's final record
-    (default: read from final-{id}.json of the workers that exited with 0)."""
-    if finals is None:
-        finals = {}
-        for w in sorted(exit_codes):
-            path = out / f"final-{w}.json"
-            if exit_codes[w] == 0 and path.is_file():
-                finals[w] = json.loads(path.read_text())
+              wall: float, finals: dict[int, dict]) -> dict[str, Any]:
+    """Write (and return) summary.json and metrics.jsonl. `finals`: the final record of every
+    worker that finished (the survivors), whoever started it."""
     hashes = sorted({f["params_sha256"] for f in finals.values()})
     reporter = finals[min(finals)] if finals else {}
     rounds: dict[int, dict] = {}

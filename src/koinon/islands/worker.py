@@ -13,6 +13,7 @@ writes `worker-{id}.jsonl` (one line per round, with the shared parameters' hash
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -46,8 +47,17 @@ def run_worker(args: argparse.Namespace) -> int:
     worker_id = args.id if args.id >= 0 else int(store.add("next_id", 1)) - 1
     exchange = DistExchange(store, worker_id, args.timeout, joining=args.join,
                             overlap=not args.blocking, link=link)
-    train(cfg, store, worker_id, Path(args.out), exchange, join=args.join,
-          crash_at_step=args.crash_at_step)
+    if args.join:
+        print(f"worker {worker_id}: joining the launch at {args.store} with its config "
+              f"({args.config}); the state comes from a live peer at the next sync event", flush=True)
+    final = train(cfg, store, worker_id, Path(args.out), exchange, join=args.join,
+                  crash_at_step=args.crash_at_step)
+    store.set(f"final/{worker_id}", json.dumps(final))  # the launcher's summary counts joiners from elsewhere
+    if args.join:
+        print(f"worker {worker_id}: done after {final['inner_steps']} inner steps and "
+              f"{final['sync_events']} sync events, validation loss {final['test_loss']:.4f}, parameters "
+              f"sha256 {final['params_sha256'][:16]}; results in {args.out}/ (worker-{worker_id}.jsonl, "
+              f"final-{worker_id}.json)", flush=True)
     return 0
 
 
