@@ -11,10 +11,12 @@ workers (what leaves the islands). Wall time is measured compute plus a *modeled
 sync costs (M - 1) payloads received per worker over `--link-mbps` (default 10 Mbit/s, a slow
 inter-island link); the simulation itself sends nothing over a network.
 
-Writes docs/img/diloco.png and docs/diloco_table.md and prints the table. The goal from the
-issue: within 2% of the synchronous validation loss with at least 100x fewer bytes.
+Prints the table and writes it with the plot to `--out` (default runs/bench-diloco/:
+diloco_table.md, diloco.png); `--write-docs` writes them where the README shows them instead
+(docs/diloco_table.md, docs/img/diloco.png). The goal from the issue: within 2% of the
+synchronous validation loss with at least 100x fewer bytes.
 
-    .venv/bin/python benchmarks/diloco.py [--steps 1600] [--workers 4] [--quick]
+    .venv/bin/python benchmarks/diloco.py [--steps 1600] [--workers 4] [--quick] [--out DIR]
 """
 
 from __future__ import annotations
@@ -147,7 +149,10 @@ def main() -> None:
                         "batches make each island's AdamW normalise its own noise")
     p.add_argument("--jobs", type=int, default=2, help="methods run in parallel processes")
     p.add_argument("--quick", action="store_true", help="60 steps, for a smoke test")
-    p.add_argument("--out", default=str(ROOT / "docs" / "img" / "diloco.png"))
+    p.add_argument("--out", type=Path, default=Path("runs") / "bench-diloco",
+                   help="folder for diloco_table.md and diloco.png")
+    p.add_argument("--write-docs", action="store_true",
+                   help="write docs/diloco_table.md and docs/img/diloco.png (the README's) instead")
     args = p.parse_args()
     steps = 60 if args.quick else args.steps
     eval_every = 20 if args.quick else args.eval_every
@@ -170,10 +175,13 @@ def main() -> None:
              f"{args.inner_lr:g}")
     text = table(results)
     print(f"\n{title}\n\n{text}")
-    plot(results, Path(args.out), title)
-    table_path = Path(args.out).parent.parent / "diloco_table.md"
+    if args.write_docs:
+        plot_path, table_path = ROOT / "docs" / "img" / "diloco.png", ROOT / "docs" / "diloco_table.md"
+    else:
+        plot_path, table_path = args.out / "diloco.png", args.out / "diloco_table.md"
+    plot(results, plot_path, title)
     table_path.write_text(f"{title}\n\n{text}\n")
-    print(f"\nwrote {args.out} and {table_path}")
+    print(f"\nwrote {plot_path} and {table_path}")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ WORKLOADS = {
               num_samples=60_000),
 }
 LR, BATCH = 0.05, 16
+DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo.toml"  # from any directory
 
 
 def _setup(w: dict):
@@ -128,7 +129,7 @@ def cli_run_seconds() -> float:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         subprocess.run(
-            [str(Path(sys.executable).with_name("koinon")), "run", "examples/demo.toml", "--quiet",
+            [str(Path(sys.executable).with_name("koinon")), "run", str(DEMO), "--quiet",
              "--out", f"{tmp}/run", "--set", "server.rounds=30", "--set", "client.epochs=1",
              "--set", "client.momentum=0.0", "--set", "server.eval_every=30"],
             check=True, stdout=subprocess.DEVNULL,
@@ -160,7 +161,7 @@ def main() -> None:
                 rounds = 1  # 1,000 sequential clients per round: one round says enough
             else:
                 rounds = args.rounds or WORKLOADS[wl]["rounds"]
-            out = subprocess.run([sys.executable, __file__, "--one", wl, rt, "--rounds", str(rounds)],
+            out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--one", wl, rt, "--rounds", str(rounds)],
                                  capture_output=True, text=True)
             if out.returncode != 0:
                 print(f"({wl}, {rt}) failed: {out.stderr.strip().splitlines()[-1]}")
