@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,11 +81,20 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _keys_epilog() -> str:
-    from koinon.config import describe_keys
+    from koinon.config import NAME_KEYS, describe_keys
+    from koinon.topology.diloco.build import SPECS
 
-    lines = ["config keys (TOML section.key = default; component sections also take the",
-             "component's own options, see `koinon list`):"]
+    lines = ["config keys (TOML section.key = default):"]
     lines += [f"  {key} = {value!r}" for key, value in describe_keys()]
+    lines += ["", '[diloco] keys (only with topology.name = "diloco"; see koinon.topology.diloco.IslandsSpec):']
+    lines += [f"  diloco.{key} = {value!r}" for key, value in SPECS.options("diloco").items()]
+    named = ", ".join(f"[{s}] ({s}.{k})" for s, k in NAME_KEYS.items())
+    lines += [""] + textwrap.wrap(
+        f"component options: besides the keys above, these sections take the options of the "
+        f"component they name: {named}; gossip graphs take theirs in topology.options. "
+        "`koinon list` shows every component with its options and their defaults. A codec "
+        "wrapper (ef, ef21, econtrol, zstd) needs inner = the codec it wraps; it has no default. "
+        "A run's config.toml spells out every key and option it ran with, defaults included.", 92)
     lines += ["", "example: koinon run examples/demo.toml --set server.rounds=5 --set client.lr=0.1"]
     return "\n".join(lines)
 

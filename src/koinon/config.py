@@ -162,7 +162,8 @@ class Config:
             section = getattr(self, f.name)
             d = {k: v for k, v in dataclasses.asdict(section).items() if k != "options"}
             d.update(getattr(section, "options", {}))
-            out[f.name] = d
+            if d or f.name != "diloco" or self.topology.name == "diloco":
+                out[f.name] = d  # no empty [diloco] table in a run that is not DiLoCo
         return out
 
     def to_toml(self) -> str:
@@ -198,9 +199,12 @@ class Config:
                 raise ConfigError(
                     f"--set {dotted}: unknown section {section!r}; allowed: {', '.join(SECTIONS)}"
                 )
-            # A different component discards the options that belonged to the old one.
-            if key == "name" and section in COMPONENT_SECTIONS and raw[section].get("name") != value:
-                raw[section] = {"name": value}
+            # A different component discards the options that belonged to the old one (a
+            # resolved config spells out all of them) and keeps the section's fixed keys.
+            raw.setdefault(section, {})
+            if key == NAME_KEYS.get(section) and raw[section].get(key) != value:
+                fixed = {f.name for f in dataclasses.fields(getattr(self, section))}
+                raw[section] = {k: v for k, v in raw[section].items() if k in fixed}
         for dotted, value in overrides.items():
             if dotted == "seed":
                 raw["seed"] = value
@@ -213,6 +217,9 @@ class Config:
 SECTIONS = ("data", "model", "client", "server", "codec", "downlink", "aggregator", "runtime", "attack",
             "topology", "deploy", "diloco", "log")
 COMPONENT_SECTIONS = ("model", "codec", "downlink", "aggregator", "runtime", "attack")
+NAME_KEYS = {**{s: "name" for s in COMPONENT_SECTIONS}, "data": "name", "client": "algorithm"}
+"""The key that names a section's component; the section's other keys are its fixed keys plus
+that component's options (see `koinon list`)."""
 
 
 def _check_type(key: str, value: Any, default: Any) -> Any:

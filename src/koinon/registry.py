@@ -64,6 +64,17 @@ class Registry(Generic[T]):
         factory = self.get(name)
         return _keyword_options(factory)
 
+    def resolve(self, name: str, options: dict[str, Any], context: tuple[str, ...] = ()) -> dict[str, Any]:
+        """`options` with every option of `name` left unset filled in with its default: what a
+        resolved config records, so that it reproduces the run even if a default changes.
+
+        Left out: the `context` keys the framework passes (or derives) and options whose default
+        is None (the component decides, or the option is required). Tuples become lists, as
+        TOML reads them back, so resolving a resolved dict returns an equal one."""
+        defaults = {k: v for k, v in _keyword_options(self.get(name)).items()
+                    if v is not None and k not in context}
+        return {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in {**defaults, **options}.items()}
+
     def build(self, name: str, options: dict[str, Any], section: str, **context: Any) -> T:
         """Construct `name` with user `options` (checked) plus framework `context` arguments."""
         factory = self.get(name, key=f"{section}.name")

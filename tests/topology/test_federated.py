@@ -126,14 +126,14 @@ def test_identity_delta_downlink_matches_full_downlink():
 
 
 def test_increment_codecs_and_delta_downlink_resume_identically():
-    kwargs = {"codec": kn.compress.CODECS.get("ef21")(layout=_federation().layout),
+    kwargs = {"codec": kn.compress.CODECS.get("ef21")(layout=_federation().layout, inner="topk"),
               "downlink_delta": True, "downlink": "int8"}
     a = _federation(**kwargs)
     a.fit(rounds=2)
     saved = {k: v.clone() for k, v in a.state_dict().items()}
     assert any(k.startswith("server/receiver/") for k in saved) and "server/broadcast/reference" in saved
     a.fit(rounds=2)
-    b = _federation(**{**kwargs, "codec": kn.compress.CODECS.get("ef21")(layout=a.layout)})
+    b = _federation(**{**kwargs, "codec": kn.compress.CODECS.get("ef21")(layout=a.layout, inner="topk")})
     b.load_state_dict(saved)
     b.round_index = 2
     b.fit(rounds=2)

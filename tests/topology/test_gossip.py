@@ -36,9 +36,9 @@ def _net(num_nodes=20, graph="ring", final_merge_every=0, **flat):
 def test_options_dataclasses_build_the_same_network_as_flat_options():
     model, data = _parts(10)
     direct = Gossip(model, data, graph="exponential", local=kn.LocalTraining(lr=0.05, epochs=2, momentum=0.9),
-                    seed=3, options=GossipOptions(codec="ef21"),
+                    seed=3, options=GossipOptions(codec={"name": "ef21", "inner": "topk"}),
                     failures=FailureOptions(failures={1: 0.2}, link_failure=0.3))
-    flat = _net(num_nodes=10, graph="exponential", codec="ef21", failures={1: 0.2}, link_failure=0.3)
+    flat = _net(num_nodes=10, graph="exponential", codec={"name": "ef21", "inner": "topk"}, failures={1: 0.2}, link_failure=0.3)
     direct.fit(rounds=3, eval_every=10)
     flat.fit(rounds=3, eval_every=10)
     assert direct.state_dict().keys() == flat.state_dict().keys()
@@ -191,8 +191,8 @@ def test_runner_interface_and_round_metrics():
     {"graph": "exponential", "failures": {1: 0.25, 4: 0.2}},
     {"graph": "ring", "codec": "fp16", "compress_delta": True, "failures": {2: 0.3},
      "final_merge_every": 4},
-    {"graph": "ring", "codec": "ef", "compress_delta": True, "failures": {1: 0.2}},  # codec state
-    {"graph": "ring", "codec": "ef21", "failures": {1: 0.2}},  # increments
+    {"graph": "ring", "codec": {"name": "ef", "inner": "topk"}, "compress_delta": True, "failures": {1: 0.2}},  # codec state
+    {"graph": "ring", "codec": {"name": "ef21", "inner": "topk"}, "failures": {1: 0.2}},  # increments
     {"graph": "random_regular", "graph_options": {"degree": 4}, "resample_every": 2, "failures": {3: 0.2}},
     {"graph": "exponential", "link_failure": 0.3, "churn": {"1": -0.4, "4": 0.5}, "crash_loses_data": True},
 ])

@@ -57,8 +57,15 @@ def build_codec(name: str, options: dict, layout: Layout, section: str = "codec"
     return CODECS.build(name, options, section, layout=layout)
 
 
-def build_inner(spec: dict | str, layout: Layout, section: str) -> Codec:
-    """A wrapped codec from an inline table (`{name = "topk", ratio = 0.01}`) or a bare name."""
+def build_inner(spec: dict | str | None, layout: Layout, section: str) -> Codec:
+    """A wrapped codec from an inline table (`{name = "topk", ratio = 0.01}`) or a bare name.
+
+    A wrapper has no default inner codec: what it sends (and how well the model trains) is
+    whatever it wraps, so leaving `inner` out is an error rather than a silent choice."""
+    if spec is None:
+        raise ValueError(f"inner is not set (a wrapper has no default); allowed: a codec name "
+                         f"({', '.join(CODECS.names())}) or a table such as "
+                         f'inner = {{ name = "topk", ratio = 0.01 }}')
     if isinstance(spec, str):
         return build_codec(spec, {}, layout, section)
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):

@@ -196,7 +196,7 @@ def huffman_decode(reader: Reader, n: int, lengths: np.ndarray) -> np.ndarray:
 class Zstd:
     """Zstandard entropy stage over any inner codec's bytes (the last step of a composition).
 
-    Options: `inner` (the wrapped codec as an inline table `{name = "topk", ratio = 0.01}` or a
+    Options: `inner` (required: the wrapped codec as an inline table `{name = "topk", ratio = 0.01}` or a
     bare name), `level` (zstd level, 1-22). The payload is a flag byte (0 = inner bytes stored,
     1 = one zstd frame), so it never exceeds the inner bound by more than one byte.
     Decompression stops at the inner codec's `max_bytes()`, however large the frame claims to be.
@@ -205,7 +205,7 @@ class Zstd:
     name = "zstd"
 
     def __init__(self, layout: Layout, inner: dict | str | None = None, level: int = 3) -> None:
-        self.inner = build_inner(inner or {"name": "topk", "values": "int8"}, layout, "codec.inner")
+        self.inner = build_inner(inner, layout, "codec.inner")
         if not 1 <= level <= 22:
             raise ValueError(f"level = {level}: zstd levels are 1 to 22")
         self.compressor = zstandard.ZstdCompressor(level=level)

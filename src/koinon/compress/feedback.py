@@ -18,8 +18,6 @@ from koinon.compress.base import CODECS, CodecState, build_inner, nest_state, un
 from koinon.compress.wire import check_input
 from koinon.params import Layout
 
-_DEFAULT_INNER = {"name": "topk", "ratio": 0.01}
-
 
 class _Wrapper:
     name = "wrapper"
@@ -28,7 +26,7 @@ class _Wrapper:
 
     def __init__(self, layout: Layout, inner: dict | str | None) -> None:
         self.numel = layout.numel
-        self.inner = build_inner(inner or _DEFAULT_INNER, layout, "codec.inner")
+        self.inner = build_inner(inner, layout, "codec.inner")
 
     def init_state(self) -> CodecState:
         own = {key: torch.zeros(self.numel) for key in self.own_keys}
@@ -52,7 +50,8 @@ class ErrorFeedback(_Wrapper):
     """Error feedback (EF14/EF-SGD) around any codec: send C(x + e), keep e <- x + e - C(x + e).
 
     Seide et al. 2014; Karimireddy et al. 2019, https://arxiv.org/abs/1901.09847.
-    Option: `inner` (the wrapped codec: inline table `{name = "topk", ratio = 0.01}` or a name).
+    Option: `inner` (required: the wrapped codec, an inline table `{name = "topk", ratio = 0.01}`
+    or a name).
     State: `error` (the residual e) plus the inner codec's state under `inner.`.
     """
 
@@ -75,7 +74,7 @@ class EF21(_Wrapper):
     """EF21: send Delta = C(x - h), keep h <- h + Delta; the receiver sums the Deltas.
 
     Richtarik et al. 2021, https://arxiv.org/abs/2106.05203. `decode` returns the increment
-    Delta (see `decodes_increment`). Option: `inner`. State: `h` plus the inner state.
+    Delta (see `decodes_increment`). Option: `inner` (required). State: `h` plus the inner state.
     """
 
     name = "ef21"
@@ -99,7 +98,7 @@ class EControl(_Wrapper):
 
     Gao, Islamov, Stich, ICLR 2024, https://arxiv.org/abs/2311.05645. With eta = 0 it is
     `ef21`. Options: `inner`, `eta` (error weight; theory suggests ~delta/400, tune it).
-    `decode` returns the increment Delta. State: `e`, `h` plus the inner state.
+    `inner` is required. `decode` returns the increment Delta. State: `e`, `h` plus the inner state.
     """
 
     name = "econtrol"

@@ -24,8 +24,68 @@ RESUMABLE_KEYS = {"server.rounds", "server.eval_every", "server.checkpoint_every
 
 def build_federation(cfg: Config) -> Topology:
     """The topology `cfg` names (`topology.name`: federated, gossip or diloco) with every
-    component checked; raises a one-line ConfigError before anything runs."""
-    return TOPOLOGIES.get(cfg.topology.name, key="topology.name")(cfg)
+    component checked; raises a one-line ConfigError before anything runs. Afterwards `cfg`
+    spells out every built component's options, defaults included (see `record_defaults`)."""
+    topology = TOPOLOGIES.get(cfg.topology.name, key="topology.name")(cfg)
+    record_defaults(cfg)
+    return topology
+
+
+def record_defaults(cfg: Config) -> None:
+    """Fill each component section of `cfg` with its component's options, defaults included
+    (nested `inner` codecs too), so the run's config.toml alone reproduces it even if a default
+    changes. Only what the topology builds is filled (DiLoCo: data, model, codec; its
+    `[diloco]` keys are resolved by its builder). Derived values stay out: `aggregator.num_byzantine`
+    (from attack.fraction unless set) and the keys a fixed key sets (`client.mu`). Resolving a
+    resolved config changes nothing, so a restarted deployment compares it equal."""
+    from koinon.clients import CLIENT_ALGORITHMS
+    from koinon.data import DATASETS
+    from koinon.models import MODELS
+
+    cfg.data.options = DATASETS.resolve(cfg.data.name, cfg.data.options, ("seed", "test_fraction", "num_clients"))
+    cfg.model.options = MODELS.resolve(cfg.model.name, cfg.model.options, ("input_shape", "num_classes"))
+    cfg.codec.options = _codec_options(cfg.codec.name, cfg.codec.options)
+    if cfg.topology.name == "diloco":
+        return
+    from koinon.attacks import ATTACKS
+    from koinon.runtime import RUNTIMES
+
+    cfg.downlink.options = _codec_options(cfg.downlink.name, cfg.downlink.options)
+    cfg.client.options = CLIENT_ALGORITHMS.resolve(cfg.client.algorithm, cfg.client.options, ("mu",))
+    cfg.aggregator.options = _aggregator_options(cfg.aggregator.name, cfg.aggregator.options)
+    cfg.runtime.options = RUNTIMES.resolve(cfg.runtime.name, cfg.runtime.options)
+    cfg.attack.options = ATTACKS.resolve(cfg.attack.name, cfg.attack.options)
+
+
+def _codec_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """A codec's options with defaults; a wrapper's `inner` becomes a full table (name too)."""
+    from koinon.compress import CODECS
+
+    resolved = CODECS.resolve(name, options, ("layout",))
+    inner = resolved.get("inner")
+    if isinstance(inner, str):
+        inner = {"name": inner}
+    if isinstance(inner, dict) and isinstance(inner.get("name"), str):
+        rest = {k: v for k, v in inner.items() if k != "name"}
+        resolved["inner"] = {"name": inner["name"], **_codec_options(inner["name"], rest)}
+    return resolved
+
+
+def _aggregator_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """A rule's (or a `pre+...+rule` composition's) options with defaults. One key feeds every
+    step that takes it, so a default two steps disagree on stays unset (each keeps its own)."""
+    from koinon.aggregate import AGGREGATORS, PRE_AGGREGATORS
+
+    parts = [p.strip() for p in name.split("+")]
+    registries = [PRE_AGGREGATORS] * (len(parts) - 1) + [AGGREGATORS]
+    defaults: dict[str, Any] = {}
+    clashes: set[str] = set()
+    for part, registry in zip(parts, registries, strict=True):
+        for key, value in registry.resolve(part, {}, ("num_byzantine",)).items():
+            if key in defaults and defaults[key] != value:
+                clashes.add(key)
+            defaults.setdefault(key, value)
+    return {**{k: v for k, v in defaults.items() if k not in clashes}, **options}
 
 
 def run_experiment(

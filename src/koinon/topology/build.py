@@ -10,7 +10,7 @@ raises a one-line `ConfigError` before anything trains.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from torch import nn
@@ -46,12 +46,15 @@ def guard(what: str, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         raise ConfigError(f"{what}: {exc}") from None
 
 
-def _check_options(registry: Registry[Any], name: str, options: dict[str, Any], section: str,
-                   fixed: list[str]) -> None:
-    allowed = [k for k in registry.options(name) if k not in ("seed", "test_fraction", "num_clients")]
-    for key in options:
+def _check_options(registry: Registry[Any], name: str, section: str, config: Any,
+                   context: tuple[str, ...] = ()) -> None:
+    """A section that has fixed keys besides the component's own options ([data], [client],
+    [downlink], [attack]): an unknown key is refused naming both, not only the options."""
+    fixed = [f.name for f in fields(config) if f.name != "options"]
+    allowed = fixed + [k for k in registry.options(name) if k not in context and k not in fixed]
+    for key in config.options:
         if key not in allowed:
-            raise ConfigError(f"unknown key {section}.{key}; allowed: {', '.join(fixed + allowed)}")
+            raise ConfigError(f"unknown key {section}.{key}; allowed: {', '.join(allowed)}")
 
 
 def _check_schedule(s: ServerConfig) -> None:
@@ -98,8 +101,7 @@ def build_components(cfg: Config) -> Components:
     runs. Records the server learning rate actually used in `cfg.server.lr`."""
     d = cfg.data
     DATASETS.get(d.name, key="data.name")
-    _check_options(DATASETS, d.name, d.options, "data", ["name", "partition", "alpha", "num_clients",
-                   "test_fraction", "classes_per_client", "power"])
+    _check_options(DATASETS, d.name, "data", d, context=("seed", "test_fraction", "num_clients"))
     dataset = DATASETS.build(
         d.name, d.options, "data", seed=cfg.seed, test_fraction=d.test_fraction, num_clients=d.num_clients
     )
@@ -117,6 +119,7 @@ def build_components(cfg: Config) -> Components:
         lr_schedule=c.lr_schedule, lr_warmup=c.lr_warmup,
     )
     CLIENT_ALGORITHMS.get(c.algorithm, key="client.algorithm")
+    _check_options(CLIENT_ALGORITHMS, c.algorithm, "client", c, context=("mu",))
     algorithm = CLIENT_ALGORITHMS.build(c.algorithm, c.options, "client", mu=c.mu)
     s = cfg.server
     server_context: dict[str, Any] = {"momentum": s.momentum, "beta1": s.beta1, "beta2": s.beta2, "tau": s.tau}
@@ -137,6 +140,8 @@ def build_components(cfg: Config) -> Components:
     from koinon.runtime import RUNTIMES
 
     codec = CODECS.build(cfg.codec.name, cfg.codec.options, "codec", layout=layout)
+    CODECS.get(cfg.downlink.name, key="downlink.name")
+    _check_options(CODECS, cfg.downlink.name, "downlink", cfg.downlink, context=("layout",))
     downlink = CODECS.build(cfg.downlink.name, cfg.downlink.options, "downlink", layout=layout)
     from koinon.attacks import ATTACKS
 
@@ -145,6 +150,8 @@ def build_components(cfg: Config) -> Components:
         raise ConfigError(f"attack.fraction = {a.fraction}: must be in [0, 1)")
     if a.fraction > 0 and a.name == "none":
         raise ConfigError("attack.fraction > 0 needs attack.name; see `koinon list` for the attacks")
+    ATTACKS.get(a.name, key="attack.name")
+    _check_options(ATTACKS, a.name, "attack", a)
     attack = ATTACKS.build(a.name, a.options, "attack")
     # Robust rules get f = the number of Byzantine clients in every cohort, unless set.
     agg_options = dict(cfg.aggregator.options)
