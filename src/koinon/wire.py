@@ -25,7 +25,6 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from koinon.compress.base import Codec
@@ -117,11 +116,12 @@ class Sender:
         """`client` lost its state (a peer that crashed with its data)."""
         self.states.pop(client, None)
 
-    def keep(self, result: CohortResult) -> None:
-        """Take the cohort's new codec states (after `CohortEncoder.encode`)."""
+    def keep(self, result: CohortResult, clients: set[int] | None = None) -> None:
+        """Take the new codec states (after `CohortEncoder.encode`) of `clients` (default: all):
+        a client whose update was refused goes on with the state it had."""
         assert result.codec_states is not None
         for client, states in zip(result.client_ids, result.codec_states):
-            if states:
+            if states and (clients is None or client in clients):
                 self.states[client] = states
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -268,7 +268,6 @@ class Broadcast:
         self.full_bytes = params.numel() * 4
         self.last_seen = torch.full((num_clients,), -1, dtype=torch.long)
         self.history: dict[int, bytes] = {}  # round -> change payload (delta mode, bounded)
-        self.sizes: list[int] = []  # every round's change payload size (delta mode)
 
     def _encode(self, name: str, tensor: torch.Tensor, round_index: int, stream: int) -> bytes:
         gen = generator(self.seed, round_index, -1, stream)
@@ -281,7 +280,6 @@ class Broadcast:
         if self.delta:
             payload = self._encode(MODEL, params - self.reference, round_index, 0)
             self.reference = self.reference + self.codec.decode(payload)
-            self.sizes.append(len(payload))
             self.history[round_index] = payload
             self._prune(round_index)
         else:
@@ -299,35 +297,39 @@ class Broadcast:
             if total > self.full_bytes and r < round_index:
                 del self.history[r]
 
-    def model_payloads(self, client: int, round_index: int, payload: bytes) -> tuple[list[bytes], bool]:
-        """What `client` receives for the model this round: ([payload], False) in full mode; in
-        delta mode the changes it missed, or ([reference as float32], True) when that is smaller."""
-        if not self.delta:
-            return [payload], False
+    def _missed(self, client: int, round_index: int) -> list[int] | None:
+        """The rounds whose changes `client` lacks, or None when the full model is smaller (or it
+        holds no model, or its changes are no longer kept); `client` is served up to `round_index`."""
         seen = int(self.last_seen[client])
         self.last_seen[client] = round_index
-        missed = list(range(seen + 1, round_index + 1)) if seen >= 0 else []
-        if missed and all(r in self.history for r in missed):
-            changes = [self.history[r] for r in missed]
-            if sum(len(p) for p in changes) <= self.full_bytes:
-                return changes, False
-        return [self.reference.numpy().tobytes()], True
+        if seen < 0 or seen > round_index:
+            return None
+        missed = list(range(seen + 1, round_index + 1))
+        if not all(r in self.history for r in missed):
+            return None
+        return missed if sum(len(self.history[r]) for r in missed) <= self.full_bytes else None
+
+    def model_payloads(self, client: int, round_index: int, payload: bytes) -> tuple[list[bytes], bool]:
+        """What `client` receives for the model this round: ([payload], False) in full mode; in
+        delta mode the changes it missed (none if it holds this round's model), or
+        ([reference as float32], True) when that is smaller."""
+        if not self.delta:
+            return [payload], False
+        missed = self._missed(client, round_index)
+        if missed is None:
+            return [self.reference.numpy().tobytes()], True
+        return [self.history[r] for r in missed], False
 
     def bytes_for(self, client: int, round_index: int) -> int:
         """Model bytes `client` receives this round (delta mode), without building them."""
-        seen = int(self.last_seen[client])
-        self.last_seen[client] = round_index
-        if seen < 0:
-            return self.full_bytes
-        missed = int(np.sum(self.sizes[seen + 1:]))
-        return min(missed, self.full_bytes)
+        missed = self._missed(client, round_index)
+        return self.full_bytes if missed is None else sum(len(self.history[r]) for r in missed)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {f"codec/{name}/{k}": v for name, st in self.states.items() for k, v in st.items()}
         if self.delta:
             out["reference"] = self.reference
             out["last_seen"] = self.last_seen
-            out["sizes"] = torch.tensor(self.sizes, dtype=torch.long)
             out.update({f"history/{r}": torch.frombuffer(bytearray(p), dtype=torch.uint8)
                         for r, p in self.history.items()})
         return out
@@ -344,8 +346,6 @@ class Broadcast:
                 self.reference = v.clone()
             elif key == "last_seen":
                 self.last_seen = v.clone()
-            elif key == "sizes":
-                self.sizes = v.tolist()
 
 
 def receive_model(codec: Codec, reference: torch.Tensor | None, payloads: list[bytes], full: bool,

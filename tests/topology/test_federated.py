@@ -109,7 +109,7 @@ def test_delta_downlink_sends_missed_payloads_or_the_full_model():
     first = delta.run_round(evaluate=False)
     assert first.downlink_bytes == 20 * 4 * p  # new clients get the full fp32 model
     second = delta.run_round(evaluate=False)
-    assert second.downlink_bytes == 20 * delta.server.broadcast.sizes[-1] < 20 * p + 20 * 16
+    assert second.downlink_bytes == 20 * len(delta.server.broadcast.history[1]) < 20 * p + 20 * 16
     full.fit(rounds=2)
     assert torch.allclose(full.params, delta.params, atol=0.05)  # int8 downlink: close, not equal
     partial = _federation(downlink_delta=True, downlink="int8")
@@ -139,3 +139,52 @@ def test_increment_codecs_and_delta_downlink_resume_identically():
     b.fit(rounds=2)
     assert torch.equal(a.params, b.params)
     assert a.fit(rounds=1)[0].uplink_bytes < 5 * 4 * a.layout.numel / 20  # top-1% inside EF21
+
+
+class _Scaled(_PoisonOne):
+    """Client 0 of every cohort sends a finite but huge update (refused by a norm bound)."""
+
+    def corrupt(self, deltas):
+        deltas[0] *= 1e6
+
+
+def test_a_refused_client_keeps_its_codec_state_and_its_loss_is_not_averaged():
+    fed = _federation(runtime=_Scaled(), codec={"name": "ef", "inner": {"name": "topk", "ratio": 0.1}})
+    fed.server.bound_update_norm(100.0)
+    cohort = fed.sample_cohort(0)
+    r = fed.run_round(evaluate=False)
+    assert r.rejected == [cohort[0]] and r.accepted == cohort[1:] == r.included
+    # The refused client goes on with the state it had (none yet); the others keep their residual.
+    assert cohort[0] not in fed.sender.states and all(c in fed.sender.states for c in cohort[1:])
+    assert "norm" in r.reasons[cohort[0]]
+    # Its bytes crossed the wire all the same.
+    assert r.uplink_bytes == fed.uplink_total > 0
+
+
+def test_signguard_resumes_bit_identically():
+    straight = _federation(aggregator="signguard")
+    straight.fit(rounds=4)
+    first = _federation(aggregator="signguard")
+    first.fit(rounds=2)
+    saved = {k: v.clone() for k, v in first.state_dict().items()}
+    resumed = _federation(aggregator="signguard")
+    resumed.load_state_dict(saved)
+    resumed.fit(rounds=2)
+    assert torch.equal(resumed.params, straight.params)
+
+
+def test_delta_downlink_sends_no_model_to_a_client_that_holds_this_rounds_model():
+    fed = _federation(downlink_delta=True, downlink="int8")
+    fed.run_round(evaluate=False)
+    server = fed.server
+    rnd = server.open_round(1, [0, 1])
+    server.held_model(0, 0)  # the client says it holds round 0's model
+    first, _ = server.task_for(0)
+    assert [name for name, _ in first] == ["delta@1"]  # it held round 0's model: one change
+    server.held_model(0, 1)  # it asks again within the round (a refused upload, a restart)
+    again, nbytes = server.task_for(0)
+    assert again == [] and nbytes == 0
+    server.held_model(1, -1)  # a client that lost its copy gets the full model in float32
+    full, nbytes = server.task_for(1)
+    assert [name for name, _ in full] == ["model"] and nbytes == 4 * fed.layout.numel
+    assert rnd.downlink_bytes == len(first[0][1]) + nbytes

@@ -147,6 +147,13 @@ class SignGuard:
         self.coordinate_fraction = float(coordinate_fraction)
         self.generator = torch.Generator().manual_seed(seed)
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The block generator's state: a resumed run draws the blocks an uninterrupted one does."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+
     def aggregate(self, updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         check_stack(updates, weights)
         (n, p), f = updates.shape, self.num_byzantine

@@ -261,12 +261,14 @@ class Federation:
             cohort, rnd.received, rnd.downloads, [self.client_states.get(c, {}) for c in cohort],
             self.seed, r, self.sender.for_cohort(cohort, r),
         )
-        self.sender.keep(result)
         server.accept_cohort(result)
         out = server.close_round()
-        included = set(out.included)
+        # A client whose update the server took keeps the states that go with it (codec state,
+        # algorithm state), as a deployed client does on "accepted"; a refused one keeps its old.
+        self.sender.keep(result, set(out.accepted))
+        accepted = set(out.accepted)
         for i, c in enumerate(cohort):
-            if c in included and result.client_states[i]:
+            if c in accepted and result.client_states[i]:
                 self.client_states[c] = result.client_states[i]
         if evaluate:
             self.evaluate_into(out)

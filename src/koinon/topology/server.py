@@ -70,14 +70,10 @@ class RoundResult:
     late: int = 0  # updates that arrived after the round closed (deployment)
     digests: dict[int, str] = field(default_factory=dict)  # client -> SHA-256 of its payloads
     wall_s: float | None = None
-    applied: bool = True  # False when the aggregator refused the cohort (model unchanged)
-    refused: str = ""  # why the round's aggregate was not applied (a non-finite model)
-
-    @property
-    def included(self) -> list[int]:
-        """Clients whose update went into the aggregate."""
-        out = set(self.rejected) | set(self.missing)
-        return [c for c in self.cohort if c not in out]
+    applied: bool = True  # False when the round's aggregate was not applied (model unchanged)
+    refused: str = ""  # why the round's aggregate was not applied
+    accepted: list[int] = field(default_factory=list)  # updates the server took (decoded, valid)
+    included: list[int] = field(default_factory=list)  # updates that went into the applied aggregate
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -100,7 +96,8 @@ class RoundResult:
             out["digests"] = {str(k): v for k, v in sorted(self.digests.items())}
         if self.wall_s is not None:
             out["wall_s"] = self.wall_s
-        if self.refused:
+        if not self.applied:
+            out["applied"] = False
             out["update_refused"] = self.refused
         return out
 
@@ -124,6 +121,7 @@ class OpenRound:
     ok: torch.Tensor | None = None  # accept_cohort's valid rows
     downlink_bytes: int = 0
     late: int = 0
+    refused_bytes: int = 0  # payload bytes of updates read and then refused (deployment)
 
 
 def digest(payloads: list[bytes]) -> str:
@@ -205,8 +203,9 @@ class FederatedServer:
                sizes: np.ndarray | None = None) -> list[int]:
         """The round's cohort from `population` (default: every client), seeded by (seed, round)."""
         if population is None:
-            population, sizes = np.arange(self.num_clients), self.sizes
-        assert sizes is not None
+            population = np.arange(self.num_clients)
+        if sizes is None:
+            sizes = self.sizes[population]
         rng = np.random.default_rng([self.seed, round_index, 0x5A3B])
         k = min(self.clients_per_round, len(population))
         adv = self.adversary
@@ -226,10 +225,11 @@ class FederatedServer:
         if round_index != self.round_index:
             raise ValueError(f"round {round_index} cannot open: {self.round_index} rounds are done")
         payloads = self.broadcast.open(round_index, self.params, self.server_state)
-        decoded = {name: self.broadcast.codec.decode(p) for name, p in payloads}
-        received = self.broadcast.reference if self.broadcast.delta else decoded[MODEL]
-        decoded.pop(MODEL)
-        self.open = OpenRound(round_index, list(cohort), payloads, received, decoded)
+        decode = self.broadcast.codec.decode
+        # What the clients start from: in delta mode the reference the change was added to.
+        received = self.broadcast.reference if self.broadcast.delta else decode(payloads[0][1])
+        downloads = {name: decode(p) for name, p in payloads[1:]}
+        self.open = OpenRound(round_index, list(cohort), payloads, received, downloads)
         return self.open
 
     def task_for(self, client: int) -> tuple[list[tuple[str, bytes]], int]:
@@ -238,7 +238,9 @@ class FederatedServer:
         rnd = self._current()
         model, *downloads = rnd.payloads
         parts, full = self.broadcast.model_payloads(client, rnd.index, model[1])
-        if full:
+        if not parts:  # it holds this round's model already (a second task in one round)
+            named = []
+        elif full:
             named = [("model", parts[0])]
         elif self.broadcast.delta:
             first = rnd.index - len(parts) + 1
@@ -275,9 +277,12 @@ class FederatedServer:
         """From now on refuse model updates whose L2 norm exceeds `max_norm` (0: no bound)."""
         self.receiver.bound_norm(max_norm)
 
-    def decode(self, client: int, payloads: list[bytes], num_steps: int = 0) -> dict[str, torch.Tensor]:
-        """A client's validated rows, or `Rejected` (pure: safe on many threads at once)."""
-        return self.receiver.decode(client, payloads, self._current().index, num_steps)
+    def decode(self, client: int, payloads: list[bytes], num_steps: int = 0,
+               round_index: int | None = None) -> dict[str, torch.Tensor]:
+        """A client's validated rows for `round_index` (default: the open round), or `Rejected`.
+        Pure and independent of whether a round is open: safe on many threads at once."""
+        r = self._current().index if round_index is None else round_index
+        return self.receiver.decode(client, payloads, r, num_steps)
 
     def accept(self, client: int, round_index: int, rows: dict[str, torch.Tensor], num_samples: int,
                train_loss: float, payloads: list[bytes]) -> None:
@@ -292,10 +297,12 @@ class FederatedServer:
         if self.record_digests:
             rnd.digests[client] = digest(payloads)
 
-    def reject(self, client: int, reason: str) -> None:
-        """Record that `client`'s update of the open round was refused (its first refusal counts)."""
+    def reject(self, client: int, reason: str, nbytes: int = 0) -> None:
+        """Record that `client`'s update of the open round was refused (its first refusal counts);
+        `nbytes`: the payload bytes that were read before refusing it (they crossed the wire)."""
         if self.open is not None and client in self.open.cohort:
             self.open.reasons.setdefault(client, reason)
+            self.open.refused_bytes += nbytes
 
     def accept_cohort(self, result: CohortResult) -> None:
         """A whole simulated cohort's encoded updates at once (batched decode where possible)."""
@@ -326,7 +333,7 @@ class FederatedServer:
             numel = self.params.numel()
             stacks = {s: (torch.stack([rnd.rows[c][s] for c in order]) if order else torch.zeros(0, numel))
                       for s in self.streams}
-        present = list(order)
+        accepted = [c for c, good in zip(order, ok.tolist()) if good]  # decoded and valid
         samples = torch.tensor([rnd.samples.get(c, 0) for c in order], dtype=torch.long)
         num_byzantine = 0
         if order:
@@ -353,7 +360,8 @@ class FederatedServer:
             try:
                 delta = self.aggregator.aggregate(model if everyone else model[keep], weights)
             except ValueError as exc:  # e.g. rejections left too few inputs for a robust rule
-                notice(f"round {r + 1}: aggregator refused the cohort, model unchanged ({exc})")
+                refused_update = f"aggregator refused the cohort, model unchanged ({exc})"
+                notice(f"round {r + 1}: {refused_update}")
             else:
                 refused_update = self._step(delta)
                 if refused_update:
@@ -365,12 +373,14 @@ class FederatedServer:
                         self.server_state, means, len(keep) / self.num_clients)
                     applied = True
         included = [order[i] for i in keep.tolist()] if applied else []
-        missing = [c for c in rnd.cohort if c not in present and c not in refused]
+        missing = [c for c in rnd.cohort if c not in order and c not in refused]
         rejected = [c for c in rnd.cohort if c in set(rejected) | set(refused)]
-        uplink = sum(rnd.nbytes.values())
-        w = torch.tensor([float(rnd.samples[c]) for c in present], dtype=torch.float64)
-        losses = torch.tensor([rnd.losses[c] for c in present], dtype=torch.float64)
-        train_loss = float((losses * w).sum() / w.sum().clamp_min(1.0)) if present else None
+        # Bytes that crossed the wire and were read (refused ones too); the train loss the
+        # accepted clients reported (a refused client's loss may be NaN).
+        uplink = sum(rnd.nbytes.values()) + rnd.refused_bytes
+        w = torch.tensor([float(rnd.samples[c]) for c in accepted], dtype=torch.float64)
+        losses = torch.tensor([rnd.losses[c] for c in accepted], dtype=torch.float64)
+        train_loss = float((losses * w).sum() / w.sum().clamp_min(1.0)) if accepted else None
         self.open = None
         self.round_index = r + 1
         self.uplink_total += uplink
@@ -382,7 +392,8 @@ class FederatedServer:
             missing=missing, late=rnd.late, digests=rnd.digests,
         )
         out.applied = applied
-        out.refused = refused_update
+        out.refused = refused_update or ("" if applied else "no valid update arrived, model unchanged")
+        out.accepted, out.included = accepted, included
         return out
 
     def _step(self, delta: torch.Tensor) -> str:
@@ -428,8 +439,12 @@ class FederatedServer:
         """Decode, validate and apply one update now, scaled by `weight` (a staleness weight):
         the server step of asynchronous schedules. `Rejected` leaves the model unchanged."""
         rows = self.receiver.decode(client, payloads, self.round_index, num_steps)
+        refused = self._step(rows[MODEL] * weight)
+        if refused:
+            raise Rejected(refused)
         self.receiver.keep(client, rows)
-        self.params = self.optimizer.step(self.params, rows[MODEL] * weight, self.optimizer_state)
+        uploads = {n: rows[n] * weight for n in self.algorithm.uploads if n in rows}
+        self.server_state = self.algorithm.server_update(self.server_state, uploads, 1 / self.num_clients)
         self.uplink_total += sum(len(p) for p in payloads)
 
     # -------------------------------------------------------------- checkpoint
