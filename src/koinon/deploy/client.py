@@ -46,7 +46,7 @@ from koinon.deploy import federation_pb2_grpc
 from koinon.deploy.certs import Credentials
 from koinon.deploy.faults import crash_point
 from koinon.deploy.wire import MAX_GRPC_MESSAGE, Rejected, pb, read_task, upload_messages
-from koinon.errors import KoinonError
+from koinon.errors import CodecError, KoinonError
 from koinon.topology.federated import Federation
 from koinon.update import State
 from koinon.wire import MODEL, CohortEncoder, receive_model
@@ -248,21 +248,28 @@ class Worker:
         parts = list(zip(streams, payloads))
         model = [p for name, p in parts if name == "model" or name == MODEL or name.startswith(f"{MODEL}@")]
         names = [name for name, _ in parts[: len(model)]]
-        if not model:
-            raise Rejected("the task holds no model")
-        reference = None
-        if names[0].startswith(f"{MODEL}@"):  # delta downlink: the changes since the model held
-            first = int(names[0].split("@")[1])
-            if state.model is None or first != state.model_round + 1:
-                held = "no model" if state.model is None else f"the model of round {state.model_round + 1}"
-                raise Rejected(f"changes from round {first + 1} on for a client holding {held}")
-            reference = state.model
-        params = receive_model(fed.downlink, reference, model, names[0] == "model", numel)
+        try:
+            if not model:  # delta downlink: it holds this round's model already
+                if state.model is None or state.model_round != round_index:
+                    raise Rejected(f"the task holds no model, and this client holds round "
+                                   f"{state.model_round + 1}'s, not round {round_index + 1}'s")
+                params = state.model
+            else:
+                reference = None
+                if names[0].startswith(f"{MODEL}@"):  # delta downlink: the changes since the model held
+                    first = int(names[0].split("@")[1])
+                    if state.model is None or first != state.model_round + 1:
+                        held = "no model" if state.model is None else f"the model of round {state.model_round + 1}"
+                        raise Rejected(f"changes from round {first + 1} on for a client holding {held}")
+                    reference = state.model
+                params = receive_model(fed.downlink, reference, model, names[0] == "model", numel)
+            down = {name: fed.downlink.decode(p) for name, p in parts[len(model):]}
+        except CodecError as exc:  # the server's bytes do not decode: a bad answer, not a crash
+            raise Rejected(f"undecodable task: {exc}") from None
         if params.shape != (numel,):
             raise Rejected(f"the server's model has {params.numel()} values, this model {numel}")
-        if fed.server.broadcast.delta:
+        if fed.server.broadcast.delta and model:
             state.hold_model(params, round_index)
-        down = {name: fed.downlink.decode(p) for name, p in parts[len(model):]}
         encoder = CohortEncoder(fed.codec, fed.seed, round_index, fed.server.streams, [state.codec])
         result = fed.runtime.train([idx], params, down, [state.algorithm], fed.seed, round_index, encoder)
         assert result.payloads is not None and result.codec_states is not None

@@ -86,11 +86,12 @@ class Late(Rejected):
     """An upload for a round that has closed, or that came after the open round's deadline."""
 
 
-def check_deployable(fed: Any, cfg: Config) -> None:
+def check_deployable(fed: Any, cfg: Config) -> Federation:
     """Refuse, before listening, what this server cannot run: only server-based federations."""
     if not isinstance(fed, Federation):
         raise ConfigError(f"topology.name = {cfg.topology.name!r}: koinon server runs server-based "
                           "federations only (topology.name = 'federated')")
+    return fed
 
 
 def peer_name(context: grpc.ServicerContext) -> str | None:
@@ -349,6 +350,7 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
                 raise Rejected("server busy: no upload slot within the round deadline")
             slot.append(True)
 
+        read: list[int] = []  # payload bytes read before a refusal (they crossed the wire)
         try:
             try:
                 try:
@@ -359,7 +361,11 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
                     raise Rejected(f"upload stream ended early ({type(exc).__name__}): not finished "
                                    "before the round's deadline, or the connection broke") from None
                 round_index = int(header.round)
-                rows = self.server.decode(member.idx, payloads, self.local.num_steps(member.num_samples))
+                read.append(sum(len(p) for p in payloads))
+                # Decoded for the round the upload claims (admitted above), outside the lock: a
+                # round that closes meanwhile makes it late at `_admit_round` below.
+                rows = self.server.decode(member.idx, payloads, self.local.num_steps(member.num_samples),
+                                          round_index)
                 # Written while the slot is held, so no more than RECEIVING buffers are alive.
                 size, digest = self.store.write_pending(round_index, member.idx, payloads)
             finally:
@@ -368,7 +374,8 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
         except Rejected as exc:
             rnd = self.server.open
             round_index = claimed[0] if claimed else (rnd.index if rnd else -1)
-            return self._refuse(member, round_index, str(exc), "late" if isinstance(exc, Late) else "rejected")
+            return self._refuse(member, round_index, str(exc), "late" if isinstance(exc, Late) else "rejected",
+                                nbytes=sum(read))
         with self.lock:
             try:
                 self._admit_round(round_index, member)  # the round may have closed meanwhile
@@ -396,7 +403,8 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
         if time.monotonic() > self.deadline:
             raise Late(f"late: the deadline of round {round_index + 1} has passed")
 
-    def _refuse(self, member: Member, round_index: int, reason: str, status: str, locked: bool = False) -> Any:
+    def _refuse(self, member: Member, round_index: int, reason: str, status: str, locked: bool = False,
+                nbytes: int = 0) -> Any:
         late = status == "late"
         if not locked:
             self.lock.acquire()
@@ -406,7 +414,7 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
                 rnd.late += 1
             elif (rnd is not None and rnd.index == round_index and member.idx not in rnd.rows
                   and not reason.startswith("duplicate")):  # its first upload still counts
-                self.server.reject(member.idx, reason)
+                self.server.reject(member.idx, reason, nbytes)
             window = self.server.round_index
             stored = self.store.reject(round_index, member.name, member.idx, status, reason, 0, window)
             mute = not stored and member.muted_round != window
@@ -460,7 +468,8 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
                 if up.idx not in cohort:
                     continue
                 try:
-                    rows = self.server.decode(up.idx, up.payloads, self.local.num_steps(up.num_samples))
+                    rows = self.server.decode(up.idx, up.payloads, self.local.num_steps(up.num_samples),
+                                              round_index)
                 except Rejected:
                     continue
                 self.server.accept(up.idx, round_index, rows, up.num_samples, up.train_loss, up.payloads)
@@ -584,11 +593,7 @@ def serve(cfg: Config, state: Path, certs: Path, listen: str) -> dict[str, Any]:
 
     _return_large_buffers_to_the_os()
 
-    fed = build_federation(cfg)
-    if not isinstance(fed, Federation):
-        raise ConfigError(f"topology.name = {cfg.topology.name!r}: koinon server runs server-based "
-                          "federations only (topology.name = 'federated')")
-    check_deployable(fed, cfg)
+    fed = check_deployable(build_federation(cfg), cfg)
     if not cfg.deploy.max_update_norm >= 0:
         raise ConfigError(f"deploy.max_update_norm = {cfg.deploy.max_update_norm}: must be >= 0 (0: no bound)")
     fed.server.bound_update_norm(cfg.deploy.max_update_norm)
