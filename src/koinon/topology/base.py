@@ -10,34 +10,20 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-import torch
-
-from koinon.params import Layout
 from koinon.records import Callback, run_rounds
+from koinon.records.folder import Trainable
 from koinon.registry import Registry
 
 
-class Topology(Protocol):
+class Topology(Trainable, Protocol):
     """What a driver needs of a topology: `Federation` (a server), `Gossip` (peers) or `DiLoCo`
-    (compute islands). The round counters are writable so that a checkpoint can restore them."""
-
-    layout: Layout
-    round_index: int
-    uplink_total: int
-    downlink_total: int
-
-    @property
-    def params(self) -> torch.Tensor: ...
-
-    def run_round(self, evaluate: bool = True) -> Any: ...
+    (compute islands): what the round loop and the run folder need (`Trainable`: layout,
+    writable round counters so that a checkpoint can restore them, params, run_round,
+    state_dict, load_state_dict), and fit, evaluate, close."""
 
     def fit(self, rounds: int, eval_every: int = 1) -> list[Any]: ...
 
     def evaluate(self) -> tuple[float, float]: ...
-
-    def state_dict(self) -> dict[str, torch.Tensor]: ...
-
-    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None: ...
 
     def close(self) -> None: ...
 
