@@ -38,7 +38,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from koinon.clients import LocalSGD, LocalTraining
 from koinon.data.federated import FederatedData
+from koinon.local import CohortTrainer
+from koinon.params import Layout
 from koinon.seeding import mix_seed
 from koinon.topology.peers import Links, PeerNetwork
 
@@ -107,19 +110,18 @@ def reserve_public(data: FederatedData, fraction: float, seed: int) -> tuple[Fed
     return FederatedData(data.dataset, kept), torch.cat(public).sort().values
 
 
-def pretrain_and_freeze(model: nn.Module, x: torch.Tensor, y: torch.Tensor, options: BristleOptions,
-                        seed: int) -> None:
-    """Train the whole model on the public split, then zero the head and freeze the rest."""
-    gen = torch.Generator().manual_seed(mix_seed(seed, 0xB816))
-    optimizer = torch.optim.SGD(model.parameters(), lr=options.pretrain_lr, momentum=0.9)
-    model.train()
-    for _ in range(options.pretrain_epochs):
-        order = torch.randperm(len(y), generator=gen)
-        for start in range(0, len(y), 16):
-            batch = order[start : start + 16]
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
-            optimizer.step()
+def pretrain_and_freeze(model: nn.Module, data: FederatedData, public: torch.Tensor,
+                        options: BristleOptions, seed: int) -> None:
+    """Train the whole model on the public split (the shared local training: one 'client' that
+    holds the public samples, SGD with momentum 0.9, batch 16), then zero the head and freeze
+    the rest."""
+    layout = Layout.from_module(model)
+    local = LocalTraining(epochs=options.pretrain_epochs, batch_size=16, lr=options.pretrain_lr, momentum=0.9)
+    trainer = CohortTrainer(model, layout, FederatedData(data.dataset, [public]), LocalSGD(), local)
+    start = layout.flatten(model)
+    result = trainer.train([0], start, {}, [{}], mix_seed(seed, 0xB816), 0)
+    assert result.deltas is not None
+    layout.load_into(model, start + result.deltas[0])
     _, head = head_of(model)
     with torch.no_grad():
         head.weight.zero_()

@@ -159,7 +159,7 @@ class Gossip:
         self.schedule = FailureSchedule(failures, seed)
         if bristle is not None:
             data, public = reserve_public(data, bristle.public_fraction, seed)
-            pretrain_and_freeze(model, data.dataset.x_train[public], data.dataset.y_train[public], bristle, seed)
+            pretrain_and_freeze(model, data, public, bristle, seed)
         self.aggregator = build_aggregator(o.aggregator) if isinstance(o.aggregator, str) else o.aggregator
         self.byzantine = ByzantinePeers(byzantine, n, seed, self.aggregator)
         if self.byzantine.nodes and modest is not None:
