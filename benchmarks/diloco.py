@@ -75,7 +75,7 @@ def run_method(raw: dict, steps: int, eval_every: int, link_mbps: float) -> dict
     topo = DiLoCo(parts, cfg.seed)
     engine = topo.engine
     m = parts.spec.workers
-    points = [(0, 0, 0.0, 0.0, topo.evaluate()[0])]
+    points = [(0, 0, 0.0, 0.0, topo.evaluate()[1])]
     compute = 0.0
     while engine.step < steps:
         chunk = time.perf_counter()
@@ -84,7 +84,7 @@ def run_method(raw: dict, steps: int, eval_every: int, link_mbps: float) -> dict
         # each worker receives the other M - 1 payloads of every sync: bytes_sent * (M-1) / M
         link_s = engine.bytes_sent * (m - 1) / m * 8 / (link_mbps * 1e6)
         points.append((engine.step, engine.bytes_sent, compute, compute + link_s,
-                       topo.evaluate()[0]))
+                       topo.evaluate()[1]))
         if engine.step % (10 * eval_every) == 0:
             print(f"  {raw['diloco']} {raw['codec']['name']}: step {engine.step}, "
                   f"loss {points[-1][4]:.4f}, {time.perf_counter() - start:.0f} s", flush=True)

@@ -10,7 +10,7 @@ the bytes, so `deltas` is then None.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,6 +31,7 @@ class CohortResult:
     messages: list[bytes] | None = None  # payloads of algorithms with their own wire format
     payloads: list[list[bytes]] | None = None  # after the wire: [client][stream] bytes
     codec_states: list[dict[str, State]] | None = None  # after the wire: [client] stream -> state
+    failed: dict[int, str] = field(default_factory=dict)  # client -> why it could not encode (no payloads)
 
     def take(self, rows: torch.Tensor) -> CohortResult:
         """The same result with its clients in the order `rows`."""
@@ -43,7 +44,7 @@ class CohortResult:
             [self.client_ids[i] for i in order], None if self.deltas is None else self.deltas[rows],
             {k: v[rows] for k, v in self.uploads.items()}, self.num_samples[rows],
             self.num_steps[rows], self.train_loss[rows], [self.client_states[i] for i in order],
-            pick(self.messages), pick(self.payloads), pick(self.codec_states),
+            pick(self.messages), pick(self.payloads), pick(self.codec_states), dict(self.failed),
         )
 
     @staticmethod
@@ -67,4 +68,5 @@ class CohortResult:
             joined([p.messages for p in parts]),
             joined([p.payloads for p in parts]),
             joined([p.codec_states for p in parts]),
+            {c: why for p in parts for c, why in p.failed.items()},
         )

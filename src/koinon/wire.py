@@ -64,6 +64,7 @@ class CohortEncoder:
         tensors are dropped: from here on only bytes travel."""
         k = len(result.client_ids)
         codec_states: list[dict[str, State]] = [dict(s) for s in self.states]
+        failed: dict[int, str] = {}
         if result.messages is not None:  # the algorithm's own wire format (SPSA's bytes)
             payloads = [[m] for m in result.messages]
         else:
@@ -77,16 +78,20 @@ class CohortEncoder:
             else:
                 payloads = []
                 for i, client in enumerate(result.client_ids):
-                    row = []
-                    for s, (name, stack) in enumerate(zip(self.streams, stacks)):
-                        payload, new_state = encode_one(self.codec, stack[i], codec_states[i].get(name),
-                                                        self.seed, self.round_index, client, s)
-                        if new_state:
-                            codec_states[i][name] = new_state
-                        row.append(payload)
+                    row: list[bytes] = []
+                    try:
+                        for s, (name, stack) in enumerate(zip(self.streams, stacks)):
+                            payload, new_state = encode_one(self.codec, stack[i], codec_states[i].get(name),
+                                                            self.seed, self.round_index, client, s)
+                            if new_state:
+                                codec_states[i][name] = new_state
+                            row.append(payload)
+                    except CodecError as exc:  # e.g. a diverged client's NaN: it sends nothing
+                        failed[client] = str(exc)
+                        row, codec_states[i] = [], dict(self.states[i])
                     payloads.append(row)
         return dataclasses.replace(result, deltas=None, uploads={}, payloads=payloads,
-                                   codec_states=codec_states)
+                                   codec_states=codec_states, failed=failed)
 
 
 class Sender:

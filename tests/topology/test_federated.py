@@ -188,3 +188,13 @@ def test_delta_downlink_sends_no_model_to_a_client_that_holds_this_rounds_model(
     full, nbytes = server.task_for(1)
     assert [name for name, _ in full] == ["model"] and nbytes == 4 * fed.layout.numel
     assert rnd.downlink_bytes == len(first[0][1]) + nbytes
+
+
+def test_a_client_whose_update_cannot_be_encoded_is_rejected_and_the_run_goes_on():
+    # A diverged client (NaN) with a codec that refuses to encode NaN (error feedback's top-k).
+    fed = _federation(runtime=_PoisonOne(), codec={"name": "ef", "inner": {"name": "topk", "ratio": 0.1}})
+    cohort = fed.sample_cohort(0)
+    r = fed.run_round(evaluate=False)
+    assert r.rejected == [cohort[0]] and "could not encode" in r.reasons[cohort[0]]
+    assert cohort[0] not in fed.sender.states and r.num_clients == 4
+    assert torch.isfinite(fed.params).all()

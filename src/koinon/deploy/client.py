@@ -424,6 +424,9 @@ def _train_and_upload(stub: Any, name: str, idx: int, round_index: int, payloads
     uploads, codec_states, result = worker.train(idx, round_index, payloads, streams, state)
     if hooks.stop is not None and hooks.stop.is_set():
         return  # leaves mid-round, like a client that crashed before uploading
+    if idx in result.failed:  # e.g. training diverged to NaN: nothing to send, states unchanged
+        hooks.log(name, f"round {round_index + 1}: update not sent: {result.failed[idx]}")
+        return
     fed = worker.fed
     header = pb.UploadHeader(
         round=round_index, layout_hash=layout_hash, codec=fed.codec.name,

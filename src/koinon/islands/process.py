@@ -48,7 +48,7 @@ def train(cfg: Config, store: Store, worker_id: int, out: Path, exchange: DistEx
         last = record["inner_steps"] >= total
         if reporter and (record["round"] % cfg.server.eval_every == 0 or last):
             evaluated.append(topo.evaluate())
-            record["test_loss"], record["test_accuracy"] = evaluated[-1]
+            record["test_accuracy"], record["test_loss"] = evaluated[-1]
         log.write(json.dumps(record) + "\n")
         log.flush()
 
@@ -75,7 +75,7 @@ def train(cfg: Config, store: Store, worker_id: int, out: Path, exchange: DistEx
     engine.flush(exchange)
     if waiting is not None:
         write(waiting)
-    test_loss, test_acc = evaluated[-1] if evaluated else topo.evaluate()
+    test_acc, test_loss = evaluated[-1] if evaluated else topo.evaluate()
     final = {"worker": worker_id, "inner_steps": engine.step, "sync_events": engine.sync_index,
              "params_sha256": params_hash(engine.theta), "test_loss": test_loss,
              "test_accuracy": test_acc, "uplink_bytes_total": engine.bytes_sent,

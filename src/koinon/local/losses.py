@@ -25,16 +25,22 @@ def evaluate(
     loss_fn=cross_entropy,
     batch_size: int = 4096,
 ) -> tuple[float, float]:
-    """(accuracy, mean loss) of the flat `params` on `(x, y)`."""
+    """(accuracy, mean loss) of the flat `params` on `(x, y)`, per predicted label: one per sample
+    for classification (`[B, C]` outputs), one per position for sequence models (`[B, T, V]`
+    outputs against `[B, T]` targets, e.g. next-character prediction)."""
     module.eval()
     views = layout.views(params)
     correct = 0
     total_loss = 0.0
+    count = 0
     for start in range(0, len(y), batch_size):
         out = functional_call(module, views, (x[start : start + batch_size],))
         target = y[start : start + batch_size]
+        if out.dim() > 2:  # a prediction per position
+            out, target = out.reshape(-1, out.shape[-1]), target.reshape(-1)
         total_loss += loss_fn(out, target).sum().item()
         correct += (out.argmax(dim=1) == target).sum().item()
+        count += len(target)
     module.train()
-    n = max(len(y), 1)
+    n = max(count, 1)
     return correct / n, total_loss / n

@@ -315,7 +315,8 @@ class FederatedServer:
         rnd.nbytes.update((c, sum(map(len, p))) for c, p in zip(result.client_ids, result.payloads))
         if self.record_digests:
             rnd.digests.update((c, digest(p)) for c, p in zip(result.client_ids, result.payloads))
-        for client, reason in reasons.items():
+        for client, reason in {**reasons, **{c: f"could not encode its update ({why})"
+                                             for c, why in result.failed.items()}}.items():
             rnd.reasons.setdefault(client, reason)
 
     def close_round(self) -> RoundResult:

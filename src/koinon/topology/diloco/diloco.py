@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from koinon.local.losses import evaluate
 from koinon.topology.base import fit_rounds
 from koinon.topology.diloco.build import IslandsParts
 from koinon.topology.diloco.engine import Exchange, IslandsEngine, LocalExchange
-from koinon.topology.diloco.inner import evaluate
 
 
 @dataclass
@@ -93,9 +93,10 @@ class DiLoCo:
         return self.engine.theta
 
     def evaluate(self) -> tuple[float, float]:
+        """(accuracy, mean loss) on the held-out windows, as every topology's `evaluate`."""
         x, y = self._eval
         return evaluate(self.parts.model, self.layout, self.engine.theta, x, y,
-                        self.parts.spec.batch_size * 4)
+                        batch_size=self.parts.spec.batch_size * 4)
 
     def run_round(self, evaluate: bool = True) -> IslandsRound:
         sent, received = self.engine.bytes_sent, self.engine.bytes_received
@@ -107,7 +108,7 @@ class DiLoCo:
             params_sha256=params_hash(self.engine.theta),
         )
         if evaluate:
-            result.test_loss, result.test_accuracy = self.evaluate()
+            result.test_accuracy, result.test_loss = self.evaluate()
         return result
 
     def fit(self, rounds: int, eval_every: int = 1) -> list[IslandsRound]:

@@ -4,10 +4,7 @@ The simulation runs all M workers as one stack (K = M); a worker process runs th
 stack of one (K = 1). Same functions, same seeded batches, so the two modes agree to float
 tolerance. The inner optimizer (AdamW, or SGD for the H = 1 equivalence test) is the shared
 local optimizer on the flat stack (`koinon.local.optim`), the one federated clients use.
-
-`evaluate` is islands' own: the shared `koinon.local.losses.evaluate` scores one prediction per
-sample (`argmax(dim=1)`, a per-sample mean), while a sequence model here predicts every
-position of a `[B, T, V]` output and is scored per token.
+Evaluation is the shared `koinon.local.losses.evaluate` (scored per predicted position).
 """
 
 from __future__ import annotations
@@ -102,21 +99,3 @@ def inner_optimizer(spec: IslandsSpec) -> LocalOptimizer:
         return LOCAL_OPTIMIZERS.build("sgd", {}, "diloco")
     return LOCAL_OPTIMIZERS.build("adamw", {}, "diloco", beta1=spec.beta1, beta2=spec.beta2,
                                   weight_decay=spec.weight_decay)
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, layout: Layout, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-    batch: int,
-) -> tuple[float, float]:
-    """(mean cross-entropy, next-character accuracy) of flat parameters on `x`, `y`."""
-    total_loss, correct, count = 0.0, 0, 0
-    params = layout.views(flat)
-    for start in range(0, len(x), batch):
-        logits = functional_call(model, params, (x[start: start + batch],))
-        target = y[start: start + batch]
-        flat_logits = logits.reshape(-1, logits.shape[-1])
-        total_loss += F.cross_entropy(flat_logits, target.reshape(-1), reduction="sum").item()
-        correct += int((flat_logits.argmax(-1) == target.reshape(-1)).sum())
-        count += target.numel()
-    return total_loss / max(count, 1), correct / max(count, 1)
