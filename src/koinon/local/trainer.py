@@ -24,7 +24,7 @@ from torch.func import functional_call, vmap
 
 from koinon.data.federated import FederatedData
 from koinon.local.algorithm import ClientAlgorithm, LocalTraining, State
-from koinon.local.batched import batched_forward, mlp_value_and_grad
+from koinon.local.batched import batched_forward, sequential_value_and_grad
 from koinon.local.losses import cross_entropy
 from koinon.local.optim import rows as optimizer_rows
 from koinon.params import Layout
@@ -88,9 +88,11 @@ class CohortTrainer:
         # Hand-batched kernels where the layer stack allows it (about 2x faster), vmap otherwise.
         self._batched = batched_forward(module)
         self.forward_many = self._batched or vmap(forward_one, in_dims=(0, 0))
-        # Plain MLPs with the default loss skip autograd altogether (see `mlp_value_and_grad`).
-        self._manual = mlp_value_and_grad(module) if loss_fn is cross_entropy else None
-        if self._manual is not None and self.x_train.dim() > 2 and not isinstance(next(iter(module.children())), nn.Flatten):
+        # Plain MLPs and CNNs with the default loss skip autograd altogether (see
+        # `sequential_value_and_grad`).
+        self._manual = sequential_value_and_grad(module) if loss_fn is cross_entropy else None
+        first = next(iter(module.children()), None)
+        if self._manual is not None and self.x_train.dim() > 2 and not isinstance(first, (nn.Flatten, nn.Conv1d, nn.Conv2d)):
             self._manual = None  # per-position layers on [B, ..., F] inputs: autograd's case
 
     # ----------------------------------------------------------------- batches
