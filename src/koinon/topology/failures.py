@@ -14,14 +14,17 @@ seeded by (seed, round), so a resumed run replays the same schedule.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import networkx as nx
 import numpy as np
 import torch
 
 from koinon.log import notice
 from koinon.seeding import mix_seed
 from koinon.topology.peers import PeerNetwork
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 FAILURE_CHOICES = ("random", "degree", "central")
 
@@ -92,6 +95,7 @@ class FailureSchedule:
 
     def choose_failures(self, graph: nx.Graph, live: torch.Tensor, count: int, round_index: int) -> list[int]:
         """`count` live nodes to fail: seeded random ones, or the most central of the live graph."""
+        import networkx as nx
         alive = live.nonzero().flatten().tolist()
         count = min(count, len(alive))
         if self.choice == "random":

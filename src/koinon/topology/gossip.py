@@ -36,9 +36,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import networkx as nx
 import numpy as np
 import torch
 from torch import nn
@@ -68,6 +67,9 @@ from koinon.topology.mixers import Mixer, RobustMixer, VarianceCorrected, Weight
 from koinon.topology.modest import Modest, ModestOptions
 from koinon.topology.peers import PeerNetwork
 from koinon.wire import MODEL, Receiver, Sender
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 RESAMPLED_GRAPHS = ("random_regular", "erdos_renyi", "barabasi_albert")  # seeded random graphs
 SAMPLING_CHOICES = ("all", "modest")

@@ -20,12 +20,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import networkx as nx
 import numpy as np
 import torch
 
 from koinon.registry import Registry
+
+if TYPE_CHECKING:  # networkx takes 0.1-0.2 s to import: the builders import it, so runs
+    import networkx as nx  # without a gossip network never load it.
 
 GRAPHS: Registry[nx.Graph] = Registry("graph")
 """Graph builders, called as `factory(num_nodes=..., seed=..., **options)` (context optional)."""
@@ -41,6 +44,7 @@ def _check_size(num_nodes: int, least: int = 1) -> None:
 @GRAPHS.register("ring")
 def ring(num_nodes: int) -> nx.Graph:
     """Cycle: each node talks to its two neighbours (weights 1/3 under Metropolis-Hastings)."""
+    import networkx as nx
     _check_size(num_nodes)
     return nx.cycle_graph(num_nodes) if num_nodes > 2 else nx.path_graph(num_nodes)
 
@@ -48,6 +52,7 @@ def ring(num_nodes: int) -> nx.Graph:
 @GRAPHS.register("torus")
 def torus(num_nodes: int, rows: int = 0) -> nx.Graph:
     """2-D torus (wrap-around grid) of rows x (num_nodes / rows); rows = 0 picks the squarest."""
+    import networkx as nx
     _check_size(num_nodes)
     if rows == 0:
         rows = max(r for r in range(1, math.isqrt(num_nodes) + 1) if num_nodes % r == 0)
@@ -60,6 +65,7 @@ def torus(num_nodes: int, rows: int = 0) -> nx.Graph:
 @GRAPHS.register("exponential")
 def exponential(num_nodes: int) -> nx.Graph:
     """Exponential graph: node i is linked to i +- 2^k (mod N), so log2(N) neighbours a side."""
+    import networkx as nx
     _check_size(num_nodes)
     graph = nx.empty_graph(num_nodes)
     offset = 1
@@ -73,6 +79,7 @@ def exponential(num_nodes: int) -> nx.Graph:
 @GRAPHS.register("fully_connected")
 def fully_connected(num_nodes: int) -> nx.Graph:
     """Complete graph: one mixing step is the exact average (weights 1/N)."""
+    import networkx as nx
     _check_size(num_nodes)
     return nx.complete_graph(num_nodes)
 
@@ -80,6 +87,7 @@ def fully_connected(num_nodes: int) -> nx.Graph:
 @GRAPHS.register("star")
 def star(num_nodes: int) -> nx.Graph:
     """Star: node 0 is linked to every other node (a server without a server)."""
+    import networkx as nx
     _check_size(num_nodes)
     return nx.star_graph(num_nodes - 1)
 
@@ -87,6 +95,7 @@ def star(num_nodes: int) -> nx.Graph:
 @GRAPHS.register("random_regular")
 def random_regular(num_nodes: int, degree: int = 4, seed: int = 0) -> nx.Graph:
     """Random d-regular graph (seeded); degree * num_nodes must be even."""
+    import networkx as nx
     _check_size(num_nodes, 2)
     if not 0 < degree < num_nodes or (degree * num_nodes) % 2:
         raise ValueError(f"no {degree}-regular graph on {num_nodes} nodes")
@@ -96,6 +105,7 @@ def random_regular(num_nodes: int, degree: int = 4, seed: int = 0) -> nx.Graph:
 @GRAPHS.register("erdos_renyi")
 def erdos_renyi(num_nodes: int, p: float = 0.2, seed: int = 0) -> nx.Graph:
     """Erdos-Renyi G(N, p) (seeded), redrawn with the next seeds until it is connected."""
+    import networkx as nx
     _check_size(num_nodes)
     if not 0.0 < p <= 1.0:
         raise ValueError(f"erdos_renyi p must be in (0, 1], got {p}")
@@ -109,6 +119,7 @@ def erdos_renyi(num_nodes: int, p: float = 0.2, seed: int = 0) -> nx.Graph:
 @GRAPHS.register("barabasi_albert")
 def barabasi_albert(num_nodes: int, m: int = 2, seed: int = 0) -> nx.Graph:
     """Barabasi-Albert preferential attachment, m edges per new node (seeded; scale-free hubs)."""
+    import networkx as nx
     _check_size(num_nodes, 2)
     if not 1 <= m < num_nodes:
         raise ValueError(f"barabasi_albert m must be in [1, {num_nodes - 1}], got {m}")
@@ -117,6 +128,7 @@ def barabasi_albert(num_nodes: int, m: int = 2, seed: int = 0) -> nx.Graph:
 
 def from_networkx(graph: nx.Graph) -> nx.Graph:
     """Any networkx graph, undirected, without self-loops, relabelled to 0..N-1 (sorted order)."""
+    import networkx as nx
     out = nx.Graph(nx.convert_node_labels_to_integers(nx.Graph(graph), ordering="sorted"))
     out.remove_edges_from(nx.selfloop_edges(out))
     return out
@@ -125,6 +137,7 @@ def from_networkx(graph: nx.Graph) -> nx.Graph:
 @GRAPHS.register("edge_list")
 def edge_list(num_nodes: int, path: str = "") -> nx.Graph:
     """Graph read from a text file of `u v` lines (node ids 0..N-1; '#' starts a comment)."""
+    import networkx as nx
     if not path:
         raise ValueError("topology edge_list needs path = 'file with one `u v` pair per line'")
     graph = nx.empty_graph(num_nodes)
@@ -207,6 +220,7 @@ def fail_links(graph: nx.Graph, probability: float, rng: np.random.Generator) ->
     Edges are drawn in sorted `(min, max)` order, so the outcome depends only on `rng`'s seed.
     Returns the surviving graph and the number of failed edges.
     """
+    import networkx as nx
     edges = sorted((min(u, v), max(u, v)) for u, v in graph.edges() if u != v)
     up = rng.random(len(edges)) >= probability
     out = nx.Graph()

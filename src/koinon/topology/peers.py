@@ -13,8 +13,8 @@ state to save.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import networkx as nx
 import numpy as np
 import torch
 
@@ -22,6 +22,9 @@ from koinon.runtime import Runtime
 from koinon.topology.graphs import fail_links, mixing_matrix
 from koinon.update import State
 from koinon.wire import Receiver, Sender
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 
 @dataclass(frozen=True)
