@@ -33,6 +33,18 @@ class CohortResult:
     codec_states: list[dict[str, State]] | None = None  # after the wire: [client] stream -> state
     failed: dict[int, str] = field(default_factory=dict)  # client -> why it could not encode (no payloads)
 
+    def to(self, device: torch.device) -> CohortResult:
+        """The same result with its tensors on `device` (one transfer per tensor)."""
+        def move(state: State) -> State:
+            return {k: v.to(device) for k, v in state.items()}
+
+        return CohortResult(
+            self.client_ids, None if self.deltas is None else self.deltas.to(device), move(self.uploads),
+            self.num_samples.to(device), self.num_steps.to(device), self.train_loss.to(device),
+            [move(st) for st in self.client_states], self.messages, self.payloads, self.codec_states,
+            dict(self.failed),
+        )
+
     def take(self, rows: torch.Tensor) -> CohortResult:
         """The same result with its clients in the order `rows`."""
         order = rows.tolist()

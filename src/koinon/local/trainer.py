@@ -16,6 +16,7 @@ that client alone.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -25,6 +26,7 @@ from torch.func import functional_call, vmap
 from koinon.data.federated import FederatedData
 from koinon.local.algorithm import ClientAlgorithm, LocalTraining, State
 from koinon.local.batched import batched_forward, sequential_value_and_grad
+from koinon.local.device import check_precision
 from koinon.local.losses import cross_entropy
 from koinon.local.optim import rows as optimizer_rows
 from koinon.params import Layout
@@ -80,6 +82,8 @@ class CohortTrainer:
         self.num_trainable = pt
         self.x_train = data.dataset.x_train
         self.y_train = data.dataset.y_train
+        self.device = torch.device("cpu")
+        self.precision = "fp32"
         self._flat: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
         def forward_one(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -94,6 +98,27 @@ class CohortTrainer:
         first = next(iter(module.children()), None)
         if self._manual is not None and self.x_train.dim() > 2 and not isinstance(first, (nn.Flatten, nn.Conv1d, nn.Conv2d)):
             self._manual = None  # per-position layers on [B, ..., F] inputs: autograd's case
+
+    def place(self, device: torch.device, precision: str = "fp32") -> None:
+        """Train on `device` (see `koinon.local.device`): the training data moves there once;
+        `precision = "bf16"` trains under autocast (float32 master weights), on autograd's path
+        (the hand-written backward is float32 arithmetic)."""
+        self.device = torch.device(device)
+        self.precision = check_precision(precision)
+        self.x_train = self.data.dataset.x_train.to(self.device)
+        self.y_train = self.data.dataset.y_train.to(self.device)
+        if precision != "fp32":
+            self._manual = None
+
+    def _on_device(self) -> contextlib.AbstractContextManager:
+        """Tensors created while training go to the trainer's device; autocast under bf16."""
+        if self.device.type == "cpu" and self.precision == "fp32":
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.device)
+        if self.precision == "bf16":
+            stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16))
+        return stack
 
     # ----------------------------------------------------------------- batches
 
@@ -175,7 +200,7 @@ class CohortTrainer:
 
     def sizes(self, client_ids: list[int]) -> torch.Tensor:
         """Local dataset sizes `[K]` of `client_ids`."""
-        return self._flat_indices()[2][torch.as_tensor(client_ids, dtype=torch.long)]
+        return self._flat_indices()[2][torch.as_tensor(client_ids, dtype=torch.long, device="cpu")]
 
     def stack_params(self, theta: torch.Tensor, bufs: torch.Tensor) -> dict[str, torch.Tensor]:
         params = self._views(theta, self._train_entries, 0)
@@ -199,10 +224,18 @@ class CohortTrainer:
         given when the caller computed the cohort's batches at once (the sequential runtime)."""
         idx, steps = schedule if schedule is not None else self.schedule(client_ids, seed, round_index)
         own = getattr(self.algorithm, "train_cohort", None)
-        if own is not None:  # an algorithm with its own local step (SPSA) or objective (Ditto)
-            return own(self, client_ids, global_params, server_state, client_states, idx, steps,
-                       seed, round_index)
-        return self.run_steps(client_ids, global_params, server_state, client_states, idx, steps)
+        if self.device.type != "cpu":  # the cohort's inputs cross to the device once
+            dev = self.device
+            global_params = global_params.to(dev)
+            server_state = {k: v.to(dev) for k, v in server_state.items()}
+            client_states = [{k: v.to(dev) for k, v in st.items()} for st in client_states]
+        with self._on_device():
+            if own is not None:  # an algorithm with its own local step (SPSA) or objective (Ditto)
+                result = own(self, client_ids, global_params, server_state, client_states, idx, steps,
+                             seed, round_index)
+            else:
+                result = self.run_steps(client_ids, global_params, server_state, client_states, idx, steps)
+        return result if self.device.type == "cpu" else result.to(torch.device("cpu"))
 
     def run_steps(
         self,
@@ -238,7 +271,7 @@ class CohortTrainer:
         # Dirichlet split most of a lock-step cohort's work was padding). The order is undone
         # before returning; a client's arithmetic does not depend on it.
         order = torch.argsort(steps, descending=True, stable=True)
-        if len(client_ids) > 1 and bool((order != torch.arange(len(order))).any()):
+        if len(client_ids) > 1 and bool((order != torch.arange(len(order), device=order.device)).any()):
             sorted_starts = starts[order] if starts.dim() == 2 else starts
             result = self._train_sorted(
                 [client_ids[i] for i in order.tolist()], sorted_starts, server_state,
@@ -294,7 +327,7 @@ class CohortTrainer:
         if k == 1:
             batches = [row[row >= 0] for row in idx[0]]
         else:
-            weights = (idx >= 0).to(torch.float32)
+            weights = (idx >= 0).to(self.device, torch.float32)
             idx = idx.clamp(min=0)
             counts = weights.sum(dim=2)  # [K, S]
             # The round's minibatches in one gather, step-major so each step's slice is
@@ -368,8 +401,9 @@ class CohortTrainer:
                            optimizer_rows(opt_state, m), rows, s, alg)
 
         final = torch.cat([theta, bufs], dim=1)
+        steps = steps.to(self.device)
         uploads, new_states = alg.end(global_params, final, steps, hp.lr, ctx)
-        sizes = self.sizes(client_ids)
+        sizes = self.sizes(client_ids).to(self.device)
         return CohortResult(
             list(client_ids), final - global_params, uploads, sizes, steps,
             loss_sum / seen.clamp_min(1.0), new_states,
@@ -398,7 +432,7 @@ class CohortTrainer:
         handles = [m.register_forward_hook(hook) for m in self.module.modules() if not list(m.children())]
         try:
             with torch.no_grad():
-                self.module(self.x_train[:1])
+                self.module(self.data.dataset.x_train[:1])  # the module itself stays on the CPU
         finally:
             for h in handles:
                 h.remove()

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from koinon.local import CohortTrainer
+from koinon.local.device import check_precision, resolve_device
 from koinon.log import notice
 from koinon.runtime.base import RUNTIMES
 from koinon.update import CohortResult, State
@@ -33,19 +34,26 @@ def set_threads(threads: int, num_params: int) -> None:
 
 @RUNTIMES.register("inprocess")
 class InProcess:
-    """Clients one after another in this process (the reference; supports any model)."""
+    """Clients one after another in this process (the reference; supports any model).
+
+    `device`: cpu, cuda, cuda:N or auto (see `koinon.local.device`); `precision`: fp32 or bf16.
+    """
 
     name = "inprocess"
 
-    def __init__(self, threads: int = 0) -> None:
+    def __init__(self, threads: int = 0, device: str = "cpu", precision: str = "fp32") -> None:
         if threads < 0:
             raise ValueError(f"runtime.threads must be >= 0 (0 = automatic), got {threads}")
         self.threads = threads
+        self.device = resolve_device(device)  # checked now: a missing GPU fails before round 1
+        self.precision = check_precision(precision)
         self.trainer: CohortTrainer | None = None
 
     def setup(self, trainer: CohortTrainer) -> None:
         self.trainer = trainer
         set_threads(self.threads, trainer.layout.numel)
+        if self.device.type != "cpu" or self.precision != "fp32":
+            trainer.place(self.device, self.precision)
 
     def train(
         self,
@@ -77,8 +85,9 @@ class Vectorized(InProcess):
 
     name = "vectorized"
 
-    def __init__(self, memory_mb: int = 2048, max_chunk: int = 0, threads: int = 0) -> None:
-        super().__init__(threads)
+    def __init__(self, memory_mb: int = 2048, max_chunk: int = 0, threads: int = 0, device: str = "cpu",
+                 precision: str = "fp32") -> None:
+        super().__init__(threads, device, precision)
         if memory_mb < 16:
             raise ValueError(f"runtime.memory_mb must be >= 16, got {memory_mb}")
         if max_chunk < 0:

@@ -22,6 +22,7 @@ What is notable:
 from __future__ import annotations
 
 import logging
+import re
 from itertools import pairwise
 from typing import Any
 
@@ -29,6 +30,7 @@ import torch
 
 from koinon.errors import ConfigError, KoinonError
 from koinon.local import CohortTrainer
+from koinon.local.device import DEVICES, check_precision
 from koinon.log import notice
 from koinon.runtime.base import RUNTIMES
 from koinon.runtime.local import InProcess, Vectorized
@@ -41,12 +43,14 @@ _INNER = ("vectorized", "inprocess")
 class _Worker:
     """The body of one actor: a local runtime built once from the trainer in the object store."""
 
-    def __init__(self, parts: dict[str, Any], inner: str, memory_mb: int, threads: int) -> None:
+    def __init__(self, parts: dict[str, Any], inner: str, memory_mb: int, threads: int,
+                 device: str = "cpu", precision: str = "fp32") -> None:
         trainer = CohortTrainer(**parts)
+        # `device` is resolved here, in the actor: Ray shows it only the GPUs it was given.
         self.runtime = (
-            Vectorized(memory_mb=memory_mb, threads=threads)
+            Vectorized(memory_mb=memory_mb, threads=threads, device=device, precision=precision)
             if inner == "vectorized"
-            else InProcess(threads=threads)
+            else InProcess(threads=threads, device=device, precision=precision)
         )
         self.runtime.setup(trainer)
 
@@ -97,6 +101,9 @@ class RayRuntime:
         max_retries: int = 2,
         threads: int = 1,
         timeout_s: float = 600.0,
+        device: str = "cpu",
+        precision: str = "fp32",
+        gpus: float = 0.0,
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"runtime.num_workers must be >= 1, got {num_workers}")
@@ -114,6 +121,19 @@ class RayRuntime:
             )
         if timeout_s <= 0:
             raise ValueError(f"runtime.timeout_s must be > 0, got {timeout_s}")
+        # The driver may have no GPU (a cluster's head node): only the value's form is checked
+        # here; each actor resolves it among the GPUs Ray assigned to it (`gpus` per actor).
+        if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", str(device)):
+            raise ConfigError(f"runtime.device = {device!r}: allowed: {', '.join(DEVICES)}")
+        check_precision(precision)
+        if gpus < 0:
+            raise ValueError(f"runtime.gpus must be >= 0 (GPUs Ray reserves per actor), got {gpus}")
+        if str(device).startswith("cuda") and gpus == 0:
+            raise ConfigError(f"runtime.device = {device!r} needs runtime.gpus > 0: Ray shows an actor "
+                              "only the GPUs it reserves (e.g. gpus = 1, or 0.5 to share one between two actors)")
+        self.device = str(device)
+        self.precision = precision
+        self.gpus = float(gpus)
         self.address = address
         self.num_workers = num_workers
         self.inner = inner
@@ -165,7 +185,7 @@ class RayRuntime:
             "loss_fn": trainer.loss_fn,
         }
         self._parts_ref = ray.put(parts)
-        self._actor_class = ray.remote(num_cpus=self.threads)(_Worker)
+        self._actor_class = ray.remote(num_cpus=self.threads, num_gpus=self.gpus)(_Worker)
         self._actors = [self._new_actor() for _ in range(self.num_workers)]
         fallback = self._wait_ready(self._actors)
         if fallback:
@@ -173,7 +193,8 @@ class RayRuntime:
             notice(f"runtime 'ray': actors fall back to 'inprocess': {reason}")
 
     def _new_actor(self) -> Any:
-        return self._actor_class.remote(self._parts_ref, self.inner, self.memory_mb, self.threads)
+        return self._actor_class.remote(self._parts_ref, self.inner, self.memory_mb, self.threads,
+                                        self.device, self.precision)
 
     def _wait_ready(self, actors: list[Any]) -> bool:
         ray = self._ray
