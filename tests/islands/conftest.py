@@ -11,7 +11,7 @@ from koinon.topology.diloco.build import build_codec_for
 
 
 def tiny_engine(spec: IslandsSpec, codec: str = "identity", seed: int = 0,
-                workers: list[int] | None = None) -> IslandsEngine:
+                workers: list[int] | None = None, device: torch.device | None = None) -> IslandsEngine:
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
     gen = torch.Generator().manual_seed(123)
@@ -21,7 +21,7 @@ def tiny_engine(spec: IslandsSpec, codec: str = "identity", seed: int = 0,
     shards = {w: torch.arange(w % 4, 120, 4) for w in ids}
     assert codec in CODECS
     return IslandsEngine(spec, model, Layout.from_module(model), x, y, shards,
-                         lambda n: build_codec_for(codec, {}, n), seed)
+                         lambda n: build_codec_for(codec, {}, n), seed, device)
 
 
 @pytest.fixture

@@ -215,3 +215,32 @@ def test_cosine_total_steps_defaults_to_the_run_length():
         "diloco": {"workers": 2, "inner_steps": 5, "lr_schedule": "cosine"},
     })
     assert build_parts(cfg).spec.total_steps == 35
+
+
+def test_device_setting_is_checked_in_one_line():
+    with pytest.raises(ConfigError, match="diloco.device = 'gpu': allowed: cpu, cuda, cuda:N, auto"):
+        IslandsSpec(device="gpu").check()
+    IslandsSpec(device="auto").check()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["diloco", "co2", "sync"])
+def test_engine_on_cuda_equals_cpu(mode, make_engine):
+    spec = IslandsSpec(mode=mode, workers=3, inner_steps=4, batch_size=8)
+    cpu = make_engine(spec, codec="int8")
+    gpu = make_engine(spec, codec="int8", device=torch.device("cuda"))
+    for engine in (cpu, gpu):
+        engine.run_steps(12, LocalExchange())
+    assert gpu.theta.device.type == "cuda"
+    torch.testing.assert_close(gpu.params, cpu.params, rtol=1e-4, atol=1e-5)
+
+
+def test_engine_state_stays_on_the_host_side_of_checkpoints(make_engine):
+    # Checkpoints and the shared state a joiner receives are host tensors whatever the device.
+    engine = make_engine(IslandsSpec(workers=2, inner_steps=2, batch_size=4), device=torch.device("cpu"))
+    engine.run_steps(4, LocalExchange())
+    state = engine.state_dict()
+    assert all(v.device.type == "cpu" for v in state.values())
+    again = make_engine(IslandsSpec(workers=2, inner_steps=2, batch_size=4))
+    again.load_state_dict(state)
+    assert torch.equal(again.params, engine.params)

@@ -198,7 +198,7 @@ class DistExchange:
 
     def after_sync(self, engine: IslandsEngine) -> None:
         """Publish the shared parameters' hash after sync event `engine.sync_index - 1`."""
-        self.store.set(f"hash/{engine.sync_index - 1}/{self.worker_id}", params_hash(engine.theta))
+        self.store.set(f"hash/{engine.sync_index - 1}/{self.worker_id}", params_hash(engine.params))
 
     def _attempt(self, store: dist.Store, s: int, a: int, quorum: Quorum, payload: bytes,
                  state: dict[str, torch.Tensor] | None) -> Received | None:

@@ -42,7 +42,7 @@ def train(cfg: Config, store: Store, worker_id: int, out: Path, exchange: DistEx
     def write(record: dict[str, Any]) -> None:
         """Complete a round's record once `theta` is the round's (its updates applied)."""
         record.update(members=engine.last_members, uplink_bytes_total=engine.bytes_sent,
-                      retries=exchange.attempts, params_sha256=params_hash(engine.theta))
+                      retries=exchange.attempts, params_sha256=params_hash(engine.params))
         record.setdefault("comm_wait_s", round(engine.comm_wait_s, 4))
         reporter = worker_id == min(engine.last_members)
         last = record["inner_steps"] >= total
@@ -77,12 +77,12 @@ def train(cfg: Config, store: Store, worker_id: int, out: Path, exchange: DistEx
         write(waiting)
     test_acc, test_loss = evaluated[-1] if evaluated else topo.evaluate()
     final = {"worker": worker_id, "inner_steps": engine.step, "sync_events": engine.sync_index,
-             "params_sha256": params_hash(engine.theta), "test_loss": test_loss,
+             "params_sha256": params_hash(engine.params), "test_loss": test_loss,
              "test_accuracy": test_acc, "uplink_bytes_total": engine.bytes_sent,
              "downlink_bytes_total": engine.bytes_received, "members": engine.last_members,
              "background_exchanges": engine.background_exchanges,
              "comm_wait_s": round(engine.comm_wait_s, 4),
              "wall_s": round(time.monotonic() - started, 4)}
     (out / f"final-{worker_id}.json").write_text(json.dumps(final))
-    torch.save(engine.theta, out / f"params-{worker_id}.pt")
+    torch.save(engine.params, out / f"params-{worker_id}.pt")
     return final

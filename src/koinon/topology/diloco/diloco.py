@@ -16,6 +16,7 @@ from koinon.local.losses import evaluate
 from koinon.topology.base import fit_rounds
 from koinon.topology.diloco.build import IslandsParts
 from koinon.topology.diloco.engine import Exchange, IslandsEngine, LocalExchange
+from koinon.topology.diloco.spec import island_device
 
 
 @dataclass
@@ -66,7 +67,7 @@ class DiLoCo:
         ids = list(range(parts.spec.workers)) if worker_ids is None else worker_ids
         self.engine = IslandsEngine(
             parts.spec, parts.model, parts.layout, parts.dataset.x_train, parts.dataset.y_train,
-            {w: parts.shard(w) for w in ids}, parts.codec_for, seed,
+            {w: parts.shard(w) for w in ids}, parts.codec_for, seed, island_device(parts.spec.device),
         )
         self.exchange = exchange or LocalExchange()
         self.round_index = 0
@@ -90,12 +91,12 @@ class DiLoCo:
 
     @property
     def params(self) -> torch.Tensor:
-        return self.engine.theta
+        return self.engine.params
 
     def evaluate(self) -> tuple[float, float]:
         """(accuracy, mean loss) on the held-out windows, as every topology's `evaluate`."""
         x, y = self._eval
-        return evaluate(self.parts.model, self.layout, self.engine.theta, x, y,
+        return evaluate(self.parts.model, self.layout, self.engine.params, x, y,
                         batch_size=self.parts.spec.batch_size * 4)
 
     def run_round(self, evaluate: bool = True) -> IslandsRound:
@@ -105,7 +106,7 @@ class DiLoCo:
         result = IslandsRound(
             self.round_index, self.engine.step, len(self.engine.last_members), loss,
             self.engine.bytes_sent - sent, self.engine.bytes_received - received,
-            params_sha256=params_hash(self.engine.theta),
+            params_sha256=params_hash(self.engine.params),
         )
         if evaluate:
             result.test_accuracy, result.test_loss = self.evaluate()

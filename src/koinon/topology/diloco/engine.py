@@ -123,11 +123,14 @@ class IslandsEngine:
     def __init__(
         self, spec: IslandsSpec, model: nn.Module, layout: Layout, x_train: torch.Tensor,
         y_train: torch.Tensor, shards: dict[int, torch.Tensor], codec_factory: CodecFactory,
-        seed: int,
+        seed: int, device: torch.device | None = None,
     ) -> None:
         self.spec = spec
         self.layout = layout
-        self.x_train, self.y_train = x_train, y_train
+        # On a GPU: the data, theta, the local stack and all optimizer state live there; only
+        # codec bytes (and checkpoints, `params`) cross to the host.
+        self.device = device or torch.device("cpu")
+        self.x_train, self.y_train = x_train.to(self.device), y_train.to(self.device)
         self.shards = dict(sorted(shards.items()))
         self.worker_ids = list(self.shards)
         self.seed = seed
@@ -136,14 +139,15 @@ class IslandsEngine:
             self.fragments = fragment_indices(layout, spec.fragments, spec.fragment_pattern)
         else:
             self.fragments = [torch.arange(numel)]
+        self.fragments = [idx.to(self.device) for idx in self.fragments]
         self.codecs = [codec_factory(len(idx)) for idx in self.fragments]
         self.grad_fn = inner.make_stack_grad(inner.make_loss(model, layout), spec.vectorized)
-        self.theta = layout.flatten(model)
+        self.theta = layout.flatten(model).to(self.device)
         self.inner_opt = inner.inner_optimizer(spec)
         self.outer_opt = outer_optimizer(spec)
         # Outer optimizer state, on the whole of theta (a fragment's step reads its slice).
         self.outer_state = (self.outer_opt.init(self.theta) if spec.mode == "diloco"
-                            else {"momentum": torch.zeros(numel)})
+                            else {"momentum": torch.zeros(numel, device=self.device)})
         self.step = 0
         self.sync_index = 0
         self.bytes_sent = 0
@@ -163,11 +167,17 @@ class IslandsEngine:
         self.local = self.theta.repeat(k, 1)
         self.round_start = self.local.clone()
         rows = 1 if self.spec.mode == "sync" else k  # sync: one optimizer, on theta
-        self.inner_state = self.inner_opt.init(rows, numel)
+        with self.device:
+            self.inner_state = self.inner_opt.init(rows, numel)
         self.inner_opt_steps = 0  # optimizer steps on this state (AdamW's bias correction)
         self.merges: list[tuple[int, int]] = []  # (apply at inner step, fragment)
 
     # ------------------------------------------------------------------ training
+
+    @property
+    def params(self) -> torch.Tensor:
+        """The shared parameters on the host (`theta` itself on the CPU)."""
+        return self.theta.cpu()
 
     def run_steps(self, num_steps: int, exchange: Exchange) -> float:
         """`num_steps` inner steps with every sync event that falls among them; mean train loss."""
@@ -353,7 +363,7 @@ class IslandsEngine:
         self.bytes_sent += sizes
         self.bytes_received += (len(got) - 1) * sizes
         self.last_members = sorted(got)
-        return average_payloads(self.codecs[pending.fragment], got)
+        return average_payloads(self.codecs[pending.fragment], got).to(self.device)
 
     def _encode(self, worker_id: int, fragment: int, row: torch.Tensor) -> bytes:
         key = (worker_id, fragment)
@@ -364,7 +374,7 @@ class IslandsEngine:
         gen = torch.Generator().manual_seed(
             ((self.seed * 7919 + worker_id) * 1_000_003 + self.sync_index) * 64 + fragment
         )
-        data, self.codec_states[key] = codec.encode(row.contiguous(), state, gen)
+        data, self.codec_states[key] = codec.encode(row.contiguous().cpu(), state, gen)
         return data
 
     # ------------------------------------------------------------------ state
@@ -383,9 +393,10 @@ class IslandsEngine:
             out["co2_previous"] = self.co2_previous
         if self.spec.mode == "sync":
             out.update({f"opt.{k}": v for k, v in self.inner_state.items()})
-        return {k: v.detach().clone() for k, v in out.items()}
+        return {k: v.detach().cpu().clone() for k, v in out.items()}
 
     def load_shared_state(self, state: dict[str, torch.Tensor]) -> None:
+        state = {k: v.to(self.device) for k, v in state.items()}
         self.theta = state["theta"].clone()
         self.outer_state = {k[6:]: v.clone() for k, v in state.items() if k.startswith("outer.")}
         step, sync_index, inner_opt_steps = (int(v) for v in state["counters"].tolist())
@@ -400,22 +411,22 @@ class IslandsEngine:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Everything (shared and local) for a bit-identical resume of the simulation."""
         out = self.shared_state()
-        out["local"] = self.local.clone()
-        out["round_start"] = self.round_start.clone()
+        out["local"] = self.local.cpu().clone()
+        out["round_start"] = self.round_start.cpu().clone()
         out["bytes"] = torch.tensor([self.bytes_sent, self.bytes_received], dtype=torch.float64)
         out["merges"] = torch.tensor(self.merges, dtype=torch.long).reshape(-1, 2)
-        out.update({f"inner.{k}": v.clone() for k, v in self.inner_state.items()})
+        out.update({f"inner.{k}": v.cpu().clone() for k, v in self.inner_state.items()})
         for (w, p), st in self.codec_states.items():
             out.update({f"codec.{w}.{p}.{k}": v.clone() for k, v in st.items()})
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.load_shared_state(state)
-        self.local = state["local"].clone()
-        self.round_start = state["round_start"].clone()
+        self.local = state["local"].to(self.device, copy=True)
+        self.round_start = state["round_start"].to(self.device, copy=True)
         self.bytes_sent, self.bytes_received = (int(v) for v in state["bytes"].tolist())
         self.merges = [(int(a), int(b)) for a, b in state["merges"].tolist()]
-        self.inner_state = {k[6:]: v.clone() for k, v in state.items() if k.startswith("inner.")}
+        self.inner_state = {k[6:]: v.to(self.device, copy=True) for k, v in state.items() if k.startswith("inner.")}
         self.inner_opt_steps = int(state["counters"][2])
         self.codec_states = {}
         for key, value in state.items():

@@ -59,7 +59,7 @@ def make_stack_grad(loss: LossFn, vectorized: bool) -> StackGrad:
         params: torch.Tensor, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         grads = torch.empty_like(params)
-        losses = torch.empty(len(params))
+        losses = torch.empty(len(params), device=params.device)
         for k in range(len(params)):
             p = params[k].detach().requires_grad_(True)
             value = loss(p, x[k], y[k])

@@ -9,7 +9,11 @@ no overlap its math *is* DiLoCo's.
 from __future__ import annotations
 
 import math
+import os
+import re
 from dataclasses import dataclass
+
+import torch
 
 from koinon.errors import ConfigError
 
@@ -54,6 +58,9 @@ class IslandsSpec:
     co2_clip: float = 0.0  # max L2 norm of the CO2 outer momentum (0 = no clipping)
     vectorized: bool = True  # simulation: vmap the workers' gradients (false: a loop)
     eval_batches: int = 8  # validation batches of `batch_size * 4` windows per evaluation
+    # Where the inner steps run: cpu, cuda, cuda:N or auto. A worker process (`koinon launch`,
+    # torchrun) given cuda or auto takes GPU LOCAL_RANK (modulo the GPUs it sees): one per island.
+    device: str = "cpu"
 
     def lr_at(self, step: int) -> float:
         """Inner learning rate of global inner step `step` (0-based)."""
@@ -78,6 +85,8 @@ class IslandsSpec:
         _choice(section, "outer_optimizer", self.outer_optimizer, OUTER_OPTIMIZERS)
         _choice(section, "fragment_pattern", self.fragment_pattern, FRAGMENT_PATTERNS)
         _choice(section, "lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", str(self.device)):
+            raise ConfigError(f"{section}.device = {self.device!r}: allowed: cpu, cuda, cuda:N, auto")
         for key in ("lr_warmup", "total_steps"):
             _at_least(section, key, getattr(self, key), 0)
         if not 0.0 <= self.lr_min_ratio <= 1.0:
@@ -114,6 +123,17 @@ class IslandsSpec:
                 f"(fragments > 1 or overlap > 0) needs {section}.mode = 'diloco', not {self.mode!r}"
             )
         return self
+
+
+def island_device(spec: str, section: str = "diloco") -> torch.device:
+    """The device a `[diloco] device` value gives this process: in a worker process launched
+    with a LOCAL_RANK (`koinon launch`, torchrun), `cuda` and `auto` mean that rank's own GPU."""
+    from koinon.local.device import resolve_device
+
+    rank = os.environ.get("LOCAL_RANK")
+    if spec in ("cuda", "auto") and rank is not None and torch.cuda.is_available():
+        return torch.device("cuda", int(rank) % torch.cuda.device_count())
+    return resolve_device(spec, f"{section}.device")
 
 
 def _choice(section: str, key: str, value: str, allowed: tuple[str, ...]) -> None:
