@@ -115,7 +115,8 @@ class FedCompass:
 
     def step(self, driver: Scheduled) -> RoundResult:
         while True:
-            self.fill(driver)
+            if not driver.due():
+                self.fill(driver)
             task = driver.next_event()
             if task is None:
                 driver.wait_for_clients()

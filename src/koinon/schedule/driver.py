@@ -269,6 +269,11 @@ class Scheduled:
             tasks.append(task)
         return tasks
 
+    def due(self) -> bool:
+        """An arrival or loss is pending at the current time: handle every event of one moment
+        before starting new tasks (they then all start from the same model version)."""
+        return bool(self._events) and self._events[0].time <= self.now
+
     def next_event(self) -> Task | None:
         """The next arrival or loss, in (time, client) order; the clock moves to it."""
         if not self._events:

@@ -109,7 +109,8 @@ class _Asynchronous:
 
     def step(self, driver: Scheduled) -> RoundResult:
         while True:
-            self.fill(driver)
+            if not driver.due():
+                self.fill(driver)
             task = driver.next_event()
             if task is None:
                 before = driver.now
