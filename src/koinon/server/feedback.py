@@ -57,12 +57,17 @@ class UCB:
     An arm's score is its mean reward over its last `window` plays (0: all of them) plus
     `c * sqrt(2 ln t / n_arm)`; rewards are the observed losses divided by the largest loss seen
     so far, so they lie in [0, 1] as UCB1 assumes. Clients as arms: the `k` best scores (arms
-    never played first). Sources as arms: each slot goes to the best source, counting the slots
-    already given this round as plays, and a client of that source is drawn uniformly."""
+    never played first). Sources as arms (DUMP's scheme): a source never played gets the next
+    slot; otherwise each slot draws a source with probability softmax(score / `temperature`)
+    (`temperature` 0: the best score), and a client of that source is drawn uniformly."""
 
     name = "ucb"
 
-    def __init__(self, c: float = 1.0, window: int = 0, sources: list[int] | None = None) -> None:
+    def __init__(self, c: float = 1.0, window: int = 0, sources: list[int] | None = None,
+                 temperature: float = 0.1) -> None:
+        if temperature < 0:
+            raise ValueError(f"ucb temperature must be >= 0, got {temperature}")
+        self.temperature = temperature
         if c < 0:
             raise ValueError(f"ucb c must be >= 0, got {c}")
         if window < 0:
@@ -105,7 +110,12 @@ class UCB:
         given: dict[int, int] = {}
         for _ in range(k):
             arms = np.array([a for a, left in by_source.items() if left])
-            best = int(arms[int(np.argmax(self.scores(arms, given)))])
+            score = self.scores(arms, given)
+            if np.isinf(score).any() or self.temperature == 0:
+                best = int(arms[int(np.argmax(score))])
+            else:
+                p = np.exp((score - score.max()) / self.temperature)
+                best = int(rng.choice(arms, p=p / p.sum()))
             chosen.append(by_source[best].pop())
             given[best] = given.get(best, 0) + 1
         return sorted(chosen)
