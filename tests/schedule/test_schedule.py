@@ -274,3 +274,16 @@ def test_async_runs_refuse_resume():
     again = Scheduled(_federation(), _clock(12), Sync())
     again.load_state_dict(sync.state_dict())
     assert again.now == sync.now and torch.equal(again.params, sync.params)
+
+
+def test_availability_aware_selection_loses_fewer_updates_on_a_trace():
+    # Even clients are online for 0.02 s of every 1 s (too short for a task), odd ones always.
+    windows = [[(t + 0.0, t + 0.02) for t in range(0, 50)] if c % 2 == 0 else [(0.0, math.inf)]
+               for c in range(12)]
+    missing = {}
+    for sampler in ("uniform", "availability"):
+        fed = _federation(per_round=4, sampler=sampler)
+        run = Scheduled(fed, _clock(12, windows=windows), Sync())
+        records = run.fit(12, eval_every=12)
+        missing[sampler] = sum(len(r.missing) for r in records)
+    assert missing["uniform"] > 0 and missing["availability"] < missing["uniform"]

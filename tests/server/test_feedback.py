@@ -100,3 +100,18 @@ def test_the_server_feeds_back_losses_after_every_round():
     assert set(SAMPLERS.names()) >= {"uniform", "proportional", "power_of_choice", "ucb", "curriculum"}
     with pytest.raises(ValueError, match="order"):
         Curriculum(order="sideways")
+
+
+def test_availability_sampler_picks_clients_that_finish_before_going_offline():
+    from koinon.server.feedback import Availability
+
+    s = Availability()
+    rng = np.random.default_rng(0)
+    clients = np.arange(6)
+    s.observe(Feedback(0, list(range(6)), [1.0] * 6, [2.0, 2.0, 2.0, 5.0, 5.0, None]))
+    s.remaining({0: 10.0, 1: 1.0, 2: 3.0, 3: 4.0, 4: 6.0, 5: 0.5})
+    # Fit: 0 (10 >= 2), 2 (3 >= 2), 4 (6 >= 5), 5 (never heard from); not 1 (1 < 2), 3 (4 < 5).
+    for _ in range(10):
+        assert set(s.sample(clients, np.ones(6), 3, rng)) <= {0, 2, 4, 5}
+    # Asking for more than fit: the rest are those online longest (3 at 4 s, before 1 at 1 s).
+    assert s.sample(clients, np.ones(6), 5, rng) == [0, 2, 3, 4, 5]

@@ -80,8 +80,7 @@ class FedCompass:
         population = driver.idle_online() if slots > 0 else []
         if not population:
             return
-        clients = server.sample(driver.tasks_started, np.asarray(population, dtype=np.int64),
-                                k=min(slots, len(population)))
+        clients = driver.sample(driver.tasks_started, population, k=min(slots, len(population)))
         q_min, q_max = self.bounds(driver)
         steps, groups = [], []
         probe: int | None = None

@@ -203,6 +203,16 @@ class Scheduled:
         return [c for c in range(self.clock.num_clients)
                 if c not in self.in_flight and self.clock.available(c, self.now)]
 
+    def sample(self, index: int, population: list[int] | np.ndarray, k: int | None = None) -> list[int]:
+        """The server's seeded sample of `k` clients (default: clients_per_round) out of
+        `population`; a sampler that plans by availability (`remaining(seconds)`) is first told
+        how long each client stays online from now, as the trace says."""
+        population = np.asarray(population, dtype=np.int64)
+        remaining = getattr(self.federation.server.sampler, "remaining", None)
+        if remaining is not None:
+            remaining({int(c): self.clock.offline_at(int(c), self.now) - self.now for c in population})
+        return self.federation.server.sample(index, population, k=k)
+
     def wait_for_clients(self) -> None:
         """Move the clock to when some client is online next (now if one is)."""
         t = self.clock.next_online(self.now)

@@ -68,7 +68,7 @@ class FedAMD:
         server = fed.server
         r = server.round_index
         population = online_population(driver)
-        cohort = server.sample(r, population)
+        cohort = driver.sample(r, population)
         rng = np.random.default_rng([fed.seed, r, 0xA4C])
         is_anchor = rng.random(len(cohort)) < self.anchor_probability
         anchors = [c for c, a in zip(cohort, is_anchor) if a]

@@ -71,7 +71,7 @@ class Sync:
         server = driver.federation.server
         population = online_population(driver)
         r = server.round_index
-        cohort = server.sample(r, population)
+        cohort = driver.sample(r, population)
         rnd = server.open_round(r, cohort)
         down = sum(len(p) for _, p in rnd.payloads)
         rnd.downlink_bytes = down * len(cohort)
@@ -100,8 +100,7 @@ class _Asynchronous:
         population = driver.idle_online() if slots > 0 else []
         if not population:
             return
-        clients = server.sample(driver.tasks_started, np.asarray(population, dtype=np.int64),
-                                k=min(slots, len(population)))
+        clients = driver.sample(driver.tasks_started, population, k=min(slots, len(population)))
         payloads, received, downloads = server.publish()
         down = sum(len(p) for _, p in payloads)
         self.pending_downlink += down * len(clients)

@@ -171,3 +171,44 @@ class Curriculum:
 
     def observe(self, feedback: Feedback) -> None:
         self.losses.update(zip(feedback.client_ids, feedback.losses))
+
+
+@SAMPLERS.register("availability")
+class Availability:
+    """Availability-aware selection: clients expected to finish before they go offline.
+
+    Before sampling, a clock-driven schedule tells it how long each client stays online
+    (`remaining`, from the trace's availability windows); feedback tells it how long each
+    client's last task took. It draws uniformly among the clients whose remaining time covers
+    their last duration times `margin` (a client never heard from counts as able to finish);
+    if fewer than `k` qualify, the rest are those that stay online longest. Without a clock it
+    samples uniformly."""
+
+    name = "availability"
+
+    def __init__(self, margin: float = 1.0) -> None:
+        if margin <= 0:
+            raise ValueError(f"availability margin must be > 0, got {margin}")
+        self.margin = margin
+        self.durations: dict[int, float] = {}
+        self.left: dict[int, float] = {}
+
+    def remaining(self, seconds: dict[int, float]) -> None:
+        """How long each available client stays online from now."""
+        self.left = dict(seconds)
+
+    def sample(self, available: np.ndarray, sizes: np.ndarray, k: int, rng: np.random.Generator) -> list[int]:
+        _check(available, k)
+        shuffled = _random_order(available, rng)
+        left = np.array([self.left.get(int(c), math.inf) for c in shuffled])
+        need = np.array([self.margin * self.durations.get(int(c), 0.0) for c in shuffled])
+        fits = left >= need
+        if fits.sum() >= k:
+            return sorted(int(c) for c in rng.choice(shuffled[fits], size=k, replace=False))
+        order = np.lexsort((-left, ~fits))  # those that fit, then the longest online
+        return sorted(int(c) for c in shuffled[order[:k]])
+
+    def observe(self, feedback: Feedback) -> None:
+        for c, d in zip(feedback.client_ids, feedback.durations):
+            if d is not None:
+                self.durations[c] = d
