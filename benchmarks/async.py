@@ -9,8 +9,8 @@ asynchronous method reaches FedAvg's final accuracy in at most half of FedAvg's 
 
 Part 2: a source-skewed population: 80 clients hold only digits 0-2 (a redundant source, a few
 samples each), 20 hold digits 3-9. Rounds until a target test accuracy with the uniform,
-proportional, UCB (over clients, and over the two sources) and curriculum samplers. Goal: UCB or
-curriculum needs fewer rounds than uniform.
+proportional, UCB (over clients, and over the two sources) and curriculum samplers, and with
+curriculum ordering of local data. Goal: UCB or curriculum needs fewer rounds than uniform.
 
     .venv/bin/python benchmarks/async.py [--quick] [--seeds 3] [--plot docs/async.png]
 """
@@ -140,7 +140,7 @@ def part_one(seeds: list[int], rounds: int, plot: str | None) -> list[dict]:
     return table
 
 
-def skewed_federation(seed: int, sampler) -> Federation:
+def skewed_federation(seed: int, sampler, algorithm: str | dict = "fedavg") -> Federation:
     """80 clients with a few samples of digits 0-2 each, 20 clients sharing digits 3-9."""
     import koinon as kn
 
@@ -155,7 +155,8 @@ def skewed_federation(seed: int, sampler) -> Federation:
     torch.manual_seed(seed)
     model = kn.build_model("mlp", {"hidden": [64]}, ds.input_shape, ds.num_classes, seed)
     return kn.Federation(model, data, local=kn.LocalTraining(lr=0.05, steps=10, batch_size=16, momentum=0.9),
-                         clients_per_round=10, seed=seed, sampler=sampler, runtime="vectorized")
+                         clients_per_round=10, seed=seed, sampler=sampler, runtime="vectorized",
+                         algorithm=algorithm)
 
 
 def part_two(seeds: list[int], rounds: int, target: float) -> list[dict]:
@@ -167,6 +168,8 @@ def part_two(seeds: list[int], rounds: int, target: float) -> list[dict]:
         "UCB over clients": lambda: UCB(c=0.5),
         "UCB over sources (DUMP)": lambda: UCB(c=0.5, window=5, sources=[0] * 80 + [1] * 20, temperature=0.1),
         "curriculum (easy first)": lambda: Curriculum(start=0.3, pace=20),
+        "uniform + curriculum ordering of local data": lambda: "uniform",
+        "curriculum selection + ordering": lambda: Curriculum(start=0.3, pace=20),
     }
     table = []
     print(f"\n| sampler | rounds to {target:.0%} test accuracy | final acc after {rounds} rounds |")
@@ -174,7 +177,7 @@ def part_two(seeds: list[int], rounds: int, target: float) -> list[dict]:
     for name, make in samplers.items():
         reached, finals = [], []
         for seed in seeds:
-            fed = skewed_federation(seed, make())
+            fed = skewed_federation(seed, make(), "curriculum" if "ordering" in name else "fedavg")
             records = fed.fit(rounds)
             curve = [{"acc": r.test_accuracy} for r in records]
             hit = next((i + 1 for i, a in enumerate(smoothed(curve, 3)) if a >= target), None)
