@@ -17,8 +17,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from koinon.errors import KoinonError
 from koinon.schedule.driver import SCHEDULES, Scheduled, Task
 from koinon.schedule.staleness import staleness_fn

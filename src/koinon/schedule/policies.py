@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from koinon.errors import KoinonError
 from koinon.schedule.driver import SCHEDULES, Scheduled, Task, online_population
 from koinon.schedule.staleness import staleness_fn
