@@ -287,3 +287,25 @@ def test_availability_aware_selection_loses_fewer_updates_on_a_trace():
         records = run.fit(12, eval_every=12)
         missing[sampler] = sum(len(r.missing) for r in records)
     assert missing["uniform"] > 0 and missing["availability"] < missing["uniform"]
+
+
+def test_a_sync_run_with_a_clock_resumes_to_the_same_model_and_time(tmp_path):
+    from koinon.experiment.runner import resume_experiment, run_experiment
+
+    over = {"data.num_clients": 12, "server.clients_per_round": 4, "client.steps": 3, "clock.speed": "lognormal",
+            "clock.dropout": 0.25, "clock.dropout_within_s": 0.2, "schedule.deadline_s": 0.05}
+    whole = run_experiment(Config().with_overrides({**over, "server.rounds": 4}), tmp_path / "a", progress=False)
+    run_experiment(Config().with_overrides({**over, "server.rounds": 2}), tmp_path / "b", progress=False)
+    resumed = resume_experiment(tmp_path / "b", ["server.rounds=4"], progress=False)
+    assert resumed["model_sha256"] == whole["model_sha256"]
+    times = [[json.loads(line)["sim_time_s"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+             for d in ("a", "b")]
+    assert times[0] == times[1] and times[0] == sorted(times[0])
+
+
+def test_the_deployment_refuses_simulated_time():
+    from koinon.deploy.server import check_deployable
+
+    cfg = Config().with_overrides({"clock.speed": "constant"})
+    with pytest.raises(ConfigError, match="simulate time"):
+        check_deployable(Scheduled(_federation(), _clock(12), Sync()), cfg)
