@@ -115,3 +115,22 @@ def test_availability_sampler_picks_clients_that_finish_before_going_offline():
         assert set(s.sample(clients, np.ones(6), 3, rng)) <= {0, 2, 4, 5}
     # Asking for more than fit: the rest are those online longest (3 at 4 s, before 1 at 1 s).
     assert s.sample(clients, np.ones(6), 5, rng) == [0, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("sampler", ["power_of_choice", "ucb", "curriculum"])
+def test_a_learning_sampler_resumes_where_it_stood(sampler):
+    def federation():
+        ds = kn.DATASETS.get("digits")(seed=0, test_fraction=0.2, num_clients=12)
+        data = kn.partition_dataset(ds, "dirichlet", 12, seed=0, options={"alpha": 0.5})
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+        return kn.Federation(model, data, local=kn.LocalTraining(steps=2), clients_per_round=3, sampler=sampler)
+
+    whole = federation()
+    whole.fit(6)
+    half = federation()
+    half.fit(3)
+    again = federation()
+    again.load_state_dict(half.state_dict())
+    again.fit(3)
+    assert torch.equal(again.params, whole.params)

@@ -13,8 +13,34 @@ import math
 from collections import deque
 
 import numpy as np
+import torch
 
 from koinon.server.samplers import SAMPLERS, Feedback, _check
+
+
+def _pack(values: dict[int, float]) -> dict[str, torch.Tensor]:
+    keys = sorted(values)
+    return {"ids": torch.tensor(keys, dtype=torch.long),
+            "values": torch.tensor([values[k] for k in keys], dtype=torch.float64)}
+
+
+def _unpack(tensors: dict[str, torch.Tensor], prefix: str = "") -> dict[int, float]:
+    ids, values = tensors.get(prefix + "ids"), tensors.get(prefix + "values")
+    if ids is None or values is None:
+        return {}
+    return dict(zip((int(i) for i in ids.tolist()), (float(v) for v in values.tolist())))
+
+
+class _LastLoss:
+    """Checkpointing of a sampler that keeps every client's last loss (`losses`)."""
+
+    losses: dict[int, float]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return _pack(self.losses)
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.losses = _unpack(tensors)
 
 
 def _random_order(available: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -22,7 +48,7 @@ def _random_order(available: np.ndarray, rng: np.random.Generator) -> np.ndarray
 
 
 @SAMPLERS.register("power_of_choice")
-class PowerOfChoice:
+class PowerOfChoice(_LastLoss):
     """Power-of-choice (Cho et al. 2020, arXiv:2010.01243): draw `d` candidates with probability
     proportional to data size, keep the `k` with the highest last training loss (a client never
     heard from counts as the highest)."""
@@ -127,6 +153,22 @@ class UCB:
             self.scale = max(self.scale, abs(loss))
             self.reward(self.arm(client), abs(loss) / self.scale if self.scale else 0.0)
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        arms = sorted(self.plays)
+        out = {"arms": torch.tensor(arms, dtype=torch.long),
+               "plays": torch.tensor([self.plays[a] for a in arms], dtype=torch.long),
+               "scale": torch.tensor([self.scale], dtype=torch.float64)}
+        out.update({f"rewards/{a}": torch.tensor(list(self.rewards.get(a, ())), dtype=torch.float64) for a in arms})
+        return out
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        arms = tensors.get("arms", torch.zeros(0, dtype=torch.long)).tolist()
+        plays = tensors.get("plays", torch.zeros(0, dtype=torch.long)).tolist()
+        self.plays = dict(zip(arms, plays))
+        self.total = sum(plays)
+        self.scale = float(tensors["scale"][0]) if "scale" in tensors else 0.0
+        self.rewards = {a: deque(tensors[f"rewards/{a}"].tolist(), maxlen=self.window or None) for a in arms}
+
     def reward(self, arm: int, value: float) -> None:
         """Record one play of `arm` that earned `value` (in [0, 1])."""
         history = self.rewards.setdefault(arm, deque(maxlen=self.window or None))
@@ -136,7 +178,7 @@ class UCB:
 
 
 @SAMPLERS.register("curriculum")
-class Curriculum:
+class Curriculum(_LastLoss):
     """Curriculum client selection (after Vahidian et al. 2023, "When do curricula work in
     federated learning?", arXiv:2212.12712): clients ranked by their last training loss, easiest
     first (`order = "easy"`; `"hard"`: anti-curriculum); round t draws its cohort uniformly from
@@ -171,6 +213,13 @@ class Curriculum:
 
     def observe(self, feedback: Feedback) -> None:
         self.losses.update(zip(feedback.client_ids, feedback.losses))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {**_pack(self.losses), "rounds": torch.tensor([self.rounds])}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.losses = _unpack(tensors)
+        self.rounds = int(tensors["rounds"][0]) if "rounds" in tensors else 0
 
 
 @SAMPLERS.register("availability")
@@ -212,3 +261,9 @@ class Availability:
         for c, d in zip(feedback.client_ids, feedback.durations):
             if d is not None:
                 self.durations[c] = d
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return _pack(self.durations)
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.durations = _unpack(tensors)

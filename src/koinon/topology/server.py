@@ -560,6 +560,8 @@ class FederatedServer:
         out.update({f"broadcast/{k}": v for k, v in self.broadcast.state_dict().items()})
         if hasattr(self.aggregator, "state_dict"):
             out.update({f"aggregator/{k}": v for k, v in self.aggregator.state_dict().items()})
+        if hasattr(self.sampler, "state_dict"):  # what a learning sampler learned from feedback
+            out.update({f"sampler/{k}": v for k, v in self.sampler.state_dict().items()})
         if self.root is not None:
             out.update({f"root/{k}": v for k, v in self.root.state.items()})
         out["counters"] = torch.tensor([self.round_index, self.uplink_total, self.downlink_total],
@@ -587,6 +589,8 @@ class FederatedServer:
         self.broadcast.load_state_dict(groups.get("broadcast", {}))
         if "aggregator" in groups and hasattr(self.aggregator, "load_state_dict"):
             self.aggregator.load_state_dict(groups["aggregator"])
+        if hasattr(self.sampler, "load_state_dict"):
+            self.sampler.load_state_dict(groups.get("sampler", {}))
         if self.root is not None:
             self.root.state = groups.get("root", {})
         self.round_index, self.uplink_total, self.downlink_total = (int(x) for x in tensors["counters"])
