@@ -101,6 +101,7 @@ class ServerConfig:
     rounds: int = 30
     clients_per_round: int = 10
     sampler: str = "uniform"
+    sampler_options: dict = field(default_factory=dict)  # the sampler's own options, e.g. {c = 0.5} for ucb
     eval_every: int = 1
     checkpoint_every: int = 1
 
@@ -190,6 +191,8 @@ class Config:
                 continue
             section = getattr(self, f.name)
             d = {k: v for k, v in dataclasses.asdict(section).items() if k != "options"}
+            if f.name == "server" and not d["sampler_options"]:
+                del d["sampler_options"]  # written only when set, as before the key existed
             d.update(getattr(section, "options", {}))
             if f.name in ("clock", "schedule") and section == type(section)():
                 continue  # a run without simulated time writes the config it always did
@@ -265,6 +268,8 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
         value = float(value) if ok else value
     elif isinstance(default, str):
         ok = isinstance(value, str)
+    elif isinstance(default, dict):
+        ok = isinstance(value, dict)
     else:
         ok = True
     if not ok:

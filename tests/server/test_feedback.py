@@ -134,3 +134,22 @@ def test_a_learning_sampler_resumes_where_it_stood(sampler):
     again.load_state_dict(half.state_dict())
     again.fit(3)
     assert torch.equal(again.params, whole.params)
+
+
+def test_sampler_options_come_from_the_config(tmp_path):
+    from koinon.config import Config
+    from koinon.errors import ConfigError
+    from koinon.experiment.runner import build_federation
+
+    over = {"data.num_clients": 12, "server.clients_per_round": 3, "client.steps": 2, "server.sampler": "ucb",
+            "server.sampler_options": {"c": 0.3, "sources": [0] * 6 + [1] * 6}}
+    cfg = Config().with_overrides(over)
+    fed = build_federation(cfg)
+    assert isinstance(fed.server.sampler, UCB) and fed.server.sampler.c == 0.3
+    assert fed.server.sampler.arm(7) == 1
+    assert cfg.server.sampler_options["window"] == 0  # defaults recorded in the resolved config
+    assert "sampler_options" not in Config().to_toml()  # unset: written as before
+    with pytest.raises(ConfigError, match="server.sampler_options.cc: not an option of sampler 'ucb'"):
+        build_federation(Config().with_overrides({**over, "server.sampler_options": {"cc": 1.0}}))
+    with pytest.raises(ConfigError, match="server.sampler_options = 3: expected dict"):
+        Config().with_overrides({"server.sampler_options": 3})

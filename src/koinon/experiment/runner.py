@@ -57,6 +57,9 @@ def record_defaults(cfg: Config) -> None:
     cfg.aggregator.options = _aggregator_options(cfg.aggregator.name, cfg.aggregator.options)
     cfg.runtime.options = RUNTIMES.resolve(cfg.runtime.name, cfg.runtime.options)
     cfg.attack.options = ATTACKS.resolve(cfg.attack.name, cfg.attack.options)
+    from koinon.server import SAMPLERS
+
+    cfg.server.sampler_options = SAMPLERS.resolve(cfg.server.sampler, cfg.server.sampler_options)
     if cfg.clock != type(cfg.clock)() or cfg.schedule != type(cfg.schedule)():
         from koinon.schedule import SCHEDULES
 
