@@ -309,3 +309,13 @@ def test_the_deployment_refuses_simulated_time():
     cfg = Config().with_overrides({"clock.speed": "constant"})
     with pytest.raises(ConfigError, match="simulate time"):
         check_deployable(Scheduled(_federation(), _clock(12), Sync()), cfg)
+
+
+def test_fit_writes_a_run_folder_with_simulated_time(tmp_path):
+    run = Scheduled(_federation(), _clock(12, np.linspace(0.5, 2.0, 12)), FedBuff(buffer=2))
+    run.fit(4, out=tmp_path / "run")
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in lines] == [1, 2, 3, 4] and all("sim_time_s" in m for m in lines)
+    described = json.loads((tmp_path / "run" / "federation.json").read_text())
+    assert described["schedule"] == "fedbuff"
+    assert (tmp_path / "run" / "accuracy.png").is_file() and (tmp_path / "run" / "summary.json").is_file()

@@ -19,9 +19,12 @@ record carries `sim_time_s`, the simulated time at which the step happened.
 from __future__ import annotations
 
 import heapq
+import json
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -29,7 +32,7 @@ import torch
 
 from koinon.errors import KoinonError
 from koinon.local import CohortTrainer
-from koinon.records import Callback
+from koinon.records import Callback, folder
 from koinon.registry import Registry
 from koinon.schedule.clock import Clock
 from koinon.topology.base import fit_rounds
@@ -155,9 +158,20 @@ class Scheduled:
         return out
 
     def fit(self, rounds: int, eval_every: int = 1, *, callbacks: Iterable[Callback] = (),
-            progress: bool = False) -> list[RoundResult]:
-        """`rounds` more server steps; afterwards the federation's module holds the weights."""
-        results = fit_rounds(self, rounds, eval_every, callbacks, progress)
+            progress: bool = False, out: str | Path | None = None, overwrite: bool = False) -> list[RoundResult]:
+        """`rounds` more server steps; afterwards the federation's module holds the weights.
+        With `out`, the run folder `Federation.fit(out=...)` writes (metrics with `sim_time_s`,
+        checkpoints, model, plot with the simulated-time panel, summary)."""
+        if out is None:
+            results = fit_rounds(self, rounds, eval_every, callbacks, progress)
+        else:
+            folder_path = Path(out)
+            folder.start(folder_path, overwrite, ("federation.json", json.dumps(self.describe(), indent=1)))
+            start = time.perf_counter()
+            results = folder.run_rounds(self, self.round_index + rounds, eval_every, out=folder_path,
+                                        callbacks=callbacks, progress=progress)
+            folder.finish(self, folder_path, time.perf_counter() - start, title=self.title(),
+                          seed=self.federation.seed)
         self.layout.load_into(self.federation.model, self.params)
         return results
 
