@@ -263,17 +263,27 @@ def test_config_keys_overrides_and_errors():
     assert scheduled(Config(), fed) is fed  # no clock: the federation as it was
 
 
-def test_async_runs_refuse_resume():
-    fed = _federation()
-    run = Scheduled(fed, _clock(12), FedBuff(buffer=2))
-    run.fit(2)
-    with pytest.raises(kn.KoinonError, match="cannot be resumed"):
-        Scheduled(_federation(), _clock(12), FedBuff(buffer=2)).load_state_dict(run.state_dict())
-    sync = Scheduled(_federation(), _clock(12), Sync())
-    sync.fit(2)
-    again = Scheduled(_federation(), _clock(12), Sync())
-    again.load_state_dict(sync.state_dict())
-    assert again.now == sync.now and torch.equal(again.params, sync.params)
+@pytest.mark.parametrize("make", [lambda: FedBuff(buffer=3, concurrency=5), lambda: FedAsync(concurrency=4),
+                                  lambda: FedCompass(min_steps=1, max_steps=3, concurrency=5), lambda: Sync(deadline_s=0.03)],
+                         ids=["fedbuff", "fedasync", "fedcompass", "sync"])
+def test_a_resumed_schedule_goes_on_as_an_uninterrupted_one(make):
+    # Updates in flight, a half-full buffer, FedCompass's groups and speed estimates are all in
+    # the checkpoint: stopping after 5 steps and resuming gives the same model and times.
+    speed = np.array([1.0, 2.0, 0.5, 1.5, 3.0, 0.8, 1.2, 2.5, 0.6, 1.1, 0.9, 1.7])
+    leaves = np.full(12, math.inf)
+    leaves[4] = 0.05
+    whole = Scheduled(_federation(), _clock(12, speed, leaves), make())
+    straight = whole.fit(10, eval_every=10)
+    first = Scheduled(_federation(), _clock(12, speed, leaves), make())
+    first.fit(5, eval_every=5)
+    state = first.state_dict()
+    assert any(k.startswith("schedule/flight/") for k in state) or isinstance(first.schedule, Sync)
+    again = Scheduled(_federation(), _clock(12, speed, leaves), make())
+    again.load_state_dict(state)
+    rest = again.fit(5, eval_every=5)
+    assert torch.equal(again.params, whole.params)
+    assert [r.extra["sim_time_s"] for r in rest] == [r.extra["sim_time_s"] for r in straight[5:]]
+    assert again.uplink_total == whole.uplink_total and again.downlink_total == whole.downlink_total
 
 
 def test_availability_aware_selection_loses_fewer_updates_on_a_trace():
@@ -289,11 +299,15 @@ def test_availability_aware_selection_loses_fewer_updates_on_a_trace():
     assert missing["uniform"] > 0 and missing["availability"] < missing["uniform"]
 
 
-def test_a_sync_run_with_a_clock_resumes_to_the_same_model_and_time(tmp_path):
+@pytest.mark.parametrize("schedule", [{"schedule.deadline_s": 0.05},
+                                      {"schedule.name": "fedbuff", "schedule.buffer": 3},
+                                      {"schedule.name": "fedcompass", "schedule.max_steps": 3}],
+                         ids=["sync", "fedbuff", "fedcompass"])
+def test_a_run_over_simulated_time_resumes_to_the_same_model_and_time(tmp_path, schedule):
     from koinon.experiment.runner import resume_experiment, run_experiment
 
     over = {"data.num_clients": 12, "server.clients_per_round": 4, "client.steps": 3, "clock.speed": "lognormal",
-            "clock.dropout": 0.25, "clock.dropout_within_s": 0.2, "schedule.deadline_s": 0.05}
+            "clock.dropout": 0.25, "clock.dropout_within_s": 0.2, **schedule}
     whole = run_experiment(Config().with_overrides({**over, "server.rounds": 4}), tmp_path / "a", progress=False)
     run_experiment(Config().with_overrides({**over, "server.rounds": 2}), tmp_path / "b", progress=False)
     resumed = resume_experiment(tmp_path / "b", ["server.rounds=4"], progress=False)

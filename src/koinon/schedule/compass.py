@@ -17,8 +17,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 from koinon.errors import KoinonError
-from koinon.schedule.driver import SCHEDULES, Scheduled, Task
+from koinon.schedule.driver import SCHEDULES, Scheduled, Task, pack_task, unpack_task
 from koinon.schedule.staleness import staleness_fn
 from koinon.topology.server import RoundResult
 
@@ -51,7 +53,7 @@ class FedCompass:
     """FedCompass: local step counts chosen so that groups of clients arrive together."""
 
     name = "fedcompass"
-    resumable = False
+    synchronous = False
 
     def __init__(self, min_steps: int = 0, max_steps: int = 0, concurrency: int = 0,
                  staleness: str = "polynomial", a: float = 0.5, b: float = 4.0) -> None:
@@ -103,6 +105,31 @@ class FedCompass:
                              steps=steps)
         for task, gid in zip(tasks, groups):
             task.group = gid
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        clients = sorted(self.estimates)
+        out = {"estimates/clients": torch.tensor(clients, dtype=torch.long),
+               "estimates/values": torch.tensor([self.estimates[c] for c in clients], dtype=torch.float64).view(-1, 2),
+               "counters": torch.tensor([self.next_group, self.pending_downlink])}
+        for gid, group in self.groups.items():
+            out[f"group/{gid}/arrival"] = torch.tensor([group.arrival], dtype=torch.float64)
+            out[f"group/{gid}/members"] = torch.tensor(sorted(group.members), dtype=torch.long)
+            for i, task in enumerate(group.arrived):
+                out.update(pack_task(task, f"group/{gid}/arrived/{i}/"))
+        return out
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        clients = tensors["estimates/clients"].tolist()
+        values = tensors["estimates/values"].tolist()
+        self.estimates = {c: (float(a), float(b)) for c, (a, b) in zip(clients, values)}
+        self.next_group, self.pending_downlink = (int(x) for x in tensors["counters"].tolist())
+        self.groups = {}
+        for gid in sorted({int(k.split("/")[1]) for k in tensors if k.startswith("group/")}):
+            head = f"group/{gid}/"
+            count = len({k.split("/")[3] for k in tensors if k.startswith(head + "arrived/")})
+            self.groups[gid] = Group(float(tensors[head + "arrival"][0]),
+                                     set(tensors[head + "members"].tolist()),
+                                     [unpack_task(tensors, f"{head}arrived/{i}/") for i in range(count)])
 
     def _new_group(self, arrival: float) -> int:
         gid = self.next_group

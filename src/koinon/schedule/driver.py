@@ -91,6 +91,10 @@ class Schedule(Protocol):
         ...
 
 
+# A schedule may also keep state between steps (`state_dict() -> tensors`, `load_state_dict`),
+# checkpointed with the driver's; `synchronous = True` marks one that steps in whole rounds.
+
+
 SCHEDULES: Registry[Schedule] = Registry("schedule")
 """Factories are called with the `[schedule]` options they declare."""
 
@@ -188,23 +192,29 @@ class Scheduled:
         return f"{self.federation.title()} / schedule {self.schedule.name}"
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The federation's state and the simulated time. Updates in flight are not part of it:
-        only a schedule between whole rounds (sync, fedamd) can be resumed (`load_state_dict`)."""
+        """The federation's state, the simulated time, every update in flight (what its client
+        started from, its bytes, states and timing) and the schedule's own state (buffers,
+        groups): a resumed run goes on exactly as an uninterrupted one."""
         out = self.federation.state_dict()
         out["schedule/now"] = torch.tensor([self.now], dtype=torch.float64)
         out["schedule/tasks_started"] = torch.tensor([self.tasks_started], dtype=torch.long)
+        for c, task in self.in_flight.items():
+            out.update(pack_task(task, f"schedule/flight/{c}/"))
         extra = getattr(self.schedule, "state_dict", None)
         if extra is not None:
             out.update({f"schedule/state/{k}": v for k, v in extra().items()})
         return out
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        if not getattr(self.schedule, "resumable", False):
-            raise KoinonError(f"schedule {self.schedule.name!r} cannot be resumed: the updates in "
-                              "flight are not checkpointed; start the run again")
         self.federation.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("schedule/")})
         self.now = float(tensors["schedule/now"][0])
         self.tasks_started = int(tensors["schedule/tasks_started"][0])
+        flight = {k[len("schedule/flight/"):]: v for k, v in tensors.items() if k.startswith("schedule/flight/")}
+        self.in_flight = {}
+        for c in sorted({int(k.split("/")[0]) for k in flight}):
+            self.in_flight[c] = unpack_task(flight, f"{c}/")
+        self._events = [_Event(t.end, c, t) for c, t in self.in_flight.items()]
+        heapq.heapify(self._events)
         load = getattr(self.schedule, "load_state_dict", None)
         if load is not None:
             prefix = "schedule/state/"
@@ -325,6 +335,51 @@ class Scheduled:
                 state = t.result.client_states[t.row]
                 if state:
                     fed.client_states[t.client] = state
+
+
+def pack_task(task: Task, prefix: str) -> dict[str, torch.Tensor]:
+    """A task as tensors under `prefix` (a checkpoint's part): its timing, the model it started
+    from, its payload bytes, and the client's algorithm and codec states that go with it."""
+    r, i = task.result, task.row
+    out = {
+        prefix + "times": torch.tensor([task.start, task.arrival, task.end, task.compute_s], dtype=torch.float64),
+        prefix + "ints": torch.tensor([task.client, task.version, int(task.lost), task.group,
+                                       task.num_samples, task.num_steps, int(task.client in r.failed)]),
+        prefix + "loss": torch.tensor([task.train_loss], dtype=torch.float64),
+        prefix + "received": task.received,
+    }
+    for j, p in enumerate(task.payloads):
+        out[f"{prefix}payload/{j}"] = torch.frombuffer(bytearray(p), dtype=torch.uint8) if p else torch.zeros(0, dtype=torch.uint8)
+    out.update({f"{prefix}state/{k}": v for k, v in r.client_states[i].items()})
+    codec = r.codec_states[i] if r.codec_states is not None else {}
+    for stream, state in codec.items():
+        out.update({f"{prefix}codec/{stream}/{k}": v for k, v in state.items()})
+    # Clones: tasks of one group share their starting model, and a checkpoint stores no aliases.
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+def unpack_task(tensors: dict[str, torch.Tensor], prefix: str) -> Task:
+    """The task `pack_task` wrote under `prefix`."""
+    start, arrival, end, compute_s = tensors[prefix + "times"].tolist()
+    client, version, lost, group, samples, steps, failed = (int(x) for x in tensors[prefix + "ints"].tolist())
+    payloads: list[bytes] = []
+    state: State = {}
+    codec: dict[str, State] = {}
+    j = 0
+    while f"{prefix}payload/{j}" in tensors:
+        payloads.append(tensors[f"{prefix}payload/{j}"].numpy().tobytes())
+        j += 1
+    for key, v in tensors.items():
+        if key.startswith(prefix + "state/"):
+            state[key[len(prefix + "state/"):]] = v.clone()
+        elif key.startswith(prefix + "codec/"):
+            stream, name = key[len(prefix + "codec/"):].split("/", 1)
+            codec.setdefault(stream, {})[name] = v.clone()
+    result = CohortResult([client], None, {}, torch.tensor([samples]), torch.tensor([steps]),
+                          torch.tensor([float(tensors[prefix + "loss"][0])]), [state], payloads=[payloads],
+                          codec_states=[codec], failed={client: "could not encode its update"} if failed else {})
+    return Task(client, version, start, arrival, end, bool(lost), compute_s, result, 0,
+                tensors[prefix + "received"].clone(), group)
 
 
 def online_population(driver: Scheduled) -> np.ndarray:

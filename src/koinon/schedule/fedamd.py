@@ -47,7 +47,7 @@ class FedAMD:
     """FedAMD: anchors send large-batch gradients, miners train corrected towards them."""
 
     name = "fedamd"
-    resumable = True
+    synchronous = True
 
     def __init__(self, anchor_probability: float = 0.3, anchor_batch: int = 0, deadline_s: float = 0.0) -> None:
         if not 0.0 <= anchor_probability < 1.0:

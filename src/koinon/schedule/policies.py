@@ -20,8 +20,17 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from koinon.errors import KoinonError
-from koinon.schedule.driver import SCHEDULES, Scheduled, Task, online_population
+from koinon.schedule.driver import (
+    SCHEDULES,
+    Scheduled,
+    Task,
+    online_population,
+    pack_task,
+    unpack_task,
+)
 from koinon.schedule.staleness import staleness_fn
 from koinon.topology.server import Buffered, Rejected, RoundResult
 
@@ -58,7 +67,7 @@ class Sync:
     """Synchronous rounds over simulated time; stragglers past `deadline_s` are dropped."""
 
     name = "sync"
-    resumable = True
+    synchronous = True
 
     def __init__(self, deadline_s: float = 0.0) -> None:
         if deadline_s < 0:
@@ -82,7 +91,7 @@ class _Asynchronous:
     """What FedAsync and FedBuff share: keep `concurrency` clients training."""
 
     name = "async"
-    resumable = False
+    synchronous = False
 
     def __init__(self, concurrency: int, staleness: str, a: float, b: float) -> None:
         if concurrency < 0:
@@ -123,6 +132,12 @@ class _Asynchronous:
 
     def arrive(self, driver: Scheduled, task: Task) -> RoundResult | None:
         raise NotImplementedError
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"pending_downlink": torch.tensor([self.pending_downlink])}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.pending_downlink = int(tensors["pending_downlink"][0])
 
     def apply(self, driver: Scheduled, tasks: list[Task], updates: list[Buffered]) -> RoundResult:
         out = driver.federation.server.apply_buffered(updates, self.pending_downlink)
@@ -165,6 +180,17 @@ class FedBuff(_Asynchronous):
             raise ValueError(f"schedule.buffer must be >= 1, got {buffer}")
         self.buffer = buffer
         self.waiting: list[Task] = []
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = super().state_dict()
+        for i, task in enumerate(self.waiting):
+            out.update(pack_task(task, f"waiting/{i}/"))
+        return out
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().load_state_dict(tensors)
+        count = len({k.split("/")[1] for k in tensors if k.startswith("waiting/")})
+        self.waiting = [unpack_task(tensors, f"waiting/{i}/") for i in range(count)]
 
     def arrive(self, driver: Scheduled, task: Task) -> RoundResult | None:
         self.waiting.append(task)
