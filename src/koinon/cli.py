@@ -138,6 +138,7 @@ def _list(args: argparse.Namespace) -> int:
     from koinon.data import DATASETS, PARTITIONERS
     from koinon.models import MODELS
     from koinon.runtime import RUNTIMES
+    from koinon.schedule import SCHEDULES
     from koinon.server import SAMPLERS, SERVER_OPTIMIZERS
     from koinon.topology import GRAPHS, TOPOLOGIES
 
@@ -150,6 +151,7 @@ def _list(args: argparse.Namespace) -> int:
         ("pre-aggregation steps (aggregator.name = \"step+rule\", e.g. nnm+trimmed_mean)", PRE_AGGREGATORS),
         ("runtimes (runtime.name)", RUNTIMES), ("attacks (attack.name)", ATTACKS),
         ("graphs (topology.graph, with topology.name = \"gossip\")", GRAPHS),
+        ("schedules (schedule.name, over [clock] simulated time)", SCHEDULES),
     ]
     for title, registry in families:
         print(title)

@@ -101,6 +101,7 @@ class ServerConfig:
     rounds: int = 30
     clients_per_round: int = 10
     sampler: str = "uniform"
+    sampler_options: dict = field(default_factory=dict)  # the sampler's own options, e.g. {c = 0.5} for ucb
     eval_every: int = 1
     checkpoint_every: int = 1
 
@@ -129,6 +130,33 @@ class DeployConfig:
 
 
 @dataclass
+class ClockConfig:
+    """`[clock]`: simulated time (see `koinon.schedule.clock`). Off unless `speed` or `trace` is set."""
+
+    speed: str = "none"  # per-client compute speed: none (no clock), constant, lognormal or uniform
+    sigma: float = 1.0  # lognormal speed: sigma of log(speed) (median 1)
+    low: float = 0.5  # uniform speed: range [low, high]
+    high: float = 2.0
+    sample_s: float = 0.001  # seconds of compute per training sample at speed 1
+    bandwidth: str = "constant"  # per-client link: constant, lognormal or uniform (multiplies bandwidth_mbps)
+    bandwidth_mbps: float = 10.0  # median link bandwidth in megabits per second (both directions)
+    bandwidth_sigma: float = 1.0
+    bandwidth_low: float = 0.5
+    bandwidth_high: float = 2.0
+    trace: str = ""  # a JSON or CSV file of speeds, bandwidths and availability windows
+    dropout: float = 0.0  # fraction of clients that leave for good at a random time
+    dropout_within_s: float = 100.0  # ... drawn uniformly in [0, dropout_within_s]
+
+
+@dataclass
+class ScheduleConfig:
+    """`[schedule]`: when updates are applied (`koinon.schedule`); needs `[clock]` unless sync."""
+
+    name: str = "sync"  # sync, fedasync, fedbuff, fedcompass or fedamd
+    options: dict = field(default_factory=dict)  # the schedule's own options (see `koinon list`)
+
+
+@dataclass
 class LogConfig:
     """What a run logs besides metrics.jsonl."""
 
@@ -151,6 +179,8 @@ class Config:
     deploy: DeployConfig = field(default_factory=lambda: DeployConfig())
     diloco: DiLoCoSection = field(default_factory=lambda: DiLoCoSection())
     log: LogConfig = field(default_factory=lambda: LogConfig())
+    clock: ClockConfig = field(default_factory=lambda: ClockConfig())
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig())
 
     # ---------------------------------------------------------------- (de)serialize
 
@@ -161,7 +191,11 @@ class Config:
                 continue
             section = getattr(self, f.name)
             d = {k: v for k, v in dataclasses.asdict(section).items() if k != "options"}
+            if f.name == "server" and not d["sampler_options"]:
+                del d["sampler_options"]  # written only when set, as before the key existed
             d.update(getattr(section, "options", {}))
+            if f.name in ("clock", "schedule") and section == type(section)():
+                continue  # a run without simulated time writes the config it always did
             if d or f.name != "diloco" or self.topology.name == "diloco":
                 out[f.name] = d  # no empty [diloco] table in a run that is not DiLoCo
         return out
@@ -215,9 +249,10 @@ class Config:
 
 
 SECTIONS = ("data", "model", "client", "server", "codec", "downlink", "aggregator", "runtime", "attack",
-            "topology", "deploy", "diloco", "log")
+            "topology", "deploy", "diloco", "log", "clock", "schedule")
 COMPONENT_SECTIONS = ("model", "codec", "downlink", "aggregator", "runtime", "attack")
-NAME_KEYS = {**{s: "name" for s in COMPONENT_SECTIONS}, "data": "name", "client": "algorithm"}
+NAME_KEYS = {**{s: "name" for s in COMPONENT_SECTIONS}, "data": "name", "client": "algorithm",
+             "schedule": "name"}
 """The key that names a section's component; the section's other keys are its fixed keys plus
 that component's options (see `koinon list`)."""
 
@@ -233,6 +268,8 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
         value = float(value) if ok else value
     elif isinstance(default, str):
         ok = isinstance(value, str)
+    elif isinstance(default, dict):
+        ok = isinstance(value, dict)
     else:
         ok = True
     if not ok:

@@ -26,7 +26,9 @@ def build_federation(cfg: Config) -> Topology:
     """The topology `cfg` names (`topology.name`: federated, gossip or diloco) with every
     component checked; raises a one-line ConfigError before anything runs. Afterwards `cfg`
     spells out every built component's options, defaults included (see `record_defaults`)."""
-    topology = TOPOLOGIES.get(cfg.topology.name, key="topology.name")(cfg)
+    from koinon.schedule import scheduled
+
+    topology = scheduled(cfg, TOPOLOGIES.get(cfg.topology.name, key="topology.name")(cfg))
     record_defaults(cfg)
     return topology
 
@@ -55,6 +57,13 @@ def record_defaults(cfg: Config) -> None:
     cfg.aggregator.options = _aggregator_options(cfg.aggregator.name, cfg.aggregator.options)
     cfg.runtime.options = RUNTIMES.resolve(cfg.runtime.name, cfg.runtime.options)
     cfg.attack.options = ATTACKS.resolve(cfg.attack.name, cfg.attack.options)
+    from koinon.server import SAMPLERS
+
+    cfg.server.sampler_options = SAMPLERS.resolve(cfg.server.sampler, cfg.server.sampler_options)
+    if cfg.clock != type(cfg.clock)() or cfg.schedule != type(cfg.schedule)():
+        from koinon.schedule import SCHEDULES
+
+        cfg.schedule.options = SCHEDULES.resolve(cfg.schedule.name, cfg.schedule.options)
 
 
 def _codec_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -141,6 +150,8 @@ def run_title(cfg: Config) -> str:
             parts.append(f"aggregator {c.aggregator.name}")
         if c.attack.name != "none":
             parts.append(f"attack {c.attack.name} {c.attack.fraction:.0%}")
+    if c.clock.speed != "none" or c.clock.trace:
+        parts.append(f"schedule {c.schedule.name}")
     return " / ".join(parts) + f" / seed {c.seed}"
 
 

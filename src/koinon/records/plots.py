@@ -4,7 +4,8 @@ Drawn from `metrics.jsonl` records only, so any topology's rounds plot the same 
 panel shows test loss (DiLoCo's validation loss) next to the training loss; uplink and downlink
 bytes are separate curves (a codec acts on one direction, the sum would hide it); rounds are
 integer ticks. Gossip rounds carry per-node accuracy (`min_accuracy`, `max_accuracy`), drawn as
-a band, and crashes (`crashed`), drawn as vertical lines.
+a band, and crashes (`crashed`), drawn as vertical lines. Runs over simulated time (`[clock]`,
+records with `sim_time_s`) get a fourth panel: accuracy against simulated seconds.
 """
 
 from __future__ import annotations
@@ -44,7 +45,15 @@ def draw_run(metrics: list[dict[str, Any]], title: str) -> Figure:
         cumulative[m["round"]] = (up / 1e6, down / 1e6)
     rounds = [m["round"] for m in evaluated]
     acc = [m["test_accuracy"] for m in evaluated]
-    fig, (a, loss_ax, b) = plt.subplots(1, 3, figsize=(14, 4))
+    timed = [m for m in evaluated if m.get("sim_time_s") is not None]
+    if timed:
+        fig, (a, loss_ax, b, clock_ax) = plt.subplots(1, 4, figsize=(18, 4))
+        clock_ax.plot([m["sim_time_s"] for m in timed], [m["test_accuracy"] for m in timed], marker=".")
+        clock_ax.set_xlabel("simulated time (s)")
+        clock_ax.set_ylabel("test accuracy")
+        clock_ax.grid(alpha=0.3)
+    else:
+        fig, (a, loss_ax, b) = plt.subplots(1, 3, figsize=(14, 4))
     a.plot(rounds, acc, marker=".", label="test")
     spread = [m for m in evaluated if m.get("min_accuracy") is not None and m.get("max_accuracy") is not None]
     if spread:

@@ -1,7 +1,13 @@
-"""Client samplers: which clients train in a round (seeded by run seed and round)."""
+"""Client samplers: which clients train in a round (seeded by run seed and round).
+
+A sampler may also learn: one with an `observe(feedback: Feedback)` method is told, after every
+server step, which clients' updates were taken, their training losses and their durations
+(`koinon.server.feedback` holds the samplers that use it).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -50,3 +56,15 @@ class Proportional:
         if (w > 0).sum() < k:
             raise ValueError(f"only {(w > 0).sum()} available clients hold data, cannot sample {k}")
         return sorted(int(c) for c in rng.choice(available, size=k, replace=False, p=w / w.sum()))
+
+
+@dataclass
+class Feedback:
+    """What the server tells a sampler after a server step (a round, or an asynchronous
+    buffer): the clients whose updates it took, their mean training losses, and the seconds
+    each one took (None where no clock measured it). Rows follow `client_ids`."""
+
+    round_index: int
+    client_ids: list[int]
+    losses: list[float]
+    durations: list[float | None]

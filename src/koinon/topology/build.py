@@ -127,7 +127,8 @@ def build_components(cfg: Config) -> Components:
         server_context["lr"] = s.lr
     optimizer = SERVER_OPTIMIZERS.build(s.optimizer, {}, "server.optimizer", **server_context)
     s.lr = optimizer.lr  # the resolved config records the learning rate actually used
-    sampler = SAMPLERS.build(s.sampler, {}, "server.sampler")
+    SAMPLERS.get(s.sampler, key="server.sampler")
+    sampler = SAMPLERS.build(s.sampler, s.sampler_options, "server.sampler_options")
     _check_schedule(s)
     if not 1 <= s.clients_per_round <= fed_data.num_clients:
         raise ConfigError(

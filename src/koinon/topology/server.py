@@ -24,6 +24,14 @@ A round:
 
 `apply_update` applies one update at once, outside rounds, for asynchronous schedules
 (FedBuff/FedAsync): decoded, validated, scaled by the caller's staleness weight, stepped.
+`apply_buffered` applies a buffer of such updates as one server step (FedBuff, FedCompass's
+groups): each decoded row is scaled by its staleness weight and the rows are aggregated and
+stepped exactly as `close_round` does, so a full buffer of fresh updates is a FedAvg round.
+`publish` encodes the current model for clients that start now (asynchronous dispatch).
+
+After every server step the sampler may learn from it: a sampler with an `observe(Feedback)`
+method gets the step's clients, their training losses and, when a schedule measured them,
+their durations (`koinon.server.Feedback`).
 """
 
 from __future__ import annotations
@@ -42,12 +50,12 @@ from koinon.compress import Codec
 from koinon.errors import KoinonError
 from koinon.log import notice
 from koinon.seeding import generator
-from koinon.server import Sampler, ServerOptimizer
+from koinon.server import Feedback, Sampler, ServerOptimizer
 from koinon.server.root import RootUpdate, reference_users
 from koinon.update import CohortResult, State
 from koinon.wire import MODEL, Broadcast, Receiver, Rejected
 
-__all__ = ["FederatedServer", "OpenRound", "Rejected", "RoundResult"]
+__all__ = ["Buffered", "FederatedServer", "OpenRound", "Rejected", "RoundResult"]
 
 
 @dataclass
@@ -133,6 +141,20 @@ def digest(payloads: list[bytes]) -> str:
 
 
 @dataclass
+class Buffered:
+    """An update waiting in an asynchronous server's buffer (`apply_buffered`)."""
+
+    client: int
+    payloads: list[bytes]
+    num_samples: int
+    train_loss: float
+    weight: float = 1.0  # staleness weight: the decoded rows are multiplied by it
+    num_steps: int = 0
+    duration_s: float | None = None  # simulated seconds the client took (sampler feedback)
+    offset: torch.Tensor | None = None  # added to the decoded model row before weighting
+
+
+@dataclass
 class Adversary:
     """A simulated attack: which clients are Byzantine and what they do to their updates."""
 
@@ -200,14 +222,15 @@ class FederatedServer:
     # ------------------------------------------------------------------ cohort
 
     def sample(self, round_index: int, population: np.ndarray | None = None,
-               sizes: np.ndarray | None = None) -> list[int]:
-        """The round's cohort from `population` (default: every client), seeded by (seed, round)."""
+               sizes: np.ndarray | None = None, k: int | None = None) -> list[int]:
+        """The round's cohort from `population` (default: every client), seeded by (seed, round);
+        `k` clients (default: clients_per_round)."""
         if population is None:
             population = np.arange(self.num_clients)
         if sizes is None:
             sizes = self.sizes[population]
         rng = np.random.default_rng([self.seed, round_index, 0x5A3B])
-        k = min(self.clients_per_round, len(population))
+        k = min(self.clients_per_round if k is None else k, len(population))
         adv = self.adversary
         if adv is None or not adv.byzantine:
             return sorted(int(c) for c in self.sampler.sample(population, sizes, k, rng))
@@ -224,13 +247,19 @@ class FederatedServer:
         """Encode round `round_index`'s broadcast for `cohort` and start accepting updates."""
         if round_index != self.round_index:
             raise ValueError(f"round {round_index} cannot open: {self.round_index} rounds are done")
-        payloads = self.broadcast.open(round_index, self.params, self.server_state)
+        payloads, received, downloads = self.publish()
+        self.open = OpenRound(round_index, list(cohort), payloads, received, downloads)
+        return self.open
+
+    def publish(self) -> tuple[list[tuple[str, bytes]], torch.Tensor, State]:
+        """The current model's broadcast (named payloads), the model a client decodes from it,
+        and the decoded downloads: what a client starting now receives."""
+        payloads = self.broadcast.open(self.round_index, self.params, self.server_state)
         decode = self.broadcast.codec.decode
         # What the clients start from: in delta mode the reference the change was added to.
         received = self.broadcast.reference if self.broadcast.delta else decode(payloads[0][1])
         downloads = {name: decode(p) for name, p in payloads[1:]}
-        self.open = OpenRound(round_index, list(cohort), payloads, received, downloads)
-        return self.open
+        return payloads, received, downloads
 
     def task_for(self, client: int) -> tuple[list[tuple[str, bytes]], int]:
         """What `client` receives this round, as named payloads, and their byte count: the model
@@ -319,8 +348,9 @@ class FederatedServer:
                                              for c, why in result.failed.items()}}.items():
             rnd.reasons.setdefault(client, reason)
 
-    def close_round(self) -> RoundResult:
-        """Aggregate what was accepted and step the model; the round is done."""
+    def close_round(self, durations: dict[int, float] | None = None) -> RoundResult:
+        """Aggregate what was accepted and step the model; the round is done. `durations`
+        (client -> seconds, when a schedule measured them) go to the sampler's feedback."""
         rnd = self._current()
         r = rnd.index
         if rnd.stacks is not None:  # accept_cohort: rows follow the cohort
@@ -395,7 +425,15 @@ class FederatedServer:
         out.applied = applied
         out.refused = refused_update or ("" if applied else "no valid update arrived, model unchanged")
         out.accepted, out.included = accepted, included
+        self._feedback(r, accepted, rnd.losses, durations or {})
         return out
+
+    def _feedback(self, round_index: int, clients: list[int], losses: dict[int, float],
+                  durations: dict[int, float]) -> None:
+        observe = getattr(self.sampler, "observe", None)
+        if observe is not None and clients:
+            observe(Feedback(round_index, list(clients), [float(losses[c]) for c in clients],
+                             [durations.get(c) for c in clients]))
 
     def _step(self, delta: torch.Tensor) -> str:
         """Step the model by the aggregate, unless the new model would not be finite in float32
@@ -448,6 +486,69 @@ class FederatedServer:
         self.server_state = self.algorithm.server_update(self.server_state, uploads, 1 / self.num_clients)
         self.uplink_total += sum(len(p) for p in payloads)
 
+    def apply_buffered(self, updates: list[Buffered], downlink_bytes: int = 0,
+                       side_uplink_bytes: int = 0) -> RoundResult:
+        """One server step from a buffer of updates (FedBuff, a FedCompass group): each is
+        decoded and validated (a refused one is recorded and left out), its rows are scaled by
+        its staleness weight, and the rows are aggregated, stepped and recorded as `close_round`
+        does. With every weight 1 this is `close_round` on the same updates (same bits).
+        `downlink_bytes`: what the clients in flight were sent since the last step;
+        `side_uplink_bytes`: other uploads of this step (FedAMD's anchor gradients)."""
+        r = self.round_index
+        rows: list[dict[str, torch.Tensor]] = []
+        kept: list[Buffered] = []
+        reasons: dict[int, str] = {}
+        for u in updates:
+            try:
+                decoded = self.receiver.decode(u.client, u.payloads, r, u.num_steps)
+            except Rejected as exc:
+                reasons.setdefault(u.client, str(exc))
+                continue
+            if u.offset is not None:  # FedAsync mixes models: (x_start + delta) - x = delta + offset
+                decoded = {**decoded, MODEL: decoded[MODEL] + u.offset}
+            if u.weight != 1.0:
+                decoded = {s: v * u.weight for s, v in decoded.items()}
+            rows.append(decoded)
+            kept.append(u)
+        applied, refused_update = False, ""
+        if kept:
+            stacks = {s: torch.stack([row[s] for row in rows]) for s in self.streams}
+            weights = torch.tensor([u.num_samples for u in kept], dtype=torch.long).to(torch.float32)
+            try:
+                delta = self.aggregator.aggregate(stacks[MODEL], weights)
+            except ValueError as exc:
+                refused_update = f"aggregator refused the buffer, model unchanged ({exc})"
+            else:
+                refused_update = self._step(delta)
+                if not refused_update:
+                    means = {n: stacks[n].mean(dim=0) for n in self.algorithm.uploads if n in stacks}
+                    self.server_state = self.algorithm.server_update(
+                        self.server_state, means, len(kept) / self.num_clients)
+                    applied = True
+            if refused_update:
+                notice(f"server step {r + 1}: {refused_update}")
+        if applied:
+            for u, row in zip(kept, rows):
+                self.receiver.keep(u.client, row)
+        accepted = [u.client for u in kept]
+        uplink = sum(sum(len(p) for p in u.payloads) for u in updates) + side_uplink_bytes
+        w = torch.tensor([float(u.num_samples) for u in kept], dtype=torch.float64)
+        losses = torch.tensor([u.train_loss for u in kept], dtype=torch.float64)
+        train_loss = float((losses * w).sum() / w.sum().clamp_min(1.0)) if kept else None
+        self.round_index = r + 1
+        self.uplink_total += uplink
+        self.downlink_total += downlink_bytes
+        out = RoundResult(r + 1, len(kept) if applied else 0, uplink, downlink_bytes, train_loss,
+                          sorted(reasons), cohort=[u.client for u in updates], reasons=reasons)
+        if self.record_digests:
+            out.digests = {u.client: digest(u.payloads) for u in updates}
+        out.applied = applied
+        out.refused = refused_update or ("" if applied else "no valid update arrived, model unchanged")
+        out.accepted, out.included = accepted, (accepted if applied else [])
+        self._feedback(r, accepted, {u.client: u.train_loss for u in kept},
+                       {u.client: u.duration_s for u in kept if u.duration_s is not None})
+        return out
+
     # -------------------------------------------------------------- checkpoint
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -459,6 +560,8 @@ class FederatedServer:
         out.update({f"broadcast/{k}": v for k, v in self.broadcast.state_dict().items()})
         if hasattr(self.aggregator, "state_dict"):
             out.update({f"aggregator/{k}": v for k, v in self.aggregator.state_dict().items()})
+        if hasattr(self.sampler, "state_dict"):  # what a learning sampler learned from feedback
+            out.update({f"sampler/{k}": v for k, v in self.sampler.state_dict().items()})
         if self.root is not None:
             out.update({f"root/{k}": v for k, v in self.root.state.items()})
         out["counters"] = torch.tensor([self.round_index, self.uplink_total, self.downlink_total],
@@ -486,6 +589,8 @@ class FederatedServer:
         self.broadcast.load_state_dict(groups.get("broadcast", {}))
         if "aggregator" in groups and hasattr(self.aggregator, "load_state_dict"):
             self.aggregator.load_state_dict(groups["aggregator"])
+        if hasattr(self.sampler, "load_state_dict"):
+            self.sampler.load_state_dict(groups.get("sampler", {}))
         if self.root is not None:
             self.root.state = groups.get("root", {})
         self.round_index, self.uplink_total, self.downlink_total = (int(x) for x in tensors["counters"])
