@@ -18,14 +18,25 @@ MODELS: Registry[nn.Module] = Registry("model")
 
 
 @MODELS.register("mlp")
-def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: list = [64]) -> nn.Module:  # noqa: B006
-    """Multi-layer perceptron with ReLU (default one hidden layer of 64: 64-64-10 on digits)."""
+def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: list = [64], norm: str = "none") -> nn.Module:  # noqa: B006
+    """Multi-layer perceptron with ReLU (default one hidden layer of 64: 64-64-10 on digits).
+
+    `norm = "layer"` puts a LayerNorm after each hidden Linear, `"batch"` a BatchNorm1d that
+    normalizes with the statistics of the batch at hand, also in evaluation (no running
+    statistics: the model stays vectorizable), e.g. for FedBN."""
     if not all(isinstance(h, int) and h > 0 for h in hidden):
         raise ValueError(f"model.hidden must be a list of positive integers, got {hidden}")
+    if norm not in ("none", "layer", "batch"):
+        raise ValueError(f"model.norm must be 'none', 'layer' or 'batch', got {norm!r}")
     dims = [prod(input_shape), *hidden]
     layers: list[nn.Module] = [nn.Flatten()]
     for a, b in zip(dims[:-1], dims[1:]):
-        layers += [nn.Linear(a, b), nn.ReLU()]
+        layers.append(nn.Linear(a, b))
+        if norm == "layer":
+            layers.append(nn.LayerNorm(b))
+        elif norm == "batch":
+            layers.append(nn.BatchNorm1d(b, track_running_stats=False))
+        layers.append(nn.ReLU())
     layers.append(nn.Linear(dims[-1], num_classes))
     return nn.Sequential(*layers)
 
