@@ -13,7 +13,13 @@ from koinon.personal import clusters as _clusters  # noqa: F401  (registers ifca
 from koinon.personal import meta as _meta  # noqa: F401  (registers perfedavg)
 from koinon.personal import methods as _methods  # noqa: F401  (registers finetune, fedbn, fedper, fedrep, ditto)
 from koinon.personal.clusters import IFCA, ClusteredMeta, hierarchical_clusters
-from koinon.personal.evaluate import PersonalEvaluation, per_client_accuracy, personal_models, split_new_clients, summarize
+from koinon.personal.evaluate import (
+    PersonalEvaluation,
+    per_client_accuracy,
+    personal_models,
+    split_new_clients,
+    summarize,
+)
 from koinon.personal.meta import PerFedAvg
 from koinon.personal.methods import Ditto, FedBN, FedPer, FedRep, FineTune
 from koinon.personal.shift import SHIFTS, feature_shift

@@ -55,13 +55,10 @@ class _Clusters:
 
     name = "clusters"
     uploads: tuple[str, ...] = ("assignment",)
+    downloads: tuple[str, ...]
     num_clusters: int
     init_scale: float
     seed: int
-
-    @property
-    def downloads(self) -> tuple[str, ...]:  # type: ignore[override]
-        return tuple(f"cluster_{j}" for j in range(self.num_clusters))
 
     def _check(self, clusters: int, init_scale: float) -> None:
         if not isinstance(clusters, int) or isinstance(clusters, bool) or clusters < 1:
@@ -120,10 +117,13 @@ class IFCA(_Clusters, LocalSGD):
 
     def __init__(self, clusters: int = 2, init_scale: float = 0.05, adapt_steps: int = 0, seed: int = 0) -> None:
         self._check(clusters, init_scale)
+        if not isinstance(adapt_steps, int) or adapt_steps < 0:
+            raise ValueError(f"client.adapt_steps must be an integer >= 0, got {adapt_steps!r}")
         self.num_clusters = clusters
         self.init_scale = float(init_scale)
         self.adapt_steps = adapt_steps
         self.seed = seed
+        self.downloads = tuple(f"cluster_{j}" for j in range(clusters))
 
     def start(self, trainer: CohortTrainer, client_ids: list[int], global_params: torch.Tensor,
               server_state: State, client_states: list[State]) -> torch.Tensor:
@@ -171,7 +171,7 @@ class ClusteredMeta(_Clusters, PerFedAvg):
 
     name = "clustered_meta"
 
-    def __init__(self, clusters: int = 4, threshold: float = 0.6, cluster_round: int = 3, alpha: float = 0.01,
+    def __init__(self, clusters: int = 4, threshold: float = 0.7, cluster_round: int = 1, alpha: float = 0.01,
                  adapt_steps: int = 5, seed: int = 0) -> None:
         PerFedAvg.__init__(self, alpha, adapt_steps)
         self._check(clusters, 0.0)
@@ -184,10 +184,7 @@ class ClusteredMeta(_Clusters, PerFedAvg):
         self.threshold = float(threshold)
         self.cluster_round = cluster_round
         self.seed = seed
-
-    @property
-    def downloads(self) -> tuple[str, ...]:  # type: ignore[override]
-        return (*super().downloads, "membership")
+        self.downloads = (*(f"cluster_{j}" for j in range(clusters)), "membership")
 
     def init_server_state(self, numel: int) -> State:
         return {**super().init_server_state(numel), "membership": torch.zeros(numel), "rounds": torch.zeros(1)}

@@ -10,7 +10,7 @@ a transform (planted clusters); with 0 every client has its own. Group g of G (g
 - `rotation`: images `[C, H, W]` rotated by strength * 360 * g / G degrees (bilinear, zeros
   outside); 1-D signals `[C, L]` circularly shifted by strength * L * g / G steps;
 - `noise`: additive Gaussian noise of standard deviation strength * g / max(G - 1, 1), drawn
-  once per sample (seeded);
+  once per sample (seeded per client);
 - `contrast`: x -> mean + c (x - mean) around each sample's mean, c = 1 - 0.8 strength g / max(G - 1, 1);
 - `permute`: the input features in a seeded permutation of group g's own (group 0 unpermuted);
   `strength` is the share of features permuted.
@@ -50,22 +50,24 @@ def _rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def transform(x: torch.Tensor, kind: str, group: int, num_groups: int, strength: float, seed: int) -> torch.Tensor:
-    """`x` (`[N, ...]`) as group `group` of `num_groups` sees it (see the module docstring)."""
+def transform(x: torch.Tensor, kind: str, group: int, num_groups: int, strength: float, seed: int,
+              client: int = 0) -> torch.Tensor:
+    """`x` (`[N, ...]`) as group `group` of `num_groups` sees it (see the module docstring); the
+    noise is drawn per `client`, the other transforms are the group's."""
+    if group == 0:  # the untransformed group, exactly
+        return x
     frac = group / num_groups
     ramp = group / max(num_groups - 1, 1)
     if kind == "rotation":
         return _rotate(x, strength * 360.0 * frac) if x.dim() >= 3 else x
     if kind == "noise":
-        gen = generator(seed, 0x5F1F, group)
+        gen = generator(seed, 0x5F1F, group, client)
         return x + strength * ramp * torch.randn(x.shape, generator=gen)
     if kind == "contrast":
         c = 1.0 - 0.8 * strength * ramp
         mean = x.flatten(1).mean(dim=1).view(-1, *([1] * (x.dim() - 1)))
         return mean + c * (x - mean)
     if kind == "permute":
-        if group == 0:
-            return x
         flat = x.flatten(1)
         f = flat.shape[1]
         gen = generator(seed, 0x5F1F, group)
@@ -94,11 +96,7 @@ def feature_shift(data: FederatedData, kind: str, seed: int, groups: int = 0, st
     group_of = shift_groups(data.num_clients, groups, seed)
     num_groups = int(group_of.max()) + 1 if len(group_of) else 1
     x = ds.x_train.clone()
-    for g in range(num_groups):
-        members = [data.client_indices[c] for c in np.flatnonzero(group_of == g)]
-        if not members:
-            continue
-        ix = torch.cat(members)
+    for c, ix in enumerate(data.client_indices):
         if len(ix):
-            x[ix] = transform(ds.x_train[ix], kind, g, num_groups, strength, seed)
+            x[ix] = transform(ds.x_train[ix], kind, int(group_of[c]), num_groups, strength, seed, c)
     return FederatedData(dataclasses.replace(ds, x_train=x), data.client_indices)

@@ -111,11 +111,10 @@ def build_components(cfg: Config) -> Components:
         cfg.seed, partition_options(d.partition, {"alpha": d.alpha, "classes_per_client": d.classes_per_client,
                                                   "power": d.power}),
     )
-    if d.feature_shift != "none":
-        from koinon.personal import feature_shift
+    from koinon.personal import feature_shift
 
-        fed_data = guard(f"data.feature_shift = {d.feature_shift!r}", feature_shift, fed_data, d.feature_shift,
-                         cfg.seed, d.shift_groups, d.shift_strength)
+    fed_data = guard(f"data.feature_shift = {d.feature_shift!r}", feature_shift, fed_data, d.feature_shift,
+                     cfg.seed, d.shift_groups, d.shift_strength)
     model = build_model(cfg.model.name, cfg.model.options, dataset.input_shape, dataset.num_classes, cfg.seed)
     c = cfg.client
     local = guard(
