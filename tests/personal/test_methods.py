@@ -291,3 +291,14 @@ def test_fedrep_with_one_client_is_its_local_alternation():
     mask = alg.shared_mask(fed.layout)
     assert torch.allclose(model[mask], w[mask], atol=1e-5)
     assert torch.allclose(model[~mask], state["private"], atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["layer", "batch"])
+def test_mlp_norm_has_normalization_layers_fedbn_finds(norm):
+    model = kn.build_model("mlp_norm", {"hidden": [16, 8], "norm": norm}, (1, 8, 8), 10, seed=0)
+    assert model(torch.randn(5, 1, 8, 8)).shape == (5, 10) and not list(model.buffers())
+    layout = Layout.from_module(model)
+    found = [e.name for e in layout.entries if norm_mask(layout)[e.offset]]
+    assert found == ["2.weight", "2.bias", "5.weight", "5.bias"]
+    with pytest.raises(kn.ConfigError, match="model.norm"):
+        kn.build_model("mlp_norm", {"norm": "group"}, (1, 8, 8), 10, seed=0)
