@@ -57,8 +57,10 @@ def test_fedavg_personal_accuracy_is_the_global_models_client_accuracy():
         assert r.extra[f"personal_accuracy_{stat}"] == pytest.approx(r.extra[f"client_accuracy_{stat}"])
     assert r.extra["personal_accuracy_min"] == pytest.approx(r.extra["client_accuracy_worst"])
     # New clients under FedAvg serve the global model: their accuracy is that model's on their split.
+    # They are other clients than the training ones: ids 8 and 9, no samples under ids 0-7.
     new_data, held = fed.personal.new_train.data, fed.personal.new_held
-    direct = evaluate_clients(fed.model, fed.layout, fed.params, new_data, held, [0, 1], kn.local.cross_entropy)
+    assert new_data.num_clients == 10 and all(len(new_data.client_indices[c]) == 0 for c in range(8))
+    direct = evaluate_clients(fed.model, fed.layout, fed.params, new_data, held, [8, 9], kn.local.cross_entropy)
     assert r.extra["new_client_accuracy_mean"] == pytest.approx(direct["client_accuracy_mean"])
 
 
@@ -126,3 +128,25 @@ def test_percentile_matches_numpy():
     acc = torch.rand(37, generator=torch.Generator().manual_seed(0))
     out = summarize(acc, torch.ones(37), "p")
     assert out["p_p10"] == pytest.approx(float(np.percentile(acc.numpy(), 10)))
+
+
+@pytest.mark.parametrize(("algorithm", "options"), [
+    ("fedbn", {}), ("fedper", {"adapt_steps": 5}), ("fedrep", {"head_steps": 2}), ("ditto", {"lam": 0.5}),
+    ("perfedavg", {"alpha": 0.02}), ("ifca", {"clusters": 3}), ("clustered_meta", {"clusters": 2}),
+])
+def test_every_method_runs_from_a_config_with_its_options(tmp_path, algorithm, options):
+    cfg = _config(tmp_path, client_test_fraction=0.25)
+    cfg.model.name = "mlp_norm"
+    cfg.client.algorithm, cfg.client.options = algorithm, dict(options)
+    summary = kn.run_experiment(cfg, tmp_path / "run", progress=False)
+    assert summary["final_accuracy"] > 0.0
+    cfg.client.options = {**options, "no_such_option": 1}
+    with pytest.raises(kn.ConfigError, match="no_such_option"):
+        kn.run_experiment(cfg, tmp_path / "again", progress=False)
+
+
+def test_personal_metrics_need_a_server(tmp_path):
+    cfg = _config(tmp_path, client_test_fraction=0.25)
+    cfg.topology.name = "gossip"
+    with pytest.raises(kn.ConfigError, match="topology.name = 'federated'"):
+        kn.run_experiment(cfg, tmp_path / "run", progress=False)

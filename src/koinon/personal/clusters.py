@@ -191,7 +191,11 @@ class ClusteredMeta(_Clusters, PerFedAvg):
 
     def choose(self, trainer: CohortTrainer, client_ids: list[int], global_params: torch.Tensor,
                server_state: State, client_states: list[State]) -> torch.Tensor:
-        member = server_state["membership"][torch.as_tensor(client_ids, dtype=torch.long)].long() - 1
+        ids = torch.as_tensor(client_ids, dtype=torch.long)
+        table = server_state["membership"]
+        member = torch.full((len(client_ids),), -1, dtype=torch.long)
+        known = ids < table.numel()  # a client past the table has not been assigned
+        member[known] = table[ids[known]].long() - 1
         fresh = member < 0
         if bool(fresh.any()) and bool((server_state["membership"] > 0).any()):
             ids = [c for c, f in zip(client_ids, fresh.tolist()) if f]

@@ -123,8 +123,12 @@ class PersonalEvaluation:
         self.new_train: CohortTrainer | None = None
         self.new_held: list[torch.Tensor] = []
         if new_clients is not None:
-            self.new_train = with_steps(trainer, data=new_clients[0])
-            self.new_held = new_clients[1]
+            # New clients get ids after the training population's (they are other clients: no
+            # state, no cluster membership, their own seeds).
+            data, held_new = new_clients
+            none = [torch.zeros(0, dtype=torch.long)] * trainer.data.num_clients
+            self.new_train = with_steps(trainer, data=FederatedData(data.dataset, none + list(data.client_indices)))
+            self.new_held = none + list(held_new)
 
     def metrics(self, params: torch.Tensor, server_state: State, client_states: dict[int, State],
                 round_index: int) -> dict[str, float]:
@@ -140,7 +144,7 @@ class PersonalEvaluation:
                                               [self.held[c] for c in ids])
             out.update(summarize(acc, counts, "personal_accuracy"))
         if self.new_train is not None:
-            new_ids = [c for c in range(self.new_train.data.num_clients) if len(self.new_held[c])]
+            new_ids = [c for c in range(t.data.num_clients, self.new_train.data.num_clients) if len(self.new_held[c])]
             if new_ids:
                 models = personal_models(alg, self.new_train, new_ids, params, server_state,
                                          [{} for _ in new_ids], self.seed + 1, round_index)

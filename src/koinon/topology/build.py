@@ -197,6 +197,9 @@ def build_gossip(cfg: Config, /) -> Topology:
     from koinon.server.root import reference_users
 
     parts = build_components(cfg)
+    if cfg.data.client_test_fraction or cfg.data.holdout_clients:
+        raise ConfigError("data.client_test_fraction / data.holdout_clients (personalized metrics) need "
+                          f"topology.name = 'federated', not {cfg.topology.name!r}")
     if reference_users(parts.aggregator):
         raise ConfigError(f"aggregator.name = {cfg.aggregator.name!r} needs a server with a root dataset; "
                           f"topology.name = {cfg.topology.name!r} has none (use topology.name = 'federated')")
