@@ -197,10 +197,10 @@ class ClusteredMeta(_Clusters, PerFedAvg):
         known = ids < table.numel()  # a client past the table has not been assigned
         member[known] = table[ids[known]].long() - 1
         fresh = member < 0
-        if bool(fresh.any()) and bool((server_state["membership"] > 0).any()):
-            ids = [c for c, f in zip(client_ids, fresh.tolist()) if f]
-            formed = sorted(set((server_state["membership"][server_state["membership"] > 0].long() - 1).tolist()))
-            losses = cluster_losses(trainer, ids, self.models(global_params, server_state)[formed])
+        if bool(fresh.any()) and bool((table > 0).any()):
+            newcomers = [c for c, f in zip(client_ids, fresh.tolist()) if f]
+            formed = sorted(set((table[table > 0].long() - 1).tolist()))
+            losses = cluster_losses(trainer, newcomers, self.models(global_params, server_state)[formed])
             member[fresh] = torch.tensor(formed)[losses.argmin(dim=1)]
         return member.clamp_min(0)
 
