@@ -302,3 +302,40 @@ def test_mlp_norm_has_normalization_layers_fedbn_finds(norm):
     assert found == ["2.weight", "2.bias", "5.weight", "5.bias"]
     with pytest.raises(kn.ConfigError, match="model.norm"):
         kn.build_model("mlp_norm", {"norm": "group"}, (1, 8, 8), 10, seed=0)
+
+
+def test_clustered_meta_members_keep_their_cluster_and_newcomers_pick_by_loss():
+    data = _digits()
+    alg = ClusteredMeta(clusters=2)
+    trainer, w = _trainer(alg, data)
+    good = w.clone()
+    for _ in range(30):  # a model trained on client 0's data
+        ix = data.client_indices[0]
+        good -= 0.5 * _grad(trainer.module, trainer.layout, good, trainer.x_train[ix], trainer.y_train[ix])
+    membership = torch.zeros_like(w)
+    membership[3], membership[4] = 1.0, 2.0  # client 3 in cluster 0, client 4 in cluster 1
+    state = {"cluster_0": torch.zeros_like(w), "cluster_1": good - w, "membership": membership}
+    # 3 and 4 keep theirs; 0 (unassigned) picks cluster 1, the better one on its data
+    assert alg.choose(trainer, [3, 4, 0], w, state, [{}] * 3).tolist() == [0, 1, 1]
+
+
+@pytest.mark.parametrize("make", [lambda: FedRep(head_steps=2), lambda: IFCA(clusters=2),
+                                  lambda: ClusteredMeta(clusters=2, cluster_round=2)],
+                         ids=["fedrep", "ifca", "clustered_meta"])
+def test_resume_continues_a_personalized_run_exactly(tmp_path, make):
+    def fed():
+        return kn.Federation(_model(), _digits(8, "dirichlet"), local=LocalTraining(lr=0.1), clients_per_round=4,
+                             seed=2, algorithm=make(), runtime="inprocess")
+
+    whole = fed()
+    whole.fit(4)
+    first = fed()
+    first.fit(2, out=tmp_path / "run")
+    again = fed()
+    again.fit(4, out=tmp_path / "run", resume=True)
+    assert torch.equal(again.params, whole.params)
+    assert again.client_states.keys() == whole.client_states.keys()
+    for c, st in whole.client_states.items():
+        assert all(torch.equal(v, again.client_states[c][k]) for k, v in st.items())
+    for key, v in whole.server.server_state.items():
+        assert torch.equal(v, again.server.server_state[key]), key
