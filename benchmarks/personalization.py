@@ -47,6 +47,7 @@ METHODS = {
     "perfedavg": {"alpha": 0.05, "adapt_steps": 5},
     "ifca": {"clusters": 4, "adapt_steps": 20},
     "clustered_meta": {"clusters": 4, "alpha": 0.05, "adapt_steps": 20},
+    "fedcac": {"tau": 0.5, "beta": 170.0, "adapt_steps": 20},
 }
 
 

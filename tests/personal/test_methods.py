@@ -12,6 +12,7 @@ from koinon.data import FederatedData
 from koinon.local import CohortTrainer, LocalTraining, cross_entropy
 from koinon.params import Layout
 from koinon.personal import (
+    FedCAC,
     IFCA,
     ClusteredMeta,
     Ditto,
@@ -206,8 +207,8 @@ def test_fedbn_normalization_layers_never_appear_in_a_payload():
 @pytest.mark.parametrize("make", [
     lambda: FineTune(adapt_steps=3), lambda: FedBN(), lambda: FedPer(), lambda: FedRep(head_steps=2),
     lambda: Ditto(lam=0.2), lambda: PerFedAvg(alpha=0.05, adapt_steps=2), lambda: IFCA(clusters=2),
-    lambda: ClusteredMeta(clusters=3, cluster_round=1),
-], ids=["finetune", "fedbn", "fedper", "fedrep", "ditto", "perfedavg", "ifca", "clustered_meta"])
+    lambda: ClusteredMeta(clusters=3, cluster_round=1), lambda: FedCAC(beta=2.0),
+], ids=["finetune", "fedbn", "fedper", "fedrep", "ditto", "perfedavg", "ifca", "clustered_meta", "fedcac"])
 def test_both_local_runtimes_give_the_same_models(make):
     feds = []
     for runtime in ("inprocess", "vectorized"):
@@ -248,8 +249,8 @@ def _local_chain(trainer, w, rounds, algorithm):
 
 @pytest.mark.parametrize("make", [
     lambda: LocalSGD(), lambda: FineTune(adapt_steps=0), lambda: FedBN(), lambda: FedPer(),
-    lambda: IFCA(clusters=1, init_scale=0.0),
-], ids=["fedavg", "finetune", "fedbn", "fedper", "ifca"])
+    lambda: IFCA(clusters=1, init_scale=0.0), lambda: FedCAC(adapt_steps=0),
+], ids=["fedavg", "finetune", "fedbn", "fedper", "ifca", "fedcac"])
 def test_with_one_client_every_method_is_local_training(make):
     fed, start, model = _one_client(make())
     local = _local_chain(fed.runtime.trainer, start, 3, LocalSGD())
@@ -320,8 +321,8 @@ def test_clustered_meta_members_keep_their_cluster_and_newcomers_pick_by_loss():
 
 
 @pytest.mark.parametrize("make", [lambda: FedRep(head_steps=2), lambda: IFCA(clusters=2),
-                                  lambda: ClusteredMeta(clusters=2, cluster_round=2)],
-                         ids=["fedrep", "ifca", "clustered_meta"])
+                                  lambda: ClusteredMeta(clusters=2, cluster_round=2), lambda: FedCAC()],
+                         ids=["fedrep", "ifca", "clustered_meta", "fedcac"])
 def test_resume_continues_a_personalized_run_exactly(tmp_path, make):
     def fed():
         return kn.Federation(_model(), _digits(8, "dirichlet"), local=LocalTraining(lr=0.1), clients_per_round=4,

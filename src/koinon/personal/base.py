@@ -23,6 +23,7 @@ from koinon.clients.base import LocalSGD
 from koinon.local.algorithm import State
 from koinon.local.trainer import CohortTrainer
 from koinon.params import Layout
+from koinon.seeding import generator
 
 
 class Frozen(LocalSGD):
@@ -116,3 +117,22 @@ def private_models(global_params: torch.Tensor, mask: torch.Tensor, client_state
 
 def has_state(client_states: list[State], key: str) -> torch.Tensor:
     return torch.tensor([key in st for st in client_states], dtype=torch.bool)
+
+
+def personal_downlinks(algorithm: object, server_state: State, cohort: list[int], states: list[State], codec,
+                       seed: int, round_index: int) -> tuple[list[State], int]:
+    """Each client's state with what the server sends to it alone (the algorithm's optional
+    `downlink_for(server_state, client) -> State`, e.g. FedCAC's customized model), as the
+    client decodes it from the downlink codec's bytes; and the bytes sent."""
+    hook = getattr(algorithm, "downlink_for", None)
+    if hook is None:
+        return states, 0
+    out, nbytes = [], 0
+    for c, st in zip(cohort, states):
+        extra = {}
+        for i, (name, tensor) in enumerate(sorted(hook(server_state, c).items())):
+            payload, _ = codec.encode(tensor, codec.init_state(), generator(seed, round_index, c, 0xD0A1, i))
+            nbytes += len(payload)
+            extra[name] = codec.decode(payload)
+        out.append({**st, **extra})
+    return out, nbytes

@@ -29,7 +29,7 @@ from koinon.data.federated import FederatedData
 from koinon.errors import ConfigError
 from koinon.local import CohortTrainer, cross_entropy, evaluate
 from koinon.params import Layout
-from koinon.personal import PersonalEvaluation, split_new_clients
+from koinon.personal import PersonalEvaluation, personal_downlinks, split_new_clients
 from koinon.records import Callback, folder
 from koinon.runtime import RUNTIMES, Runtime
 from koinon.seeding import generator
@@ -265,9 +265,13 @@ class Federation:
         else:
             rnd.downlink_bytes = len(rnd.payloads[0][1]) * len(cohort)
         rnd.downlink_bytes += sum(len(p) for _, p in rnd.payloads[1:]) * len(cohort)
+        # A model made for one client (FedCAC's) goes to that client alone, its bytes counted.
+        states, personal_bytes = personal_downlinks(self.algorithm, server.server_state, cohort,
+                                                    [self.client_states.get(c, {}) for c in cohort],
+                                                    self.downlink, self.seed, r)
+        rnd.downlink_bytes += personal_bytes
         result = self.runtime.train(
-            cohort, rnd.received, rnd.downloads, [self.client_states.get(c, {}) for c in cohort],
-            self.seed, r, self.sender.for_cohort(cohort, r),
+            cohort, rnd.received, rnd.downloads, states, self.seed, r, self.sender.for_cohort(cohort, r),
         )
         server.accept_cohort(result)
         out = server.close_round()
