@@ -12,11 +12,11 @@ from koinon.data import FederatedData
 from koinon.local import CohortTrainer, LocalTraining, cross_entropy
 from koinon.params import Layout
 from koinon.personal import (
-    FedCAC,
     IFCA,
     ClusteredMeta,
     Ditto,
     FedBN,
+    FedCAC,
     FedPer,
     FedRep,
     FineTune,
