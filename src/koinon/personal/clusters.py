@@ -110,7 +110,7 @@ class IFCA(_Clusters, LocalSGD):
     client evaluates all of them on its data, trains the one with the lowest loss (model
     averaging variant: local SGD, its update counts for that cluster only) and serves it. The
     cluster models start as the global model plus seeded N(0, init_scale^2) offsets (the paper
-    draws them at random). A new client picks by loss too, then serves the model as it is
+    draws them at random; the run's seed seeds them). A new client picks by loss too, then serves the model as it is
     (`adapt_steps` = 0) or fine-tunes it."""
 
     name = "ifca"

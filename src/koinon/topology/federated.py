@@ -160,7 +160,7 @@ class Federation:
         self.evaluation = evaluation or Evaluation()
         aggregator = _aggregator(aggregator, byzantine_fraction, clients_per_round)
         self.local = LocalTraining(**local) if isinstance(local, dict) else (local or LocalTraining())
-        self.algorithm = component(CLIENT_ALGORITHMS, algorithm, "client.algorithm", ("begin", "end"))
+        self.algorithm = component(CLIENT_ALGORITHMS, algorithm, "client.algorithm", ("begin", "end"), seed=seed)
         self.layout = Layout.from_module(model)
         # FLTrust and the like: the server sets its clean root dataset aside before anything
         # else (so no client, honest or Byzantine, owns those samples) and trains on it itself.
