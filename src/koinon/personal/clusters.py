@@ -153,7 +153,7 @@ class IFCA(_Clusters, LocalSGD):
 class ClusteredMeta(_Clusters, PerFedAvg):
     """Adaptive personalization by hierarchical clustering of client updates, with meta-learning
     inside the clusters ("Adaptive Personalization in Federated Learning for Highly Non-i.i.d.
-    Data", 2022, https://arxiv.org/abs/2207.03448).
+    Data", 2022).
 
     Every client meta-trains (first-order Per-FedAvg, `koinon.personal.meta`) from its cluster's
     model. Until round `cluster_round` everyone is in cluster 0 (federated meta-learning of one

@@ -1,7 +1,7 @@
 """FedCAC: per-parameter sensitivity decides what a client shares, and with whom.
 
 Wu et al., "Bold but Cautious: Unlocking the Potential of Personalized Federated Learning through
-Cautiously Aggressive Collaboration" (ICCV 2023), https://arxiv.org/abs/2309.11103.
+Cautiously Aggressive Collaboration" (ICCV 2023).
 
 A round of client k:
 1. it starts from the global model, except on its *critical* parameters (its mask M_k from the
