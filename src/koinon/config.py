@@ -34,6 +34,11 @@ class DataConfig:
     test_fraction: float = 0.2
     classes_per_client: int = 2  # partition = "shards"
     power: float = 1.5  # partition = "quantity"
+    client_test_fraction: float = 0.0  # each client's held-out share: personalized metrics (koinon.personal)
+    holdout_clients: float = 0.0  # clients kept out of training (count >= 1, or share < 1): new-client metrics
+    feature_shift: str = "none"  # per-client input transform: none, rotation, noise, contrast, permute
+    shift_groups: int = 0  # clients sharing a transform (0 = each client its own)
+    shift_strength: float = 1.0  # how strong the transform is, in [0, 1]
     options: dict = field(default_factory=dict)  # dataset options, e.g. num_samples for mnist1d
 
 

@@ -94,6 +94,9 @@ def check_deployable(fed: Any, cfg: Config) -> Federation:
     if not isinstance(fed, Federation):
         raise ConfigError(f"topology.name = {cfg.topology.name!r}: koinon server runs server-based "
                           "federations only (topology.name = 'federated')")
+    if hasattr(fed.algorithm, "downlink_for"):
+        raise ConfigError(f"client.algorithm = {cfg.client.algorithm!r} sends each client its own model "
+                          "(a per-client download), which koinon server does not send yet; run it in simulation")
     return fed
 
 

@@ -20,12 +20,31 @@ MODELS: Registry[nn.Module] = Registry("model")
 @MODELS.register("mlp")
 def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: list = [64]) -> nn.Module:  # noqa: B006
     """Multi-layer perceptron with ReLU (default one hidden layer of 64: 64-64-10 on digits)."""
+    return _mlp(input_shape, num_classes, hidden, "none")
+
+
+@MODELS.register("mlp_norm")
+def mlp_norm(input_shape: tuple[int, ...], num_classes: int, hidden: list = [64], norm: str = "layer") -> nn.Module:  # noqa: B006
+    """The MLP with a normalization layer after each hidden Linear (e.g. for FedBN): `"layer"`
+    (LayerNorm) or `"batch"` (BatchNorm1d normalizing with the statistics of the batch at
+    hand, also in evaluation: no running statistics, so the model stays vectorizable)."""
+    if norm not in ("layer", "batch"):
+        raise ValueError(f"model.norm must be 'layer' or 'batch', got {norm!r}")
+    return _mlp(input_shape, num_classes, hidden, norm)
+
+
+def _mlp(input_shape: tuple[int, ...], num_classes: int, hidden: list, norm: str) -> nn.Module:
     if not all(isinstance(h, int) and h > 0 for h in hidden):
         raise ValueError(f"model.hidden must be a list of positive integers, got {hidden}")
     dims = [prod(input_shape), *hidden]
     layers: list[nn.Module] = [nn.Flatten()]
     for a, b in zip(dims[:-1], dims[1:]):
-        layers += [nn.Linear(a, b), nn.ReLU()]
+        layers.append(nn.Linear(a, b))
+        if norm == "layer":
+            layers.append(nn.LayerNorm(b))
+        elif norm == "batch":
+            layers.append(nn.BatchNorm1d(b, track_running_stats=False))
+        layers.append(nn.ReLU())
     layers.append(nn.Linear(dims[-1], num_classes))
     return nn.Sequential(*layers)
 

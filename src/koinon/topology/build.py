@@ -24,6 +24,7 @@ from koinon.params import Layout
 from koinon.registry import Registry
 from koinon.server import SAMPLERS, SERVER_OPTIMIZERS, Sampler, ServerOptimizer
 from koinon.topology.base import TOPOLOGIES, Topology
+from koinon.topology.evaluation import Evaluation
 from koinon.topology.federated import Federation, check_aggregator
 from koinon.topology.gossip import Gossip, split_options
 
@@ -110,6 +111,10 @@ def build_components(cfg: Config) -> Components:
         cfg.seed, partition_options(d.partition, {"alpha": d.alpha, "classes_per_client": d.classes_per_client,
                                                   "power": d.power}),
     )
+    from koinon.personal import feature_shift
+
+    fed_data = guard(f"data.feature_shift = {d.feature_shift!r}", feature_shift, fed_data, d.feature_shift,
+                     cfg.seed, d.shift_groups, d.shift_strength)
     model = build_model(cfg.model.name, cfg.model.options, dataset.input_shape, dataset.num_classes, cfg.seed)
     c = cfg.client
     local = guard(
@@ -119,8 +124,8 @@ def build_components(cfg: Config) -> Components:
         lr_schedule=c.lr_schedule, lr_warmup=c.lr_warmup,
     )
     CLIENT_ALGORITHMS.get(c.algorithm, key="client.algorithm")
-    _check_options(CLIENT_ALGORITHMS, c.algorithm, "client", c, context=("mu",))
-    algorithm = CLIENT_ALGORITHMS.build(c.algorithm, c.options, "client", mu=c.mu)
+    _check_options(CLIENT_ALGORITHMS, c.algorithm, "client", c, context=("mu", "seed"))
+    algorithm = CLIENT_ALGORITHMS.build(c.algorithm, c.options, "client", mu=c.mu, seed=cfg.seed)
     s = cfg.server
     server_context: dict[str, Any] = {"momentum": s.momentum, "beta1": s.beta1, "beta2": s.beta2, "tau": s.tau}
     if s.lr:
@@ -173,12 +178,17 @@ def build_federated(cfg: Config, /) -> Topology:
     """A server and simulated clients (FedAvg family, robust aggregation, attacks)."""
     parts = build_components(cfg)
     s, a = cfg.server, cfg.attack
+    if cfg.data.holdout_clients and not cfg.data.client_test_fraction:
+        raise ConfigError(f"data.holdout_clients = {cfg.data.holdout_clients} needs data.client_test_fraction > 0 "
+                          "(new clients are scored on their held-out share)")
     return guard(
         "federation", Federation, parts.model, parts.fed_data, local=parts.local,
         algorithm=parts.algorithm, server_optimizer=parts.optimizer, sampler=parts.sampler,
         codec=parts.codec, downlink=parts.downlink, aggregator=parts.aggregator,
         runtime=parts.runtime, clients_per_round=s.clients_per_round, seed=cfg.seed,
         attack=parts.attack, byzantine_fraction=a.fraction, downlink_delta=cfg.downlink.delta,
+        evaluation=guard("data", Evaluation, holdout=cfg.data.client_test_fraction,
+                         new_clients=cfg.data.holdout_clients),
     )
 
 
@@ -188,6 +198,9 @@ def build_gossip(cfg: Config, /) -> Topology:
     from koinon.server.root import reference_users
 
     parts = build_components(cfg)
+    if cfg.data.client_test_fraction or cfg.data.holdout_clients:
+        raise ConfigError("data.client_test_fraction / data.holdout_clients (personalized metrics) need "
+                          f"topology.name = 'federated', not {cfg.topology.name!r}")
     if reference_users(parts.aggregator):
         raise ConfigError(f"aggregator.name = {cfg.aggregator.name!r} needs a server with a root dataset; "
                           f"topology.name = {cfg.topology.name!r} has none (use topology.name = 'federated')")

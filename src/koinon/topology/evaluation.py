@@ -40,8 +40,12 @@ class Evaluation:
     holdout: float = 0.0  # share of each client's samples held out for client-side evaluation
     clients: int = 0  # clients evaluated a round (a seeded sample); 0 = every client
     evaluate_fn: EvaluateFn | None = None  # server-side hook: (model, round) -> metrics
+    new_clients: float = 0.0  # clients kept out of training (count >= 1 or share < 1), see koinon.personal
 
     def __post_init__(self) -> None:
+        if self.new_clients < 0 or (self.new_clients and not self.holdout):
+            raise ValueError(f"evaluation new_clients = {self.new_clients}: must be >= 0, and > 0 needs "
+                             "holdout > 0 (each client's held-out share)")
         if not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"evaluation holdout must be in [0, 1), got {self.holdout}")
         if self.clients < 0:

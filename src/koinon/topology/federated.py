@@ -29,6 +29,7 @@ from koinon.data.federated import FederatedData
 from koinon.errors import ConfigError
 from koinon.local import CohortTrainer, cross_entropy, evaluate
 from koinon.params import Layout
+from koinon.personal import PersonalEvaluation, personal_downlinks, split_new_clients
 from koinon.records import Callback, folder
 from koinon.runtime import RUNTIMES, Runtime
 from koinon.seeding import generator
@@ -138,6 +139,12 @@ class Federation:
     ) -> None:
         if not isinstance(data, FederatedData):
             raise TypeError(f"data must be a FederatedData (see koinon.partition_dataset), got {type(data).__name__}")
+        # Clients kept out of training: the method's new-client procedure is scored on them.
+        new_clients = None
+        if evaluation is not None and evaluation.new_clients:
+            data, held_out = split_new_clients(data, evaluation.new_clients, seed)
+            assert held_out is not None
+            new_clients = split_holdout(held_out, evaluation.holdout, seed + 1)
         if not 1 <= clients_per_round <= data.num_clients:
             raise ValueError(
                 f"clients_per_round must be in [1, {data.num_clients}] (the number of clients), "
@@ -153,7 +160,7 @@ class Federation:
         self.evaluation = evaluation or Evaluation()
         aggregator = _aggregator(aggregator, byzantine_fraction, clients_per_round)
         self.local = LocalTraining(**local) if isinstance(local, dict) else (local or LocalTraining())
-        self.algorithm = component(CLIENT_ALGORITHMS, algorithm, "client.algorithm", ("begin", "end"))
+        self.algorithm = component(CLIENT_ALGORITHMS, algorithm, "client.algorithm", ("begin", "end"), seed=seed)
         self.layout = Layout.from_module(model)
         # FLTrust and the like: the server sets its clean root dataset aside before anything
         # else (so no client, honest or Byzantine, owns those samples) and trains on it itself.
@@ -198,9 +205,10 @@ class Federation:
         # The clients' side: their persistent algorithm state and their codec state.
         self.client_states: dict[int, State] = {}
         self.sender = Sender(self.codec, seed, self.server.streams)
-        self.runtime.setup(
-            CohortTrainer(model, self.layout, data, self.algorithm, self.local, loss_fn=loss_fn)
-        )
+        trainer = CohortTrainer(model, self.layout, data, self.algorithm, self.local, loss_fn=loss_fn)
+        self.runtime.setup(trainer)
+        # Each client's personalized model on its held-out split (koinon.personal).
+        self.personal = PersonalEvaluation(trainer, self.holdout, new_clients, seed) if self.holdout else None
 
     # ----------------------------------------------------------- server view
 
@@ -257,9 +265,13 @@ class Federation:
         else:
             rnd.downlink_bytes = len(rnd.payloads[0][1]) * len(cohort)
         rnd.downlink_bytes += sum(len(p) for _, p in rnd.payloads[1:]) * len(cohort)
+        # A model made for one client (FedCAC's) goes to that client alone, its bytes counted.
+        states, personal_bytes = personal_downlinks(self.algorithm, server.server_state, cohort,
+                                                    [self.client_states.get(c, {}) for c in cohort],
+                                                    self.downlink, self.seed, r)
+        rnd.downlink_bytes += personal_bytes
         result = self.runtime.train(
-            cohort, rnd.received, rnd.downloads, [self.client_states.get(c, {}) for c in cohort],
-            self.seed, r, self.sender.for_cohort(cohort, r),
+            cohort, rnd.received, rnd.downloads, states, self.seed, r, self.sender.for_cohort(cohort, r),
         )
         server.accept_cohort(result)
         out = server.close_round()
@@ -293,6 +305,9 @@ class Federation:
                 clients = sorted(int(c) for c in rng.choice(len(clients), ev.clients, replace=False))
             record.extra.update(evaluate_clients(self.model, self.layout, self.params, self.data,
                                                  self.holdout, clients, self.loss_fn))
+        if self.personal is not None:
+            record.extra.update(self.personal.metrics(self.params, self.server.server_state, self.client_states,
+                                                      record.round))
         if ev.evaluate_fn is not None:
             self.layout.load_into(self.model, self.params)
             metrics = ev.evaluate_fn(self.model, record.round)

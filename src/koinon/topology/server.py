@@ -394,9 +394,17 @@ class FederatedServer:
                 refused_update = f"aggregator refused the cohort, model unchanged ({exc})"
                 notice(f"round {r + 1}: {refused_update}")
             else:
+                old = self.params  # `_step` replaces the tensor, it does not write into it
                 refused_update = self._step(delta)
                 if refused_update:
                     notice(f"round {r + 1}: {refused_update}")
+                elif (by_rows := getattr(self.algorithm, "server_update_rows", None)) is not None:
+                    # Several global models (IFCA, clusters): each kept client's rows, not means.
+                    kept = {("model" if n == MODEL else n): (stacks[n] if everyone else stacks[n][keep])
+                            for n in self.streams}
+                    self.server_state = by_rows(
+                        self.server_state, old, self.params, kept, weights, [order[i] for i in keep.tolist()])
+                    applied = True
                 else:
                     means = {n: (stacks[n] if everyone else stacks[n][keep]).mean(dim=0)
                              for n in self.algorithm.uploads if n in stacks}

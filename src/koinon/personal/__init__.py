@@ -1,0 +1,35 @@
+"""Personalization and heterogeneity: every client gets the model that serves it, measured per client.
+
+- methods, registered as client algorithms (`client.algorithm = ...`): `finetune` (FedAvg +
+  local fine-tuning), `fedbn`, `fedper`, `fedrep`, `ditto`, `perfedavg` (first-order), `ifca`,
+  `clustered_meta` (hierarchical clustering of client updates + meta-learning in clusters),
+  `fedcac` (per-parameter sensitivity decides what a client shares, and with whom);
+  each has a `personalize` hook giving every client its own model (`base.py`);
+- `PersonalEvaluation`: personalized accuracy per client on its held-out split, and on clients
+  kept out of training (`evaluate.py`; `data.client_test_fraction`, `data.holdout_clients`);
+- `feature_shift`: per-client or per-group input transforms (`shift.py`; `data.feature_shift`).
+"""
+
+from koinon.personal import clusters as _clusters  # noqa: F401  (registers ifca, clustered_meta)
+from koinon.personal import fedcac as _fedcac  # noqa: F401  (registers fedcac)
+from koinon.personal import meta as _meta  # noqa: F401  (registers perfedavg)
+from koinon.personal import methods as _methods  # noqa: F401  (registers finetune, fedbn, fedper, fedrep, ditto)
+from koinon.personal.base import personal_downlinks
+from koinon.personal.clusters import IFCA, ClusteredMeta, hierarchical_clusters
+from koinon.personal.evaluate import (
+    PersonalEvaluation,
+    per_client_accuracy,
+    personal_models,
+    split_new_clients,
+    summarize,
+)
+from koinon.personal.fedcac import FedCAC
+from koinon.personal.meta import PerFedAvg
+from koinon.personal.methods import Ditto, FedBN, FedPer, FedRep, FineTune
+from koinon.personal.shift import SHIFTS, feature_shift
+
+__all__ = [
+    "IFCA", "SHIFTS", "ClusteredMeta", "Ditto", "FedBN", "FedCAC", "FedPer", "FedRep", "FineTune", "PerFedAvg",
+    "PersonalEvaluation", "feature_shift", "personal_downlinks", "hierarchical_clusters", "per_client_accuracy", "personal_models",
+    "split_new_clients", "summarize",
+]

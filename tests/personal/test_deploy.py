@@ -1,0 +1,50 @@
+"""Personalized methods in a real deployment: `koinon server` and three `koinon client`
+processes on 127.0.0.1 end with the simulation's global model, bit for bit. FedRep's private
+head lives in each client's `--state`; IFCA's cluster models travel as downloads and the
+server moves them from each client's rows (`server_update_rows`)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from koinon.deploy.certs import create_certs
+from koinon.experiment import load_config, run_experiment
+
+_spec = importlib.util.spec_from_file_location(
+    "deploy_helpers", Path(__file__).parents[1] / "deploy" / "helpers.py")
+assert _spec and _spec.loader
+h = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(h)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("certs")
+    create_certs(out, 3, ["127.0.0.1", "localhost"])
+    return out
+
+
+@pytest.mark.parametrize("client", [
+    {"algorithm": "fedrep", "head_steps": 3, "momentum": 0.0},
+    {"algorithm": "ifca", "clusters": 2, "momentum": 0.0},
+], ids=["fedrep", "ifca"])
+def test_deployment_trains_a_personalized_method_to_the_simulation_model(tmp_path, certs, client):
+    config = h.write_config(tmp_path / "fed.toml", server={"rounds": 3, "clients_per_round": 3}, client=client)
+    state = tmp_path / "state"
+    server, address = h.start_server(tmp_path, config, certs, state)
+    clients = [h.start_client(tmp_path, address, certs, f"client-{i}", f"partition:{i}") for i in range(3)]
+    assert server.wait(90) == 0, server.text()[-3000:]
+    for c in clients:
+        assert c.wait(30) == 0, c.text()[-3000:]
+    summary = json.loads((state / "summary.json").read_text())
+    reference = run_experiment(load_config(config), tmp_path / "sim", progress=False)
+    assert summary["model_sha256"] == reference["model_sha256"]
+    if client["algorithm"] == "fedrep":  # each client's head stayed in its own --state
+        for i in range(3):
+            files = list((tmp_path / "client-state" / f"client-{i}").rglob("state.safetensors"))
+            assert files and any(k.startswith("algorithm/private") for k in load_file(files[0])), i
