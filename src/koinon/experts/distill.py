@@ -122,19 +122,21 @@ def consensus(log_probs: torch.Tensor) -> torch.Tensor:
 
 
 def knfu_weights(log_probs: torch.Tensor, neighbours: int, temperature: float = 1.0) -> torch.Tensor:
-    """`[N, N]` fusion weights, row k over the peers j != k (zero on the diagonal): softmax of
-    -KL(p_k || p_j) / temperature (mean over the proxy samples) over k's `neighbours` most
-    relevant peers, zero elsewhere."""
+    """`[N, N]` fusion weights: row k is a softmax of -KL(p_k || p_j) / temperature (the mean
+    over the proxy samples) over party k itself and its `neighbours` most relevant peers, zero
+    on the other peers. A party's own knowledge (divergence 0) always takes part: without it a
+    party alone in its domain would be pulled toward peers that know nothing of it."""
     n = len(log_probs)
     if n < 2:
         raise ValueError("knfu needs at least two parties")
     divergence = torch.stack([_kl(log_probs[k].unsqueeze(0), log_probs).mean(dim=-1) for k in range(n)])
     scores = -divergence / temperature
-    scores.fill_diagonal_(float("-inf"))
+    peers = scores.clone()
+    peers.fill_diagonal_(float("-inf"))
     keep = min(max(neighbours, 1), n - 1)
-    kth = scores.topk(keep, dim=1).values[:, -1:]
-    scores = scores.masked_fill(scores < kth, float("-inf"))
-    return scores.softmax(dim=1)
+    kth = peers.topk(keep, dim=1).values[:, -1:]
+    drop = (peers < kth) & ~torch.eye(n, dtype=torch.bool)
+    return scores.masked_fill(drop, float("-inf")).softmax(dim=1)
 
 
 def fuse(log_probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

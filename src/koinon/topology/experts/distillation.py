@@ -7,12 +7,12 @@ FedMD (Li & Wang 2019) and FedDF (Lin et al. 2020) style, one round:
 2. each party predicts the round's proxy samples (a seeded draw of `proxy_size` from the public
    split, which every party holds, so only the draw's seed is shared) and sends its logits
    through the uplink codec (`[codec]`): real payload bytes, `proxy_size x classes` numbers;
-3. the server builds each party's target: the consensus (the mean of the parties' probabilities
+3. the server builds each party's target (log-probabilities): the consensus (the mean of the parties' probabilities
    at temperature T), or with `loss = "knfu"` a personal fusion of its most relevant peers
    (`koinon.experts.distill.knfu_weights`), and sends it through the downlink codec;
 4. each party distills toward its target on the proxy set for `distill_epochs` with the chosen
    loss: `kl`, `bdkd` (balanced forward and reverse KL), `taid` (interpolated target, t rising
-   over `server.rounds` by `TaidSchedule`) or `knfu` (KL to the fused target).
+   over `taid_rounds`, default `server.rounds`, by `TaidSchedule`) or `knfu` (KL to the fused target).
 
 Before the first round every party trains on the public split with its labels (FedMD's transfer
 step; `pretrain_epochs = 0` skips it). The run's model file holds every party's model.
@@ -54,7 +54,7 @@ from koinon.topology.experts.common import (
     groups_by_layout,
     tensor_layout,
 )
-from koinon.topology.experts.options import DistillOptions, OwnersData, guard, pretrain
+from koinon.topology.experts.options import DistillOptions, OwnersData, build_named, pretrain
 
 
 def concat_layouts(layouts: list[Layout]) -> Layout:
@@ -126,39 +126,8 @@ class Distillation:
 
     def run_round(self, evaluate: bool = True) -> DomainRound:
         r = self.round_index + 1
-        o = self.options
-        losses, counts = [], []
-        for trainer, ids in self.groups:  # 1. private training
-            stack = torch.stack([self.party_params[i] for i in ids])
-            result = trainer.train(ids, stack, {}, [{} for _ in ids], mix_seed(self.seed, 0xD3), r)
-            assert result.deltas is not None
-            for row, i in enumerate(ids):
-                self.party_params[i] = stack[row] + result.deltas[row]
-            losses.append(result.train_loss * result.num_samples)
-            counts.append(result.num_samples)
-        train_loss = float(torch.cat(losses).sum() / torch.cat(counts).sum().clamp_min(1))
-        proxy = self._proxy(r)
-        x = self.data.dataset.x_train[proxy]
-        up = down = 0
-        received = []
-        for i in range(len(self.parties)):  # 2. logits up
-            logits = self.predict(i, x)
-            got, n = self.uplink.send(i, logits, tensor_layout("logits", tuple(logits.shape)), r)
-            received.append(got)
-            up += n
-        log_probs = F.log_softmax(torch.stack(received) / o.temperature, dim=-1)
-        if o.loss == "knfu":  # 3. targets down
-            targets = fuse(log_probs, knfu_weights(log_probs, o.neighbours, o.relevance_temperature))
-        else:
-            targets = consensus(log_probs).expand_as(log_probs)
-        loss_fn = self._loss()
-        distill_losses = []
-        for i in range(len(self.parties)):
-            probs, n = self.downlink.send(i, targets[i].exp(), tensor_layout("targets", tuple(targets[i].shape)), r)
-            down += n
-            target = probs.clamp_min(1e-8)
-            target = (target / target.sum(dim=-1, keepdim=True)).log()
-            distill_losses.append(self._distill(i, x, target, loss_fn, r))  # 4. distill
+        train_loss = self._train_private(r)
+        up, down, distill_losses = self.exchange(r)
         if self.taid is not None:
             self.taid.update(sum(distill_losses) / len(distill_losses), r)
         acc = loss = None
@@ -172,6 +141,48 @@ class Distillation:
         return DomainRound(r, acc, loss, train_loss, len(self.parties), up, down,
                            per_domain[0] if per_domain else None, per_domain[1] if per_domain else None,
                            party_acc, self.taid.t if self.taid is not None else None)
+
+    def _train_private(self, round_index: int) -> float:
+        """Step 1: every party trains on its own data; returns the mean training loss."""
+        losses, counts = [], []
+        for trainer, ids in self.groups:
+            stack = torch.stack([self.party_params[i] for i in ids])
+            result = trainer.train(ids, stack, {}, [{} for _ in ids], mix_seed(self.seed, 0xD3), round_index)
+            assert result.deltas is not None
+            for row, i in enumerate(ids):
+                self.party_params[i] = stack[row] + result.deltas[row]
+            losses.append(result.train_loss * result.num_samples)
+            counts.append(result.num_samples)
+        return float(torch.cat(losses).sum() / torch.cat(counts).sum().clamp_min(1))
+
+    def exchange(self, round_index: int) -> tuple[int, int, list[float]]:
+        """Steps 2-4: logits up, targets down, every party distills. Returns the uplink and
+        downlink bytes and each party's mean distillation loss."""
+        o = self.options
+        x = self.data.dataset.x_train[self._proxy(round_index)]
+        up = down = 0
+        received = []
+        for i in range(len(self.parties)):
+            logits = self.predict(i, x)
+            got, n = self.uplink.send(i, logits, tensor_layout("logits", tuple(logits.shape)), round_index)
+            received.append(got)
+            up += n
+        log_probs = F.log_softmax(torch.stack(received) / o.temperature, dim=-1)
+        if o.loss == "knfu":
+            targets = fuse(log_probs, knfu_weights(log_probs, o.neighbours, o.relevance_temperature))
+        else:
+            targets = consensus(log_probs).expand_as(log_probs)
+        loss_fn = self._loss()
+        floor = torch.tensor(1e-6).log()
+        distill_losses = []
+        for i in range(len(self.parties)):
+            # Log-probabilities, floored at 1e-6: a quantizing codec then keeps small
+            # probabilities to a relative error (a reverse KL needs them), not rounds them to 0.
+            got, n = self.downlink.send(i, targets[i].clamp_min(floor), tensor_layout("targets", tuple(targets[i].shape)),
+                                        round_index)
+            down += n
+            distill_losses.append(self._distill(i, x, F.log_softmax(got, dim=-1), loss_fn, round_index))
+        return up, down, distill_losses
 
     def _distill(self, party: int, x: torch.Tensor, target: torch.Tensor, loss_fn: Any, round_index: int) -> float:
         """Party `party` pulled toward `target` (log-probabilities) on the proxy inputs `x`;
@@ -265,7 +276,7 @@ def build_distillation(cfg: Config) -> Distillation:
     for i, table in enumerate(tables):
         name = table.get("name", cfg.model.name)
         opts = {k: v for k, v in table.items() if k != "name"}
-        parties.append(guard(f"topology.party_models[{i}]", build_model, name, opts, ds.input_shape, ds.num_classes,
+        parties.append(build_named(f"topology.party_models[{i}]", build_model, name, opts, ds.input_shape, ds.num_classes,
                              mix_seed(cfg.seed, 0xD1, i)))
     for i, party in enumerate(parties):
         pretrain(party, ds, data.public, options.pretrain_epochs, options.pretrain_lr, mix_seed(cfg.seed, 0xD2, i))
@@ -277,4 +288,9 @@ def build_distillation(cfg: Config) -> Distillation:
         return CODECS.build(cfg.downlink.name, cfg.downlink.options, "downlink", layout=layout)
 
     codec(tensor_layout("logits", (1, ds.num_classes)))  # a bad codec option fails now
-    return Distillation(data, parties, local, options, cfg.server.rounds, codec, downlink, cfg.seed)
+    # TAID's schedule spans a fixed number of rounds: recorded, so that a resumed run (whose
+    # server.rounds may grow) keeps the schedule it started with.
+    horizon = options.taid_rounds or cfg.server.rounds
+    if options.loss == "taid":
+        cfg.topology.options["taid_rounds"] = horizon
+    return Distillation(data, parties, local, options, horizon, codec, downlink, cfg.seed)

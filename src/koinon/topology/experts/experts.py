@@ -57,7 +57,7 @@ from koinon.topology.experts.common import (
     seed_from,
     tensor_layout,
 )
-from koinon.topology.experts.options import ExpertsOptions, OwnersData, guard, pretrain
+from koinon.topology.experts.options import ExpertsOptions, OwnersData, build_named, pretrain
 
 
 def _mean_feature(public: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -96,13 +96,15 @@ def build_mixture(cfg: Config, options: ExpertsOptions, input_shape: tuple[int, 
     """The mixture's modules, freshly initialized (seeded); `public` if already built."""
     if public is None:
         public = build_model(cfg.model.name, cfg.model.options, input_shape, num_classes, cfg.seed)
-    experts = [guard(f"topology.expert_models[{i}]", build_model, cfg.model.name, {**cfg.model.options, **opts},
+    experts = [build_named(f"topology.expert_models[{i}]", build_model, cfg.model.name, {**cfg.model.options, **opts},
                      input_shape, num_classes, mix_seed(cfg.seed, 0xE2, i))
                for i, opts in enumerate(per_owner)]
     dim = output_layer(public).in_features
     slots = len(experts) + int(options.public_expert)
-    router: nn.Module = (DomainRouter(dim, slots, options.temperature) if options.router == "domain"
-                         else LinearRouter(dim, slots))
+    with torch.random.fork_rng(devices=[]):  # a seeded initialization, the global RNG untouched
+        torch.manual_seed(mix_seed(cfg.seed, 0xE8))
+        router: nn.Module = (DomainRouter(dim, slots, options.temperature) if options.router == "domain"
+                             else LinearRouter(dim, slots))
     return Mixture(public, experts, router, options.public_expert, options.top_k)
 
 

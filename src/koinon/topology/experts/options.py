@@ -41,6 +41,17 @@ def guard(what: str, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         raise ConfigError(f"{what}: {exc}") from None
 
 
+def build_named(what: str, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+    """`guard`, and a component's own ConfigError (which names its section, e.g. `model`) is
+    prefixed by `what`, the key that chose it (`topology.expert_models[2]`)."""
+    try:
+        return guard(what, fn, *args, **kwargs)
+    except ConfigError as exc:
+        if str(exc).startswith(what):
+            raise
+        raise ConfigError(f"{what}: {exc}") from None
+
+
 @dataclass(frozen=True)
 class Shared:
     """Keys both topologies take."""
@@ -70,16 +81,17 @@ class DistillOptions(Shared):
     """`topology.name = "distillation"`: parties exchange predictions on the public split."""
 
     loss: str = "kl"  # kl, bdkd, taid or knfu
-    temperature: float = 1.0
+    temperature: float = 3.0
     proxy_size: int = 0  # proxy samples a round (a seeded draw from the public split; 0 = all)
-    distill_epochs: int = 2
+    distill_epochs: int = 5
     distill_lr: float = 0.0  # 0 = client.lr
     balance: float = 2.0  # bdkd: weight of the divergence that corrects the student's confidence
     t_start: float = 0.4  # taid
     taid_alpha: float = 0.1
     taid_beta: float = 0.9
+    taid_rounds: int = 0  # rounds over which t reaches 1 (0 = server.rounds; recorded resolved)
     neighbours: int = 2  # knfu: peers each party fuses
-    relevance_temperature: float = 0.1  # knfu
+    relevance_temperature: float = 1.0  # knfu
     party_models: list = field(default_factory=list)  # per party: a [model] table (name + options)
 
 
@@ -148,6 +160,8 @@ def _check(o: Shared, cfg: Config) -> None:
             raise ConfigError("topology needs temperature > 0, proxy_size >= 0, distill_epochs >= 1, distill_lr >= 0")
         if o.loss == "knfu" and (n < 2 or o.neighbours < 1 or o.relevance_temperature <= 0):
             raise ConfigError("topology.loss = 'knfu' needs >= 2 parties, neighbours >= 1, relevance_temperature > 0")
+        if o.taid_rounds < 0:
+            raise ConfigError(f"topology.taid_rounds = {o.taid_rounds}: must be >= 0 (0 = server.rounds)")
         if o.balance <= 0 or not 0.0 <= o.t_start < 1.0 or not 0 <= o.taid_alpha <= 1 or not 0 <= o.taid_beta < 1:
             raise ConfigError("topology needs balance > 0, t_start in [0, 1), taid_alpha in [0, 1], taid_beta in [0, 1)")
         if o.party_models and len(o.party_models) != n:
