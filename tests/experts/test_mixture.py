@@ -111,3 +111,22 @@ def test_domain_shifts_move_each_owner_and_deal_the_test_set() -> None:
     assert torch.equal(shifted.x_test[g1], torch.rot90(ds.x_test[g1], 1, dims=(2, 3)))
     with pytest.raises(ValueError, match="3 owners"):
         shift_domains(data, ["none"], seed=0)
+
+
+def test_lora_expert_starts_as_the_public_model_and_trains_only_its_adapter() -> None:
+    from koinon.experts.lora import LoRALinear, lora_expert
+    from koinon.params import Layout
+
+    public = mlp(8, 0)
+    expert = lora_expert(public, rank=2, alpha=2.0, seed=1)
+    assert torch.equal(expert(X), public(X))  # B = 0: the adapter adds nothing yet
+    layout = Layout.from_module(expert)
+    trainable = [e.name for e in layout.entries if e.trainable]
+    assert trainable == ["1.lora_a", "1.lora_b", "3.lora_a", "3.lora_b"]
+    assert layout.num_trainable == 2 * (6 + 8) + 2 * (8 + 4)
+    layer = expert[1]
+    assert isinstance(layer, LoRALinear)
+    with torch.no_grad():
+        layer.lora_b.fill_(0.5)
+    by_hand = X @ public[1].weight.T + public[1].bias + (2.0 / 2) * (X @ layer.lora_a.T) @ layer.lora_b.T
+    assert torch.allclose(layer(X), by_hand, atol=1e-5)

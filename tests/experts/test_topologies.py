@@ -103,6 +103,24 @@ def test_experts_bytes_are_the_payloads() -> None:
     assert topo.uplink_total == r1.uplink_bytes + r2.uplink_bytes
 
 
+def test_lora_experts_ship_only_their_adapters() -> None:
+    topo = build_federation(config({"name": "experts", "expert": "lora", "lora_rank": 2, "pretrain_epochs": 10},
+                                   client={"epochs": 3}))
+    public = [p.clone() for p in topo.mixture.public.parameters()]
+    ds = topo.data.dataset
+    public_acc = (topo.mixture.public(ds.x_test).argmax(1) == ds.y_test).float().mean().item()
+    topo.run_round(evaluate=False)
+    r2 = topo.run_round(evaluate=True)
+    adapter = 2 * (64 + 16) + 2 * (16 + 10)  # rank 2 on the 64-16 and 16-10 layers
+    assert r2.uplink_bytes == 4 * 4 * adapter
+    for expert in topo.mixture.experts:  # the frozen base stays the public model
+        assert torch.equal(expert[1].weight, public[0]) and torch.equal(expert[3].weight, public[2])
+        assert expert[1].lora_b.abs().sum() > 0
+    assert topo.evaluate()[0] > public_acc + 0.05  # the adapters learned the owners' domains
+    with pytest.raises(ConfigError, match="lora"):
+        build_federation(config({"name": "experts", "expert": "lora", "sizes": [{"hidden": [8]}]}))
+
+
 def test_hdee_gives_harder_domains_larger_experts() -> None:
     cfg = config({"name": "experts", "sizes": [{"hidden": [8]}, {"hidden": [64]}]})
     topo = build_federation(cfg)

@@ -9,10 +9,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from koinon.compress.base import Codec
-from koinon.local import evaluate
+from koinon.data.datasets import Dataset
+from koinon.local import cross_entropy, evaluate
 from koinon.params import Entry, Layout
 from koinon.wire import Sender
 
@@ -37,6 +39,21 @@ class DomainRound:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def token_cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss of a sequence model (`[B, T, V]` outputs, `[B, T]` or flattened targets):
+    the mean over positions of the next-token cross-entropy. The cohort trainer hands a loss
+    flattened targets when it trains several clients at once, so they are reshaped here."""
+    targets = targets.reshape(outputs.shape[:-1])
+    per_token = F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1), reduction="none")
+    return per_token.view(targets.shape).mean(dim=-1)
+
+
+def loss_for(dataset: Dataset) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The training loss of a dataset: cross-entropy per sample, or per position averaged over
+    the sequence for a language model (labels `[N, T]`)."""
+    return token_cross_entropy if dataset.y_train.dim() > 1 else cross_entropy
 
 
 def tensor_layout(name: str, shape: tuple[int, ...]) -> Layout:

@@ -19,6 +19,9 @@ https://arxiv.org/abs/2501.05450; HDEE: Heterogeneous Domain Expert Ensemble, 20
 5. At inference an owner opts out (`Mixture.exclude`, `koinon predict RUN --exclude OWNER`): its
    expert is dropped and the others keep their relative weights, with no retraining.
 
+`expert = "lora"` (LoRA-Mixer): an owner's expert is a low-rank adapter on every linear layer of
+the frozen public model, and only the adapter is shipped (`koinon.experts.lora`).
+
 HDEE: `sizes` lists model options from small to large; owners are ranked by their domain's
 difficulty (the public model's loss on their own data, one number each) and the harder domains
 get the larger experts. What FlexOlmo does that this does not: there, an expert is a
@@ -37,6 +40,7 @@ from torch import nn
 from koinon.clients import LocalSGD, LocalTraining
 from koinon.config import Config
 from koinon.experts.domains import domain_test_sets
+from koinon.experts.lora import lora_expert
 from koinon.experts.mixture import (
     DomainRouter,
     LinearRouter,
@@ -54,6 +58,7 @@ from koinon.topology.experts.common import (
     DomainRound,
     domain_metrics,
     groups_by_layout,
+    loss_for,
     seed_from,
     tensor_layout,
 )
@@ -96,9 +101,13 @@ def build_mixture(cfg: Config, options: ExpertsOptions, input_shape: tuple[int, 
     """The mixture's modules, freshly initialized (seeded); `public` if already built."""
     if public is None:
         public = build_model(cfg.model.name, cfg.model.options, input_shape, num_classes, cfg.seed)
-    experts = [build_named(f"topology.expert_models[{i}]", build_model, cfg.model.name, {**cfg.model.options, **opts},
-                     input_shape, num_classes, mix_seed(cfg.seed, 0xE2, i))
-               for i, opts in enumerate(per_owner)]
+    if options.expert == "lora":
+        experts = [lora_expert(public, options.lora_rank, float(options.lora_rank), mix_seed(cfg.seed, 0xE9, i))
+                   for i in range(len(per_owner))]
+    else:
+        experts = [build_named(f"topology.expert_models[{i}]", build_model, cfg.model.name,
+                               {**cfg.model.options, **opts}, input_shape, num_classes, mix_seed(cfg.seed, 0xE2, i))
+                   for i, opts in enumerate(per_owner)]
     dim = output_layer(public).in_features
     slots = len(experts) + int(options.public_expert)
     with torch.random.fork_rng(devices=[]):  # a seeded initialization, the global RNG untouched
@@ -129,8 +138,12 @@ class Experts:
             seed_from(mixture.public, expert)
         self.expert_layouts = [Layout.from_module(e) for e in experts]
         self.owner_params = [lay.flatten(e) for lay, e in zip(self.expert_layouts, experts, strict=True)]
+        # What an owner ships: its trainable entries (the whole expert, or a LoRA adapter; the
+        # frozen rest is the public model, which the assembler has). Trainable entries come first.
+        self.ship_layouts = [Layout(tuple(e for e in lay.entries if e.trainable)) for lay in self.expert_layouts]
         self.groups = [
-            (CohortTrainer(experts[owners[0]], self.expert_layouts[owners[0]], data.private, LocalSGD(), local), owners)
+            (CohortTrainer(experts[owners[0]], self.expert_layouts[owners[0]], data.private, LocalSGD(), local,
+                           loss_fn=loss_for(data.dataset)), owners)
             for owners in groups_by_layout(experts).values()
         ]
         self.domains = domain_test_sets(data.dataset)
@@ -218,8 +231,9 @@ class Experts:
         """Every owner ships its expert through the uplink codec into the mixture; the bytes."""
         sent = 0
         for owner, (layout, flat) in enumerate(zip(self.expert_layouts, self.owner_params, strict=True)):
-            received, n = self.uplink.send(owner, flat, layout, round_index)
-            layout.load_into(self.mixture.experts[owner], received)
+            shipped = self.ship_layouts[owner]
+            received, n = self.uplink.send(owner, flat[: shipped.numel], shipped, round_index)
+            layout.load_into(self.mixture.experts[owner], torch.cat([received, flat[shipped.numel :]]))
             sent += n
         return sent
 
@@ -241,7 +255,7 @@ class Experts:
         self.layout.load_into(self.mixture, tensors["mixture"])
         self.owner_params = [tensors[f"owner/{i}"].clone() for i in range(self.mixture.num_owners)]
         self.uplink.load_state_dict({k[len("uplink/"):]: v for k, v in tensors.items() if k.startswith("uplink/")},
-                                    self.expert_layouts)
+                                    self.ship_layouts)
 
     def fit(self, rounds: int, eval_every: int = 1) -> list[Any]:
         from koinon.topology.base import fit_rounds

@@ -26,6 +26,7 @@ from koinon.local import CohortTrainer
 from koinon.params import Layout
 from koinon.seeding import mix_seed
 from koinon.topology.bristle import reserve_public
+from koinon.topology.experts.common import loss_for
 
 R = TypeVar("R")
 
@@ -66,6 +67,8 @@ class Shared:
 class ExpertsOptions(Shared):
     """`topology.name = "experts"`: one expert per owner, a router, opt-out at inference."""
 
+    expert: str = "full"  # "full": a whole model per owner; "lora": an adapter on the frozen public model
+    lora_rank: int = 4
     router: str = "domain"  # "domain" (FlexOlmo) or "learned" (trained on public data)
     temperature: float = 0.1  # domain router: cosine scores over this temperature
     public_expert: bool = True  # the frozen public model is itself an expert
@@ -139,6 +142,11 @@ def _check(o: Shared, cfg: Config) -> None:
         except ValueError as exc:
             raise ConfigError(f"topology.domains: {exc}") from None
     if isinstance(o, ExpertsOptions):
+        if o.expert not in ("full", "lora"):
+            raise ConfigError(f"topology.expert = {o.expert!r}: allowed: full, lora")
+        if o.expert == "lora" and (o.lora_rank < 1 or o.sizes or any(o.expert_models)):
+            raise ConfigError("topology.expert = 'lora' adapts the public model: it takes lora_rank >= 1, "
+                              "not expert_models or sizes")
         if o.router not in ("domain", "learned"):
             raise ConfigError(f"topology.router = {o.router!r}: allowed: domain, learned")
         if o.temperature <= 0 or o.top_k < 0 or o.router_epochs < 1 or o.router_lr <= 0:
@@ -215,7 +223,7 @@ def pretrain(model: nn.Module, data: Dataset, public: torch.Tensor, epochs: int,
         return
     layout = Layout.from_module(model)
     local = LocalTraining(epochs=epochs, batch_size=16, lr=lr, momentum=0.9)
-    trainer = CohortTrainer(model, layout, FederatedData(data, [public]), LocalSGD(), local)
+    trainer = CohortTrainer(model, layout, FederatedData(data, [public]), LocalSGD(), local, loss_fn=loss_for(data))
     start = layout.flatten(model)
     result = trainer.train([0], start, {}, [{}], mix_seed(seed, 0xE0), 0)
     assert result.deltas is not None
