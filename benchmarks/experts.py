@@ -16,7 +16,8 @@ Methods: FedAvg (the seed model averaged over the owners every round); experts +
 domain router (the public model kept as an expert; experts shipped once, at the end); the same
 run with owner 0 opted out at inference; experts + a learned router (DDM: a linear classifier
 of the partition, trained on the public split); HDEE (experts of width 16 / 32 / 64 / 128 by
-domain difficulty); LoRA experts (rank-4 adapters on every layer of the frozen public
+domain difficulty); the FlexOlmo mixture plus Mixture of Thoughts' latent interface (trained on
+the public split, experts frozen); LoRA experts (rank-4 adapters on every layer of the frozen public
 model, only the adapters shipped); federated distillation (logits on 100 proxy samples a round, int8 codec
 both ways) with each loss. "own" is the mean over owners of the accuracy on their own domain;
 "others (opt-out)" is how much opting owner 0 out costs on the other owners' domains; bytes are
@@ -143,6 +144,8 @@ def digits_rows(seed: int, rounds: int, out: str) -> dict[str, dict[str, Any]]:
     sizes = [{"hidden": [16]}, {"hidden": [32]}, {"hidden": [64]}, {"hidden": [128]}]
     rows["HDEE: widths 16-128 by difficulty"] = topology_run(
         digits_config(seed, rounds, {"name": "experts", "sizes": sizes}))
+    rows["experts + latent interface (Mixture of Thoughts)"] = topology_run(
+        digits_config(seed, rounds, {"name": "experts", "interface": "thoughts"}))
     rows["LoRA experts (rank 4) on the public model"] = topology_run(
         digits_config(seed, rounds, {"name": "experts", "expert": "lora", "lora_rank": 4}))
     for loss in ("kl", "bdkd", "taid", "knfu"):

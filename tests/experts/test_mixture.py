@@ -130,3 +130,26 @@ def test_lora_expert_starts_as_the_public_model_and_trains_only_its_adapter() ->
         layer.lora_b.fill_(0.5)
     by_hand = X @ public[1].weight.T + public[1].bias + (2.0 / 2) * (X @ layer.lora_a.T) @ layer.lora_b.T
     assert torch.allclose(layer(X), by_hand, atol=1e-5)
+
+
+def test_latent_interface_starts_as_the_mixture_and_respects_opt_out() -> None:
+    from koinon.experts.thoughts import LatentInterface
+
+    plain = mixture()
+    with_interface = mixture()
+    with_interface.interface = LatentInterface([8, 8, 16, 4], latent=5, num_classes=4)
+    assert torch.allclose(with_interface(X), plain(X), atol=1e-6)  # zero-initialized output layer
+    with torch.no_grad():
+        for p in with_interface.interface.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    out = with_interface(X)
+    assert not torch.allclose(out, plain(X), atol=1e-4)
+    assert torch.allclose(out.exp().sum(dim=-1), torch.ones(32), atol=1e-5)
+    with_interface.exclude([2])
+    excluded = with_interface(X)
+    with torch.no_grad():
+        for p in with_interface.experts[2].parameters():
+            p.add_(torch.randn_like(p))
+        for p in with_interface.interface.project[3].parameters():  # owner 2's projection
+            p.add_(torch.randn_like(p))
+    assert torch.equal(with_interface(X), excluded)

@@ -121,6 +121,15 @@ def test_lora_experts_ship_only_their_adapters() -> None:
         build_federation(config({"name": "experts", "expert": "lora", "sizes": [{"hidden": [8]}]}))
 
 
+def test_the_latent_interface_trains_on_public_data_only() -> None:
+    topo = build_federation(config({"name": "experts", "interface": "thoughts", "interface_epochs": 2, "latent": 8}))
+    r1 = topo.run_round(evaluate=True)
+    interface = topo.mixture.interface
+    assert interface is not None and interface.out.weight.abs().sum() > 0  # trained away from zero
+    assert r1.uplink_bytes == 4 * 4 * 16 + sum(4 * lay.numel for lay in topo.expert_layouts)  # no extra bytes
+    assert all(p.requires_grad for e in topo.mixture.experts for p in e.parameters())  # flags restored
+
+
 def test_hdee_gives_harder_domains_larger_experts() -> None:
     cfg = config({"name": "experts", "sizes": [{"hidden": [8]}, {"hidden": [64]}]})
     topo = build_federation(cfg)

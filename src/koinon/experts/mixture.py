@@ -18,6 +18,9 @@ expert, whatever its width or depth, is routed in one shared space:
 * `LinearRouter` (Decentralized Diffusion Models, https://arxiv.org/abs/2501.05450): a small
   classifier of which partition an input comes from, trained on public data only.
 
+With a `LatentInterface` (Mixture of Thoughts, `koinon.experts.thoughts`) the experts' features
+also meet in a small trained latent space that corrects the mixture's logits.
+
 `forward` returns log-probabilities (the log of the mixture), so `cross_entropy` and
 `koinon.local.evaluate` apply to it unchanged (log-softmax of normalized log-probabilities is
 the identity).
@@ -31,13 +34,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from koinon.experts.thoughts import LatentInterface
 
-def output_layer(model: nn.Module) -> nn.Linear:
-    """The model's last module with parameters, which must be an `nn.Linear` (its head)."""
+
+def output_layer(model: nn.Module) -> nn.Module:
+    """The model's last module with parameters, which must be a linear layer (its head: an
+    `nn.Linear`, or a LoRA-adapted one)."""
     owners = [m for _, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
-    if not owners or not isinstance(owners[-1], nn.Linear):
+    if not owners or not isinstance(getattr(owners[-1], "in_features", None), int):
         raise ValueError("experts need a model whose last layer with parameters is an nn.Linear")
     return owners[-1]
+
+
+def feature_dim(model: nn.Module) -> int:
+    """The width of the features `model`'s output layer reads."""
+    dim = output_layer(model).in_features
+    assert isinstance(dim, int)
+    return dim
 
 
 def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,11 +111,12 @@ class Mixture(nn.Module):
     """
 
     def __init__(self, public: nn.Module, experts: Iterable[nn.Module], router: nn.Module,
-                 public_expert: bool = True, top_k: int = 0) -> None:
+                 public_expert: bool = True, top_k: int = 0, interface: LatentInterface | None = None) -> None:
         super().__init__()
         self.public = public
         self.experts = nn.ModuleList(experts)
         self.router = router
+        self.interface = interface  # Mixture of Thoughts' latent interface, or None
         self.public_expert = public_expert
         self.top_k = top_k
         self.excluded: frozenset[int] = frozenset()
@@ -147,10 +161,19 @@ class Mixture(nn.Module):
         w = route(self.router(h), included, self.top_k)
         log_w = w.clamp_min(1e-30).log()
         terms = []
+        features: dict[int, torch.Tensor] = {}
         if self.public_expert:
-            terms.append(log_w[..., 0] .unsqueeze(-1) + public_logits.log_softmax(dim=-1))
+            terms.append(log_w[..., 0].unsqueeze(-1) + public_logits.log_softmax(dim=-1))
+            features[0] = h
         for owner, expert in enumerate(self.experts):
             slot = self.slot(owner)
             if included[slot]:  # an excluded owner's expert is never run
-                terms.append(log_w[..., slot].unsqueeze(-1) + expert(x).log_softmax(dim=-1))
-        return torch.logsumexp(torch.stack(terms), dim=0)
+                if self.interface is not None:
+                    features[slot], logits = features_and_logits(expert, x)
+                else:
+                    logits = expert(x)
+                terms.append(log_w[..., slot].unsqueeze(-1) + logits.log_softmax(dim=-1))
+        mixed = torch.logsumexp(torch.stack(terms), dim=0)
+        if self.interface is None:
+            return mixed
+        return (mixed + self.interface(features, w)).log_softmax(dim=-1)

@@ -22,6 +22,9 @@ https://arxiv.org/abs/2501.05450; HDEE: Heterogeneous Domain Expert Ensemble, 20
 `expert = "lora"` (LoRA-Mixer): an owner's expert is a low-rank adapter on every linear layer of
 the frozen public model, and only the adapter is shipped (`koinon.experts.lora`).
 
+`interface = "thoughts"` (Mixture of Thoughts): after each assembly a small latent interface
+between the frozen experts is trained on the public split (`koinon.experts.thoughts`).
+
 HDEE: `sizes` lists model options from small to large; owners are ranked by their domain's
 difficulty (the public model's loss on their own data, one number each) and the harder domains
 get the larger experts. What FlexOlmo does that this does not: there, an expert is a
@@ -45,9 +48,11 @@ from koinon.experts.mixture import (
     DomainRouter,
     LinearRouter,
     Mixture,
+    feature_dim,
     features_and_logits,
     output_layer,
 )
+from koinon.experts.thoughts import LatentInterface
 from koinon.local import CohortTrainer, cross_entropy, evaluate
 from koinon.models import build_model
 from koinon.params import Layout
@@ -108,13 +113,19 @@ def build_mixture(cfg: Config, options: ExpertsOptions, input_shape: tuple[int, 
         experts = [build_named(f"topology.expert_models[{i}]", build_model, cfg.model.name,
                                {**cfg.model.options, **opts}, input_shape, num_classes, mix_seed(cfg.seed, 0xE2, i))
                    for i, opts in enumerate(per_owner)]
-    dim = output_layer(public).in_features
+    dim = feature_dim(public)
     slots = len(experts) + int(options.public_expert)
     with torch.random.fork_rng(devices=[]):  # a seeded initialization, the global RNG untouched
         torch.manual_seed(mix_seed(cfg.seed, 0xE8))
         router: nn.Module = (DomainRouter(dim, slots, options.temperature) if options.router == "domain"
                              else LinearRouter(dim, slots))
-    return Mixture(public, experts, router, options.public_expert, options.top_k)
+    interface = None
+    if options.interface == "thoughts":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mix_seed(cfg.seed, 0xEB))
+            members = ([public] if options.public_expert else []) + experts
+            interface = LatentInterface([feature_dim(m) for m in members], options.latent, num_classes)
+    return Mixture(public, experts, router, options.public_expert, options.top_k, interface)
 
 
 class Experts:
@@ -235,7 +246,35 @@ class Experts:
             received, n = self.uplink.send(owner, flat[: shipped.numel], shipped, round_index)
             layout.load_into(self.mixture.experts[owner], torch.cat([received, flat[shipped.numel :]]))
             sent += n
+        if self.mixture.interface is not None:
+            self._train_interface(round_index)
         return sent
+
+    def _train_interface(self, round_index: int) -> None:
+        """Mixture of Thoughts: the latent interface trained on the public split, every other
+        part of the mixture frozen (no bytes: the assembler holds the public data)."""
+        from koinon.data import FederatedData
+
+        m = self.mixture
+        assert m.interface is not None
+        own = {id(p) for p in m.interface.parameters()}
+        flags = [(p, p.requires_grad) for p in m.parameters()]
+        for p, _ in flags:
+            p.requires_grad_(id(p) in own)
+        try:
+            layout = Layout.from_module(m)
+            local = LocalTraining(epochs=self.options.interface_epochs, batch_size=16,
+                                  lr=self.options.interface_lr, momentum=0.9)
+            ds = self.data.dataset
+            trainer = CohortTrainer(m, layout, FederatedData(ds, [self.data.public]), LocalSGD(), local,
+                                    loss_fn=loss_for(ds))
+            start = layout.flatten(m)
+            result = trainer.train([0], start, {}, [{}], mix_seed(self.seed, 0xEA), round_index)
+            assert result.deltas is not None
+            layout.load_into(m, start + result.deltas[0])
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
 
     def evaluate(self) -> tuple[float, float]:
         ds = self.data.dataset

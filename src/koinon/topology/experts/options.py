@@ -75,6 +75,10 @@ class ExpertsOptions(Shared):
     top_k: int = 0  # route each input to its k best experts (0 = all)
     router_epochs: int = 30  # learned router: epochs on the public split
     router_lr: float = 0.1
+    interface: str = "none"  # "thoughts": Mixture of Thoughts' latent interface, trained on public data
+    latent: int = 32
+    interface_epochs: int = 20
+    interface_lr: float = 0.05
     expert_models: list = field(default_factory=list)  # per owner: model options over [model]
     sizes: list = field(default_factory=list)  # HDEE: model options, small to large, by difficulty
 
@@ -147,6 +151,10 @@ def _check(o: Shared, cfg: Config) -> None:
         if o.expert == "lora" and (o.lora_rank < 1 or o.sizes or any(o.expert_models)):
             raise ConfigError("topology.expert = 'lora' adapts the public model: it takes lora_rank >= 1, "
                               "not expert_models or sizes")
+        if o.interface not in ("none", "thoughts"):
+            raise ConfigError(f"topology.interface = {o.interface!r}: allowed: none, thoughts")
+        if o.latent < 1 or o.interface_epochs < 1 or o.interface_lr <= 0:
+            raise ConfigError("topology needs latent >= 1, interface_epochs >= 1 and interface_lr > 0")
         if o.router not in ("domain", "learned"):
             raise ConfigError(f"topology.router = {o.router!r}: allowed: domain, learned")
         if o.temperature <= 0 or o.top_k < 0 or o.router_epochs < 1 or o.router_lr <= 0:
