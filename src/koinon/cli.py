@@ -88,6 +88,13 @@ def _keys_epilog() -> str:
     lines += [f"  {key} = {value!r}" for key, value in describe_keys()]
     lines += ["", '[diloco] keys (only with topology.name = "diloco"; see koinon.topology.diloco.IslandsSpec):']
     lines += [f"  diloco.{key} = {value!r}" for key, value in SPECS.options("diloco").items()]
+    from dataclasses import fields
+
+    from koinon.topology.experts.options import DistillOptions, ExpertsOptions
+
+    for name, kind in (("experts", ExpertsOptions), ("distillation", DistillOptions)):
+        lines += ["", f'[topology] keys of topology.name = "{name}":']
+        lines += [f"  topology.{f.name} = {getattr(kind(), f.name)!r}" for f in fields(kind)]
     named = ", ".join(f"[{s}] ({s}.{k})" for s, k in NAME_KEYS.items())
     lines += [""] + textwrap.wrap(
         f"component options: besides the keys above, these sections take the options of the "
