@@ -398,6 +398,8 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
                    help="opt an owner out (its client index; repeatable): its expert is dropped, no retraining")
     p.add_argument("--input", help="inputs to predict (.npy or .pt tensor); default: report the run's test metrics")
     p.add_argument("--output", help="where --input's predicted classes go (.npy)")
+    p.add_argument("--sade", action="store_true",
+                   help="weight the experts per domain by SADE's test-time self-supervision (no labels)")
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -417,13 +419,16 @@ def _predict(args: argparse.Namespace) -> int:
         expected = tuple(run.dataset.x_test.shape[1:])
         if tuple(x.shape[1:]) != expected:
             raise KoinonError(f"--input {path}: inputs of shape {list(x.shape[1:])}, the run's model takes {list(expected)}")
-        labels = run.predict(x.to(run.dataset.x_test.dtype), args.exclude).argmax(dim=-1)
+        x = x.to(run.dataset.x_test.dtype)
+        weights = run.sade(x, args.exclude) if args.sade else None  # the inputs as one target domain
+        labels = run.predict(x, args.exclude, weights).argmax(dim=-1)
         np.save(args.output, labels.numpy())
         print(f"predicted {len(labels)} inputs without owners {args.exclude or 'none'}: {args.output}")
         return 0
-    report = opt_out_report(run, args.exclude)
+    report = opt_out_report(run, args.exclude, sade=args.sade)
     full, without = report["all"], report["without"]
-    print(f"owners excluded: {', '.join(map(str, report['exclude'])) or 'none'}")
+    print(f"owners excluded: {', '.join(map(str, report['exclude'])) or 'none'}"
+          + (" (SADE weights per domain)" if args.sade else ""))
     print(f"{'domain':>8} {'accuracy (all)':>15} {'accuracy (without)':>19} {'change':>8}")
     for d, (a, b) in enumerate(zip(full["domain_accuracy"], without["domain_accuracy"])):
         mark = " (excluded owner's domain)" if d in report["exclude"] else ""

@@ -103,3 +103,18 @@ def test_knfu_fuses_self_and_nearest_peers() -> None:
     assert torch.allclose(fused[0], a.exp(), atol=1e-6)
     with pytest.raises(ValueError):
         knfu_weights(log_p[:1], 1)
+
+
+def test_sade_favours_the_expert_whose_prediction_is_stable() -> None:
+    from koinon.experts.sade import sade_weights
+
+    gen = torch.Generator().manual_seed(0)
+    stable = torch.softmax(torch.randn(40, 5, generator=gen) * 3, dim=-1)
+    view_a = torch.stack([stable, torch.softmax(torch.randn(40, 5, generator=gen) * 3, dim=-1), stable])
+    view_b = torch.stack([stable, torch.softmax(torch.randn(40, 5, generator=gen) * 3, dim=-1), stable])
+    w = sade_weights(view_a, view_b, torch.tensor([True, True, False]))
+    assert w.sum().item() == pytest.approx(1.0, abs=1e-6)
+    assert w[2] == 0 and w[0] > 0.9  # the excluded expert gets nothing; the stable one wins
+    # identical views: every aggregation is perfectly stable, nothing moves from uniform
+    same = sade_weights(view_a, view_a)
+    assert torch.allclose(same, torch.full((3,), 1 / 3), atol=1e-6)

@@ -81,6 +81,12 @@ def test_experts_of_other_widths_train_route_and_opt_out(tmp_path, capsys) -> No
     assert main(["predict", str(tmp_path / "run"), "--exclude", "1"]) == 0
     out = capsys.readouterr().out
     assert "owners excluded: 1" in out and "(excluded owner's domain)" in out
+    sade = run.metrics(sade=True)  # SADE's weights per domain, set from unlabeled test inputs
+    assert len(sade["domain_accuracy"]) == 4 and 0.0 < sade["accuracy"] <= 1.0
+    w = run.sade(run.dataset.x_test[:50], exclude=[2])
+    assert w[m.slot(2)] == 0 and w.sum().item() == pytest.approx(1.0, abs=1e-5)
+    assert main(["predict", str(tmp_path / "run"), "--sade"]) == 0
+    assert "SADE weights per domain" in capsys.readouterr().out
     assert main(["predict", str(tmp_path / "run"), "--exclude", "9"]) == 2
     assert "owner 9 does not exist" in capsys.readouterr().err
     import numpy as np

@@ -120,6 +120,9 @@ class Mixture(nn.Module):
         self.public_expert = public_expert
         self.top_k = top_k
         self.excluded: frozenset[int] = frozenset()
+        # Slot weights `[slots]` that replace the router for every input (SADE's test-time
+        # aggregation, `koinon.experts.sade`), or None to route per input.
+        self.fixed: torch.Tensor | None = None
         for p in public.parameters():
             p.requires_grad_(False)
 
@@ -153,12 +156,18 @@ class Mixture(nn.Module):
     def weights(self, x: torch.Tensor) -> torch.Tensor:
         """Router weights `[..., slots]` for inputs `x` (zero on excluded owners)."""
         h, _ = features_and_logits(self.public, x)
-        return route(self.router(h), self.included(), self.top_k)
+        return self._route(h)
+
+    def _route(self, h: torch.Tensor) -> torch.Tensor:
+        if self.fixed is None:
+            return route(self.router(h), self.included(), self.top_k)
+        scores = self.fixed.clamp_min(1e-30).log().expand(*h.shape[:-1], self.num_slots)
+        return route(scores, self.included() & (self.fixed > 0), self.top_k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, public_logits = features_and_logits(self.public, x)
         included = self.included()
-        w = route(self.router(h), included, self.top_k)
+        w = self._route(h)
         log_w = w.clamp_min(1e-30).log()
         terms = []
         features: dict[int, torch.Tensor] = {}

@@ -3,7 +3,8 @@
 `load_experts(RUN)` rebuilds the mixture from the run's `config.toml` (which records every
 owner's resolved expert model) and loads `model.safetensors`; the dataset is rebuilt the same
 way (seeded), so each owner's domain test split is at hand. Excluding owners drops their
-experts with no retraining (`Mixture.exclude`).
+experts with no retraining (`Mixture.exclude`). `ExpertsRun.sade` sets SADE's test-time
+weights for a batch of unlabeled inputs from one domain (`koinon.experts.sade`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from koinon.data.datasets import Dataset
 from koinon.errors import ConfigError, KoinonError
 from koinon.experts.domains import domain_test_sets
 from koinon.experts.mixture import Mixture
+from koinon.experts.sade import sade_weights
 from koinon.local import evaluate
 from koinon.params import Layout
+from koinon.seeding import mix_seed
 
 
 @dataclass
@@ -31,15 +34,47 @@ class ExpertsRun:
     layout: Layout
     dataset: Dataset
 
-    def predict(self, x: torch.Tensor, exclude: Iterable[int] = ()) -> torch.Tensor:
-        """Log-probabilities of the mixture without the owners in `exclude`."""
+    def predict(self, x: torch.Tensor, exclude: Iterable[int] = (), weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-probabilities of the mixture without the owners in `exclude`; with `weights`
+        (`[slots]`, e.g. from `sade`) instead of the router's per-input weights."""
         self._exclude(exclude)
+        self.mixture.fixed = weights
         try:
             self.mixture.eval()
             with torch.no_grad():
                 return self.mixture(x)
         finally:
             self.mixture.exclude(())
+            self.mixture.fixed = None
+
+    def sade(self, x: torch.Tensor, exclude: Iterable[int] = (), noise: float = 0.5, steps: int = 100,
+             lr: float = 10.0, seed: int = 0) -> torch.Tensor:
+        """SADE's test-time weights `[slots]` for unlabeled inputs `x` from one target domain:
+        the aggregation most stable between two views with seeded Gaussian noise (`noise` times
+        the inputs' standard deviation)."""
+        if torch.is_floating_point(x) is False:
+            raise ConfigError("sade: needs real-valued inputs to perturb (not token codes)")
+        self._exclude(exclude)
+        m = self.mixture
+        try:
+            gen = torch.Generator().manual_seed(mix_seed(seed, 0x5ADE))
+            views = [x + noise * x.std() * torch.randn(x.shape, generator=gen) for _ in range(2)]
+            with torch.no_grad():
+                probs = [self._slot_probs(v) for v in views]
+            return sade_weights(probs[0], probs[1], m.included(), steps, lr)
+        finally:
+            m.exclude(())
+
+    def _slot_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """Every slot's probabilities `[slots, N, C]` (zeros for excluded owners, never run)."""
+        m = self.mixture
+        m.eval()
+        out = []
+        if m.public_expert:
+            out.append(m.public(x).softmax(dim=-1))
+        for owner, expert in enumerate(m.experts):
+            out.append(torch.zeros_like(out[0]) if owner in m.excluded else expert(x).softmax(dim=-1))
+        return torch.stack(out)
 
     def _exclude(self, exclude: Iterable[int]) -> None:
         try:
@@ -47,19 +82,35 @@ class ExpertsRun:
         except ValueError as exc:
             raise ConfigError(f"--exclude: {exc}") from None
 
-    def metrics(self, exclude: Iterable[int] = ()) -> dict[str, Any]:
-        """Accuracy and loss overall and on each owner's domain, without `exclude`."""
+    def metrics(self, exclude: Iterable[int] = (), sade: bool = False) -> dict[str, Any]:
+        """Accuracy and loss overall and on each owner's domain, without `exclude`. With `sade`,
+        each domain's test inputs (their labels unused) first set SADE's weights for that
+        domain, and the overall figures are the domains' sample-weighted means."""
+        exclude = list(exclude)
+        ds = self.dataset
+        domains = domain_test_sets(ds) or []
+        if sade and not domains:
+            raise ConfigError("sade: needs per-domain test splits (topology.domains or a dataset with them)")
+        weights = [self.sade(x, exclude) for x, _ in domains] if sade else [None] * len(domains)
         self._exclude(exclude)
         try:
             params = self.layout.flatten(self.mixture)
-            ds = self.dataset
-            acc, loss = evaluate(self.mixture, self.layout, params, ds.x_test, ds.y_test)
-            domains = [evaluate(self.mixture, self.layout, params, x, y)
-                       for x, y in domain_test_sets(ds) or []]
+            per = []
+            for (x, y), w in zip(domains, weights, strict=True):
+                self.mixture.fixed = w
+                per.append(evaluate(self.mixture, self.layout, params, x, y))
+            self.mixture.fixed = None
+            if sade:
+                sizes = [len(y) for _, y in domains]
+                acc = sum(a * n for (a, _), n in zip(per, sizes, strict=True)) / sum(sizes)
+                loss = sum(v * n for (_, v), n in zip(per, sizes, strict=True)) / sum(sizes)
+            else:
+                acc, loss = evaluate(self.mixture, self.layout, params, ds.x_test, ds.y_test)
         finally:
             self.mixture.exclude(())
-        return {"accuracy": acc, "loss": loss, "domain_accuracy": [a for a, _ in domains],
-                "domain_loss": [v for _, v in domains]}
+            self.mixture.fixed = None
+        return {"accuracy": acc, "loss": loss, "domain_accuracy": [a for a, _ in per],
+                "domain_loss": [v for _, v in per]}
 
 
 def load_experts(run: str | Path) -> ExpertsRun:
@@ -93,8 +144,9 @@ def load_experts(run: str | Path) -> ExpertsRun:
     return ExpertsRun(mixture, layout, ds)
 
 
-def opt_out_report(run: str | Path | ExpertsRun, exclude: Iterable[int]) -> dict[str, Any]:
-    """What opting `exclude` out costs: metrics with every owner and without them."""
+def opt_out_report(run: str | Path | ExpertsRun, exclude: Iterable[int], sade: bool = False) -> dict[str, Any]:
+    """What opting `exclude` out costs: metrics with every owner and without them (with
+    `sade`, SADE's test-time weights per domain instead of the router)."""
     loaded = run if isinstance(run, ExpertsRun) else load_experts(run)
     exclude = sorted(set(int(o) for o in exclude))
-    return {"exclude": exclude, "all": loaded.metrics(()), "without": loaded.metrics(exclude)}
+    return {"exclude": exclude, "all": loaded.metrics((), sade), "without": loaded.metrics(exclude, sade)}
