@@ -15,7 +15,9 @@ every round.
 Methods: FedAvg (the seed model averaged over the owners every round); experts + FlexOlmo's
 domain router (the public model kept as an expert; experts shipped once, at the end); the same
 run with owner 0 opted out at inference; the same experts weighted per test domain by SADE
-(self-supervised on the domain's unlabeled test inputs) instead of the router; experts + a learned router (DDM: a linear classifier
+(self-supervised on the domain's unlabeled test inputs) instead of the router; one student (a
+copy of the public model) per test domain distilled from the mixture on that domain's unlabeled
+inputs (Meta-DMoE's test-time step, without its meta-training); experts + a learned router (DDM: a linear classifier
 of the partition, trained on the public split); HDEE (experts of width 16 / 32 / 64 / 128 by
 domain difficulty); the FlexOlmo mixture plus Mixture of Thoughts' latent interface (trained on
 the public split, experts frozen); LoRA experts (rank-4 adapters on every layer of the frozen public
@@ -142,6 +144,14 @@ def sade(result: dict[str, Any]) -> dict[str, Any]:
             "domain_loss": m["domain_loss"], "bytes": 0, "wall": time.perf_counter() - start}
 
 
+def student(result: dict[str, Any]) -> dict[str, Any]:
+    """One public-sized student per test domain distilled from the mixture (Meta-DMoE's step)."""
+    start = time.perf_counter()
+    m = result["run"].student_metrics()
+    return {"acc": m["accuracy"], "loss": m["loss"], "domain_acc": m["domain_accuracy"],
+            "domain_loss": m["domain_loss"], "bytes": 0, "wall": time.perf_counter() - start}
+
+
 def digits_rows(seed: int, rounds: int, out: str) -> dict[str, dict[str, Any]]:
     rows: dict[str, dict[str, Any]] = {}
     rows["FedAvg"] = fedavg(digits_config(seed, rounds, {"name": "federated"}), DIGITS_DOMAINS)
@@ -149,6 +159,8 @@ def digits_rows(seed: int, rounds: int, out: str) -> dict[str, dict[str, Any]]:
         digits_config(seed, rounds, {"name": "experts"}), f"{out}/flexolmo-{seed}")
     rows["  owner 0 opted out"] = opt_out(rows["experts + domain router (FlexOlmo)"], 0)
     rows["  SADE weights per test domain instead of the router"] = sade(rows["experts + domain router (FlexOlmo)"])
+    rows["  one student per test domain, distilled from it (Meta-DMoE)"] = student(
+        rows["experts + domain router (FlexOlmo)"])
     rows["experts + learned router (DDM)"] = topology_run(
         digits_config(seed, rounds, {"name": "experts", "router": "learned", "public_expert": False}))
     sizes = [{"hidden": [16]}, {"hidden": [32]}, {"hidden": [64]}, {"hidden": [128]}]

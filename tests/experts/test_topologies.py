@@ -85,6 +85,15 @@ def test_experts_of_other_widths_train_route_and_opt_out(tmp_path, capsys) -> No
     assert len(sade["domain_accuracy"]) == 4 and 0.0 < sade["accuracy"] <= 1.0
     w = run.sade(run.dataset.x_test[:50], exclude=[2])
     assert w[m.slot(2)] == 0 and w.sum().item() == pytest.approx(1.0, abs=1e-5)
+    # Meta-DMoE's test-time step: one public-sized student distilled from the mixture on a
+    # domain's unlabeled inputs agrees with the mixture there
+    x1 = x[torch.from_numpy(run.dataset.test_groups[1])]
+    module, layout, params = run.student(x1, epochs=30)
+    assert layout.numel == Layout.from_module(m.public).numel
+    from torch.func import functional_call
+
+    agree = (functional_call(module, layout.views(params), (x1,)).argmax(1) == run.predict(x1).argmax(1))
+    assert agree.float().mean() > 0.9
     assert main(["predict", str(tmp_path / "run"), "--sade"]) == 0
     assert "SADE weights per domain" in capsys.readouterr().out
     assert main(["predict", str(tmp_path / "run"), "--exclude", "9"]) == 2

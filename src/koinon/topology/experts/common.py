@@ -12,9 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from koinon.clients import LocalSGD
 from koinon.compress.base import Codec
 from koinon.data.datasets import Dataset
-from koinon.local import cross_entropy, evaluate
+from koinon.data.federated import FederatedData
+from koinon.local import CohortTrainer, LocalTraining, cross_entropy, evaluate
 from koinon.params import Entry, Layout
 from koinon.wire import Sender
 
@@ -54,6 +56,21 @@ def loss_for(dataset: Dataset) -> Callable[[torch.Tensor, torch.Tensor], torch.T
     """The training loss of a dataset: cross-entropy per sample, or per position averaged over
     the sequence for a language model (labels `[N, T]`)."""
     return token_cross_entropy if dataset.y_train.dim() > 1 else cross_entropy
+
+
+def distill_into(module: nn.Module, layout: Layout, start: torch.Tensor, x: torch.Tensor, target: torch.Tensor,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], local: LocalTraining,
+                 seed: int, round_index: int) -> tuple[torch.Tensor, float]:
+    """`start` (flat params of `module`) trained toward `target` log-probabilities on inputs `x`
+    with `loss_fn(student_logits, target)`; returns the new params and the mean loss. The soft
+    targets stand in for labels, so the one local trainer runs it (one model at a time: its
+    rows are `[B, C]`)."""
+    table = Dataset("soft targets", x, target, x[:1], target[:1], target.shape[-1])
+    trainer = CohortTrainer(module, layout, FederatedData(table, [torch.arange(len(x))]), LocalSGD(), local,
+                            loss_fn=loss_fn)
+    result = trainer.train([0], start, {}, [{}], seed, round_index)
+    assert result.deltas is not None
+    return start + result.deltas[0], float(result.train_loss[0])
 
 
 def tensor_layout(name: str, shape: tuple[int, ...]) -> Layout:

@@ -30,7 +30,6 @@ from torch.func import functional_call
 
 from koinon.clients import LocalSGD, LocalTraining
 from koinon.config import Config
-from koinon.data import Dataset, FederatedData
 from koinon.errors import ConfigError
 from koinon.experts.distill import (
     TaidSchedule,
@@ -50,6 +49,7 @@ from koinon.topology.experts.common import (
     Channel,
     CodecFactory,
     DomainRound,
+    distill_into,
     domain_metrics,
     groups_by_layout,
     tensor_layout,
@@ -186,20 +186,14 @@ class Distillation:
 
     def _distill(self, party: int, x: torch.Tensor, target: torch.Tensor, loss_fn: Any, round_index: int) -> float:
         """Party `party` pulled toward `target` (log-probabilities) on the proxy inputs `x`;
-        returns its mean distillation loss. The targets stand in for labels, so the local
-        trainer (one party at a time: its rows are soft, `[B, C]`) runs it unchanged."""
+        returns its mean distillation loss."""
         c = self.local
-        table = Dataset("proxy", x, target, x[:1], target[:1], target.shape[-1])
         local = LocalTraining(epochs=self.options.distill_epochs, batch_size=c.batch_size,
                               lr=self.options.distill_lr or c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
-        layout = self.party_layouts[party]
-        trainer = CohortTrainer(self.parties[party], layout, FederatedData(table, [torch.arange(len(x))]),
-                                LocalSGD(), local, loss_fn=loss_fn)
-        start = self.party_params[party]
-        result = trainer.train([0], start, {}, [{}], mix_seed(self.seed, 0xD4, party), round_index)
-        assert result.deltas is not None
-        self.party_params[party] = start + result.deltas[0]
-        return float(result.train_loss[0])
+        self.party_params[party], loss = distill_into(
+            self.parties[party], self.party_layouts[party], self.party_params[party], x, target, loss_fn, local,
+            mix_seed(self.seed, 0xD4, party), round_index)
+        return loss
 
     def _evaluate_parties(self) -> tuple[list[float], float, float]:
         ds = self.data.dataset

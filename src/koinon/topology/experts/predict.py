@@ -4,18 +4,23 @@
 owner's resolved expert model) and loads `model.safetensors`; the dataset is rebuilt the same
 way (seeded), so each owner's domain test split is at hand. Excluding owners drops their
 experts with no retraining (`Mixture.exclude`). `ExpertsRun.sade` sets SADE's test-time
-weights for a batch of unlabeled inputs from one domain (`koinon.experts.sade`).
+weights for a batch of unlabeled inputs from one domain (`koinon.experts.sade`);
+`ExpertsRun.student` distills the mixture into one small model for such a batch (Meta-DMoE's
+test-time distillation).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from koinon.clients import LocalTraining
 from koinon.data.datasets import Dataset
 from koinon.errors import ConfigError, KoinonError
 from koinon.experts.domains import domain_test_sets
@@ -65,6 +70,26 @@ class ExpertsRun:
         finally:
             m.exclude(())
 
+    def student(self, x: torch.Tensor, exclude: Iterable[int] = (), epochs: int = 20, lr: float = 0.05,
+                seed: int = 0) -> tuple[nn.Module, Layout, torch.Tensor]:
+        """Meta-DMoE's test-time step: one small student (a copy of the public model) distilled
+        from the mixture on unlabeled inputs `x` of one target domain (forward KL to the
+        mixture's predictions). Returns the student module, its layout and its parameters.
+        Meta-DMoE's transformer aggregator and meta-training are not reproduced: the mixture's
+        router aggregates, and the student starts from the public model."""
+        from koinon.experts.distill import kl_loss
+        from koinon.topology.experts.common import distill_into
+
+        teacher = self.predict(x, exclude)
+        module = copy.deepcopy(self.mixture.public)
+        for p in module.parameters():
+            p.requires_grad_(True)
+        layout = Layout.from_module(module)
+        local = LocalTraining(epochs=epochs, batch_size=16, lr=lr, momentum=0.9)
+        params, _ = distill_into(module, layout, layout.flatten(module), x, teacher,
+                                 lambda out, target: kl_loss(out, target), local, mix_seed(seed, 0xDD), 0)
+        return module, layout, params
+
     def _slot_probs(self, x: torch.Tensor) -> torch.Tensor:
         """Every slot's probabilities `[slots, N, C]` (zeros for excluded owners, never run)."""
         m = self.mixture
@@ -81,6 +106,21 @@ class ExpertsRun:
             self.mixture.exclude(exclude)
         except ValueError as exc:
             raise ConfigError(f"--exclude: {exc}") from None
+
+    def student_metrics(self, exclude: Iterable[int] = ()) -> dict[str, Any]:
+        """Per domain, a student distilled from the mixture on the domain's unlabeled test
+        inputs (`student`) and evaluated on them; overall: the sample-weighted means."""
+        domains = domain_test_sets(self.dataset) or []
+        if not domains:
+            raise ConfigError("student: needs per-domain test splits (topology.domains or a dataset with them)")
+        per = []
+        for x, y in domains:
+            module, layout, params = self.student(x, exclude)
+            per.append(evaluate(module, layout, params, x, y))
+        sizes = [len(y) for _, y in domains]
+        return {"accuracy": sum(a * n for (a, _), n in zip(per, sizes, strict=True)) / sum(sizes),
+                "loss": sum(v * n for (_, v), n in zip(per, sizes, strict=True)) / sum(sizes),
+                "domain_accuracy": [a for a, _ in per], "domain_loss": [v for _, v in per]}
 
     def metrics(self, exclude: Iterable[int] = (), sade: bool = False) -> dict[str, Any]:
         """Accuracy and loss overall and on each owner's domain, without `exclude`. With `sade`,
