@@ -88,6 +88,13 @@ def _keys_epilog() -> str:
     lines += [f"  {key} = {value!r}" for key, value in describe_keys()]
     lines += ["", '[diloco] keys (only with topology.name = "diloco"; see koinon.topology.diloco.IslandsSpec):']
     lines += [f"  diloco.{key} = {value!r}" for key, value in SPECS.options("diloco").items()]
+    from dataclasses import fields
+
+    from koinon.topology.experts.options import DistillOptions, ExpertsOptions
+
+    for name, kind in (("experts", ExpertsOptions), ("distillation", DistillOptions)):
+        lines += ["", f'[topology] keys of topology.name = "{name}":']
+        lines += [f"  topology.{f.name} = {getattr(kind(), f.name)!r}" for f in fields(kind)]
     named = ", ".join(f"[{s}] ({s}.{k})" for s, k in NAME_KEYS.items())
     lines += [""] + textwrap.wrap(
         f"component options: besides the keys above, these sections take the options of the "
@@ -384,6 +391,55 @@ def _worker_failure(exc: BaseException) -> tuple[int, str] | None:
     return None
 
 
+# ---------------------------------------------------------------- koinon predict
+
+
+def _predict_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="RUN", help="folder of a finished experts run (topology.name = 'experts')")
+    p.add_argument("--exclude", type=int, action="append", default=[], metavar="OWNER",
+                   help="opt an owner out (its client index; repeatable): its expert is dropped, no retraining")
+    p.add_argument("--input", help="inputs to predict (.npy or .pt tensor); default: report the run's test metrics")
+    p.add_argument("--output", help="where --input's predicted classes go (.npy)")
+    p.add_argument("--sade", action="store_true",
+                   help="weight the experts per domain by SADE's test-time self-supervision (no labels)")
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from koinon.topology.experts import load_experts, opt_out_report
+
+    if bool(args.input) != bool(args.output):
+        raise KoinonError("koinon predict: --input and --output go together")
+    run = load_experts(args.run)
+    if args.input:
+        import numpy as np
+        import torch
+
+        path = Path(args.input)
+        if not path.is_file():
+            raise KoinonError(f"--input {path}: no such file")
+        x = torch.load(path) if path.suffix == ".pt" else torch.from_numpy(np.load(path))
+        expected = tuple(run.dataset.x_test.shape[1:])
+        if tuple(x.shape[1:]) != expected:
+            raise KoinonError(f"--input {path}: inputs of shape {list(x.shape[1:])}, the run's model takes {list(expected)}")
+        x = x.to(run.dataset.x_test.dtype)
+        weights = run.sade(x, args.exclude) if args.sade else None  # the inputs as one target domain
+        labels = run.predict(x, args.exclude, weights).argmax(dim=-1)
+        np.save(args.output, labels.numpy())
+        print(f"predicted {len(labels)} inputs without owners {args.exclude or 'none'}: {args.output}")
+        return 0
+    report = opt_out_report(run, args.exclude, sade=args.sade)
+    full, without = report["all"], report["without"]
+    print(f"owners excluded: {', '.join(map(str, report['exclude'])) or 'none'}"
+          + (" (SADE weights per domain)" if args.sade else ""))
+    print(f"{'domain':>8} {'accuracy (all)':>15} {'accuracy (without)':>19} {'change':>8}")
+    for d, (a, b) in enumerate(zip(full["domain_accuracy"], without["domain_accuracy"])):
+        mark = " (excluded owner's domain)" if d in report["exclude"] else ""
+        print(f"{d:>8} {a:>15.4f} {b:>19.4f} {b - a:>+8.4f}{mark}")
+    print(f"{'overall':>8} {full['accuracy']:>15.4f} {without['accuracy']:>19.4f} "
+          f"{without['accuracy'] - full['accuracy']:>+8.4f}")
+    return 0
+
+
 # ---------------------------------------------------------------- the table
 
 COMMANDS: tuple[Command, ...] = (
@@ -391,6 +447,8 @@ COMMANDS: tuple[Command, ...] = (
             _run_arguments, _run, epilog=_keys_epilog, interrupted=_run_interrupted),
     Command("list", "list every registered component with a one-line description",
             lambda p: None, _list),
+    Command("predict", "predict or report per-domain accuracy with a finished experts run, owners "
+            "opted out with --exclude (no retraining)", _predict_arguments, _predict),
     Command("robustness", "aggregator x attack x fraction x alpha accuracy matrix, with heat maps",
             _robustness_arguments, _robustness, interrupted=_robustness_interrupted),
     Command("certs", "create a CA, a server certificate and client credentials (mutual TLS); give "

@@ -11,7 +11,7 @@ from koinon.topology.diloco import DiLoCo
 
 
 def test_every_topology_is_registered_and_graphs_are_not_topologies():
-    assert TOPOLOGIES.names() == ["diloco", "federated", "gossip"]
+    assert TOPOLOGIES.names() == ["diloco", "distillation", "experts", "federated", "gossip"]
     assert "ring" in GRAPHS and not set(GRAPHS.names()) & set(TOPOLOGIES.names())
 
 
@@ -30,8 +30,8 @@ def test_the_builder_of_a_name_builds_that_topology(name, kind):
 def test_an_unknown_topology_is_a_one_line_config_error(tmp_path, capsys):
     with pytest.raises(ConfigError) as info:
         build_federation(Config().with_overrides({"topology.name": "mesh"}))
-    assert str(info.value) == ("topology.name = 'mesh': unknown topology; allowed: diloco, federated, "
-                               "gossip")
+    assert str(info.value) == ("topology.name = 'mesh': unknown topology; allowed: diloco, distillation, "
+                               "experts, federated, gossip")
     config = tmp_path / "c.toml"
     config.write_text('[topology]\nname = "ring"\n')  # a graph is not a topology
     assert main(["run", str(config), "--out", str(tmp_path / "never")]) == 2

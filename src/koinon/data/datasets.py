@@ -29,6 +29,7 @@ class Dataset:
     y_test: torch.Tensor
     num_classes: int
     groups: list[np.ndarray] | None = None  # natural partition: train indices per writer/device
+    test_groups: list[np.ndarray] | None = None  # test indices per group (per-domain metrics)
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -122,9 +122,14 @@ def shakespeare(
         np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in sorted(g)]).astype(np.int64)
         for g in groups_of_plays
     ]
+    test_offsets = np.cumsum([0] + [len(w) for w in test_parts])
+    test_groups = [
+        np.concatenate([np.arange(test_offsets[i], test_offsets[i + 1]) for i in sorted(g)]).astype(np.int64)
+        for g in groups_of_plays
+    ]
     train = torch.from_numpy(np.concatenate(train_parts))
     test = torch.from_numpy(np.concatenate(test_parts))
     return Dataset(
         "shakespeare", train[:, :-1].contiguous(), train[:, 1:].contiguous(),
-        test[:, :-1].contiguous(), test[:, 1:].contiguous(), len(vocab), groups,
+        test[:, :-1].contiguous(), test[:, 1:].contiguous(), len(vocab), groups, test_groups,
     )

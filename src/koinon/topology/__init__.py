@@ -1,7 +1,8 @@
 """Topologies: how parties are wired (a server, decentralized gossip, compute islands).
 
-`TOPOLOGIES` holds their builders by `topology.name` (federated, gossip, diloco); `GRAPHS` holds
-the communication graphs a gossip network can use (`topology.graph`).
+`TOPOLOGIES` holds their builders by `topology.name` (federated, gossip, diloco, experts,
+distillation); `GRAPHS` holds the communication graphs a gossip network can use
+(`topology.graph`).
 """
 
 from koinon.topology import build as _build  # noqa: F401  (registers the topology builders)

@@ -247,3 +247,19 @@ def build_diloco(cfg: Config, /) -> Topology:
         raise ConfigError(f"runtime.threads = {threads!r}: expected an integer >= 0 (0 = 1 for small models)")
     set_threads(threads, parts.layout.numel)  # small models: one thread (see set_threads)
     return DiLoCo(parts, cfg.seed)
+
+
+@TOPOLOGIES.register("experts")
+def build_experts(cfg: Config, /) -> Topology:
+    """Owners' experts from a public seed model, mixed by a router; owners opt out at inference."""
+    from koinon.topology.experts import build_experts as build
+
+    return build(cfg)
+
+
+@TOPOLOGIES.register("distillation")
+def build_distillation(cfg: Config, /) -> Topology:
+    """Parties of any architecture exchange predictions on a public proxy set, not weights."""
+    from koinon.topology.experts import build_distillation as build
+
+    return build(cfg)
