@@ -56,7 +56,8 @@ def test_resolved_config_records_every_component_default():
     assert raw["downlink"] == {"name": "int8", "delta": True, "block": 0, "stochastic": False}
     # num_byzantine is derived from attack.fraction (1 of 5), so it is not written as a default
     assert raw["aggregator"] == {"name": "nnm+centered_clipping", "radius": 100.0, "iterations": 1}
-    assert raw["runtime"] == {"name": "vectorized", "memory_mb": 2048, "max_chunk": 0, "threads": 0}
+    assert raw["runtime"] == {"name": "vectorized", "memory_mb": 2048, "max_chunk": 0, "threads": 0,
+                              "device": "cpu", "precision": "fp32"}
     assert raw["attack"] == {"name": "sign_flip", "fraction": 0.2, "scale": 1.0, "of": "own"}
     assert raw["client"]["beta"] == 0.9 and raw["model"] == {"name": "mlp", "hidden": [64]}
     assert "diloco" not in raw
