@@ -136,6 +136,7 @@ def _list(args: argparse.Namespace) -> int:
     from koinon.clients import CLIENT_ALGORITHMS
     from koinon.compress import CODECS
     from koinon.data import DATASETS, PARTITIONERS
+    from koinon.ledger import CONTRIBUTIONS
     from koinon.models import MODELS
     from koinon.runtime import RUNTIMES
     from koinon.server import SAMPLERS, SERVER_OPTIMIZERS
@@ -150,6 +151,7 @@ def _list(args: argparse.Namespace) -> int:
         ("pre-aggregation steps (aggregator.name = \"step+rule\", e.g. nnm+trimmed_mean)", PRE_AGGREGATORS),
         ("runtimes (runtime.name)", RUNTIMES), ("attacks (attack.name)", ATTACKS),
         ("graphs (topology.graph, with topology.name = \"gossip\")", GRAPHS),
+        ("contribution methods (ledger.contribution)", CONTRIBUTIONS),
     ]
     for title, registry in families:
         print(title)
@@ -382,6 +384,24 @@ def _worker_failure(exc: BaseException) -> tuple[int, str] | None:
     return None
 
 
+def _verify_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="a run folder written with a [ledger] section")
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from koinon.ledger.verify import verify_run
+
+    report = verify_run(args.run)
+    for note in report.notes:
+        print(f"note: {note}")
+    if not report.ok:
+        print(f"entry {report.failed_entry} does not verify: {report.failure} "
+              f"({report.verified} of {report.entries} entries verified before it)")
+        return 1
+    print(f"verified: all {report.entries} entries of {args.run} (hashes, signatures, aggregates, scores, payouts)")
+    return 0
+
+
 # ---------------------------------------------------------------- the table
 
 COMMANDS: tuple[Command, ...] = (
@@ -406,6 +426,9 @@ COMMANDS: tuple[Command, ...] = (
     Command("worker", "one DiLoCo worker process, as koinon launch and torchrun start it "
             "(python -m koinon.islands.worker)", _worker_arguments, _worker,
             failure=_worker_failure, prefix="koinon worker"),
+    Command("verify", "replay a run's round log ([ledger]): check every hash, signature, aggregate, "
+            "score and payout; names the first entry that does not verify (exit code 1)",
+            _verify_arguments, _verify),
 )
 
 
