@@ -147,6 +147,7 @@ class LedgerConfig:
     payout_cents: int = 0  # the escrowed budget, integer cents, split by the scores at the end
     min_quality: float = 0.1  # paid only if the total score >= this x the mean positive total
     detect_fraction: float = 0.5  # excluded in at least this share of its rounds: an attacker, paid nothing
+    min_update_norm: float = 0.01  # an update shorter than this x the round's median: a free rider
     options: dict = field(default_factory=dict)  # the method's own options (e.g. gtg tolerance)
 
 

@@ -10,7 +10,7 @@ and payouts (`[ledger]` in a config; `koinon verify RUN`).
 """
 
 from koinon.ledger.contribution import CONTRIBUTIONS, ContributionMethod, RoundUpdates, Validation
-from koinon.ledger.ledger import Ledger, LedgerSettings, attach_ledger
+from koinon.ledger.ledger import Ledger, LedgerSettings, attach, attach_ledger
 from koinon.ledger.payout import Payout, split_budget
 from koinon.ledger.shapley import Budget, Estimate, exact_shapley, leave_one_out, permutation_shapley
 
@@ -24,6 +24,7 @@ __all__ = [
     "Payout",
     "RoundUpdates",
     "Validation",
+    "attach",
     "attach_ledger",
     "exact_shapley",
     "leave_one_out",

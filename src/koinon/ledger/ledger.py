@@ -67,6 +67,7 @@ class LedgerSettings:
     payout_cents: int = 0
     min_quality: str = "0.1"
     detect_fraction: float = 0.5
+    min_update_norm: float = 0.01
 
     @staticmethod
     def from_config(c: LedgerConfig) -> LedgerSettings:
@@ -82,13 +83,14 @@ class LedgerSettings:
         checks = (("validation_fraction", 0.0 < c.validation_fraction <= 1.0, "in (0, 1]"),
                   ("budget_s", c.budget_s >= 0, ">= 0"), ("budget_evals", c.budget_evals >= 0, ">= 0"),
                   ("payout_cents", c.payout_cents >= 0, ">= 0"), ("min_quality", c.min_quality >= 0, ">= 0"),
-                  ("detect_fraction", 0.0 < c.detect_fraction <= 1.0, "in (0, 1]"))
+                  ("detect_fraction", 0.0 < c.detect_fraction <= 1.0, "in (0, 1]"),
+                  ("min_update_norm", 0.0 <= c.min_update_norm < 1.0, "in [0, 1)"))
         for key, ok, allowed in checks:
             if not ok:
                 raise ConfigError(f"ledger.{key} = {getattr(c, key)!r}: must be {allowed}")
         return LedgerSettings(c.contribution, dict(c.options), c.utility, c.validation_fraction,
                               Budget(c.budget_s, c.budget_evals), c.payout_cents, repr(c.min_quality),
-                              c.detect_fraction)
+                              c.detect_fraction, c.min_update_norm)
 
 
 def refuse_hidden_updates(cfg: Config) -> None:
@@ -143,7 +145,8 @@ class Ledger:
                                        sort_keys=True),
             "utility": settings.utility, "seed": seed, "score_scale": SCALE,
             "budget_cents": settings.payout_cents, "min_quality": settings.min_quality,
-            "detect_fraction": repr(settings.detect_fraction), "rounding": "largest-remainder, integer cents",
+            "detect_fraction": repr(settings.detect_fraction),
+            "min_update_norm": repr(settings.min_update_norm), "rounding": "largest-remainder, integer cents",
             "server_key": public_hex(self.server_key),
             "client_keys": {str(c): public_hex(k) for c, k in enumerate(self.client_keys)},
         })
@@ -206,8 +209,10 @@ class Ledger:
         return metrics
 
     def _kept_by_rule(self, closed: ClosedRound, excluded: dict[int, str]) -> torch.Tensor:
-        """Rows the robust rule kept: those its `coefficients` gave weight (all, for rules that
-        do not say, or whose pre-steps mixed the rows)."""
+        """Rows left to score: those the robust rule gave weight (its `coefficients`; all rows
+        for rules that do not say, or whose pre-steps mixed the rows), less free riders (an
+        update shorter than `min_update_norm` x the round's median update norm: the global
+        model sent back, which would otherwise earn credit for diluting harmful updates)."""
         rule = closed.aggregator
         if getattr(rule, "steps", None) == []:
             rule = rule.final  # type: ignore[attr-defined]
@@ -218,6 +223,13 @@ class Ledger:
             name = getattr(rule, "name", "the aggregator")
             for i in (~keep).nonzero().flatten().tolist():
                 excluded[closed.clients[i]] = f"dropped by {name}"
+        if len(closed.clients):
+            norms = torch.linalg.vector_norm(closed.updates.double(), dim=1)
+            idle = norms <= self.settings.min_update_norm * norms.median()
+            for i in (idle & keep).nonzero().flatten().tolist():
+                excluded[closed.clients[i]] = (f"free rider: update norm {float(norms[i]):.3g} <= "
+                                               f"{self.settings.min_update_norm} x the median")
+            keep &= ~idle
         return keep
 
     def _receipt(self, r: int, client: int, model: str, payload: str, update: str, weight: int) -> None:
@@ -292,6 +304,22 @@ def plot_payouts(totals: dict[int, int], payout: Payout, path: Path) -> None:
     tmp.replace(path)
 
 
+def attach(federation: Any, out: str | Path, settings: LedgerSettings, *, config_text: str = "") -> Ledger:
+    """Watch `federation` (a `Federation`: its server, model, data and seed) with a ledger
+    writing into the run folder `out`; call `finish(out)` after the last round."""
+    out = Path(out)
+    server = federation.server
+    ds = federation.data.dataset
+    x_val, y_val = validation_split(ds.x_test, ds.y_test, settings.validation_fraction, federation.seed)
+    ledger = Ledger(settings, federation.model, federation.layout, x_val, y_val, seed=federation.seed,
+                    folder=out / FOLDER, num_clients=federation.data.num_clients,
+                    config_sha256=hashlib.sha256(config_text.encode()).hexdigest(), num_classes=ds.num_classes,
+                    loss_fn=federation.loss_fn)
+    server.record_digests = True
+    server.observer = ledger
+    return ledger
+
+
 def attach_ledger(topology: Any, cfg: Config, out: Path, config_text: str) -> Ledger | None:
     """The ledger `cfg` asks for, watching `topology`'s server and writing into `out`; None
     when `ledger.contribution = "none"`."""
@@ -299,19 +327,10 @@ def attach_ledger(topology: Any, cfg: Config, out: Path, config_text: str) -> Le
         return None
     settings = LedgerSettings.from_config(cfg.ledger)
     refuse_hidden_updates(cfg)
-    server = getattr(topology, "server", None)
-    if cfg.topology.name != "federated" or server is None:
+    if cfg.topology.name != "federated" or getattr(topology, "server", None) is None:
         raise ConfigError(f"[ledger] needs topology.name = 'federated' (a server that sees each update), "
                           f"not {cfg.topology.name!r}")
     if settings.contribution == "exact" and cfg.server.clients_per_round > 14:
         raise ConfigError(f"ledger.contribution = 'exact' evaluates 2^k coalitions; clients_per_round = "
                           f"{cfg.server.clients_per_round} is too many (at most 14; use gtg or tmc)")
-    ds = topology.data.dataset
-    x_val, y_val = validation_split(ds.x_test, ds.y_test, settings.validation_fraction, cfg.seed)
-    ledger = Ledger(settings, topology.model, topology.layout, x_val, y_val, seed=cfg.seed, folder=out / FOLDER,
-                    num_clients=topology.data.num_clients,
-                    config_sha256=hashlib.sha256(config_text.encode()).hexdigest(), num_classes=ds.num_classes,
-                    loss_fn=topology.loss_fn)
-    server.record_digests = True
-    server.observer = ledger
-    return ledger
+    return attach(topology, out, settings, config_text=config_text)

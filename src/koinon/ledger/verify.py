@@ -192,6 +192,14 @@ class _Replay:
             raise EntryFailure("included, excluded and scored clients do not add up to the cohort")
         if self.aggregator is not None and not self.replayable and clients:
             self._recompute(e, t, clients, excluded)
+        if clients:
+            norms = torch.linalg.vector_norm(t["updates"].double(), dim=1)
+            idle = norms <= float(self.open["min_update_norm"]) * norms.median()
+            expected = [c for i, c in enumerate(clients)
+                        if not idle[i] and not excluded.get(c, "").startswith("dropped by")]
+            if expected != e["scored"]:
+                raise EntryFailure("the scored clients are not the included ones less those the rule "
+                                   "dropped and the free riders")
         for c, why in excluded.items():
             if why != "no update arrived":
                 self.excluded.setdefault(c, []).append(why)
@@ -215,8 +223,8 @@ class _Replay:
         coefficients = getattr(rule, "coefficients", None)
         if not getattr(self.aggregator, "steps", []) and isinstance(coefficients, torch.Tensor):
             dropped = {clients[i] for i in (coefficients <= 0).nonzero().flatten().tolist()}
-            if dropped != set(clients) - set(e["scored"]):
-                raise EntryFailure("the rows the rule dropped are not the ones left unscored")
+            if dropped != {c for c, why in excluded.items() if why.startswith("dropped by")}:
+                raise EntryFailure("the rows the rule dropped are not the ones logged as dropped")
 
     def _scores(self, e: dict[str, Any]) -> None:
         clients, previous, updates, weights, lr = self.rows[e["round"]]
