@@ -66,3 +66,14 @@ def test_inclusion_and_consistency_proofs(n, data):
         other = list(ls)
         other[0] = leaf_hash(b"rewritten")
         assert not verify_consistency(m, n, root(other[:m]), root(ls), cproof)
+
+
+def test_frontier_root_equals_the_definition_at_every_size():
+    from koinon.ledger.merkle import Frontier
+
+    f = Frontier()
+    assert f.root() == EMPTY_ROOT
+    ls = leaves(70)
+    for n, leaf in enumerate(ls, start=1):
+        f.append(leaf)
+        assert f.root() == mth(ls[:n])

@@ -42,6 +42,31 @@ def root(leaves: list[bytes]) -> bytes:
     return level[0]
 
 
+class Frontier:
+    """The root of a growing tree in O(log n) per leaf: the perfect subtrees of the binary
+    decomposition of n, largest (leftmost) first; the RFC's root folds them from the right."""
+
+    def __init__(self) -> None:
+        self.subtrees: list[tuple[int, bytes]] = []  # (size, hash)
+        self.size = 0
+
+    def append(self, leaf: bytes) -> None:
+        size, h = 1, leaf
+        while self.subtrees and self.subtrees[-1][0] == size:
+            left = self.subtrees.pop()[1]
+            size, h = size * 2, node_hash(left, h)
+        self.subtrees.append((size, h))
+        self.size += 1
+
+    def root(self) -> bytes:
+        if not self.subtrees:
+            return EMPTY_ROOT
+        acc = self.subtrees[-1][1]
+        for _, h in reversed(self.subtrees[:-1]):
+            acc = node_hash(h, acc)
+        return acc
+
+
 def inclusion_proof(index: int, leaves: list[bytes]) -> list[bytes]:
     """RFC 6962 PATH(index, leaves): the sibling hashes from leaf `index` up to the root."""
     n = len(leaves)

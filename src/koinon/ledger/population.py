@@ -12,6 +12,9 @@ flippers -1.
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +22,9 @@ import torch
 from torch import nn
 
 from koinon.attacks.base import AttackContext, ModelAttack
+from koinon.clients import LocalTraining
 from koinon.data import Dataset, FederatedData, partition_dataset
+from koinon.ledger.shapley import Budget
 from koinon.topology.federated import Federation
 from koinon.topology.server import Adversary
 
@@ -103,3 +108,54 @@ def population_federation(model: nn.Module, dataset: Dataset, roles: list[str], 
         fed.attack = attack
         fed.server.adversary = Adversary(attack, chosen, len(chosen) / len(roles))
     return fed
+
+
+@dataclass
+class PopulationResult:
+    """How one contribution method ranked a population of known quality."""
+
+    method: str
+    spearman: float  # rank correlation of the total scores with `true_quality`
+    wall_s: float  # the whole run, ledger included
+    ledger_s: float  # of which scoring, storing and logging
+    evaluations: int  # coalition models evaluated
+    accuracy: float
+    bad_paid: int  # cents paid to free riders, label flippers and sign flippers
+    totals: dict[int, float]
+
+
+def score_population(roles: list[str], contribution: str | None, *, rounds: int, seed: int, out: Path,
+                     model: str = "mlp", model_options: dict[str, Any] | None = None, dataset: str = "digits",
+                     local: LocalTraining | None = None, options: dict[str, Any] | None = None,
+                     budget: Budget | None = None, payout_cents: int = 100_000,
+                     utility: str = "accuracy") -> PopulationResult:
+    """Train `roles` for `rounds` rounds with the ledger `contribution` (None: no ledger, the
+    baseline) writing into `out`, and compare its scores with the roles' true quality."""
+    from scipy.stats import spearmanr
+
+    from koinon.data import DATASETS
+    from koinon.ledger.ledger import SCALE, LedgerSettings, attach
+    from koinon.models import build_model
+
+    ds = DATASETS.build(dataset, {}, "data", seed=seed, test_fraction=0.2, num_clients=len(roles))
+    module = build_model(model, model_options or {"hidden": [64]}, ds.input_shape, ds.num_classes, seed)
+    fed = population_federation(module, ds, roles, seed, local=local or LocalTraining(), runtime="vectorized")
+    ledger = None
+    if contribution is not None:
+        settings = LedgerSettings(contribution, options or {}, utility, budget=budget or Budget(),
+                                  payout_cents=payout_cents)
+        ledger = attach(fed, out, settings)
+    start = time.perf_counter()
+    for r in range(rounds):
+        result = fed.run_round(evaluate=r == rounds - 1)
+    wall = time.perf_counter() - start
+    accuracy = float(result.test_accuracy or 0.0)
+    if ledger is None:
+        return PopulationResult("none", float("nan"), wall, 0.0, 0, accuracy, 0, {})
+    payout = ledger.finish(out)
+    totals = {c: ledger.totals.get(c, 0) / SCALE for c in range(len(roles))}
+    quality = [true_quality(r) for r in roles]
+    rho = float(spearmanr([totals[c] for c in range(len(roles))], quality).statistic)
+    bad = sum(payout.paid.get(c, 0) for c, r in enumerate(roles)
+              if r in ("free_rider", "label_flip", "sign_flip"))
+    return PopulationResult(contribution, rho, wall, ledger.seconds, ledger.evaluations, accuracy, bad, totals)

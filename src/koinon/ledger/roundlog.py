@@ -91,6 +91,7 @@ class RoundLog:
         self.folder = folder
         self.key = server_key
         self.leaves: list[bytes] = []
+        self.frontier = merkle.Frontier()
         self.heads: list[TreeHead] = []
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "log.jsonl").write_bytes(b"")
@@ -100,7 +101,8 @@ class RoundLog:
         """Append `entry` (its `seq` is set here) and return the signed head that covers it."""
         data = canonical({**entry, "seq": len(self.leaves)})
         self.leaves.append(merkle.leaf_hash(data))
-        root = merkle.root(self.leaves).hex()
+        self.frontier.append(self.leaves[-1])
+        root = self.frontier.root().hex()
         head = TreeHead(len(self.leaves), root, self.key.sign(head_message(len(self.leaves), root)).hex())
         self.heads.append(head)
         with (self.folder / "log.jsonl").open("ab") as f:

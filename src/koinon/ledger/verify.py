@@ -58,7 +58,7 @@ class _Replay:
     def __init__(self, run: Path) -> None:
         self.run = run
         self.folder = run / FOLDER
-        self.leaves: list[bytes] = []
+        self.frontier = merkle.Frontier()
         self.open: dict[str, Any] = {}
         self.model: str | None = None  # hash of the current global model
         self.cohort: list[int] = []
@@ -76,7 +76,7 @@ class _Replay:
     # ------------------------------------------------------------------ per entry
 
     def check(self, index: int, line: bytes, head: TreeHead | None) -> str:
-        self.leaves.append(merkle.leaf_hash(line))
+        self.frontier.append(merkle.leaf_hash(line))
         try:
             entry = json.loads(line)
         except ValueError:
@@ -92,7 +92,7 @@ class _Replay:
             raise EntryFailure(f"({label}) no signed tree head covers it")
         if head.size != index + 1 or not head.verify(server_key):
             raise EntryFailure(f"({label}) its signed tree head does not verify")
-        if bytes.fromhex(head.root) != merkle.root(self.leaves):
+        if bytes.fromhex(head.root) != self.frontier.root():
             raise EntryFailure(f"({label}) the Merkle root of the log so far differs from the signed one")
         try:
             if canonical(entry) != line:
