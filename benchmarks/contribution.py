@@ -35,48 +35,48 @@ FIFTY = (["clean"] * 15 + [f"noisy:{r}" for r in (0.2, 0.4, 0.6, 0.8) for _ in r
          + [f"duplicate:{j}" for j in range(5)] + ["free_rider"] * 3 + ["label_flip"] * 4 + ["sign_flip"] * 3)
 
 
+METHODS = [("gtg", "gtg", 0), ("gtg@200", "gtg", 200), ("tmc@200", "tmc", 200), ("loo", "loo", 0),
+           ("cosine", "cosine", 0), ("trust", "trust", 0)]
+"""(label, method, coalition evaluations a round; 0: the method's own stop)."""
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="10 clients, 3 rounds, gtg and cosine")
+    p.add_argument("--quick", action="store_true", help="10 clients, 3 rounds, gtg@200 and cosine")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--methods", default="gtg,tmc,loo,cosine,trust",
-                   help="comma-separated; exact is added for 10 clients")
-    p.add_argument("--gtg-budget-evals", type=int, default=0,
-                   help="per-round coalition evaluations for gtg and tmc (0: their own stop)")
+    p.add_argument("--utility", default="loss", choices=["loss", "accuracy"])
     args = p.parse_args()
     rounds = 3 if args.quick else args.rounds
-    methods = ["gtg", "cosine"] if args.quick else args.methods.split(",")
+    methods = [m for m in METHODS if m[0] in ("gtg@200", "cosine")] if args.quick else METHODS
     populations = [("10", TEN)] if args.quick else [("10", TEN), ("50", FIFTY)]
     local = LocalTraining(lr=0.05, epochs=5, batch_size=16, momentum=0.9)
-    budget = Budget(evaluations=args.gtg_budget_evals)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for label, roles in populations:
+        for size, roles in populations:
             base = score_population(roles, None, rounds=rounds, seed=args.seed, out=Path(tmp), local=local)
-            names = methods + (["exact"] if label == "10" and not args.quick else [])
-            for name in names:
-                out = Path(tmp) / f"{label}-{name}"
-                r = score_population(roles, name, rounds=rounds, seed=args.seed, out=out, local=local,
-                                     budget=budget if name in ("gtg", "tmc") else None)
-                rows.append((label, name, r.spearman, r.ledger_s, r.evaluations, r.ledger_s / base.wall_s,
-                             r.bad_paid, r.accuracy, base.wall_s))
-                print(f"  {label} clients, {name}: rho {r.spearman:.3f}, {r.ledger_s:.2f} s, "
-                      f"{r.evaluations} evaluations", flush=True)
-    print(f"\n{rounds} rounds, seed {args.seed}")
-    print("| clients | method | Spearman | scoring s | coalition evals | overhead | cents to attackers | "
-          "accuracy | training s (no ledger) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for label, name, rho, sec, evals, over, bad, acc, base_s in rows:
-        print(f"| {label} | {name} | {rho:.3f} | {sec:.2f} | {evals} | {over:.0%} | {bad} | {acc:.4f} | {base_s:.2f} |")
-    gtg50 = [r for r in rows if r[0] == "50" and r[1] == "gtg"]
-    if gtg50:
-        _, _, rho, _, _, over, _, _, _ = gtg50[0]
-        print(f"\ngoal GTG 50 clients rho >= 0.9: {'met' if rho >= 0.9 else 'MISSED'} ({rho:.3f}); "
-              f"overhead < 20 %: {'met' if over < 0.2 else 'MISSED'} ({over:.0%})")
-    unpaid = all(r[6] == 0 for r in rows)
-    print(f"goal every attacker and free rider paid nothing: {'met' if unpaid else 'MISSED'} "
-          f"(worst: {max(r[6] for r in rows)} cents)")
+            for label, name, evals in methods + ([("exact", "exact", 0)] if size == "10" and not args.quick else []):
+                r = score_population(roles, name, rounds=rounds, seed=args.seed, out=Path(tmp) / f"{size}-{label}",
+                                     local=local, utility=args.utility, budget=Budget(evaluations=evals))
+                rows.append((size, label, r, base.wall_s))
+                print(f"  {size} clients, {label}: rho {r.spearman:.3f}, ledger {r.ledger_s:.2f} s "
+                      f"(scoring {r.scoring_s:.2f} s), {r.evaluations} evaluations", flush=True)
+    print(f"\n{rounds} rounds, seed {args.seed}, utility {args.utility}")
+    print("| clients | method | Spearman | scoring s | logging s | coalition evals | overhead (all) | "
+          "overhead (scoring) | cents to attackers | training s (no ledger) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for size, label, r, base_s in rows:
+        print(f"| {size} | {label} | {r.spearman:.3f} | {r.scoring_s:.2f} | {r.ledger_s - r.scoring_s:.2f} | "
+              f"{r.evaluations} | {r.ledger_s / base_s:.0%} | {r.scoring_s / base_s:.0%} | {r.bad_paid} | {base_s:.2f} |")
+    for size, label, r, base_s in rows:
+        if size == "50" and label.startswith("gtg"):
+            over = r.ledger_s / base_s
+            print(f"goal {label}, 50 clients: rho >= 0.9 {'met' if r.spearman >= 0.9 else 'MISSED'} "
+                  f"({r.spearman:.3f}); overhead < 20 % {'met' if over < 0.2 else 'MISSED'} ({over:.0%})")
+    for label in dict.fromkeys(row[1] for row in rows):
+        worst = max(row[2].bad_paid for row in rows if row[1] == label)
+        print(f"goal every attacker and free rider paid nothing, {label}: {'met' if worst == 0 else 'MISSED'} "
+              f"(at most {worst} cents of 100000)")
 
 
 if __name__ == "__main__":

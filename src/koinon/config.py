@@ -140,7 +140,7 @@ class LedgerConfig:
     """`[ledger]`: contribution scores, the verifiable round log and payouts (`koinon.ledger`)."""
 
     contribution: str = "none"  # none, or a contribution method: gtg, tmc, loo, exact, cosine, trust
-    utility: str = "accuracy"  # of a coalition model on the validation set: accuracy or loss (minus it)
+    utility: str = "loss"  # of a coalition model on the validation set: loss (minus the mean loss) or accuracy
     validation_fraction: float = 0.5  # share of the test split the owner commits to (seeded)
     budget_s: float = 0.0  # per round, seconds a sampling method may spend (0 = no limit)
     budget_evals: int = 0  # per round, coalition models a sampling method may evaluate (0 = no limit)

@@ -31,7 +31,7 @@ from koinon.params import Layout
 from koinon.registry import Registry
 from koinon.ledger.shapley import Budget, Estimate, exact_shapley, leave_one_out, permutation_shapley
 
-UTILITIES = ("accuracy", "loss")
+UTILITIES = ("loss", "accuracy")
 
 
 @dataclass
@@ -58,7 +58,7 @@ class Validation:
     on it, evaluated `[m, P]` at a time (one stacked forward pass where the model allows)."""
 
     def __init__(self, module: nn.Module, layout: Layout, x: torch.Tensor, y: torch.Tensor,
-                 utility: str = "accuracy", loss_fn=cross_entropy, max_models: int = 64) -> None:
+                 utility: str = "loss", loss_fn=cross_entropy, max_models: int = 64) -> None:
         if utility not in UTILITIES:
             raise ValueError(f"utility = {utility!r}; allowed: {', '.join(UTILITIES)}")
         self.module, self.layout, self.x, self.y = module, layout, x, y

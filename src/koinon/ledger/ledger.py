@@ -61,7 +61,7 @@ class LedgerSettings:
 
     contribution: str
     options: dict[str, Any]
-    utility: str = "accuracy"
+    utility: str = "loss"
     validation_fraction: float = 0.5
     budget: Budget = field(default_factory=Budget)
     payout_cents: int = 0
@@ -135,7 +135,8 @@ class Ledger:
         self.totals: dict[int, int] = {}
         self.sampled: dict[int, int] = {}
         self.excluded: dict[int, list[str]] = {}
-        self.seconds = 0.0
+        self.seconds = 0.0  # everything the ledger did in rounds
+        self.scoring_s = 0.0  # of which the contribution method
         self.evaluations = 0
         self.log.append({
             "type": "open", "validation_sha256": validation_sha256(x_val, y_val),
@@ -188,7 +189,9 @@ class Ledger:
         metrics: dict[str, float] = {}
         if closed.applied and clients:
             data = RoundUpdates(closed.round, clients, closed.previous, rows, weights, closed.lr)
+            scoring = time.perf_counter()
             est = self.method.score(data, self.validation, self.seed, self.settings.budget)
+            self.scoring_s += time.perf_counter() - scoring
             scores = {c: fixed(v) for c, v in zip(clients, est.values)}
             for c, s in scores.items():
                 self.totals[c] = self.totals.get(c, 0) + s
@@ -265,7 +268,8 @@ class Ledger:
         head = self.log.heads[-1]
         atomic_write_text(self.folder / "summary.json", json.dumps({
             "method": self.settings.contribution, "entries": head.size, "root": head.root,
-            "server_key": public_hex(self.server_key), "scoring_s": round(self.seconds, 3),
+            "server_key": public_hex(self.server_key), "ledger_s": round(self.seconds, 3),
+            "scoring_s": round(self.scoring_s, 3),
             "evaluations": self.evaluations, "refund_cents": payout.refund,
         }, indent=1))
         return payout

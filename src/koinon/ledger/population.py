@@ -117,7 +117,8 @@ class PopulationResult:
     method: str
     spearman: float  # rank correlation of the total scores with `true_quality`
     wall_s: float  # the whole run, ledger included
-    ledger_s: float  # of which scoring, storing and logging
+    ledger_s: float  # of which the ledger: scoring, storing and logging
+    scoring_s: float  # of which the contribution method
     evaluations: int  # coalition models evaluated
     accuracy: float
     bad_paid: int  # cents paid to free riders, label flippers and sign flippers
@@ -128,7 +129,8 @@ def score_population(roles: list[str], contribution: str | None, *, rounds: int,
                      model: str = "mlp", model_options: dict[str, Any] | None = None, dataset: str = "digits",
                      local: LocalTraining | None = None, options: dict[str, Any] | None = None,
                      budget: Budget | None = None, payout_cents: int = 100_000,
-                     utility: str = "accuracy") -> PopulationResult:
+                     utility: str = "loss", validation_fraction: float = 0.5,
+                     dataset_options: dict[str, Any] | None = None) -> PopulationResult:
     """Train `roles` for `rounds` rounds with the ledger `contribution` (None: no ledger, the
     baseline) writing into `out`, and compare its scores with the roles' true quality."""
     from scipy.stats import spearmanr
@@ -137,13 +139,13 @@ def score_population(roles: list[str], contribution: str | None, *, rounds: int,
     from koinon.ledger.ledger import SCALE, LedgerSettings, attach
     from koinon.models import build_model
 
-    ds = DATASETS.build(dataset, {}, "data", seed=seed, test_fraction=0.2, num_clients=len(roles))
+    ds = DATASETS.build(dataset, dataset_options or {}, "data", seed=seed, test_fraction=0.2, num_clients=len(roles))
     module = build_model(model, model_options or {"hidden": [64]}, ds.input_shape, ds.num_classes, seed)
     fed = population_federation(module, ds, roles, seed, local=local or LocalTraining(), runtime="vectorized")
     ledger = None
     if contribution is not None:
-        settings = LedgerSettings(contribution, options or {}, utility, budget=budget or Budget(),
-                                  payout_cents=payout_cents)
+        settings = LedgerSettings(contribution, options or {}, utility, validation_fraction,
+                                  budget=budget or Budget(), payout_cents=payout_cents)
         ledger = attach(fed, out, settings)
     start = time.perf_counter()
     for r in range(rounds):
@@ -151,11 +153,12 @@ def score_population(roles: list[str], contribution: str | None, *, rounds: int,
     wall = time.perf_counter() - start
     accuracy = float(result.test_accuracy or 0.0)
     if ledger is None:
-        return PopulationResult("none", float("nan"), wall, 0.0, 0, accuracy, 0, {})
+        return PopulationResult("none", float("nan"), wall, 0.0, 0.0, 0, accuracy, 0, {})
     payout = ledger.finish(out)
     totals = {c: ledger.totals.get(c, 0) / SCALE for c in range(len(roles))}
     quality = [true_quality(r) for r in roles]
     rho = float(spearmanr([totals[c] for c in range(len(roles))], quality).statistic)
     bad = sum(payout.paid.get(c, 0) for c, r in enumerate(roles)
               if r in ("free_rider", "label_flip", "sign_flip"))
-    return PopulationResult(contribution, rho, wall, ledger.seconds, ledger.evaluations, accuracy, bad, totals)
+    return PopulationResult(contribution, rho, wall, ledger.seconds, ledger.scoring_s, ledger.evaluations, accuracy,
+                            bad, totals)

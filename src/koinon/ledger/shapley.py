@@ -13,7 +13,8 @@ the number of distinct models evaluated, the unit of a budget.
   TMC-Shapley (Ghorbani & Zou, Data Shapley, ICML 2019, https://arxiv.org/abs/1904.02868) draws
   uniform permutations. GTG-Shapley (Liu et al., GTG-Shapley: Efficient and Accurate Participant
   Contribution Evaluation in Federated Learning, ACM TIST 2022, https://arxiv.org/abs/2109.02053)
-  adds guided sampling (permutation k puts player k mod n first, so every player's marginal to
+  adds guided sampling (permutation k puts player (k + a random offset) mod n first, so every
+  player's marginal to
   the empty coalition, the largest in a round, is sampled equally often), between-round
   truncation (a round whose v(N) - v(empty) is below `round_tolerance` scores zero) and a
   convergence stop.
@@ -154,10 +155,11 @@ def permutation_shapley(
     total_sq = np.zeros(n)
     count = 0
     previous: np.ndarray | None = None
+    offset = int(rng.integers(n))  # which player leads first: a short run is not biased to player 0
     while True:
         order = rng.permutation(n)
         if guided:
-            first = count % n
+            first = (offset + count) % n
             order = np.concatenate(([first], order[order != first]))
         marginals = np.zeros(n)
         before = v_empty
