@@ -13,7 +13,15 @@ from koinon.config import Config
 from koinon.errors import ConfigError
 from koinon.experiment import resume_experiment, run_experiment
 from koinon.ledger import merkle
-from koinon.ledger.roundlog import TreeHead, canonical, head_message, read_log, simulated_key, verify_prefix, verify_receipt
+from koinon.ledger.roundlog import (
+    TreeHead,
+    canonical,
+    head_message,
+    read_log,
+    simulated_key,
+    verify_prefix,
+    verify_receipt,
+)
 from koinon.ledger.verify import verify_run
 
 BASE = {

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from koinon.ledger.shapley import Budget, CachedGame, exact_shapley, leave_one_out, permutation_shapley
+from koinon.ledger.shapley import (
+    Budget,
+    CachedGame,
+    exact_shapley,
+    leave_one_out,
+    permutation_shapley,
+)
 
 
 class TableGame:

@@ -12,7 +12,13 @@ and payouts (`[ledger]` in a config; `koinon verify RUN`).
 from koinon.ledger.contribution import CONTRIBUTIONS, ContributionMethod, RoundUpdates, Validation
 from koinon.ledger.ledger import Ledger, LedgerSettings, attach, attach_ledger
 from koinon.ledger.payout import Payout, split_budget
-from koinon.ledger.shapley import Budget, Estimate, exact_shapley, leave_one_out, permutation_shapley
+from koinon.ledger.shapley import (
+    Budget,
+    Estimate,
+    exact_shapley,
+    leave_one_out,
+    permutation_shapley,
+)
 
 __all__ = [
     "CONTRIBUTIONS",

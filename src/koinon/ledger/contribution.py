@@ -25,11 +25,17 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from koinon.ledger.shapley import (
+    Budget,
+    Estimate,
+    exact_shapley,
+    leave_one_out,
+    permutation_shapley,
+)
 from koinon.local.batched import batched_forward
 from koinon.local.losses import cross_entropy
 from koinon.params import Layout
 from koinon.registry import Registry
-from koinon.ledger.shapley import Budget, Estimate, exact_shapley, leave_one_out, permutation_shapley
 
 UTILITIES = ("loss", "accuracy")
 

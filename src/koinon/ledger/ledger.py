@@ -33,7 +33,13 @@ from torch import nn
 from koinon.config import Config, LedgerConfig
 from koinon.errors import ConfigError
 from koinon.files import atomic_write_text
-from koinon.ledger.contribution import CONTRIBUTIONS, UTILITIES, ContributionMethod, RoundUpdates, Validation
+from koinon.ledger.contribution import (
+    CONTRIBUTIONS,
+    UTILITIES,
+    ContributionMethod,
+    RoundUpdates,
+    Validation,
+)
 from koinon.ledger.payout import Payout, split_budget
 from koinon.ledger.roundlog import RoundLog, canonical, public_hex, simulated_key
 from koinon.ledger.shapley import Budget
@@ -85,9 +91,9 @@ class LedgerSettings:
                   ("payout_cents", c.payout_cents >= 0, ">= 0"), ("min_quality", c.min_quality >= 0, ">= 0"),
                   ("detect_fraction", 0.0 < c.detect_fraction <= 1.0, "in (0, 1]"),
                   ("min_update_norm", 0.0 <= c.min_update_norm < 1.0, "in [0, 1)"))
-        for key, ok, allowed in checks:
+        for key, ok, rule in checks:
             if not ok:
-                raise ConfigError(f"ledger.{key} = {getattr(c, key)!r}: must be {allowed}")
+                raise ConfigError(f"ledger.{key} = {getattr(c, key)!r}: must be {rule}")
         return LedgerSettings(c.contribution, dict(c.options), c.utility, c.validation_fraction,
                               Budget(c.budget_s, c.budget_evals), c.payout_cents, repr(c.min_quality),
                               c.detect_fraction, c.min_update_norm)

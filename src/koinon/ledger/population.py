@@ -160,5 +160,5 @@ def score_population(roles: list[str], contribution: str | None, *, rounds: int,
     rho = float(spearmanr([totals[c] for c in range(len(roles))], quality).statistic)
     bad = sum(payout.paid.get(c, 0) for c, r in enumerate(roles)
               if r in ("free_rider", "label_flip", "sign_flip"))
-    return PopulationResult(contribution, rho, wall, ledger.seconds, ledger.scoring_s, ledger.evaluations, accuracy,
+    return PopulationResult(str(contribution), rho, wall, ledger.seconds, ledger.scoring_s, ledger.evaluations, accuracy,
                             bad, totals)
