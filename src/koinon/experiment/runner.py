@@ -96,9 +96,10 @@ def run_experiment(
     out = Path(out_dir)
     ledger = None
     if cfg.ledger.contribution != "none":
-        from koinon.ledger import LedgerSettings, attach_ledger
+        from koinon.ledger import CONTRIBUTIONS, LedgerSettings, attach_ledger
 
         LedgerSettings.from_config(cfg.ledger)  # a bad [ledger] key fails before the folder is touched
+        cfg.ledger.options = CONTRIBUTIONS.resolve(cfg.ledger.contribution, cfg.ledger.options)
         folder.start(out, overwrite, ("config.toml", cfg.to_toml()))
         ledger = attach_ledger(fed, cfg, out, cfg.to_toml())
     else:
