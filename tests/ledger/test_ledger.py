@@ -216,3 +216,14 @@ def test_resume_is_refused(copy):
     (copy / "summary.json").unlink()
     with pytest.raises(ConfigError, match="cannot be resumed"):
         resume_experiment(copy, progress=False)
+
+
+def test_the_ledger_section_by_set_and_absent_by_default():
+    assert "ledger" not in Config().to_dict()
+    cfg = Config().with_overrides({"ledger.contribution": "tmc", "ledger.tolerance": 0.05,
+                                   "ledger.payout_cents": 500})
+    assert cfg.ledger.contribution == "tmc" and cfg.ledger.options == {"tolerance": 0.05}
+    assert cfg.to_dict()["ledger"]["payout_cents"] == 500
+    # Another method drops the old one's options and keeps the fixed keys.
+    other = cfg.with_overrides({"ledger.contribution": "loo"})
+    assert other.ledger.options == {} and other.ledger.payout_cents == 500
