@@ -52,11 +52,13 @@ class RoundUpdates:
     lr: float = 1.0  # the server step size on the aggregate
 
     def coalition_params(self, masks: np.ndarray) -> torch.Tensor:
-        """`[m, P]` models of the coalitions `masks` (`[m, k]`); the empty one is `previous`."""
-        m = torch.as_tensor(np.asarray(masks, dtype=bool)).to(torch.float32) * self.weights[None, :]
+        """`[m, P]` models of the coalitions `masks` (`[m, k]`); the empty one is `previous`.
+        In float64, as the evaluation: the scores are replayed by `koinon verify`, maybe with
+        another thread count, and float32 sums in another order differ in the last bits."""
+        m = torch.as_tensor(np.asarray(masks, dtype=bool)).double() * self.weights.double()[None, :]
         norm = m.sum(dim=1, keepdim=True)
-        mean = (m @ self.updates) / norm.clamp_min(1e-30)
-        return self.previous[None, :] + self.lr * mean
+        mean = (m @ self.updates.double()) / norm.clamp_min(1e-30)
+        return self.previous.double()[None, :] + self.lr * mean
 
 
 class Validation:
@@ -67,7 +69,7 @@ class Validation:
                  utility: str = "loss", loss_fn=cross_entropy, max_models: int = 64) -> None:
         if utility not in UTILITIES:
             raise ValueError(f"utility = {utility!r}; allowed: {', '.join(UTILITIES)}")
-        self.module, self.layout, self.x, self.y = module, layout, x, y
+        self.module, self.layout, self.x, self.y = module, layout, x.double(), y
         self.utility, self.loss_fn, self.max_models = utility, loss_fn, max_models
         self.forward = batched_forward(module)
 
@@ -79,11 +81,11 @@ class Validation:
             if self.forward is not None:
                 logits = self.forward(self.layout.views(chunk), self.x.expand(chunk.shape[0], *self.x.shape))
             else:
-                self.module.eval()
+                self.module.eval()  # every parameter and float buffer comes from `chunk` (float64)
                 logits = torch.stack([functional_call(self.module, self.layout.views(p), (self.x,)) for p in chunk])
                 self.module.train()
             out.append(self._metric(logits))
-        return torch.cat(out).double().numpy()
+        return torch.cat(out).numpy()
 
     def _metric(self, logits: torch.Tensor) -> torch.Tensor:
         if self.utility == "accuracy":
@@ -95,7 +97,7 @@ class Validation:
 
     def descent_direction(self, params: torch.Tensor) -> torch.Tensor:
         """Minus the gradient of the validation loss at `params` (the server's trusted direction)."""
-        p = params.detach().clone().requires_grad_(True)
+        p = params.detach().double().clone().requires_grad_(True)
         logits = functional_call(self.module, self.layout.views(p), (self.x,))
         loss = self.loss_fn(logits, self.y).mean()
         (grad,) = torch.autograd.grad(loss, p)
