@@ -37,7 +37,7 @@ FIFTY = (["clean"] * 15 + [f"noisy:{r}" for r in (0.2, 0.4, 0.6, 0.8) for _ in r
 
 
 METHODS = [("gtg", "gtg", 0), ("gtg@200", "gtg", 200), ("tmc@200", "tmc", 200), ("loo", "loo", 0),
-           ("cosine", "cosine", 0), ("trust", "trust", 0)]
+           ("shapfed", "shapfed", 0), ("cosine", "cosine", 0), ("trust", "trust", 0)]
 """(label, method, coalition evaluations a round; 0: the method's own stop)."""
 
 

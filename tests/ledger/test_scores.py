@@ -55,7 +55,7 @@ def test_tmc_and_gtg_within_their_error_bound_of_exact_on_six_clients(captured, 
 
 def test_registered_methods_score_a_real_round(captured):
     data, validation = captured
-    for name in ("exact", "loo", "tmc", "gtg", "cosine", "trust"):
+    for name in ("exact", "loo", "tmc", "gtg", "shapfed", "cosine", "trust"):
         est = CONTRIBUTIONS.build(name, {}, "ledger").score(data, validation, 0, Budget())
         assert est.values.shape == (6,), name
         assert est.values[5] < est.values[:3].min(), name  # the sign flipper ranks below the clean
@@ -113,3 +113,23 @@ def test_a_robust_rules_drops_are_removed_before_scoring_and_replayed(tmp_path):
     assert sum(payout["paid"].values()) == 5000
     report = verify_run(tmp_path / "run")
     assert report.ok and not report.notes, (report.failure, report.notes)
+
+
+def test_shapfed_class_wise_scores(captured):
+    from koinon.ledger.classwise import ClassGame, ShapFed, output_rows
+
+    data, validation = captured
+    rows = output_rows(validation.layout, 10)
+    assert rows.shape == (10, 33)  # the MLP's last layer: 32 weights and a bias per class
+    method = ShapFed()
+    per_class = method.class_scores(data, validation)
+    overall = method.score(data, validation, 0, Budget())
+    assert per_class.shape == (6, 10)
+    np.testing.assert_allclose(per_class.mean(axis=1), overall.values, atol=1e-12)  # linearity
+    # Efficiency per class: the values add up to v_c(N) - v_c(empty) = 1 - 0.
+    np.testing.assert_allclose(per_class.sum(axis=0), 1.0, atol=1e-9)
+    assert overall.values[5] < 0 < overall.values[:3].min()  # the sign flipper points away
+    game = ClassGame(data, rows)
+    sampled = ShapFed(max_exact=2, max_permutations=400).score(data, validation, 0, Budget())
+    assert np.all(np.abs(sampled.values - overall.values) <= 4 * sampled.stderr + 1e-9)
+    assert game.values(np.ones((1, 6), bool))[0] == pytest.approx(1.0)

@@ -7,7 +7,8 @@ updates, renormalized over S (GTG-Shapley's reconstruction; lr is the server opt
 its utility is a metric on the validation set the owner committed to (`Validation`). A run's
 score of a client is the sum of its round scores (the round-wise Shapley of GTG-Shapley).
 
-Registered: `exact`, `loo`, `tmc`, `gtg` (games, see `koinon.ledger.shapley`), and the cheap
+Registered: `exact`, `loo`, `tmc`, `gtg` (games, see `koinon.ledger.shapley`), `shapfed`
+(class-wise, `koinon.ledger.classwise`), and the cheap
 scores `cosine` (to the round's aggregate) and `trust` (FLTrust-style ReLU(cosine) to a
 reference the server trusts: here the descent direction of the validation loss at the previous
 global model, one backward pass; Cao et al., NDSS 2021, https://arxiv.org/abs/2012.13995).
@@ -66,11 +67,13 @@ class Validation:
     on it, evaluated `[m, P]` at a time (one stacked forward pass where the model allows)."""
 
     def __init__(self, module: nn.Module, layout: Layout, x: torch.Tensor, y: torch.Tensor,
-                 utility: str = "loss", loss_fn=cross_entropy, max_models: int = 64) -> None:
+                 utility: str = "loss", loss_fn=cross_entropy, max_models: int = 64,
+                 num_classes: int | None = None) -> None:
         if utility not in UTILITIES:
             raise ValueError(f"utility = {utility!r}; allowed: {', '.join(UTILITIES)}")
         self.module, self.layout, self.x, self.y = module, layout, x.double(), y
         self.utility, self.loss_fn, self.max_models = utility, loss_fn, max_models
+        self.num_classes = num_classes
         self.forward = batched_forward(module)
 
     @torch.no_grad()

@@ -128,7 +128,8 @@ class Ledger:
                  num_classes: int = 0, loss_fn=cross_entropy) -> None:
         self.settings = settings
         self.method: ContributionMethod = CONTRIBUTIONS.build(settings.contribution, settings.options, "ledger")
-        self.validation = Validation(module, layout, x_val, y_val, settings.utility, loss_fn)
+        self.validation = Validation(module, layout, x_val, y_val, settings.utility, loss_fn,
+                                     num_classes=num_classes or None)
         self.seed = seed
         self.folder = folder
         (folder / "rounds").mkdir(parents=True, exist_ok=True)

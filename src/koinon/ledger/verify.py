@@ -129,7 +129,8 @@ class _Replay:
         cfg = self.cfg
         module = build_model(cfg.model.name, cfg.model.options, tuple(val["x"].shape[1:]), e["num_classes"], cfg.seed)
         layout = Layout.from_module(module)
-        self.validation = Validation(module, layout, val["x"], val["y"], e["utility"])
+        self.validation = Validation(module, layout, val["x"], val["y"], e["utility"],
+                                     num_classes=e["num_classes"] or None)
         self.model = tensor_sha256(layout.flatten(module))  # round 1 starts from the seeded model
         self._replay_rule()
 
