@@ -18,6 +18,8 @@ direction scores well whatever its data.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -39,6 +41,18 @@ from koinon.params import Layout
 from koinon.registry import Registry
 
 UTILITIES = ("loss", "accuracy")
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Score on one thread: the scores do not depend on the thread count (with float64, not
+    on the machine either, to the logged 1e-9), and small products gain nothing from more."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass

@@ -39,6 +39,7 @@ from koinon.ledger.contribution import (
     ContributionMethod,
     RoundUpdates,
     Validation,
+    one_thread,
 )
 from koinon.ledger.payout import Payout, split_budget
 from koinon.ledger.roundlog import RoundLog, canonical, public_hex, simulated_key
@@ -197,7 +198,8 @@ class Ledger:
         if closed.applied and clients:
             data = RoundUpdates(closed.round, clients, closed.previous, rows, weights, closed.lr)
             scoring = time.perf_counter()
-            est = self.method.score(data, self.validation, self.seed, self.settings.budget)
+            with one_thread():
+                est = self.method.score(data, self.validation, self.seed, self.settings.budget)
             self.scoring_s += time.perf_counter() - scoring
             scores = {c: fixed(v) for c, v in zip(clients, est.values)}
             for c, s in scores.items():

@@ -30,7 +30,7 @@ import torch
 from koinon.config import load_config
 from koinon.errors import KoinonError
 from koinon.ledger import merkle
-from koinon.ledger.contribution import CONTRIBUTIONS, RoundUpdates, Validation
+from koinon.ledger.contribution import CONTRIBUTIONS, RoundUpdates, Validation, one_thread
 from koinon.ledger.ledger import FOLDER, fixed, tensor_sha256, validation_sha256
 from koinon.ledger.payout import split_budget
 from koinon.ledger.roundlog import TreeHead, canonical, read_log, verify_signature
@@ -240,8 +240,9 @@ class _Replay:
             return
         method = CONTRIBUTIONS.build(e["method"], json.loads(self.open["options_json"]), "ledger")
         budget = Budget(max_permutations=e["permutations"]) if e["permutations"] else Budget()
-        est = method.score(RoundUpdates(e["round"] - 1, clients, previous, updates, weights, lr),
-                           self.validation, e["seed"], budget)
+        with one_thread():
+            est = method.score(RoundUpdates(e["round"] - 1, clients, previous, updates, weights, lr),
+                               self.validation, e["seed"], budget)
         again = {c: fixed(v) for c, v in zip(clients, est.values)}
         if again != logged:
             worst = max(clients, key=lambda c: abs(again[c] - logged[c]))
