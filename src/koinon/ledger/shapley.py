@@ -134,9 +134,9 @@ def permutation_shapley(
 
     `tolerance`: truncate a permutation once |v(N) - v(prefix)| < tolerance * |v(N) - v(empty)|.
     `round_tolerance`: return zeros (skipped) when |v(N) - v(empty)| <= round_tolerance.
-    `convergence`: after each full cycle of n permutations (at least two), stop when the mean
-    absolute change of the estimates since the previous cycle is at most `convergence` times
-    their mean absolute value. Prefixes are evaluated `chunk` at a time, so truncation also
+    `convergence`: after the first cycle of n permutations, every min(n, 10) permutations, stop
+    when the mean absolute change of the estimates since the previous check is at most
+    `convergence` times their mean absolute value. Prefixes are evaluated `chunk` at a time, so truncation also
     saves evaluations when the game evaluates batches."""
     start = time.perf_counter()
     budget = budget or Budget(max_permutations=200)
@@ -186,7 +186,7 @@ def permutation_shapley(
         count += 1
         if budget.spent(start, cached.evaluations, count):
             break
-        if convergence and count % n == 0:
+        if convergence and count >= n and (count - n) % min(n, 10) == 0:
             current = total / count
             if previous is not None:
                 change = np.abs(current - previous).mean()
