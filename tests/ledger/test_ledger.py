@@ -227,3 +227,14 @@ def test_the_ledger_section_by_set_and_absent_by_default():
     # Another method drops the old one's options and keeps the fixed keys.
     other = cfg.with_overrides({"ledger.contribution": "loo"})
     assert other.ledger.options == {} and other.ledger.payout_cents == 500
+
+
+def test_the_deployment_server_refuses_a_ledger_for_now():
+    from koinon.deploy.server import check_deployable
+    from koinon.experiment.runner import build_federation
+
+    cfg = config()
+    fed = build_federation(cfg)
+    with pytest.raises(ConfigError, match="simulation"):
+        check_deployable(fed, cfg)
+    fed.close()

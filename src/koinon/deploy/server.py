@@ -91,6 +91,9 @@ def check_deployable(fed: Any, cfg: Config) -> Federation:
     if not isinstance(fed, Federation):
         raise ConfigError(f"topology.name = {cfg.topology.name!r}: koinon server runs server-based "
                           "federations only (topology.name = 'federated')")
+    if cfg.ledger.contribution != "none":
+        raise ConfigError("[ledger] runs in simulation (koinon run) only: koinon server does not yet store "
+                          "updates for scoring; set ledger.contribution = 'none'")
     return fed
 
 
