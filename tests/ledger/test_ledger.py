@@ -238,3 +238,10 @@ def test_the_deployment_server_refuses_a_ledger_for_now():
     with pytest.raises(ConfigError, match="simulation"):
         check_deployable(fed, cfg)
     fed.close()
+
+
+def test_a_bad_ledger_leaves_no_folder(tmp_path):
+    gossip = Config.from_dict({**BASE, "topology": {"name": "gossip"}, "ledger": {"contribution": "loo"}})
+    with pytest.raises(ConfigError):
+        run_experiment(gossip, tmp_path / "never", progress=False)
+    assert not (tmp_path / "never").exists()

@@ -95,15 +95,14 @@ def run_experiment(
     fed = build_federation(cfg)
     out = Path(out_dir)
     ledger = None
-    if cfg.ledger.contribution != "none":
-        from koinon.ledger import CONTRIBUTIONS, LedgerSettings, attach_ledger
+    if cfg.ledger.contribution != "none":  # checked, and its options resolved, before the folder is touched
+        from koinon.ledger import CONTRIBUTIONS, attach_ledger, checked_settings
 
-        LedgerSettings.from_config(cfg.ledger)  # a bad [ledger] key fails before the folder is touched
+        checked_settings(cfg)
         cfg.ledger.options = CONTRIBUTIONS.resolve(cfg.ledger.contribution, cfg.ledger.options)
-        folder.start(out, overwrite, ("config.toml", cfg.to_toml()))
+    folder.start(out, overwrite, ("config.toml", cfg.to_toml()))
+    if cfg.ledger.contribution != "none":
         ledger = attach_ledger(fed, cfg, out, cfg.to_toml())
-    else:
-        folder.start(out, overwrite, ("config.toml", cfg.to_toml()))
     return _train(fed, cfg, out, wall_offset=0.0, progress=progress, ledger=ledger)
 
 

@@ -12,7 +12,7 @@ and payouts (`[ledger]` in a config; `koinon verify RUN`).
 
 from koinon.ledger import classwise as _classwise  # noqa: F401  (registers shapfed)
 from koinon.ledger.contribution import CONTRIBUTIONS, ContributionMethod, RoundUpdates, Validation
-from koinon.ledger.ledger import Ledger, LedgerSettings, attach, attach_ledger
+from koinon.ledger.ledger import Ledger, LedgerSettings, attach, attach_ledger, checked_settings
 from koinon.ledger.payout import Payout, split_budget
 from koinon.ledger.shapley import (
     Budget,
@@ -34,6 +34,7 @@ __all__ = [
     "Validation",
     "attach",
     "attach_ledger",
+    "checked_settings",
     "exact_shapley",
     "leave_one_out",
     "permutation_shapley",

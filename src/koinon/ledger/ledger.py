@@ -333,17 +333,22 @@ def attach(federation: Any, out: str | Path, settings: LedgerSettings, *, config
     return ledger
 
 
-def attach_ledger(topology: Any, cfg: Config, out: Path, config_text: str) -> Ledger | None:
-    """The ledger `cfg` asks for, watching `topology`'s server and writing into `out`; None
-    when `ledger.contribution = "none"`."""
-    if cfg.ledger.contribution == "none":
-        return None
+def checked_settings(cfg: Config) -> LedgerSettings:
+    """`cfg`'s `[ledger]`, checked against the rest of the config (one-line `ConfigError`)."""
     settings = LedgerSettings.from_config(cfg.ledger)
     refuse_hidden_updates(cfg)
-    if cfg.topology.name != "federated" or getattr(topology, "server", None) is None:
+    if cfg.topology.name != "federated":
         raise ConfigError(f"[ledger] needs topology.name = 'federated' (a server that sees each update), "
                           f"not {cfg.topology.name!r}")
     if settings.contribution == "exact" and cfg.server.clients_per_round > 14:
         raise ConfigError(f"ledger.contribution = 'exact' evaluates 2^k coalitions; clients_per_round = "
                           f"{cfg.server.clients_per_round} is too many (at most 14; use gtg or tmc)")
-    return attach(topology, out, settings, config_text=config_text)
+    return settings
+
+
+def attach_ledger(topology: Any, cfg: Config, out: Path, config_text: str) -> Ledger | None:
+    """The ledger `cfg` asks for, watching `topology`'s server and writing into `out`; None
+    when `ledger.contribution = "none"`."""
+    if cfg.ledger.contribution == "none":
+        return None
+    return attach(topology, out, checked_settings(cfg), config_text=config_text)
