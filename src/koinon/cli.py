@@ -386,10 +386,19 @@ def _worker_failure(exc: BaseException) -> tuple[int, str] | None:
 
 def _verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, help="a run folder written with a [ledger] section")
+    p.add_argument("--receipt", type=int, nargs=2, metavar=("ROUND", "CLIENT"),
+                   help="instead, print a client's receipt with its inclusion and consistency proofs (JSON)")
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from koinon.ledger.verify import verify_run
+    from koinon.ledger.verify import receipt_proof, verify_run
+
+    if args.receipt:
+        import json
+
+        proof = receipt_proof(args.run, *args.receipt)
+        print(json.dumps(proof, indent=1))
+        return 0 if proof["included"] and proof["prefix"] else 1
 
     report = verify_run(args.run)
     for note in report.notes:

@@ -245,3 +245,12 @@ def test_a_bad_ledger_leaves_no_folder(tmp_path):
     with pytest.raises(ConfigError):
         run_experiment(gossip, tmp_path / "never", progress=False)
     assert not (tmp_path / "never").exists()
+
+
+def test_verify_receipt_prints_a_clients_proofs(run, capsys):
+    first = entries(run)[first_of(run, "receipt")]
+    assert main(["verify", str(run), "--receipt", str(first["round"]), str(first["client"])]) == 0
+    proof = json.loads(capsys.readouterr().out)
+    assert proof["included"] and proof["prefix"] and proof["receipt"] == first
+    assert proof["final_head"]["size"] == len(lines(run))
+    assert main(["verify", str(run), "--receipt", "1", "999"]) == 2  # no such receipt: one-line error

@@ -288,3 +288,28 @@ def verify_run(run: str | Path) -> Report:
             report.failure = "the run's final model (summary.json) is not the last aggregate's"
     report.notes = replay.notes
     return report
+
+
+def receipt_proof(run: str | Path, round_number: int, client: int) -> dict[str, Any]:
+    """What `client` keeps and checks for its update of round `round_number` (1-based): its
+    receipt entry, the signed head it was shown with it, the inclusion proof against that head,
+    and the consistency proof from that head to the final one; `included` and `prefix` say
+    whether both verify (`roundlog.verify_receipt`, `roundlog.verify_prefix`)."""
+    from koinon.ledger.roundlog import verify_prefix, verify_receipt
+
+    folder = Path(run) / FOLDER
+    lines, heads = read_log(folder)
+    entries = [json.loads(line) for line in lines]
+    index = next((i for i, e in enumerate(entries) if e.get("type") == "receipt"
+                  and e.get("round") == round_number and e.get("client") == client), None)
+    if index is None or len(heads) != len(lines):
+        raise KoinonError(f"{folder}: no receipt of client {client} in round {round_number}")
+    leaves = [merkle.leaf_hash(line) for line in lines]
+    seen, final = heads[index], heads[-1]
+    inclusion = [h.hex() for h in merkle.inclusion_proof(index, leaves[: seen.size])]
+    consistency = [h.hex() for h in merkle.consistency_proof(seen.size, leaves)]
+    server = entries[0]["server_key"]
+    return {"entry": index, "receipt": entries[index], "head": seen.__dict__, "inclusion_proof": inclusion,
+            "final_head": final.__dict__, "consistency_proof": consistency,
+            "included": verify_receipt(lines[index], index, seen, inclusion, server),
+            "prefix": verify_prefix(seen, final, consistency, server)}
