@@ -229,14 +229,16 @@ def test_the_ledger_section_by_set_and_absent_by_default():
     assert other.ledger.options == {} and other.ledger.payout_cents == 500
 
 
-def test_the_deployment_server_refuses_a_ledger_for_now():
-    from koinon.deploy.server import check_deployable
+def test_a_deployment_with_a_ledger_refuses_to_continue_after_a_restart(tmp_path):
+    from koinon.deploy.server import _ledger
     from koinon.experiment.runner import build_federation
 
     cfg = config()
     fed = build_federation(cfg)
-    with pytest.raises(ConfigError, match="simulation"):
-        check_deployable(fed, cfg)
+    fed.round_index = 2  # what a restart restores
+    with pytest.raises(ConfigError, match="cannot continue after a restart"):
+        _ledger(fed, cfg, tmp_path)
+    assert not (tmp_path / "ledger").exists()
     fed.close()
 
 
