@@ -5,12 +5,12 @@ receives what was combined (`ClosedRound`), stores the round (`ledger/rounds/rNN
 previous and new global model, the decoded update rows, their weights), leaves out what the
 server rejected and what the robust rule itself dropped (its `coefficients`), scores the rest with
 the configured method on the owner's validation set, and appends to the round log: `round`
-(previous model hash, cohort), one `receipt` per update (signed by the client, countersigned by
-the server), `aggregate` (included, excluded with reasons, the stored round's and the new model's
-hashes), `scores` (method, options, seed, permutations, fixed-point scores). The log opens with
-the owner's commitments (`open`: validation-set hash, config hash, escrowed budget, the payout
-rule, every public key) and `finish` closes it with the `payout` entry, `payouts.csv` and a bar
-chart. `koinon verify RUN` replays all of it (`koinon.ledger.verify`).
+(previous model hash, cohort), one `receipt` per update (signed with the client's key, derived
+from the seed like the server's: `roundlog.simulated_key`; countersigned by the server),
+`aggregate` (included, excluded with reasons, the stored round's and the new model's hashes),
+`scores` (method, options, seed, permutations, fixed-point scores). The log opens with the
+owner's commitments (`open`: validation-set hash, config hash, escrowed budget, the payout rule,
+every public key) and `finish` closes it with the `payout` entry, `payouts.csv` and a bar chart. `koinon verify RUN` replays all of it (`koinon.ledger.verify`).
 
 Secure aggregation hides individual updates, and coalition scores need them: a run that uses it
 must not attach a ledger (`refuse_hidden_updates`).
