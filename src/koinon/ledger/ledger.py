@@ -10,7 +10,8 @@ from the seed like the server's: `roundlog.simulated_key`; countersigned by the 
 `aggregate` (included, excluded with reasons, the stored round's and the new model's hashes),
 `scores` (method, options, seed, permutations, fixed-point scores). The log opens with the
 owner's commitments (`open`: validation-set hash, config hash, escrowed budget, the payout rule,
-every public key) and `finish` closes it with the `payout` entry, `payouts.csv` and a bar chart. `koinon verify RUN` replays all of it (`koinon.ledger.verify`).
+every public key) and `finish` closes it with the `payout` entry, `payouts.csv` and a bar chart.
+`koinon verify RUN` replays all of it (`koinon.ledger.verify`).
 
 Secure aggregation hides individual updates, and coalition scores need them: a run that uses it
 must not attach a ledger (`refuse_hidden_updates`).
