@@ -139,7 +139,7 @@ class LogConfig:
 class LedgerConfig:
     """`[ledger]`: contribution scores, the verifiable round log and payouts (`koinon.ledger`)."""
 
-    contribution: str = "none"  # none, or a contribution method: gtg, tmc, loo, exact, cosine, trust
+    contribution: str = "none"  # none, or a contribution method: gtg, tmc, loo, exact, shapfed, cosine, trust
     utility: str = "loss"  # of a coalition model on the validation set: loss (minus the mean loss) or accuracy
     validation_fraction: float = 0.5  # share of the test split the owner commits to (seeded)
     budget_s: float = 0.0  # per round, seconds a sampling method may spend (0 = no limit)

@@ -263,8 +263,9 @@ class Ledger:
                 out[c] = f"excluded in {len(reasons)} of {self.sampled.get(c, 1)} rounds; first {reasons[0]}"
         return out
 
-    def finish(self, out: Path) -> Payout:
+    def finish(self, out: str | Path) -> Payout:
         """Log the payout, write `payouts.csv`, `payouts.png` and `ledger/summary.json`."""
+        out = Path(out)
         flagged = self.flagged()
         payout = split_budget(self.settings.payout_cents, self.totals, flagged, self.settings.min_quality)
         self.log.append({
