@@ -143,6 +143,7 @@ def _list(args: argparse.Namespace) -> int:
     from koinon.clients import CLIENT_ALGORITHMS
     from koinon.compress import CODECS
     from koinon.data import DATASETS, PARTITIONERS
+    from koinon.ledger import CONTRIBUTIONS
     from koinon.models import MODELS
     from koinon.runtime import RUNTIMES
     from koinon.schedule import SCHEDULES
@@ -159,6 +160,7 @@ def _list(args: argparse.Namespace) -> int:
         ("runtimes (runtime.name)", RUNTIMES), ("attacks (attack.name)", ATTACKS),
         ("graphs (topology.graph, with topology.name = \"gossip\")", GRAPHS),
         ("schedules (schedule.name, over [clock] simulated time)", SCHEDULES),
+        ("contribution methods (ledger.contribution)", CONTRIBUTIONS),
     ]
     for title, registry in families:
         print(title)
@@ -437,6 +439,30 @@ def _predict(args: argparse.Namespace) -> int:
         print(f"{d:>8} {a:>15.4f} {b:>19.4f} {b - a:>+8.4f}{mark}")
     print(f"{'overall':>8} {full['accuracy']:>15.4f} {without['accuracy']:>19.4f} "
           f"{without['accuracy'] - full['accuracy']:>+8.4f}")
+def _verify_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="a run folder written with a [ledger] section")
+    p.add_argument("--receipt", type=int, nargs=2, metavar=("ROUND", "CLIENT"),
+                   help="instead, print a client's receipt with its inclusion and consistency proofs (JSON)")
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from koinon.ledger.verify import receipt_proof, verify_run
+
+    if args.receipt:
+        import json
+
+        proof = receipt_proof(args.run, *args.receipt)
+        print(json.dumps(proof, indent=1))
+        return 0 if proof["included"] and proof["prefix"] else 1
+
+    report = verify_run(args.run)
+    for note in report.notes:
+        print(f"note: {note}")
+    if not report.ok:
+        print(f"entry {report.failed_entry} does not verify: {report.failure} "
+              f"({report.verified} of {report.entries} entries verified before it)")
+        return 1
+    print(f"verified: all {report.entries} entries of {args.run} (hashes, signatures, aggregates, scores, payouts)")
     return 0
 
 
@@ -466,6 +492,9 @@ COMMANDS: tuple[Command, ...] = (
     Command("worker", "one DiLoCo worker process, as koinon launch and torchrun start it "
             "(python -m koinon.islands.worker)", _worker_arguments, _worker,
             failure=_worker_failure, prefix="koinon worker"),
+    Command("verify", "replay a run's round log ([ledger]): check every hash, signature, aggregate, "
+            "score and payout; names the first entry that does not verify (exit code 1)",
+            _verify_arguments, _verify),
 )
 
 

@@ -169,6 +169,22 @@ class LogConfig:
 
 
 @dataclass
+class LedgerConfig:
+    """`[ledger]`: contribution scores, the verifiable round log and payouts (`koinon.ledger`)."""
+
+    contribution: str = "none"  # none, or a contribution method: gtg, tmc, loo, exact, shapfed, cosine, trust
+    utility: str = "loss"  # of a coalition model on the validation set: loss (minus the mean loss) or accuracy
+    validation_fraction: float = 0.5  # share of the test split the owner commits to (seeded)
+    budget_s: float = 0.0  # per round, seconds a sampling method may spend (0 = no limit)
+    budget_evals: int = 0  # per round, coalition models a sampling method may evaluate (0 = no limit)
+    payout_cents: int = 0  # the escrowed budget, integer cents, split by the scores at the end
+    min_quality: float = 0.1  # paid only if the total score >= this x the mean positive total
+    detect_fraction: float = 0.5  # excluded in at least this share of its rounds: an attacker, paid nothing
+    min_update_norm: float = 0.01  # an update shorter than this x the round's median: a free rider
+    options: dict = field(default_factory=dict)  # the method's own options (e.g. gtg tolerance)
+
+
+@dataclass
 class Config:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -186,6 +202,7 @@ class Config:
     log: LogConfig = field(default_factory=lambda: LogConfig())
     clock: ClockConfig = field(default_factory=lambda: ClockConfig())
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig())
+    ledger: LedgerConfig = field(default_factory=lambda: LedgerConfig())
 
     # ---------------------------------------------------------------- (de)serialize
 
@@ -201,6 +218,8 @@ class Config:
             d.update(getattr(section, "options", {}))
             if f.name in ("clock", "schedule") and section == type(section)():
                 continue  # a run without simulated time writes the config it always did
+            if f.name == "ledger" and self.ledger.contribution == "none":
+                continue  # a run without a ledger writes the config it always wrote
             if d or f.name != "diloco" or self.topology.name == "diloco":
                 out[f.name] = d  # no empty [diloco] table in a run that is not DiLoCo
         return out
@@ -254,10 +273,10 @@ class Config:
 
 
 SECTIONS = ("data", "model", "client", "server", "codec", "downlink", "aggregator", "runtime", "attack",
-            "topology", "deploy", "diloco", "log", "clock", "schedule")
+            "topology", "deploy", "diloco", "log", "clock", "schedule", "ledger")
 COMPONENT_SECTIONS = ("model", "codec", "downlink", "aggregator", "runtime", "attack")
 NAME_KEYS = {**{s: "name" for s in COMPONENT_SECTIONS}, "data": "name", "client": "algorithm",
-             "schedule": "name"}
+             "schedule": "name", "ledger": "contribution"}
 """The key that names a section's component; the section's other keys are its fixed keys plus
 that component's options (see `koinon list`)."""
 

@@ -3,6 +3,9 @@
 Aggregators are (nearly) pure functions of the stacked tensor, which keeps robust rules a few
 vectorized kernels. A rule that tolerates only a bounded number of Byzantine inputs receives
 `num_byzantine` (f) when it is built and refuses a cohort that breaks its assumption.
+Rules that pick or weight whole inputs (Krum, Multi-Krum, FLTrust) also leave `coefficients`
+(`[n]`, the weight each input got in the last `aggregate`; 0 = dropped): the contribution ledger
+reads it to leave out what the rule itself discarded.
 """
 
 from __future__ import annotations

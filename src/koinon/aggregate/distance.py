@@ -62,6 +62,7 @@ class Krum:
         n, f = updates.shape[0], self.num_byzantine
         require(n > 2 * f + 2, self.name, n, f, "n > 2f + 2")
         best = krum_order(kernels.pairwise_sq_distances(updates), n - f - 2)[0]
+        self.coefficients = _uniform(best.view(1), n)
         return updates[int(best)].clone()
 
 
@@ -88,7 +89,8 @@ class MultiKrum:
         m = self.num_selected or n - f
         require(m <= n - f, self.name, n, f, f"num_selected = {m} <= n - f")
         chosen = krum_order(kernels.pairwise_sq_distances(updates), n - f - 2)[:m]
-        return kernels.combine(_uniform(chosen, n), updates)
+        self.coefficients = _uniform(chosen, n)
+        return kernels.combine(self.coefficients, updates)
 
 
 @AGGREGATORS.register("bulyan")

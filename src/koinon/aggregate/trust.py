@@ -59,6 +59,8 @@ class FLTrust:
         cosine = (updates @ ref).double() / (norms * ref_norm.clamp_min(1e-300))
         trust = cosine.clamp_min(0)
         if float(trust.sum()) == 0.0:
+            self.coefficients = torch.zeros_like(trust)
             return torch.zeros_like(updates[0])
         coefficients = trust * (ref_norm / norms) / trust.sum()
+        self.coefficients = coefficients
         return kernels.combine(coefficients, updates)

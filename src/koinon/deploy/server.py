@@ -593,6 +593,19 @@ def _changed_keys(stored_toml: str, cfg: Config) -> list[str]:
     return changed
 
 
+def _ledger(fed: Federation, cfg: Config, state: Path) -> Any:
+    """`[ledger]`: the contribution ledger watches the server and writes into the state folder
+    (stored rounds, the round log, payouts at the end), as `koinon run` does into its run folder."""
+    if cfg.ledger.contribution == "none":
+        return None
+    from koinon.ledger import attach_ledger
+
+    if fed.round_index:
+        raise ConfigError(f"--state {state}: a run with a [ledger] cannot continue after a restart yet "
+                          "(its round log would restart); use a new --state folder")
+    return attach_ledger(fed, cfg, state, cfg.to_toml())
+
+
 def serve(cfg: Config, state: Path, certs: Path, listen: str) -> dict[str, Any]:
     """Run (or resume) the deployment in `state`; returns the summary once every round is done."""
     from koinon.experiment.runner import build_federation, finish_run
@@ -621,6 +634,7 @@ def serve(cfg: Config, state: Path, certs: Path, listen: str) -> dict[str, Any]:
                               f"already committed in {state}")
         if fed.round_index:
             log(f"resuming from {state}: {fed.round_index} rounds committed")
+        ledger = _ledger(fed, cfg, state)
         server = FederationServer(cfg, fed, store, certs)
         workers = min(1024, 2 * fed.data.num_clients + 32)
         grpc_server = grpc.server(
@@ -651,6 +665,8 @@ def serve(cfg: Config, state: Path, certs: Path, listen: str) -> dict[str, Any]:
         (state / "server.port").write_text(f"{port}\n")
         try:
             server.run_rounds()
+            if ledger is not None:
+                ledger.finish(state)
             time.sleep(DONE_GRACE_S)  # polling clients hear DONE and leave on their own
         finally:
             grpc_server.stop(grace=1.0).wait(5.0)

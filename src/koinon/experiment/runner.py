@@ -103,8 +103,16 @@ def run_experiment(
     """Run `cfg` from scratch into `out_dir`; returns the summary."""
     fed = build_federation(cfg)
     out = Path(out_dir)
+    ledger = None
+    if cfg.ledger.contribution != "none":  # checked, and its options resolved, before the folder is touched
+        from koinon.ledger import CONTRIBUTIONS, attach_ledger, checked_settings
+
+        checked_settings(cfg)
+        cfg.ledger.options = CONTRIBUTIONS.resolve(cfg.ledger.contribution, cfg.ledger.options)
     folder.start(out, overwrite, ("config.toml", cfg.to_toml()))
-    return _train(fed, cfg, out, wall_offset=0.0, progress=progress)
+    if cfg.ledger.contribution != "none":
+        ledger = attach_ledger(fed, cfg, out, cfg.to_toml())
+    return _train(fed, cfg, out, wall_offset=0.0, progress=progress, ledger=ledger)
 
 
 def resume_experiment(out_dir: str | Path, overrides: list[str] | None = None, *, progress: bool = True) -> dict[str, Any]:
@@ -120,19 +128,25 @@ def resume_experiment(out_dir: str | Path, overrides: list[str] | None = None, *
                 f"allowed: {', '.join(sorted(RESUMABLE_KEYS))}"
             )
     cfg = load_config(out / "config.toml", overrides)
+    if cfg.ledger.contribution != "none":
+        raise ConfigError(f"--resume {out}: a run with a [ledger] cannot be resumed (its round log "
+                          "would restart); run it again from the start")
     fed = build_federation(cfg)
     wall = folder.restore(out, fed, cfg.server.rounds, "server.rounds")
     atomic_write_text(out / "config.toml", cfg.to_toml())
     return _train(fed, cfg, out, wall_offset=wall, progress=progress)
 
 
-def _train(fed: Topology, cfg: Config, out: Path, wall_offset: float, progress: bool) -> dict[str, Any]:
+def _train(fed: Topology, cfg: Config, out: Path, wall_offset: float, progress: bool,
+           ledger: Any = None) -> dict[str, Any]:
     s = cfg.server
     start = time.perf_counter()
     try:
         callbacks = [folder.TensorBoard(out / "tensorboard")] if cfg.log.tensorboard else []
         folder.run_rounds(fed, s.rounds, s.eval_every, out=out, checkpoint_every=s.checkpoint_every,
                           callbacks=callbacks, progress=progress, wall_offset=wall_offset)
+        if ledger is not None:
+            ledger.finish(out)
     finally:
         fed.close()
     return finish_run(fed, cfg, out, wall_offset + time.perf_counter() - start)

@@ -31,7 +31,7 @@ from koinon.params import Layout
 from koinon.records.checkpoint import load_checkpoint, save_checkpoint
 
 RUN_FILES = ("config.toml", "federation.json", "metrics.jsonl", "summary.json", "checkpoint.json",
-             "model.safetensors", "accuracy.png", "tensorboard")
+             "model.safetensors", "accuracy.png", "tensorboard", "ledger", "payouts.csv", "payouts.png")
 
 Callback = Callable[[Any], object]
 """Called with each round's result (a `RoundResult` or a topology's own record) as it finishes."""

@@ -37,6 +37,7 @@ their durations (`koinon.server.Feedback`).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,7 +56,7 @@ from koinon.server.root import RootUpdate, reference_users
 from koinon.update import CohortResult, State
 from koinon.wire import MODEL, Broadcast, Receiver, Rejected
 
-__all__ = ["Buffered", "FederatedServer", "OpenRound", "Rejected", "RoundResult"]
+__all__ = ["Buffered", "ClosedRound", "FederatedServer", "OpenRound", "Rejected", "RoundResult"]
 
 
 @dataclass
@@ -130,6 +131,24 @@ class OpenRound:
     downlink_bytes: int = 0
     late: int = 0
     refused_bytes: int = 0  # payload bytes of updates read and then refused (deployment)
+
+
+@dataclass
+class ClosedRound:
+    """What a round's aggregation combined, handed to `FederatedServer.observer` (e.g. the
+    contribution ledger) when one is set; nothing is copied or computed without one."""
+
+    round: int  # 0-based index of the round
+    previous: torch.Tensor  # [P] the global model the round started from
+    params: torch.Tensor  # [P] the global model after the round
+    clients: list[int]  # the rows given to the aggregator, in order
+    updates: torch.Tensor  # [k, P] their decoded (and, under a simulated attack, forged) model rows
+    weights: torch.Tensor  # [k] their aggregation weights (sample counts)
+    excluded: dict[int, str]  # sampled clients not among `clients`, and why
+    applied: bool  # the aggregate changed the model
+    digests: dict[int, str]  # client -> SHA-256 of its payloads (with `record_digests`)
+    aggregator: Aggregator
+    lr: float  # the server optimizer's step size
 
 
 def digest(payloads: list[bytes]) -> str:
@@ -218,6 +237,8 @@ class FederatedServer:
         self.uplink_total = 0
         self.downlink_total = 0
         self.open: OpenRound | None = None
+        # Called by close_round with what was aggregated; metrics it returns join the round's record.
+        self.observer: Callable[[ClosedRound], dict[str, float] | None] | None = None
 
     # ------------------------------------------------------------------ cohort
 
@@ -353,6 +374,7 @@ class FederatedServer:
         (client -> seconds, when a schedule measured them) go to the sampler's feedback."""
         rnd = self._current()
         r = rnd.index
+        previous = self.params
         if rnd.stacks is not None:  # accept_cohort: rows follow the cohort
             assert rnd.ok is not None
             ok = rnd.ok.clone()
@@ -434,6 +456,12 @@ class FederatedServer:
         out.refused = refused_update or ("" if applied else "no valid update arrived, model unchanged")
         out.accepted, out.included = accepted, included
         self._feedback(r, accepted, rnd.losses, durations or {})
+        if self.observer is not None:
+            kept = [order[i] for i in keep.tolist()]
+            out.extra.update(self.observer(ClosedRound(
+                r, previous, self.params, kept, stacks[MODEL][keep], samples[keep].to(torch.float32),
+                {c: rnd.reasons.get(c, "no update arrived") for c in rnd.cohort if c not in kept},
+                applied, dict(rnd.digests), self.aggregator, float(getattr(self.optimizer, "lr", 1.0)))) or {})
         return out
 
     def _feedback(self, round_index: int, clients: list[int], losses: dict[int, float],

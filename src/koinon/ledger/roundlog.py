@@ -1,0 +1,150 @@
+"""The verifiable round log: canonical JSON entries in an RFC 6962 Merkle tree, Ed25519-signed heads.
+
+Files (in a run folder's `ledger/`): `log.jsonl` holds one entry per line, and the bytes of a
+line are exactly the bytes hashed into the tree; `heads.jsonl` holds the server's signed tree
+head after every entry (`{"size", "root", "signature"}`), so a changed, dropped or reordered
+entry is caught at that entry. An entry is canonical JSON (sorted keys, no spaces, UTF-8) with
+integers and strings only: scores and amounts are fixed-point integers, never floats, so every
+party serializes and hashes the same bytes. Each entry carries its position (`seq`).
+
+Keys are Ed25519 (`cryptography`). In simulation the server's and every client's key derive from
+the run's seed (`simulated_key`): anyone who knows the seed can sign for them, so there the
+signatures check the plumbing and the log's integrity, not identity. A deployment would bind each
+client's key to its TLS certificate instead.
+
+A client keeps the signed head it was shown with its receipt; `inclusion` proves the receipt is
+in the tree of that size and `consistency` proves that tree is a prefix of the final one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from koinon.errors import KoinonError
+from koinon.ledger import merkle
+
+
+def canonical(entry: dict[str, Any]) -> bytes:
+    """The one byte form of an entry: sorted keys, no whitespace, UTF-8; floats are refused."""
+    _refuse_floats(entry, "entry")
+    return json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _refuse_floats(value: Any, where: str) -> None:
+    if isinstance(value, float):
+        raise TypeError(f"{where} holds the float {value!r}: log fixed-point integers or strings")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{where} has a non-string key {k!r}")
+            _refuse_floats(v, f"{where}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _refuse_floats(v, f"{where}[{i}]")
+
+
+def simulated_key(seed: int, role: str, index: int = 0) -> Ed25519PrivateKey:
+    """A simulated party's key, derived from the run's seed (see the module docstring)."""
+    material = hashlib.sha256(f"koinon-ledger/{seed}/{role}/{index}".encode()).digest()
+    return Ed25519PrivateKey.from_private_bytes(material)
+
+
+def public_hex(key: Ed25519PrivateKey) -> str:
+    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
+
+
+def verify_signature(public: str, signature: str, message: bytes) -> bool:
+    try:
+        Ed25519PublicKey.from_public_bytes(bytes.fromhex(public)).verify(bytes.fromhex(signature), message)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def head_message(size: int, root: str) -> bytes:
+    """What a tree head's signature covers."""
+    return canonical({"log": "koinon-round-log/1", "root": root, "size": size})
+
+
+@dataclass(frozen=True)
+class TreeHead:
+    size: int
+    root: str  # hex
+    signature: str  # hex, by the log's server key over `head_message`
+
+    def verify(self, server_key: str) -> bool:
+        return verify_signature(server_key, self.signature, head_message(self.size, self.root))
+
+
+class RoundLog:
+    """An append-only log written to `folder` (`log.jsonl`, `heads.jsonl`) as entries arrive."""
+
+    def __init__(self, folder: Path, server_key: Ed25519PrivateKey) -> None:
+        self.folder = folder
+        self.key = server_key
+        self.leaves: list[bytes] = []
+        self.frontier = merkle.Frontier()
+        self.heads: list[TreeHead] = []
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "log.jsonl").write_bytes(b"")
+        (folder / "heads.jsonl").write_bytes(b"")
+
+    def append(self, entry: dict[str, Any]) -> TreeHead:
+        """Append `entry` (its `seq` is set here) and return the signed head that covers it."""
+        data = canonical({**entry, "seq": len(self.leaves)})
+        self.leaves.append(merkle.leaf_hash(data))
+        self.frontier.append(self.leaves[-1])
+        root = self.frontier.root().hex()
+        head = TreeHead(len(self.leaves), root, self.key.sign(head_message(len(self.leaves), root)).hex())
+        self.heads.append(head)
+        with (self.folder / "log.jsonl").open("ab") as f:
+            f.write(data + b"\n")
+        with (self.folder / "heads.jsonl").open("ab") as f:
+            f.write(canonical({"root": head.root, "signature": head.signature, "size": head.size}) + b"\n")
+        return head
+
+    def inclusion(self, index: int, size: int | None = None) -> list[str]:
+        """Proof that entry `index` is in the tree of `size` entries (default: all)."""
+        return [h.hex() for h in merkle.inclusion_proof(index, self.leaves[: size or len(self.leaves)])]
+
+    def consistency(self, old_size: int) -> list[str]:
+        """Proof that the tree of `old_size` entries is a prefix of the current one."""
+        return [h.hex() for h in merkle.consistency_proof(old_size, self.leaves)]
+
+
+def read_log(folder: Path) -> tuple[list[bytes], list[TreeHead]]:
+    """The raw entry lines and the signed heads of a log folder."""
+    log, heads = folder / "log.jsonl", folder / "heads.jsonl"
+    if not log.is_file() or not heads.is_file():
+        raise KoinonError(f"{folder}: no round log here (log.jsonl and heads.jsonl)")
+    lines = log.read_bytes().split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    parsed = []
+    for i, line in enumerate(heads.read_bytes().splitlines()):
+        try:
+            h = json.loads(line)
+            parsed.append(TreeHead(int(h["size"]), str(h["root"]), str(h["signature"])))
+        except (ValueError, KeyError, TypeError):
+            raise KoinonError(f"{heads}: line {i + 1} is not a tree head") from None
+    return lines, parsed
+
+
+def verify_receipt(entry_line: bytes, index: int, head: TreeHead, proof: list[str], server_key: str) -> bool:
+    """A client's check that its receipt (the entry's bytes) is entry `index` of the signed `head`."""
+    return head.verify(server_key) and merkle.verify_inclusion(
+        merkle.leaf_hash(entry_line), index, head.size, [bytes.fromhex(p) for p in proof], bytes.fromhex(head.root))
+
+
+def verify_prefix(old: TreeHead, new: TreeHead, proof: list[str], server_key: str) -> bool:
+    """A client's check that the log it saw (`old`) is a prefix of the final one (`new`)."""
+    return old.verify(server_key) and new.verify(server_key) and merkle.verify_consistency(
+        old.size, new.size, bytes.fromhex(old.root), bytes.fromhex(new.root), [bytes.fromhex(p) for p in proof])

@@ -1,0 +1,315 @@
+"""`koinon verify RUN`: replay a run's round log and check every hash, signature, aggregate and score.
+
+Entry by entry, in order: the signed tree head after the entry (signature, size, the Merkle root
+of the entries so far), the entry's canonical form and position, then what it claims:
+
+- `open`: the validation set's and the config's hashes, well-formed keys;
+- `round`: the model it names is the one the previous aggregate produced (round 1: the model the
+  config builds with the run's seed);
+- `receipt`: the client's signature and the server's countersignature;
+- `aggregate`: the stored round file's hash; its previous model, new model and update rows match
+  the `round` entry, the receipts and the named model; the new model recomputed from the stored
+  rows with the run's aggregator and server step (stateless rules and `fedavg`; others are
+  checked by hash only, and the report says so); which rows the rule dropped;
+- `scores`: recomputed with the logged method, options, seed and permutation count;
+- `payout`: recomputed from the logged totals, exclusions and commitments.
+
+The first entry that fails is named and the check stops there (exit code 1 from the CLI).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from koinon.config import load_config
+from koinon.errors import KoinonError
+from koinon.ledger import merkle
+from koinon.ledger.contribution import CONTRIBUTIONS, RoundUpdates, Validation, one_thread
+from koinon.ledger.ledger import FOLDER, fixed, tensor_sha256, validation_sha256
+from koinon.ledger.payout import split_budget
+from koinon.ledger.roundlog import TreeHead, canonical, read_log, verify_signature
+from koinon.ledger.shapley import Budget
+
+
+class EntryFailure(Exception):
+    """An entry that does not verify."""
+
+
+@dataclass
+class Report:
+    entries: int = 0
+    verified: int = 0
+    failed_entry: int | None = None
+    failure: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.failed_entry is None
+
+
+class _Replay:
+    def __init__(self, run: Path) -> None:
+        self.run = run
+        self.folder = run / FOLDER
+        self.frontier = merkle.Frontier()
+        self.open: dict[str, Any] = {}
+        self.model: str | None = None  # hash of the current global model
+        self.cohort: list[int] = []
+        self.receipts: dict[int, dict[str, Any]] = {}
+        self.rows: dict[int, tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor, float]] = {}
+        self.totals: dict[int, int] = {}
+        self.sampled: dict[int, int] = {}
+        self.excluded: dict[int, list[str]] = {}
+        self.notes: list[str] = []
+        self.cfg = load_config(run / "config.toml") if (run / "config.toml").is_file() else None
+        self.validation: Validation | None = None
+        self.aggregator: Any = None
+        self.replayable = ""
+
+    # ------------------------------------------------------------------ per entry
+
+    def check(self, index: int, line: bytes, head: TreeHead | None) -> str:
+        self.frontier.append(merkle.leaf_hash(line))
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            raise EntryFailure("not JSON") from None
+        kind = entry.get("type", "?") if isinstance(entry, dict) else "?"
+        label = f"{kind}" + "".join(f", {k} {entry[k]}" for k in ("round", "client") if k in entry)
+        if index == 0:
+            if kind != "open":
+                raise EntryFailure(f"({label}) the log must open with the owner's commitments")
+            self.open = entry
+        server_key = str(self.open.get("server_key", ""))
+        if head is None:
+            raise EntryFailure(f"({label}) no signed tree head covers it")
+        if head.size != index + 1 or not head.verify(server_key):
+            raise EntryFailure(f"({label}) its signed tree head does not verify")
+        if bytes.fromhex(head.root) != self.frontier.root():
+            raise EntryFailure(f"({label}) the Merkle root of the log so far differs from the signed one")
+        try:
+            if canonical(entry) != line:
+                raise EntryFailure(f"({label}) not in canonical form")
+        except TypeError as exc:
+            raise EntryFailure(f"({label}) {exc}") from None
+        if entry.get("seq") != index:
+            raise EntryFailure(f"({label}) out of place: seq {entry.get('seq')} at position {index}")
+        handler = getattr(self, f"_{kind}", None)
+        if handler is None:
+            raise EntryFailure(f"({label}) unknown entry type")
+        try:
+            handler(entry)
+        except EntryFailure as exc:
+            raise EntryFailure(f"({label}) {exc}") from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EntryFailure(f"({label}) malformed: {exc!r}") from None
+        return label
+
+    def _open(self, e: dict[str, Any]) -> None:
+        from safetensors.torch import load_file
+
+        val = load_file(str(self.folder / "validation.safetensors"))
+        if validation_sha256(val["x"], val["y"]) != e["validation_sha256"]:
+            raise EntryFailure("the stored validation set is not the one committed to")
+        if self.cfg is None:
+            self.notes.append("no config.toml: the config hash and the scores were not replayed")
+            return
+        if hashlib.sha256((self.run / "config.toml").read_bytes()).hexdigest() != e["config_sha256"]:
+            raise EntryFailure("config.toml is not the committed config")
+        from koinon.models import build_model
+        from koinon.params import Layout
+
+        cfg = self.cfg
+        module = build_model(cfg.model.name, cfg.model.options, tuple(val["x"].shape[1:]), e["num_classes"], cfg.seed)
+        layout = Layout.from_module(module)
+        self.validation = Validation(module, layout, val["x"], val["y"], e["utility"],
+                                     num_classes=e["num_classes"] or None)
+        self.model = tensor_sha256(layout.flatten(module))  # round 1 starts from the seeded model
+        self._replay_rule()
+
+    def _replay_rule(self) -> None:
+        assert self.cfg is not None
+        from koinon.aggregate import build_aggregator
+
+        cfg = self.cfg
+        options = dict(cfg.aggregator.options)
+        f = options.pop("num_byzantine", round(cfg.attack.fraction * cfg.server.clients_per_round))
+        rule = build_aggregator(cfg.aggregator.name, options, f)
+        parts = [*getattr(rule, "steps", []), getattr(rule, "final", rule)]
+        if cfg.server.optimizer != "fedavg":
+            self.replayable = f"server optimizer {cfg.server.optimizer!r} keeps state"
+        elif any(hasattr(p, "state_dict") or hasattr(p, "set_reference") for p in parts):
+            self.replayable = f"aggregator {cfg.aggregator.name!r} keeps state or a server reference"
+        self.aggregator = rule
+        if self.replayable:
+            self.notes.append(f"aggregates checked by hash only: {self.replayable}")
+
+    def _round(self, e: dict[str, Any]) -> None:
+        if self.model is not None and e["model_sha256"] != self.model:
+            raise EntryFailure("starts from a model that is not the previous round's result")
+        self.model = e["model_sha256"]
+        self.cohort = list(e["cohort"])
+        self.receipts = {}
+        for c in self.cohort:
+            self.sampled[c] = self.sampled.get(c, 0) + 1
+
+    def _receipt(self, e: dict[str, Any]) -> None:
+        body = {k: e[k] for k in ("round", "client", "model_sha256", "payload_sha256", "update_sha256", "weight")}
+        key = self.open["client_keys"][str(e["client"])]
+        if not verify_signature(key, e["client_signature"], canonical(body)):
+            raise EntryFailure("the client's signature does not verify")
+        if not verify_signature(self.open["server_key"], e["server_signature"],
+                                canonical({**body, "client_signature": e["client_signature"]})):
+            raise EntryFailure("the server's countersignature does not verify")
+        if e["model_sha256"] != self.model or e["client"] not in self.cohort:
+            raise EntryFailure("receipt for a model or a client this round did not have")
+        self.receipts[e["client"]] = e
+
+    def _aggregate(self, e: dict[str, Any]) -> None:
+        from safetensors.torch import load_file
+
+        path = self.folder / e["round_file"]
+        if hashlib.sha256(path.read_bytes()).hexdigest() != e["round_file_sha256"]:
+            raise EntryFailure(f"{e['round_file']} is not the stored round it names")
+        t = load_file(str(path))
+        clients = t["clients"].tolist()
+        if clients != e["included"] or sorted(self.receipts) != sorted(clients):
+            raise EntryFailure("included clients differ from the stored rows or the receipts")
+        if tensor_sha256(t["previous"]) != self.model or tensor_sha256(t["params"]) != e["model_sha256"]:
+            raise EntryFailure("the stored models are not the ones named")
+        for i, c in enumerate(clients):
+            r = self.receipts[c]
+            if tensor_sha256(t["updates"][i]) != r["update_sha256"] or int(t["weights"][i]) != r["weight"]:
+                raise EntryFailure(f"client {c}'s stored update is not the one its receipt names")
+        excluded = {int(c): why for c, why in e["excluded"].items()}
+        if set(excluded) | set(clients) != set(self.cohort) or set(e["scored"]) - set(clients):
+            raise EntryFailure("included, excluded and scored clients do not add up to the cohort")
+        if self.aggregator is not None and not self.replayable and clients:
+            self._recompute(e, t, clients, excluded)
+        if clients:
+            norms = torch.linalg.vector_norm(t["updates"].double(), dim=1)
+            idle = norms <= float(self.open["min_update_norm"]) * norms.median()
+            expected = [c for i, c in enumerate(clients)
+                        if not idle[i] and not excluded.get(c, "").startswith("dropped by")]
+            if expected != e["scored"]:
+                raise EntryFailure("the scored clients are not the included ones less those the rule "
+                                   "dropped and the free riders")
+        for c, why in excluded.items():
+            if why != "no update arrived":
+                self.excluded.setdefault(c, []).append(why)
+        scored = [clients.index(c) for c in e["scored"]]
+        self.rows[e["round"]] = (e["scored"], t["previous"], t["updates"][scored], t["weights"][scored], float(e["lr"]))
+        self.model = e["model_sha256"]
+
+    def _recompute(self, e: dict[str, Any], t: dict[str, torch.Tensor], clients: list[int],
+                   excluded: dict[int, str]) -> None:
+        lr = float(e["lr"])
+        try:
+            delta = self.aggregator.aggregate(t["updates"], t["weights"])
+            new = t["previous"] + lr * delta
+        except ValueError:
+            new = t["previous"]
+        if e["applied"] and not torch.equal(new, t["params"]):
+            raise EntryFailure("the new model is not the aggregate of the stored updates")
+        if not e["applied"] and not torch.equal(t["previous"], t["params"]):
+            raise EntryFailure("a round whose aggregate was not applied changed the model")
+        rule = getattr(self.aggregator, "final", self.aggregator)
+        coefficients = getattr(rule, "coefficients", None)
+        if not getattr(self.aggregator, "steps", []) and isinstance(coefficients, torch.Tensor):
+            dropped = {clients[i] for i in (coefficients <= 0).nonzero().flatten().tolist()}
+            if dropped != {c for c, why in excluded.items() if why.startswith("dropped by")}:
+                raise EntryFailure("the rows the rule dropped are not the ones logged as dropped")
+
+    def _scores(self, e: dict[str, Any]) -> None:
+        clients, previous, updates, weights, lr = self.rows[e["round"]]
+        logged = {int(c): int(s) for c, s in e["scores"].items()}
+        if sorted(logged) != sorted(clients):
+            raise EntryFailure("scores a different set of clients than the aggregate scored")
+        if e["method"] != self.open["method"] or e["seed"] != self.open["seed"]:
+            raise EntryFailure("method or seed differ from the committed ones")
+        for c, s in logged.items():
+            self.totals[c] = self.totals.get(c, 0) + s
+        if self.validation is None:
+            return
+        method = CONTRIBUTIONS.build(e["method"], json.loads(self.open["options_json"]), "ledger")
+        budget = Budget(max_permutations=e["permutations"]) if e["permutations"] else Budget()
+        with one_thread():
+            est = method.score(RoundUpdates(e["round"] - 1, clients, previous, updates, weights, lr),
+                               self.validation, e["seed"], budget)
+        again = {c: fixed(v) for c, v in zip(clients, est.values)}
+        if again != logged:
+            worst = max(clients, key=lambda c: abs(again[c] - logged[c]))
+            raise EntryFailure(f"recomputed scores differ (client {worst}: logged {logged[worst]}, "
+                               f"recomputed {again[worst]})")
+
+    def _payout(self, e: dict[str, Any]) -> None:
+        for c in self.sampled:
+            self.totals.setdefault(c, 0)
+        if {int(c): int(s) for c, s in e["totals"].items()} != self.totals:
+            raise EntryFailure("totals are not the sums of the logged scores")
+        share = float(self.open["detect_fraction"])
+        flagged = {c: "" for c, why in self.excluded.items() if len(why) >= share * self.sampled.get(c, 1)}
+        if {int(c) for c in e["flagged"]} != set(flagged):
+            raise EntryFailure("flagged attackers are not the ones the aggregates excluded")
+        p = split_budget(self.open["budget_cents"], self.totals, flagged, self.open["min_quality"])
+        if {int(c): int(v) for c, v in e["paid"].items()} != p.paid or e["refund"] != p.refund:
+            raise EntryFailure("payouts are not the committed rule applied to the logged scores")
+
+
+def verify_run(run: str | Path) -> Report:
+    """Replay the round log of the run folder `run`; see the module docstring."""
+    run = Path(run)
+    lines, heads = read_log(run / FOLDER)
+    report = Report(entries=len(lines))
+    replay = _Replay(run)
+    for i, line in enumerate(lines):
+        try:
+            replay.check(i, line, heads[i] if i < len(heads) else None)
+        except EntryFailure as exc:
+            report.failed_entry, report.failure = i, str(exc)
+            break
+        except (OSError, KoinonError) as exc:
+            report.failed_entry, report.failure = i, f"cannot be checked: {exc}"
+            break
+        report.verified += 1
+    if report.ok and len(heads) != len(lines):
+        report.failed_entry, report.failure = len(lines), f"{len(heads)} signed heads for {len(lines)} entries"
+    if report.ok:
+        summary = run / "summary.json"
+        if summary.is_file() and json.loads(summary.read_text()).get("model_sha256") != replay.model:
+            report.failed_entry = len(lines) - 1
+            report.failure = "the run's final model (summary.json) is not the last aggregate's"
+    report.notes = replay.notes
+    return report
+
+
+def receipt_proof(run: str | Path, round_number: int, client: int) -> dict[str, Any]:
+    """What `client` keeps and checks for its update of round `round_number` (1-based): its
+    receipt entry, the signed head it was shown with it, the inclusion proof against that head,
+    and the consistency proof from that head to the final one; `included` and `prefix` say
+    whether both verify (`roundlog.verify_receipt`, `roundlog.verify_prefix`)."""
+    from koinon.ledger.roundlog import verify_prefix, verify_receipt
+
+    folder = Path(run) / FOLDER
+    lines, heads = read_log(folder)
+    entries = [json.loads(line) for line in lines]
+    index = next((i for i, e in enumerate(entries) if e.get("type") == "receipt"
+                  and e.get("round") == round_number and e.get("client") == client), None)
+    if index is None or len(heads) != len(lines):
+        raise KoinonError(f"{folder}: no receipt of client {client} in round {round_number}")
+    leaves = [merkle.leaf_hash(line) for line in lines]
+    seen, final = heads[index], heads[-1]
+    inclusion = [h.hex() for h in merkle.inclusion_proof(index, leaves[: seen.size])]
+    consistency = [h.hex() for h in merkle.consistency_proof(seen.size, leaves)]
+    server = entries[0]["server_key"]
+    return {"entry": index, "receipt": entries[index], "head": seen.__dict__, "inclusion_proof": inclusion,
+            "final_head": final.__dict__, "consistency_proof": consistency,
+            "included": verify_receipt(lines[index], index, seen, inclusion, server),
+            "prefix": verify_prefix(seen, final, consistency, server)}

@@ -1,0 +1,46 @@
+"""`koinon server` with a [ledger]: real processes on 127.0.0.1; the state folder's round log
+verifies and holds the same rounds, receipts, aggregates, scores and payouts as `koinon run`'s."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from koinon.deploy.certs import create_certs
+from koinon.experiment import load_config, run_experiment
+from koinon.ledger.verify import verify_run
+
+_spec = importlib.util.spec_from_file_location("deploy_helpers", Path(__file__).parents[1] / "deploy" / "helpers.py")
+assert _spec and _spec.loader
+h = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(h)
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_deployment_keeps_the_simulations_ledger(tmp_path):
+    certs = tmp_path / "certs"
+    create_certs(certs, 3, ["127.0.0.1", "localhost"])
+    config = h.write_config(tmp_path / "fed.toml", server={"rounds": 3, "clients_per_round": 3},
+                            ledger={"contribution": "gtg", "payout_cents": 900, "max_permutations": 20})
+    state = tmp_path / "state"
+    server, address = h.start_server(tmp_path, config, certs, state)
+    clients = [h.start_client(tmp_path, address, certs, f"client-{i}", f"partition:{i}") for i in range(3)]
+    assert server.wait(120) == 0, server.text()[-3000:]
+    for c in clients:
+        assert c.wait(30) == 0, c.text()[-3000:]
+    report = verify_run(state)
+    assert report.ok, report.failure
+    run_experiment(load_config(config), tmp_path / "sim", progress=False)
+
+    def entries(folder):
+        return [json.loads(x) for x in (folder / "ledger" / "log.jsonl").read_text().splitlines()]
+
+    deployed, simulated = entries(state), entries(tmp_path / "sim")
+    assert deployed[0]["validation_sha256"] == simulated[0]["validation_sha256"]
+    # Same updates byte for byte (payload digests in the receipts), same models, same scores and payouts.
+    assert deployed[1:] == simulated[1:]
+    assert (state / "payouts.csv").read_text() == (tmp_path / "sim" / "payouts.csv").read_text()

@@ -1,0 +1,258 @@
+"""A run with a [ledger]: it verifies; any changed byte, reordered entry, forged signature or
+rewritten score fails `koinon verify` at that entry; receipts prove inclusion and prefixes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from koinon.cli import main
+from koinon.config import Config
+from koinon.errors import ConfigError
+from koinon.experiment import resume_experiment, run_experiment
+from koinon.ledger import merkle
+from koinon.ledger.roundlog import (
+    TreeHead,
+    canonical,
+    head_message,
+    read_log,
+    simulated_key,
+    verify_prefix,
+    verify_receipt,
+)
+from koinon.ledger.verify import verify_run
+
+BASE = {
+    "seed": 0,
+    "data": {"name": "digits", "partition": "iid", "num_clients": 8},
+    "model": {"name": "mlp", "hidden": [16]},
+    "client": {"epochs": 1, "batch_size": 32, "lr": 0.1},
+    "server": {"rounds": 3, "clients_per_round": 6},
+}
+LEDGER = {"contribution": "gtg", "payout_cents": 10_000, "max_permutations": 20}
+
+
+def config(**ledger) -> Config:
+    return Config.from_dict({**BASE, "ledger": {**LEDGER, **ledger}})
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ledger") / "run"
+    run_experiment(config(), out, progress=False)
+    return out
+
+
+@pytest.fixture
+def copy(run, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst)
+    return dst
+
+
+def lines(folder):
+    return (folder / "ledger" / "log.jsonl").read_bytes().split(b"\n")[:-1]
+
+
+def entries(folder):
+    return [json.loads(x) for x in lines(folder)]
+
+
+def rewrite(folder, new_entries):
+    """A dishonest server rewrites its whole log and signs fresh heads (it holds its key)."""
+    key = simulated_key(0, "server")
+    data = [canonical(e) for e in new_entries]
+    leaves = [merkle.leaf_hash(d) for d in data]
+    heads = []
+    for i in range(len(data)):
+        root = merkle.root(leaves[: i + 1]).hex()
+        sig = key.sign(head_message(i + 1, root)).hex()
+        heads.append(canonical({"root": root, "signature": sig, "size": i + 1}))
+    (folder / "ledger" / "log.jsonl").write_bytes(b"".join(d + b"\n" for d in data))
+    (folder / "ledger" / "heads.jsonl").write_bytes(b"".join(h + b"\n" for h in heads))
+
+
+def first_of(folder, kind):
+    return next(i for i, e in enumerate(entries(folder)) if e["type"] == kind)
+
+
+def test_the_run_verifies_and_pays_out_the_whole_budget(run, capsys):
+    report = verify_run(run)
+    assert report.ok, report.failure
+    assert report.verified == report.entries == len(lines(run))
+    kinds = [e["type"] for e in entries(run)]
+    assert kinds[0] == "open" and kinds[-1] == "payout"
+    assert kinds.count("round") == kinds.count("aggregate") == kinds.count("scores") == 3
+    assert kinds.count("receipt") == 18
+    payout = entries(run)[-1]
+    assert sum(payout["paid"].values()) + payout["refund"] == 10_000
+    rows = (run / "payouts.csv").read_text().splitlines()
+    assert rows[0] == "client,score,paid_cents,reason_unpaid" and len(rows) == 9
+    assert (run / "payouts.png").stat().st_size > 0
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all("ledger_s" in m and any(k.startswith("score_") for k in m) for m in metrics)
+    assert main(["verify", str(run)]) == 0
+    assert "verified: all" in capsys.readouterr().out
+
+
+def test_the_ledger_does_not_change_the_model(run, tmp_path):
+    plain = tmp_path / "plain"
+    run_experiment(Config.from_dict(BASE), plain, progress=False)
+    assert "ledger" not in (plain / "config.toml").read_text()
+    model = json.loads((plain / "summary.json").read_text())["model_sha256"]
+    assert json.loads((run / "summary.json").read_text())["model_sha256"] == model
+
+
+@pytest.mark.parametrize("kind", ["open", "round", "receipt", "aggregate", "scores", "payout"])
+def test_a_changed_byte_fails_at_that_entry(copy, kind, capsys):
+    index = first_of(copy, kind)
+    data = lines(copy)
+    line = bytearray(data[index])
+    at = line.index(b'"type"') - 3  # a byte inside the entry, before its type key
+    line[at] = ord("7") if line[at] != ord("7") else ord("8")
+    data[index] = bytes(line)
+    (copy / "ledger" / "log.jsonl").write_bytes(b"".join(d + b"\n" for d in data))
+    report = verify_run(copy)
+    assert report.failed_entry == index, report.failure
+    assert main(["verify", str(copy)]) == 1
+    assert f"entry {index} does not verify" in capsys.readouterr().out
+
+
+def test_reordered_entries_fail_at_the_first_moved(copy):
+    index = first_of(copy, "receipt")
+    es = entries(copy)
+    es[index], es[index + 1] = es[index + 1], es[index]
+    rewrite(copy, es)  # even with freshly signed heads
+    report = verify_run(copy)
+    assert report.failed_entry == index and "out of place" in report.failure
+
+
+def test_a_forged_client_signature_fails_at_its_receipt(copy):
+    es = entries(copy)
+    index = first_of(copy, "receipt")
+    forger = simulated_key(99, "client", es[index]["client"])
+    body = {k: es[index][k] for k in ("round", "client", "model_sha256", "payload_sha256", "update_sha256", "weight")}
+    es[index]["client_signature"] = forger.sign(canonical(body)).hex()
+    rewrite(copy, es)
+    report = verify_run(copy)
+    assert report.failed_entry == index and "client's signature" in report.failure
+
+
+def test_a_forged_head_signature_fails_at_that_entry(copy):
+    heads = (copy / "ledger" / "heads.jsonl").read_bytes().splitlines()
+    h = json.loads(heads[4])
+    h["signature"] = simulated_key(1, "server").sign(head_message(h["size"], h["root"])).hex()
+    heads[4] = canonical(h)
+    (copy / "ledger" / "heads.jsonl").write_bytes(b"".join(x + b"\n" for x in heads))
+    assert verify_run(copy).failed_entry == 4
+
+
+def test_a_rewritten_score_or_payout_fails_even_with_signed_heads(copy):
+    es = entries(copy)
+    index = first_of(copy, "scores")
+    client = next(iter(es[index]["scores"]))
+    es[index]["scores"][client] += 1
+    rewrite(copy, es)
+    report = verify_run(copy)
+    assert report.failed_entry == index and "recomputed scores differ" in report.failure
+    es[index]["scores"][client] -= 1
+    paid = es[-1]["paid"]
+    richest = max(paid, key=paid.get)
+    poorest = min(paid, key=paid.get)
+    paid[richest], paid[poorest] = paid[richest] - 1, paid[poorest] + 1  # same sum, other split
+    rewrite(copy, es)
+    report = verify_run(copy)
+    assert report.failed_entry == len(es) - 1 and "payouts" in report.failure
+
+
+def test_a_changed_stored_update_fails_at_its_aggregate(copy):
+    from safetensors.torch import load_file, save_file
+
+    path = copy / "ledger" / "rounds" / "r0002.safetensors"
+    t = load_file(str(path))
+    t["updates"][0, 0] += 1e-3
+    save_file(t, str(path))
+    index = next(i for i, e in enumerate(entries(copy)) if e["type"] == "aggregate" and e["round"] == 2)
+    report = verify_run(copy)
+    assert report.failed_entry == index and "r0002" in report.failure
+
+
+def test_a_client_proves_inclusion_and_that_its_log_is_a_prefix(run):
+    data, heads = read_log(run / "ledger")
+    server = entries(run)[0]["server_key"]
+    leaves = [merkle.leaf_hash(x) for x in data]
+    index = first_of(run, "receipt")
+    seen = heads[index]  # the head the client was shown with its receipt
+    proof = [h.hex() for h in merkle.inclusion_proof(index, leaves[: seen.size])]
+    assert verify_receipt(data[index], index, seen, proof, server)
+    assert not verify_receipt(data[index + 1], index, seen, proof, server)
+    final = heads[-1]
+    consistency = [h.hex() for h in merkle.consistency_proof(seen.size, leaves)]
+    assert verify_prefix(seen, final, consistency, server)
+    forked = TreeHead(final.size, merkle.root([*leaves[:-1], merkle.leaf_hash(b"other")]).hex(), final.signature)
+    assert not verify_prefix(seen, forked, consistency, server)
+
+
+def test_bad_ledger_settings_are_one_line_errors(tmp_path):
+    with pytest.raises(ConfigError, match="ledger.contribution"):
+        run_experiment(config(contribution="shapley"), tmp_path / "a", progress=False)
+    with pytest.raises(ConfigError, match="unknown key ledger.tolerances"):
+        run_experiment(config(tolerances=0.1), tmp_path / "b", progress=False)
+    with pytest.raises(ConfigError, match="budget_s"):
+        run_experiment(config(budget_s=-1.0), tmp_path / "c", progress=False)
+    cfg = Config.from_dict({**BASE, "server": {**BASE["server"], "clients_per_round": 8},
+                            "data": {**BASE["data"], "num_clients": 20}, "ledger": {"contribution": "exact"}})
+    cfg.server.clients_per_round = 15
+    with pytest.raises(ConfigError, match="at most 14"):
+        run_experiment(cfg, tmp_path / "d", progress=False)
+    gossip = Config.from_dict({**BASE, "topology": {"name": "gossip"}, "ledger": {"contribution": "loo"}})
+    with pytest.raises(ConfigError, match="topology.name = 'federated'"):
+        run_experiment(gossip, tmp_path / "e", progress=False)
+
+
+def test_resume_is_refused(copy):
+    (copy / "summary.json").unlink()
+    with pytest.raises(ConfigError, match="cannot be resumed"):
+        resume_experiment(copy, progress=False)
+
+
+def test_the_ledger_section_by_set_and_absent_by_default():
+    assert "ledger" not in Config().to_dict()
+    cfg = Config().with_overrides({"ledger.contribution": "tmc", "ledger.tolerance": 0.05,
+                                   "ledger.payout_cents": 500})
+    assert cfg.ledger.contribution == "tmc" and cfg.ledger.options == {"tolerance": 0.05}
+    assert cfg.to_dict()["ledger"]["payout_cents"] == 500
+    # Another method drops the old one's options and keeps the fixed keys.
+    other = cfg.with_overrides({"ledger.contribution": "loo"})
+    assert other.ledger.options == {} and other.ledger.payout_cents == 500
+
+
+def test_a_deployment_with_a_ledger_refuses_to_continue_after_a_restart(tmp_path):
+    from koinon.deploy.server import _ledger
+    from koinon.experiment.runner import build_federation
+
+    cfg = config()
+    fed = build_federation(cfg)
+    fed.round_index = 2  # what a restart restores
+    with pytest.raises(ConfigError, match="cannot continue after a restart"):
+        _ledger(fed, cfg, tmp_path)
+    assert not (tmp_path / "ledger").exists()
+    fed.close()
+
+
+def test_a_bad_ledger_leaves_no_folder(tmp_path):
+    gossip = Config.from_dict({**BASE, "topology": {"name": "gossip"}, "ledger": {"contribution": "loo"}})
+    with pytest.raises(ConfigError):
+        run_experiment(gossip, tmp_path / "never", progress=False)
+    assert not (tmp_path / "never").exists()
+
+
+def test_verify_receipt_prints_a_clients_proofs(run, capsys):
+    first = entries(run)[first_of(run, "receipt")]
+    assert main(["verify", str(run), "--receipt", str(first["round"]), str(first["client"])]) == 0
+    proof = json.loads(capsys.readouterr().out)
+    assert proof["included"] and proof["prefix"] and proof["receipt"] == first
+    assert proof["final_head"]["size"] == len(lines(run))
+    assert main(["verify", str(run), "--receipt", "1", "999"]) == 2  # no such receipt: one-line error
