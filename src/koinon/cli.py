@@ -439,6 +439,12 @@ def _predict(args: argparse.Namespace) -> int:
         print(f"{d:>8} {a:>15.4f} {b:>19.4f} {b - a:>+8.4f}{mark}")
     print(f"{'overall':>8} {full['accuracy']:>15.4f} {without['accuracy']:>19.4f} "
           f"{without['accuracy'] - full['accuracy']:>+8.4f}")
+    return 0
+
+
+# ---------------------------------------------------------------- koinon verify
+
+
 def _verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, help="a run folder written with a [ledger] section")
     p.add_argument("--receipt", type=int, nargs=2, metavar=("ROUND", "CLIENT"),

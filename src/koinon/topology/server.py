@@ -457,10 +457,10 @@ class FederatedServer:
         out.accepted, out.included = accepted, included
         self._feedback(r, accepted, rnd.losses, durations or {})
         if self.observer is not None:
-            kept = [order[i] for i in keep.tolist()]
+            kept_clients = [order[i] for i in keep.tolist()]
             out.extra.update(self.observer(ClosedRound(
-                r, previous, self.params, kept, stacks[MODEL][keep], samples[keep].to(torch.float32),
-                {c: rnd.reasons.get(c, "no update arrived") for c in rnd.cohort if c not in kept},
+                r, previous, self.params, kept_clients, stacks[MODEL][keep], samples[keep].to(torch.float32),
+                {c: rnd.reasons.get(c, "no update arrived") for c in rnd.cohort if c not in kept_clients},
                 applied, dict(rnd.digests), self.aggregator, float(getattr(self.optimizer, "lr", 1.0)))) or {})
         return out
 
