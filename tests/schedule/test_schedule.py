@@ -260,6 +260,9 @@ def test_config_keys_overrides_and_errors():
     with pytest.raises(ConfigError, match="unknown schedule"):
         scheduled(Config().with_overrides({"clock.speed": "constant", "schedule.name": "fedwhat",
                                            "data.num_clients": 12}), fed)
+    with pytest.raises(ConfigError, match="scores rounds; schedule.name = 'fedbuff'"):
+        scheduled(Config().with_overrides({"clock.speed": "constant", "schedule.name": "fedbuff",
+                                           "ledger.contribution": "loo", "data.num_clients": 12}), fed)
     assert scheduled(Config(), fed) is fed  # no clock: the federation as it was
 
 
