@@ -21,6 +21,7 @@ from koinon.data import DATASETS, FederatedData, partition_dataset, partition_op
 from koinon.errors import ConfigError, KoinonError
 from koinon.models import build_model
 from koinon.params import Layout
+from koinon.privacy import build_privacy, check_privacy
 from koinon.registry import Registry
 from koinon.server import SAMPLERS, SERVER_OPTIMIZERS, Sampler, ServerOptimizer
 from koinon.topology.base import TOPOLOGIES, Topology
@@ -99,6 +100,7 @@ class Components:
 def build_components(cfg: Config) -> Components:
     """Every shared component of the experiment, checked; raises ConfigError before anything
     runs. Records the server learning rate actually used in `cfg.server.lr`."""
+    check_privacy(cfg)
     d = cfg.data
     DATASETS.get(d.name, key="data.name")
     _check_options(DATASETS, d.name, "data", d, context=("seed", "test_fraction", "num_clients"))
@@ -178,6 +180,7 @@ def build_federated(cfg: Config, /) -> Topology:
         codec=parts.codec, downlink=parts.downlink, aggregator=parts.aggregator,
         runtime=parts.runtime, clients_per_round=s.clients_per_round, seed=cfg.seed,
         attack=parts.attack, byzantine_fraction=a.fraction, downlink_delta=cfg.downlink.delta,
+        privacy=build_privacy(cfg, parts.fed_data.num_clients, parts.algorithm),
     )
 
 
@@ -227,6 +230,7 @@ def build_diloco(cfg: Config, /) -> Topology:
     from koinon.topology.diloco import DiLoCo, build_parts
 
     _check_schedule(cfg.server)
+    check_privacy(cfg)
     parts = build_parts(cfg)
     threads = cfg.runtime.options.get("threads", 0)
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:

@@ -29,6 +29,7 @@ from koinon.data.federated import FederatedData
 from koinon.errors import ConfigError
 from koinon.local import CohortTrainer, cross_entropy, evaluate
 from koinon.params import Layout
+from koinon.privacy import Privacy
 from koinon.records import Callback, folder
 from koinon.runtime import RUNTIMES, Runtime
 from koinon.seeding import generator
@@ -37,7 +38,7 @@ from koinon.server.root import RootUpdate, reference_users, reserve_root
 from koinon.topology.base import fit_rounds
 from koinon.topology.evaluation import Evaluation, evaluate_clients, split_holdout
 from koinon.topology.server import Adversary, FederatedServer, RoundResult
-from koinon.update import State
+from koinon.update import CohortResult, State
 from koinon.wire import Sender
 
 __all__ = ["Evaluation", "Federation", "RoundResult", "check_aggregator", "component", "fit_rounds"]
@@ -135,6 +136,7 @@ class Federation:
         byzantine_fraction: float = 0.0,
         downlink_delta: bool = False,
         evaluation: Evaluation | None = None,
+        privacy: Privacy | None = None,
     ) -> None:
         if not isinstance(data, FederatedData):
             raise TypeError(f"data must be a FederatedData (see koinon.partition_dataset), got {type(data).__name__}")
@@ -193,11 +195,13 @@ class Federation:
             clients_per_round=clients_per_round, seed=seed, lr=self.local.lr,
             num_trainable=self.layout.num_trainable, downlink_delta=downlink_delta,
             adversary=Adversary(self.attack, self.byzantine, byzantine_fraction) if self.byzantine else None,
-            root=self.root,
+            root=self.root, privacy=privacy,
         )
         # The clients' side: their persistent algorithm state and their codec state.
         self.client_states: dict[int, State] = {}
         self.sender = Sender(self.codec, seed, self.server.streams)
+        if privacy is not None and privacy.local is not None:
+            self.sender.privatize = privacy.local.privatize  # noise on the client, before encoding
         self.runtime.setup(
             CohortTrainer(model, self.layout, data, self.algorithm, self.local, loss_fn=loss_fn)
         )
@@ -261,7 +265,10 @@ class Federation:
             cohort, rnd.received, rnd.downloads, [self.client_states.get(c, {}) for c in cohort],
             self.seed, r, self.sender.for_cohort(cohort, r),
         )
-        server.accept_cohort(result)
+        if server.privacy is not None and server.privacy.secure is not None:
+            self._secure_sum(result, r)
+        else:
+            server.accept_cohort(result)
         out = server.close_round()
         # A client whose update the server took keeps the states that go with it (codec state,
         # algorithm state), as a deployed client does on "accepted"; a refused one keeps its old.
@@ -273,6 +280,19 @@ class Federation:
         if evaluate:
             self.evaluate_into(out)
         return out
+
+    def _secure_sum(self, result: CohortResult, round_index: int) -> None:
+        """The cohort sums its updates by SecAgg+: each client decodes its own payload (what it
+        would have uploaded) and masks it; the server gets the sum (`koinon.privacy.secure`)."""
+        privacy = self.server.privacy
+        assert privacy is not None and privacy.secure is not None and result.payloads is not None
+        ids = [c for c, p in zip(result.client_ids, result.payloads) if p]
+        rows = [self.codec.decode(p[0]) for p in result.payloads if p]
+        updates = torch.stack(rows) if rows else torch.zeros(0, self.layout.numel)
+        samples = dict(zip(result.client_ids, result.num_samples.tolist()))
+        secure = privacy.secure.run(ids, updates, [samples[c] for c in ids], round_index, privacy.client_clip())
+        secure.rejected.update({c: f"could not encode its update ({why})" for c, why in result.failed.items()})
+        self.server.accept_secure_sum(secure, samples, dict(zip(result.client_ids, result.train_loss.tolist())))
 
     def evaluate(self) -> tuple[float, float]:
         """(accuracy, loss) of the global model on the held-out test split."""

@@ -41,6 +41,7 @@ from koinon.clients import ClientAlgorithm
 from koinon.compress import Codec
 from koinon.errors import KoinonError
 from koinon.log import notice
+from koinon.privacy import Privacy, SecureSum
 from koinon.seeding import generator
 from koinon.server import Sampler, ServerOptimizer
 from koinon.server.root import RootUpdate, reference_users
@@ -118,6 +119,7 @@ class OpenRound:
     reasons: dict[int, str] = field(default_factory=dict)
     digests: dict[int, str] = field(default_factory=dict)
     stacks: dict[str, torch.Tensor] | None = None  # accept_cohort's decoded `[K, P]` stacks
+    secure: SecureSum | None = None  # accept_secure_sum: the cohort's sum (secure aggregation)
     ok: torch.Tensor | None = None  # accept_cohort's valid rows
     downlink_bytes: int = 0
     late: int = 0
@@ -163,6 +165,7 @@ class FederatedServer:
         adversary: Adversary | None = None,
         root: RootUpdate | None = None,
         record_digests: bool = False,
+        privacy: Privacy | None = None,
     ) -> None:
         self.params = params
         self.algorithm = algorithm
@@ -176,6 +179,7 @@ class FederatedServer:
         self.adversary = adversary
         self.root = root
         self.record_digests = record_digests
+        self.privacy = privacy
         self.streams = (MODEL, *algorithm.uploads) if not hasattr(algorithm, "decode_update") else (MODEL,)
         numel = params.numel()
         own = None
@@ -224,6 +228,8 @@ class FederatedServer:
         """Encode round `round_index`'s broadcast for `cohort` and start accepting updates."""
         if round_index != self.round_index:
             raise ValueError(f"round {round_index} cannot open: {self.round_index} rounds are done")
+        if self.privacy is not None:
+            self.privacy.open(cohort)
         payloads = self.broadcast.open(round_index, self.params, self.server_state)
         decode = self.broadcast.codec.decode
         # What the clients start from: in delta mode the reference the change was added to.
@@ -319,10 +325,23 @@ class FederatedServer:
                                              for c, why in result.failed.items()}}.items():
             rnd.reasons.setdefault(client, reason)
 
+    def accept_secure_sum(self, secure: SecureSum, samples: dict[int, int], losses: dict[int, float]) -> None:
+        """The open round's cohort summed by secure aggregation: the server holds no update."""
+        rnd = self._current()
+        rnd.secure = secure
+        rnd.samples.update(samples)
+        rnd.losses.update(losses)
+        rnd.nbytes.update(secure.uplink)
+        rnd.downlink_bytes += sum(secure.downlink.values())
+        for client, reason in secure.rejected.items():
+            rnd.reasons.setdefault(client, reason)
+
     def close_round(self) -> RoundResult:
         """Aggregate what was accepted and step the model; the round is done."""
         rnd = self._current()
         r = rnd.index
+        if rnd.secure is not None:
+            return self._close_secure(rnd, rnd.secure)
         if rnd.stacks is not None:  # accept_cohort: rows follow the cohort
             assert rnd.ok is not None
             ok = rnd.ok.clone()
@@ -359,7 +378,9 @@ class FederatedServer:
             weights = samples[keep].to(torch.float32)
             model = stacks[MODEL]
             try:
-                delta = self.aggregator.aggregate(model if everyone else model[keep], weights)
+                rows = model if everyone else model[keep]
+                delta = (self.aggregator.aggregate(rows, weights) if self.privacy is None
+                         else self.privacy.aggregate(self.aggregator, rows, weights))
             except ValueError as exc:  # e.g. rejections left too few inputs for a robust rule
                 refused_update = f"aggregator refused the cohort, model unchanged ({exc})"
                 notice(f"round {r + 1}: {refused_update}")
@@ -395,6 +416,40 @@ class FederatedServer:
         out.applied = applied
         out.refused = refused_update or ("" if applied else "no valid update arrived, model unchanged")
         out.accepted, out.included = accepted, included
+        if self.privacy is not None:
+            out.extra.update(self.privacy.close(rnd.cohort))
+        return out
+
+    def _close_secure(self, rnd: OpenRound, secure: SecureSum) -> RoundResult:
+        """close_round for a securely summed cohort: the server optimizer steps with the sum."""
+        assert self.privacy is not None
+        refused = secure.error and f"secure aggregation failed, model unchanged ({secure.error})"
+        if not refused and not secure.survivors:
+            refused = "no client finished secure aggregation, model unchanged"
+        if not refused:
+            refused = self._step(self.privacy.finish_secure(secure))
+        if refused:
+            notice(f"round {rnd.index + 1}: {refused}")
+        else:
+            self.server_state = self.algorithm.server_update(self.server_state, {},
+                                                             len(secure.survivors) / self.num_clients)
+        included = [] if refused else list(secure.survivors)
+        w = torch.tensor([float(rnd.samples[c]) for c in secure.survivors], dtype=torch.float64)
+        losses = torch.tensor([rnd.losses[c] for c in secure.survivors], dtype=torch.float64)
+        train_loss = float((losses * w).sum() / w.sum().clamp_min(1.0)) if secure.survivors else None
+        uplink = sum(rnd.nbytes.values())
+        self.open = None
+        self.round_index = rnd.index + 1
+        self.uplink_total += uplink
+        self.downlink_total += rnd.downlink_bytes
+        missing = [c for c in rnd.cohort if c not in secure.survivors and c not in rnd.reasons]
+        out = RoundResult(rnd.index + 1, len(included), uplink, rnd.downlink_bytes, train_loss,
+                          sorted(rnd.reasons), cohort=rnd.cohort, reasons=dict(rnd.reasons),
+                          missing=missing)
+        out.applied, out.refused = not refused, refused
+        out.accepted, out.included = list(secure.survivors), included
+        out.extra.update(secure.metrics)
+        out.extra.update(self.privacy.close(rnd.cohort))
         return out
 
     def _step(self, delta: torch.Tensor) -> str:
@@ -439,6 +494,9 @@ class FederatedServer:
                      num_steps: int = 0) -> None:
         """Decode, validate and apply one update now, scaled by `weight` (a staleness weight):
         the server step of asynchronous schedules. `Rejected` leaves the model unchanged."""
+        if self.privacy is not None and (self.privacy.central or self.privacy.secure):
+            raise KoinonError("central DP and secure aggregation release only whole rounds' sums; "
+                              "apply_update would apply one client's update in the clear")
         rows = self.receiver.decode(client, payloads, self.round_index, num_steps)
         refused = self._step(rows[MODEL] * weight)
         if refused:
@@ -461,6 +519,8 @@ class FederatedServer:
             out.update({f"aggregator/{k}": v for k, v in self.aggregator.state_dict().items()})
         if self.root is not None:
             out.update({f"root/{k}": v for k, v in self.root.state.items()})
+        if self.privacy is not None:
+            out.update({f"privacy/{k}": v for k, v in self.privacy.state_dict().items()})
         out["counters"] = torch.tensor([self.round_index, self.uplink_total, self.downlink_total],
                                        dtype=torch.long)
         return {k: v.detach().contiguous() for k, v in out.items()}
@@ -488,6 +548,8 @@ class FederatedServer:
             self.aggregator.load_state_dict(groups["aggregator"])
         if self.root is not None:
             self.root.state = groups.get("root", {})
+        if self.privacy is not None:
+            self.privacy.load_state_dict(groups.get("privacy", {}))
         self.round_index, self.uplink_total, self.downlink_total = (int(x) for x in tensors["counters"])
         self.open = None
         # Optimizers with state must find all of it, or the resumed run would silently differ.
