@@ -141,7 +141,7 @@ class PrivacyConfig:
     default. Checked by `koinon.privacy.check_privacy` when the experiment is built."""
 
     secagg: bool = False  # SecAgg+ (Bell et al. 2020): the server learns only the cohort's sum
-    dp: str = "none"  # none, central (user-level DP-FedAvg), local (noise on each client)
+    dp: str = "none"  # none, central (user-level DP-FedAvg), local (noise on each client), sample (DP-SGD)
     noise_multiplier: float = 0.0  # z: noise std = z * clip (0 with target_epsilon: calibrated)
     clip: float = 1.0  # L2 bound of a client's update (the initial bound with adaptive clipping)
     target_quantile: float = 0.0  # adaptive clipping (Andrew et al. 2021): quantile in (0, 1); 0 = fixed

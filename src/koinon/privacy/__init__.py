@@ -19,14 +19,15 @@ from koinon.config import Config, PrivacyConfig
 from koinon.errors import ConfigError
 from koinon.privacy.accounting import Accountant, calibrate_noise, epsilon_for
 from koinon.privacy.dp import AdaptiveClip, CentralDP, LocalDP, PrivacyBudgetExceeded, clip_rows
+from koinon.privacy.dpsgd import SampleDP
 from koinon.privacy.noise import NoiseSource
 from koinon.privacy.secagg import FixedPoint, ProtocolError
 from koinon.privacy.secure import SecureAggregation, SecureSum
 
 __all__ = ["AdaptiveClip", "CentralDP", "LocalDP", "NoiseSource", "Privacy", "PrivacyBudgetExceeded",
-           "ProtocolError", "SecureAggregation", "SecureSum", "build_privacy", "check_privacy", "clip_rows"]
+           "ProtocolError", "SampleDP", "SecureAggregation", "SecureSum", "build_privacy", "check_privacy", "clip_rows"]
 
-DP_MODES = ("none", "central", "local")
+DP_MODES = ("none", "central", "local", "sample")
 
 
 @dataclass
@@ -36,6 +37,7 @@ class Privacy:
     central: CentralDP | None = None
     local: LocalDP | None = None
     secure: SecureAggregation | None = None
+    sample: SampleDP | None = None  # the client algorithm, wrapped: its local loop is DP-SGD
 
     def open(self, cohort: list[int]) -> None:
         """Before a round trains: refuse it if it would pass the privacy budget."""
@@ -43,6 +45,8 @@ class Privacy:
             self.central.check_budget()
         if self.local is not None:
             self.local.check_budget(cohort)
+        if self.sample is not None:
+            self.sample.check_budget(cohort)
 
     def aggregate(self, aggregator: Any, updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The round's aggregate of plainly received updates: DP-FedAvg under central DP."""
@@ -68,6 +72,9 @@ class Privacy:
         if self.local is not None:
             self.local.record(cohort)
             out.update(self.local.metrics)
+        if self.sample is not None:
+            self.sample.record(cohort)
+            out.update(self.sample.metrics)
         if self.central is not None:
             out.update(self.central.metrics)
         return out
@@ -76,17 +83,19 @@ class Privacy:
         out = {}
         if self.central is not None:
             out.update({f"central/{k}": v for k, v in self.central.state_dict().items()})
-        if self.local is not None and self.local.participations:
-            items = sorted(self.local.participations.items())
-            out["local/participations"] = torch.tensor(items, dtype=torch.long)
+        for name, part in (("local", self.local), ("sample", self.sample)):
+            if part is not None and part.participations:
+                items = sorted(part.participations.items())
+                out[f"{name}/participations"] = torch.tensor(items, dtype=torch.long)
         return out
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         if self.central is not None:
             self.central.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("central/")})
-        if self.local is not None:
-            rows = tensors.get("local/participations", torch.zeros(0, 2, dtype=torch.long)).tolist()
-            self.local.participations = {int(c): int(n) for c, n in rows}
+        for name, part in (("local", self.local), ("sample", self.sample)):
+            if part is not None:
+                rows = tensors.get(f"{name}/participations", torch.zeros(0, 2, dtype=torch.long)).tolist()
+                part.participations = {int(c): int(n) for c, n in rows}
 
 
 def _enabled(p: PrivacyConfig) -> bool:
@@ -102,8 +111,7 @@ def check_privacy(cfg: Config) -> None:
 
 def _check_keys(p: PrivacyConfig) -> None:
     if p.dp not in DP_MODES:
-        extra = " (sample-level DP-SGD is not available yet)" if p.dp == "sample" else ""
-        raise ConfigError(f"privacy.dp = {p.dp!r}: allowed: {', '.join(DP_MODES)}{extra}")
+        raise ConfigError(f"privacy.dp = {p.dp!r}: allowed: {', '.join(DP_MODES)}")
     checks = [
         ("noise_multiplier", p.noise_multiplier >= 0, ">= 0"),
         ("clip", p.clip > 0, "> 0"),
@@ -151,9 +159,12 @@ def _check_secagg(cfg: Config, algorithm: Any) -> None:
                           "secure aggregation sums the update only (use fedavg, fedprox or the like)")
 
 
-def build_privacy(cfg: Config, num_clients: int, algorithm: Any = None) -> Privacy | None:
+def build_privacy(cfg: Config, num_clients: int, algorithm: Any = None, sizes: torch.Tensor | None = None,
+                  model: torch.nn.Module | None = None) -> Privacy | None:
     """The federation's `Privacy` from `cfg.privacy` (None when everything is off). Resolves a
-    noise multiplier from `target_epsilon` and records it in `cfg.privacy.noise_multiplier`."""
+    noise multiplier from `target_epsilon` and records it in `cfg.privacy.noise_multiplier`.
+    `sizes` (every client's samples) and `model` are needed by sample-level DP; with it the
+    client algorithm to train with is `privacy.sample`."""
     p = cfg.privacy
     _check_keys(p)
     check_privacy(cfg)
@@ -165,8 +176,24 @@ def build_privacy(cfg: Config, num_clients: int, algorithm: Any = None) -> Priva
     if p.dp == "central" and cfg.aggregator.name != "mean":
         raise ConfigError(f"privacy.dp = 'central' is DP-FedAvg, which replaces the mean; aggregator.name = "
                           f"{cfg.aggregator.name!r} is not composed with it (use aggregator.name = 'mean')")
-    if p.dp != "none":
+    if p.dp == "sample":
+        c = cfg.client
+        if c.algorithm != "fedavg" or c.steps:
+            raise ConfigError(f"privacy.dp = 'sample' runs its own DP-SGD local loop: it needs client.algorithm = "
+                              f"'fedavg' with client.epochs (got {c.algorithm!r}, steps = {c.steps})")
+        if sizes is None or model is None:
+            raise ConfigError("privacy.dp = 'sample' needs the clients' data sizes and the model")
+        if any(True for _ in model.buffers()):
+            raise ConfigError(f"privacy.dp = 'sample': model {cfg.model.name!r} has buffers (e.g. BatchNorm), "
+                              "whose batch statistics mix samples: per-sample gradients are not defined")
+        out.sample = SampleDP(algorithm, p.noise_multiplier, p.clip, sizes.clone(), c.batch_size, c.epochs,
+                              p.delta, p.accountant, p.target_epsilon, seed)
+        present = sizes[sizes > 0]
+        rate = out.sample.rate_and_steps(int(present.min()))[0]
+        steps = out.sample.rate_and_steps(int(present.max()))[1] * rounds
+    elif p.dp != "none":
         rate, steps = (k / num_clients, rounds) if p.dp == "central" else (1.0, rounds)
+    if p.dp != "none":
         if not p.noise_multiplier:
             p.noise_multiplier = round(calibrate_noise(p.target_epsilon, rate, steps, p.delta, p.accountant), 6)
         elif p.target_epsilon:
@@ -191,6 +218,8 @@ def build_privacy(cfg: Config, num_clients: int, algorithm: Any = None) -> Priva
                                 NoiseSource(seed), p.target_epsilon, adaptive)
     elif p.dp == "local":
         out.local = LocalDP(p.noise_multiplier, p.clip, p.delta, p.accountant, p.target_epsilon, seed)
+    elif out.sample is not None:
+        out.sample.noise_multiplier = p.noise_multiplier  # as calibrated
     if p.secagg:
         _check_secagg(cfg, algorithm)
         try:

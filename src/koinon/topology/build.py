@@ -174,13 +174,15 @@ def build_federated(cfg: Config, /) -> Topology:
     """A server and simulated clients (FedAvg family, robust aggregation, attacks)."""
     parts = build_components(cfg)
     s, a = cfg.server, cfg.attack
+    privacy = build_privacy(cfg, parts.fed_data.num_clients, parts.algorithm, parts.fed_data.sizes, parts.model)
+    algorithm = privacy.sample if privacy is not None and privacy.sample is not None else parts.algorithm
     return guard(
         "federation", Federation, parts.model, parts.fed_data, local=parts.local,
-        algorithm=parts.algorithm, server_optimizer=parts.optimizer, sampler=parts.sampler,
+        algorithm=algorithm, server_optimizer=parts.optimizer, sampler=parts.sampler,
         codec=parts.codec, downlink=parts.downlink, aggregator=parts.aggregator,
         runtime=parts.runtime, clients_per_round=s.clients_per_round, seed=cfg.seed,
         attack=parts.attack, byzantine_fraction=a.fraction, downlink_delta=cfg.downlink.delta,
-        privacy=build_privacy(cfg, parts.fed_data.num_clients, parts.algorithm),
+        privacy=privacy,
     )
 
 
