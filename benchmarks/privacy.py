@@ -8,7 +8,7 @@
    Next to it, plain aggregation: the identity codec's float32 payload and the server's decode
    and mean. Modulus 2^32, clip range 8, uniform weights (max_weight 1, as under DP).
 2. Accuracy against epsilon for user-level central DP (DP-FedAvg, adaptive clipping at the
-   median, RDP accounting) on MNIST-1D with a population of 10,000 clients (6 samples each).
+   median, RDP accounting) on MNIST-1D with a population of 10,000 clients (4.8 training samples each).
 3. Accuracy against epsilon for sample-level DP-SGD inside the clients (per-sample clipping,
    Poisson sampling, RDP) on scikit-learn's digits: 10 clients with about 144 samples each.
 
@@ -79,7 +79,7 @@ def dp_table(num_clients: int, num_samples: int, cohort: int, rounds: int, epsil
     from koinon.experiment.runner import build_federation
 
     print(f"\nUser-level central DP (DP-FedAvg, adaptive clip at the median, RDP, delta = 1e-5) on MNIST-1D:"
-          f" {num_clients:,} clients ({num_samples * 4 // 5 // num_clients} training samples each), "
+          f" {num_clients:,} clients ({num_samples * 0.8 / num_clients:.1f} training samples each), "
           f"{cohort} a round (q = {cohort / num_clients:g}), {rounds} rounds, MLP 128-128")
     print(f"{'epsilon':>8} {'z':>7} {'spent':>7} {'final clip':>10} {'accuracy':>9} {'vs non-private':>14} {'wall s':>7}")
     base = None
