@@ -91,6 +91,9 @@ def check_deployable(fed: Any, cfg: Config) -> Federation:
     if not isinstance(fed, Federation):
         raise ConfigError(f"topology.name = {cfg.topology.name!r}: koinon server runs server-based "
                           "federations only (topology.name = 'federated')")
+    if cfg.privacy.secagg:
+        raise ConfigError("privacy.secagg = true: secure aggregation runs in simulation (koinon run) only; "
+                          "koinon server does not run the SecAgg+ protocol yet")
     return fed
 
 
