@@ -262,7 +262,7 @@ def test_what_the_server_sees_is_independent_of_the_input() -> None:
 
     a, b = seen(0), seen(0xF000)
     table = np.array([np.bincount(a, minlength=16), np.bincount(b, minlength=16)])
-    assert chi2_contingency(table).pvalue > 1e-3
+    assert chi2_contingency(table).pvalue > 1e-5  # a false alarm once in 100,000 runs
     plain = np.array([np.bincount(np.zeros(100, int), minlength=16) + 1,
                       np.bincount(np.full(100, 15), minlength=16) + 1])
-    assert chi2_contingency(plain).pvalue < 1e-3
+    assert chi2_contingency(plain).pvalue < 1e-5

@@ -108,7 +108,6 @@ class CentralDP:
     def aggregate(self, updates: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """The noised mean of the clipped `updates` [n, P] (equal weights: `weights` is ignored,
         sample counts would change the sensitivity)."""
-        self.check_budget()
         clip = self.current_clip
         clipped, norms = clip_rows(updates, clip)
         return self.release(clipped.double().sum(dim=0), float((norms <= clip).sum()), clip)

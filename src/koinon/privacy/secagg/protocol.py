@@ -36,7 +36,7 @@ import secrets
 from dataclasses import dataclass, field
 
 import numpy as np
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -57,6 +57,7 @@ from koinon.privacy.secagg.messages import (
     UNMASK,
     ProtocolError,
     Reader,
+    header,
     open_message,
     seal,
     u32,
@@ -150,7 +151,7 @@ class SecAggClient:
             advert = seal_header_body(ADVERTISE, self.session, v, c_pk + s_pk)
             try:
                 identity.verify(signature, advert)
-            except Exception:
+            except InvalidSignature:
                 raise ProtocolError(f"client {self.client_id}: neighbour {v}'s keys are not signed by "
                                     "it (tampered)") from None
             self.neighbours[v] = (c_pk, s_pk)
@@ -237,8 +238,6 @@ class SecAggClient:
 
 def seal_header_body(step: int, session: bytes, sender: int, body: bytes) -> bytes:
     """What an advert's signature covers (header to the server, then the body)."""
-    from koinon.privacy.secagg.messages import header
-
     return header(step, session, sender, SERVER, len(body)) + body
 
 
