@@ -21,7 +21,6 @@ from koinon.data import DATASETS, FederatedData, partition_dataset, partition_op
 from koinon.errors import ConfigError, KoinonError
 from koinon.models import build_model
 from koinon.params import Layout
-from koinon.privacy import build_privacy, check_privacy
 from koinon.registry import Registry
 from koinon.server import SAMPLERS, SERVER_OPTIMIZERS, Sampler, ServerOptimizer
 from koinon.topology.base import TOPOLOGIES, Topology
@@ -100,6 +99,8 @@ class Components:
 def build_components(cfg: Config) -> Components:
     """Every shared component of the experiment, checked; raises ConfigError before anything
     runs. Records the server learning rate actually used in `cfg.server.lr`."""
+    from koinon.privacy import check_privacy
+
     check_privacy(cfg)
     d = cfg.data
     DATASETS.get(d.name, key="data.name")
@@ -172,6 +173,8 @@ def build_components(cfg: Config) -> Components:
 @TOPOLOGIES.register("federated")
 def build_federated(cfg: Config, /) -> Topology:
     """A server and simulated clients (FedAvg family, robust aggregation, attacks)."""
+    from koinon.privacy import build_privacy
+
     parts = build_components(cfg)
     s, a = cfg.server, cfg.attack
     privacy = build_privacy(cfg, parts.fed_data.num_clients, parts.algorithm, parts.fed_data.sizes, parts.model)
@@ -228,6 +231,7 @@ def build_diloco(cfg: Config, /) -> Topology:
 
     The [diloco] section holds the inner and outer optimizers, so the [client] and [server]
     optimizer keys do not apply."""
+    from koinon.privacy import check_privacy
     from koinon.runtime.local import set_threads
     from koinon.topology.diloco import DiLoCo, build_parts
 

@@ -14,7 +14,7 @@ import dataclasses
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,7 +29,6 @@ from koinon.data.federated import FederatedData
 from koinon.errors import ConfigError
 from koinon.local import CohortTrainer, cross_entropy, evaluate
 from koinon.params import Layout
-from koinon.privacy import Privacy
 from koinon.records import Callback, folder
 from koinon.runtime import RUNTIMES, Runtime
 from koinon.seeding import generator
@@ -40,6 +39,9 @@ from koinon.topology.evaluation import Evaluation, evaluate_clients, split_holdo
 from koinon.topology.server import Adversary, FederatedServer, RoundResult
 from koinon.update import CohortResult, State
 from koinon.wire import Sender
+
+if TYPE_CHECKING:
+    from koinon.privacy import Privacy
 
 __all__ = ["Evaluation", "Federation", "RoundResult", "check_aggregator", "component", "fit_rounds"]
 

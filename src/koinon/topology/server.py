@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,12 +41,14 @@ from koinon.clients import ClientAlgorithm
 from koinon.compress import Codec
 from koinon.errors import KoinonError
 from koinon.log import notice
-from koinon.privacy import Privacy, SecureSum
 from koinon.seeding import generator
 from koinon.server import Sampler, ServerOptimizer
 from koinon.server.root import RootUpdate, reference_users
 from koinon.update import CohortResult, State
 from koinon.wire import MODEL, Broadcast, Receiver, Rejected
+
+if TYPE_CHECKING:  # `import koinon` does not load the privacy package (its cryptography)
+    from koinon.privacy import Privacy, SecureSum
 
 __all__ = ["FederatedServer", "OpenRound", "Rejected", "RoundResult"]
 
