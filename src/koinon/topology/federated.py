@@ -111,6 +111,8 @@ class Federation:
     Components come by registered name, as `{"name": ..., **options}`, or as objects; names and
     options are checked as strictly as a config file's, and the data and the model are checked
     against each other, all before round 1 (one-line `ConfigError` / `ValueError`).
+    `privacy`: a `koinon.privacy.Privacy` (DP, secure aggregation; `koinon.privacy.build_privacy`
+    builds one from a config's `[privacy]`), None for none.
 
     >>> fed = Federation(model, data, local=LocalTraining(lr=0.05), clients_per_round=10,
     ...                  codec={"name": "topk", "ratio": 0.1})
