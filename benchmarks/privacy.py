@@ -56,7 +56,8 @@ def secagg_table(sizes: list[int], numel: int, dropouts: list[float]) -> None:
             inputs = {c: fp.encode(updates[c], 1, 0, generator(0, 0, c, 1)) for c in range(n)}
             encode_s = (time.perf_counter() - start) / n
             dropped = set(np.random.default_rng(1).choice(n, int(round(drop * n)), replace=False).tolist())
-            result = run_protocol(inputs, fp, drop={"masked": dropped}, identities=ids)
+            result = run_protocol(inputs, fp, drop={"masked": dropped}, identities=ids,
+                                  expected_dropout=max(0.1, drop))
             if result.error:
                 print(f"{n:>5} {drop:>5.0%}  failed: {result.error}")
                 continue
@@ -68,7 +69,7 @@ def secagg_table(sizes: list[int], numel: int, dropouts: list[float]) -> None:
             client_ms = 1e3 * (encode_s + statistics.mean(result.client_s[c] for c in survivors))
             up = statistics.mean(result.uplink[c] for c in survivors)
             down = statistics.mean(result.downlink[c] for c in survivors)
-            print(f"{n:>5} {drop:>5.0%} {min(default_degree(n), n - 1):>3} | {client_ms:>9.1f} {up:>10,.0f} "
+            print(f"{n:>5} {drop:>5.0%} {default_degree(n, max(0.1, drop)):>3} | {client_ms:>9.1f} {up:>10,.0f} "
                   f"{down:>10,.0f} {up / plain_up:>8.3f} | {result.server_s:>8.2f} {result.unmask_s:>8.2f} | "
                   f"{1e3 * plain_client:>15.2f} {plain_up:>9,} {plain_server:>14.3f}")
             del inputs, result

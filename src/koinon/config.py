@@ -151,7 +151,7 @@ class PrivacyConfig:
     delta: float = 1e-5
     accountant: str = "rdp"  # rdp or pld (dp-accounting)
     noise_seed: int = -1  # -1: noise from os.urandom; >= 0: reproducible noise, NOT private (tests)
-    secagg_degree: int = 0  # neighbours per client in the SecAgg+ graph (0 = 2 ceil(3 log2 n))
+    secagg_degree: int = 0  # neighbours per client in the SecAgg+ graph (0 = O(log n), sized for the dropout)
     secagg_threshold: float = 0.5  # Shamir threshold t = floor(fraction * degree) + 1
     secagg_modulus_bits: int = 32  # sums are taken modulo 2^bits
     secagg_clip_range: float = 8.0  # each coordinate is clipped to [-range, range] before encoding

@@ -94,6 +94,7 @@ def test_harary_graph_degree_and_symmetry() -> None:
     assert all(u in graph[v] for u in clients for v in graph[u])
     assert harary_graph([1, 2, 3], 8) == {1: [2, 3], 2: [1, 3], 3: [1, 2]}
     assert default_degree(1000) == 60 and default_degree(100) == 40 and default_degree(10) == 9
+    assert default_degree(1000, 0.3) == 160 and default_degree(100, 0.3) == 99
 
 
 @pytest.mark.parametrize("bits", [16, 32, 48])

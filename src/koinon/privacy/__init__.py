@@ -121,7 +121,7 @@ def _check_keys(p: PrivacyConfig) -> None:
         ("target_epsilon", p.target_epsilon >= 0, ">= 0 (0 = no budget)"),
         ("delta", 0 < p.delta < 1, "in (0, 1)"),
         ("noise_seed", p.noise_seed >= -1, "-1 (secure noise) or a seed >= 0"),
-        ("secagg_degree", p.secagg_degree >= 0, ">= 0 (0 = 2 ceil(3 log2 n))"),
+        ("secagg_degree", p.secagg_degree >= 0, ">= 0 (0 = O(log n), sized for the dropout)"),
         ("secagg_threshold", 0.5 <= p.secagg_threshold < 1, "in [0.5, 1)"),
         ("secagg_modulus_bits", 8 <= p.secagg_modulus_bits <= 64, "between 8 and 64"),
         ("secagg_clip_range", p.secagg_clip_range > 0, "> 0"),

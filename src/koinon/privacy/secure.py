@@ -72,7 +72,7 @@ class SecureAggregation:
             k = int(round(self.dropout * len(clients)))
             drop["masked"] = {int(c) for c in rng.choice(clients, k, replace=False)}
         session = run_protocol(inputs, self.fp, degree=self.degree, threshold_fraction=self.threshold_fraction,
-                               drop=drop, identities=self.identities)
+                               drop=drop, identities=self.identities, expected_dropout=max(0.1, self.dropout))
         metrics = {"secagg_survivors": float(len(session.survivors)),
                    "secagg_dropped": float(len(session.dropped)),
                    "secagg_server_s": session.server_s}
