@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from koinon.config import Config
+from koinon.config import Config, load_config
 from koinon.errors import ConfigError
 from koinon.experiment.runner import build_federation, run_experiment
 from koinon.privacy import PrivacyBudgetExceeded, build_privacy
@@ -87,7 +87,12 @@ def test_central_dp_spends_what_the_accountant_says(tmp_path) -> None:
     for r in rows:
         assert r["dp_epsilon"] == pytest.approx(epsilon_for(z, 8 / 20, r["round"], 1e-5))
     assert rows[-1]["dp_epsilon"] <= 4.0
-    assert "noise_multiplier" in (tmp_path / "run" / "config.toml").read_text()
+    # The recorded noise rebuilds within budget (a resumed run), and more rounds are refused.
+    recorded = load_config(tmp_path / "run" / "config.toml")
+    assert recorded.privacy.noise_multiplier == z
+    build_federation(recorded)
+    with pytest.raises(ConfigError, match="spends epsilon"):
+        build_federation(load_config(tmp_path / "run" / "config.toml", ["server.rounds=6"]))
 
 
 def test_the_run_stops_at_the_budget() -> None:

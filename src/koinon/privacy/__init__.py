@@ -10,6 +10,7 @@ every combination with a one-line `ConfigError` before anything trains.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,14 @@ import torch
 from koinon.config import Config, PrivacyConfig
 from koinon.errors import ConfigError
 from koinon.privacy.accounting import Accountant, calibrate_noise, epsilon_for
-from koinon.privacy.dp import AdaptiveClip, CentralDP, LocalDP, PrivacyBudgetExceeded, clip_rows
+from koinon.privacy.dp import (
+    AdaptiveClip,
+    CentralDP,
+    LocalDP,
+    PrivacyBudgetExceeded,
+    clip_rows,
+    update_noise_multiplier,
+)
 from koinon.privacy.dpsgd import SampleDP
 from koinon.privacy.noise import NoiseSource
 from koinon.privacy.secagg import FixedPoint, ProtocolError
@@ -195,10 +203,12 @@ def build_privacy(cfg: Config, num_clients: int, algorithm: Any = None, sizes: t
         rate, steps = (k / num_clients, rounds) if p.dp == "central" else (1.0, rounds)
     if p.dp != "none":
         if not p.noise_multiplier:
-            p.noise_multiplier = round(calibrate_noise(p.target_epsilon, rate, steps, p.delta, p.accountant), 6)
+            # Rounded up, so the recorded value (config.toml, a resumed run) stays within budget.
+            p.noise_multiplier = math.ceil(calibrate_noise(p.target_epsilon, rate, steps, p.delta, p.accountant)
+                                           * 1e6) / 1e6
         elif p.target_epsilon:
             planned = epsilon_for(p.noise_multiplier, rate, steps, p.delta, p.accountant)
-            if planned > p.target_epsilon:
+            if planned > p.target_epsilon * (1 + 1e-6):
                 raise ConfigError(
                     f"privacy.noise_multiplier = {p.noise_multiplier:g} spends epsilon = {planned:.3g} over "
                     f"server.rounds = {rounds}, over privacy.target_epsilon = {p.target_epsilon:g} (raise the "
@@ -208,8 +218,6 @@ def build_privacy(cfg: Config, num_clients: int, algorithm: Any = None, sizes: t
         if p.target_quantile:
             stddev = p.clip_count_stddev or k / 20
             try:
-                from koinon.privacy.dp import update_noise_multiplier
-
                 update_noise_multiplier(p.noise_multiplier, stddev)
             except ValueError as exc:
                 raise ConfigError(f"privacy.clip_count_stddev: {exc}") from None
