@@ -185,6 +185,30 @@ class LedgerConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """`[privacy]`: secure aggregation and differential privacy (`koinon.privacy`); all off by
+    default. Checked by `koinon.privacy.check_privacy` when the experiment is built."""
+
+    secagg: bool = False  # SecAgg+ (Bell et al. 2020): the server learns only the cohort's sum
+    dp: str = "none"  # none, central (user-level DP-FedAvg), local (noise on each client), sample (DP-SGD)
+    noise_multiplier: float = 0.0  # z: noise std = z * clip (0 with target_epsilon: calibrated)
+    clip: float = 1.0  # L2 bound of a client's update (the initial bound with adaptive clipping)
+    target_quantile: float = 0.0  # adaptive clipping (Andrew et al. 2021): quantile in (0, 1); 0 = fixed
+    clip_lr: float = 0.2  # adaptive clipping: geometric learning rate eta
+    clip_count_stddev: float = 0.0  # adaptive clipping: noise on the unclipped count (0 = cohort / 20)
+    target_epsilon: float = 0.0  # privacy budget for server.rounds rounds (0 = no budget)
+    delta: float = 1e-5
+    accountant: str = "rdp"  # rdp or pld (dp-accounting)
+    noise_seed: int = -1  # -1: noise from os.urandom; >= 0: reproducible noise, NOT private (tests)
+    secagg_degree: int = 0  # neighbours per client in the SecAgg+ graph (0 = O(log n), sized for the dropout)
+    secagg_threshold: float = 0.5  # Shamir threshold t = floor(fraction * degree) + 1
+    secagg_modulus_bits: int = 32  # sums are taken modulo 2^bits
+    secagg_clip_range: float = 8.0  # each coordinate is clipped to [-range, range] before encoding
+    secagg_max_weight: int = 1000  # a client's aggregation weight (its samples) is capped here
+    secagg_dropout: float = 0.0  # simulation: fraction of clients that drop out at each protocol step
+
+
+@dataclass
 class Config:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -203,6 +227,7 @@ class Config:
     clock: ClockConfig = field(default_factory=lambda: ClockConfig())
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig())
     ledger: LedgerConfig = field(default_factory=lambda: LedgerConfig())
+    privacy: PrivacyConfig = field(default_factory=lambda: PrivacyConfig())
 
     # ---------------------------------------------------------------- (de)serialize
 
@@ -273,7 +298,7 @@ class Config:
 
 
 SECTIONS = ("data", "model", "client", "server", "codec", "downlink", "aggregator", "runtime", "attack",
-            "topology", "deploy", "diloco", "log", "clock", "schedule", "ledger")
+            "topology", "deploy", "diloco", "log", "clock", "schedule", "ledger", "privacy")
 COMPONENT_SECTIONS = ("model", "codec", "downlink", "aggregator", "runtime", "attack")
 NAME_KEYS = {**{s: "name" for s in COMPONENT_SECTIONS}, "data": "name", "client": "algorithm",
              "schedule": "name", "ledger": "contribution"}

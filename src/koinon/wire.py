@@ -32,6 +32,9 @@ from koinon.errors import CodecError, KoinonError
 from koinon.seeding import generator
 from koinon.update import CohortResult, State
 
+Privatize = Callable[[torch.Tensor, list[int], int], torch.Tensor]
+"""What clients release instead of their updates `[K, P]` (local DP), given their ids and the round."""
+
 MODEL = "delta"  # the model stream's name (its values are the local model minus the received one)
 
 
@@ -55,6 +58,7 @@ class CohortEncoder:
     round_index: int
     streams: tuple[str, ...]  # MODEL, then the algorithm's uploads
     states: list[dict[str, State]]  # per client (rows follow the cohort), stream -> codec state
+    privatize: Privatize | None = None  # local DP: (updates, clients, round) -> what they release
 
     def rows(self, start: int, stop: int) -> CohortEncoder:
         return dataclasses.replace(self, states=self.states[start:stop])
@@ -63,6 +67,9 @@ class CohortEncoder:
         """`result` with `payloads` (`[client][stream]` bytes) and new `codec_states`; the float
         tensors are dropped: from here on only bytes travel."""
         k = len(result.client_ids)
+        if self.privatize is not None and result.deltas is not None:
+            result = dataclasses.replace(
+                result, deltas=self.privatize(result.deltas, result.client_ids, self.round_index))
         codec_states: list[dict[str, State]] = [dict(s) for s in self.states]
         failed: dict[int, str] = {}
         if result.messages is not None:  # the algorithm's own wire format (SPSA's bytes)
@@ -102,10 +109,11 @@ class Sender:
         self.seed = seed
         self.streams = streams
         self.states: dict[int, dict[str, State]] = {}
+        self.privatize: Privatize | None = None
 
     def for_cohort(self, cohort: list[int], round_index: int) -> CohortEncoder:
         return CohortEncoder(self.codec, self.seed, round_index, self.streams,
-                             [self.states.get(c, {}) for c in cohort])
+                             [self.states.get(c, {}) for c in cohort], self.privatize)
 
     def encode(self, client: int, tensor: torch.Tensor, round_index: int, salt: int,
                stream: str = MODEL) -> bytes:

@@ -210,6 +210,14 @@ def test_bad_ledger_settings_are_one_line_errors(tmp_path):
     gossip = Config.from_dict({**BASE, "topology": {"name": "gossip"}, "ledger": {"contribution": "loo"}})
     with pytest.raises(ConfigError, match="topology.name = 'federated'"):
         run_experiment(gossip, tmp_path / "e", progress=False)
+    secure = Config.from_dict({**BASE, "ledger": {"contribution": "loo"}, "privacy": {"secagg": True}})
+    with pytest.raises(ConfigError, match="secure aggregation hides"):
+        run_experiment(secure, tmp_path / "f", progress=False)
+    central = Config.from_dict({**BASE, "ledger": {"contribution": "loo"},
+                                "privacy": {"dp": "central", "noise_multiplier": 1.0}})
+    with pytest.raises(ConfigError, match="cannot replay it"):
+        run_experiment(central, tmp_path / "g", progress=False)
+    assert not any((tmp_path / name).exists() for name in "abcdefg")  # refused before any folder
 
 
 def test_resume_is_refused(copy):

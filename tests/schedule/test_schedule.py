@@ -263,6 +263,10 @@ def test_config_keys_overrides_and_errors():
     with pytest.raises(ConfigError, match="scores rounds; schedule.name = 'fedbuff'"):
         scheduled(Config().with_overrides({"clock.speed": "constant", "schedule.name": "fedbuff",
                                            "ledger.contribution": "loo", "data.num_clients": 12}), fed)
+    for privacy in ({"privacy.secagg": True}, {"privacy.dp": "central", "privacy.noise_multiplier": 1.0}):
+        with pytest.raises(ConfigError, match="works on whole cohorts"):
+            scheduled(Config().with_overrides({"clock.speed": "constant", "schedule.name": "fedasync",
+                                               "data.num_clients": 12, **privacy}), fed)
     assert scheduled(Config(), fed) is fed  # no clock: the federation as it was
 
 

@@ -270,7 +270,8 @@ class Worker:
             raise Rejected(f"the server's model has {params.numel()} values, this model {numel}")
         if fed.server.broadcast.delta and model:
             state.hold_model(params, round_index)
-        encoder = CohortEncoder(fed.codec, fed.seed, round_index, fed.server.streams, [state.codec])
+        encoder = CohortEncoder(fed.codec, fed.seed, round_index, fed.server.streams, [state.codec],
+                                fed.sender.privatize)  # local DP: the noise is added here, on the client
         result = fed.runtime.train([idx], params, down, [state.algorithm], fed.seed, round_index, encoder)
         assert result.payloads is not None and result.codec_states is not None
         return result.payloads[0], result.codec_states[0], result

@@ -103,11 +103,15 @@ class LedgerSettings:
 
 def refuse_hidden_updates(cfg: Config) -> None:
     """Coalition scores need each client's update; secure aggregation shows only their sum.
-    A config section that turns it on (`[privacy] secure_aggregation`) rules the ledger out."""
-    privacy = getattr(cfg, "privacy", None)
-    if privacy is not None and getattr(privacy, "secure_aggregation", False):
+    Central DP adds noise to the aggregate that nobody may reproduce, so `koinon verify` could
+    not replay it: both rule the ledger out (local and sample-level DP noise the updates
+    themselves, before the wire, and the ledger logs and replays what arrived)."""
+    if cfg.privacy.secagg:
         raise ConfigError("[ledger] contribution needs each client's update, which secure aggregation "
-                          "hides: turn one of them off (ledger.contribution = 'none')")
+                          "hides: turn one of them off (ledger.contribution = 'none' or privacy.secagg = false)")
+    if cfg.privacy.dp == "central":
+        raise ConfigError("[ledger] contribution with privacy.dp = 'central': the aggregate's noise is "
+                          "secret, so koinon verify cannot replay it; use privacy.dp = 'local' or 'sample'")
 
 
 def validation_split(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -52,6 +52,10 @@ def scheduled(cfg: Config, topology: Any) -> Any:
         if topology.byzantine or topology.root is not None:
             raise ConfigError(f"schedule.name = {s.name!r} does not support attacks or root-data "
                               "aggregators (use schedule.name = 'sync')")
+        if cfg.privacy.secagg or cfg.privacy.dp == "central":
+            what = "privacy.secagg = true" if cfg.privacy.secagg else "privacy.dp = 'central'"
+            raise ConfigError(f"{what} works on whole cohorts; schedule.name = {s.name!r} steps the model one "
+                              "buffered update at a time (use schedule.name = 'sync')")
         if cfg.ledger.contribution != "none":
             raise ConfigError(f"ledger.contribution = {cfg.ledger.contribution!r} scores rounds; schedule.name = "
                               f"{s.name!r} steps the model one buffered update at a time (use schedule.name = 'sync')")

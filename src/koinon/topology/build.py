@@ -100,6 +100,9 @@ class Components:
 def build_components(cfg: Config) -> Components:
     """Every shared component of the experiment, checked; raises ConfigError before anything
     runs. Records the server learning rate actually used in `cfg.server.lr`."""
+    from koinon.privacy import check_privacy
+
+    check_privacy(cfg)
     d = cfg.data
     DATASETS.get(d.name, key="data.name")
     _check_options(DATASETS, d.name, "data", d, context=("seed", "test_fraction", "num_clients"))
@@ -176,19 +179,24 @@ def build_components(cfg: Config) -> Components:
 @TOPOLOGIES.register("federated")
 def build_federated(cfg: Config, /) -> Topology:
     """A server and simulated clients (FedAvg family, robust aggregation, attacks)."""
+    from koinon.privacy import build_privacy
+
     parts = build_components(cfg)
     s, a = cfg.server, cfg.attack
     if cfg.data.holdout_clients and not cfg.data.client_test_fraction:
         raise ConfigError(f"data.holdout_clients = {cfg.data.holdout_clients} needs data.client_test_fraction > 0 "
                           "(new clients are scored on their held-out share)")
+    privacy = build_privacy(cfg, parts.fed_data.num_clients, parts.algorithm, parts.fed_data.sizes, parts.model)
+    algorithm = privacy.sample if privacy is not None and privacy.sample is not None else parts.algorithm
     return guard(
         "federation", Federation, parts.model, parts.fed_data, local=parts.local,
-        algorithm=parts.algorithm, server_optimizer=parts.optimizer, sampler=parts.sampler,
+        algorithm=algorithm, server_optimizer=parts.optimizer, sampler=parts.sampler,
         codec=parts.codec, downlink=parts.downlink, aggregator=parts.aggregator,
         runtime=parts.runtime, clients_per_round=s.clients_per_round, seed=cfg.seed,
         attack=parts.attack, byzantine_fraction=a.fraction, downlink_delta=cfg.downlink.delta,
         evaluation=guard("data", Evaluation, holdout=cfg.data.client_test_fraction,
                          new_clients=cfg.data.holdout_clients),
+        privacy=privacy,
     )
 
 
@@ -237,10 +245,12 @@ def build_diloco(cfg: Config, /) -> Topology:
 
     The [diloco] section holds the inner and outer optimizers, so the [client] and [server]
     optimizer keys do not apply."""
+    from koinon.privacy import check_privacy
     from koinon.runtime.local import set_threads
     from koinon.topology.diloco import DiLoCo, build_parts
 
     _check_schedule(cfg.server)
+    check_privacy(cfg)
     parts = build_parts(cfg)
     threads = cfg.runtime.options.get("threads", 0)
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:

@@ -14,7 +14,7 @@ import dataclasses
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,8 +38,11 @@ from koinon.server.root import RootUpdate, reference_users, reserve_root
 from koinon.topology.base import fit_rounds
 from koinon.topology.evaluation import Evaluation, evaluate_clients, split_holdout
 from koinon.topology.server import Adversary, FederatedServer, RoundResult
-from koinon.update import State
+from koinon.update import CohortResult, State
 from koinon.wire import Sender
+
+if TYPE_CHECKING:
+    from koinon.privacy import Privacy
 
 __all__ = ["Evaluation", "Federation", "RoundResult", "check_aggregator", "component", "fit_rounds"]
 
@@ -109,6 +112,8 @@ class Federation:
     Components come by registered name, as `{"name": ..., **options}`, or as objects; names and
     options are checked as strictly as a config file's, and the data and the model are checked
     against each other, all before round 1 (one-line `ConfigError` / `ValueError`).
+    `privacy`: a `koinon.privacy.Privacy` (DP, secure aggregation; `koinon.privacy.build_privacy`
+    builds one from a config's `[privacy]`), None for none.
 
     >>> fed = Federation(model, data, local=LocalTraining(lr=0.05), clients_per_round=10,
     ...                  codec={"name": "topk", "ratio": 0.1})
@@ -136,6 +141,7 @@ class Federation:
         byzantine_fraction: float = 0.0,
         downlink_delta: bool = False,
         evaluation: Evaluation | None = None,
+        privacy: Privacy | None = None,
     ) -> None:
         if not isinstance(data, FederatedData):
             raise TypeError(f"data must be a FederatedData (see koinon.partition_dataset), got {type(data).__name__}")
@@ -200,11 +206,13 @@ class Federation:
             clients_per_round=clients_per_round, seed=seed, lr=self.local.lr,
             num_trainable=self.layout.num_trainable, downlink_delta=downlink_delta,
             adversary=Adversary(self.attack, self.byzantine, byzantine_fraction) if self.byzantine else None,
-            root=self.root,
+            root=self.root, privacy=privacy,
         )
         # The clients' side: their persistent algorithm state and their codec state.
         self.client_states: dict[int, State] = {}
         self.sender = Sender(self.codec, seed, self.server.streams)
+        if privacy is not None and privacy.local is not None:
+            self.sender.privatize = privacy.local.privatize  # noise on the client, before encoding
         trainer = CohortTrainer(model, self.layout, data, self.algorithm, self.local, loss_fn=loss_fn)
         self.runtime.setup(trainer)
         # Each client's personalized model on its held-out split (koinon.personal).
@@ -273,7 +281,10 @@ class Federation:
         result = self.runtime.train(
             cohort, rnd.received, rnd.downloads, states, self.seed, r, self.sender.for_cohort(cohort, r),
         )
-        server.accept_cohort(result)
+        if server.privacy is not None and server.privacy.secure is not None:
+            self._secure_sum(result, r)
+        else:
+            server.accept_cohort(result)
         out = server.close_round()
         # A client whose update the server took keeps the states that go with it (codec state,
         # algorithm state), as a deployed client does on "accepted"; a refused one keeps its old.
@@ -285,6 +296,19 @@ class Federation:
         if evaluate:
             self.evaluate_into(out)
         return out
+
+    def _secure_sum(self, result: CohortResult, round_index: int) -> None:
+        """The cohort sums its updates by SecAgg+: each client decodes its own payload (what it
+        would have uploaded) and masks it; the server gets the sum (`koinon.privacy.secure`)."""
+        privacy = self.server.privacy
+        assert privacy is not None and privacy.secure is not None and result.payloads is not None
+        ids = [c for c, p in zip(result.client_ids, result.payloads) if p]
+        rows = [self.codec.decode(p[0]) for p in result.payloads if p]
+        updates = torch.stack(rows) if rows else torch.zeros(0, self.layout.numel)
+        samples = dict(zip(result.client_ids, result.num_samples.tolist()))
+        secure = privacy.secure.run(ids, updates, [samples[c] for c in ids], round_index, privacy.client_clip())
+        secure.rejected.update({c: f"could not encode its update ({why})" for c, why in result.failed.items()})
+        self.server.accept_secure_sum(secure, samples, dict(zip(result.client_ids, result.train_loss.tolist())))
 
     def evaluate(self) -> tuple[float, float]:
         """(accuracy, loss) of the global model on the held-out test split."""

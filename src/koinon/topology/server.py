@@ -39,7 +39,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -55,6 +55,9 @@ from koinon.server import Feedback, Sampler, ServerOptimizer
 from koinon.server.root import RootUpdate, reference_users
 from koinon.update import CohortResult, State
 from koinon.wire import MODEL, Broadcast, Receiver, Rejected
+
+if TYPE_CHECKING:  # `import koinon` does not load the privacy package (its cryptography)
+    from koinon.privacy import Privacy, SecureSum
 
 __all__ = ["Buffered", "ClosedRound", "FederatedServer", "OpenRound", "Rejected", "RoundResult"]
 
@@ -127,6 +130,7 @@ class OpenRound:
     reasons: dict[int, str] = field(default_factory=dict)
     digests: dict[int, str] = field(default_factory=dict)
     stacks: dict[str, torch.Tensor] | None = None  # accept_cohort's decoded `[K, P]` stacks
+    secure: SecureSum | None = None  # accept_secure_sum: the cohort's sum (secure aggregation)
     ok: torch.Tensor | None = None  # accept_cohort's valid rows
     downlink_bytes: int = 0
     late: int = 0
@@ -204,6 +208,7 @@ class FederatedServer:
         adversary: Adversary | None = None,
         root: RootUpdate | None = None,
         record_digests: bool = False,
+        privacy: Privacy | None = None,
     ) -> None:
         self.params = params
         self.algorithm = algorithm
@@ -217,6 +222,7 @@ class FederatedServer:
         self.adversary = adversary
         self.root = root
         self.record_digests = record_digests
+        self.privacy = privacy
         self.streams = (MODEL, *algorithm.uploads) if not hasattr(algorithm, "decode_update") else (MODEL,)
         numel = params.numel()
         own = None
@@ -268,6 +274,8 @@ class FederatedServer:
         """Encode round `round_index`'s broadcast for `cohort` and start accepting updates."""
         if round_index != self.round_index:
             raise ValueError(f"round {round_index} cannot open: {self.round_index} rounds are done")
+        if self.privacy is not None:
+            self.privacy.open(cohort)
         payloads, received, downloads = self.publish()
         self.open = OpenRound(round_index, list(cohort), payloads, received, downloads)
         return self.open
@@ -369,11 +377,24 @@ class FederatedServer:
                                              for c, why in result.failed.items()}}.items():
             rnd.reasons.setdefault(client, reason)
 
+    def accept_secure_sum(self, secure: SecureSum, samples: dict[int, int], losses: dict[int, float]) -> None:
+        """The open round's cohort summed by secure aggregation: the server holds no update."""
+        rnd = self._current()
+        rnd.secure = secure
+        rnd.samples.update(samples)
+        rnd.losses.update(losses)
+        rnd.nbytes.update(secure.uplink)
+        rnd.downlink_bytes += sum(secure.downlink.values())
+        for client, reason in secure.rejected.items():
+            rnd.reasons.setdefault(client, reason)
+
     def close_round(self, durations: dict[int, float] | None = None) -> RoundResult:
         """Aggregate what was accepted and step the model; the round is done. `durations`
         (client -> seconds, when a schedule measured them) go to the sampler's feedback."""
         rnd = self._current()
         r = rnd.index
+        if rnd.secure is not None:
+            return self._close_secure(rnd, rnd.secure)
         previous = self.params
         if rnd.stacks is not None:  # accept_cohort: rows follow the cohort
             assert rnd.ok is not None
@@ -411,7 +432,9 @@ class FederatedServer:
             weights = samples[keep].to(torch.float32)
             model = stacks[MODEL]
             try:
-                delta = self.aggregator.aggregate(model if everyone else model[keep], weights)
+                rows = model if everyone else model[keep]
+                delta = (self.aggregator.aggregate(rows, weights) if self.privacy is None
+                         else self.privacy.aggregate(self.aggregator, rows, weights))
             except ValueError as exc:  # e.g. rejections left too few inputs for a robust rule
                 refused_update = f"aggregator refused the cohort, model unchanged ({exc})"
                 notice(f"round {r + 1}: {refused_update}")
@@ -462,6 +485,40 @@ class FederatedServer:
                 r, previous, self.params, kept_clients, stacks[MODEL][keep], samples[keep].to(torch.float32),
                 {c: rnd.reasons.get(c, "no update arrived") for c in rnd.cohort if c not in kept_clients},
                 applied, dict(rnd.digests), self.aggregator, float(getattr(self.optimizer, "lr", 1.0)))) or {})
+        if self.privacy is not None:
+            out.extra.update(self.privacy.close(rnd.cohort))
+        return out
+
+    def _close_secure(self, rnd: OpenRound, secure: SecureSum) -> RoundResult:
+        """close_round for a securely summed cohort: the server optimizer steps with the sum."""
+        assert self.privacy is not None
+        refused = secure.error and f"secure aggregation failed, model unchanged ({secure.error})"
+        if not refused and not secure.survivors:
+            refused = "no client finished secure aggregation, model unchanged"
+        if not refused:
+            refused = self._step(self.privacy.finish_secure(secure))
+        if refused:
+            notice(f"round {rnd.index + 1}: {refused}")
+        else:
+            self.server_state = self.algorithm.server_update(self.server_state, {},
+                                                             len(secure.survivors) / self.num_clients)
+        included = [] if refused else list(secure.survivors)
+        w = torch.tensor([float(rnd.samples[c]) for c in secure.survivors], dtype=torch.float64)
+        losses = torch.tensor([rnd.losses[c] for c in secure.survivors], dtype=torch.float64)
+        train_loss = float((losses * w).sum() / w.sum().clamp_min(1.0)) if secure.survivors else None
+        uplink = sum(rnd.nbytes.values())
+        self.open = None
+        self.round_index = rnd.index + 1
+        self.uplink_total += uplink
+        self.downlink_total += rnd.downlink_bytes
+        missing = [c for c in rnd.cohort if c not in secure.survivors and c not in rnd.reasons]
+        out = RoundResult(rnd.index + 1, len(included), uplink, rnd.downlink_bytes, train_loss,
+                          sorted(rnd.reasons), cohort=rnd.cohort, reasons=dict(rnd.reasons),
+                          missing=missing)
+        out.applied, out.refused = not refused, refused
+        out.accepted, out.included = list(secure.survivors), included
+        out.extra.update(secure.metrics)
+        out.extra.update(self.privacy.close(rnd.cohort))
         return out
 
     def _feedback(self, round_index: int, clients: list[int], losses: dict[int, float],
@@ -513,6 +570,9 @@ class FederatedServer:
                      num_steps: int = 0) -> None:
         """Decode, validate and apply one update now, scaled by `weight` (a staleness weight):
         the server step of asynchronous schedules. `Rejected` leaves the model unchanged."""
+        if self.privacy is not None and (self.privacy.central or self.privacy.secure):
+            raise KoinonError("central DP and secure aggregation release only whole rounds' sums; "
+                              "apply_update would apply one client's update in the clear")
         rows = self.receiver.decode(client, payloads, self.round_index, num_steps)
         refused = self._step(rows[MODEL] * weight)
         if refused:
@@ -600,6 +660,8 @@ class FederatedServer:
             out.update({f"sampler/{k}": v for k, v in self.sampler.state_dict().items()})
         if self.root is not None:
             out.update({f"root/{k}": v for k, v in self.root.state.items()})
+        if self.privacy is not None:
+            out.update({f"privacy/{k}": v for k, v in self.privacy.state_dict().items()})
         out["counters"] = torch.tensor([self.round_index, self.uplink_total, self.downlink_total],
                                        dtype=torch.long)
         return {k: v.detach().contiguous() for k, v in out.items()}
@@ -629,6 +691,8 @@ class FederatedServer:
             self.sampler.load_state_dict(groups.get("sampler", {}))
         if self.root is not None:
             self.root.state = groups.get("root", {})
+        if self.privacy is not None:
+            self.privacy.load_state_dict(groups.get("privacy", {}))
         self.round_index, self.uplink_total, self.downlink_total = (int(x) for x in tensors["counters"])
         self.open = None
         # Optimizers with state must find all of it, or the resumed run would silently differ.

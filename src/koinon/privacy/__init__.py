@@ -1,0 +1,239 @@
+"""Privacy: secure aggregation (SecAgg+) and differential privacy with accounting.
+
+`Privacy` is what a federation's server holds when `[privacy]` asks for anything (None
+otherwise, and nothing changes): central DP replaces the mean with DP-FedAvg (`dp.CentralDP`),
+local DP noises each client's update before it is encoded (`dp.LocalDP`), secure aggregation
+replaces the upload of updates by a SecAgg+ session whose sum the server optimizer steps with
+(`secure.SecureAggregation`). `build_privacy` turns a config into one, checking every key and
+every combination with a one-line `ConfigError` before anything trains.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from koinon.config import Config, PrivacyConfig
+from koinon.errors import ConfigError
+from koinon.privacy.accounting import Accountant, calibrate_noise, epsilon_for
+from koinon.privacy.dp import (
+    AdaptiveClip,
+    CentralDP,
+    LocalDP,
+    PrivacyBudgetExceeded,
+    clip_rows,
+    update_noise_multiplier,
+)
+from koinon.privacy.dpsgd import SampleDP
+from koinon.privacy.noise import NoiseSource
+from koinon.privacy.secagg import FixedPoint, ProtocolError
+from koinon.privacy.secure import SecureAggregation, SecureSum
+
+__all__ = ["AdaptiveClip", "CentralDP", "LocalDP", "NoiseSource", "Privacy", "PrivacyBudgetExceeded",
+           "ProtocolError", "SampleDP", "SecureAggregation", "SecureSum", "build_privacy", "check_privacy", "clip_rows"]
+
+DP_MODES = ("none", "central", "local", "sample")
+
+
+@dataclass
+class Privacy:
+    """The privacy mechanisms of one federation (any of the three may be None)."""
+
+    central: CentralDP | None = None
+    local: LocalDP | None = None
+    secure: SecureAggregation | None = None
+    sample: SampleDP | None = None  # the client algorithm, wrapped: its local loop is DP-SGD
+
+    def open(self, cohort: list[int]) -> None:
+        """Before a round trains: refuse it if it would pass the privacy budget."""
+        if self.central is not None:
+            self.central.check_budget()
+        if self.local is not None:
+            self.local.check_budget(cohort)
+        if self.sample is not None:
+            self.sample.check_budget(cohort)
+
+    def aggregate(self, aggregator: Any, updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The round's aggregate of plainly received updates: DP-FedAvg under central DP."""
+        if self.central is not None:
+            return self.central.aggregate(updates, weights)
+        return aggregator.aggregate(updates, weights)
+
+    def client_clip(self) -> float:
+        """The L2 bound clients clip to before secure aggregation (0: none)."""
+        return self.central.current_clip if self.central is not None else 0.0
+
+    def finish_secure(self, secure: SecureSum) -> torch.Tensor:
+        """The aggregate from a secure sum: noised and over the expected cohort (central DP), or
+        divided by the sum of the weights (FedAvg)."""
+        assert secure.total is not None
+        if self.central is not None:
+            return self.central.release(secure.total, float(secure.count), secure.clip)
+        return (secure.total / max(secure.weight, 1)).to(torch.float32)
+
+    def close(self, cohort: list[int]) -> dict[str, float]:
+        """After a round: what it spent (for the round's metrics)."""
+        out: dict[str, float] = {}
+        if self.local is not None:
+            self.local.record(cohort)
+            out.update(self.local.metrics)
+        if self.sample is not None:
+            self.sample.record(cohort)
+            out.update(self.sample.metrics)
+        if self.central is not None:
+            out.update(self.central.metrics)
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        if self.central is not None:
+            out.update({f"central/{k}": v for k, v in self.central.state_dict().items()})
+        for name, part in (("local", self.local), ("sample", self.sample)):
+            if part is not None and part.participations:
+                items = sorted(part.participations.items())
+                out[f"{name}/participations"] = torch.tensor(items, dtype=torch.long)
+        return out
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.central is not None:
+            self.central.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("central/")})
+        for name, part in (("local", self.local), ("sample", self.sample)):
+            if part is not None:
+                rows = tensors.get(f"{name}/participations", torch.zeros(0, 2, dtype=torch.long)).tolist()
+                part.participations = {int(c): int(n) for c, n in rows}
+
+
+def _enabled(p: PrivacyConfig) -> bool:
+    return p.secagg or p.dp != "none"
+
+
+def check_privacy(cfg: Config) -> None:
+    """Refuse `[privacy]` on a topology without a server (gossip, DiLoCo)."""
+    if _enabled(cfg.privacy) and cfg.topology.name != "federated":
+        raise ConfigError(f"[privacy] (secagg / dp) needs topology.name = 'federated' (a server), "
+                          f"not {cfg.topology.name!r}")
+
+
+def _check_keys(p: PrivacyConfig) -> None:
+    if p.dp not in DP_MODES:
+        raise ConfigError(f"privacy.dp = {p.dp!r}: allowed: {', '.join(DP_MODES)}")
+    checks = [
+        ("noise_multiplier", p.noise_multiplier >= 0, ">= 0"),
+        ("clip", p.clip > 0, "> 0"),
+        ("target_quantile", 0 <= p.target_quantile < 1, "in [0, 1) (0 = fixed clip)"),
+        ("clip_lr", p.clip_lr > 0, "> 0"),
+        ("clip_count_stddev", p.clip_count_stddev >= 0, ">= 0 (0 = clients_per_round / 20)"),
+        ("target_epsilon", p.target_epsilon >= 0, ">= 0 (0 = no budget)"),
+        ("delta", 0 < p.delta < 1, "in (0, 1)"),
+        ("noise_seed", p.noise_seed >= -1, "-1 (secure noise) or a seed >= 0"),
+        ("secagg_degree", p.secagg_degree >= 0, ">= 0 (0 = O(log n), sized for the dropout)"),
+        ("secagg_threshold", 0.5 <= p.secagg_threshold < 1, "in [0.5, 1)"),
+        ("secagg_modulus_bits", 8 <= p.secagg_modulus_bits <= 64, "between 8 and 64"),
+        ("secagg_clip_range", p.secagg_clip_range > 0, "> 0"),
+        ("secagg_max_weight", p.secagg_max_weight >= 1, ">= 1"),
+        ("secagg_dropout", 0 <= p.secagg_dropout < 1, "in [0, 1)"),
+    ]
+    for key, ok, allowed in checks:
+        if not ok:
+            raise ConfigError(f"privacy.{key} = {getattr(p, key)!r}: must be {allowed}")
+    if p.accountant not in ("rdp", "pld"):
+        raise ConfigError(f"privacy.accountant = {p.accountant!r}: allowed: rdp, pld")
+    if p.dp == "none":
+        for key in ("noise_multiplier", "target_epsilon", "target_quantile"):
+            if getattr(p, key):
+                raise ConfigError(f"privacy.{key} = {getattr(p, key)!r} has no effect with privacy.dp = 'none' "
+                                  "(set privacy.dp = 'central' or 'local')")
+    elif not p.noise_multiplier and not p.target_epsilon:
+        raise ConfigError(f"privacy.dp = {p.dp!r} needs privacy.noise_multiplier > 0 or privacy.target_epsilon > 0")
+    if p.target_quantile and p.dp != "central":
+        raise ConfigError("privacy.target_quantile (adaptive clipping) needs privacy.dp = 'central'")
+
+
+def _check_secagg(cfg: Config, algorithm: Any) -> None:
+    if cfg.codec.name != "identity":
+        raise ConfigError(f"codec.name = {cfg.codec.name!r} cannot be masked: secure aggregation encodes "
+                          "float32 updates in its own fixed point (a stochastic quantizer); use codec.name = 'identity'")
+    if cfg.aggregator.name != "mean":
+        raise ConfigError(f"aggregator.name = {cfg.aggregator.name!r} needs individual updates, which secure "
+                          "aggregation hides (the server sees only the sum); use aggregator.name = 'mean'")
+    if cfg.attack.name != "none":
+        raise ConfigError(f"attack.name = {cfg.attack.name!r}: the simulated adversary forges individual "
+                          "updates at the server, which secure aggregation hides")
+    if getattr(algorithm, "uploads", ()) or hasattr(algorithm, "decode_update"):
+        raise ConfigError(f"client.algorithm = {cfg.client.algorithm!r} uploads more than one model update; "
+                          "secure aggregation sums the update only (use fedavg, fedprox or the like)")
+
+
+def build_privacy(cfg: Config, num_clients: int, algorithm: Any = None, sizes: torch.Tensor | None = None,
+                  model: torch.nn.Module | None = None) -> Privacy | None:
+    """The federation's `Privacy` from `cfg.privacy` (None when everything is off). Resolves a
+    noise multiplier from `target_epsilon` and records it in `cfg.privacy.noise_multiplier`.
+    `sizes` (every client's samples) and `model` are needed by sample-level DP; with it the
+    client algorithm to train with is `privacy.sample`."""
+    p = cfg.privacy
+    _check_keys(p)
+    check_privacy(cfg)
+    if not _enabled(p):
+        return None
+    k, rounds = cfg.server.clients_per_round, cfg.server.rounds
+    out = Privacy()
+    seed = None if p.noise_seed < 0 else p.noise_seed
+    if p.dp == "central" and cfg.aggregator.name != "mean":
+        raise ConfigError(f"privacy.dp = 'central' is DP-FedAvg, which replaces the mean; aggregator.name = "
+                          f"{cfg.aggregator.name!r} is not composed with it (use aggregator.name = 'mean')")
+    if p.dp == "sample":
+        c = cfg.client
+        if c.algorithm != "fedavg" or c.steps:
+            raise ConfigError(f"privacy.dp = 'sample' runs its own DP-SGD local loop: it needs client.algorithm = "
+                              f"'fedavg' with client.epochs (got {c.algorithm!r}, steps = {c.steps})")
+        if sizes is None or model is None:
+            raise ConfigError("privacy.dp = 'sample' needs the clients' data sizes and the model")
+        if any(True for _ in model.buffers()):
+            raise ConfigError(f"privacy.dp = 'sample': model {cfg.model.name!r} has buffers (e.g. BatchNorm), "
+                              "whose batch statistics mix samples: per-sample gradients are not defined")
+        out.sample = SampleDP(algorithm, p.noise_multiplier, p.clip, sizes.clone(), c.batch_size, c.epochs,
+                              p.delta, p.accountant, p.target_epsilon, seed)
+        present = sizes[sizes > 0]
+        rate = out.sample.rate_and_steps(int(present.min()))[0]
+        steps = out.sample.rate_and_steps(int(present.max()))[1] * rounds
+    elif p.dp != "none":
+        rate, steps = (k / num_clients, rounds) if p.dp == "central" else (1.0, rounds)
+    if p.dp != "none":
+        if not p.noise_multiplier:
+            # Rounded up, so the recorded value (config.toml, a resumed run) stays within budget.
+            p.noise_multiplier = math.ceil(calibrate_noise(p.target_epsilon, rate, steps, p.delta, p.accountant)
+                                           * 1e6) / 1e6
+        elif p.target_epsilon:
+            planned = epsilon_for(p.noise_multiplier, rate, steps, p.delta, p.accountant)
+            if planned > p.target_epsilon * (1 + 1e-6):
+                raise ConfigError(
+                    f"privacy.noise_multiplier = {p.noise_multiplier:g} spends epsilon = {planned:.3g} over "
+                    f"server.rounds = {rounds}, over privacy.target_epsilon = {p.target_epsilon:g} (raise the "
+                    "noise, lower the rounds, or leave noise_multiplier = 0 to calibrate it)")
+    if p.dp == "central":
+        adaptive = None
+        if p.target_quantile:
+            stddev = p.clip_count_stddev or k / 20
+            try:
+                update_noise_multiplier(p.noise_multiplier, stddev)
+            except ValueError as exc:
+                raise ConfigError(f"privacy.clip_count_stddev: {exc}") from None
+            adaptive = AdaptiveClip(p.clip, p.target_quantile, p.clip_lr, stddev)
+        out.central = CentralDP(p.noise_multiplier, p.clip, k, Accountant(k / num_clients, p.delta, p.accountant),
+                                NoiseSource(seed), p.target_epsilon, adaptive)
+    elif p.dp == "local":
+        out.local = LocalDP(p.noise_multiplier, p.clip, p.delta, p.accountant, p.target_epsilon, seed)
+    elif out.sample is not None:
+        out.sample.noise_multiplier = p.noise_multiplier  # as calibrated
+    if p.secagg:
+        _check_secagg(cfg, algorithm)
+        try:
+            fp = FixedPoint(p.secagg_modulus_bits, p.secagg_clip_range,
+                            1 if p.dp == "central" else p.secagg_max_weight, k)
+        except ValueError as exc:
+            raise ConfigError(f"privacy.secagg_modulus_bits = {p.secagg_modulus_bits}: {exc}") from None
+        out.secure = SecureAggregation(fp, p.secagg_degree, p.secagg_threshold, p.secagg_dropout, cfg.seed)
+    return out

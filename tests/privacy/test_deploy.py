@@ -1,0 +1,61 @@
+"""DP in the real deployment: `koinon server` and three `koinon client` processes give the
+simulation's model bit for bit (noise seeded with `privacy.noise_seed`, which is what makes the
+comparison possible; a private run leaves it at -1), and record the same epsilon."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from koinon.deploy.certs import create_certs
+from koinon.errors import ConfigError
+from koinon.experiment import load_config, run_experiment
+
+_spec = importlib.util.spec_from_file_location(
+    "deploy_helpers", Path(__file__).resolve().parents[1] / "deploy" / "helpers.py")
+assert _spec and _spec.loader
+h = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(h)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("certs")
+    create_certs(out, 3, ["127.0.0.1", "localhost"])
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("privacy", [
+    {"dp": "central", "noise_multiplier": 0.5, "noise_seed": 3, "target_quantile": 0.5, "clip_count_stddev": 1.0},
+    {"dp": "local", "noise_multiplier": 0.05, "clip": 2.0, "noise_seed": 3},
+    {"dp": "sample", "noise_multiplier": 0.5, "noise_seed": 3},
+], ids=["central", "local", "sample"])
+def test_deployment_gives_the_simulated_private_model(tmp_path, certs, privacy):
+    config = h.write_config(tmp_path / "fed.toml", server={"rounds": 3, "clients_per_round": 3}, privacy=privacy)
+    state = tmp_path / "state"
+    server, address = h.start_server(tmp_path, config, certs, state)
+    clients = [h.start_client(tmp_path, address, certs, f"client-{i}", f"partition:{i}") for i in range(3)]
+    assert server.wait(120) == 0, server.text()[-3000:]
+    for c in clients:
+        assert c.wait(30) == 0, c.text()[-3000:]
+    summary = json.loads((state / "summary.json").read_text())
+    reference = run_experiment(load_config(config), tmp_path / "sim", progress=False)
+    assert summary["model_sha256"] == reference["model_sha256"]
+    records = h.metrics(state)
+    sim = [json.loads(line) for line in (tmp_path / "sim" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["dp_epsilon"] for r in records] == [r["dp_epsilon"] for r in sim]
+    assert records[-1]["dp_epsilon"] > 0
+
+
+def test_secure_aggregation_is_refused_by_koinon_server(tmp_path) -> None:
+    from koinon.deploy.server import check_deployable
+    from koinon.experiment.runner import build_federation
+
+    config = h.write_config(tmp_path / "fed.toml", privacy={"secagg": True})
+    cfg = load_config(config)
+    with pytest.raises(ConfigError, match="simulation .koinon run. only"):
+        check_deployable(build_federation(cfg), cfg)

@@ -1,0 +1,138 @@
+"""[privacy] in a simulated federation: keys and combinations checked in one line, secure
+aggregation gives the plain model up to fixed point, DP spends what the accountant says."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from koinon.config import Config, load_config
+from koinon.errors import ConfigError
+from koinon.experiment.runner import build_federation, run_experiment
+from koinon.privacy import PrivacyBudgetExceeded, build_privacy
+from koinon.privacy.accounting import epsilon_for
+
+
+def small(**overrides) -> Config:
+    cfg = Config()
+    cfg = cfg.with_overrides({"data.num_clients": 20, "server.clients_per_round": 8, "server.rounds": 3,
+                              "client.epochs": 1, "model.hidden": [16], **overrides})
+    return cfg
+
+
+def test_default_is_off() -> None:
+    cfg = small()
+    assert build_privacy(cfg, 20) is None
+    assert build_federation(small()).server.privacy is None
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"privacy.dp": "gauss"}, "allowed: none, central, local"),
+    ({"privacy.dp": "central"}, "needs privacy.noise_multiplier > 0 or privacy.target_epsilon"),
+    ({"privacy.noise_multiplier": 1.0}, "no effect with privacy.dp = 'none'"),
+    ({"privacy.dp": "central", "privacy.noise_multiplier": 1.0, "privacy.delta": 2.0}, "privacy.delta"),
+    ({"privacy.dp": "local", "privacy.noise_multiplier": 1.0, "privacy.target_quantile": 0.5}, "needs privacy.dp = 'central'"),
+    ({"privacy.dp": "central", "privacy.noise_multiplier": 1.0, "privacy.target_quantile": 0.5,
+      "privacy.clip_count_stddev": 0.1}, "clip_count_stddev"),
+    ({"privacy.dp": "central", "privacy.noise_multiplier": 0.3, "privacy.target_epsilon": 1.0},
+     "spends epsilon"),
+    ({"privacy.secagg": True, "codec.name": "topk"}, "cannot be masked"),
+    ({"privacy.secagg": True, "aggregator.name": "median"}, "needs individual updates"),
+    ({"privacy.secagg": True, "client.algorithm": "scaffold"}, "uploads more than one"),
+    ({"privacy.secagg": True, "attack.name": "sign_flip", "attack.fraction": 0.2}, "secure aggregation hides"),
+    ({"privacy.secagg": True, "privacy.secagg_modulus_bits": 12}, "too small"),
+    ({"privacy.secagg": True, "privacy.secagg_threshold": 0.3}, "secagg_threshold"),
+    ({"privacy.secagg": True, "topology.name": "gossip"}, "needs topology.name = 'federated'"),
+    ({"privacy.dp": "central", "privacy.noise_multiplier": 1.0, "aggregator.name": "krum"}, "replaces the mean"),
+])
+def test_bad_settings_are_one_line_config_errors(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        build_federation(small(**overrides))
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_privacy_key_is_refused() -> None:
+    with pytest.raises(ConfigError, match="unknown key privacy.epsilon"):
+        small(**{"privacy.epsilon": 3.0})
+
+
+def test_secure_aggregation_gives_the_plain_model_up_to_fixed_point() -> None:
+    plain = build_federation(small())
+    secure = build_federation(small(**{"privacy.secagg": True}))
+    for _ in range(2):
+        a, b = plain.run_round(evaluate=False), secure.run_round(evaluate=False)
+    assert a.cohort == b.cohort and b.num_clients == 8 and b.extra["secagg_survivors"] == 8
+    step = 1 / secure.server.privacy.secure.fp.scale
+    assert 0 < float((plain.params - secure.params).abs().max()) < 4 * step
+    # Bytes: the protocol's own messages, a little over the plain upload of float32 updates.
+    assert a.uplink_bytes < b.uplink_bytes < 1.5 * a.uplink_bytes
+    assert b.downlink_bytes > a.downlink_bytes
+
+
+def test_secure_aggregation_survives_dropouts() -> None:
+    fed = build_federation(small(**{"privacy.secagg": True, "privacy.secagg_dropout": 0.25}))
+    r = fed.run_round(evaluate=False)
+    assert r.applied and r.extra["secagg_dropped"] == 2 and r.num_clients == 6
+    assert len(r.missing) == 2 and set(r.included) | set(r.missing) == set(r.cohort)
+
+
+def test_central_dp_spends_what_the_accountant_says(tmp_path) -> None:
+    cfg = small(**{"privacy.dp": "central", "privacy.target_epsilon": 4.0, "privacy.noise_seed": 1})
+    run_experiment(cfg, tmp_path / "run", progress=False)
+    z = cfg.privacy.noise_multiplier  # calibrated and recorded in the config
+    assert z > 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        assert r["dp_epsilon"] == pytest.approx(epsilon_for(z, 8 / 20, r["round"], 1e-5))
+    assert rows[-1]["dp_epsilon"] <= 4.0
+    # The recorded noise rebuilds within budget (a resumed run), and more rounds are refused.
+    recorded = load_config(tmp_path / "run" / "config.toml")
+    assert recorded.privacy.noise_multiplier == z
+    build_federation(recorded)
+    with pytest.raises(ConfigError, match="spends epsilon"):
+        build_federation(load_config(tmp_path / "run" / "config.toml", ["server.rounds=6"]))
+
+
+def test_the_run_stops_at_the_budget() -> None:
+    cfg = small(**{"privacy.dp": "central", "privacy.target_epsilon": 4.0})
+    fed = build_federation(cfg)
+    fed.fit(3)
+    with pytest.raises(PrivacyBudgetExceeded, match="budget exhausted"):
+        fed.run_round()
+    assert fed.round_index == 3
+
+
+def test_dp_with_secure_aggregation_and_adaptive_clipping() -> None:
+    cfg = small(**{"privacy.dp": "central", "privacy.noise_multiplier": 0.8, "privacy.target_quantile": 0.5,
+                   "privacy.secagg": True, "privacy.noise_seed": 0, "privacy.clip_count_stddev": 1.0})
+    fed = build_federation(cfg)
+    r = fed.run_round(evaluate=False)
+    assert r.applied and r.extra["dp_clip"] == 1.0 and fed.server.privacy.client_clip() != 1.0
+    assert 0 <= r.extra["dp_unclipped"] <= 1.5
+
+
+def test_local_dp_noises_what_clients_send() -> None:
+    plain = build_federation(small())
+    local = build_federation(small(**{"privacy.dp": "local", "privacy.noise_multiplier": 1.0,
+                                      "privacy.clip": 0.5, "privacy.noise_seed": 0}))
+    plain.run_round(evaluate=False)
+    r = local.run_round(evaluate=False)
+    # Eight clients' noise of std 0.5 averaged: the model moved by about 0.5 / sqrt(8) per weight.
+    moved = (local.params - plain.params).std()
+    assert 0.1 < float(moved) < 0.3
+    assert r.extra["dp_epsilon"] == pytest.approx(epsilon_for(1.0, 1.0, 1, 1e-5))
+
+
+def test_privacy_state_is_checkpointed() -> None:
+    cfg = small(**{"privacy.dp": "central", "privacy.noise_multiplier": 1.0, "privacy.target_quantile": 0.5, "privacy.clip_count_stddev": 1.0})
+    fed = build_federation(cfg)
+    fed.run_round(evaluate=False)
+    state = fed.state_dict()
+    again = build_federation(small(**{"privacy.dp": "central", "privacy.noise_multiplier": 1.0,
+                                      "privacy.target_quantile": 0.5, "privacy.clip_count_stddev": 1.0}))
+    again.load_state_dict(state)
+    assert again.server.privacy.central.accountant.noise == [1.0]
+    assert again.server.privacy.client_clip() == fed.server.privacy.client_clip()
+    assert torch.equal(again.params, fed.params)
