@@ -382,6 +382,27 @@ def _worker_failure(exc: BaseException) -> tuple[int, str] | None:
     return None
 
 
+# ---------------------------------------------------------------- koinon pretrain
+
+
+def _pretrain_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="experiment TOML file: [data] is the public split, [model] the model")
+    _add_set(p, "override a config key, e.g. --set data.plays=18 (repeatable)")
+    p.add_argument("--out", required=True, metavar="PATH.safetensors", help="where to write the weights")
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from koinon.experiment import load_config
+    from koinon.experiment.pretrain import pretrain
+
+    summary = pretrain(load_config(args.config, args.overrides), args.out, report=print)
+    last = summary["history"][-1] if summary["history"] else {}
+    print(f"wrote {summary['path']} ({summary['parameters']} values, {summary['steps']} steps, "
+          f"validation loss {last.get('val_loss', float('nan')):.4f}); start a run from it with "
+          f"--set model.init={summary['path']}")
+    return 0
+
+
 # ---------------------------------------------------------------- the table
 
 COMMANDS: tuple[Command, ...] = (
@@ -406,6 +427,9 @@ COMMANDS: tuple[Command, ...] = (
     Command("worker", "one DiLoCo worker process, as koinon launch and torchrun start it "
             "(python -m koinon.islands.worker)", _worker_arguments, _worker,
             failure=_worker_failure, prefix="koinon worker"),
+    Command("pretrain", "train a config's model centrally on its pooled training data (a public "
+            "split) and write safetensors that model.init starts later runs from",
+            _pretrain_arguments, _pretrain),
 )
 
 
