@@ -19,7 +19,10 @@ What the interface carries beyond FedAvg (all optional, each shown by a test in
 - its own local objective or step: `train_cohort(trainer, client_ids, global_params,
   server_state, client_states, idx, steps, seed, round_index)` replaces the trainer's gradient
   loop (SPSA's zeroth-order steps) and may call `trainer.run_steps(..., algorithm=...)` for
-  each part of its objective (Ditto's global and personal models).
+  each part of its objective (Ditto's global and personal models);
+- a perturbed gradient: `perturb(theta, grad, ctx) -> [K, P_trainable]` gives an offset, and the
+  trainer replaces the step's gradient by the gradient on the same batch at `theta + offset`
+  (sharpness-aware minimization: FedSAM, FedSpeed); `correct` then sees that gradient.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ that client alone.
 from __future__ import annotations
 
 import warnings
+from functools import partial
 
 import torch
 from torch import nn
@@ -304,6 +305,8 @@ class CohortTrainer:
             xs = self.x_train[by_step] if whole else None
             ys = self.y_train[by_step]
 
+        # Sharpness-aware algorithms (FedSAM, FedSpeed) take the gradient at a perturbed point.
+        perturb = getattr(alg, "perturb", None)
         live = -1  # clients in the training prefix the current leaves were made for
         params: dict[str, torch.Tensor] = {}
         self.module.train()
@@ -335,6 +338,9 @@ class CohortTrainer:
                     y, n_b = ys[s, :m], counts[:m, s]
                     scale = weights[:m, s] / n_b.clamp_min(1.0).unsqueeze(1)
                 per_sample = self._manual(params, grads, x, y, scale)
+                if perturb is not None:
+                    self._perturbed_grad(theta[:m], grad[:m], _rows(ctx, k, m), perturb,
+                                         partial(self._manual, params, grads, x, y, scale))
                 loss_sum[:m] += (per_sample * scale).sum(dim=1) * n_b.clamp_min(1.0)
                 seen[:m] += n_b
                 with torch.no_grad():
@@ -362,6 +368,10 @@ class CohortTrainer:
                 seen[:m] += n_b
             grad.zero_()
             loss.backward()
+            if perturb is not None:
+                regrad = (partial(self._backward_again, params, x, self.y_train[ix], None, None, plain) if k == 1
+                          else partial(self._backward_again, params, x, ys[s, :m], w, n_b, plain))
+                self._perturbed_grad(theta[:m], grad[:m], _rows(ctx, k, m), perturb, regrad)
             with torch.no_grad():
                 rows = _rows(ctx, k, m)
                 self._step(theta[:m], grad[:m], theta0[:m] if theta0.dim() == 2 else theta0,
@@ -374,6 +384,33 @@ class CohortTrainer:
             list(client_ids), final - global_params, uploads, sizes, steps,
             loss_sum / seen.clamp_min(1.0), new_states,
         )
+
+    def _backward_again(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                        w: torch.Tensor | None, n_b: torch.Tensor | None, plain: bool) -> None:
+        """The step's loss on the same batch once more, backward into the gradient buffer
+        (`w`, `n_b`: a cohort's sample weights and batch sizes; None for one client)."""
+        if w is None or n_b is None:
+            out = (functional_call(self.module, params, (x,)) if plain
+                   else self.forward_many(params, x.unsqueeze(0))[0])
+            self.loss_fn(out, y).mean().backward()
+            return
+        out = self.forward_many(params, x)
+        per_sample = self.loss_fn(out.flatten(0, 1), y.flatten()).view(x.shape[0], -1)
+        ((per_sample * w).sum(dim=1) / n_b.clamp_min(1.0)).sum().backward()
+
+    @staticmethod
+    def _perturbed_grad(theta: torch.Tensor, grad: torch.Tensor, ctx: State, perturb, regrad) -> None:
+        """Replace `grad` (the gradient at `theta`) by the gradient on the same batch at
+        `theta + perturb(theta, grad, ctx)`, then put `theta` back exactly (the autograd leaves
+        are views of its storage, so moving `theta` moves the model the batch runs through)."""
+        with torch.no_grad():
+            offset = perturb(theta, grad, ctx)
+            saved = theta.clone()
+            theta.add_(offset)
+            grad.zero_()
+        regrad()
+        with torch.no_grad():
+            theta.copy_(saved)
 
     def _step(self, theta: torch.Tensor, grad: torch.Tensor, theta0: torch.Tensor, opt_state: State,
               ctx: State, step: int, alg: ClientAlgorithm) -> None:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from koinon.errors import ConfigError
+from koinon.models.charlm import CharTransformer
 from koinon.registry import Registry
 
 PEFT_METHODS: Registry[nn.Module] = Registry("peft method")
@@ -93,7 +94,7 @@ def bias_only(module: nn.Module, seed: int, train: list = []) -> nn.Module:  # n
 
 
 @PEFT_METHODS.register("lora")
-def lora(module: nn.Module, seed: int, rank: int = 4, alpha: float = 8.0, targets: list = [],  # noqa: B006
+def lora(module: nn.Module, seed: int, rank: int = 4, alpha: int = 8, targets: list = [],  # noqa: B006
          train: list = []) -> nn.Module:  # noqa: B006
     """LoRA through the `peft` library: W + (alpha / rank) B A on the target linear layers."""
     if rank < 1:
@@ -156,7 +157,7 @@ class PromptTuned(nn.Module):
     The prompt attends and is attended to causally like text; its outputs are dropped, so the
     model's output keeps the shape `[batch, seq_len, vocab]`."""
 
-    def __init__(self, base: nn.Module, tokens: int, seed: int) -> None:
+    def __init__(self, base: CharTransformer, tokens: int, seed: int) -> None:
         super().__init__()
         self.base = base
         vocab = base.tok.weight.shape[0]
@@ -178,8 +179,6 @@ class PromptTuned(nn.Module):
 @PEFT_METHODS.register("prompt")
 def prompt(module: nn.Module, seed: int, tokens: int = 8, train: list = []) -> nn.Module:  # noqa: B006
     """Prompt tuning: learned input vectors in front of every sequence (char_transformer only)."""
-    from koinon.models.charlm import CharTransformer
-
     if not isinstance(module, CharTransformer):
         raise ValueError(f"prompt tuning needs a model with token embeddings (char_transformer), not {type(module).__name__}")
     if tokens < 1:

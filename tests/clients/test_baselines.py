@@ -1,0 +1,151 @@
+"""FedSAM, FedSpeed, FedNova and Mime-lite: each client's update against the same steps written
+out with plain autograd on the same batches, and both local runtimes giving the same model."""
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from koinon.clients import CLIENT_ALGORITHMS, LocalTraining
+from koinon.clients.fednova import step_norm
+from koinon.data import Dataset, partition_dataset
+from koinon.local import CohortTrainer
+from koinon.params import Layout
+
+
+def _data(num_clients=6, n=90, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 5, generator=g)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long() + (x[:, 2] > 1).long()
+    return partition_dataset(Dataset.from_tensors(x, y, x[:20], y[:20]), "quantity", num_clients, seed=seed)
+
+
+def _model(act=nn.Tanh):
+    torch.manual_seed(0)  # Tanh: the trainer's hand-written backward; GELU: autograd
+    return nn.Sequential(nn.Linear(5, 8), act(), nn.Linear(8, 3))
+
+
+def _grad(model, layout, w, x, y):
+    """Gradient of the mean cross-entropy at flat parameters `w`, by plain autograd."""
+    w = w.detach().requires_grad_(True)
+    loss = nn.functional.cross_entropy(functional_call(model, layout.views(w), (x,)), y)
+    return torch.autograd.grad(loss, w)[0]
+
+
+def _setup(name, options, act=nn.Tanh, **local):
+    data = _data()
+    model = _model(act)
+    layout = Layout.from_module(model)
+    alg = CLIENT_ALGORITHMS.build(name, options, "client")
+    hp = LocalTraining(**{"epochs": 2, "batch_size": 4, "lr": 0.1, **local})
+    return data, model, layout, CohortTrainer(model, layout, data, alg, hp), alg, hp
+
+
+def _batches(trainer, data, client, round_index=0):
+    for row in trainer.client_batches(client, seed=3, round_index=round_index):
+        ix = row[row >= 0]
+        yield data.dataset.x_train[ix], data.dataset.y_train[ix]
+
+
+@pytest.mark.parametrize("act", [nn.Tanh, nn.GELU])
+def test_fedsam_steps_with_the_gradient_at_the_ascent_point(act):
+    data, model, layout, trainer, _, _ = _setup("fedsam", {"rho": 0.2}, act)
+    x0 = layout.flatten(model)
+    result = trainer.train([1, 4], x0, {}, [{}, {}], seed=3, round_index=0)
+    for row, client in enumerate([1, 4]):
+        w = x0.clone()
+        for x, y in _batches(trainer, data, client):
+            g = _grad(model, layout, w, x, y)
+            e = 0.2 * g / g.norm()
+            w = w - 0.1 * _grad(model, layout, w + e, x, y)
+        assert torch.allclose(result.deltas[row], w - x0, atol=1e-6)
+
+
+def test_fedspeed_merges_gradients_and_corrects_its_proximal_bias_across_rounds():
+    data, model, layout, trainer, _, _ = _setup("fedspeed", {"rho": 0.1, "alpha": 0.3, "lam": 2.0}, nn.GELU)
+    x0 = layout.flatten(model)
+    ghat = torch.zeros_like(x0)
+    states = [{}]
+    for r in range(2):
+        result = trainer.train([2], x0, {}, states, seed=3, round_index=r)
+        w = x0.clone()
+        for x, y in _batches(trainer, data, 2, r):
+            g1 = _grad(model, layout, w, x, y)
+            g2 = _grad(model, layout, w + 0.1 * g1 / g1.norm(), x, y)
+            w = w - 0.1 * (0.7 * g1 + 0.3 * g2 - ghat + (w - x0) / 2.0)
+        ghat = ghat - (w - x0) / 2.0
+        assert torch.allclose(result.deltas[0], (w - 2.0 * ghat) - x0, atol=1e-5)
+        assert torch.allclose(result.client_states[0]["correction"], ghat, atol=1e-5)
+        states = result.client_states
+        x0 = x0 + result.deltas[0]
+
+
+def test_fednova_scales_each_update_by_tau_eff_over_its_steps():
+    data, model, layout, trainer, alg, hp = _setup("fednova", {})
+    plain = CohortTrainer(model, layout, data, CLIENT_ALGORITHMS.build("fedavg", {}, "client"), hp)
+    x0 = layout.flatten(model)
+    sizes = data.sizes.tolist()
+    tau = [2 * -(-n // 4) for n in sizes]  # two epochs of batches of 4
+    tau_eff = sum(n * t for n, t in zip(sizes, tau)) / sum(sizes)
+    ids = [0, 3, 5]
+    got = trainer.train(ids, x0, {}, [{}] * 3, seed=3, round_index=0)
+    ref = plain.train(ids, x0, {}, [{}] * 3, seed=3, round_index=0)
+    for row, c in enumerate(ids):
+        assert torch.allclose(got.deltas[row], ref.deltas[row] * tau_eff / tau[c], atol=1e-6)
+    fixed = CLIENT_ALGORITHMS.build("fednova", {"tau_eff": 5.0}, "client").effective_steps(trainer)
+    assert fixed == 5.0
+
+
+def test_fednova_step_norm_with_momentum_is_the_sum_of_the_step_weights():
+    rho, tau = 0.9, 7
+    explicit = sum((1 - rho ** (tau - k)) / (1 - rho) for k in range(tau))
+    assert step_norm(torch.tensor([tau]), rho).item() == pytest.approx(explicit)
+    assert step_norm(torch.tensor([tau]), 0.0).item() == tau
+
+
+def test_mime_lite_follows_the_server_momentum_and_uploads_the_full_gradient():
+    data, model, layout, trainer, alg, _ = _setup("mime_lite", {"beta": 0.8}, nn.GELU)
+    x0 = layout.flatten(model)
+    m = torch.randn(layout.numel, generator=torch.Generator().manual_seed(1)) * 0.1
+    result = trainer.train([0, 2], x0, {"momentum": m}, [{}, {}], seed=3, round_index=0)
+    for row, client in enumerate([0, 2]):
+        ix = data.client_indices[client]
+        full = _grad(model, layout, x0, data.dataset.x_train[ix], data.dataset.y_train[ix])
+        assert torch.allclose(result.uploads["grad"][row], full, atol=1e-6)
+        w = x0.clone()
+        for x, y in _batches(trainer, data, client):
+            w = w - 0.1 * (0.2 * _grad(model, layout, w, x, y) + 0.8 * m)
+        assert torch.allclose(result.deltas[row], w - x0, atol=1e-6)
+    new = alg.server_update({"momentum": m}, {"grad": result.uploads["grad"].mean(0)}, 0.5)
+    assert torch.allclose(new["momentum"], 0.2 * result.uploads["grad"].mean(0) + 0.8 * m)
+
+
+@pytest.mark.parametrize("name, options", [
+    ("fedsam", {"rho": 0.1}), ("fedspeed", {}), ("fednova", {}), ("mime_lite", {}),
+])
+def test_vectorized_equals_inprocess(name, options):
+    from koinon.topology import Federation
+
+    data = _data(num_clients=8, n=120)
+    finals = {}
+    for runtime in ("inprocess", "vectorized"):
+        fed = Federation(_model(), data, local=LocalTraining(epochs=2, batch_size=8, lr=0.1),
+                         algorithm=CLIENT_ALGORITHMS.build(name, options, "client"), runtime=runtime,
+                         clients_per_round=5, seed=11)
+        for _ in range(3):
+            fed.run_round(evaluate=False)
+        finals[runtime] = fed.params.clone()
+    assert torch.allclose(finals["inprocess"], finals["vectorized"], atol=1e-5)
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("fedsam", {"rho": 0.0}, "rho must be > 0"),
+    ("fedspeed", {"alpha": 2.0}, r"alpha must be in \[0, 1\]"),
+    ("fednova", {"tau_eff": -1.0}, "tau_eff must be >= 0"),
+    ("mime_lite", {"beta": 1.0}, r"beta must be in \[0, 1\)"),
+])
+def test_bad_options_are_refused(name, options, message):
+    from koinon.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        CLIENT_ALGORITHMS.build(name, options, "client")
