@@ -121,7 +121,7 @@ def test_mime_lite_follows_the_server_momentum_and_uploads_the_full_gradient():
 
 
 @pytest.mark.parametrize("name, options", [
-    ("fedsam", {"rho": 0.1}), ("fedspeed", {}), ("fednova", {}), ("mime_lite", {}),
+    ("fedsam", {"rho": 0.1}), ("fedspeed", {}), ("fednova", {}), ("mime_lite", {}), ("feddyn", {"alpha": 0.1}),
 ])
 def test_vectorized_equals_inprocess(name, options):
     from koinon.topology import Federation
@@ -149,3 +149,35 @@ def test_bad_options_are_refused(name, options, message):
 
     with pytest.raises(ConfigError, match=message):
         CLIENT_ALGORITHMS.build(name, options, "client")
+
+
+def test_feddyn_client_step_and_linear_term_across_rounds():
+    data, model, layout, trainer, _, _ = _setup("feddyn", {"alpha": 0.5}, nn.GELU)
+    x0 = layout.flatten(model)
+    h = torch.zeros_like(x0)
+    states = [{}]
+    for r in range(2):
+        result = trainer.train([3], x0, {"h": torch.zeros_like(x0)}, states, seed=3, round_index=r)
+        w = x0.clone()
+        for x, y in _batches(trainer, data, 3, r):
+            w = w - 0.1 * (_grad(model, layout, w, x, y) - h + 0.5 * (w - x0))
+        h = h - 0.5 * (w - x0)
+        assert torch.allclose(result.deltas[0], w - x0, atol=1e-6)
+        assert torch.allclose(result.client_states[0]["h"], h, atol=1e-6)
+        states, x0 = result.client_states, x0 + result.deltas[0]
+
+
+def test_feddyn_server_moves_to_the_mean_minus_h_over_alpha():
+    from koinon.topology import Federation
+
+    data = partition_dataset(_data(n=90).dataset, "iid", 6, seed=0)  # equal clients: weighted mean = mean
+    fed = Federation(_model(), data, local=LocalTraining(epochs=1, batch_size=5, lr=0.1),
+                     algorithm=CLIENT_ALGORITHMS.build("feddyn", {"alpha": 0.5}, "client"),
+                     runtime="inprocess", clients_per_round=3, seed=2)
+    for _ in range(2):
+        x, h_old = fed.params.clone(), fed.server.server_state["h"].clone()
+        fed.run_round(evaluate=False)
+        h = fed.server.server_state["h"]
+        mean_delta = (h_old - h) / (0.5 * 3 / 6)  # h <- h - alpha |S|/N mean(theta_i - x)
+        assert h.abs().sum() > 0
+        assert torch.allclose(fed.params, x + mean_delta - h / 0.5, atol=1e-5)

@@ -22,7 +22,9 @@ What the interface carries beyond FedAvg (all optional, each shown by a test in
   each part of its objective (Ditto's global and personal models);
 - a perturbed gradient: `perturb(theta, grad, ctx) -> [K, P_trainable]` gives an offset, and the
   trainer replaces the step's gradient by the gradient on the same batch at `theta + offset`
-  (sharpness-aware minimization: FedSAM, FedSpeed); `correct` then sees that gradient.
+  (sharpness-aware minimization: FedSAM, FedSpeed); `correct` then sees that gradient;
+- a server correction: `server_delta(server_state, delta, cohort_fraction) -> (delta, state)`
+  changes the aggregated update before the server optimizer steps (FedDyn).
 """
 
 from __future__ import annotations

@@ -364,10 +364,17 @@ class FederatedServer:
                 refused_update = f"aggregator refused the cohort, model unchanged ({exc})"
                 notice(f"round {r + 1}: {refused_update}")
             else:
+                # An algorithm's server correction of the aggregate (FedDyn), committed with the step.
+                correct = getattr(self.algorithm, "server_delta", None)
+                pending = None
+                if correct is not None:
+                    delta, pending = correct(self.server_state, delta, len(keep) / self.num_clients)
                 refused_update = self._step(delta)
                 if refused_update:
                     notice(f"round {r + 1}: {refused_update}")
                 else:
+                    if pending is not None:
+                        self.server_state = pending
                     means = {n: (stacks[n] if everyone else stacks[n][keep]).mean(dim=0)
                              for n in self.algorithm.uploads if n in stacks}
                     self.server_state = self.algorithm.server_update(
