@@ -122,6 +122,7 @@ def test_mime_lite_follows_the_server_momentum_and_uploads_the_full_gradient():
 
 @pytest.mark.parametrize("name, options", [
     ("fedsam", {"rho": 0.1}), ("fedspeed", {}), ("fednova", {}), ("mime_lite", {}), ("feddyn", {"alpha": 0.1}),
+    ("adversarial", {"pgd_eps": 0.2, "pgd_steps": 2}),
 ])
 def test_vectorized_equals_inprocess(name, options):
     from koinon.topology import Federation
@@ -181,3 +182,32 @@ def test_feddyn_server_moves_to_the_mean_minus_h_over_alpha():
         mean_delta = (h_old - h) / (0.5 * 3 / 6)  # h <- h - alpha |S|/N mean(theta_i - x)
         assert h.abs().sum() > 0
         assert torch.allclose(fed.params, x + mean_delta - h / 0.5, atol=1e-5)
+
+
+def test_adversarial_training_steps_on_pgd_inputs():
+    data, model, layout, trainer, _, _ = _setup("adversarial", {"pgd_eps": 0.3, "pgd_step": 0.1, "pgd_steps": 3})
+    x0 = layout.flatten(model)
+    result = trainer.train([1, 4], x0, {}, [{}, {}], seed=3, round_index=0)
+    for row, client in enumerate([1, 4]):
+        w = x0.clone()
+        for x, y in _batches(trainer, data, client):
+            adv = x.clone()
+            for _ in range(3):  # PGD by hand: signed ascent steps, projected into the eps-ball
+                adv.requires_grad_(True)
+                loss = nn.functional.cross_entropy(functional_call(model, layout.views(w), (adv,)), y, reduction="sum")
+                (g,) = torch.autograd.grad(loss, adv)
+                adv = torch.clamp(adv.detach() + 0.1 * g.sign(), x - 0.3, x + 0.3)
+            w = w - 0.1 * _grad(model, layout, w, adv, y)
+        assert torch.allclose(result.deltas[row], w - x0, atol=1e-6)
+
+
+def test_robust_accuracy_is_at_most_the_clean_accuracy():
+    from koinon.clients.adversarial import robust_accuracy
+    from koinon.local.losses import evaluate
+
+    data, model, layout, trainer, _, _ = _setup("fedavg", {})
+    params = layout.flatten(model) + trainer.train([0], layout.flatten(model), {}, [{}], 3, 0).deltas[0]
+    x, y = data.dataset.x_train, data.dataset.y_train
+    clean = evaluate(model, layout, params, x, y)[0]
+    assert robust_accuracy(model, layout, params, x, y, 1e-6, 1e-6, 1) == pytest.approx(clean)
+    assert robust_accuracy(model, layout, params, x, y, 0.5, 0.2, 5) < clean

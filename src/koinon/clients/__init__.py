@@ -1,6 +1,7 @@
 """Client algorithms (local SGD, FedProx, SCAFFOLD, worker momentum, SPSA) and local-training
 hyperparameters."""
 
+from koinon.clients import adversarial as _adversarial  # noqa: F401  (registers adversarial)
 from koinon.clients import feddyn as _feddyn  # noqa: F401  (registers feddyn)
 from koinon.clients import fednova as _fednova  # noqa: F401  (registers fednova)
 from koinon.clients import mime as _mime  # noqa: F401  (registers mime_lite)

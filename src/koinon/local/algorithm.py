@@ -23,6 +23,9 @@ What the interface carries beyond FedAvg (all optional, each shown by a test in
 - a perturbed gradient: `perturb(theta, grad, ctx) -> [K, P_trainable]` gives an offset, and the
   trainer replaces the step's gradient by the gradient on the same batch at `theta + offset`
   (sharpness-aware minimization: FedSAM, FedSpeed); `correct` then sees that gradient;
+- adversarial inputs: `perturb_inputs(loss_of, x) -> x_adv` replaces each batch's inputs
+  (`[K, B, ...]`); `loss_of(x)` gives the per-sample losses `[K, B]` under the current models
+  (federated adversarial training: PGD inside local updates);
 - a server correction: `server_delta(server_state, delta, cohort_fraction) -> (delta, state)`
   changes the aggregated update before the server optimizer steps (FedDyn).
 """
