@@ -122,7 +122,7 @@ def test_mime_lite_follows_the_server_momentum_and_uploads_the_full_gradient():
 
 @pytest.mark.parametrize("name, options", [
     ("fedsam", {"rho": 0.1}), ("fedspeed", {}), ("fednova", {}), ("mime_lite", {}), ("feddyn", {"alpha": 0.1}),
-    ("adversarial", {"pgd_eps": 0.2, "pgd_steps": 2}),
+    ("adversarial", {"pgd_eps": 0.2, "pgd_steps": 2}), ("moon", {"mu_con": 1.0}),
 ])
 def test_vectorized_equals_inprocess(name, options):
     from koinon.topology import Federation
@@ -211,3 +211,26 @@ def test_robust_accuracy_is_at_most_the_clean_accuracy():
     clean = evaluate(model, layout, params, x, y)[0]
     assert robust_accuracy(model, layout, params, x, y, 1e-6, 1e-6, 1) == pytest.approx(clean)
     assert robust_accuracy(model, layout, params, x, y, 0.5, 0.2, 5) < clean
+
+
+def test_moon_adds_the_model_contrastive_term_and_keeps_the_previous_model():
+    data, model, layout, trainer, _, _ = _setup("moon", {"mu_con": 2.0, "tau": 0.5}, nn.GELU)
+    x0 = layout.flatten(model)
+    previous = x0 + 0.3 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(4))
+    result = trainer.train([1], x0, {}, [{"previous": previous}], seed=3, round_index=0)
+
+    def features(w, x):
+        return functional_call(model[:-1], {k: v for k, v in layout.views(w).items() if not k.startswith("2.")}, (x,))
+
+    w = x0.clone()
+    for x, y in _batches(trainer, data, 1):
+        w = w.detach().requires_grad_(True)
+        z = features(w, x)
+        near = nn.functional.cosine_similarity(z, features(x0, x).detach(), dim=-1)
+        far = nn.functional.cosine_similarity(z, features(previous, x).detach(), dim=-1)
+        con = -torch.log(torch.exp(near / 0.5) / (torch.exp(near / 0.5) + torch.exp(far / 0.5)))
+        loss = nn.functional.cross_entropy(functional_call(model, layout.views(w), (x,)), y) + 2.0 * con.mean()
+        (g,) = torch.autograd.grad(loss, w)
+        w = w.detach() - 0.1 * g
+    assert torch.allclose(result.deltas[0], w - x0, atol=1e-6)
+    assert torch.allclose(result.client_states[0]["previous"], w, atol=1e-6)

@@ -26,6 +26,9 @@ What the interface carries beyond FedAvg (all optional, each shown by a test in
 - adversarial inputs: `perturb_inputs(loss_of, x) -> x_adv` replaces each batch's inputs
   (`[K, B, ...]`); `loss_of(x)` gives the per-sample losses `[K, B]` under the current models
   (federated adversarial training: PGD inside local updates);
+- an extra loss term: `extra_loss(trainer, params, x, stacked, ctx) -> [K, B]` is added to each
+  sample's loss in the gradient (MOON's model-contrastive term); `params` are the layer views
+  the forward pass uses (stacked `[K, ...]` when `stacked`, else one client's), `x` is `[K, B, ...]`;
 - a server correction: `server_delta(server_state, delta, cohort_fraction) -> (delta, state)`
   changes the aggregated update before the server optimizer steps (FedDyn).
 """

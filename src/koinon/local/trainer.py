@@ -309,7 +309,9 @@ class CohortTrainer:
         # adversarial training replaces each batch's inputs (it needs autograd's input gradients).
         perturb = getattr(alg, "perturb", None)
         attack = getattr(alg, "perturb_inputs", None)
-        manual = self._manual if attack is None else None
+        # A term of the algorithm's own added to each sample's loss (MOON's contrastive term).
+        extra = getattr(alg, "extra_loss", None)
+        manual = self._manual if attack is None and extra is None else None
         live = -1  # clients in the training prefix the current leaves were made for
         params: dict[str, torch.Tensor] = {}
         self.module.train()
@@ -359,6 +361,8 @@ class CohortTrainer:
                        else self.forward_many(params, x.unsqueeze(0))[0])
                 per_sample = self.loss_fn(out, self.y_train[ix])
                 loss = per_sample.mean()
+                if extra is not None:
+                    loss = loss + extra(self, params, x.unsqueeze(0), not plain, _rows(ctx, k, m)).mean()
                 loss_sum += per_sample.detach().sum()
                 seen += len(ix)
             else:
@@ -371,6 +375,9 @@ class CohortTrainer:
                 per_sample = self.loss_fn(out.flatten(0, 1), ys[s, :m].flatten()).view(m, -1)
                 weighted = (per_sample * w).sum(dim=1)
                 loss = (weighted / n_b.clamp_min(1.0)).sum()
+                if extra is not None:
+                    more = extra(self, params, x, True, _rows(ctx, k, m))
+                    loss = loss + ((more * w).sum(dim=1) / n_b.clamp_min(1.0)).sum()
                 loss_sum[:m] += weighted.detach()
                 seen[:m] += n_b
             grad.zero_()
