@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from koinon.local.trainer import CohortTrainer
 
 
-def _features(trainer: CohortTrainer) -> nn.Sequential:
+def _features(trainer: CohortTrainer) -> nn.Module:
     module = trainer.module
     if not isinstance(module, nn.Sequential) or len(module) < 2:
         raise ValueError("moon needs an nn.Sequential model whose last layer is the classifier")
