@@ -137,6 +137,7 @@ def _list(args: argparse.Namespace) -> int:
     from koinon.compress import CODECS
     from koinon.data import DATASETS, PARTITIONERS
     from koinon.models import MODELS
+    from koinon.models.tuning import PEFT_METHODS
     from koinon.runtime import RUNTIMES
     from koinon.server import SAMPLERS, SERVER_OPTIMIZERS
     from koinon.topology import GRAPHS, TOPOLOGIES
@@ -144,7 +145,9 @@ def _list(args: argparse.Namespace) -> int:
     families: list[tuple[str, Registry[Any]]] = [
         ("topologies (topology.name)", TOPOLOGIES),
         ("datasets (data.name)", DATASETS), ("partitions (data.partition)", PARTITIONERS),
-        ("models (model.name)", MODELS), ("client algorithms (client.algorithm)", CLIENT_ALGORITHMS),
+        ("models (model.name)", MODELS),
+        ("parameter-efficient fine-tuning (model.peft, of a model.init start)", PEFT_METHODS),
+        ("client algorithms (client.algorithm)", CLIENT_ALGORITHMS),
         ("server optimizers (server.optimizer)", SERVER_OPTIMIZERS), ("samplers (server.sampler)", SAMPLERS),
         ("codecs (codec.name, downlink.name)", CODECS), ("aggregators (aggregator.name)", AGGREGATORS),
         ("pre-aggregation steps (aggregator.name = \"step+rule\", e.g. nnm+trimmed_mean)", PRE_AGGREGATORS),
@@ -157,7 +160,7 @@ def _list(args: argparse.Namespace) -> int:
         for name, desc in registry.describe():
             opts = {k: v for k, v in registry.options(name).items()
                     if k not in ("layout", "seed", "test_fraction", "num_clients", "input_shape",
-                                 "num_classes", "labels", "rng", "groups", "num_byzantine", "num_nodes")}
+                                 "num_classes", "labels", "rng", "groups", "num_byzantine", "num_nodes", "module")}
             extra = f"  [{', '.join(f'{k}={v!r}' for k, v in opts.items())}]" if opts else ""
             print(f"  {name:<{width}}  {desc}{extra}")
         print()
