@@ -95,3 +95,4 @@ def build_model(
 
 
 from koinon.models import charlm as _charlm  # noqa: E402, F401  (registers char_transformer)
+from koinon.models import hf as _hf  # noqa: E402, F401  (registers hf_causal_lm; imports transformers when built)

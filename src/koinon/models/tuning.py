@@ -37,10 +37,15 @@ PEFT_METHODS: Registry[nn.Module] = Registry("peft method")
 """Factories are called as `factory(module=..., seed=..., **options)` and return the tuned module."""
 
 
-def linear_targets(module: nn.Module, targets: list) -> list[str]:
+def _is_linear(m: nn.Module, conv1d: bool) -> bool:
+    # transformers' Conv1D (GPT-2) is a linear layer with a transposed weight; peft's LoRA takes it.
+    return isinstance(m, nn.Linear) or (conv1d and type(m).__name__ == "Conv1D")
+
+
+def linear_targets(module: nn.Module, targets: list, conv1d: bool = False) -> list[str]:
     """The `nn.Linear` layers to adapt: `targets` (names, checked), or every one but the last
     (the output head) when empty."""
-    linears = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+    linears = [n for n, m in module.named_modules() if _is_linear(m, conv1d)]
     if not targets:
         if len(linears) < 2:
             raise ValueError("the model has fewer than two nn.Linear layers; name the targets")
@@ -103,9 +108,12 @@ def lora(module: nn.Module, seed: int, rank: int = 4, alpha: int = 8, targets: l
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError:
         raise ConfigError("model.peft = 'lora' needs the peft library: pip install 'koinon[finetune]'") from None
-    names = linear_targets(module, targets)
+    names = linear_targets(module, targets, conv1d=True)
     _freeze_all(module)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=names, lora_dropout=0.0, bias="none")
+    layers = dict(module.named_modules())
+    transposed = all(type(layers[n]).__name__ == "Conv1D" for n in names)  # GPT-2 stores W transposed
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=names, lora_dropout=0.0, bias="none",
+                        fan_in_fan_out=transposed)
     with torch.random.fork_rng(devices=[]):  # LoRA's A is drawn from torch's global generator
         torch.manual_seed(seed)
         module = inject_adapter_in_model(config, module)
