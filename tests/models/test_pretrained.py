@@ -78,3 +78,17 @@ def test_pretrain_command_writes_the_start_of_a_run(tmp_path, capsys):
     assert not torch.equal(Layout.from_module(fresh).flatten(fresh), Layout.from_module(trained).flatten(trained))
     assert main(["pretrain", str(config), "--out", str(tmp_path / "x.bin")]) == 2
     assert "expected a path ending in .safetensors" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_fine_tuning_examples_run_end_to_end(tmp_path, capsys):
+    """examples/finetune: pretrain on the first plays, then LoRA on the others (a few steps)."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[2] / "examples" / "finetune"
+    base = tmp_path / "charlm.safetensors"
+    short = ["--set", "server.rounds=1", "--set", "client.steps=2", "--set", "model.dim=16", "--set", "model.heads=2"]
+    assert main(["pretrain", str(folder / "pretrain_shakespeare.toml"), "--out", str(base), *short]) == 0
+    assert main(["run", str(folder / "lora.toml"), "--out", str(tmp_path / "run"), "--quiet", *short,
+                 "--set", f"model.init={base}"]) == 0
+    assert "uplink" in capsys.readouterr().out
