@@ -33,7 +33,11 @@ ALGORITHMS: dict[str, dict] = {
     "fedspeed": {"client.rho": 0.05, "client.alpha": 0.5, "client.lam": 10.0},
     "mime_lite": {"client.beta": 0.9},
     "worker_momentum": {"client.beta": 0.9},
+    "moon": {"client.mu_con": 1.0, "client.tau": 0.5},
+    "spsa": {"client.lr": 0.02},  # zeroth-order: one byte per local step up
     "adversarial": {},  # PGD options per dataset below
+    # FRL trains supermask rankings over fixed random weights (linear layers; the CNN's convolutions stay random).
+    "frl": {"model.peft": {"name": "supermask", "density": 0.5}, "client.optimizer": "adamw", "client.lr": 0.02},
 }
 # dataset -> (settings, target accuracy, PGD radius / step / steps for training and for the robust accuracy)
 DATASETS = {
@@ -75,7 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one seed, 5 rounds, digits only")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--only", nargs="*", default=None, help="algorithms to run")
     args = parser.parse_args()
     seeds = [0] if args.quick else list(range(args.seeds))

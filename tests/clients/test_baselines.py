@@ -234,3 +234,70 @@ def test_moon_adds_the_model_contrastive_term_and_keeps_the_previous_model():
         w = w.detach() - 0.1 * g
     assert torch.allclose(result.deltas[0], w - x0, atol=1e-6)
     assert torch.allclose(result.client_states[0]["previous"], w, atol=1e-6)
+
+
+def _frl_federation(runtime="inprocess", seed=11):
+    from koinon.topology import Federation
+
+    model = build_model_supermask()
+    return Federation(model, _data(num_clients=8, n=120), local=LocalTraining(epochs=2, batch_size=8, lr=5.0),
+                      algorithm=CLIENT_ALGORITHMS.build("frl", {}, "client"), runtime=runtime,
+                      clients_per_round=4, seed=seed)
+
+
+def build_model_supermask():
+    from koinon.models.tuning import supermask
+
+    return supermask(_model(), seed=0, density=0.5)
+
+
+def test_supermask_uses_the_top_edges_and_passes_gradients_straight_through():
+    model = build_model_supermask()
+    layer = model[0]
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(2))
+    kept = layer.scores >= layer.scores.flatten().sort().values[-layer.keep]
+    assert int(kept.sum()) == layer.keep == 20
+    assert torch.allclose(layer(x), x @ (layer.weight * kept).T + layer.bias)
+    layer(x).sum().backward()
+    # d/dscores = d/d(effective weight) * weight, for every edge (kept or not)
+    assert torch.allclose(layer.scores.grad, torch.ones(4, 8).T @ x * layer.weight)
+
+
+def test_frl_clients_send_rankings_and_the_server_takes_the_vote():
+    from koinon.clients.frl import rank_positions
+
+    fed = _frl_federation()
+    layout = fed.layout
+    fed.run_round(evaluate=False)
+    theta0 = fed.params.clone()
+    cohort = fed.server.sample(fed.server.round_index)
+    trainer = fed.runtime.trainer if hasattr(fed.runtime, "trainer") else None
+    assert trainer is not None
+    result = trainer.train(cohort, theta0, {}, [{} for _ in cohort], fed.seed, fed.server.round_index)
+    uploads = theta0 + result.deltas
+    for e in layout.entries:  # every client sends a permutation of each layer's positions
+        seg = uploads[:, e.offset : e.offset + e.numel] * e.numel
+        assert torch.equal(seg.round().sort(dim=1).values, torch.arange(e.numel).float().expand_as(seg))
+    # The vote: the new global order is the order of the summed positions.
+    sizes = trainer.sizes(cohort).float()
+    mean = theta0 + (result.deltas * (sizes / sizes.sum()).unsqueeze(1)).sum(0)
+    assert not torch.equal(rank_positions(mean.unsqueeze(0), layout), rank_positions(theta0.unsqueeze(0), layout))
+    fed.run_round(evaluate=False)
+    assert torch.allclose(fed.params, mean, atol=1e-6)
+
+
+def test_frl_vectorized_equals_inprocess():
+    a, b = _frl_federation("inprocess"), _frl_federation("vectorized")
+    for _ in range(2):
+        a.run_round(evaluate=False)
+        b.run_round(evaluate=False)
+    assert torch.allclose(a.params, b.params, atol=1e-6)
+
+
+def test_frl_refuses_a_model_without_supermask():
+    from koinon.topology import Federation
+
+    fed = Federation(_model(), _data(), local=LocalTraining(), algorithm=CLIENT_ALGORITHMS.build("frl", {}, "client"),
+                     runtime="inprocess", clients_per_round=2, seed=0)
+    with pytest.raises(ValueError, match="frl trains supermask scores only"):
+        fed.run_round(evaluate=False)

@@ -197,6 +197,42 @@ def prompt(module: nn.Module, seed: int, tokens: int = 8, train: list = []) -> n
     return freeze_into_constants(tuned)
 
 
+class SupermaskLinear(nn.Module):
+    """A linear layer with fixed random weights of which only the top `density` edges by score
+    are used (edge-popup, Ramanujan et al. 2020, https://arxiv.org/abs/1911.13299): the scores
+    are trained, through the straight-through estimator d(mask)/d(scores) = 1."""
+
+    def __init__(self, base: nn.Linear, density: float, seed: int) -> None:
+        super().__init__()
+        self.weight = base.weight.detach()  # constants: neither trained nor sent
+        self.bias = None if base.bias is None else base.bias.detach()
+        self.keep = max(1, round(density * self.weight.numel()))
+        order = torch.randperm(self.weight.numel(), generator=torch.Generator().manual_seed(seed))
+        self.scores = nn.Parameter((order.float() / self.weight.numel()).view_as(self.weight))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = self.scores.flatten()
+        threshold = flat.kthvalue(flat.numel() - self.keep + 1).values
+        hard = (self.scores >= threshold).to(self.scores.dtype)
+        mask = hard.detach() + self.scores - self.scores.detach()
+        return F.linear(x, self.weight * mask, self.bias)
+
+
+@PEFT_METHODS.register("supermask")
+def supermask(module: nn.Module, seed: int, density: float = 0.5, targets: list = []) -> nn.Module:  # noqa: B006
+    """Supermasks: fixed random weights, trained edge scores (the model of FRL, client.algorithm = "frl")."""
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density = {density}: must be in (0, 1]")
+    linears = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+    names = linear_targets(module, targets) if targets else linears
+    _freeze_all(module)
+    for i, name in enumerate(names):
+        parent_name, _, leaf = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, leaf, SupermaskLinear(getattr(parent, leaf), density, seed * 1009 + i))
+    return freeze_into_constants(module)
+
+
 def apply_peft(module: nn.Module, spec: object, seed: int) -> nn.Module:
     """`model.peft` (a method name or a table `{name = ..., options}`) applied to `module`."""
     if isinstance(spec, str):
