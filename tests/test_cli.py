@@ -5,7 +5,7 @@ import pytest
 from koinon import cli
 from koinon.cli import COMMANDS, main
 
-EVERY = {"run", "list", "robustness", "certs", "server", "client", "launch", "worker"}
+EVERY = {"run", "list", "robustness", "certs", "server", "client", "launch", "worker", "pretrain"}
 
 
 def test_the_table_holds_every_command_and_help_lists_them(capsys):
