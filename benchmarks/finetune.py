@@ -34,6 +34,9 @@ METHODS = {
     "lora": ({"name": "lora", "rank": 4, "alpha": 8, "targets": ["blocks.0.qkv", "blocks.1.qkv", "blocks.0.fc",
                                                                     "blocks.1.fc"]}, 0.005),
     "prompt": ({"name": "prompt", "tokens": 16}, 0.02),
+    # LoRA of rank 2 on every linear layer of the blocks, with the LayerNorms trained in full.
+    "lora_ln": ({"name": "lora", "rank": 2, "alpha": 4,
+                 "train": ["blocks.0.ln1", "blocks.0.ln2", "blocks.1.ln1", "blocks.1.ln2", "ln"]}, 0.005),
 }
 LORA = METHODS["lora"]
 # CELLM (Pau 2024): LoRA whose updates are sent sparse, top 10% by magnitude in fp16 with error
@@ -47,22 +50,30 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few steps: a smoke run")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--base", help="a pretrained file to start from (skips pretraining)")
+    parser.add_argument("--only", nargs="*", default=None, help="methods to run (full is always run)")
+    parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR", help="another local lr")
     args = parser.parse_args()
+    for item in args.lr:
+        method, _, value = item.partition("=")
+        METHODS[method] = (METHODS[method][0], float(value))
+    chosen = {m: METHODS[m] for m in METHODS if args.only is None or m == "full" or m in args.only}
     pre_passes, pre_steps = (1, 30) if args.quick else (4, 100)
     rounds, steps = (2, 5) if args.quick else (args.rounds, 20)
     work = Path(tempfile.mkdtemp(prefix="koinon-finetune-"))
-    base = work / "charlm.safetensors"
+    base = Path(args.base) if args.base else work / "charlm.safetensors"
     t0 = time.perf_counter()
     pre_cfg = Config().with_overrides({
         **DATA, **MODEL, "seed": args.seed, "data.plays": 18, "data.num_clients": 6,
         "client.optimizer": "adamw", "client.lr": 0.003, "client.batch_size": 32,
         "client.steps": pre_steps, "server.rounds": pre_passes})
-    summary = pretrain(pre_cfg, base)
-    print(f"pretrained on plays 1-18: {summary['steps']} steps, validation loss "
-          f"{summary['history'][-1]['val_loss']:.4f} ({time.perf_counter() - t0:.0f} s, "
-          f"{summary['parameters']} parameters)", flush=True)
+    if not args.base:
+        summary = pretrain(pre_cfg, base)
+        print(f"pretrained on plays 1-18: {summary['steps']} steps, validation loss "
+              f"{summary['history'][-1]['val_loss']:.4f} ({time.perf_counter() - t0:.0f} s, "
+              f"{summary['parameters']} parameters; {base})", flush=True)
     rows = []
-    for method, (peft, lr) in METHODS.items():
+    for method, (peft, lr) in chosen.items():
         t1 = time.perf_counter()
         cfg = Config().with_overrides({
             **DATA, **MODEL, "seed": args.seed, "data.skip_plays": 18, "data.num_clients": 8,
@@ -86,7 +97,9 @@ def main() -> None:
     for method, numel, lr, loss, acc, up, wall in rows:
         print(f"| {method} | {numel:,} | {lr:g} | {loss:.4f} | {100 * (loss / full_loss - 1):+.2f}% | {acc:.4f} | "
               f"{up:,} | {full_bytes / up:.1f}x | {wall:.0f} s |")
-    lora = next(r for r in rows if r[0] == "lora")
+    lora = next((r for r in rows if r[0] == "lora"), None)
+    if lora is None:
+        return
     within, fewer = 100 * (lora[3] / full_loss - 1), full_bytes / lora[5]
     met = within <= 2.0 and fewer >= 20.0
     print(f"\ngoal (LoRA within 2% of full fine-tuning's validation loss, >= 20x fewer uplink bytes): "
