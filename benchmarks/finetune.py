@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--base", help="a pretrained file to start from (skips pretraining)")
+    parser.add_argument("--pretrain-steps", type=int, default=400, help="central pretraining steps")
     parser.add_argument("--only", nargs="*", default=None, help="methods to run (full is always run)")
     parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR", help="another local lr")
     args = parser.parse_args()
@@ -58,7 +59,7 @@ def main() -> None:
         method, _, value = item.partition("=")
         METHODS[method] = (METHODS[method][0], float(value))
     chosen = {m: METHODS[m] for m in METHODS if args.only is None or m == "full" or m in args.only}
-    pre_passes, pre_steps = (1, 30) if args.quick else (4, 100)
+    pre_passes, pre_steps = (1, 30) if args.quick else (4, -(-args.pretrain_steps // 4))
     rounds, steps = (2, 5) if args.quick else (args.rounds, 20)
     work = Path(tempfile.mkdtemp(prefix="koinon-finetune-"))
     base = Path(args.base) if args.base else work / "charlm.safetensors"
