@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from koinon.clients import LocalSGD
 from koinon.compress import CODECS
 from koinon.data import FederatedData
 from koinon.local.algorithm import LocalTraining
@@ -71,8 +72,6 @@ class SplitLearning:
                        "gradient": (gradient_codec, gradient_options or {})}
         self._built: dict[tuple[str, int], object] = {}
         # The trainer only schedules batches here (the same seeded batches as local training).
-        from koinon.clients import LocalSGD
-
         self.batches = CohortTrainer(model, Layout.from_module(model), data, LocalSGD(), local)
         self.round_index = 0
 
