@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--base", help="a pretrained file to start from (skips pretraining)")
-    parser.add_argument("--pretrain-steps", type=int, default=400, help="central pretraining steps")
+    parser.add_argument("--pretrain-steps", type=int, default=3000, help="central pretraining steps")
     parser.add_argument("--only", nargs="*", default=None, help="methods to run (full is always run)")
     parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR", help="another local lr")
     args = parser.parse_args()
