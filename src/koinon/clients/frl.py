@@ -12,6 +12,8 @@ aggregation is exactly the vote (order by mean position = order by summed positi
 client re-ranks the mean it receives before training. A client's influence on an edge is one
 position in n, whatever it sends. Bytes: the positions travel through the configured codec
 (float32 with `identity`; FRL's own encoding would be a permutation, log2(n) bits per edge).
+Not yet FRL's defence against poisoning: nothing at the server checks that an upload is a
+ranking, so a malicious client can send any values (a permutation codec would check it).
 """
 
 from __future__ import annotations
