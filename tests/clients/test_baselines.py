@@ -301,3 +301,26 @@ def test_frl_refuses_a_model_without_supermask():
                      runtime="inprocess", clients_per_round=2, seed=0)
     with pytest.raises(ValueError, match="frl trains supermask scores only"):
         fed.run_round(evaluate=False)
+
+
+@pytest.mark.parametrize("attack", ["sign_flip", "gaussian"])
+def test_frl_server_refuses_updates_that_are_not_rankings(attack):
+    from koinon.topology import Federation
+
+    model = build_model_supermask()
+    frl = CLIENT_ALGORITHMS.build("frl", {}, "client", layout=Layout.from_module(model))
+    fed = Federation(model, _data(num_clients=8, n=120), local=LocalTraining(epochs=1, batch_size=8, lr=5.0),
+                     algorithm=frl, runtime="inprocess", clients_per_round=8, seed=3, attack=attack,
+                     byzantine_fraction=0.25)
+    result = fed.run_round(evaluate=False)
+    assert result.num_byzantine == 2
+    assert len(result.rejected) == 2 and all("not a ranking" in why for why in result.reasons.values())
+    assert result.num_clients == 6  # the honest votes
+    honest = fed.params.clone()
+    assert not frl.check_update(torch.zeros_like(honest), rank_of(honest, fed.layout))
+
+
+def rank_of(params, layout):
+    from koinon.clients.frl import rank_positions
+
+    return rank_positions(params.unsqueeze(0), layout)[0]

@@ -12,8 +12,9 @@ aggregation is exactly the vote (order by mean position = order by summed positi
 client re-ranks the mean it receives before training. A client's influence on an edge is one
 position in n, whatever it sends. Bytes: the positions travel through the configured codec
 (float32 with `identity`; FRL's own encoding would be a permutation, log2(n) bits per edge).
-Not yet FRL's defence against poisoning: nothing at the server checks that an upload is a
-ranking, so a malicious client can send any values (a permutation codec would check it).
+The server refuses any update that is not a ranking of every layer (`check_update`, called by
+`FederatedServer` before aggregation), so a client's whole influence is the order it votes for:
+FRL's defence against poisoning.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from koinon.clients.base import CLIENT_ALGORITHMS, LocalSGD, State
+from koinon.params import Layout
 from koinon.update import CohortResult
 
 if TYPE_CHECKING:
     from koinon.local.trainer import CohortTrainer
-    from koinon.params import Layout
 
 
 def rank_positions(stack: torch.Tensor, layout: Layout) -> torch.Tensor:
@@ -52,6 +53,24 @@ class FRL(LocalSGD):
     """Supermask rankings, aggregated by voting (Mozaffari et al. 2023)."""
 
     name = "frl"
+
+    def __init__(self, layout: Layout | None = None) -> None:
+        self.layout = layout  # the server's check needs each layer's extent
+
+    def check_update(self, received: torch.Tensor, update: torch.Tensor) -> str:
+        """Why `update` (from the model `received`) is not a ranking of every layer ('' if it is)."""
+        if self.layout is None:
+            return ""
+        ranks = received + update
+        for e in self.layout.entries:
+            if not e.trainable:
+                continue
+            positions = ranks[e.offset : e.offset + e.numel] * e.numel
+            whole = positions.round()
+            if not bool(torch.isfinite(positions).all()) or float((positions - whole).abs().max()) > 0.25 \
+                    or not torch.equal(whole.sort().values, torch.arange(e.numel, dtype=whole.dtype)):
+                return f"frl: the update is not a ranking of {e.name}'s {e.numel} edges"
+        return ""
 
     def start(self, trainer: CohortTrainer, client_ids: list[int], global_params: torch.Tensor,
               server_state: State, client_states: list[State]) -> torch.Tensor:

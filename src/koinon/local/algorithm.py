@@ -30,7 +30,9 @@ What the interface carries beyond FedAvg (all optional, each shown by a test in
   sample's loss in the gradient (MOON's model-contrastive term); `params` are the layer views
   the forward pass uses (stacked `[K, ...]` when `stacked`, else one client's), `x` is `[K, B, ...]`;
 - a server correction: `server_delta(server_state, delta, cohort_fraction) -> (delta, state)`
-  changes the aggregated update before the server optimizer steps (FedDyn).
+  changes the aggregated update before the server optimizer steps (FedDyn);
+- a server check: `check_update(received, update) -> str` refuses one client's update with that
+  reason before aggregation ('' accepts it; FRL: the update must be a ranking).
 """
 
 from __future__ import annotations

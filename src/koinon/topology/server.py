@@ -345,6 +345,14 @@ class FederatedServer:
                 for part in reference_users(self.aggregator):
                     part.set_reference(reference)
             num_byzantine = self._forge(rnd, order, ok, stacks, samples)
+            # An algorithm's own check of each update (FRL: it must be a ranking of every layer).
+            check = getattr(self.algorithm, "check_update", None)
+            if check is not None:
+                for i, client in enumerate(order):
+                    why = check(rnd.received, stacks[MODEL][i]) if ok[i] else ""
+                    if why:
+                        ok[i] = False
+                        rnd.reasons.setdefault(client, why)
         rejected = [c for c, good in zip(order, ok.tolist()) if not good]
         if rejected:
             why = "; ".join(f"client {c}: {rnd.reasons.get(c, 'rejected')}" for c in rejected)
