@@ -5,7 +5,8 @@ import pytest
 from koinon import cli
 from koinon.cli import COMMANDS, main
 
-EVERY = {"run", "list", "predict", "robustness", "certs", "server", "client", "launch", "worker", "verify"}
+EVERY = {"run", "list", "predict", "robustness", "certs", "server", "client", "launch", "worker", "verify",
+         "pretrain"}
 
 
 def test_the_table_holds_every_command_and_help_lists_them(capsys):

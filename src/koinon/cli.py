@@ -145,6 +145,7 @@ def _list(args: argparse.Namespace) -> int:
     from koinon.data import DATASETS, PARTITIONERS
     from koinon.ledger import CONTRIBUTIONS
     from koinon.models import MODELS
+    from koinon.models.tuning import PEFT_METHODS
     from koinon.runtime import RUNTIMES
     from koinon.schedule import SCHEDULES
     from koinon.server import SAMPLERS, SERVER_OPTIMIZERS
@@ -153,7 +154,9 @@ def _list(args: argparse.Namespace) -> int:
     families: list[tuple[str, Registry[Any]]] = [
         ("topologies (topology.name)", TOPOLOGIES),
         ("datasets (data.name)", DATASETS), ("partitions (data.partition)", PARTITIONERS),
-        ("models (model.name)", MODELS), ("client algorithms (client.algorithm)", CLIENT_ALGORITHMS),
+        ("models (model.name)", MODELS),
+        ("parameter-efficient fine-tuning (model.peft, of a model.init start)", PEFT_METHODS),
+        ("client algorithms (client.algorithm)", CLIENT_ALGORITHMS),
         ("server optimizers (server.optimizer)", SERVER_OPTIMIZERS), ("samplers (server.sampler)", SAMPLERS),
         ("codecs (codec.name, downlink.name)", CODECS), ("aggregators (aggregator.name)", AGGREGATORS),
         ("pre-aggregation steps (aggregator.name = \"step+rule\", e.g. nnm+trimmed_mean)", PRE_AGGREGATORS),
@@ -168,7 +171,7 @@ def _list(args: argparse.Namespace) -> int:
         for name, desc in registry.describe():
             opts = {k: v for k, v in registry.options(name).items()
                     if k not in ("layout", "seed", "test_fraction", "num_clients", "input_shape",
-                                 "num_classes", "labels", "rng", "groups", "num_byzantine", "num_nodes")}
+                                 "num_classes", "labels", "rng", "groups", "num_byzantine", "num_nodes", "module")}
             extra = f"  [{', '.join(f'{k}={v!r}' for k, v in opts.items())}]" if opts else ""
             print(f"  {name:<{width}}  {desc}{extra}")
         print()
@@ -472,6 +475,27 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- koinon pretrain
+
+
+def _pretrain_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="experiment TOML file: [data] is the public split, [model] the model")
+    _add_set(p, "override a config key, e.g. --set data.plays=18 (repeatable)")
+    p.add_argument("--out", required=True, metavar="PATH.safetensors", help="where to write the weights")
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from koinon.experiment import load_config
+    from koinon.experiment.pretrain import pretrain
+
+    summary = pretrain(load_config(args.config, args.overrides), args.out, report=print)
+    last = summary["history"][-1] if summary["history"] else {}
+    print(f"wrote {summary['path']} ({summary['parameters']} values, {summary['steps']} steps, "
+          f"validation loss {last.get('val_loss', float('nan')):.4f}); start a run from it with "
+          f"--set model.init={summary['path']}")
+    return 0
+
+
 # ---------------------------------------------------------------- the table
 
 COMMANDS: tuple[Command, ...] = (
@@ -501,6 +525,9 @@ COMMANDS: tuple[Command, ...] = (
     Command("verify", "replay a run's round log ([ledger]): check every hash, signature, aggregate, "
             "score and payout; names the first entry that does not verify (exit code 1)",
             _verify_arguments, _verify),
+    Command("pretrain", "train a config's model centrally on its pooled training data (a public "
+            "split) and write safetensors that model.init starts later runs from",
+            _pretrain_arguments, _pretrain),
 )
 
 

@@ -89,15 +89,23 @@ def _deal(sizes: list[int], num_groups: int, rng: np.random.Generator) -> list[l
 
 @DATASETS.register("shakespeare")
 def shakespeare(
-    seed: int, test_fraction: float, num_clients: int, seq_len: int = 64, plays: int = 0
+    seed: int, test_fraction: float, num_clients: int, seq_len: int = 64, plays: int = 0,
+    skip_plays: int = 0,
 ) -> Dataset:
-    """Shakespeare's plays, next-character prediction, naturally partitioned by play."""
+    """Shakespeare's plays, next-character prediction, naturally partitioned by play.
+
+    `skip_plays` leaves out the first plays (in name order) and `plays` keeps that many of the
+    rest (0: all), so one half can pretrain a model (`plays = 18`) and the other half fine-tune
+    it (`skip_plays = 18`)."""
     if seq_len < 2:
         raise ValueError(f"data.seq_len = {seq_len}: must be >= 2")
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"data.test_fraction = {test_fraction}: must be in (0, 1)")
     texts = load_plays()
     names = list(texts)
+    if skip_plays < 0 or skip_plays >= len(names):
+        raise ValueError(f"data.skip_plays = {skip_plays}: must be between 0 and {len(names) - 1}")
+    names = names[skip_plays:]
     if plays < 0 or plays > len(names):
         raise ValueError(f"data.plays = {plays}: must be between 0 (all) and {len(names)}")
     if plays:

@@ -53,7 +53,7 @@ def record_defaults(cfg: Config) -> None:
     from koinon.runtime import RUNTIMES
 
     cfg.downlink.options = _codec_options(cfg.downlink.name, cfg.downlink.options)
-    cfg.client.options = CLIENT_ALGORITHMS.resolve(cfg.client.algorithm, cfg.client.options, ("mu", "seed"))
+    cfg.client.options = CLIENT_ALGORITHMS.resolve(cfg.client.algorithm, cfg.client.options, ("mu", "seed", "layout"))
     cfg.aggregator.options = _aggregator_options(cfg.aggregator.name, cfg.aggregator.options)
     cfg.runtime.options = RUNTIMES.resolve(cfg.runtime.name, cfg.runtime.options)
     cfg.attack.options = ATTACKS.resolve(cfg.attack.name, cfg.attack.options)

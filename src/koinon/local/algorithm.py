@@ -19,7 +19,20 @@ What the interface carries beyond FedAvg (all optional, each shown by a test in
 - its own local objective or step: `train_cohort(trainer, client_ids, global_params,
   server_state, client_states, idx, steps, seed, round_index)` replaces the trainer's gradient
   loop (SPSA's zeroth-order steps) and may call `trainer.run_steps(..., algorithm=...)` for
-  each part of its objective (Ditto's global and personal models).
+  each part of its objective (Ditto's global and personal models);
+- a perturbed gradient: `perturb(theta, grad, ctx) -> [K, P_trainable]` gives an offset, and the
+  trainer replaces the step's gradient by the gradient on the same batch at `theta + offset`
+  (sharpness-aware minimization: FedSAM, FedSpeed); `correct` then sees that gradient;
+- adversarial inputs: `perturb_inputs(loss_of, x) -> x_adv` replaces each batch's inputs
+  (`[K, B, ...]`); `loss_of(x)` gives the per-sample losses `[K, B]` under the current models
+  (federated adversarial training: PGD inside local updates);
+- an extra loss term: `extra_loss(trainer, params, x, stacked, ctx) -> [K, B]` is added to each
+  sample's loss in the gradient (MOON's model-contrastive term); `params` are the layer views
+  the forward pass uses (stacked `[K, ...]` when `stacked`, else one client's), `x` is `[K, B, ...]`;
+- a server correction: `server_delta(server_state, delta, cohort_fraction) -> (delta, state)`
+  changes the aggregated update before the server optimizer steps (FedDyn);
+- a server check: `check_update(received, update) -> str` refuses one client's update with that
+  reason before aggregation ('' accepts it; FRL: the update must be a ranking).
 """
 
 from __future__ import annotations

@@ -71,6 +71,12 @@ def _pool_step(mod: nn.Module) -> Forward:
     return step
 
 
+def _constant_weights(m: nn.Module) -> bool:
+    """Weights held as plain tensors (frozen by parameter-efficient fine-tuning,
+    `koinon.models.tuning`): not in the stacked parameters, so these paths cannot run them."""
+    return any(isinstance(getattr(m, k, None), torch.Tensor) and k not in m._parameters for k in ("weight", "bias"))
+
+
 def batched_forward(module: nn.Module) -> Forward | None:
     """A stacked forward for `module`, or None if it has a layer this path does not know."""
     if not isinstance(module, nn.Sequential):
@@ -78,7 +84,7 @@ def batched_forward(module: nn.Module) -> Forward | None:
     steps: list[Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]] = []
     for name, m in module.named_children():
         # Frozen parameters are fine (they arrive stacked like the rest); buffers are not.
-        if list(m.buffers()):
+        if list(m.buffers()) or _constant_weights(m):
             return None
         if isinstance(m, nn.Linear):
             steps.append(_linear_step(name, m.bias is not None))
@@ -159,7 +165,7 @@ def sequential_value_and_grad(module: nn.Module) -> GradStep | None:
         return None
     layers: list[tuple[str, nn.Module]] = []
     for name, m in module.named_children():
-        if list(m.buffers()):
+        if list(m.buffers()) or _constant_weights(m):
             return None
         if isinstance(m, nn.Flatten):
             if m.start_dim != 1 or m.end_dim != -1:

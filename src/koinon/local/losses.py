@@ -11,7 +11,12 @@ from koinon.params import Layout
 
 
 def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-sample loss (`reduction='none'`); the default loss of classification tasks."""
+    """Per-sample loss (`reduction='none'`); the default loss of classification tasks. Sequence
+    models (`[N, T, V]` outputs, e.g. next-character prediction) get each sample's mean over its
+    positions; their targets may come as `[N, T]` or flattened."""
+    if outputs.dim() > 2:
+        flat = F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1), reduction="none")
+        return flat.view(outputs.shape[0], -1).mean(dim=1)
     return F.cross_entropy(outputs, targets, reduction="none")
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from functools import partial
 
 import torch
 from torch import nn
@@ -337,6 +338,13 @@ class CohortTrainer:
             xs = self.x_train[by_step] if whole else None
             ys = self.y_train[by_step]
 
+        # Sharpness-aware algorithms (FedSAM, FedSpeed) take the gradient at a perturbed point;
+        # adversarial training replaces each batch's inputs (it needs autograd's input gradients).
+        perturb = getattr(alg, "perturb", None)
+        attack = getattr(alg, "perturb_inputs", None)
+        # A term of the algorithm's own added to each sample's loss (MOON's contrastive term).
+        extra = getattr(alg, "extra_loss", None)
+        manual = self._manual if attack is None and extra is None else None
         live = -1  # clients in the training prefix the current leaves were made for
         params: dict[str, torch.Tensor] = {}
         self.module.train()
@@ -349,15 +357,15 @@ class CohortTrainer:
                 live = m
                 lead = theta[0] if plain else theta[:m]
                 grads = self._views(grad[0] if plain else grad[:m], self._train_entries, 0)
-                leaves = {n: v.detach().requires_grad_(self._manual is None)
+                leaves = {n: v.detach().requires_grad_(manual is None)
                           for n, v in self._views(lead, self._train_entries, 0).items()}
-                if self._manual is None:
+                if manual is None:
                     for name, view in grads.items():
                         leaves[name].grad = view
                 params = dict(leaves)
                 if self._buffer_entries:
                     params.update(self._views(bufs[0] if plain else bufs[:m], self._buffer_entries, pt))
-            if self._manual is not None:
+            if manual is not None:
                 if k == 1:
                     ix = batches[s]
                     x, y = self.x_train[ix].unsqueeze(0), self.y_train[ix].unsqueeze(0)
@@ -367,7 +375,10 @@ class CohortTrainer:
                     x = xs[s, :m] if xs is not None else self.x_train[idx[:m, s]]
                     y, n_b = ys[s, :m], counts[:m, s]
                     scale = weights[:m, s] / n_b.clamp_min(1.0).unsqueeze(1)
-                per_sample = self._manual(params, grads, x, y, scale)
+                per_sample = manual(params, grads, x, y, scale)
+                if perturb is not None:
+                    self._perturbed_grad(theta[:m], grad[:m], _rows(ctx, k, m), perturb,
+                                         partial(manual, params, grads, x, y, scale))
                 loss_sum[:m] += (per_sample * scale).sum(dim=1) * n_b.clamp_min(1.0)
                 seen[:m] += n_b
                 with torch.no_grad():
@@ -377,24 +388,37 @@ class CohortTrainer:
             if k == 1:
                 ix = batches[s]
                 x = self.x_train[ix]
+                if attack is not None:
+                    x = attack(partial(self._input_loss, params, self.y_train[ix], plain), x.unsqueeze(0))[0]
                 out = (functional_call(self.module, params, (x,)) if plain
                        else self.forward_many(params, x.unsqueeze(0))[0])
                 per_sample = self.loss_fn(out, self.y_train[ix])
                 loss = per_sample.mean()
+                if extra is not None:
+                    loss = loss + extra(self, params, x.unsqueeze(0), not plain, _rows(ctx, k, m)).mean()
                 loss_sum += per_sample.detach().sum()
                 seen += len(ix)
             else:
                 w = weights[:m, s]
                 n_b = counts[:m, s]
                 x = xs[s, :m] if xs is not None else self.x_train[idx[:m, s]]
+                if attack is not None:
+                    x = attack(partial(self._input_loss, params, ys[s, :m], False), x)
                 out = self.forward_many(params, x)
                 per_sample = self.loss_fn(out.flatten(0, 1), ys[s, :m].flatten()).view(m, -1)
                 weighted = (per_sample * w).sum(dim=1)
                 loss = (weighted / n_b.clamp_min(1.0)).sum()
+                if extra is not None:
+                    more = extra(self, params, x, True, _rows(ctx, k, m))
+                    loss = loss + ((more * w).sum(dim=1) / n_b.clamp_min(1.0)).sum()
                 loss_sum[:m] += weighted.detach()
                 seen[:m] += n_b
             grad.zero_()
             loss.backward()
+            if perturb is not None:
+                regrad = (partial(self._backward_again, params, x, self.y_train[ix], None, None, plain) if k == 1
+                          else partial(self._backward_again, params, x, ys[s, :m], w, n_b, plain))
+                self._perturbed_grad(theta[:m], grad[:m], _rows(ctx, k, m), perturb, regrad)
             with torch.no_grad():
                 rows = _rows(ctx, k, m)
                 self._step(theta[:m], grad[:m], theta0[:m] if theta0.dim() == 2 else theta0,
@@ -408,6 +432,42 @@ class CohortTrainer:
             list(client_ids), final - global_params, uploads, sizes, steps,
             loss_sum / seen.clamp_min(1.0), new_states,
         )
+
+    def _input_loss(self, params: dict[str, torch.Tensor], y: torch.Tensor, plain: bool, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample losses `[K, B]` of inputs `x` (`[K, B, ...]`) under the current models: what
+        an input attack (adversarial training) differentiates with respect to `x`."""
+        if plain:
+            out = functional_call(self.module, params, (x[0],)).unsqueeze(0)
+        else:
+            out = self.forward_many(params, x)
+        return self.loss_fn(out.flatten(0, 1), y.flatten()).view(x.shape[0], -1)
+
+    def _backward_again(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                        w: torch.Tensor | None, n_b: torch.Tensor | None, plain: bool) -> None:
+        """The step's loss on the same batch once more, backward into the gradient buffer
+        (`w`, `n_b`: a cohort's sample weights and batch sizes; None for one client)."""
+        if w is None or n_b is None:
+            out = (functional_call(self.module, params, (x,)) if plain
+                   else self.forward_many(params, x.unsqueeze(0))[0])
+            self.loss_fn(out, y).mean().backward()
+            return
+        out = self.forward_many(params, x)
+        per_sample = self.loss_fn(out.flatten(0, 1), y.flatten()).view(x.shape[0], -1)
+        ((per_sample * w).sum(dim=1) / n_b.clamp_min(1.0)).sum().backward()
+
+    @staticmethod
+    def _perturbed_grad(theta: torch.Tensor, grad: torch.Tensor, ctx: State, perturb, regrad) -> None:
+        """Replace `grad` (the gradient at `theta`) by the gradient on the same batch at
+        `theta + perturb(theta, grad, ctx)`, then put `theta` back exactly (the autograd leaves
+        are views of its storage, so moving `theta` moves the model the batch runs through)."""
+        with torch.no_grad():
+            offset = perturb(theta, grad, ctx)
+            saved = theta.clone()
+            theta.add_(offset)
+            grad.zero_()
+        regrad()
+        with torch.no_grad():
+            theta.copy_(saved)
 
     def _step(self, theta: torch.Tensor, grad: torch.Tensor, theta0: torch.Tensor, opt_state: State,
               ctx: State, step: int, alg: ClientAlgorithm) -> None:

@@ -11,6 +11,7 @@ from math import prod
 import torch
 from torch import nn
 
+from koinon.errors import ConfigError
 from koinon.registry import Registry
 
 MODELS: Registry[nn.Module] = Registry("model")
@@ -88,12 +89,29 @@ def cnn1d(input_shape: tuple[int, ...], num_classes: int, channels: int = 32) ->
 def build_model(
     name: str, options: dict, input_shape: tuple[int, ...], num_classes: int, seed: int
 ) -> nn.Module:
-    """Build a registered model with seeded initial weights."""
+    """Build a registered model with seeded initial weights; `options` may also hold `init`
+    (a safetensors file to start from, `koinon.models.pretrained`) and `peft` (a
+    parameter-efficient fine-tuning method, `koinon.models.tuning`)."""
+    options = dict(options)
+    init = options.pop("init", "")
+    peft = options.pop("peft", None)
     with torch.random.fork_rng(devices=[]):  # seed the initialization, leave the global RNG alone
         torch.manual_seed(seed)
-        return MODELS.build(
+        model = MODELS.build(
             name, options, "model", input_shape=input_shape, num_classes=num_classes
         )
+    if init:
+        if not isinstance(init, str):
+            raise ConfigError(f"model.init = {init!r}: expected the path of a .safetensors file")
+        from koinon.models.pretrained import load_weights
+
+        load_weights(model, init)
+    if peft is not None and peft != "none":
+        from koinon.models.tuning import apply_peft
+
+        model = apply_peft(model, peft, seed)
+    return model
 
 
 from koinon.models import charlm as _charlm  # noqa: E402, F401  (registers char_transformer)
+from koinon.models import hf as _hf  # noqa: E402, F401  (registers hf_causal_lm; imports transformers when built)

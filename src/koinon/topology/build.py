@@ -127,8 +127,9 @@ def build_components(cfg: Config) -> Components:
         lr_schedule=c.lr_schedule, lr_warmup=c.lr_warmup,
     )
     CLIENT_ALGORITHMS.get(c.algorithm, key="client.algorithm")
-    _check_options(CLIENT_ALGORITHMS, c.algorithm, "client", c, context=("mu", "seed"))
-    algorithm = CLIENT_ALGORITHMS.build(c.algorithm, c.options, "client", mu=c.mu, seed=cfg.seed)
+    _check_options(CLIENT_ALGORITHMS, c.algorithm, "client", c, context=("mu", "seed", "layout"))
+    algorithm = CLIENT_ALGORITHMS.build(c.algorithm, c.options, "client", mu=c.mu, seed=cfg.seed,
+                                        layout=Layout.from_module(model))
     s = cfg.server
     server_context: dict[str, Any] = {"momentum": s.momentum, "beta1": s.beta1, "beta2": s.beta2, "tau": s.tau}
     if s.lr:

@@ -418,6 +418,14 @@ class FederatedServer:
                 for part in reference_users(self.aggregator):
                     part.set_reference(reference)
             num_byzantine = self._forge(rnd, order, ok, stacks, samples)
+            # An algorithm's own check of each update (FRL: it must be a ranking of every layer).
+            check = getattr(self.algorithm, "check_update", None)
+            if check is not None:
+                for i, client in enumerate(order):
+                    why = check(rnd.received, stacks[MODEL][i]) if ok[i] else ""
+                    if why:
+                        ok[i] = False
+                        rnd.reasons.setdefault(client, why)
         rejected = [c for c, good in zip(order, ok.tolist()) if not good]
         if rejected:
             why = "; ".join(f"client {c}: {rnd.reasons.get(c, 'rejected')}" for c in rejected)
@@ -440,6 +448,11 @@ class FederatedServer:
                 notice(f"round {r + 1}: {refused_update}")
             else:
                 old = self.params  # `_step` replaces the tensor, it does not write into it
+                # An algorithm's server correction of the aggregate (FedDyn), committed with the step.
+                correct = getattr(self.algorithm, "server_delta", None)
+                pending = None
+                if correct is not None:
+                    delta, pending = correct(self.server_state, delta, len(keep) / self.num_clients)
                 refused_update = self._step(delta)
                 if refused_update:
                     notice(f"round {r + 1}: {refused_update}")
@@ -451,6 +464,8 @@ class FederatedServer:
                         self.server_state, old, self.params, kept, weights, [order[i] for i in keep.tolist()])
                     applied = True
                 else:
+                    if pending is not None:
+                        self.server_state = pending
                     means = {n: (stacks[n] if everyone else stacks[n][keep]).mean(dim=0)
                              for n in self.algorithm.uploads if n in stacks}
                     self.server_state = self.algorithm.server_update(
