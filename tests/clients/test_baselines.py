@@ -9,6 +9,7 @@ from torch.func import functional_call
 from koinon.clients import CLIENT_ALGORITHMS, LocalTraining
 from koinon.clients.fednova import step_norm
 from koinon.data import Dataset, partition_dataset
+from koinon.errors import ConfigError
 from koinon.local import CohortTrainer
 from koinon.params import Layout
 
@@ -241,7 +242,7 @@ def _frl_federation(runtime="inprocess", seed=11):
 
     model = build_model_supermask()
     return Federation(model, _data(num_clients=8, n=120), local=LocalTraining(epochs=2, batch_size=8, lr=5.0),
-                      algorithm=CLIENT_ALGORITHMS.build("frl", {}, "client"), runtime=runtime,
+                      algorithm="frl", runtime=runtime,
                       clients_per_round=4, seed=seed)
 
 
@@ -297,10 +298,12 @@ def test_frl_vectorized_equals_inprocess():
 def test_frl_refuses_a_model_without_supermask():
     from koinon.topology import Federation
 
-    fed = Federation(_model(), _data(), local=LocalTraining(), algorithm=CLIENT_ALGORITHMS.build("frl", {}, "client"),
-                     runtime="inprocess", clients_per_round=2, seed=0)
-    with pytest.raises(ValueError, match="frl trains supermask scores only"):
-        fed.run_round(evaluate=False)
+    # Refused when the federation is built, before any round.
+    with pytest.raises(ConfigError, match="frl trains supermask scores only"):
+        Federation(_model(), _data(), local=LocalTraining(), algorithm="frl",
+                   runtime="inprocess", clients_per_round=2, seed=0)
+    with pytest.raises(ValueError, match="needs the model layout"):
+        CLIENT_ALGORITHMS.build("frl", {}, "client").check_update(torch.zeros(3), torch.zeros(3))
 
 
 @pytest.mark.parametrize("attack", ["sign_flip", "gaussian"])
@@ -324,3 +327,32 @@ def rank_of(params, layout):
     from koinon.clients.frl import rank_positions
 
     return rank_positions(params.unsqueeze(0), layout)[0]
+
+
+def test_mime_lite_refuses_a_second_momentum():
+    from koinon.config import Config
+    from koinon.experiment.runner import build_federation
+
+    for override in ({"client.momentum": 0.9}, {"client.optimizer": "adamw"}):
+        cfg = Config().with_overrides({"client.algorithm": "mime_lite", "data.num_clients": 10, **override})
+        with pytest.raises(ConfigError, match="steps with the server's momentum"):
+            build_federation(cfg)
+
+
+def test_feddyn_and_fedspeed_leave_buffers_uncorrected():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    layout = Layout.from_module(model)
+    pt, p = layout.num_trainable, layout.numel
+    assert pt < p  # running statistics are buffers
+    theta0 = torch.zeros(1, p)
+    theta = torch.ones(1, p)
+    dyn = CLIENT_ALGORITHMS.build("feddyn", {}, "client", layout=layout)
+    _, states = dyn.end(theta0[0], theta.clone(), torch.tensor([1]), 0.1, {"h": torch.zeros(1, p)})
+    assert bool((states[0]["h"][:pt] != 0).all()) and bool((states[0]["h"][pt:] == 0).all())
+    delta, state = dyn.server_delta({"h": torch.zeros(p)}, torch.ones(p), 0.5)
+    assert bool((state["h"][pt:] == 0).all()) and torch.equal(delta[pt:], torch.ones(p - pt))
+    speed = CLIENT_ALGORITHMS.build("fedspeed", {}, "client", layout=layout)
+    moved = theta.clone()
+    speed.end(theta0[0], moved, torch.tensor([1]), 0.1, {"ghat": torch.zeros(1, p), "plain": torch.zeros(1, p)})
+    assert torch.equal(moved[0, pt:], torch.ones(p - pt))  # the running statistics as trained

@@ -38,15 +38,17 @@ def order_by_difficulty(trainer: CohortTrainer, start: torch.Tensor, client_ids:
     shared = None
     if start.dim() == 1:
         present = flat[flat >= 0].unique()
-        shared = torch.full((len(trainer.y_train),), float("nan"))
+        # Indices and losses live on the host (the batch schedule does); a GPU trainer's
+        # losses come back once.
+        shared = torch.full((len(trainer.y_train),), float("nan"), device="cpu")
         if len(present):
-            shared[present] = _losses(trainer, start, present)
+            shared[present] = _losses(trainer, start, present).cpu()
     for i in range(k):
         where = (flat[i] >= 0).nonzero().flatten()
         values = flat[i, where]
         if not len(values):
             continue
-        loss = shared[values] if shared is not None else _losses(trainer, start[i], values)
+        loss = shared[values] if shared is not None else _losses(trainer, start[i], values).cpu()
         n = max(int(sizes[i]), 1)
         for a in range(0, len(values), n):
             key = loss[a: a + n]

@@ -46,6 +46,15 @@ def _check(layout: Layout) -> None:
     names = [e.name for e in layout.entries if e.trainable]
     if not names or not all(n.endswith("scores") for n in names):
         raise ValueError('frl trains supermask scores only; set model.peft = { name = "supermask" }')
+    big = [e for e in layout.entries if e.trainable and e.numel > MAX_EDGES]
+    if big:
+        raise ValueError(f"frl: layer {big[0].name} has {big[0].numel} edges; rankings travel as float32 "
+                         f"position / edges, exact up to {MAX_EDGES} edges a layer")
+
+
+# A ranking travels as position / numel in float32 (24-bit significand): positions stay within
+# 0.25 of an integer, which the server's check needs, up to 2^21 edges a layer.
+MAX_EDGES = 1 << 21
 
 
 @CLIENT_ALGORITHMS.register("frl")
@@ -55,12 +64,15 @@ class FRL(LocalSGD):
     name = "frl"
 
     def __init__(self, layout: Layout | None = None) -> None:
+        if layout is not None:
+            _check(layout)
         self.layout = layout  # the server's check needs each layer's extent
 
     def check_update(self, received: torch.Tensor, update: torch.Tensor) -> str:
         """Why `update` (from the model `received`) is not a ranking of every layer ('' if it is)."""
         if self.layout is None:
-            return ""
+            raise ValueError("frl: the server's ranking check needs the model layout "
+                             "(FRL(layout=Layout.from_module(model)); Federation passes it)")
         ranks = received + update
         for e in self.layout.entries:
             if not e.trainable:

@@ -57,6 +57,7 @@ class MimeLite(LocalSGD):
     name = "mime_lite"
     uploads: tuple[str, ...] = ("grad",)
     downloads: tuple[str, ...] = ("momentum",)
+    plain_sgd = True  # its momentum is the server's: a local momentum or AdamW would apply a second one
 
     def __init__(self, beta: float = 0.9) -> None:
         if not 0.0 <= beta < 1.0:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from koinon.clients.base import CLIENT_ALGORITHMS, LocalSGD, State
+from koinon.params import Layout
 
 
 def ascent_offset(grad: torch.Tensor, rho: float) -> torch.Tensor:
@@ -50,7 +51,7 @@ class FedSpeed(LocalSGD):
 
     name = "fedspeed"
 
-    def __init__(self, rho: float = 0.05, alpha: float = 0.5, lam: float = 10.0) -> None:
+    def __init__(self, rho: float = 0.05, alpha: float = 0.5, lam: float = 10.0, layout: Layout | None = None) -> None:
         if rho <= 0:
             raise ValueError(f"client.rho must be > 0, got {rho}")
         if not 0.0 <= alpha <= 1.0:
@@ -58,6 +59,7 @@ class FedSpeed(LocalSGD):
         if lam <= 0:
             raise ValueError(f"client.lam must be > 0, got {lam}")
         self.rho, self.alpha, self.lam = rho, alpha, lam
+        self.trainable = None if layout is None else layout.num_trainable  # buffers are not corrected
 
     def begin(self, global_params: torch.Tensor, server_state: State, client_states: list[State]) -> State:
         numel = global_params.shape[-1]
@@ -76,6 +78,9 @@ class FedSpeed(LocalSGD):
     def end(
         self, theta0: torch.Tensor, theta: torch.Tensor, num_steps: torch.Tensor, lr: float, ctx: State
     ) -> tuple[dict[str, torch.Tensor], list[State]]:
-        ghat = ctx["ghat"] - (theta - theta0) / self.lam
+        moved = theta - theta0
+        if self.trainable is not None and self.trainable < moved.shape[1]:
+            moved[:, self.trainable:] = 0.0  # buffers (running statistics) are not corrected
+        ghat = ctx["ghat"] - moved / self.lam
         theta.sub_(ghat * self.lam)  # the upload is theta_K - lam * ghat_i
         return {}, [{"correction": row.clone()} for row in ghat]

@@ -94,7 +94,8 @@ def with_steps(trainer: CohortTrainer, steps: int | None = None, data: Federated
     if data is not None:
         other.data = data
         other._flat = None
-        other.x_train, other.y_train = data.dataset.x_train, data.dataset.y_train
+        other.x_train = data.dataset.x_train.to(trainer.device)
+        other.y_train = data.dataset.y_train.to(trainer.device)
     return other
 
 
@@ -106,8 +107,15 @@ def personal_models(algorithm: ClientAlgorithm, trainer: CohortTrainer, client_i
     hook = getattr(algorithm, "personalize", None)
     if hook is None:
         return global_params.unsqueeze(0).repeat(len(client_ids), 1)
-    return hook(trainer, client_ids, global_params, server_state, client_states,
-                mix_seed(seed, PERSONAL_STREAM), round_index)
+    dev = trainer.device  # on a GPU runtime: the inputs cross once, the models come back once
+    if dev.type != "cpu":
+        global_params = global_params.to(dev)
+        server_state = {k: v.to(dev) for k, v in server_state.items()}
+        client_states = [{k: v.to(dev) for k, v in st.items()} for st in client_states]
+    with trainer._on_device():
+        models = hook(trainer, client_ids, global_params, server_state, client_states,
+                      mix_seed(seed, PERSONAL_STREAM), round_index)
+    return models.cpu()
 
 
 class PersonalEvaluation:

@@ -130,6 +130,9 @@ def build_components(cfg: Config) -> Components:
     _check_options(CLIENT_ALGORITHMS, c.algorithm, "client", c, context=("mu", "seed", "layout"))
     algorithm = CLIENT_ALGORITHMS.build(c.algorithm, c.options, "client", mu=c.mu, seed=cfg.seed,
                                         layout=Layout.from_module(model))
+    if getattr(algorithm, "plain_sgd", False) and (c.momentum or c.optimizer != "sgd"):
+        raise ConfigError(f"client.algorithm = {c.algorithm!r} steps with the server's momentum; it needs "
+                          f"client.optimizer = 'sgd' and client.momentum = 0 (got {c.optimizer!r}, {c.momentum})")
     s = cfg.server
     server_context: dict[str, Any] = {"momentum": s.momentum, "beta1": s.beta1, "beta2": s.beta2, "tau": s.tau}
     if s.lr:

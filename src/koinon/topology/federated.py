@@ -166,8 +166,9 @@ class Federation:
         self.evaluation = evaluation or Evaluation()
         aggregator = _aggregator(aggregator, byzantine_fraction, clients_per_round)
         self.local = LocalTraining(**local) if isinstance(local, dict) else (local or LocalTraining())
-        self.algorithm = component(CLIENT_ALGORITHMS, algorithm, "client.algorithm", ("begin", "end"), seed=seed)
         self.layout = Layout.from_module(model)
+        self.algorithm = component(CLIENT_ALGORITHMS, algorithm, "client.algorithm", ("begin", "end"), seed=seed,
+                                   layout=self.layout)
         # FLTrust and the like: the server sets its clean root dataset aside before anything
         # else (so no client, honest or Byzantine, owns those samples) and trains on it itself.
         users = reference_users(aggregator)

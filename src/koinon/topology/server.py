@@ -394,7 +394,7 @@ class FederatedServer:
         rnd = self._current()
         r = rnd.index
         if rnd.secure is not None:
-            return self._close_secure(rnd, rnd.secure)
+            return self._close_secure(rnd, rnd.secure, durations or {})
         previous = self.params
         if rnd.stacks is not None:  # accept_cohort: rows follow the cohort
             assert rnd.ok is not None
@@ -407,7 +407,6 @@ class FederatedServer:
             numel = self.params.numel()
             stacks = {s: (torch.stack([rnd.rows[c][s] for c in order]) if order else torch.zeros(0, numel))
                       for s in self.streams}
-        accepted = [c for c, good in zip(order, ok.tolist()) if good]  # decoded and valid
         samples = torch.tensor([rnd.samples.get(c, 0) for c in order], dtype=torch.long)
         num_byzantine = 0
         if order:
@@ -426,6 +425,8 @@ class FederatedServer:
                     if why:
                         ok[i] = False
                         rnd.reasons.setdefault(client, why)
+        # Taken: decoded, valid, and not refused by the adversary's validation or the algorithm's check.
+        accepted = [c for c, good in zip(order, ok.tolist()) if good]
         rejected = [c for c, good in zip(order, ok.tolist()) if not good]
         if rejected:
             why = "; ".join(f"client {c}: {rnd.reasons.get(c, 'rejected')}" for c in rejected)
@@ -504,7 +505,7 @@ class FederatedServer:
             out.extra.update(self.privacy.close(rnd.cohort))
         return out
 
-    def _close_secure(self, rnd: OpenRound, secure: SecureSum) -> RoundResult:
+    def _close_secure(self, rnd: OpenRound, secure: SecureSum, durations: dict[int, float]) -> RoundResult:
         """close_round for a securely summed cohort: the server optimizer steps with the sum."""
         assert self.privacy is not None
         refused = secure.error and f"secure aggregation failed, model unchanged ({secure.error})"
@@ -534,6 +535,7 @@ class FederatedServer:
         out.accepted, out.included = list(secure.survivors), included
         out.extra.update(secure.metrics)
         out.extra.update(self.privacy.close(rnd.cohort))
+        self._feedback(rnd.index, list(secure.survivors), rnd.losses, durations)
         return out
 
     def _feedback(self, round_index: int, clients: list[int], losses: dict[int, float],
