@@ -44,5 +44,8 @@ def test_population_based_training_logs_a_lineage(tmp_path):
     assert len(copied) == 1
     best = max(first, key=lambda r: r["accuracy"])
     assert copied[0]["copied_from"] == best["member"]
+    # Selection ranks the validation half; the test half is reported beside it, never ranked.
+    assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in lineage)
+    assert any(r["test_accuracy"] != r["accuracy"] for r in lineage)
     assert json.loads((tmp_path / "lineage.json").read_text()) == lineage
     assert (tmp_path / "lineage.png").stat().st_size > 0

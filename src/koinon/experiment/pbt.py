@@ -2,8 +2,9 @@
 
 A population of federations built from one config trains side by side (worker processes; in
 this process with `workers = 0`), each with its own hyper-parameters: client learning rate,
-local steps and server learning rate. Every `interval` rounds the members are ranked by test
-accuracy; by truncation selection the bottom `fraction` copies the whole state (model, server
+local steps and server learning rate. Every `interval` rounds the members are ranked by their
+accuracy on a validation half of the test split (seeded; `accuracy`), and the other half
+reports an unbiased test accuracy (`test_accuracy`: no selection ever saw it); by truncation selection the bottom `fraction` copies the whole state (model, server
 optimizer, clients' states) and hyper-parameters of a member drawn from the top `fraction`
 (exploit), then multiplies each copied hyper-parameter by a factor drawn from `factors`
 (explore; local steps are rounded and kept >= 1). Every generation's members, scores and copies
@@ -36,7 +37,8 @@ class Member:
     index: int
     hypers: dict[str, float]
     state: dict[str, torch.Tensor] = field(default_factory=dict)
-    accuracy: float = 0.0
+    accuracy: float = 0.0  # on the validation half: what selection ranks
+    test_accuracy: float = 0.0  # on the other half: what a report may quote
 
 
 def exploit_explore(members: list[Member], rng: np.random.Generator, fraction: float = 0.25,
@@ -63,8 +65,9 @@ def exploit_explore(members: list[Member], rng: np.random.Generator, fraction: f
 
 
 def _train(cfg_dict: dict[str, Any], hypers: dict[str, float], state: dict[str, torch.Tensor],
-           rounds: int) -> tuple[dict[str, torch.Tensor], float]:
-    """`rounds` more rounds of one member (in a worker process); returns its state and accuracy."""
+           rounds: int) -> tuple[dict[str, torch.Tensor], float, float]:
+    """`rounds` more rounds of one member (in a worker process); returns its state and its
+    validation and test accuracy (the two seeded halves of the test split)."""
     from koinon.experiment.runner import build_federation
 
     torch.set_num_threads(1)
@@ -74,10 +77,23 @@ def _train(cfg_dict: dict[str, Any], hypers: dict[str, float], state: dict[str, 
         if state:
             fed.load_state_dict(state)  # the round counter too: rounds continue where it stood
         fed.fit(rounds, eval_every=rounds)
-        accuracy, _ = fed.evaluate()
-        return fed.state_dict(), float(accuracy)
+        return (fed.state_dict(), *_halves(fed, cfg.seed))
     finally:
         fed.close()
+
+
+def _halves(fed: Any, seed: int) -> tuple[float, float]:
+    """(validation, test) accuracy of `fed`'s model on two seeded halves of its test split."""
+    from koinon.local import evaluate
+
+    ds = fed.data.dataset
+    order = torch.from_numpy(np.random.default_rng([seed, 0x9B7, 1]).permutation(len(ds.y_test)))
+    half = len(order) // 2
+    out = []
+    for part in (order[:half], order[half:]):
+        accuracy, _ = evaluate(fed.model, fed.layout, fed.params, ds.x_test[part], ds.y_test[part], fed.loss_fn)
+        out.append(float(accuracy))
+    return out[0], out[1]
 
 
 def population_based_training(cfg: Config, *, population: int = 4, generations: int = 4, interval: int = 5,
@@ -104,13 +120,14 @@ def population_based_training(cfg: Config, *, population: int = 4, generations: 
         for gen in range(generations):
             jobs = [(cfg_dict, m.hypers, m.state, interval) for m in members]
             results = list(pool.map(_train, *zip(*jobs))) if pool else [_train(*j) for j in jobs]
-            for m, (state, accuracy) in zip(members, results):
-                m.state, m.accuracy = state, accuracy
+            for m, (state, accuracy, test_accuracy) in zip(members, results):
+                m.state, m.accuracy, m.test_accuracy = state, accuracy, test_accuracy
             snapshot = {m.index: dict(m.hypers) for m in members}
             copies = exploit_explore(members, rng, fraction, factors) if gen < generations - 1 else {}
             for m in members:
                 lineage.append({"generation": gen, "member": m.index, "round": (gen + 1) * interval,
                                 "hypers": snapshot[m.index], "accuracy": m.accuracy,
+                                "test_accuracy": m.test_accuracy,
                                 "copied_from": copies.get(m.index)})
     finally:
         if pool is not None:
@@ -144,7 +161,7 @@ def plot_lineage(lineage: list[dict[str, Any]], path: Path) -> None:
             if nxt is not None:
                 ax.plot([src["round"], nxt["round"]], [src["accuracy"], nxt["accuracy"]], "k--", lw=0.8)
     ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel("validation accuracy (selection)")
     ax.set_title("population-based training: members and copies (dashed)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
