@@ -263,11 +263,20 @@ def test_config_keys_overrides_and_errors():
     with pytest.raises(ConfigError, match="scores rounds; schedule.name = 'fedbuff'"):
         scheduled(Config().with_overrides({"clock.speed": "constant", "schedule.name": "fedbuff",
                                            "ledger.contribution": "loo", "data.num_clients": 12}), fed)
-    for privacy in ({"privacy.secagg": True}, {"privacy.dp": "central", "privacy.noise_multiplier": 1.0}):
+    for privacy in ({"privacy.dp": "central", "privacy.noise_multiplier": 1.0},):
         with pytest.raises(ConfigError, match="works on whole cohorts"):
             scheduled(Config().with_overrides({"clock.speed": "constant", "schedule.name": "fedasync",
                                                "data.num_clients": 12, **privacy}), fed)
     assert scheduled(Config(), fed) is fed  # no clock: the federation as it was
+
+
+@pytest.mark.parametrize("name", ["sync", "fedasync", "fedbuff", "fedcompass", "fedamd"])
+def test_secure_aggregation_is_refused_under_every_schedule(name):
+    # The schedules hand the server one client's rows at a time (accept / apply_buffered), never
+    # the secure sum: a run that says secagg would aggregate in the clear.
+    with pytest.raises(ConfigError, match="secure aggregation runs only without"):
+        scheduled(Config().with_overrides({"clock.speed": "constant", "schedule.name": name,
+                                           "data.num_clients": 12, "privacy.secagg": True}), _federation())
 
 
 @pytest.mark.parametrize("make", [lambda: FedBuff(buffer=3, concurrency=5), lambda: FedAsync(concurrency=4),
