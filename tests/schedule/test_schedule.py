@@ -148,6 +148,21 @@ def test_fedasync_mixes_the_model_with_staleness_weight():
     assert records[-1].test_accuracy is not None and np.isfinite(records[-1].test_loss)
 
 
+@pytest.mark.parametrize("make", [lambda: FedAsync(concurrency=4, mixing=0.5), lambda: FedBuff(buffer=2, concurrency=4)],
+                         ids=["fedasync", "fedbuff"])
+def test_increment_codecs_keep_the_clients_estimate_under_asynchronous_schedules(make):
+    # EF21 sends increments; the server sums them per client. The staleness weight and FedAsync's
+    # mixing offset scale what is aggregated, never the client's running sum: the server's stored
+    # estimate must equal the client's own h, or every later update from it decodes wrong.
+    fed = _federation(codec={"name": "ef21", "inner": {"name": "topk", "ratio": 0.1}})
+    run = Scheduled(fed, _clock(12, np.linspace(0.3, 3.0, 12)), make())
+    run.fit(8)
+    sums = fed.server.receiver.sums
+    assert len(sums) >= 4
+    for (client, stream), h in sums.items():
+        assert torch.equal(h, fed.sender.states[client][stream]["h"]), client
+
+
 # ------------------------------------------------------------------ FedCompass
 
 
