@@ -278,11 +278,24 @@ def test_config_keys_overrides_and_errors():
     with pytest.raises(ConfigError, match="scores rounds; schedule.name = 'fedbuff'"):
         scheduled(Config().with_overrides({"clock.speed": "constant", "schedule.name": "fedbuff",
                                            "ledger.contribution": "loo", "data.num_clients": 12}), fed)
-    for privacy in ({"privacy.dp": "central", "privacy.noise_multiplier": 1.0},):
-        with pytest.raises(ConfigError, match="works on whole cohorts"):
+    for dp in ("central", "local", "sample"):  # privacy.open/close (the accounting) run only in rounds
+        with pytest.raises(ConfigError, match=f"privacy.dp = '{dp}' accounts whole rounds"):
             scheduled(Config().with_overrides({"clock.speed": "constant", "schedule.name": "fedasync",
-                                               "data.num_clients": 12, **privacy}), fed)
+                                               "data.num_clients": 12, "privacy.dp": dp,
+                                               "privacy.noise_multiplier": 1.0}), fed)
     assert scheduled(Config(), fed) is fed  # no clock: the federation as it was
+
+
+@pytest.mark.parametrize("algorithm", ["feddyn", "frl", "ifca", "clustered_meta", "fedcac"])
+def test_asynchronous_schedules_refuse_algorithms_with_server_round_hooks(algorithm):
+    # server_delta / check_update / server_update_rows / downlink_for run in close_round only;
+    # the buffered step would skip them (IFCA used to fail mid-run after the model moved).
+    fed = _federation(algorithm=algorithm)
+    cfg = {"clock.speed": "constant", "data.num_clients": 12}
+    for name in ("fedasync", "fedbuff", "fedcompass"):
+        with pytest.raises(ConfigError, match=f"client.algorithm = '{algorithm}' needs the server's round hooks"):
+            scheduled(Config().with_overrides({**cfg, "schedule.name": name}), fed)
+    assert isinstance(scheduled(Config().with_overrides({**cfg, "schedule.name": "sync"}), fed), Scheduled)
 
 
 @pytest.mark.parametrize("name", ["sync", "fedasync", "fedbuff", "fedcompass", "fedamd"])
