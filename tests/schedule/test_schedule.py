@@ -163,6 +163,17 @@ def test_increment_codecs_keep_the_clients_estimate_under_asynchronous_schedules
         assert torch.equal(h, fed.sender.states[client][stream]["h"]), client
 
 
+def test_a_schedules_own_trainer_runs_on_the_runtimes_device_and_precision():
+    # FedCompass trains with per-client step counts on the schedule's own trainer: it must be
+    # placed as the runtime's trainer is (bf16 autocast here), or those clients train in fp32.
+    fed = _federation(runtime={"name": "inprocess", "precision": "bf16"})
+    run = Scheduled(fed, _clock(12), FedCompass(min_steps=1, max_steps=3, concurrency=4))
+    assert run.trainer().precision == "bf16" and run.trainer(steps=2).precision == "bf16"
+    run.fit(2)
+    assert all(t.precision == "bf16" for t in run._trainers.values())
+    assert torch.isfinite(run.params).all()
+
+
 # ------------------------------------------------------------------ FedCompass
 
 

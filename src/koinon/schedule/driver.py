@@ -254,8 +254,12 @@ class Scheduled:
         algorithm = local.pop("algorithm", fed.algorithm)
         key = (id(algorithm), tuple(sorted(local.items())))
         if key not in self._trainers:
-            self._trainers[key] = CohortTrainer(fed.model, fed.layout, fed.data, algorithm,
-                                                dataclasses.replace(fed.local, **local), loss_fn=fed.loss_fn)
+            t = CohortTrainer(fed.model, fed.layout, fed.data, algorithm,
+                              dataclasses.replace(fed.local, **local), loss_fn=fed.loss_fn)
+            rt = fed.runtime  # on the runtime's device and precision, as the runtime's own trainer
+            if getattr(rt, "device", None) is not None and (rt.device.type != "cpu" or rt.precision != "fp32"):
+                t.place(rt.device, rt.precision)
+            self._trainers[key] = t
         return self._trainers[key]
 
     def train(self, clients: list[int], received: torch.Tensor, downloads: State, down_bytes: int,
