@@ -115,6 +115,21 @@ def test_sync_with_a_clock_equals_the_run_without_one_and_reports_simulated_time
     assert first.extra["sim_time_s"] == pytest.approx(slowest, abs=1e-6)  # recorded to the microsecond
 
 
+def test_sync_with_a_clock_sends_fedcac_its_personal_models_as_the_run_without_one():
+    # FedCAC's customized model (downlink_for) reaches each client and its bytes are counted:
+    # the same models, records and downlink bytes as the run without a clock, bit for bit.
+    plain = _federation(algorithm="fedcac")
+    plain_records = plain.fit(3)
+    fed = _federation(algorithm="fedcac")
+    run = Scheduled(fed, _clock(12, np.linspace(0.5, 2.0, 12)), Sync())
+    records = run.fit(3)
+    assert torch.equal(run.params, plain.params)
+    assert [r.downlink_bytes for r in records] == [r.downlink_bytes for r in plain_records]
+    assert records[-1].downlink_bytes > 4 * len(records[-1].cohort) * fed.layout.numel  # + personal models
+    for c in plain.client_states:
+        assert all(torch.equal(v, fed.client_states[c][k]) for k, v in plain.client_states[c].items())
+
+
 def test_sync_deadline_drops_stragglers_and_dropouts_lose_updates():
     fed = _federation(per_round=12)
     speed = np.ones(12)
