@@ -156,11 +156,31 @@ def test_a_client_leaving_during_its_task_is_missing():
 
 
 def test_fedasync_mixes_the_model_with_staleness_weight():
+    # Each arrival: x <- (1 - w) x + w x_client, w = mixing * (1 + tau)^-a (polynomial, a = 0.5),
+    # x_client = the model the client started from plus its decoded update; computed here by hand.
+    seen = []
+
+    class Watched(FedAsync):
+        def arrive(self, driver, task):
+            server = driver.federation.server
+            x, tau = server.params.clone(), server.round_index - task.version
+            out = super().arrive(driver, task)
+            seen.append((x, tau, task, server.params.clone()))
+            return out
+
     fed = _federation()
-    run = Scheduled(fed, _clock(12, np.linspace(0.3, 3.0, 12)), FedAsync(concurrency=4, mixing=0.5))
-    records = run.fit(6)
+    run = Scheduled(fed, _clock(12, np.linspace(0.3, 3.0, 12)), Watched(concurrency=4, mixing=0.5))
+    records = run.fit(8)
     assert all(r.num_clients == 1 for r in records)
     assert records[-1].test_accuracy is not None and np.isfinite(records[-1].test_loss)
+    stale = [s for s in seen if s[1] >= 1]
+    assert stale and len(seen) == 8
+    for x, tau, task, new in seen:
+        w = 0.5 * (1 + tau) ** -0.5
+        x_client = task.received + fed.codec.decode(task.payloads[0])
+        assert torch.allclose(new, (1 - w) * x + w * x_client, atol=1e-6), tau
+        if tau:
+            assert not torch.allclose(new, x + w * (x_client - task.received), atol=1e-6)  # not a plain delta
 
 
 @pytest.mark.parametrize("make", [lambda: FedAsync(concurrency=4, mixing=0.5), lambda: FedBuff(buffer=2, concurrency=4)],
