@@ -115,6 +115,21 @@ def test_sync_with_a_clock_equals_the_run_without_one_and_reports_simulated_time
     assert first.extra["sim_time_s"] == pytest.approx(slowest, abs=1e-6)  # recorded to the microsecond
 
 
+def test_sync_with_a_clock_sends_fedcac_its_personal_models_as_the_run_without_one():
+    # FedCAC's customized model (downlink_for) reaches each client and its bytes are counted:
+    # the same models, records and downlink bytes as the run without a clock, bit for bit.
+    plain = _federation(algorithm="fedcac")
+    plain_records = plain.fit(3)
+    fed = _federation(algorithm="fedcac")
+    run = Scheduled(fed, _clock(12, np.linspace(0.5, 2.0, 12)), Sync())
+    records = run.fit(3)
+    assert torch.equal(run.params, plain.params)
+    assert [r.downlink_bytes for r in records] == [r.downlink_bytes for r in plain_records]
+    assert records[-1].downlink_bytes > 4 * len(records[-1].cohort) * fed.layout.numel  # + personal models
+    for c in plain.client_states:
+        assert all(torch.equal(v, fed.client_states[c][k]) for k, v in plain.client_states[c].items())
+
+
 def test_sync_deadline_drops_stragglers_and_dropouts_lose_updates():
     fed = _federation(per_round=12)
     speed = np.ones(12)
@@ -141,11 +156,57 @@ def test_a_client_leaving_during_its_task_is_missing():
 
 
 def test_fedasync_mixes_the_model_with_staleness_weight():
+    # Each arrival: x <- (1 - w) x + w x_client, w = mixing * (1 + tau)^-a (polynomial, a = 0.5),
+    # x_client = the model the client started from plus its decoded update; computed here by hand.
+    seen = []
+
+    class Watched(FedAsync):
+        def arrive(self, driver, task):
+            server = driver.federation.server
+            x, tau = server.params.clone(), server.round_index - task.version
+            out = super().arrive(driver, task)
+            seen.append((x, tau, task, server.params.clone()))
+            return out
+
     fed = _federation()
-    run = Scheduled(fed, _clock(12, np.linspace(0.3, 3.0, 12)), FedAsync(concurrency=4, mixing=0.5))
-    records = run.fit(6)
+    run = Scheduled(fed, _clock(12, np.linspace(0.3, 3.0, 12)), Watched(concurrency=4, mixing=0.5))
+    records = run.fit(8)
     assert all(r.num_clients == 1 for r in records)
     assert records[-1].test_accuracy is not None and np.isfinite(records[-1].test_loss)
+    stale = [s for s in seen if s[1] >= 1]
+    assert stale and len(seen) == 8
+    for x, tau, task, new in seen:
+        w = 0.5 * (1 + tau) ** -0.5
+        x_client = task.received + fed.codec.decode(task.payloads[0])
+        assert torch.allclose(new, (1 - w) * x + w * x_client, atol=1e-6), tau
+        if tau:
+            assert not torch.allclose(new, x + w * (x_client - task.received), atol=1e-6)  # not a plain delta
+
+
+@pytest.mark.parametrize("make", [lambda: FedAsync(concurrency=4, mixing=0.5), lambda: FedBuff(buffer=2, concurrency=4)],
+                         ids=["fedasync", "fedbuff"])
+def test_increment_codecs_keep_the_clients_estimate_under_asynchronous_schedules(make):
+    # EF21 sends increments; the server sums them per client. The staleness weight and FedAsync's
+    # mixing offset scale what is aggregated, never the client's running sum: the server's stored
+    # estimate must equal the client's own h, or every later update from it decodes wrong.
+    fed = _federation(codec={"name": "ef21", "inner": {"name": "topk", "ratio": 0.1}})
+    run = Scheduled(fed, _clock(12, np.linspace(0.3, 3.0, 12)), make())
+    run.fit(8)
+    sums = fed.server.receiver.sums
+    assert len(sums) >= 4
+    for (client, stream), h in sums.items():
+        assert torch.equal(h, fed.sender.states[client][stream]["h"]), client
+
+
+def test_a_schedules_own_trainer_runs_on_the_runtimes_device_and_precision():
+    # FedCompass trains with per-client step counts on the schedule's own trainer: it must be
+    # placed as the runtime's trainer is (bf16 autocast here), or those clients train in fp32.
+    fed = _federation(runtime={"name": "inprocess", "precision": "bf16"})
+    run = Scheduled(fed, _clock(12), FedCompass(min_steps=1, max_steps=3, concurrency=4))
+    assert run.trainer().precision == "bf16" and run.trainer(steps=2).precision == "bf16"
+    run.fit(2)
+    assert all(t.precision == "bf16" for t in run._trainers.values())
+    assert torch.isfinite(run.params).all()
 
 
 # ------------------------------------------------------------------ FedCompass
@@ -263,11 +324,33 @@ def test_config_keys_overrides_and_errors():
     with pytest.raises(ConfigError, match="scores rounds; schedule.name = 'fedbuff'"):
         scheduled(Config().with_overrides({"clock.speed": "constant", "schedule.name": "fedbuff",
                                            "ledger.contribution": "loo", "data.num_clients": 12}), fed)
-    for privacy in ({"privacy.secagg": True}, {"privacy.dp": "central", "privacy.noise_multiplier": 1.0}):
-        with pytest.raises(ConfigError, match="works on whole cohorts"):
+    for dp in ("central", "local", "sample"):  # privacy.open/close (the accounting) run only in rounds
+        with pytest.raises(ConfigError, match=f"privacy.dp = '{dp}' accounts whole rounds"):
             scheduled(Config().with_overrides({"clock.speed": "constant", "schedule.name": "fedasync",
-                                               "data.num_clients": 12, **privacy}), fed)
+                                               "data.num_clients": 12, "privacy.dp": dp,
+                                               "privacy.noise_multiplier": 1.0}), fed)
     assert scheduled(Config(), fed) is fed  # no clock: the federation as it was
+
+
+@pytest.mark.parametrize("algorithm", ["feddyn", "frl", "ifca", "clustered_meta", "fedcac"])
+def test_asynchronous_schedules_refuse_algorithms_with_server_round_hooks(algorithm):
+    # server_delta / check_update / server_update_rows / downlink_for run in close_round only;
+    # the buffered step would skip them (IFCA used to fail mid-run after the model moved).
+    fed = _federation(algorithm=algorithm)
+    cfg = {"clock.speed": "constant", "data.num_clients": 12}
+    for name in ("fedasync", "fedbuff", "fedcompass"):
+        with pytest.raises(ConfigError, match=f"client.algorithm = '{algorithm}' needs the server's round hooks"):
+            scheduled(Config().with_overrides({**cfg, "schedule.name": name}), fed)
+    assert isinstance(scheduled(Config().with_overrides({**cfg, "schedule.name": "sync"}), fed), Scheduled)
+
+
+@pytest.mark.parametrize("name", ["sync", "fedasync", "fedbuff", "fedcompass", "fedamd"])
+def test_secure_aggregation_is_refused_under_every_schedule(name):
+    # The schedules hand the server one client's rows at a time (accept / apply_buffered), never
+    # the secure sum: a run that says secagg would aggregate in the clear.
+    with pytest.raises(ConfigError, match="secure aggregation runs only without"):
+        scheduled(Config().with_overrides({"clock.speed": "constant", "schedule.name": name,
+                                           "data.num_clients": 12, "privacy.secagg": True}), _federation())
 
 
 @pytest.mark.parametrize("make", [lambda: FedBuff(buffer=3, concurrency=5), lambda: FedAsync(concurrency=4),

@@ -73,12 +73,19 @@ def test_curriculum_draws_from_the_easiest_clients_first_and_widens():
     cur.observe(Feedback(0, list(range(12)), [float(c) for c in range(12)], [None] * 12))
     easy = cur.sample(clients, np.ones(12), 3, rng)  # fraction 0.25 + 0.75 / 4 -> 6 easiest
     assert max(easy) < 6
-    for _ in range(4):
-        last = cur.sample(clients, np.ones(12), 3, rng)
-    assert cur.rounds == 6 and len(last) == 3  # fraction 1: the whole population
+    # The pace counts server steps (observations), not sample() calls: sampling again and again
+    # in one step (an attack's second draw, an asynchronous dispatch) keeps the 6 easiest.
+    for _ in range(10):
+        assert max(cur.sample(clients, np.ones(12), 3, rng)) < 6
+    assert cur.rounds == 1
+    cur.observe(Feedback(3, list(range(12)), [float(c) for c in range(12)], [None] * 12))
+    assert cur.rounds == 4  # fraction 1: the whole population
+    drawn = {c for _ in range(10) for c in cur.sample(clients, np.ones(12), 3, rng)}
+    assert max(drawn) >= 6
     hard = Curriculum(start=0.25, pace=100, order="hard")
     hard.observe(Feedback(0, list(range(12)), [float(c) for c in range(12)], [None] * 12))
-    assert min(hard.sample(clients, np.ones(12), 3, rng)) >= 9
+    # After step 0's feedback, step 1 draws from ceil((0.25 + 0.75 / 100) * 12) = 4 hardest.
+    assert min(hard.sample(clients, np.ones(12), 3, rng)) >= 8
 
 
 def test_the_server_feeds_back_losses_after_every_round():

@@ -45,6 +45,8 @@ def scheduled(cfg: Config, topology: Any) -> Any:
     if not isinstance(topology, Federation):
         raise ConfigError(f"[clock] and [schedule] need topology.name = 'federated', got {cfg.topology.name!r}")
     schedule = SCHEDULES.build(s.name, s.options, "schedule")
+    if cfg.privacy.secagg:  # the schedules feed updates to the server one by one, in the clear
+        raise ConfigError("privacy.secagg = true: secure aggregation runs only without [clock]/[schedule]")
     if not getattr(schedule, "synchronous", False):  # clients start from different model versions
         if cfg.downlink.delta:
             raise ConfigError(f"schedule.name = {s.name!r} does not support downlink.delta = true "
@@ -52,10 +54,16 @@ def scheduled(cfg: Config, topology: Any) -> Any:
         if topology.byzantine or topology.root is not None:
             raise ConfigError(f"schedule.name = {s.name!r} does not support attacks or root-data "
                               "aggregators (use schedule.name = 'sync')")
-        if cfg.privacy.secagg or cfg.privacy.dp == "central":
-            what = "privacy.secagg = true" if cfg.privacy.secagg else "privacy.dp = 'central'"
-            raise ConfigError(f"{what} works on whole cohorts; schedule.name = {s.name!r} steps the model one "
-                              "buffered update at a time (use schedule.name = 'sync')")
+        if cfg.privacy.dp != "none":  # the privacy budget is spent per round (open/close), never here
+            raise ConfigError(f"privacy.dp = {cfg.privacy.dp!r} accounts whole rounds; schedule.name = {s.name!r} "
+                              "steps the model one buffered update at a time (use schedule.name = 'sync')")
+        hooks = [h for h in ("server_delta", "check_update", "server_update_rows", "downlink_for")
+                 if hasattr(topology.algorithm, h)]
+        if hooks:  # the buffered server step calls none of these
+            algorithm = getattr(topology.algorithm, "name", type(topology.algorithm).__name__)
+            raise ConfigError(f"client.algorithm = {algorithm!r} needs the server's round hooks "
+                              f"({', '.join(hooks)}); schedule.name = {s.name!r} steps the model one buffered "
+                              "update at a time (use schedule.name = 'sync')")
         if cfg.ledger.contribution != "none":
             raise ConfigError(f"ledger.contribution = {cfg.ledger.contribution!r} scores rounds; schedule.name = "
                               f"{s.name!r} steps the model one buffered update at a time (use schedule.name = 'sync')")

@@ -32,6 +32,7 @@ import torch
 
 from koinon.errors import KoinonError
 from koinon.local import CohortTrainer
+from koinon.personal import personal_downlinks
 from koinon.records import Callback, folder
 from koinon.registry import Registry
 from koinon.schedule.clock import Clock
@@ -120,6 +121,7 @@ class Scheduled:
         self.now = 0.0
         self.in_flight: dict[int, Task] = {}
         self.tasks_started = 0  # training calls so far: seeds each call's batches and encoding
+        self.personal_bytes = 0  # the last training call's models made for one client (FedCAC's)
         self._events: list[_Event] = []
         self._trainers: dict[tuple[Any, ...], CohortTrainer] = {}
 
@@ -254,8 +256,12 @@ class Scheduled:
         algorithm = local.pop("algorithm", fed.algorithm)
         key = (id(algorithm), tuple(sorted(local.items())))
         if key not in self._trainers:
-            self._trainers[key] = CohortTrainer(fed.model, fed.layout, fed.data, algorithm,
-                                                dataclasses.replace(fed.local, **local), loss_fn=fed.loss_fn)
+            t = CohortTrainer(fed.model, fed.layout, fed.data, algorithm,
+                              dataclasses.replace(fed.local, **local), loss_fn=fed.loss_fn)
+            rt = fed.runtime  # on the runtime's device and precision, as the runtime's own trainer
+            if getattr(rt, "device", None) is not None and (rt.device.type != "cpu" or rt.precision != "fp32"):
+                t.place(rt.device, rt.precision)
+            self._trainers[key] = t
         return self._trainers[key]
 
     def train(self, clients: list[int], received: torch.Tensor, downloads: State, down_bytes: int,
@@ -267,7 +273,17 @@ class Scheduled:
         fed = self.federation
         index = self.tasks_started
         self.tasks_started += 1
-        states = client_states or [fed.client_states.get(c, {}) for c in clients]
+        personal = [0] * len(clients)
+        if client_states is None:  # the run's algorithm: what the server sends to each client alone
+            states = []
+            for i, c in enumerate(clients):  # one by one: each client's own bytes delay only it
+                st, personal[i] = personal_downlinks(fed.algorithm, fed.server.server_state, [c],
+                                                     [fed.client_states.get(c, {})], fed.downlink, fed.seed,
+                                                     fed.round_index)
+                states += st
+        else:
+            states = client_states
+        self.personal_bytes = sum(personal)
         encoder = fed.sender.for_cohort(clients, index)
         if trainer is None and steps is None:
             result = fed.runtime.train(clients, received, downloads, states, fed.seed, index, encoder)
@@ -294,7 +310,7 @@ class Scheduled:
             samples = int(result.num_steps[row]) * batch
             up = sum(len(p) for p in task.payloads)
             task.compute_s = self.clock.compute_s(c, samples)
-            task.arrival = self.now + self.clock.duration(c, samples, down_bytes, up)
+            task.arrival = self.now + self.clock.duration(c, samples, down_bytes + personal[row], up)
             offline = self.clock.offline_at(c, self.now)
             task.lost = offline <= task.arrival
             task.end = offline if task.lost else task.arrival

@@ -84,6 +84,7 @@ class Sync:
         rnd.downlink_bytes = down * len(cohort)
         start = driver.now
         tasks = driver.train(cohort, rnd.received, rnd.downloads, down)
+        rnd.downlink_bytes += driver.personal_bytes  # FedCAC's customized models, as run_round counts them
         return close_sync_round(driver, cohort, tasks, self.deadline_s, start)
 
 
@@ -112,6 +113,7 @@ class _Asynchronous:
         down = sum(len(p) for _, p in payloads)
         self.pending_downlink += down * len(clients)
         driver.train(clients, received, downloads, down)
+        self.pending_downlink += driver.personal_bytes
 
     def step(self, driver: Scheduled) -> RoundResult:
         while True:

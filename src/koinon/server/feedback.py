@@ -201,7 +201,6 @@ class Curriculum(_LastLoss):
     def sample(self, available: np.ndarray, sizes: np.ndarray, k: int, rng: np.random.Generator) -> list[int]:
         _check(available, k)
         fraction = min(1.0, self.start + (1.0 - self.start) * self.rounds / self.pace)
-        self.rounds += 1
         if not self.losses:
             return sorted(int(c) for c in rng.choice(available, size=k, replace=False))
         median = float(np.median(list(self.losses.values())))
@@ -213,6 +212,9 @@ class Curriculum(_LastLoss):
 
     def observe(self, feedback: Feedback) -> None:
         self.losses.update(zip(feedback.client_ids, feedback.losses))
+        # The pace counts server steps, not sample() calls (an attack samples twice a round, an
+        # asynchronous schedule once per dispatch); a step nobody finished is not observed.
+        self.rounds = max(self.rounds, feedback.round_index + 1)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {**_pack(self.losses), "rounds": torch.tensor([self.rounds])}

@@ -609,6 +609,7 @@ class FederatedServer:
         `side_uplink_bytes`: other uploads of this step (FedAMD's anchor gradients)."""
         r = self.round_index
         rows: list[dict[str, torch.Tensor]] = []
+        raw: list[dict[str, torch.Tensor]] = []  # as decoded: what an increment codec keeps
         kept: list[Buffered] = []
         reasons: dict[int, str] = {}
         for u in updates:
@@ -617,6 +618,7 @@ class FederatedServer:
             except Rejected as exc:
                 reasons.setdefault(u.client, str(exc))
                 continue
+            raw.append(decoded)
             if u.offset is not None:  # FedAsync mixes models: (x_start + delta) - x = delta + offset
                 decoded = {**decoded, MODEL: decoded[MODEL] + u.offset}
             if u.weight != 1.0:
@@ -641,7 +643,7 @@ class FederatedServer:
             if refused_update:
                 notice(f"server step {r + 1}: {refused_update}")
         if applied:
-            for u, row in zip(kept, rows):
+            for u, row in zip(kept, raw):  # the client's own estimate, not the mixed/scaled rows
                 self.receiver.keep(u.client, row)
         accepted = [u.client for u in kept]
         uplink = sum(sum(len(p) for p in u.payloads) for u in updates) + side_uplink_bytes
