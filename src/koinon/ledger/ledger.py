@@ -5,12 +5,14 @@ receives what was combined (`ClosedRound`), stores the round (`ledger/rounds/rNN
 previous and new global model, the decoded update rows, their weights), leaves out what the
 server rejected and what the robust rule itself dropped (its `coefficients`), scores the rest with
 the configured method on the owner's validation set, and appends to the round log: `round`
-(previous model hash, cohort), one `receipt` per update (signed with the client's key, derived
-from the seed like the server's: `roundlog.simulated_key`; countersigned by the server),
+(previous model hash, cohort), one `receipt` per update (in simulation signed with the client's
+simulated key, derived from the seed: `roundlog.simulated_key`, marked `"client_key": "simulated"`;
+in a deployment clients do not sign yet and the receipt is `"client_key": "server-attested"`;
+signed by the server either way),
 `aggregate` (included, excluded with reasons, the stored round's and the new model's hashes),
 `scores` (method, options, seed, permutations, fixed-point scores). The log opens with the
 owner's commitments (`open`: validation-set hash, config hash, escrowed budget, the payout rule,
-every public key) and `finish` closes it with the `payout` entry, `payouts.csv` and a bar chart.
+the server's public key; its random private key stays in `ledger/server_key.pem`) and `finish` closes it with the `payout` entry, `payouts.csv` and a bar chart.
 `koinon verify RUN` replays all of it (`koinon.ledger.verify`).
 
 Secure aggregation hides individual updates, and coalition scores need them: a run that uses it
@@ -43,11 +45,15 @@ from koinon.ledger.contribution import (
     one_thread,
 )
 from koinon.ledger.payout import Payout, split_budget
-from koinon.ledger.roundlog import RoundLog, canonical, public_hex, simulated_key
+from koinon.ledger.roundlog import RoundLog, canonical, new_server_key, public_hex, simulated_key
 from koinon.ledger.shapley import Budget
 from koinon.local.losses import cross_entropy
 from koinon.params import Layout
 from koinon.topology.server import ClosedRound
+
+CLIENT_KEYS = ("simulated", "server-attested")
+"""How receipts are signed: by each client's seed-derived simulated key (simulation), or by the
+server alone (a deployment, whose clients do not sign yet)."""
 
 SCALE = 10**9
 """Scores are logged as integers in units of 1e-9 (fixed point: no float in the log)."""
@@ -131,7 +137,9 @@ class Ledger:
 
     def __init__(self, settings: LedgerSettings, module: nn.Module, layout: Layout, x_val: torch.Tensor,
                  y_val: torch.Tensor, *, seed: int, folder: Path, num_clients: int, config_sha256: str,
-                 num_classes: int = 0, loss_fn=cross_entropy) -> None:
+                 num_classes: int = 0, loss_fn=cross_entropy, client_key: str = "simulated") -> None:
+        if client_key not in CLIENT_KEYS:
+            raise ValueError(f"client_key = {client_key!r}; allowed: {', '.join(CLIENT_KEYS)}")
         self.settings = settings
         self.method: ContributionMethod = CONTRIBUTIONS.build(settings.contribution, settings.options, "ledger")
         self.validation = Validation(module, layout, x_val, y_val, settings.utility, loss_fn,
@@ -142,8 +150,10 @@ class Ledger:
         from safetensors.torch import save_file
 
         save_file({"x": x_val.contiguous(), "y": y_val.long().contiguous()}, str(folder / "validation.safetensors"))
-        self.server_key = simulated_key(seed, "server")
-        self.client_keys = [simulated_key(seed, "client", c) for c in range(num_clients)]
+        self.server_key = new_server_key(folder)
+        self.client_key = client_key
+        self.client_keys = ([simulated_key(seed, "client", c) for c in range(num_clients)]
+                            if client_key == "simulated" else [])
         self.log = RoundLog(folder, self.server_key)
         self.totals: dict[int, int] = {}
         self.sampled: dict[int, int] = {}
@@ -162,7 +172,9 @@ class Ledger:
             "detect_fraction": repr(settings.detect_fraction),
             "min_update_norm": repr(settings.min_update_norm), "rounding": "largest-remainder, integer cents",
             "server_key": public_hex(self.server_key),
-            "client_keys": {str(c): public_hex(k) for c, k in enumerate(self.client_keys)},
+            "client_key": client_key,
+            **({"client_keys": {str(c): public_hex(k) for c, k in enumerate(self.client_keys)}}
+               if self.client_keys else {}),
         })
 
     # ------------------------------------------------------------------ rounds
@@ -251,11 +263,11 @@ class Ledger:
 
     def _receipt(self, r: int, client: int, model: str, payload: str, update: str, weight: int) -> None:
         body = {"round": r, "client": client, "model_sha256": model, "payload_sha256": payload,
-                "update_sha256": update, "weight": weight}
-        signature = self.client_keys[client].sign(canonical(body)).hex()
-        countersigned = self.server_key.sign(canonical({**body, "client_signature": signature})).hex()
-        self.log.append({"type": "receipt", **body, "client_signature": signature,
-                         "server_signature": countersigned})
+                "update_sha256": update, "weight": weight, "client_key": self.client_key}
+        if self.client_keys:
+            body["client_signature"] = self.client_keys[client].sign(canonical(body)).hex()
+        countersigned = self.server_key.sign(canonical(body)).hex()
+        self.log.append({"type": "receipt", **body, "server_signature": countersigned})
 
     # ------------------------------------------------------------------ the end
 
@@ -323,9 +335,11 @@ def plot_payouts(totals: dict[int, int], payout: Payout, path: Path) -> None:
     tmp.replace(path)
 
 
-def attach(federation: Any, out: str | Path, settings: LedgerSettings, *, config_text: str = "") -> Ledger:
+def attach(federation: Any, out: str | Path, settings: LedgerSettings, *, config_text: str = "",
+           client_key: str = "simulated") -> Ledger:
     """Watch `federation` (a `Federation`: its server, model, data and seed) with a ledger
-    writing into the run folder `out`; call `finish(out)` after the last round."""
+    writing into the run folder `out`; call `finish(out)` after the last round. `client_key`:
+    how receipts are signed (`CLIENT_KEYS`)."""
     out = Path(out)
     server = federation.server
     ds = federation.data.dataset
@@ -333,7 +347,7 @@ def attach(federation: Any, out: str | Path, settings: LedgerSettings, *, config
     ledger = Ledger(settings, federation.model, federation.layout, x_val, y_val, seed=federation.seed,
                     folder=out / FOLDER, num_clients=federation.data.num_clients,
                     config_sha256=hashlib.sha256(config_text.encode()).hexdigest(), num_classes=ds.num_classes,
-                    loss_fn=federation.loss_fn)
+                    loss_fn=federation.loss_fn, client_key=client_key)
     server.record_digests = True
     server.observer = ledger
     return ledger
@@ -352,9 +366,10 @@ def checked_settings(cfg: Config) -> LedgerSettings:
     return settings
 
 
-def attach_ledger(topology: Any, cfg: Config, out: Path, config_text: str) -> Ledger | None:
+def attach_ledger(topology: Any, cfg: Config, out: Path, config_text: str,
+                  client_key: str = "simulated") -> Ledger | None:
     """The ledger `cfg` asks for, watching `topology`'s server and writing into `out`; None
-    when `ledger.contribution = "none"`."""
+    when `ledger.contribution = "none"`. A deployment passes `client_key="server-attested"`."""
     if cfg.ledger.contribution == "none":
         return None
-    return attach(topology, out, checked_settings(cfg), config_text=config_text)
+    return attach(topology, out, checked_settings(cfg), config_text=config_text, client_key=client_key)
