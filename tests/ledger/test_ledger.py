@@ -362,3 +362,40 @@ def test_a_tampered_payouts_csv_fails_at_the_payout(copy, capsys):
     assert main(["verify", str(copy)]) == 1
     path.unlink()
     assert "no payouts.csv" in verify_run(copy).failure
+
+
+@pytest.mark.parametrize("algorithm, hook", [
+    ("feddyn", "server_delta"), ("frl", "start"), ("perfedavg", "starts"), ("fedper", "shared_mask"),
+    ("fedrep", "shared_mask"), ("fedbn", "shared_mask"), ("ifca", "start"),
+    ("clustered_meta", "starts"), ("fedcac", "starts"), ("spsa", "decode_update")])
+def test_algorithms_whose_model_verify_cannot_rebuild_are_refused(algorithm, hook, tmp_path):
+    from koinon.ledger import checked_settings
+
+    cfg = config()
+    cfg.client.algorithm = algorithm
+    with pytest.raises(ConfigError, match=rf"client.algorithm = '{algorithm}'.*\({hook}\)"):
+        checked_settings(cfg)
+
+
+def test_a_stateful_server_optimizer_is_refused_and_fedprox_is_not(tmp_path):
+    from koinon.ledger import checked_settings
+
+    with pytest.raises(ConfigError, match="server.optimizer = 'fedadam'"):
+        run_experiment(Config.from_dict({**BASE, "server": {**BASE["server"], "optimizer": "fedadam"},
+                                         "ledger": LEDGER}), tmp_path / "a", progress=False)
+    assert not (tmp_path / "a").exists()
+    cfg = config()
+    cfg.client.algorithm = "fedprox"
+    checked_settings(cfg)
+
+
+def test_attach_refuses_an_unreplayable_federation(tmp_path):
+    from koinon.experiment.runner import build_federation
+    from koinon.ledger import LedgerSettings, attach
+
+    cfg = Config.from_dict({**BASE, "client": {**BASE["client"], "algorithm": "feddyn"}})
+    fed = build_federation(cfg)
+    with pytest.raises(ConfigError, match="feddyn"):
+        attach(fed, tmp_path / "x", LedgerSettings("loo", {}))
+    assert not (tmp_path / "x").exists()
+    fed.close()

@@ -120,6 +120,34 @@ def refuse_hidden_updates(cfg: Config) -> None:
                           "secret, so koinon verify cannot replay it; use privacy.dp = 'local' or 'sample'")
 
 
+UNREPLAYED_HOOKS = {
+    "server_delta": "corrects the aggregate with server state (FedDyn)",
+    "start": "starts clients from other models than the global one",
+    "starts": "starts clients from other models than the global one",
+    "shared_mask": "shares only part of the model (personal layers)",
+    "server_update_rows": "keeps several global models",
+    "downlink_for": "sends each client its own model",
+    "decode_update": "has its own update format",
+}
+"""Client-algorithm hooks under which the applied model is not previous + lr x aggregate(rows),
+the step that the contribution scores rebuild and `koinon verify` replays."""
+
+
+def refuse_unreplayable(algorithm: Any, name: str, optimizer: str) -> None:
+    """The ledger's scores and `koinon verify` rebuild each round as previous + lr x the
+    aggregate of the logged rows: a client algorithm (class or instance) with a hook that
+    changes that, or a server optimizer other than `fedavg` (momentum, adaptive state), is
+    refused in one line."""
+    for hook, why in UNREPLAYED_HOOKS.items():
+        if hasattr(algorithm, hook):
+            raise ConfigError(f"[ledger] with client.algorithm = {name!r}: it {why} ({hook}), so its model is "
+                              "not previous + lr x aggregate and cannot be scored or verified; use an "
+                              "algorithm without it (fedavg, fedprox, scaffold, ...)")
+    if optimizer != "fedavg":
+        raise ConfigError(f"[ledger] with server.optimizer = {optimizer!r}: its state is not replayed, so the "
+                          "scores and koinon verify would not rebuild its step; use server.optimizer = 'fedavg'")
+
+
 def validation_split(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The owner's validation set: a seeded `fraction` of the test split."""
     count = max(1, round(fraction * len(y)))
@@ -342,6 +370,8 @@ def attach(federation: Any, out: str | Path, settings: LedgerSettings, *, config
     how receipts are signed (`CLIENT_KEYS`)."""
     out = Path(out)
     server = federation.server
+    refuse_unreplayable(server.algorithm, str(getattr(server.algorithm, "name", type(server.algorithm).__name__)),
+                        str(getattr(server.optimizer, "name", type(server.optimizer).__name__)))
     ds = federation.data.dataset
     x_val, y_val = validation_split(ds.x_test, ds.y_test, settings.validation_fraction, federation.seed)
     ledger = Ledger(settings, federation.model, federation.layout, x_val, y_val, seed=federation.seed,
@@ -357,6 +387,10 @@ def checked_settings(cfg: Config) -> LedgerSettings:
     """`cfg`'s `[ledger]`, checked against the rest of the config (one-line `ConfigError`)."""
     settings = LedgerSettings.from_config(cfg.ledger)
     refuse_hidden_updates(cfg)
+    from koinon.clients import CLIENT_ALGORITHMS
+
+    refuse_unreplayable(CLIENT_ALGORITHMS.get(cfg.client.algorithm, key="client.algorithm"), cfg.client.algorithm,
+                        cfg.server.optimizer)
     if cfg.topology.name != "federated":
         raise ConfigError(f"[ledger] needs topology.name = 'federated' (a server that sees each update), "
                           f"not {cfg.topology.name!r}")
