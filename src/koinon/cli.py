@@ -452,6 +452,8 @@ def _verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, help="a run folder written with a [ledger] section")
     p.add_argument("--receipt", type=int, nargs=2, metavar=("ROUND", "CLIENT"),
                    help="instead, print a client's receipt with its inclusion and consistency proofs (JSON)")
+    p.add_argument("--server-key", metavar="HEX",
+                   help="the expected server public key (hex, from the run's owner): the log must be signed by it")
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -464,12 +466,19 @@ def _verify(args: argparse.Namespace) -> int:
         print(json.dumps(proof, indent=1))
         return 0 if proof["included"] and proof["prefix"] else 1
 
-    report = verify_run(args.run)
+    report = verify_run(args.run, server_key=args.server_key)
     for note in report.notes:
         print(f"note: {note}")
+    if report.server_key and not report.pinned:
+        print(f"note: server key {report.server_key} trusted as the log names it (unpinned: pass "
+              "--server-key HEX to check it is the expected one)")
     if not report.ok:
         print(f"entry {report.failed_entry} does not verify: {report.failure} "
               f"({report.verified} of {report.entries} entries verified before it)")
+        return 1
+    if report.partial:
+        print(f"partially verified: {report.entries} entries of {args.run} (hashes, signatures, payouts); "
+              f"not checked: {report.partial}")
         return 1
     print(f"verified: all {report.entries} entries of {args.run} (hashes, signatures, aggregates, scores, payouts)")
     return 0

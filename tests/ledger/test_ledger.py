@@ -17,6 +17,8 @@ from koinon.ledger.roundlog import (
     TreeHead,
     canonical,
     head_message,
+    load_server_key,
+    public_hex,
     read_log,
     simulated_key,
     verify_prefix,
@@ -60,9 +62,9 @@ def entries(folder):
     return [json.loads(x) for x in lines(folder)]
 
 
-def rewrite(folder, new_entries):
+def rewrite(folder, new_entries, key=None):
     """A dishonest server rewrites its whole log and signs fresh heads (it holds its key)."""
-    key = simulated_key(0, "server")
+    key = key or load_server_key(folder / "ledger")
     data = [canonical(e) for e in new_entries]
     leaves = [merkle.leaf_hash(d) for d in data]
     heads = []
@@ -264,3 +266,136 @@ def test_verify_receipt_prints_a_clients_proofs(run, capsys):
     assert proof["included"] and proof["prefix"] and proof["receipt"] == first
     assert proof["final_head"]["size"] == len(lines(run))
     assert main(["verify", str(run), "--receipt", "1", "999"]) == 2  # no such receipt: one-line error
+
+
+def test_the_server_key_is_random_private_and_pinned(copy, tmp_path, capsys):
+    import os
+    import stat
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    real = entries(copy)[0]["server_key"]
+    path = copy / "ledger" / "server_key.pem"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert real == public_hex(load_server_key(copy / "ledger"))
+    assert real != public_hex(simulated_key(0, "server"))  # not derivable from the seed
+    assert b"PRIVATE" not in (copy / "ledger" / "log.jsonl").read_bytes()
+    assert all(e["client_key"] == "simulated" for e in entries(copy) if e["type"] in ("open", "receipt"))
+    assert main(["verify", str(copy), "--server-key", real]) == 0
+    out = capsys.readouterr().out
+    assert "verified: all" in out and "unpinned" not in out
+    assert main(["verify", str(copy)]) == 0
+    assert f"server key {real} trusted as the log names it (unpinned" in capsys.readouterr().out
+    # Someone who knows the seed but not the key re-signs the log under a key of their own: it
+    # verifies only unpinned; pinned to the owner's key it fails at the open entry.
+    es = entries(copy)
+    impostor = Ed25519PrivateKey.generate()
+    es[0]["server_key"] = public_hex(impostor)
+    for e in es:
+        if e["type"] == "receipt":
+            body = {k: v for k, v in e.items() if k not in ("seq", "type", "server_signature")}
+            e["server_signature"] = impostor.sign(canonical(body)).hex()
+    rewrite(copy, es, impostor)
+    assert verify_run(copy).ok
+    report = verify_run(copy, server_key=real)
+    assert report.failed_entry == 0 and "not the expected" in report.failure
+    assert main(["verify", str(copy), "--server-key", real]) == 1
+
+
+def resequenced(es):
+    return [{**e, "seq": i} for i, e in enumerate(es)]
+
+
+def test_a_duplicated_or_missing_or_misplaced_entry_fails_where_it_is(copy):
+    es = entries(copy)
+    scores = [i for i, e in enumerate(es) if e["type"] == "scores"]
+    # A scores entry repeated (re-signed by the server that holds its key) is a second one.
+    rewrite(copy, resequenced([*es[: scores[0] + 1], es[scores[0]], *es[scores[0] + 1:]]))
+    report = verify_run(copy)
+    assert report.failed_entry == scores[0] + 1 and "does not call for" in report.failure
+    # A missing scores entry is named at the next round's entry.
+    rewrite(copy, resequenced([*es[: scores[0]], *es[scores[0] + 1:]]))
+    report = verify_run(copy)
+    assert report.failed_entry == scores[0] and "round 1's scores entry is missing" in report.failure
+    # A scores entry naming another round.
+    moved = [dict(e) for e in es]
+    moved[scores[1]]["round"] = 1
+    rewrite(copy, moved)
+    report = verify_run(copy)
+    assert report.failed_entry == scores[1] and "current round is 2" in report.failure
+    # A second aggregate for a round.
+    aggregate = first_of(copy, "aggregate")
+    rewrite(copy, resequenced([*es[: aggregate + 1], es[aggregate], *es[aggregate + 1:]]))
+    report = verify_run(copy)
+    assert report.failed_entry == aggregate + 1 and "a second aggregate for round 1" in report.failure
+    # The last round's scores and the payout dropped: named after the last entry.
+    rewrite(copy, es[:-2])
+    report = verify_run(copy)
+    assert report.failed_entry == len(es) - 2 and "round 3's scores entry is missing" in report.failure
+    rewrite(copy, es[:-1])
+    report = verify_run(copy)
+    assert report.failed_entry == len(es) - 1 and "no payout entry" in report.failure
+    # An entry after the payout.
+    rewrite(copy, resequenced([*es, es[-1]]))
+    report = verify_run(copy)
+    assert report.failed_entry == len(es) and "after the payout" in report.failure
+
+
+def test_without_config_toml_the_run_is_only_partially_verified(copy, capsys):
+    (copy / "config.toml").unlink()
+    report = verify_run(copy)
+    assert report.ok and "no config.toml" in report.partial
+    assert main(["verify", str(copy)]) == 1
+    out = capsys.readouterr().out
+    assert "partially verified" in out and "verified: all" not in out
+
+
+def test_a_tampered_payouts_csv_fails_at_the_payout(copy, capsys):
+    path = copy / "payouts.csv"
+    rows = path.read_text().splitlines()
+    cells = rows[1].split(",")
+    cells[2] = str(int(cells[2]) + 1)
+    rows[1] = ",".join(cells)
+    path.write_text("\r\n".join(rows) + "\r\n")
+    report = verify_run(copy)
+    assert report.failed_entry == len(lines(copy)) - 1 and "payouts.csv differs" in report.failure
+    assert main(["verify", str(copy)]) == 1
+    path.unlink()
+    assert "no payouts.csv" in verify_run(copy).failure
+
+
+@pytest.mark.parametrize("algorithm, hook", [
+    ("feddyn", "server_delta"), ("frl", "start"), ("perfedavg", "starts"), ("fedper", "shared_mask"),
+    ("fedrep", "shared_mask"), ("fedbn", "shared_mask"), ("ifca", "start"),
+    ("clustered_meta", "starts"), ("fedcac", "starts"), ("spsa", "decode_update")])
+def test_algorithms_whose_model_verify_cannot_rebuild_are_refused(algorithm, hook, tmp_path):
+    from koinon.ledger import checked_settings
+
+    cfg = config()
+    cfg.client.algorithm = algorithm
+    with pytest.raises(ConfigError, match=rf"client.algorithm = '{algorithm}'.*\({hook}\)"):
+        checked_settings(cfg)
+
+
+def test_a_stateful_server_optimizer_is_refused_and_fedprox_is_not(tmp_path):
+    from koinon.ledger import checked_settings
+
+    with pytest.raises(ConfigError, match="server.optimizer = 'fedadam'"):
+        run_experiment(Config.from_dict({**BASE, "server": {**BASE["server"], "optimizer": "fedadam"},
+                                         "ledger": LEDGER}), tmp_path / "a", progress=False)
+    assert not (tmp_path / "a").exists()
+    cfg = config()
+    cfg.client.algorithm = "fedprox"
+    checked_settings(cfg)
+
+
+def test_attach_refuses_an_unreplayable_federation(tmp_path):
+    from koinon.experiment.runner import build_federation
+    from koinon.ledger import LedgerSettings, attach
+
+    cfg = Config.from_dict({**BASE, "client": {**BASE["client"], "algorithm": "feddyn"}})
+    fed = build_federation(cfg)
+    with pytest.raises(ConfigError, match="feddyn"):
+        attach(fed, tmp_path / "x", LedgerSettings("loo", {}))
+    assert not (tmp_path / "x").exists()
+    fed.close()

@@ -112,7 +112,8 @@ def test_a_robust_rules_drops_are_removed_before_scoring_and_replayed(tmp_path):
         assert payout["paid"][c] == 0
     assert sum(payout["paid"].values()) == 5000
     report = verify_run(tmp_path / "run")
-    assert report.ok and not report.notes, (report.failure, report.notes)
+    assert report.ok and not report.partial, (report.failure, report.partial)
+    assert not any("hash only" in n for n in report.notes), report.notes  # replayed, not hash-only
 
 
 def test_shapfed_class_wise_scores(captured):

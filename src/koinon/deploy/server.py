@@ -606,7 +606,7 @@ def _ledger(fed: Federation, cfg: Config, state: Path) -> Any:
     if fed.round_index:
         raise ConfigError(f"--state {state}: a run with a [ledger] cannot continue after a restart yet "
                           "(its round log would restart); use a new --state folder")
-    return attach_ledger(fed, cfg, state, cfg.to_toml())
+    return attach_ledger(fed, cfg, state, cfg.to_toml(), client_key="server-attested")
 
 
 def serve(cfg: Config, state: Path, certs: Path, listen: str) -> dict[str, Any]:

@@ -5,12 +5,14 @@ receives what was combined (`ClosedRound`), stores the round (`ledger/rounds/rNN
 previous and new global model, the decoded update rows, their weights), leaves out what the
 server rejected and what the robust rule itself dropped (its `coefficients`), scores the rest with
 the configured method on the owner's validation set, and appends to the round log: `round`
-(previous model hash, cohort), one `receipt` per update (signed with the client's key, derived
-from the seed like the server's: `roundlog.simulated_key`; countersigned by the server),
+(previous model hash, cohort), one `receipt` per update (in simulation signed with the client's
+simulated key, derived from the seed: `roundlog.simulated_key`, marked `"client_key": "simulated"`;
+in a deployment clients do not sign yet and the receipt is `"client_key": "server-attested"`;
+signed by the server either way),
 `aggregate` (included, excluded with reasons, the stored round's and the new model's hashes),
 `scores` (method, options, seed, permutations, fixed-point scores). The log opens with the
 owner's commitments (`open`: validation-set hash, config hash, escrowed budget, the payout rule,
-every public key) and `finish` closes it with the `payout` entry, `payouts.csv` and a bar chart.
+the server's public key; its random private key stays in `ledger/server_key.pem`) and `finish` closes it with the `payout` entry, `payouts.csv` and a bar chart.
 `koinon verify RUN` replays all of it (`koinon.ledger.verify`).
 
 Secure aggregation hides individual updates, and coalition scores need them: a run that uses it
@@ -43,11 +45,15 @@ from koinon.ledger.contribution import (
     one_thread,
 )
 from koinon.ledger.payout import Payout, split_budget
-from koinon.ledger.roundlog import RoundLog, canonical, public_hex, simulated_key
+from koinon.ledger.roundlog import RoundLog, canonical, new_server_key, public_hex, simulated_key
 from koinon.ledger.shapley import Budget
 from koinon.local.losses import cross_entropy
 from koinon.params import Layout
 from koinon.topology.server import ClosedRound
+
+CLIENT_KEYS = ("simulated", "server-attested")
+"""How receipts are signed: by each client's seed-derived simulated key (simulation), or by the
+server alone (a deployment, whose clients do not sign yet)."""
 
 SCALE = 10**9
 """Scores are logged as integers in units of 1e-9 (fixed point: no float in the log)."""
@@ -114,6 +120,34 @@ def refuse_hidden_updates(cfg: Config) -> None:
                           "secret, so koinon verify cannot replay it; use privacy.dp = 'local' or 'sample'")
 
 
+UNREPLAYED_HOOKS = {
+    "server_delta": "corrects the aggregate with server state (FedDyn)",
+    "start": "starts clients from other models than the global one",
+    "starts": "starts clients from other models than the global one",
+    "shared_mask": "shares only part of the model (personal layers)",
+    "server_update_rows": "keeps several global models",
+    "downlink_for": "sends each client its own model",
+    "decode_update": "has its own update format",
+}
+"""Client-algorithm hooks under which the applied model is not previous + lr x aggregate(rows),
+the step that the contribution scores rebuild and `koinon verify` replays."""
+
+
+def refuse_unreplayable(algorithm: Any, name: str, optimizer: str) -> None:
+    """The ledger's scores and `koinon verify` rebuild each round as previous + lr x the
+    aggregate of the logged rows: a client algorithm (class or instance) with a hook that
+    changes that, or a server optimizer other than `fedavg` (momentum, adaptive state), is
+    refused in one line."""
+    for hook, why in UNREPLAYED_HOOKS.items():
+        if hasattr(algorithm, hook):
+            raise ConfigError(f"[ledger] with client.algorithm = {name!r}: it {why} ({hook}), so its model is "
+                              "not previous + lr x aggregate and cannot be scored or verified; use an "
+                              "algorithm without it (fedavg, fedprox, scaffold, ...)")
+    if optimizer != "fedavg":
+        raise ConfigError(f"[ledger] with server.optimizer = {optimizer!r}: its state is not replayed, so the "
+                          "scores and koinon verify would not rebuild its step; use server.optimizer = 'fedavg'")
+
+
 def validation_split(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The owner's validation set: a seeded `fraction` of the test split."""
     count = max(1, round(fraction * len(y)))
@@ -131,7 +165,9 @@ class Ledger:
 
     def __init__(self, settings: LedgerSettings, module: nn.Module, layout: Layout, x_val: torch.Tensor,
                  y_val: torch.Tensor, *, seed: int, folder: Path, num_clients: int, config_sha256: str,
-                 num_classes: int = 0, loss_fn=cross_entropy) -> None:
+                 num_classes: int = 0, loss_fn=cross_entropy, client_key: str = "simulated") -> None:
+        if client_key not in CLIENT_KEYS:
+            raise ValueError(f"client_key = {client_key!r}; allowed: {', '.join(CLIENT_KEYS)}")
         self.settings = settings
         self.method: ContributionMethod = CONTRIBUTIONS.build(settings.contribution, settings.options, "ledger")
         self.validation = Validation(module, layout, x_val, y_val, settings.utility, loss_fn,
@@ -142,8 +178,10 @@ class Ledger:
         from safetensors.torch import save_file
 
         save_file({"x": x_val.contiguous(), "y": y_val.long().contiguous()}, str(folder / "validation.safetensors"))
-        self.server_key = simulated_key(seed, "server")
-        self.client_keys = [simulated_key(seed, "client", c) for c in range(num_clients)]
+        self.server_key = new_server_key(folder)
+        self.client_key = client_key
+        self.client_keys = ([simulated_key(seed, "client", c) for c in range(num_clients)]
+                            if client_key == "simulated" else [])
         self.log = RoundLog(folder, self.server_key)
         self.totals: dict[int, int] = {}
         self.sampled: dict[int, int] = {}
@@ -162,7 +200,9 @@ class Ledger:
             "detect_fraction": repr(settings.detect_fraction),
             "min_update_norm": repr(settings.min_update_norm), "rounding": "largest-remainder, integer cents",
             "server_key": public_hex(self.server_key),
-            "client_keys": {str(c): public_hex(k) for c, k in enumerate(self.client_keys)},
+            "client_key": client_key,
+            **({"client_keys": {str(c): public_hex(k) for c, k in enumerate(self.client_keys)}}
+               if self.client_keys else {}),
         })
 
     # ------------------------------------------------------------------ rounds
@@ -251,11 +291,11 @@ class Ledger:
 
     def _receipt(self, r: int, client: int, model: str, payload: str, update: str, weight: int) -> None:
         body = {"round": r, "client": client, "model_sha256": model, "payload_sha256": payload,
-                "update_sha256": update, "weight": weight}
-        signature = self.client_keys[client].sign(canonical(body)).hex()
-        countersigned = self.server_key.sign(canonical({**body, "client_signature": signature})).hex()
-        self.log.append({"type": "receipt", **body, "client_signature": signature,
-                         "server_signature": countersigned})
+                "update_sha256": update, "weight": weight, "client_key": self.client_key}
+        if self.client_keys:
+            body["client_signature"] = self.client_keys[client].sign(canonical(body)).hex()
+        countersigned = self.server_key.sign(canonical(body)).hex()
+        self.log.append({"type": "receipt", **body, "server_signature": countersigned})
 
     # ------------------------------------------------------------------ the end
 
@@ -323,17 +363,21 @@ def plot_payouts(totals: dict[int, int], payout: Payout, path: Path) -> None:
     tmp.replace(path)
 
 
-def attach(federation: Any, out: str | Path, settings: LedgerSettings, *, config_text: str = "") -> Ledger:
+def attach(federation: Any, out: str | Path, settings: LedgerSettings, *, config_text: str = "",
+           client_key: str = "simulated") -> Ledger:
     """Watch `federation` (a `Federation`: its server, model, data and seed) with a ledger
-    writing into the run folder `out`; call `finish(out)` after the last round."""
+    writing into the run folder `out`; call `finish(out)` after the last round. `client_key`:
+    how receipts are signed (`CLIENT_KEYS`)."""
     out = Path(out)
     server = federation.server
+    refuse_unreplayable(server.algorithm, str(getattr(server.algorithm, "name", type(server.algorithm).__name__)),
+                        str(getattr(server.optimizer, "name", type(server.optimizer).__name__)))
     ds = federation.data.dataset
     x_val, y_val = validation_split(ds.x_test, ds.y_test, settings.validation_fraction, federation.seed)
     ledger = Ledger(settings, federation.model, federation.layout, x_val, y_val, seed=federation.seed,
                     folder=out / FOLDER, num_clients=federation.data.num_clients,
                     config_sha256=hashlib.sha256(config_text.encode()).hexdigest(), num_classes=ds.num_classes,
-                    loss_fn=federation.loss_fn)
+                    loss_fn=federation.loss_fn, client_key=client_key)
     server.record_digests = True
     server.observer = ledger
     return ledger
@@ -343,6 +387,10 @@ def checked_settings(cfg: Config) -> LedgerSettings:
     """`cfg`'s `[ledger]`, checked against the rest of the config (one-line `ConfigError`)."""
     settings = LedgerSettings.from_config(cfg.ledger)
     refuse_hidden_updates(cfg)
+    from koinon.clients import CLIENT_ALGORITHMS
+
+    refuse_unreplayable(CLIENT_ALGORITHMS.get(cfg.client.algorithm, key="client.algorithm"), cfg.client.algorithm,
+                        cfg.server.optimizer)
     if cfg.topology.name != "federated":
         raise ConfigError(f"[ledger] needs topology.name = 'federated' (a server that sees each update), "
                           f"not {cfg.topology.name!r}")
@@ -352,9 +400,10 @@ def checked_settings(cfg: Config) -> LedgerSettings:
     return settings
 
 
-def attach_ledger(topology: Any, cfg: Config, out: Path, config_text: str) -> Ledger | None:
+def attach_ledger(topology: Any, cfg: Config, out: Path, config_text: str,
+                  client_key: str = "simulated") -> Ledger | None:
     """The ledger `cfg` asks for, watching `topology`'s server and writing into `out`; None
-    when `ledger.contribution = "none"`."""
+    when `ledger.contribution = "none"`. A deployment passes `client_key="server-attested"`."""
     if cfg.ledger.contribution == "none":
         return None
-    return attach(topology, out, checked_settings(cfg), config_text=config_text)
+    return attach(topology, out, checked_settings(cfg), config_text=config_text, client_key=client_key)

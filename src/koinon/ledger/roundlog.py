@@ -7,10 +7,14 @@ entry is caught at that entry. An entry is canonical JSON (sorted keys, no space
 integers and strings only: scores and amounts are fixed-point integers, never floats, so every
 party serializes and hashes the same bytes. Each entry carries its position (`seq`).
 
-Keys are Ed25519 (`cryptography`). In simulation the server's and every client's key derive from
-the run's seed (`simulated_key`): anyone who knows the seed can sign for them, so there the
-signatures check the plumbing and the log's integrity, not identity. A deployment would bind each
-client's key to its TLS certificate instead.
+Keys are Ed25519 (`cryptography`). The server's signing key is random (`new_server_key`), kept in
+the private file `ledger/server_key.pem` (mode 0600, never in the log; do not publish it with the
+run) and its public key is in the log's `open` entry: a verifier pins it (`koinon verify RUN
+--server-key HEX`), since whoever holds a key can re-sign a whole log. Client receipt keys: in
+simulation they derive from the run's seed (`simulated_key`, marked `"client_key": "simulated"`),
+so anyone who knows the seed can sign for them and they check the plumbing, not identity; in a
+deployment clients do not sign yet and receipts are server-attested only (`"client_key":
+"server-attested"`: the server's signature alone).
 
 A client keeps the signed head it was shown with its receipt; `inclusion` proves the receipt is
 in the tree of that size and `consistency` proves that tree is a prefix of the final one.
@@ -20,16 +24,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+    load_pem_private_key,
+)
 
 from koinon.errors import KoinonError
 from koinon.ledger import merkle
+
+SERVER_KEY_FILE = "server_key.pem"
+"""The server's private signing key in a run's `ledger/` folder (mode 0600; never in the log)."""
 
 
 def canonical(entry: dict[str, Any]) -> bytes:
@@ -55,6 +69,26 @@ def simulated_key(seed: int, role: str, index: int = 0) -> Ed25519PrivateKey:
     """A simulated party's key, derived from the run's seed (see the module docstring)."""
     material = hashlib.sha256(f"koinon-ledger/{seed}/{role}/{index}".encode()).digest()
     return Ed25519PrivateKey.from_private_bytes(material)
+
+
+def new_server_key(folder: Path) -> Ed25519PrivateKey:
+    """A fresh random server key, written to `folder/server_key.pem` (mode 0600)."""
+    key = Ed25519PrivateKey.generate()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / SERVER_KEY_FILE
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    return key
+
+
+def load_server_key(folder: Path) -> Ed25519PrivateKey:
+    """The server key `new_server_key` wrote into `folder`."""
+    key = load_pem_private_key((folder / SERVER_KEY_FILE).read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise KoinonError(f"{folder / SERVER_KEY_FILE}: not an Ed25519 key")
+    return key
 
 
 def public_hex(key: Ed25519PrivateKey) -> str:

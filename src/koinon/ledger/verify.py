@@ -3,10 +3,13 @@
 Entry by entry, in order: the signed tree head after the entry (signature, size, the Merkle root
 of the entries so far), the entry's canonical form and position, then what it claims:
 
-- `open`: the validation set's and the config's hashes, well-formed keys;
+- `open`: the validation set's and the config's hashes, well-formed keys; the server key is the
+  pinned one (`server_key`, `koinon verify --server-key HEX`; unpinned, the report names the key
+  it trusted: whoever holds a key can re-sign a whole log);
 - `round`: the model it names is the one the previous aggregate produced (round 1: the model the
   config builds with the run's seed);
-- `receipt`: the client's signature and the server's countersignature;
+- `receipt`: the server's signature, and the client's where the log has client keys (simulated
+  keys in simulation; a deployment's receipts are server-attested only, and the report says so);
 - `aggregate`: the stored round file's hash; its previous model, new model and update rows match
   the `round` entry, the receipts and the named model; the new model recomputed from the stored
   rows with the run's aggregator and server step (stateless rules and `fedavg`; others are
@@ -14,11 +17,18 @@ of the entries so far), the entry's canonical form and position, then what it cl
 - `scores`: recomputed with the logged method, options, seed and permutation count;
 - `payout`: recomputed from the logged totals, exclusions and commitments.
 
-The first entry that fails is named and the check stops there (exit code 1 from the CLI).
+Every `receipt`, `aggregate` and `scores` entry belongs to the current `round` (rounds follow on
+from 1); a round has exactly one aggregate and, when that aggregate was applied and scored
+clients, exactly one `scores` entry; a committed payout budget needs exactly one `payout` entry,
+the last, and `payouts.csv` must say what it says. The first entry that fails is named and the
+check stops there (exit code 1 from the CLI); a missing entry is named at the entry where it was
+due (or after the last). Without the run's `config.toml` the scores and aggregates cannot be
+replayed: the report is partial (`Report.partial`) and the CLI exits 1.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -31,7 +41,7 @@ from koinon.config import load_config
 from koinon.errors import KoinonError
 from koinon.ledger import merkle
 from koinon.ledger.contribution import CONTRIBUTIONS, RoundUpdates, Validation, one_thread
-from koinon.ledger.ledger import FOLDER, fixed, tensor_sha256, validation_sha256
+from koinon.ledger.ledger import FOLDER, SCALE, fixed, tensor_sha256, validation_sha256
 from koinon.ledger.payout import split_budget
 from koinon.ledger.roundlog import TreeHead, canonical, read_log, verify_signature
 from koinon.ledger.shapley import Budget
@@ -48,6 +58,9 @@ class Report:
     failed_entry: int | None = None
     failure: str = ""
     notes: list[str] = field(default_factory=list)
+    server_key: str = ""  # the server key the log names (and that verified its heads)
+    pinned: bool = False  # whether it was checked against an expected key
+    partial: str = ""  # what could not be checked (then the run is not fully verified)
 
     @property
     def ok(self) -> bool:
@@ -55,8 +68,9 @@ class Report:
 
 
 class _Replay:
-    def __init__(self, run: Path) -> None:
+    def __init__(self, run: Path, server_key: str | None = None) -> None:
         self.run = run
+        self.pinned = server_key
         self.folder = run / FOLDER
         self.frontier = merkle.Frontier()
         self.open: dict[str, Any] = {}
@@ -72,6 +86,11 @@ class _Replay:
         self.validation: Validation | None = None
         self.aggregator: Any = None
         self.replayable = ""
+        self.partial = ""
+        self.round = 0  # the current round entry's number
+        self.aggregated = False  # the current round has its aggregate
+        self.scores_due = False  # its aggregate was applied and scored clients: a scores entry is due
+        self.paid = False
 
     # ------------------------------------------------------------------ per entry
 
@@ -87,6 +106,9 @@ class _Replay:
             if kind != "open":
                 raise EntryFailure(f"({label}) the log must open with the owner's commitments")
             self.open = entry
+            if self.pinned is not None and str(entry.get("server_key", "")).lower() != self.pinned.lower():
+                raise EntryFailure(f"(open) the log's server key {entry.get('server_key')} is not the "
+                                   f"expected {self.pinned}")
         server_key = str(self.open.get("server_key", ""))
         if head is None:
             raise EntryFailure(f"({label}) no signed tree head covers it")
@@ -104,6 +126,8 @@ class _Replay:
         handler = getattr(self, f"_{kind}", None)
         if handler is None:
             raise EntryFailure(f"({label}) unknown entry type")
+        if self.paid:
+            raise EntryFailure(f"({label}) an entry after the payout, which closes the log")
         try:
             handler(entry)
         except EntryFailure as exc:
@@ -118,8 +142,15 @@ class _Replay:
         val = load_file(str(self.folder / "validation.safetensors"))
         if validation_sha256(val["x"], val["y"]) != e["validation_sha256"]:
             raise EntryFailure("the stored validation set is not the one committed to")
+        if e["client_key"] == "simulated":
+            self.notes.append("receipts are signed with simulated client keys (derived from the seed): "
+                              "they check the log's plumbing, not the clients' identity")
+        elif e["client_key"] == "server-attested":
+            self.notes.append("receipts are server-attested only: clients did not sign them")
+        else:
+            raise EntryFailure(f"unknown client_key {e['client_key']!r} (simulated or server-attested)")
         if self.cfg is None:
-            self.notes.append("no config.toml: the config hash and the scores were not replayed")
+            self.partial = "no config.toml: the config hash, the aggregates and the scores were not replayed"
             return
         if hashlib.sha256((self.run / "config.toml").read_bytes()).hexdigest() != e["config_sha256"]:
             raise EntryFailure("config.toml is not the committed config")
@@ -151,7 +182,30 @@ class _Replay:
         if self.replayable:
             self.notes.append(f"aggregates checked by hash only: {self.replayable}")
 
+    def _close_round(self) -> None:
+        """What the current round still owes before the next round or the payout."""
+        if self.round and not self.aggregated:
+            raise EntryFailure(f"round {self.round} has no aggregate entry")
+        if self.scores_due:
+            raise EntryFailure(f"round {self.round}'s scores entry is missing")
+
+    def _this_round(self, e: dict[str, Any]) -> None:
+        if e["round"] != self.round:
+            raise EntryFailure(f"belongs to round {e['round']}, but the current round is {self.round}")
+
+    def finish(self) -> None:
+        """What the whole log owes after its last entry."""
+        if not self.paid:
+            self._close_round()
+            if int(self.open.get("budget_cents", 0)):
+                raise EntryFailure(f"a payout budget of {self.open['budget_cents']} cents was committed "
+                                   "but the log has no payout entry")
+
     def _round(self, e: dict[str, Any]) -> None:
+        self._close_round()
+        if e["round"] != self.round + 1:
+            raise EntryFailure(f"round {e['round']} follows round {self.round}")
+        self.round, self.aggregated, self.scores_due = e["round"], False, False
         if self.model is not None and e["model_sha256"] != self.model:
             raise EntryFailure("starts from a model that is not the previous round's result")
         self.model = e["model_sha256"]
@@ -161,20 +215,36 @@ class _Replay:
             self.sampled[c] = self.sampled.get(c, 0) + 1
 
     def _receipt(self, e: dict[str, Any]) -> None:
-        body = {k: e[k] for k in ("round", "client", "model_sha256", "payload_sha256", "update_sha256", "weight")}
-        key = self.open["client_keys"][str(e["client"])]
-        if not verify_signature(key, e["client_signature"], canonical(body)):
-            raise EntryFailure("the client's signature does not verify")
-        if not verify_signature(self.open["server_key"], e["server_signature"],
-                                canonical({**body, "client_signature": e["client_signature"]})):
-            raise EntryFailure("the server's countersignature does not verify")
+        body = {k: e[k] for k in ("round", "client", "model_sha256", "payload_sha256", "update_sha256",
+                                  "weight", "client_key")}
+        if e["client_key"] != self.open["client_key"]:
+            raise EntryFailure(f"client_key {e['client_key']!r}, the log opened with {self.open['client_key']!r}")
+        if e["client_key"] == "simulated":
+            key = self.open["client_keys"][str(e["client"])]
+            if not verify_signature(key, e["client_signature"], canonical(body)):
+                raise EntryFailure("the client's signature does not verify")
+            body["client_signature"] = e["client_signature"]
+        elif e["client_key"] != "server-attested" or "client_signature" in e:
+            raise EntryFailure(f"unknown client_key {e['client_key']!r} (simulated or server-attested)")
+        if not verify_signature(self.open["server_key"], e["server_signature"], canonical(body)):
+            raise EntryFailure("the server's signature does not verify")
+        self._this_round(e)
+        if self.aggregated:
+            raise EntryFailure("a receipt after the round's aggregate")
         if e["model_sha256"] != self.model or e["client"] not in self.cohort:
             raise EntryFailure("receipt for a model or a client this round did not have")
+        if e["client"] in self.receipts:
+            raise EntryFailure(f"a second receipt of client {e['client']} in round {self.round}")
         self.receipts[e["client"]] = e
 
     def _aggregate(self, e: dict[str, Any]) -> None:
         from safetensors.torch import load_file
 
+        self._this_round(e)
+        if self.aggregated:
+            raise EntryFailure(f"a second aggregate for round {self.round}")
+        self.aggregated = True
+        self.scores_due = bool(e["applied"]) and bool(e["scored"])
         path = self.folder / e["round_file"]
         if hashlib.sha256(path.read_bytes()).hexdigest() != e["round_file_sha256"]:
             raise EntryFailure(f"{e['round_file']} is not the stored round it names")
@@ -228,6 +298,11 @@ class _Replay:
                 raise EntryFailure("the rows the rule dropped are not the ones logged as dropped")
 
     def _scores(self, e: dict[str, Any]) -> None:
+        self._this_round(e)
+        if not self.scores_due:
+            raise EntryFailure(f"a scores entry round {self.round} does not call for (a duplicate, before the "
+                               "aggregate, or after one that was not applied or scored no one)")
+        self.scores_due = False
         clients, previous, updates, weights, lr = self.rows[e["round"]]
         logged = {int(c): int(s) for c, s in e["scores"].items()}
         if sorted(logged) != sorted(clients):
@@ -250,6 +325,8 @@ class _Replay:
                                f"recomputed {again[worst]})")
 
     def _payout(self, e: dict[str, Any]) -> None:
+        self._close_round()
+        self.paid = True
         for c in self.sampled:
             self.totals.setdefault(c, 0)
         if {int(c): int(s) for c, s in e["totals"].items()} != self.totals:
@@ -261,14 +338,26 @@ class _Replay:
         p = split_budget(self.open["budget_cents"], self.totals, flagged, self.open["min_quality"])
         if {int(c): int(v) for c, v in e["paid"].items()} != p.paid or e["refund"] != p.refund:
             raise EntryFailure("payouts are not the committed rule applied to the logged scores")
+        path = self.run / "payouts.csv"
+        if not path.is_file():
+            raise EntryFailure("the run has no payouts.csv")
+        expected = [["client", "score", "paid_cents", "reason_unpaid"]] + [
+            [str(c), f"{self.totals[c] / SCALE:.9f}", str(e["paid"].get(str(c), 0)), str(e["unpaid"].get(str(c), ""))]
+            for c in sorted(self.totals)]
+        with path.open(newline="") as f:
+            rows = list(csv.reader(f))
+        if rows != expected:
+            row = next((i for i, (a, b) in enumerate(zip(rows, expected)) if a != b), min(len(rows), len(expected)))
+            raise EntryFailure(f"payouts.csv differs from the payout entry (line {row + 1})")
 
 
-def verify_run(run: str | Path) -> Report:
-    """Replay the round log of the run folder `run`; see the module docstring."""
+def verify_run(run: str | Path, server_key: str | None = None) -> Report:
+    """Replay the round log of the run folder `run`; see the module docstring. `server_key`
+    (hex): the expected server public key; without it the log's own key is trusted."""
     run = Path(run)
     lines, heads = read_log(run / FOLDER)
-    report = Report(entries=len(lines))
-    replay = _Replay(run)
+    report = Report(entries=len(lines), pinned=server_key is not None)
+    replay = _Replay(run, server_key)
     for i, line in enumerate(lines):
         try:
             replay.check(i, line, heads[i] if i < len(heads) else None)
@@ -279,6 +368,11 @@ def verify_run(run: str | Path) -> Report:
             report.failed_entry, report.failure = i, f"cannot be checked: {exc}"
             break
         report.verified += 1
+    if report.ok:
+        try:
+            replay.finish()
+        except EntryFailure as exc:
+            report.failed_entry, report.failure = len(lines), f"(after the last entry) {exc}"
     if report.ok and len(heads) != len(lines):
         report.failed_entry, report.failure = len(lines), f"{len(heads)} signed heads for {len(lines)} entries"
     if report.ok:
@@ -287,6 +381,8 @@ def verify_run(run: str | Path) -> Report:
             report.failed_entry = len(lines) - 1
             report.failure = "the run's final model (summary.json) is not the last aggregate's"
     report.notes = replay.notes
+    report.server_key = str(replay.open.get("server_key", ""))
+    report.partial = replay.partial
     return report
 
 
