@@ -71,7 +71,7 @@ class Privacy:
         divided by the sum of the weights (FedAvg)."""
         assert secure.total is not None
         if self.central is not None:
-            return self.central.release(secure.total, float(secure.count), secure.clip)
+            return self.central.release(secure.total, float(secure.count), secure.clip, len(secure.survivors))
         return (secure.total / max(secure.weight, 1)).to(torch.float32)
 
     def close(self, cohort: list[int]) -> dict[str, float]:

@@ -6,7 +6,8 @@ What a client puts in: its update (float32, decoded from its own payload, i.e. e
 would have uploaded) times its weight (its samples, capped at `max_weight`) in fixed point, the
 weight, and a count. Under central DP the client first clips its update to the round's L2 bound,
 its weight is 1, and the count is the adaptive-clipping bit (1 when it was not clipped); the
-server then noises the unmasked sum (`CentralDP.release`). Bytes are the protocol's messages,
+server then noises the unmasked sum (`CentralDP.release`), and centres the count there, as
+without secure aggregation: it releases count - survivors / 2 (sensitivity 1/2, Andrew et al.). Bytes are the protocol's messages,
 each client's own: its uplink and downlink.
 """
 
