@@ -165,6 +165,31 @@ def _check_secagg(cfg: Config, algorithm: Any) -> None:
     if getattr(algorithm, "uploads", ()) or hasattr(algorithm, "decode_update"):
         raise ConfigError(f"client.algorithm = {cfg.client.algorithm!r} uploads more than one model update; "
                           "secure aggregation sums the update only (use fedavg, fedprox or the like)")
+    if hasattr(algorithm, "check_update"):
+        raise ConfigError(f"client.algorithm = {cfg.client.algorithm!r} has the server check each update, which "
+                          "secure aggregation hides (the server sees only the sum)")
+    if hasattr(algorithm, "server_delta"):
+        raise ConfigError(f"client.algorithm = {cfg.client.algorithm!r} corrects the aggregate at the server "
+                          "(server_delta), which the secure-aggregation round does not apply")
+
+
+def _check_dp_algorithm(cfg: Config, algorithm: Any) -> None:
+    """User-level DP noises the model delta only: refuse algorithms that release more of a
+    client (other uploads, their own wire format, per-client rows or downlinks at the server).
+    A correction of the released aggregate (FedDyn's `server_delta`) is post-processing: allowed."""
+    name, dp = cfg.client.algorithm, cfg.privacy.dp
+    why = ""
+    if hasattr(algorithm, "decode_update"):
+        why = "uploads its update in its own wire format, which is not clipped and noised"
+    elif hasattr(algorithm, "server_update_rows"):
+        why = "keeps per-client rows at the server, computed from un-noised updates"
+    elif hasattr(algorithm, "downlink_for"):
+        why = "sends each client a downlink built from its un-noised uploads"
+    elif getattr(algorithm, "uploads", ()):
+        why = f"uploads {', '.join(algorithm.uploads)} besides the model delta, unclipped and un-noised"
+    if why:
+        raise ConfigError(f"client.algorithm = {name!r} {why}: privacy.dp = {dp!r} noises the model delta only "
+                          "(use fedavg, fedprox, feddyn or the like)")
 
 
 def build_privacy(cfg: Config, num_clients: int, algorithm: Any = None, sizes: torch.Tensor | None = None,
@@ -181,6 +206,8 @@ def build_privacy(cfg: Config, num_clients: int, algorithm: Any = None, sizes: t
     k, rounds = cfg.server.clients_per_round, cfg.server.rounds
     out = Privacy()
     seed = None if p.noise_seed < 0 else p.noise_seed
+    if p.dp in ("central", "local"):
+        _check_dp_algorithm(cfg, algorithm)
     if p.dp == "central" and cfg.aggregator.name != "mean":
         raise ConfigError(f"privacy.dp = 'central' is DP-FedAvg, which replaces the mean; aggregator.name = "
                           f"{cfg.aggregator.name!r} is not composed with it (use aggregator.name = 'mean')")
