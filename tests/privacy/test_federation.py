@@ -161,3 +161,13 @@ def test_secure_aggregation_refuses_per_update_checks_and_server_corrections(alg
     with pytest.raises(ConfigError, match=message) as info:
         build_federation(small(**{"privacy.secagg": True, "client.algorithm": algorithm}))
     assert "\n" not in str(info.value)
+
+
+def test_accounting_uses_the_training_clients_after_holdout_splits() -> None:
+    held = {"data.holdout_clients": 4, "data.client_test_fraction": 0.25}
+    fed = build_federation(small(**{"privacy.dp": "central", "privacy.noise_multiplier": 1.0, **held}))
+    assert fed.data.num_clients == 16
+    assert fed.server.privacy.central.accountant.sample_rate == pytest.approx(8 / 16)
+    sample = build_federation(small(**{"privacy.dp": "sample", "privacy.noise_multiplier": 1.0, **held}))
+    dpsgd = sample.server.privacy.sample
+    assert torch.equal(dpsgd.sizes, sample.data.sizes)  # each client's training samples only
