@@ -171,3 +171,10 @@ def test_accounting_uses_the_training_clients_after_holdout_splits() -> None:
     sample = build_federation(small(**{"privacy.dp": "sample", "privacy.noise_multiplier": 1.0, **held}))
     dpsgd = sample.server.privacy.sample
     assert torch.equal(dpsgd.sizes, sample.data.sizes)  # each client's training samples only
+
+
+def test_central_dp_refuses_a_non_uniform_sampler() -> None:
+    cfg = small(**{"privacy.dp": "central", "privacy.noise_multiplier": 1.0, "server.sampler": "power_of_choice"})
+    with pytest.raises(ConfigError, match="server.sampler = 'power_of_choice'.*'uniform'") as info:
+        build_federation(cfg)
+    assert "\n" not in str(info.value)

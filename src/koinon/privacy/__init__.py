@@ -6,6 +6,11 @@ local DP noises each client's update before it is encoded (`dp.LocalDP`), secure
 replaces the upload of updates by a SecAgg+ session whose sum the server optimizer steps with
 (`secure.SecureAggregation`). `build_privacy` turns a config into one, checking every key and
 every combination with a one-line `ConfigError` before anything trains.
+
+Central DP's epsilon is amplified by sampling: it assumes a uniformly sampled cohort that is
+secret from the adversary. The run records (and the server's logs) list each round's cohort;
+whoever reads them gets no amplification, and against them the guarantee is that of an
+unsampled Gaussian mechanism per round.
 """
 
 from __future__ import annotations
@@ -208,6 +213,9 @@ def build_privacy(cfg: Config, num_clients: int, algorithm: Any = None, sizes: t
     seed = None if p.noise_seed < 0 else p.noise_seed
     if p.dp in ("central", "local"):
         _check_dp_algorithm(cfg, algorithm)
+    if p.dp == "central" and cfg.server.sampler != "uniform":
+        raise ConfigError(f"privacy.dp = 'central' accounts for a uniformly sampled cohort (amplification by "
+                          f"sampling); server.sampler = {cfg.server.sampler!r} picks clients by other rules: use 'uniform'")
     if p.dp == "central" and cfg.aggregator.name != "mean":
         raise ConfigError(f"privacy.dp = 'central' is DP-FedAvg, which replaces the mean; aggregator.name = "
                           f"{cfg.aggregator.name!r} is not composed with it (use aggregator.name = 'mean')")
