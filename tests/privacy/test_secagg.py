@@ -3,6 +3,8 @@ messages independent of the input, never both secrets of one client revealed."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -331,3 +333,22 @@ def test_client_steps_run_once_and_in_order() -> None:
         bad.share_keys(b"garbage")
     with pytest.raises(ProtocolError, match="state aborted"):
         bad.share_keys(b"garbage")
+
+
+@pytest.mark.parametrize("bits, clip_range, weight, clients", [
+    (64, 1.0, 1, 1), (64, 3.7, 1, 1), (64, 1.0, 7, 3), (63, 0.1, 1, 1), (32, 1.0, 1, 1), (33, 5.0, 3, 7),
+])
+def test_fixed_point_bound_holds_in_exact_integers(bits: int, clip_range: float, weight: int, clients: int) -> None:
+    fp = FixedPoint(bits, clip_range, weight, clients)
+    largest = clients * weight * (math.floor(clip_range * fp.scale) + 1)  # the largest |sum|, as encoded
+    assert largest <= (1 << (bits - 1)) - 1
+    x = torch.tensor([clip_range, -clip_range, 10 * clip_range, -10 * clip_range])
+    for seed in range(20):
+        words = [fp.encode(x, weight, 1, torch.Generator().manual_seed(seed * clients + i)) for i in range(clients)]
+        total = words[0].copy()
+        for w in words[1:]:
+            total += w
+        total &= fp.dtype(fp.mask)
+        values, _, _ = fp.decode_sum(total, clients)
+        expected = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64) * clip_range * clients * weight
+        assert torch.allclose(values, expected, rtol=1e-6), values  # +R stays +R, -R stays -R
