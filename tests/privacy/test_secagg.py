@@ -352,3 +352,21 @@ def test_fixed_point_bound_holds_in_exact_integers(bits: int, clip_range: float,
         values, _, _ = fp.decode_sum(total, clients)
         expected = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64) * clip_range * clients * weight
         assert torch.allclose(values, expected, rtol=1e-6), values  # +R stays +R, -R stays -R
+
+
+def test_central_dp_clients_clip_so_that_the_encoded_update_stays_within_the_bound() -> None:
+    from koinon.privacy import SecureAggregation
+
+    fp = FixedPoint(16, 1.0, 1, 4)  # a coarse step (1 / 8190), so rounding shows
+    secure = SecureAggregation(fp, seed=3)
+    clip, length = 0.5, 1000
+    assert secure.encoded_clip(clip, length) == pytest.approx(clip - math.sqrt(length) / fp.scale)
+    for r in range(5):
+        updates = torch.zeros(4, length)
+        updates[2] = torch.randn(length, generator=torch.Generator().manual_seed(r))  # norm ~ 30: clipped
+        result = secure.run([0, 1, 2, 3], updates, [1, 1, 1, 1], r, clip)
+        assert result.count == 3  # the zero updates were not clipped
+        # Zero updates encode exactly, so the sum is client 2's update as the server decodes it.
+        assert float(result.total.norm()) <= clip
+    with pytest.raises(ValueError, match="raise the modulus bits"):
+        secure.encoded_clip(0.001, length)

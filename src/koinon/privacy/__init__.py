@@ -271,4 +271,11 @@ def build_privacy(cfg: Config, num_clients: int, algorithm: Any = None, sizes: t
         except ValueError as exc:
             raise ConfigError(f"privacy.secagg_modulus_bits = {p.secagg_modulus_bits}: {exc}") from None
         out.secure = SecureAggregation(fp, p.secagg_degree, p.secagg_threshold, p.secagg_dropout, cfg.seed)
+        if p.dp == "central" and model is not None:
+            length = sum(t.numel() for t in model.state_dict().values())  # at least the update's length
+            try:
+                out.secure.encoded_clip(p.clip, length)
+            except ValueError as exc:
+                raise ConfigError(f"privacy.clip = {p.clip:g} with privacy.secagg_modulus_bits = "
+                                  f"{p.secagg_modulus_bits}: {exc}") from None
     return out
