@@ -33,7 +33,13 @@ from koinon.privacy.secagg.messages import (
     Reader,
     seal,
 )
-from koinon.privacy.secagg.protocol import MASK_KEY, SELF_MASK, SecAggClient, SecAggServer, new_session
+from koinon.privacy.secagg.protocol import (
+    MASK_KEY,
+    SELF_MASK,
+    SecAggClient,
+    SecAggServer,
+    new_session,
+)
 
 
 def plain_sum(inputs: dict[int, np.ndarray], clients: list[int], fp: FixedPoint) -> np.ndarray:
