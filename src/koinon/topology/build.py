@@ -194,15 +194,16 @@ def build_federated(cfg: Config, /) -> Topology:
     from koinon.topology.evaluation import split_holdout
 
     train = parts.fed_data
-    if cfg.data.holdout_clients:
-        train = guard("data", split_new_clients, train, cfg.data.holdout_clients, cfg.seed)[0]
-    if users := reference_users(parts.aggregator):
-        train = reserve_root(train, getattr(users[-1], "root_samples", 100), cfg.seed)[0]
-    if cfg.data.client_test_fraction:
-        train = split_holdout(train, cfg.data.client_test_fraction, cfg.seed)[0]
-    if cfg.privacy.dp != "none" and not 1 <= s.clients_per_round <= train.num_clients:
-        raise ConfigError(f"server.clients_per_round = {s.clients_per_round}: must be in [1, {train.num_clients}] "
-                          "(the training clients)")
+    if cfg.privacy.dp != "none":
+        if cfg.data.holdout_clients:
+            train = guard("federation", split_new_clients, train, cfg.data.holdout_clients, cfg.seed)[0]
+        if users := reference_users(parts.aggregator):
+            train = guard("federation", reserve_root, train, getattr(users[-1], "root_samples", 100), cfg.seed)[0]
+        if cfg.data.client_test_fraction:
+            train = split_holdout(train, cfg.data.client_test_fraction, cfg.seed)[0]
+        if not 1 <= s.clients_per_round <= train.num_clients:
+            raise ConfigError(f"server.clients_per_round = {s.clients_per_round}: must be in "
+                              f"[1, {train.num_clients}] (the training clients)")
     privacy = build_privacy(cfg, train.num_clients, parts.algorithm, train.sizes, parts.model)
     algorithm = privacy.sample if privacy is not None and privacy.sample is not None else parts.algorithm
     return guard(
