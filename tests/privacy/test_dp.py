@@ -51,7 +51,7 @@ def test_adaptive_clip_converges_to_the_target_quantile(quantile: float) -> None
     history = []
     for _ in range(300):
         norms = norms_of_a_round(rng, 100)
-        clip.update(float((norms <= clip.clip).sum()), 100, noise)
+        clip.update(float((norms <= clip.clip).sum()), 100, 100, noise)
         history.append(clip.clip)
     target = math.exp(0.5 * stats.norm.ppf(quantile))  # the quantile of the log-normal
     assert np.median(history[-100:]) == pytest.approx(target, rel=0.15)
@@ -64,7 +64,7 @@ def test_reversed_sign_diverges() -> None:
     noise = NoiseSource(seed=0)
     for _ in range(300):
         norms = norms_of_a_round(rng, 100)
-        clip.update(float((norms > clip.clip).sum()), 100, noise)
+        clip.update(float((norms > clip.clip).sum()), 100, 100, noise)
     assert clip.clip < 1e-3 or clip.clip > 1e3
 
 
@@ -139,3 +139,29 @@ def test_local_dp_clips_and_noises_each_client() -> None:
     local.record([4, 5])
     local.record([4])
     assert local.metrics["dp_epsilon"] == pytest.approx(epsilon_for(0.5, 1.0, 2, 1e-5))
+
+
+def _released_count(bits: list[int], m: int) -> float:
+    """The count query of adaptive clipping as the server releases it (noise-free): rows of norm
+    0.5 (unclipped, b = 1) or 2.0 (clipped, b = 0) through `CentralDP.aggregate`, and the
+    fraction b_bar it reports mapped back to the released sum, (b_bar - 1/2) m."""
+    dp = CentralDP(1.0, 1.0, m, Accountant(0.1, 1e-5), NoiseSource(seed=0),
+                   adaptive=AdaptiveClip(1.0, 0.5, 1e-9, 0.0))
+    rows = torch.tensor([[0.5 if b else 2.0, 0.0] for b in bits])
+    dp.aggregate(rows)
+    return (dp.metrics["dp_unclipped"] - 0.5) * m
+
+
+def test_adaptive_clipping_composes_to_the_configured_multiplier() -> None:
+    """The count query's sensitivity as implemented (add or remove one client, bit 0 or 1) and
+    the raised update multiplier together make a Gaussian mechanism of multiplier exactly z."""
+    m = 10
+    sensitivity = 0.0
+    for base in ([1, 0, 1], [1, 1, 1, 1], [0, 0], [1, 0, 0, 1, 1, 0]):
+        for bit in (0, 1):
+            sensitivity = max(sensitivity, abs(_released_count(base + [bit], m) - _released_count(base, m)))
+    assert sensitivity == pytest.approx(0.5)
+    for z, sigma_b in ((1.0, 2.0), (0.8, 5.0), (2.5, 10.0)):
+        z_update = update_noise_multiplier(z, sigma_b)  # the update sum has sensitivity C, noise z_update C
+        combined = (z_update**-2 + (sensitivity / sigma_b) ** 2) ** -0.5
+        assert combined == pytest.approx(z, rel=1e-9)

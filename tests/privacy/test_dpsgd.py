@@ -75,3 +75,26 @@ def test_dpsgd_federation_learns_and_reports_epsilon() -> None:
     q = 32 / int(sizes.min())
     steps = -(-int(sizes.max()) // 32)
     assert results[-1].extra["dp_epsilon"] == pytest.approx(epsilon_for(0.7, q, 3 * 2 * steps, 1e-5))
+
+
+def test_a_step_whose_poisson_batches_are_all_empty_still_adds_the_noise() -> None:
+    from koinon.privacy import NoiseSource
+    from koinon.seeding import mix_seed
+
+    ds = DATASETS.get("digits")(seed=0, test_fraction=0.2, num_clients=4)
+    data = partition_dataset(ds, "iid", 4, seed=0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    layout = Layout.from_module(model)
+    z, clip, batch = 1.5, 0.1, 8
+    algorithm = SampleDP(CLIENT_ALGORITHMS.build("fedavg", {}, "client"), z, clip, data.sizes.clone(), batch, 1,
+                         1e-5, seed=0)
+    algorithm.rate_and_steps = lambda n: (0.0, 1)  # q = 0: nobody's sample is drawn, one step
+    trainer = CohortTrainer(model, layout, data, algorithm, LocalTraining(lr=0.5, epochs=1, batch_size=batch))
+    params = layout.flatten(model)
+    result = trainer.train([1], params, {}, [{}], seed=0, round_index=0)
+    # The client's noise stream: its Poisson draws, then the step's Gaussian noise.
+    source = NoiseSource(mix_seed(0, 0, 1))
+    source.uniform(len(data.client_indices[1]))
+    expected = -0.5 * source.normal(len(params), z * clip) / batch
+    assert float(expected.abs().max()) > 0
+    assert torch.allclose(result.deltas[0], expected, atol=1e-7)

@@ -136,3 +136,45 @@ def test_privacy_state_is_checkpointed() -> None:
     assert again.server.privacy.central.accountant.noise == [1.0]
     assert again.server.privacy.client_clip() == fed.server.privacy.client_clip()
     assert torch.equal(again.params, fed.params)
+
+
+@pytest.mark.parametrize("dp", ["central", "local"])
+@pytest.mark.parametrize("algorithm, why", [
+    ("scaffold", "uploads control"), ("mime_lite", "uploads grad"), ("spsa", "own wire format"),
+    ("ifca", "per-client rows"), ("clustered_meta", "per-client rows"), ("fedcac", "per-client rows"),
+])
+def test_dp_refuses_algorithms_that_release_more_than_the_delta(dp: str, algorithm: str, why: str) -> None:
+    cfg = small(**{"privacy.dp": dp, "privacy.noise_multiplier": 1.0, "client.algorithm": algorithm})
+    with pytest.raises(ConfigError, match=f"client.algorithm = '{algorithm}' .*{why}.*privacy.dp = '{dp}'") as info:
+        build_federation(cfg)
+    assert "\n" not in str(info.value)
+
+
+def test_dp_keeps_feddyn_whose_server_correction_is_post_processing() -> None:
+    fed = build_federation(small(**{"privacy.dp": "central", "privacy.noise_multiplier": 1.0,
+                                    "client.algorithm": "feddyn"}))
+    assert fed.server.privacy is not None and fed.server.privacy.central is not None
+
+
+@pytest.mark.parametrize("algorithm, message", [("frl", "check each update"), ("feddyn", "server_delta")])
+def test_secure_aggregation_refuses_per_update_checks_and_server_corrections(algorithm: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        build_federation(small(**{"privacy.secagg": True, "client.algorithm": algorithm}))
+    assert "\n" not in str(info.value)
+
+
+def test_accounting_uses_the_training_clients_after_holdout_splits() -> None:
+    held = {"data.holdout_clients": 4, "data.client_test_fraction": 0.25}
+    fed = build_federation(small(**{"privacy.dp": "central", "privacy.noise_multiplier": 1.0, **held}))
+    assert fed.data.num_clients == 16
+    assert fed.server.privacy.central.accountant.sample_rate == pytest.approx(8 / 16)
+    sample = build_federation(small(**{"privacy.dp": "sample", "privacy.noise_multiplier": 1.0, **held}))
+    dpsgd = sample.server.privacy.sample
+    assert torch.equal(dpsgd.sizes, sample.data.sizes)  # each client's training samples only
+
+
+def test_central_dp_refuses_a_non_uniform_sampler() -> None:
+    cfg = small(**{"privacy.dp": "central", "privacy.noise_multiplier": 1.0, "server.sampler": "power_of_choice"})
+    with pytest.raises(ConfigError, match="server.sampler = 'power_of_choice'.*'uniform'") as info:
+        build_federation(cfg)
+    assert "\n" not in str(info.value)

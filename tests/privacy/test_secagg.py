@@ -3,6 +3,8 @@ messages independent of the input, never both secrets of one client revealed."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -20,6 +22,8 @@ from koinon.privacy.secagg import (
     shamir,
 )
 from koinon.privacy.secagg.messages import (
+    ADVERTISE,
+    MASKED,
     NEIGHBOURS,
     SERVER,
     SHARES_FOR,
@@ -29,7 +33,13 @@ from koinon.privacy.secagg.messages import (
     Reader,
     seal,
 )
-from koinon.privacy.secagg.protocol import MASK_KEY, SELF_MASK, SecAggClient, new_session
+from koinon.privacy.secagg.protocol import (
+    MASK_KEY,
+    SELF_MASK,
+    SecAggClient,
+    SecAggServer,
+    new_session,
+)
 
 
 def plain_sum(inputs: dict[int, np.ndarray], clients: list[int], fp: FixedPoint) -> np.ndarray:
@@ -211,6 +221,7 @@ def test_a_server_naming_one_client_survivor_and_dropped_gets_nothing() -> None:
     client = SecAggClient(0, ids.of(0), ids.server.public_key(), directory, session, fp, 0.5)
     client.held = {1: (bytes(66), bytes(66)), 2: (bytes(66), bytes(66))}
     client.threshold = 1
+    client.state = "masked"  # as after masked_input
     body = b"".join(x.to_bytes(4, "little") for x in (1, 1, 1, 1))  # 1 survived, 1 dropped
     with pytest.raises(ProtocolError, match="both survived and dropped"):
         client.unmask(seal(ids.server, SURVIVORS, session, SERVER, 0, body))
@@ -267,3 +278,101 @@ def test_what_the_server_sees_is_independent_of_the_input() -> None:
     plain = np.array([np.bincount(np.zeros(100, int), minlength=16) + 1,
                       np.bincount(np.full(100, 15), minlength=16) + 1])
     assert chi2_contingency(plain).pvalue < 1e-5
+
+
+def _parties(n: int, fp: FixedPoint, length: int) -> tuple[Identities, bytes, dict[int, SecAggClient], SecAggServer]:
+    ids = Identities()
+    session = new_session()
+    directory = {c: ids.of(c).public_key() for c in range(n)}
+    parties = {c: SecAggClient(c, ids.of(c), ids.server.public_key(), directory, session, fp, 0.5)
+               for c in range(n)}
+    server = SecAggServer(ids.server, directory, session, fp, n - 1, 0.5, length)
+    return ids, session, parties, server
+
+
+def test_a_signed_but_malformed_message_rejects_its_client_not_the_session() -> None:
+    fp = FixedPoint(32, 1.0, 1, 5)
+    inputs = random_inputs(5, 6, fp, 2)
+    ids, session, parties, server = _parties(5, fp, 6)
+    adverts = {c: p.advertise() for c, p in parties.items()}
+    adverts[4] = seal(ids.of(4), ADVERTISE, session, 4, SERVER, bytes(10))  # signed, too short
+    neighbours = server.receive_adverts(adverts)
+    assert "truncated" in server.rejected[4] and sorted(neighbours) == [0, 1, 2, 3]
+    forwarded = server.receive_shares({c: parties[c].share_keys(m) for c, m in neighbours.items()})
+    masked = {c: parties[c].masked_input(m, inputs[c]) for c, m in forwarded.items()}
+    masked[3] = seal(ids.of(3), MASKED, session, 3, SERVER, bytes(6 * fp.word_bytes + 2))  # trailing bytes
+    survivors = server.receive_masked(masked)
+    assert "trailing" in server.rejected[3] and server.survivors == [0, 1, 2] and server.dropped == [3]
+    total = server.receive_unmask({c: parties[c].unmask(m) for c, m in survivors.items()})
+    assert np.array_equal(total, plain_sum(inputs, [0, 1, 2], fp))
+
+
+def test_client_steps_run_once_and_in_order() -> None:
+    fp = FixedPoint(32, 1.0, 1, 3)
+    inputs = random_inputs(3, 4, fp, 1)
+    ids, session, parties, server = _parties(3, fp, 4)
+    with pytest.raises(ProtocolError, match="out of order"):
+        parties[0].masked_input(b"", inputs[0])  # before anything
+    neighbours = server.receive_adverts({c: p.advertise() for c, p in parties.items()})
+    with pytest.raises(ProtocolError, match="advertise out of order or twice"):
+        parties[0].advertise()
+    shares = {c: parties[c].share_keys(m) for c, m in neighbours.items()}
+    # A second share_keys would encrypt new shares under the same AES-GCM key and nonce.
+    with pytest.raises(ProtocolError, match="share_keys out of order or twice"):
+        parties[0].share_keys(neighbours[0])
+    with pytest.raises(ProtocolError, match="unmask out of order"):
+        parties[0].unmask(b"")
+    forwarded = server.receive_shares(shares)
+    masked = {c: parties[c].masked_input(m, inputs[c]) for c, m in forwarded.items()}
+    with pytest.raises(ProtocolError, match="masked_input out of order or twice"):
+        parties[0].masked_input(forwarded[0], inputs[0])
+    server.receive_masked(masked)
+    # A server naming the client itself among its survivors or dropped neighbours is refused.
+    for lists in ((2, 0, 1, 0), (1, 1, 1, 0)):
+        body = b"".join(x.to_bytes(4, "little") for x in lists)
+        with pytest.raises(ProtocolError, match="the client itself"):
+            parties[0].unmask(seal(ids.server, SURVIVORS, session, SERVER, 0, body))
+    # A client whose step failed midway is out of the session.
+    bad = SecAggClient(0, ids.of(0), ids.server.public_key(), {}, session, fp, 0.5)
+    bad.advertise()
+    with pytest.raises(ProtocolError):
+        bad.share_keys(b"garbage")
+    with pytest.raises(ProtocolError, match="state aborted"):
+        bad.share_keys(b"garbage")
+
+
+@pytest.mark.parametrize("bits, clip_range, weight, clients", [
+    (64, 1.0, 1, 1), (64, 3.7, 1, 1), (64, 1.0, 7, 3), (63, 0.1, 1, 1), (32, 1.0, 1, 1), (33, 5.0, 3, 7),
+])
+def test_fixed_point_bound_holds_in_exact_integers(bits: int, clip_range: float, weight: int, clients: int) -> None:
+    fp = FixedPoint(bits, clip_range, weight, clients)
+    largest = clients * weight * (math.floor(clip_range * fp.scale) + 1)  # the largest |sum|, as encoded
+    assert largest <= (1 << (bits - 1)) - 1
+    x = torch.tensor([clip_range, -clip_range, 10 * clip_range, -10 * clip_range])
+    for seed in range(20):
+        words = [fp.encode(x, weight, 1, torch.Generator().manual_seed(seed * clients + i)) for i in range(clients)]
+        total = words[0].copy()
+        for w in words[1:]:
+            total += w
+        total &= fp.dtype(fp.mask)
+        values, _, _ = fp.decode_sum(total, clients)
+        expected = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64) * clip_range * clients * weight
+        assert torch.allclose(values, expected, rtol=1e-6), values  # +R stays +R, -R stays -R
+
+
+def test_central_dp_clients_clip_so_that_the_encoded_update_stays_within_the_bound() -> None:
+    from koinon.privacy import SecureAggregation
+
+    fp = FixedPoint(16, 1.0, 1, 4)  # a coarse step (1 / 8190), so rounding shows
+    secure = SecureAggregation(fp, seed=3)
+    clip, length = 0.5, 1000
+    assert secure.encoded_clip(clip, length) == pytest.approx(clip - math.sqrt(length) / fp.scale)
+    for r in range(5):
+        updates = torch.zeros(4, length)
+        updates[2] = torch.randn(length, generator=torch.Generator().manual_seed(r))  # norm ~ 30: clipped
+        result = secure.run([0, 1, 2, 3], updates, [1, 1, 1, 1], r, clip)
+        assert result.count == 3  # the zero updates were not clipped
+        # Zero updates encode exactly, so the sum is client 2's update as the server decodes it.
+        assert float(result.total.norm()) <= clip
+    with pytest.raises(ValueError, match="raise the modulus bits"):
+        secure.encoded_clip(0.001, length)

@@ -6,6 +6,11 @@ local DP noises each client's update before it is encoded (`dp.LocalDP`), secure
 replaces the upload of updates by a SecAgg+ session whose sum the server optimizer steps with
 (`secure.SecureAggregation`). `build_privacy` turns a config into one, checking every key and
 every combination with a one-line `ConfigError` before anything trains.
+
+Central DP's epsilon is amplified by sampling: it assumes a uniformly sampled cohort that is
+secret from the adversary. The run records (and the server's logs) list each round's cohort;
+whoever reads them gets no amplification, and against them the guarantee is that of an
+unsampled Gaussian mechanism per round.
 """
 
 from __future__ import annotations
@@ -71,7 +76,7 @@ class Privacy:
         divided by the sum of the weights (FedAvg)."""
         assert secure.total is not None
         if self.central is not None:
-            return self.central.release(secure.total, float(secure.count), secure.clip)
+            return self.central.release(secure.total, float(secure.count), secure.clip, len(secure.survivors))
         return (secure.total / max(secure.weight, 1)).to(torch.float32)
 
     def close(self, cohort: list[int]) -> dict[str, float]:
@@ -165,6 +170,31 @@ def _check_secagg(cfg: Config, algorithm: Any) -> None:
     if getattr(algorithm, "uploads", ()) or hasattr(algorithm, "decode_update"):
         raise ConfigError(f"client.algorithm = {cfg.client.algorithm!r} uploads more than one model update; "
                           "secure aggregation sums the update only (use fedavg, fedprox or the like)")
+    if hasattr(algorithm, "check_update"):
+        raise ConfigError(f"client.algorithm = {cfg.client.algorithm!r} has the server check each update, which "
+                          "secure aggregation hides (the server sees only the sum)")
+    if hasattr(algorithm, "server_delta"):
+        raise ConfigError(f"client.algorithm = {cfg.client.algorithm!r} corrects the aggregate at the server "
+                          "(server_delta), which the secure-aggregation round does not apply")
+
+
+def _check_dp_algorithm(cfg: Config, algorithm: Any) -> None:
+    """User-level DP noises the model delta only: refuse algorithms that release more of a
+    client (other uploads, their own wire format, per-client rows or downlinks at the server).
+    A correction of the released aggregate (FedDyn's `server_delta`) is post-processing: allowed."""
+    name, dp = cfg.client.algorithm, cfg.privacy.dp
+    why = ""
+    if hasattr(algorithm, "decode_update"):
+        why = "uploads its update in its own wire format, which is not clipped and noised"
+    elif hasattr(algorithm, "server_update_rows"):
+        why = "keeps per-client rows at the server, computed from un-noised updates"
+    elif hasattr(algorithm, "downlink_for"):
+        why = "sends each client a downlink built from its un-noised uploads"
+    elif getattr(algorithm, "uploads", ()):
+        why = f"uploads {', '.join(algorithm.uploads)} besides the model delta, unclipped and un-noised"
+    if why:
+        raise ConfigError(f"client.algorithm = {name!r} {why}: privacy.dp = {dp!r} noises the model delta only "
+                          "(use fedavg, fedprox, feddyn or the like)")
 
 
 def build_privacy(cfg: Config, num_clients: int, algorithm: Any = None, sizes: torch.Tensor | None = None,
@@ -181,6 +211,11 @@ def build_privacy(cfg: Config, num_clients: int, algorithm: Any = None, sizes: t
     k, rounds = cfg.server.clients_per_round, cfg.server.rounds
     out = Privacy()
     seed = None if p.noise_seed < 0 else p.noise_seed
+    if p.dp in ("central", "local"):
+        _check_dp_algorithm(cfg, algorithm)
+    if p.dp == "central" and cfg.server.sampler != "uniform":
+        raise ConfigError(f"privacy.dp = 'central' accounts for a uniformly sampled cohort (amplification by "
+                          f"sampling); server.sampler = {cfg.server.sampler!r} picks clients by other rules: use 'uniform'")
     if p.dp == "central" and cfg.aggregator.name != "mean":
         raise ConfigError(f"privacy.dp = 'central' is DP-FedAvg, which replaces the mean; aggregator.name = "
                           f"{cfg.aggregator.name!r} is not composed with it (use aggregator.name = 'mean')")
@@ -236,4 +271,11 @@ def build_privacy(cfg: Config, num_clients: int, algorithm: Any = None, sizes: t
         except ValueError as exc:
             raise ConfigError(f"privacy.secagg_modulus_bits = {p.secagg_modulus_bits}: {exc}") from None
         out.secure = SecureAggregation(fp, p.secagg_degree, p.secagg_threshold, p.secagg_dropout, cfg.seed)
+        if p.dp == "central" and model is not None:
+            length = sum(t.numel() for t in model.state_dict().values())  # at least the update's length
+            try:
+                out.secure.encoded_clip(p.clip, length)
+            except ValueError as exc:
+                raise ConfigError(f"privacy.clip = {p.clip:g} with privacy.secagg_modulus_bits = "
+                                  f"{p.secagg_modulus_bits}: {exc}") from None
     return out

@@ -7,11 +7,13 @@
   aggregation the clients clip and the server noises the unmasked sum (`release`).
 - `AdaptiveClip`: the clip bound follows a target quantile of the update norms (Andrew et al.
   2021, https://arxiv.org/abs/1905.03871). Each client reports b = 1 when its norm is <= C (it was
-  NOT clipped); the server noises the mean b_bar and sets C <- C * exp(-eta * (b_bar - gamma)):
-  too many unclipped updates shrink C, too few grow it. The round's noise uses the C that clipped
-  the round's updates, never the updated one. Releasing b_bar costs privacy too: the update noise
-  multiplier is raised so that both together are a Gaussian mechanism of multiplier z
-  (their Theorem 1: z_update = (z^-2 - (2 sigma_b)^-2)^-1/2).
+  NOT clipped); the server releases the *centred* count sum(b - 1/2) + N(0, sigma_b^2) (as their
+  Algorithm 1 and TF Privacy do: adding or removing one client moves it by 1/2, not 1), takes
+  b_bar = released / m + 1/2 and sets C <- C * exp(-eta * (b_bar - gamma)): too many unclipped
+  updates shrink C, too few grow it. The round's noise uses the C that clipped the round's
+  updates, never the updated one. Releasing b_bar costs privacy too: the update noise multiplier
+  is raised so that both together are a Gaussian mechanism of multiplier z (their Theorem 1,
+  sensitivity 1/2 of the centred count: z_update = (z^-2 - (2 sigma_b)^-2)^-1/2).
 - `LocalDP`: each client clips its own update and adds the noise before it leaves the client.
 
 A zero update has norm 0 and is kept as it is (the clipping factor is C / max(norm, C)).
@@ -64,10 +66,13 @@ class AdaptiveClip:
     lr: float
     count_stddev: float
 
-    def update(self, unclipped: float, denominator: float, noise: NoiseSource) -> float:
-        """Move the clip bound; returns the noised fraction of unclipped updates b_bar."""
-        noised = unclipped + float(noise.normal(1, self.count_stddev)[0]) if self.count_stddev else unclipped
-        fraction = noised / denominator
+    def update(self, unclipped: float, summed: float, denominator: float, noise: NoiseSource) -> float:
+        """Move the clip bound; returns the noised fraction of unclipped updates b_bar.
+        `unclipped` of the `summed` updates were not clipped; `denominator` is the expected
+        cohort m. The released query is the centred count sum(b - 1/2) (sensitivity 1/2)."""
+        centred = unclipped - summed / 2
+        noised = centred + float(noise.normal(1, self.count_stddev)[0]) if self.count_stddev else centred
+        fraction = noised / denominator + 0.5
         self.clip *= math.exp(-self.lr * (fraction - self.target_quantile))
         return fraction
 
@@ -110,11 +115,12 @@ class CentralDP:
         sample counts would change the sensitivity)."""
         clip = self.current_clip
         clipped, norms = clip_rows(updates, clip)
-        return self.release(clipped.double().sum(dim=0), float((norms <= clip).sum()), clip)
+        return self.release(clipped.double().sum(dim=0), float((norms <= clip).sum()), clip, updates.shape[0])
 
-    def release(self, total: torch.Tensor, unclipped: float, clip: float) -> torch.Tensor:
-        """Noise the sum of updates clipped to `clip` (computed here or under secure
-        aggregation), account the round and move an adaptive bound. Returns the mean [P]."""
+    def release(self, total: torch.Tensor, unclipped: float, clip: float, summed: int) -> torch.Tensor:
+        """Noise the sum of `summed` updates clipped to `clip` (computed here or under secure
+        aggregation; `unclipped` of them were not clipped), account the round and move an
+        adaptive bound. Returns the mean [P]."""
         self.check_budget()
         std = self.update_multiplier * clip
         noised = total.double() + self.noise.normal(total.numel(), std).double()
@@ -122,7 +128,8 @@ class CentralDP:
         self.accountant.spend(self.noise_multiplier)
         self.metrics = {"dp_epsilon": self.accountant.epsilon(), "dp_clip": clip, "dp_noise_std": std}
         if self.adaptive is not None:
-            self.metrics["dp_unclipped"] = self.adaptive.update(unclipped, self.expected_clients, self.noise)
+            self.metrics["dp_unclipped"] = self.adaptive.update(unclipped, summed, self.expected_clients,
+                                                                     self.noise)
         return mean
 
     def state_dict(self) -> dict[str, torch.Tensor]:

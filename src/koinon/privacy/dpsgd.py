@@ -121,30 +121,34 @@ class SampleDP:
                 u = torch.from_numpy(noise[i].uniform(len(ix)))
                 picks.append(ix[u < q])
             width = max((len(p) for p in picks), default=0)
-            if width == 0:
-                continue
-            batch = torch.zeros(k, width, dtype=torch.long)
-            weight = torch.zeros(k, width)
-            for i, p in enumerate(picks):
-                batch[i, :len(p)] = p
-                weight[i, :len(p)] = 1.0
-            x, y = trainer.x_train[batch], trainer.y_train[batch]
-            params = {n: v.detach() for n, v in trainer.stack_params(theta, theta[:, :0]).items()}
-            grads = per_sample(params, x, y)
-            flat = torch.cat([grads[e.name].reshape(k, width, -1) for e in trainer.layout.entries if e.trainable], dim=2)
-            norms = flat.norm(dim=2)
-            flat = flat * (self.clip / norms.clamp_min(self.clip) * weight).unsqueeze(2)
-            g = flat.sum(dim=1)
+            # Every client's Poisson batch may be empty: the step still happens (noise only), as
+            # the accounted mechanism (a sampled Gaussian) adds its noise whatever was sampled.
+            g = torch.zeros(k, pt)
+            if width:
+                batch = torch.zeros(k, width, dtype=torch.long)
+                weight = torch.zeros(k, width)
+                for i, p in enumerate(picks):
+                    batch[i, :len(p)] = p
+                    weight[i, :len(p)] = 1.0
+                x, y = trainer.x_train[batch], trainer.y_train[batch]
+                params = {n: v.detach() for n, v in trainer.stack_params(theta, theta[:, :0]).items()}
+                grads = per_sample(params, x, y)
+                flat = torch.cat([grads[e.name].reshape(k, width, -1) for e in trainer.layout.entries
+                                  if e.trainable], dim=2)
+                norms = flat.norm(dim=2)
+                flat = flat * (self.clip / norms.clamp_min(self.clip) * weight).unsqueeze(2)
+                g = flat.sum(dim=1)
+                with torch.no_grad():
+                    out = trainer.forward_stack(theta, theta[:, :0], x)
+                    losses = loss_fn(out.flatten(0, 1), y.flatten()).view(k, width)
+                    loss_sum += (losses * weight).sum(dim=1)
+                    seen += weight.sum(dim=1)
             active = torch.tensor([s < n for _, n in plan], dtype=torch.float32)
             for i in range(k):
                 if active[i]:
                     g[i] += noise[i].normal(pt, self.noise_multiplier * self.clip)
             g = g / self.batch_size * active.unsqueeze(1)
             with torch.no_grad():
-                out = trainer.forward_stack(theta, theta[:, :0], x)
-                losses = loss_fn(out.flatten(0, 1), y.flatten()).view(k, width)
-                loss_sum += (losses * weight).sum(dim=1)
-                seen += weight.sum(dim=1)
                 before = theta.clone()
                 trainer.optimizer.step(theta, g, opt_state, s, trainer.local.lr, None)
                 theta = torch.where(active.bool().unsqueeze(1), theta, before)  # finished clients stay

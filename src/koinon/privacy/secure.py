@@ -6,12 +6,18 @@ What a client puts in: its update (float32, decoded from its own payload, i.e. e
 would have uploaded) times its weight (its samples, capped at `max_weight`) in fixed point, the
 weight, and a count. Under central DP the client first clips its update to the round's L2 bound,
 its weight is 1, and the count is the adaptive-clipping bit (1 when it was not clipped); the
-server then noises the unmasked sum (`CentralDP.release`). Bytes are the protocol's messages,
+server then noises the unmasked sum (`CentralDP.release`) and centres the count there, as
+without secure aggregation: it releases count - survivors / 2 (sensitivity 1/2, Andrew et al.).
+Stochastic rounding moves each coordinate by less than one step 1 / scale, so an encoded
+update's norm could exceed its clipped norm by up to sqrt(P) / scale: the client clips to
+C - sqrt(P) / scale (`encoded_clip`), so that the decoded update's norm is <= C, the sensitivity
+the noise is calibrated to (its bit still says whether its norm was <= C). Bytes are the protocol's messages,
 each client's own: its uplink and downlink.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,18 +56,28 @@ class SecureAggregation:
     seed: int = 0
     identities: Identities = field(default_factory=Identities)
 
+    def encoded_clip(self, clip: float, length: int) -> float:
+        """The L2 bound to clip a `length`-coordinate update to, so that after stochastic
+        rounding (each coordinate off by < 1 / scale) its norm is still <= `clip`."""
+        out = clip - math.sqrt(length) / self.fp.scale
+        if out <= 0:
+            raise ValueError(f"clip {clip:g} is below the fixed-point rounding of {length} coordinates "
+                             f"(sqrt(P) / scale = {math.sqrt(length) / self.fp.scale:.3g}): raise the modulus bits")
+        return out
+
     def run(self, clients: list[int], updates: torch.Tensor, samples: list[int], round_index: int,
             clip: float = 0.0) -> SecureSum:
         """One session over the cohort's updates `[K, P]` (rows follow `clients`). `clip > 0`:
         central DP, each client clips to it and reports whether it was clipped."""
         inputs = {}
+        bound = self.encoded_clip(clip, updates.shape[1]) if clip > 0 else 0.0
         for i, c in enumerate(clients):
             x = updates[i]
             count = 0
             if clip > 0:
                 norm = float(x.double().norm())
                 count = int(norm <= clip)
-                x = x * (clip / max(norm, clip))
+                x = x.double() * (bound / max(norm, bound))  # float64: no float32 rounding past it
                 weight = 1
             else:
                 weight = min(int(samples[i]), self.fp.max_weight)

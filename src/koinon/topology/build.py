@@ -190,7 +190,24 @@ def build_federated(cfg: Config, /) -> Topology:
     if cfg.data.holdout_clients and not cfg.data.client_test_fraction:
         raise ConfigError(f"data.holdout_clients = {cfg.data.holdout_clients} needs data.client_test_fraction > 0 "
                           "(new clients are scored on their held-out share)")
-    privacy = build_privacy(cfg, parts.fed_data.num_clients, parts.algorithm, parts.fed_data.sizes, parts.model)
+    # The accountant's population and client sizes: what trains, after `Federation` sets new
+    # clients, a root dataset and each client's held-out share aside (the same seeded splits).
+    from koinon.personal import split_new_clients
+    from koinon.server.root import reference_users, reserve_root
+    from koinon.topology.evaluation import split_holdout
+
+    train = parts.fed_data
+    if cfg.privacy.dp != "none":
+        if cfg.data.holdout_clients:
+            train = guard("federation", split_new_clients, train, cfg.data.holdout_clients, cfg.seed)[0]
+        if users := reference_users(parts.aggregator):
+            train = guard("federation", reserve_root, train, getattr(users[-1], "root_samples", 100), cfg.seed)[0]
+        if cfg.data.client_test_fraction:
+            train = split_holdout(train, cfg.data.client_test_fraction, cfg.seed)[0]
+        if not 1 <= s.clients_per_round <= train.num_clients:
+            raise ConfigError(f"server.clients_per_round = {s.clients_per_round}: must be in "
+                              f"[1, {train.num_clients}] (the training clients)")
+    privacy = build_privacy(cfg, train.num_clients, parts.algorithm, train.sizes, parts.model)
     algorithm = privacy.sample if privacy is not None and privacy.sample is not None else parts.algorithm
     return guard(
         "federation", Federation, parts.model, parts.fed_data, local=parts.local,

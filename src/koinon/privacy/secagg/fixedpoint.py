@@ -6,8 +6,10 @@ by the client's integer weight w <= W (its samples, capped). Two integers follow
 the weight w itself (the server divides by the sum of weights) and one extra count (the
 adaptive-clipping bit under DP). Negative values wrap modulo 2^m.
 
-Overflow is impossible by construction: with n <= N clients, |sum of w q| <= N W (R s + 1), and
-s is chosen so that this is < 2^(m-1); the centred sum then *is* the integer sum. A cohort
+Overflow is impossible by construction: with n <= N clients, |sum of w q| <= N W (floor(R s) + 1),
+and s is chosen so that this is <= 2^(m-1) - 1, checked in exact integers on the float64 product
+R s that `encode` computes (at 64 bits float64 cannot hold 2^63 - 1: the float bound alone would
+let +R wrap to -R); the centred sum then *is* the integer sum. A cohort
 larger than N, a weight above W or bits too few for a step of at most 1 are refused with a
 `ValueError` (a `ConfigError` when they come from the config).
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -57,11 +60,16 @@ class FixedPoint:
     def mask(self) -> int:
         return (1 << self.modulus_bits) - 1
 
-    @property
+    @cached_property
     def scale(self) -> float:
-        """Largest s with N W (R s + 1) <= 2^(m-1) - 1 (so the centred sum cannot wrap)."""
+        """Largest float s with N W (floor(R s) + 1) <= 2^(m-1) - 1 (so the centred sum cannot
+        wrap), R s computed in float64 as `encode` does and the bound checked in integers."""
         half = (1 << (self.modulus_bits - 1)) - 1
-        return (half / (self.max_clients * self.max_weight) - 1.0) / self.clip_range
+        limit = half // (self.max_clients * self.max_weight) - 1  # the largest floor(R s) allowed
+        s = limit / self.clip_range
+        while s > 0 and math.floor(self.clip_range * s) > limit:
+            s = math.nextafter(s, 0.0)
+        return s
 
     def encode(self, x: torch.Tensor, weight: int, count: int, rng: torch.Generator) -> np.ndarray:
         """[w q(x)..., w, count] in Z_(2^m) (as unsigned words)."""
@@ -80,11 +88,9 @@ class FixedPoint:
 
     def centred(self, words: np.ndarray) -> np.ndarray:
         """Words of Z_(2^m) to the signed integers in [-2^(m-1), 2^(m-1))."""
-        w = words.astype(np.uint64) & np.uint64(self.mask)
-        signed = w.astype(np.int64) if self.modulus_bits == 64 else w.view(np.int64)
-        if self.modulus_bits < 64:
-            signed = np.where(signed >= (1 << (self.modulus_bits - 1)), signed - (1 << self.modulus_bits), signed)
-        return signed
+        shift = np.uint64(64 - self.modulus_bits)  # sign extension: no 2^m constant (63 bits: 2^63 overflows int64)
+        w = (words.astype(np.uint64) & np.uint64(self.mask)) << shift
+        return w.view(np.int64) >> np.int64(shift)
 
     def decode_sum(self, words: np.ndarray, num_clients: int) -> tuple[torch.Tensor, int, int]:
         """(sum of w x as float64 [P], sum of weights, sum of counts) from a sum of encodings."""

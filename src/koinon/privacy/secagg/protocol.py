@@ -124,7 +124,15 @@ class SecAggClient:
     neighbours: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # v -> (c_pk, s_pk)
     threshold: int = 0
     held: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # u -> (share of s_u, share of b_u)
-    unmasked: bool = False
+    # new -> advertised -> shared -> masked -> unmasked, each step once and in order: a second
+    # share_keys would re-encrypt under the same AES-GCM key and nonce. A step that fails midway
+    # leaves the client aborted (unmask's checks come before anything is revealed: it may retry).
+    state: str = "new"
+
+    def _enter(self, expected: str, step: str) -> None:
+        if self.state != expected:
+            raise ProtocolError(f"client {self.client_id}: {step} out of order or twice in one session "
+                                f"(state {self.state}, needs {expected})")
 
     def _seal(self, step: int, body: bytes) -> bytes:
         return seal(self.identity, step, self.session, self.client_id, SERVER, body)
@@ -135,11 +143,15 @@ class SecAggClient:
         return Reader(msg.body, f"step {step} message to client {self.client_id}")
 
     def advertise(self) -> bytes:
+        self._enter("new", "advertise")
+        self.state = "advertised"
         return self._seal(ADVERTISE, self.c_key.public_key().public_bytes_raw()
                           + self.s_key.public_key().public_bytes_raw())
 
     def share_keys(self, data: bytes) -> bytes:
         """Check the neighbours' signed keys; send each its encrypted shares of b_u and s_u."""
+        self._enter("advertised", "share_keys")
+        self.state = "aborted"  # until this step succeeds
         r = self._open(data, NEIGHBOURS)
         count = r.u32()
         for _ in range(count):
@@ -170,10 +182,13 @@ class SecAggClient:
             ct = AESGCM(key).encrypt(_nonce(self.client_id, v), key_shares[v + 1] + seed_shares[v + 1],
                                      self.session + u32(self.client_id) + u32(v))
             body += [u32(v), u32(len(ct)), ct]
+        self.state = "shared"
         return self._seal(SHARES, b"".join(body))
 
     def masked_input(self, data: bytes, encoded: np.ndarray) -> bytes:
         """Decrypt the shares the neighbours sent; send the masked encoded input."""
+        self._enter("shared", "masked_input")
+        self.state = "aborted"  # until this step succeeds
         r = self._open(data, SHARES_FOR)
         count = r.u32()
         for _ in range(count):
@@ -206,12 +221,12 @@ class SecAggClient:
             else:
                 y -= expand_mask(seed, len(y), self.fp)
         y &= self.fp.dtype(self.fp.mask)
+        self.state = "masked"
         return self._seal(MASKED, y.astype(y.dtype.newbyteorder("<"), copy=False).tobytes())
 
     def unmask(self, data: bytes) -> bytes:
         """Reveal b-shares of the survivors and s-shares of the dropped, never both for one."""
-        if self.unmasked:
-            raise ProtocolError(f"client {self.client_id}: asked to unmask twice in one session")
+        self._enter("masked", "unmask")
         r = self._open(data, SURVIVORS)
         survivors = [r.u32() for _ in range(r.u32())]
         dropped = [r.u32() for _ in range(r.u32())]
@@ -221,14 +236,17 @@ class SecAggClient:
                                 "dropped (would reveal both of its secrets)")
         if len(set(survivors)) != len(survivors) or len(set(dropped)) != len(dropped):
             raise ProtocolError(f"client {self.client_id}: the survivor list repeats a client")
-        unknown = (set(survivors) | set(dropped)) - set(self.held) - {self.client_id}
+        if self.client_id in survivors or self.client_id in dropped:
+            raise ProtocolError(f"client {self.client_id}: the server lists the client itself among its "
+                                "surviving or dropped neighbours")
+        unknown = (set(survivors) | set(dropped)) - set(self.held)
         if unknown:
             raise ProtocolError(f"client {self.client_id}: survivors/dropped name clients that did not "
                                 f"share keys with it ({sorted(unknown)[:3]})")
         if len(survivors) < self.threshold:
             raise ProtocolError(f"client {self.client_id}: {len(survivors)} surviving neighbours, fewer "
                                 f"than the threshold {self.threshold}")
-        self.unmasked = True
+        self.state = "unmasked"
         body = [u32(len(survivors) + len(dropped))]
         body += [u32(v) + bytes([SELF_MASK]) + self.held[v][1] for v in survivors if v != self.client_id]
         body += [u32(v) + bytes([MASK_KEY]) + self.held[v][0] for v in dropped]
@@ -280,8 +298,12 @@ class SecAggServer:
             r = self._open(client, data, ADVERTISE)
             if r is None:
                 continue
-            c_pk, s_pk = r.take(32), r.take(32)
-            r.end()
+            try:  # a signed but malformed advert rejects its client, not the session
+                c_pk, s_pk = r.take(32), r.take(32)
+                r.end()
+            except ProtocolError as exc:
+                self.rejected[client] = str(exc)
+                continue
             self.adverts[client] = (c_pk, s_pk, data[-64:])
         self.graph = harary_graph(sorted(self.adverts), self.degree)
         out = {}
@@ -319,8 +341,8 @@ class SecAggServer:
             r = self._open(client, data, MASKED)
             if r is None or client not in self.shares:
                 continue
-            raw = r.take(self.length * self.fp.word_bytes)
-            try:
+            try:  # a signed but malformed input rejects its client (it counts as dropped)
+                raw = r.take(self.length * self.fp.word_bytes)
                 r.end()
             except ProtocolError as exc:
                 self.rejected[client] = str(exc)
