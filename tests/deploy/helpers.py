@@ -98,3 +98,27 @@ def committed_rounds(state: Path) -> int:
 
 def metrics(state: Path) -> list[dict]:
     return [json.loads(line) for line in (state / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def run_deployment(tmp: Path, config: Path, certs: Path, clients: int = 3, server_s: float = 120) -> Path:
+    """`koinon server` and `clients` client processes (client i holds partition i) run `config`
+    to its end, each exiting 0; returns the server's state folder."""
+    state = tmp / "state"
+    server, address = start_server(tmp, config, certs, state)
+    procs = [start_client(tmp, address, certs, f"client-{i}", f"partition:{i}") for i in range(clients)]
+    assert server.wait(server_s) == 0, server.text()[-3000:]
+    for c in procs:
+        assert c.wait(30) == 0, c.text()[-3000:]
+    return state
+
+
+def simulate(tmp: Path, config: Path, state: Path | None = None) -> list[dict]:
+    """`koinon run` of `config` into tmp/sim; with `state`, the deployment's final model must be
+    the simulation's bit for bit. Returns the simulation's metrics records."""
+    from koinon.experiment import load_config, run_experiment
+
+    reference = run_experiment(load_config(config), tmp / "sim", progress=False)
+    if state is not None:
+        summary = json.loads((state / "summary.json").read_text())
+        assert summary["model_sha256"] == reference["model_sha256"]
+    return metrics(tmp / "sim")

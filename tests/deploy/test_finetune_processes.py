@@ -3,12 +3,10 @@ LoRA fine-tuning of a pretrained model (`model.init` on both ends) and FedDyn (i
 in each client's `--state`, its correction in the server) end with the simulation's model."""
 
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
 
-from koinon.experiment import load_config, run_experiment
 from koinon.models import build_model
 from koinon.models.pretrained import save_weights
 
@@ -29,16 +27,8 @@ def test_deployment_fine_tunes_to_the_simulation_model(tmp_path, certs, kind):
     else:
         sections["client"] = {"algorithm": kind, "momentum": 0.0}
     config = h.write_config(tmp_path / "fed.toml", **sections)
-    state = tmp_path / "state"
-    server, address = h.start_server(tmp_path, config, certs, state)
-    clients = [h.start_client(tmp_path, address, certs, f"client-{i}", f"partition:{i}") for i in range(3)]
-    assert server.wait(120) == 0, server.text()[-3000:]
-    for c in clients:
-        assert c.wait(30) == 0, c.text()[-3000:]
-    summary = json.loads((state / "summary.json").read_text())
-    reference = run_experiment(load_config(config), tmp_path / "sim", progress=False)
-    assert summary["model_sha256"] == reference["model_sha256"]
-    sim = [json.loads(line) for line in (tmp_path / "sim" / "metrics.jsonl").read_text().splitlines()]
+    state = h.run_deployment(tmp_path, config, certs, server_s=120)
+    sim = h.simulate(tmp_path, config, state)
     assert [r["uplink_bytes"] for r in h.metrics(state)] == [r["uplink_bytes"] for r in sim]
     if kind == "lora-pretrained":  # only the adapters and the head cross the wire
         assert sim[0]["uplink_bytes"] == 3 * 4 * (2 * (64 + 32) + 10 * 32 + 10)

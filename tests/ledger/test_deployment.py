@@ -27,12 +27,7 @@ def test_a_deployment_keeps_the_simulations_ledger(tmp_path, capsys):
     create_certs(certs, 3, ["127.0.0.1", "localhost"])
     config = h.write_config(tmp_path / "fed.toml", server={"rounds": 3, "clients_per_round": 3},
                             ledger={"contribution": "gtg", "payout_cents": 900, "max_permutations": 20})
-    state = tmp_path / "state"
-    server, address = h.start_server(tmp_path, config, certs, state)
-    clients = [h.start_client(tmp_path, address, certs, f"client-{i}", f"partition:{i}") for i in range(3)]
-    assert server.wait(120) == 0, server.text()[-3000:]
-    for c in clients:
-        assert c.wait(30) == 0, c.text()[-3000:]
+    state = h.run_deployment(tmp_path, config, certs, server_s=120)
     report = verify_run(state)
     assert report.ok, report.failure
     run_experiment(load_config(config), tmp_path / "sim", progress=False)

@@ -4,14 +4,12 @@ head lives in each client's `--state`; IFCA's cluster models travel as downloads
 server moves them from each client's rows (`server_update_rows`)."""
 
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from koinon.deploy.certs import create_certs
-from koinon.experiment import load_config, run_experiment
 
 _spec = importlib.util.spec_from_file_location(
     "deploy_helpers", Path(__file__).parents[1] / "deploy" / "helpers.py")
@@ -35,15 +33,8 @@ def certs(tmp_path_factory) -> Path:
 ], ids=["fedrep", "ifca"])
 def test_deployment_trains_a_personalized_method_to_the_simulation_model(tmp_path, certs, client):
     config = h.write_config(tmp_path / "fed.toml", server={"rounds": 3, "clients_per_round": 3}, client=client)
-    state = tmp_path / "state"
-    server, address = h.start_server(tmp_path, config, certs, state)
-    clients = [h.start_client(tmp_path, address, certs, f"client-{i}", f"partition:{i}") for i in range(3)]
-    assert server.wait(90) == 0, server.text()[-3000:]
-    for c in clients:
-        assert c.wait(30) == 0, c.text()[-3000:]
-    summary = json.loads((state / "summary.json").read_text())
-    reference = run_experiment(load_config(config), tmp_path / "sim", progress=False)
-    assert summary["model_sha256"] == reference["model_sha256"]
+    state = h.run_deployment(tmp_path, config, certs, server_s=90)
+    h.simulate(tmp_path, config, state)
     if client["algorithm"] == "fedrep":  # each client's head stayed in its own --state
         for i in range(3):
             files = list((tmp_path / "client-state" / f"client-{i}").rglob("state.safetensors"))

@@ -5,14 +5,13 @@ comparison possible; a private run leaves it at -1), and record the same epsilon
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
 
 from koinon.deploy.certs import create_certs
 from koinon.errors import ConfigError
-from koinon.experiment import load_config, run_experiment
+from koinon.experiment import load_config
 
 _spec = importlib.util.spec_from_file_location(
     "deploy_helpers", Path(__file__).resolve().parents[1] / "deploy" / "helpers.py")
@@ -36,17 +35,9 @@ def certs(tmp_path_factory) -> Path:
 ], ids=["central", "local", "sample"])
 def test_deployment_gives_the_simulated_private_model(tmp_path, certs, privacy):
     config = h.write_config(tmp_path / "fed.toml", server={"rounds": 3, "clients_per_round": 3}, privacy=privacy)
-    state = tmp_path / "state"
-    server, address = h.start_server(tmp_path, config, certs, state)
-    clients = [h.start_client(tmp_path, address, certs, f"client-{i}", f"partition:{i}") for i in range(3)]
-    assert server.wait(120) == 0, server.text()[-3000:]
-    for c in clients:
-        assert c.wait(30) == 0, c.text()[-3000:]
-    summary = json.loads((state / "summary.json").read_text())
-    reference = run_experiment(load_config(config), tmp_path / "sim", progress=False)
-    assert summary["model_sha256"] == reference["model_sha256"]
+    state = h.run_deployment(tmp_path, config, certs, server_s=120)
     records = h.metrics(state)
-    sim = [json.loads(line) for line in (tmp_path / "sim" / "metrics.jsonl").read_text().splitlines()]
+    sim = h.simulate(tmp_path, config, state)
     assert [r["dp_epsilon"] for r in records] == [r["dp_epsilon"] for r in sim]
     assert records[-1]["dp_epsilon"] > 0
 
