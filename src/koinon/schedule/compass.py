@@ -76,11 +76,9 @@ class FedCompass:
 
     def fill(self, driver: Scheduled) -> None:
         server = driver.federation.server
-        slots = (self.concurrency or server.clients_per_round) - len(driver.in_flight)
-        population = driver.idle_online() if slots > 0 else []
-        if not population:
+        clients = driver.top_up(self.concurrency)
+        if not clients:
             return
-        clients = driver.sample(driver.tasks_started, population, k=min(slots, len(population)))
         q_min, q_max = self.bounds(driver)
         steps, groups = [], []
         probe: int | None = None

@@ -239,6 +239,15 @@ class Scheduled:
             remaining({int(c): self.clock.offline_at(int(c), self.now) - self.now for c in population})
         return self.federation.server.sample(index, population, k=k)
 
+    def top_up(self, concurrency: int) -> list[int]:
+        """The seeded sample of idle online clients that brings the clients training up to
+        `concurrency` (0: clients_per_round); empty when none is free or no slot is."""
+        slots = (concurrency or self.federation.server.clients_per_round) - len(self.in_flight)
+        population = self.idle_online() if slots > 0 else []
+        if not population:
+            return []
+        return self.sample(self.tasks_started, population, k=min(slots, len(population)))
+
     def wait_for_clients(self) -> None:
         """Move the clock to when some client is online next (now if one is)."""
         t = self.clock.next_online(self.now)

@@ -104,11 +104,9 @@ class _Asynchronous:
     def fill(self, driver: Scheduled) -> None:
         """Start idle online clients until `concurrency` are training."""
         server = driver.federation.server
-        slots = (self.concurrency or server.clients_per_round) - len(driver.in_flight)
-        population = driver.idle_online() if slots > 0 else []
-        if not population:
+        clients = driver.top_up(self.concurrency)
+        if not clients:
             return
-        clients = driver.sample(driver.tasks_started, population, k=min(slots, len(population)))
         payloads, received, downloads = server.publish()
         down = sum(len(p) for _, p in payloads)
         self.pending_downlink += down * len(clients)
