@@ -158,8 +158,9 @@ def test_dp_keeps_feddyn_whose_server_correction_is_post_processing() -> None:
 
 @pytest.mark.parametrize("algorithm, message", [("frl", "check each update"), ("feddyn", "server_delta")])
 def test_secure_aggregation_refuses_per_update_checks_and_server_corrections(algorithm: str, message: str) -> None:
+    model = {"model.peft": {"name": "supermask"}} if algorithm == "frl" else {}  # FRL trains supermasks only
     with pytest.raises(ConfigError, match=message) as info:
-        build_federation(small(**{"privacy.secagg": True, "client.algorithm": algorithm}))
+        build_federation(small(**{"privacy.secagg": True, "client.algorithm": algorithm, **model}))
     assert "\n" not in str(info.value)
 
 
