@@ -1,0 +1,115 @@
+"""FedLEx: the exploration's gradient deviations and the guided steps against plain autograd on
+the same batches, the server's guidance matrix by hand, both local runtimes alike, bad options."""
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from koinon.clients import CLIENT_ALGORITHMS, LocalTraining
+from koinon.clients.fedlex import guidance_weights
+from koinon.data import Dataset, partition_dataset
+from koinon.errors import ConfigError
+from koinon.local import CohortTrainer
+from koinon.params import Layout
+
+
+def _data(num_clients=6, n=90, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 5, generator=g)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long() + (x[:, 2] > 1).long()
+    return partition_dataset(Dataset.from_tensors(x, y, x[:20], y[:20]), "quantity", num_clients, seed=seed)
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def _grad(model, layout, w, x, y):
+    w = w.detach().requires_grad_(True)
+    loss = nn.functional.cross_entropy(functional_call(model, layout.views(w), (x,)), y)
+    return torch.autograd.grad(loss, w)[0]
+
+
+def _setup(options):
+    data, model = _data(), _model()
+    layout = Layout.from_module(model)
+    alg = CLIENT_ALGORITHMS.build("fedlex", options, "client", layout=layout)
+    trainer = CohortTrainer(model, layout, data, alg, LocalTraining(epochs=2, batch_size=4, lr=0.1))
+    return data, model, layout, trainer, alg
+
+
+def _batches(trainer, data, client):
+    for row in trainer.client_batches(client, seed=3, round_index=0):
+        ix = row[row >= 0]
+        yield data.dataset.x_train[ix], data.dataset.y_train[ix]
+
+
+def test_exploration_uploads_the_standard_deviation_of_the_local_gradients():
+    data, model, layout, trainer, alg = _setup({})
+    x0 = layout.flatten(model)
+    result = trainer.train([1, 4], x0, {"guidance": torch.zeros_like(x0)}, [{}, {}], seed=3, round_index=0)
+    for row, client in enumerate([1, 4]):
+        w, grads = x0.clone(), []
+        for x, y in _batches(trainer, data, client):
+            g = _grad(model, layout, w, x, y)
+            grads.append(g)
+            w = w - 0.1 * g
+        assert torch.allclose(result.deltas[row], w - x0, atol=1e-6)  # FedAvg's steps
+        expected = torch.stack(grads).std(dim=0, unbiased=False)
+        assert expected.abs().sum() > 0
+        assert torch.allclose(result.uploads["deviation"][row], expected, atol=1e-5)
+
+
+def test_guided_steps_scale_each_gradient_coordinate():
+    data, model, layout, trainer, alg = _setup({})
+    x0 = layout.flatten(model)
+    guidance = torch.rand(x0.shape, generator=torch.Generator().manual_seed(2)) * 2
+    result = trainer.train([2], x0, {"guidance": guidance}, [{}], seed=3, round_index=0)
+    w = x0.clone()
+    for x, y in _batches(trainer, data, 2):
+        w = w - 0.1 * guidance * _grad(model, layout, w, x, y)
+    assert torch.allclose(result.deltas[0], w - x0, atol=1e-6)
+    assert not result.uploads["deviation"].any()  # nothing to explore any more
+
+
+def test_server_builds_the_guidance_matrix_after_the_exploration_rounds():
+    alg = CLIENT_ALGORITHMS.build("fedlex", {"explore_rounds": 2, "min_weight": 0.5, "max_weight": 2.0}, "client")
+    state = alg.init_server_state(4)
+    state = alg.server_update(state, {"deviation": torch.tensor([1.0, 2.0, 0.0, 5.0])}, 0.5)
+    assert not state["guidance"].any()  # still exploring
+    state = alg.server_update(state, {"deviation": torch.tensor([3.0, 2.0, 0.0, 3.0])}, 0.5)
+    # D = [2, 2, 0, 4], mean 2: D / mean = [1, 1, 0, 2], clipped to [0.5, 2]
+    assert torch.equal(state["guidance"], torch.tensor([1.0, 1.0, 0.5, 2.0]))
+    after = alg.server_update(state, {"deviation": torch.zeros(4)}, 0.5)
+    assert torch.equal(after["guidance"], state["guidance"])  # fixed from then on
+    assert torch.equal(guidance_weights(torch.zeros(3), 0.1, 10.0), torch.ones(3))
+
+
+def test_vectorized_equals_inprocess_and_guidance_is_built():
+    from koinon.topology import Federation
+
+    data = _data(num_clients=8, n=120)
+    finals = {}
+    for runtime in ("inprocess", "vectorized"):
+        fed = Federation(_model(), data, local=LocalTraining(epochs=2, batch_size=8, lr=0.1),
+                         algorithm={"name": "fedlex", "explore_rounds": 2}, runtime=runtime,
+                         clients_per_round=5, seed=11)
+        for _ in range(4):
+            fed.run_round(evaluate=False)
+        guidance = fed.server.server_state["guidance"]
+        assert guidance.any() and not torch.allclose(guidance, torch.ones_like(guidance))
+        finals[runtime] = fed.params.clone()
+    assert torch.allclose(finals["inprocess"], finals["vectorized"], atol=1e-5)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"explore_rounds": 0}, "explore_rounds must be >= 1"),
+    ({"min_weight": 0.0}, "min_weight and client.max_weight"),
+    ({"max_weight": 0.5}, "min_weight and client.max_weight"),
+    ({"guide": 1}, "not an option"),
+])
+def test_bad_options_are_refused(options, message):
+    with pytest.raises(ConfigError, match=message):
+        CLIENT_ALGORITHMS.build("fedlex", options, "client")
