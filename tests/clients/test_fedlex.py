@@ -113,3 +113,94 @@ def test_vectorized_equals_inprocess_and_guidance_is_built():
 def test_bad_options_are_refused(options, message):
     with pytest.raises(ConfigError, match=message):
         CLIENT_ALGORITHMS.build("fedlex", options, "client")
+
+
+# ------------------------------------------------------------------ AutoFLIP
+
+def test_hybrid_mask_prunes_neurons_then_the_least_important_weights():
+    from koinon.clients.autoflip import hybrid_mask
+
+    torch.manual_seed(0)
+    layout = Layout.from_module(nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)))
+    # 0.weight [3, 2] at 0, 0.bias [3] at 6, 2.weight [2, 3] at 9, 2.bias [2] at 15
+    importance = torch.tensor([1.0, 0.9, 0.1, 0.3, 5.0, 5.0, 8.0, 8.0, 8.0,
+                               0.5, 2.0, 3.0, 0.4, 6.0, 0.7, 8.0, 8.0])
+    mask = hybrid_mask(importance, layout, sparsity=0.5, structured=0.34)
+    # structured: 1 of layer 0's 3 neurons (row means 0.95, 0.2, 5): row 1 and its bias (7);
+    # the last layer keeps its outputs. Unstructured: half of the 10 weights left, lowest first:
+    # 0.4 (12), 0.5 (9), 0.7 (14), 0.9 (1), 1.0 (0).
+    pruned = {2, 3, 7, 12, 9, 14, 1, 0}
+    assert mask.tolist() == [0.0 if i in pruned else 1.0 for i in range(17)]
+
+
+def test_pruned_macs_counts_each_weight_once_per_output_position():
+    from koinon.clients.autoflip import pruned_macs
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2))
+    layout = Layout.from_module(mlp)
+    mask = torch.ones(layout.numel)
+    mask[[0, 1, 2, 3, 9, 12, 14]] = 0.0
+    assert pruned_macs(mlp, layout, mask, torch.zeros(4, 2)) == pytest.approx(7 / 12)
+    cnn = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(6, 2))
+    layout = Layout.from_module(cnn)
+    mask = torch.ones(layout.numel)
+    mask[:3] = 0.0  # conv channel 0: 3 weights, each used at 3 positions; 18 + 12 multiply-adds
+    assert pruned_macs(cnn, layout, mask, torch.zeros(4, 1, 5)) == pytest.approx(9 / 30)
+
+
+def _autoflip_setup(options, **local):
+    data, model = _data(), _model()
+    layout = Layout.from_module(model)
+    alg = CLIENT_ALGORITHMS.build("autoflip", options, "client", layout=layout)
+    trainer = CohortTrainer(model, layout, data, alg, LocalTraining(**{"epochs": 2, "batch_size": 4, "lr": 0.1,
+                                                                       **local}))
+    return data, model, layout, trainer, alg
+
+
+@pytest.mark.parametrize("local", [{}, {"momentum": 0.9, "weight_decay": 0.01}])
+def test_autoflip_trains_under_the_mask_and_pruned_weights_stay_zero(local):
+    data, model, layout, trainer, alg = _autoflip_setup({}, **local)
+    x0 = layout.flatten(model)
+    mask = (torch.rand(x0.shape, generator=torch.Generator().manual_seed(5)) > 0.4).float()
+    result = trainer.train([1, 3], x0, {"mask": mask}, [{}, {}], seed=3, round_index=0)
+    final = x0 + result.deltas
+    assert not final[:, mask == 0].any()
+    if not local:
+        for row, client in enumerate([1, 3]):
+            w = x0 * mask
+            for x, y in _batches(trainer, data, client):
+                w = w - 0.1 * mask * _grad(model, layout, w, x, y)
+            assert torch.allclose(result.deltas[row], w - x0, atol=1e-6)
+    # From a model already zero there, the update is zero on pruned coordinates: what a sparse codec saves.
+    again = trainer.train([1], x0 * mask, {"mask": mask}, [{}], seed=3, round_index=1)
+    assert not again.deltas[0, mask == 0].any()
+
+
+def test_autoflip_vectorized_equals_inprocess_and_the_model_is_pruned():
+    from koinon.topology import Federation
+
+    data = _data(num_clients=8, n=120)
+    finals = {}
+    for runtime in ("inprocess", "vectorized"):
+        fed = Federation(_model(), data, local=LocalTraining(epochs=2, batch_size=8, lr=0.1),
+                         algorithm={"name": "autoflip", "explore_rounds": 2, "sparsity": 0.5, "structured": 0.25},
+                         runtime=runtime, clients_per_round=5, seed=11)
+        for _ in range(4):
+            fed.run_round(evaluate=False)
+        mask = fed.server.server_state["mask"]
+        assert mask.any() and not mask.all()
+        assert not fed.params[mask == 0].any()
+        finals[runtime] = fed.params.clone()
+    assert torch.allclose(finals["inprocess"], finals["vectorized"], atol=1e-5)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"explore_rounds": 0}, "explore_rounds must be >= 1"),
+    ({"sparsity": 1.0}, r"sparsity must be in \[0, 1\)"),
+    ({"structured": -0.1}, r"structured must be in \[0, 1\)"),
+])
+def test_autoflip_bad_options_are_refused(options, message):
+    layout = Layout.from_module(_model())
+    with pytest.raises(ConfigError, match=message):
+        CLIENT_ALGORITHMS.build("autoflip", options, "client", layout=layout)
