@@ -1,5 +1,7 @@
-"""FedLEx: the exploration's gradient deviations and the guided steps against plain autograd on
-the same batches, the server's guidance matrix by hand, both local runtimes alike, bad options."""
+"""FedLEx and AutoFLIP: the exploration's gradient deviations and the guided / masked steps
+against plain autograd on the same batches, the guidance matrix and the pruning mask by hand,
+the pruned multiply-adds, both local runtimes alike, bad options, and a real-process deployment
+that ends with the simulation's model."""
 
 import pytest
 import torch
@@ -204,3 +206,33 @@ def test_autoflip_bad_options_are_refused(options, message):
     layout = Layout.from_module(_model())
     with pytest.raises(ConfigError, match=message):
         CLIENT_ALGORITHMS.build("autoflip", options, "client", layout=layout)
+
+
+# ------------------------------------------------------------------ deployment
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    from koinon.deploy.certs import create_certs
+
+    out = tmp_path_factory.mktemp("certs")
+    create_certs(out, 3, ["127.0.0.1", "localhost"])
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("client", [
+    {"algorithm": "fedlex", "explore_rounds": 1, "momentum": 0.0},
+    {"algorithm": "autoflip", "explore_rounds": 1, "sparsity": 0.5, "structured": 0.2, "momentum": 0.0},
+], ids=["fedlex", "autoflip"])
+def test_deployment_ends_with_the_simulation_model(tmp_path, certs, client):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("deploy_helpers", Path(__file__).parents[1] / "deploy" / "helpers.py")
+    assert spec and spec.loader
+    h = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(h)
+    config = h.write_config(tmp_path / "fed.toml", server={"rounds": 3, "clients_per_round": 3}, client=client)
+    state = h.run_deployment(tmp_path, config, certs, server_s=120)
+    sim = h.simulate(tmp_path, config, state)  # the same final model, bit for bit
+    assert [r["uplink_bytes"] for r in h.metrics(state)] == [r["uplink_bytes"] for r in sim]
