@@ -19,9 +19,12 @@ import statistics
 import time
 
 from koinon.clients.adversarial import robust_accuracy
+from koinon.clients.autoflip import pruned_macs
 from koinon.config import Config
 from koinon.experiment.runner import build_federation
 
+SPARSE = {"codec.name": "threshold", "codec.threshold": 1e-30,  # keeps every float32 value above 1e-30
+          "downlink.name": "threshold", "downlink.threshold": 1e-30}
 # name -> client options (lr and local epochs shared); chosen once, not tuned per dataset.
 ALGORITHMS: dict[str, dict] = {
     "fedavg": {},
@@ -38,6 +41,11 @@ ALGORITHMS: dict[str, dict] = {
     "adversarial": {},  # PGD options per dataset below
     # FRL trains supermask rankings over fixed random weights (linear layers; the CNN's convolutions stay random).
     "frl": {"model.peft": {"name": "supermask", "density": 0.5}, "client.optimizer": "adamw", "client.lr": 0.02},
+    "fedlex": {"client.explore_rounds": 2},
+    # AutoFLIP's pruned (zero) update coordinates cost only a bitmap bit under a sparse codec that
+    # keeps every non-zero; FedAvg under the same codec is the byte baseline.
+    "autoflip": {"client.explore_rounds": 2, "client.sparsity": 0.5, "client.structured": 0.2, **SPARSE},
+    "fedavg+sparse": {"client.algorithm": "fedavg", **SPARSE},
 }
 # dataset -> (settings, target accuracy, PGD radius / step / steps for training and for the robust accuracy)
 DATASETS = {
@@ -57,17 +65,21 @@ def run(dataset: str, alpha: float, name: str, seed: int, rounds: int) -> dict:
         "server.clients_per_round": 10, "server.rounds": rounds, "client.algorithm": name,
         "client.batch_size": 16, "client.epochs": 2, **options})
     fed = build_federation(cfg)
-    reached, bytes_to, total, acc = None, None, 0, 0.0
+    reached, bytes_to, total, acc, up = None, None, 0, 0.0, 0
     for r in range(rounds):
         res = fed.run_round(evaluate=True)
         total += res.uplink_bytes + res.downlink_bytes
+        up += res.uplink_bytes
         acc = res.test_accuracy or 0.0
         if reached is None and acc >= target:
             reached, bytes_to = r + 1, total
     ds = fed.data.dataset
     robust = robust_accuracy(fed.model, fed.layout, fed.params, ds.x_test, ds.y_test, eps, step, steps)
+    macs = None
+    if options.get("client.algorithm", name) == "autoflip":
+        macs = pruned_macs(fed.model, fed.layout, fed.server.server_state["mask"], ds.x_test)
     fed.close()
-    return {"rounds": reached, "bytes": bytes_to, "final": acc, "robust": robust}
+    return {"rounds": reached, "bytes": bytes_to, "final": acc, "robust": robust, "total": total, "up": up, "macs": macs}
 
 
 def _mean(values: list) -> str:
@@ -95,6 +107,7 @@ def main() -> None:
                   f"{len(seeds)} seed(s); target accuracy {target}; robust: PGD eps {eps}\n")
             print("| algorithm | rounds to target | MB to target (up+down) | reached | final accuracy | robust accuracy |")
             print("|---|---:|---:|---:|---:|---:|")
+            notes: list[str] = []
             for name in names:
                 runs = [run(dataset, alpha, name, s, rounds) for s in seeds]
                 mb = [None if r["bytes"] is None else r["bytes"] / 1e6 for r in runs]
@@ -104,6 +117,14 @@ def main() -> None:
                 spread = f" ± {statistics.stdev(finals):.3f}" if len(finals) > 1 else ""
                 print(f"| {name} | {_mean([r['rounds'] for r in runs])} | {_mean(mb)} | {reached}/{len(runs)} | "
                       f"{statistics.mean(finals):.3f}{spread} | {statistics.mean(robust):.3f} |", flush=True)
+                if name in ("autoflip", "fedavg+sparse"):
+                    saved = [r["macs"] for r in runs if r["macs"] is not None]
+                    notes.append(f"{name}: {statistics.mean(r['up'] for r in runs) / 1e6:.2f} MB up, "
+                                 f"{statistics.mean(r['total'] - r['up'] for r in runs) / 1e6:.2f} MB down in all "
+                                 f"{rounds} rounds" + (f", {statistics.mean(saved):.1%} of the weight "
+                                                       "multiply-adds pruned" if saved else ""))
+            for note in notes:
+                print(f"- {note}")
     print(f"\n({time.perf_counter() - t0:.0f} s)")
 
 

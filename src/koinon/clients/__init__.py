@@ -2,8 +2,10 @@
 hyperparameters."""
 
 from koinon.clients import adversarial as _adversarial  # noqa: F401  (registers adversarial)
+from koinon.clients import autoflip as _autoflip  # noqa: F401  (registers autoflip)
 from koinon.clients import curriculum as _curriculum  # noqa: F401  (registers curriculum)
 from koinon.clients import feddyn as _feddyn  # noqa: F401  (registers feddyn)
+from koinon.clients import fedlex as _fedlex  # noqa: F401  (registers fedlex)
 from koinon.clients import fednova as _fednova  # noqa: F401  (registers fednova)
 from koinon.clients import frl as _frl  # noqa: F401  (registers frl)
 from koinon.clients import mime as _mime  # noqa: F401  (registers mime_lite)
