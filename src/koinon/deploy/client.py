@@ -227,6 +227,7 @@ class Worker:
             fits_model(self.dataset, fed, spec.entry_point)
         self.bound = -1
         self.model_sha256 = ""  # of the model the last `train` started from
+        self.signs_receipts = cfg.ledger.contribution != "none"  # a [ledger] run logs signed receipts
         self.refusals = 0  # uploads refused in a row (backoff)
 
     def bind(self, idx: int) -> None:
@@ -275,7 +276,8 @@ class Worker:
         if fed.server.broadcast.delta and model:
             state.hold_model(params, round_index)
         # What the receipt names as the model trained from (hashed before training touches anything).
-        self.model_sha256 = hashlib.sha256(params.detach().float().contiguous().numpy().tobytes()).hexdigest()
+        if self.signs_receipts:
+            self.model_sha256 = hashlib.sha256(params.detach().float().contiguous().numpy().tobytes()).hexdigest()
         encoder = CohortEncoder(fed.codec, fed.seed, round_index, fed.server.streams, [state.codec],
                                 fed.sender.privatize)  # local DP: the noise is added here, on the client
         result = fed.runtime.train([idx], params, down, [state.algorithm], fed.seed, round_index, encoder)
@@ -441,7 +443,7 @@ def _train_and_upload(stub: Any, name: str, idx: int, round_index: int, payloads
         num_samples=worker.num_samples, num_steps=int(result.num_steps[0]),
         train_loss=float(result.train_loss[0]), client_index=idx,
     )
-    if receipt_key is not None:  # the receipt, signed with this client's TLS certificate key
+    if receipt_key is not None and worker.signs_receipts:  # the receipt, signed with the TLS certificate key
         header.model_sha256 = worker.model_sha256
         header.receipt_signature = sign_receipt(receipt_key, receipt_statement(
             round_index + 1, worker.model_sha256, digest(uploads), worker.num_samples))
