@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ import pytest
 from koinon.cli import main
 from koinon.deploy.certs import create_certs
 from koinon.experiment import load_config, run_experiment
+from koinon.ledger import merkle
+from koinon.ledger.roundlog import canonical, head_message, load_server_key
 from koinon.ledger.verify import verify_run
 
 _spec = importlib.util.spec_from_file_location("deploy_helpers", Path(__file__).parents[1] / "deploy" / "helpers.py")
@@ -20,6 +23,17 @@ h = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(h)
 
 pytestmark = pytest.mark.slow
+
+
+def rewrite(folder, new_entries, key):
+    """A dishonest server rewrites its log and signs fresh heads (it holds its key)."""
+    data = [canonical(e) for e in new_entries]
+    leaves = [merkle.leaf_hash(d) for d in data]
+    heads = [canonical({"root": (root := merkle.root(leaves[: i + 1]).hex()),
+                        "signature": key.sign(head_message(i + 1, root)).hex(), "size": i + 1})
+             for i in range(len(data))]
+    (folder / "ledger" / "log.jsonl").write_bytes(b"".join(d + b"\n" for d in data))
+    (folder / "ledger" / "heads.jsonl").write_bytes(b"".join(h + b"\n" for h in heads))
 
 
 def test_a_deployment_keeps_the_simulations_ledger(tmp_path, capsys):
@@ -35,20 +49,56 @@ def test_a_deployment_keeps_the_simulations_ledger(tmp_path, capsys):
     def entries(folder):
         return [json.loads(x) for x in (folder / "ledger" / "log.jsonl").read_text().splitlines()]
 
-    def unsigned(e):  # the server keys are random and only the simulation signs client receipts
+    signed_fields = ("client_certificate", "client_certificate_sha256", "client_public_key", "signed_model_sha256",
+                     "num_samples")
+
+    def unsigned(e):  # keys are random; simulated clients sign with seed keys, deployed ones with certificates
         return {k: v for k, v in e.items()
-                if k not in ("server_signature", "client_signature", "client_key", "client_keys", "server_key")}
+                if k not in ("server_signature", "client_signature", "client_key", "client_keys", "server_key",
+                             *signed_fields)}
 
     deployed, simulated = entries(state), entries(tmp_path / "sim")
     assert deployed[0]["server_key"] != simulated[0]["server_key"]
-    assert deployed[0]["client_key"] == "server-attested" and "client_keys" not in deployed[0]
-    assert all(e["client_key"] == "server-attested" and "client_signature" not in e
-               for e in deployed if e["type"] == "receipt")
+    assert deployed[0]["client_key"] == "certificate" and "client_keys" not in deployed[0]
+    receipts = [e for e in deployed if e["type"] == "receipt"]
+    assert len(receipts) == 9
+    for e in receipts:  # signed by each client with its own certificate's key
+        name = f"client-{e['client']}"  # the helpers start client-i with partition i
+        cert = (certs / "clients" / f"{name}.crt").read_text()
+        assert e["client_key"] == "certificate" and e["client_certificate"] == cert
+        assert e["signed_model_sha256"] == e["model_sha256"]  # the lossless downlink's model
+    assert len({e["client_public_key"] for e in receipts}) == 3
     # The open entries differ only in keys and the config's hash (the server writes its own TOML).
     assert {**unsigned(deployed[0]), "config_sha256": ""} == {**unsigned(simulated[0]), "config_sha256": ""}
     # Same updates byte for byte (payload digests in the receipts), same models, same scores and
     # payouts: every entry equal but for the signatures and keys.
     assert [unsigned(e) for e in deployed[1:]] == [unsigned(e) for e in simulated[1:]]
     assert main(["verify", str(state), "--server-key", deployed[0]["server_key"]]) == 0
-    assert "server-attested only" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "signed by the clients with their TLS certificate keys" in out
+    assert verify_run(state, ca=(certs / "ca.crt").read_bytes()).ok
+    # Certificates from another CA are refused when the run's CA is given.
+    other = tmp_path / "other"
+    create_certs(other, 0, ["localhost"])
+    bad = verify_run(state, ca=(other / "ca.crt").read_bytes())
+    assert bad.failed_entry == 2 and "was not issued by the CA" in bad.failure, bad.failure
+    # A client proves its receipt's inclusion.
+    assert main(["verify", str(state), "--receipt", "2", "1"]) == 0
+    assert '"client_key": "certificate"' in capsys.readouterr().out.replace('":"', '": "')
     assert (state / "payouts.csv").read_text() == (tmp_path / "sim" / "payouts.csv").read_text()
+    # A server that forges a client's signature (and countersigns the forgery with its own key,
+    # re-signing every head) is caught at that receipt.
+    forged = tmp_path / "forged"
+    shutil.copytree(state, forged)
+    log = entries(forged)
+    at = next(i for i, e in enumerate(log) if e["type"] == "receipt" and e["round"] == 2)
+    sig = bytearray(bytes.fromhex(log[at]["client_signature"]))
+    sig[-1] ^= 1
+    log[at]["client_signature"] = sig.hex()
+    key = load_server_key(forged / "ledger")
+    body = {k: v for k, v in log[at].items() if k not in ("type", "seq", "server_signature")}
+    log[at]["server_signature"] = key.sign(canonical(body)).hex()
+    rewrite(forged, log, key)
+    report = verify_run(forged)
+    assert report.failed_entry == at, report.failure
+    assert "client's signature does not verify with its certificate's public key" in report.failure

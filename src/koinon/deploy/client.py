@@ -23,6 +23,7 @@ connection refused, TLS failure, ...). After a refused upload it also backs off 
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
 import random
@@ -47,7 +48,9 @@ from koinon.deploy.certs import Credentials
 from koinon.deploy.faults import crash_point
 from koinon.deploy.wire import MAX_GRPC_MESSAGE, Rejected, pb, read_task, upload_messages
 from koinon.errors import CodecError, KoinonError
+from koinon.ledger.certsign import receipt_statement, sign_receipt
 from koinon.topology.federated import Federation
+from koinon.topology.server import digest
 from koinon.update import State
 from koinon.wire import MODEL, CohortEncoder, receive_model
 
@@ -223,6 +226,8 @@ class Worker:
             self.num_samples = len(self.dataset.y_train)
             fits_model(self.dataset, fed, spec.entry_point)
         self.bound = -1
+        self.model_sha256 = ""  # of the model the last `train` started from
+        self.signs_receipts = cfg.ledger.contribution != "none"  # a [ledger] run logs signed receipts
         self.refusals = 0  # uploads refused in a row (backoff)
 
     def bind(self, idx: int) -> None:
@@ -270,6 +275,9 @@ class Worker:
             raise Rejected(f"the server's model has {params.numel()} values, this model {numel}")
         if fed.server.broadcast.delta and model:
             state.hold_model(params, round_index)
+        # What the receipt names as the model trained from (hashed before training touches anything).
+        if self.signs_receipts:
+            self.model_sha256 = hashlib.sha256(params.detach().float().contiguous().numpy().tobytes()).hexdigest()
         encoder = CohortEncoder(fed.codec, fed.seed, round_index, fed.server.streams, [state.codec],
                                 fed.sender.privatize)  # local DP: the noise is added here, on the client
         result = fed.runtime.train([idx], params, down, [state.algorithm], fed.seed, round_index, encoder)
@@ -304,7 +312,7 @@ def run_client(server: str, creds: Credentials, name: str, spec: DataSpec, state
         channel = _channel(server, creds)
         stub = federation_pb2_grpc.FederationStub(channel)
         try:
-            _session(stub, name, spec, state_dir, workers, call_timeout_s, hooks)
+            _session(stub, name, spec, state_dir, workers, call_timeout_s, hooks, receipt_key=creds.key)
             return 0
         except grpc.RpcError as exc:
             code = exc.code()
@@ -359,7 +367,7 @@ class _Contact(Exception):
 
 
 def _session(stub: Any, name: str, spec: DataSpec, state_dir: Path, workers: list[Worker],
-             call_timeout_s: float, hooks: Hooks) -> None:
+             call_timeout_s: float, hooks: Hooks, receipt_key: bytes | None = None) -> None:
     """One connection's life: join, then poll / train / upload until the run is done."""
     if not workers:
         probe = _join(stub, spec, None)
@@ -400,7 +408,7 @@ def _session(stub: Any, name: str, spec: DataSpec, state_dir: Path, workers: lis
             if header.layout_hash != reply.layout_hash:
                 raise Rejected("the server switched models; rejoining")
             _train_and_upload(stub, name, idx, int(header.round), payloads, list(header.streams),
-                              worker, state, reply.layout_hash, call_timeout_s, hooks)
+                              worker, state, reply.layout_hash, call_timeout_s, hooks, receipt_key)
     except Rejected as exc:
         hooks.log(name, f"bad answer from the server: {exc}")
         raise _Contact from None
@@ -420,7 +428,7 @@ def _join(stub: Any, spec: DataSpec, worker: Worker | None) -> Any:
 
 def _train_and_upload(stub: Any, name: str, idx: int, round_index: int, payloads: list[bytes],
                       streams: list[str], worker: Worker, state: ClientState, layout_hash: str,
-                      call_timeout_s: float, hooks: Hooks) -> None:
+                      call_timeout_s: float, hooks: Hooks, receipt_key: bytes | None = None) -> None:
     start = time.perf_counter()
     uploads, codec_states, result = worker.train(idx, round_index, payloads, streams, state)
     if hooks.stop is not None and hooks.stop.is_set():
@@ -435,6 +443,10 @@ def _train_and_upload(stub: Any, name: str, idx: int, round_index: int, payloads
         num_samples=worker.num_samples, num_steps=int(result.num_steps[0]),
         train_loss=float(result.train_loss[0]), client_index=idx,
     )
+    if receipt_key is not None and worker.signs_receipts:  # the receipt, signed with the TLS certificate key
+        header.model_sha256 = worker.model_sha256
+        header.receipt_signature = sign_receipt(receipt_key, receipt_statement(
+            round_index + 1, worker.model_sha256, digest(uploads), worker.num_samples))
     sent = time.perf_counter()
     # Written before sending: whatever happens next, `settle` makes the states match the server's.
     state.stage(round_index, codec_states, result.client_states[0])

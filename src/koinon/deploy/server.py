@@ -46,7 +46,9 @@ from koinon.deploy.wire import (
 )
 from koinon.errors import ConfigError, KoinonError
 from koinon.files import atomic_write_text
+from koinon.ledger.certsign import CertificateKey, check_upload_signature, receipt_statement
 from koinon.topology.federated import Federation
+from koinon.topology.server import digest
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -109,6 +111,24 @@ def peer_name(context: grpc.ServicerContext) -> str | None:
     return names[0].decode() if names else None
 
 
+def peer_certificate(context: grpc.ServicerContext) -> bytes | None:
+    """The PEM of the client certificate that authenticated this call (mutual TLS)."""
+    pems = context.auth_context().get("x509_pem_cert") or []
+    return pems[0] if pems else None
+
+
+def check_receipt(header: Any, payloads: list[bytes], cert_pem: bytes | None) -> CertificateKey:
+    """The upload's receipt signature must be its statement (round, model trained from, the
+    payloads' digest as the server computes it, num_samples) signed by the key of the certificate
+    that authenticated the call; `Rejected` with a one-line reason otherwise."""
+    statement = receipt_statement(int(header.round) + 1, header.model_sha256, digest(payloads),
+                                  int(header.num_samples))
+    try:
+        return check_upload_signature(cert_pem, bytes(header.receipt_signature), statement)
+    except ValueError as exc:
+        raise Rejected(str(exc)) from None
+
+
 class FederationServer(federation_pb2_grpc.FederationServicer):
     """Rounds over the network; see the module docstring."""
 
@@ -138,6 +158,7 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
         self.receiving = threading.BoundedSemaphore(RECEIVING)
         self.wall_offset = float(store.get("wall_s", 0.0))
         self.open_calls: dict[str, int] = {}  # by certificate name
+        self.ledger: Any = None  # a [ledger] whose receipts the clients sign (`serve` sets it)
 
     # ------------------------------------------------------------ identity
 
@@ -319,7 +340,7 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
         claimed: list[int] = []
         uploading: list[bool] = []
         try:
-            return self._receive(request_iterator, member, claimed, uploading)
+            return self._receive(request_iterator, member, claimed, uploading, peer_certificate(context))
         finally:
             timer.cancel()
             with self.lock:
@@ -328,7 +349,8 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
                     member.uploading = False
                 self.changed.notify_all()
 
-    def _receive(self, request_iterator: Any, member: Member, claimed: list[int], uploading: list[bool]) -> Any:
+    def _receive(self, request_iterator: Any, member: Member, claimed: list[int], uploading: list[bool],
+                 cert_pem: bytes | None = None) -> Any:
         name = member.name
 
         def admit(header: Any) -> None:
@@ -371,6 +393,7 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
                                    "before the round's deadline, or the connection broke") from None
                 round_index = int(header.round)
                 read.append(sum(len(p) for p in payloads))
+                signed = check_receipt(header, payloads, cert_pem) if self.ledger is not None else None
                 # Decoded for the round the upload claims (admitted above), outside the lock: a
                 # round that closes meanwhile makes it late at `_admit_round` below.
                 rows = self.server.decode(member.idx, payloads, self.local.num_steps(member.num_samples),
@@ -392,6 +415,9 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
                 self.store.drop_pending(round_index, member.idx)
                 status = "late" if isinstance(exc, Late) else "rejected"
                 return self._refuse(member, round_index, str(exc), status, locked=True)
+            if signed is not None:
+                self.ledger.attest(round_index + 1, member.idx, signed, header.model_sha256, member.num_samples,
+                                   bytes(header.receipt_signature))
             self.server.accept(member.idx, round_index, rows, member.num_samples, float(header.train_loss),
                                payloads)
             self.store.record_accepted(round_index, name, member.idx, size, digest, member.num_samples,
@@ -606,7 +632,7 @@ def _ledger(fed: Federation, cfg: Config, state: Path) -> Any:
     if fed.round_index:
         raise ConfigError(f"--state {state}: a run with a [ledger] cannot continue after a restart yet "
                           "(its round log would restart); use a new --state folder")
-    return attach_ledger(fed, cfg, state, cfg.to_toml(), client_key="server-attested")
+    return attach_ledger(fed, cfg, state, cfg.to_toml(), client_key="certificate")
 
 
 def serve(cfg: Config, state: Path, certs: Path, listen: str) -> dict[str, Any]:
@@ -639,6 +665,7 @@ def serve(cfg: Config, state: Path, certs: Path, listen: str) -> dict[str, Any]:
             log(f"resuming from {state}: {fed.round_index} rounds committed")
         ledger = _ledger(fed, cfg, state)
         server = FederationServer(cfg, fed, store, certs)
+        server.ledger = ledger
         workers = min(1024, 2 * fed.data.num_clients + 32)
         grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers),

@@ -36,6 +36,7 @@ from torch import nn
 from koinon.config import Config, LedgerConfig
 from koinon.errors import ConfigError
 from koinon.files import atomic_write_text
+from koinon.ledger.certsign import CertificateKey
 from koinon.ledger.contribution import (
     CONTRIBUTIONS,
     UTILITIES,
@@ -51,9 +52,10 @@ from koinon.local.losses import cross_entropy
 from koinon.params import Layout
 from koinon.topology.server import ClosedRound
 
-CLIENT_KEYS = ("simulated", "server-attested")
-"""How receipts are signed: by each client's seed-derived simulated key (simulation), or by the
-server alone (a deployment, whose clients do not sign yet)."""
+CLIENT_KEYS = ("simulated", "server-attested", "certificate")
+"""How receipts are signed: by each client's seed-derived simulated key (simulation), by the
+server alone, or (`koinon server`) by each client with the key of its TLS certificate
+(`koinon.ledger.certsign`), countersigned by the server."""
 
 SCALE = 10**9
 """Scores are logged as integers in units of 1e-9 (fixed point: no float in the log)."""
@@ -183,6 +185,7 @@ class Ledger:
         self.client_keys = ([simulated_key(seed, "client", c) for c in range(num_clients)]
                             if client_key == "simulated" else [])
         self.log = RoundLog(folder, self.server_key)
+        self.attested: dict[tuple[int, int], dict[str, Any]] = {}  # (round, client) -> client's signature
         self.totals: dict[int, int] = {}
         self.sampled: dict[int, int] = {}
         self.excluded: dict[int, list[str]] = {}
@@ -289,11 +292,22 @@ class Ledger:
             keep &= ~idle
         return keep
 
+    def attest(self, round_number: int, client: int, cert: CertificateKey, model_sha256: str,
+               num_samples: int, signature: bytes) -> None:
+        """Record the client's signature of its receipt statement (`certsign.receipt_statement`),
+        checked by the server, for the receipt logged when round `round_number` (1-based) closes."""
+        self.attested[(round_number, client)] = {
+            "client_signature": signature.hex(), "client_certificate": cert.pem,
+            "client_certificate_sha256": cert.sha256, "client_public_key": cert.public_key,
+            "signed_model_sha256": model_sha256, "num_samples": int(num_samples)}
+
     def _receipt(self, r: int, client: int, model: str, payload: str, update: str, weight: int) -> None:
         body = {"round": r, "client": client, "model_sha256": model, "payload_sha256": payload,
                 "update_sha256": update, "weight": weight, "client_key": self.client_key}
         if self.client_keys:
             body["client_signature"] = self.client_keys[client].sign(canonical(body)).hex()
+        elif self.client_key == "certificate":
+            body.update(self.attested.pop((r, client), {}))
         countersigned = self.server_key.sign(canonical(body)).hex()
         self.log.append({"type": "receipt", **body, "server_signature": countersigned})
 

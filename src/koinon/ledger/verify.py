@@ -9,7 +9,9 @@ of the entries so far), the entry's canonical form and position, then what it cl
 - `round`: the model it names is the one the previous aggregate produced (round 1: the model the
   config builds with the run's seed);
 - `receipt`: the server's signature, and the client's where the log has client keys (simulated
-  keys in simulation; a deployment's receipts are server-attested only, and the report says so);
+  keys in simulation; in a deployment the client's ECDSA signature of its receipt statement with the
+  public key of its recorded TLS certificate, and, given the run's CA (`--ca`), that the CA issued
+  that certificate; server-attested receipts have the server's alone, and the report says so);
 - `aggregate`: the stored round file's hash; its previous model, new model and update rows match
   the `round` entry, the receipts and the named model; the new model recomputed from the stored
   rows with the run's aggregator and server step (stateless rules and `fedavg`; others are
@@ -40,6 +42,12 @@ import torch
 from koinon.config import load_config
 from koinon.errors import KoinonError
 from koinon.ledger import merkle
+from koinon.ledger.certsign import (
+    CertificateKey,
+    issued_by,
+    receipt_statement,
+    verify_certificate_signature,
+)
 from koinon.ledger.contribution import CONTRIBUTIONS, RoundUpdates, Validation, one_thread
 from koinon.ledger.ledger import FOLDER, SCALE, fixed, tensor_sha256, validation_sha256
 from koinon.ledger.payout import split_budget
@@ -68,8 +76,9 @@ class Report:
 
 
 class _Replay:
-    def __init__(self, run: Path, server_key: str | None = None) -> None:
+    def __init__(self, run: Path, server_key: str | None = None, ca: bytes | None = None) -> None:
         self.run = run
+        self.ca = ca
         self.pinned = server_key
         self.folder = run / FOLDER
         self.frontier = merkle.Frontier()
@@ -147,8 +156,12 @@ class _Replay:
                               "they check the log's plumbing, not the clients' identity")
         elif e["client_key"] == "server-attested":
             self.notes.append("receipts are server-attested only: clients did not sign them")
+        elif e["client_key"] == "certificate":
+            self.notes.append("receipts are signed by the clients with their TLS certificate keys"
+                              + (" (certificates checked against the given CA)" if self.ca is not None else
+                                 " (certificates not checked against a CA: pass --ca CA.pem)"))
         else:
-            raise EntryFailure(f"unknown client_key {e['client_key']!r} (simulated or server-attested)")
+            raise EntryFailure(f"unknown client_key {e['client_key']!r} (simulated, server-attested or certificate)")
         if self.cfg is None:
             self.partial = "no config.toml: the config hash, the aggregates and the scores were not replayed"
             return
@@ -224,8 +237,10 @@ class _Replay:
             if not verify_signature(key, e["client_signature"], canonical(body)):
                 raise EntryFailure("the client's signature does not verify")
             body["client_signature"] = e["client_signature"]
+        elif e["client_key"] == "certificate":
+            body.update(self._certificate_signature(e))
         elif e["client_key"] != "server-attested" or "client_signature" in e:
-            raise EntryFailure(f"unknown client_key {e['client_key']!r} (simulated or server-attested)")
+            raise EntryFailure(f"unknown client_key {e['client_key']!r} (simulated, server-attested or certificate)")
         if not verify_signature(self.open["server_key"], e["server_signature"], canonical(body)):
             raise EntryFailure("the server's signature does not verify")
         self._this_round(e)
@@ -236,6 +251,28 @@ class _Replay:
         if e["client"] in self.receipts:
             raise EntryFailure(f"a second receipt of client {e['client']} in round {self.round}")
         self.receipts[e["client"]] = e
+
+    def _certificate_signature(self, e: dict[str, Any]) -> dict[str, Any]:
+        """A deployed client's signature of its receipt statement, with its certificate's key."""
+        fields = ("client_signature", "client_certificate", "client_certificate_sha256", "client_public_key",
+                  "signed_model_sha256", "num_samples")
+        missing = [k for k in fields if k not in e]
+        if missing:
+            raise EntryFailure(f"a certificate-signed receipt without {', '.join(missing)}")
+        try:
+            cert = CertificateKey.from_pem(e["client_certificate"])
+        except ValueError as exc:
+            raise EntryFailure(f"the recorded client certificate is unreadable: {exc}") from None
+        if (cert.sha256, cert.public_key) != (e["client_certificate_sha256"], e["client_public_key"]):
+            raise EntryFailure("the recorded fingerprint or public key is not the recorded certificate's")
+        statement = receipt_statement(e["round"], e["signed_model_sha256"], e["payload_sha256"], e["num_samples"])
+        if not verify_certificate_signature(e["client_public_key"], e["client_signature"], statement):
+            raise EntryFailure("the client's signature does not verify with its certificate's public key")
+        if self.ca is not None:
+            why = issued_by(e["client_certificate"], self.ca)
+            if why is not None:
+                raise EntryFailure(why)
+        return {k: e[k] for k in fields}
 
     def _aggregate(self, e: dict[str, Any]) -> None:
         from safetensors.torch import load_file
@@ -351,13 +388,14 @@ class _Replay:
             raise EntryFailure(f"payouts.csv differs from the payout entry (line {row + 1})")
 
 
-def verify_run(run: str | Path, server_key: str | None = None) -> Report:
+def verify_run(run: str | Path, server_key: str | None = None, ca: bytes | None = None) -> Report:
     """Replay the round log of the run folder `run`; see the module docstring. `server_key`
-    (hex): the expected server public key; without it the log's own key is trusted."""
+    (hex): the expected server public key; without it the log's own key is trusted. `ca` (PEM):
+    the run's CA, which must have issued the certificates of certificate-signed receipts."""
     run = Path(run)
     lines, heads = read_log(run / FOLDER)
     report = Report(entries=len(lines), pinned=server_key is not None)
-    replay = _Replay(run, server_key)
+    replay = _Replay(run, server_key, ca)
     for i, line in enumerate(lines):
         try:
             replay.check(i, line, heads[i] if i < len(heads) else None)
