@@ -454,6 +454,8 @@ def _verify_arguments(p: argparse.ArgumentParser) -> None:
                    help="instead, print a client's receipt with its inclusion and consistency proofs (JSON)")
     p.add_argument("--server-key", metavar="HEX",
                    help="the expected server public key (hex, from the run's owner): the log must be signed by it")
+    p.add_argument("--ca", metavar="CA.pem", type=Path,
+                   help="the run's CA: check that it issued every client certificate in the receipts")
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -466,7 +468,9 @@ def _verify(args: argparse.Namespace) -> int:
         print(json.dumps(proof, indent=1))
         return 0 if proof["included"] and proof["prefix"] else 1
 
-    report = verify_run(args.run, server_key=args.server_key)
+    if args.ca is not None and not args.ca.is_file():
+        raise KoinonError(f"--ca {args.ca}: no such file")
+    report = verify_run(args.run, server_key=args.server_key, ca=args.ca.read_bytes() if args.ca else None)
     for note in report.notes:
         print(f"note: {note}")
     if report.server_key and not report.pinned:

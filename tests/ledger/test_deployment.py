@@ -82,6 +82,9 @@ def test_a_deployment_keeps_the_simulations_ledger(tmp_path, capsys):
     create_certs(other, 0, ["localhost"])
     bad = verify_run(state, ca=(other / "ca.crt").read_bytes())
     assert bad.failed_entry == 2 and "was not issued by the CA" in bad.failure, bad.failure
+    assert main(["verify", str(state), "--ca", str(certs / "ca.crt")]) == 0
+    assert main(["verify", str(state), "--ca", str(other / "ca.crt")]) == 1
+    capsys.readouterr()
     # A client proves its receipt's inclusion.
     assert main(["verify", str(state), "--receipt", "2", "1"]) == 0
     assert '"client_key": "certificate"' in capsys.readouterr().out.replace('":"', '": "')
