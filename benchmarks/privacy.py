@@ -76,8 +76,6 @@ def secagg_table(sizes: list[int], numel: int, dropouts: list[float]) -> None:
 
 
 def dp_table(num_clients: int, num_samples: int, cohort: int, rounds: int, epsilons: list[float]) -> None:
-    from koinon.config import Config
-    from koinon.experiment.runner import build_federation
 
     print(f"\nUser-level central DP (DP-FedAvg, adaptive clip at the median, RDP, delta = 1e-5) on MNIST-1D:"
           f" {num_clients:,} clients ({num_samples * 0.8 / num_clients:.1f} training samples each), "
@@ -94,25 +92,31 @@ def dp_table(num_clients: int, num_samples: int, cohort: int, rounds: int, epsil
         if math.isfinite(eps):
             overrides.update({"privacy.dp": "central", "privacy.target_epsilon": eps, "privacy.clip": 0.5,
                               "privacy.target_quantile": 0.5, "privacy.clip_count_stddev": cohort / 20})
-        cfg = Config().with_overrides(overrides)
-        start = time.perf_counter()
-        fed = build_federation(cfg)
-        results = [fed.run_round(evaluate=r == rounds - 1) for r in range(rounds)]
-        wall = time.perf_counter() - start
-        acc = results[-1].test_accuracy
-        assert acc is not None
+        z, acc, last, wall = _train(overrides, rounds)
         if base is None and not math.isfinite(eps):
             base = acc
-        last = results[-1].extra
-        z = cfg.privacy.noise_multiplier if math.isfinite(eps) else 0.0
         gap = f"{100 * (acc - base):+.1f} pts" if base is not None else ""
         print(f"{eps:>8g} {z:>7.3f} {last.get('dp_epsilon', float('inf')):>7.3g} "
               f"{last.get('dp_clip', float('nan')):>10.3g} {acc:>9.4f} {gap:>14} {wall:>7.1f}")
 
 
-def dpsgd_table(rounds: int, epsilons: list[float]) -> None:
+def _train(overrides: dict, rounds: int) -> tuple[float, float, dict, float]:
+    """(noise multiplier, final test accuracy, last round's metrics, wall seconds) of a run."""
     from koinon.config import Config
     from koinon.experiment.runner import build_federation
+
+    cfg = Config().with_overrides(overrides)
+    start = time.perf_counter()
+    fed = build_federation(cfg)
+    results = [fed.run_round(evaluate=r == rounds - 1) for r in range(rounds)]
+    wall = time.perf_counter() - start
+    acc = results[-1].test_accuracy
+    assert acc is not None
+    z = cfg.privacy.noise_multiplier if cfg.privacy.dp != "none" else 0.0
+    return z, acc, results[-1].extra, wall
+
+
+def dpsgd_table(rounds: int, epsilons: list[float]) -> None:
 
     print(f"\nSample-level DP-SGD in every client (clip 1.0 per sample, batch 16, Poisson sampling, RDP, "
           f"delta = 1e-5) on digits: 10 clients (iid), all in every round, {rounds} rounds, MLP 64")
@@ -126,18 +130,11 @@ def dpsgd_table(rounds: int, epsilons: list[float]) -> None:
         }
         if math.isfinite(eps):
             overrides.update({"privacy.dp": "sample", "privacy.target_epsilon": eps, "privacy.clip": 1.0})
-        cfg = Config().with_overrides(overrides)
-        start = time.perf_counter()
-        fed = build_federation(cfg)
-        results = [fed.run_round(evaluate=r == rounds - 1) for r in range(rounds)]
-        wall = time.perf_counter() - start
-        acc = results[-1].test_accuracy
-        assert acc is not None
+        z, acc, last, wall = _train(overrides, rounds)
         if base is None and not math.isfinite(eps):
             base = acc
-        z = cfg.privacy.noise_multiplier if math.isfinite(eps) else 0.0
         gap = f"{100 * (acc - base):+.1f} pts" if base is not None else ""
-        print(f"{eps:>8g} {z:>7.3f} {results[-1].extra.get('dp_epsilon', float('inf')):>7.3g} "
+        print(f"{eps:>8g} {z:>7.3f} {last.get('dp_epsilon', float('inf')):>7.3g} "
               f"{acc:>9.4f} {gap:>14} {wall:>7.1f}")
 
 

@@ -107,9 +107,7 @@ class AutoFLIP(FedLEx):
 
     def __init__(self, explore_rounds: int = 2, sparsity: float = 0.5, structured: float = 0.2,
                  layout: Layout | None = None) -> None:
-        if explore_rounds < 1:
-            raise ValueError(f"client.explore_rounds must be >= 1, got {explore_rounds}")
-        if not 0.0 <= sparsity < 1.0:
+        if not 0.0 <= sparsity < 1.0:  # explore_rounds: checked by FedLEx's constructor below
             raise ValueError(f"client.sparsity must be in [0, 1), got {sparsity}")
         if not 0.0 <= structured < 1.0:
             raise ValueError(f"client.structured must be in [0, 1), got {structured}")
