@@ -72,14 +72,16 @@ def test_launch_errors_are_one_line(config, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_co2_worker_killed_while_its_background_exchange_is_in_flight(config, tmp_path):
-    # A 2.5 s emulated link (long next to an inner step even on a loaded machine) keeps sync event 0's exchange in flight while the workers train on:
-    # worker 1 dies at inner step 5, inside that exchange (its all-gather done, its `done` not
-    # yet sent). The survivors' background threads must retry without it, as the blocking
+    # A 2.5 s emulated link keeps sync event 0's exchange (after inner step 4) in flight while the
+    # workers train on: worker 1 dies at inner step 7, inside that exchange (its all-gather done,
+    # its `done` not yet sent). Not at step 5: the exchange runs in a background thread, and on a
+    # loaded machine one inner step could end before that thread had said it was ready, so the
+    # worker was dropped before the attempt instead of inside it (no retry). The survivors' background threads must retry without it, as the blocking
     # exchange does, and a new worker joins at sync event 2 from a peer whose own exchange is
     # in flight (it is served the state of the sync event, not of the peer's training since).
     cfg = load_config(config, ["diloco.workers=3", "diloco.mode=co2", "diloco.co2_clip=1.0"])
     out = tmp_path / "run"
-    summary = launch(cfg, 3, out, timeout_s=30, crashes={1: 5}, join_at=[2],
+    summary = launch(cfg, 3, out, timeout_s=30, crashes={1: 7}, join_at=[2],
                      link_latency_ms=2500, max_wall_s=240)
     assert summary["exit_codes"]["1"] != 0 and summary["dropped"] == [1]
     assert summary["retries"] >= 1  # the broken attempt of sync event 0 was retried
