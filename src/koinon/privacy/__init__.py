@@ -140,6 +140,7 @@ def _check_keys(p: PrivacyConfig) -> None:
         ("secagg_clip_range", p.secagg_clip_range > 0, "> 0"),
         ("secagg_max_weight", p.secagg_max_weight >= 1, ">= 1"),
         ("secagg_dropout", 0 <= p.secagg_dropout < 1, "in [0, 1)"),
+        ("secagg_step_timeout_s", p.secagg_step_timeout_s > 0, "> 0"),
     ]
     for key, ok, allowed in checks:
         if not ok:
@@ -270,7 +271,8 @@ def build_privacy(cfg: Config, num_clients: int, algorithm: Any = None, sizes: t
                             1 if p.dp == "central" else p.secagg_max_weight, k)
         except ValueError as exc:
             raise ConfigError(f"privacy.secagg_modulus_bits = {p.secagg_modulus_bits}: {exc}") from None
-        out.secure = SecureAggregation(fp, p.secagg_degree, p.secagg_threshold, p.secagg_dropout, cfg.seed)
+        out.secure = SecureAggregation(fp, p.secagg_degree, p.secagg_threshold, p.secagg_dropout, cfg.seed,
+                                       consistency=p.secagg_consistency)
         if p.dp == "central" and model is not None:
             length = sum(t.numel() for t in model.state_dict().values())  # at least the update's length
             try:
