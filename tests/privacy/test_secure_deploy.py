@@ -180,3 +180,15 @@ def test_a_client_killed_after_its_masked_input_is_unmasked_from_the_survivors(t
     # simulated round, where all five took part.
     h.simulate(tmp_path, config, state)
     assert "client-2" not in json.loads((state / "summary.json").read_text()).get("missing", [])
+
+
+@pytest.mark.slow
+def test_deployed_secure_aggregation_under_central_dp_is_the_simulated_run(tmp_path, certs) -> None:
+    # The clip bound (adaptive here) goes to the clients with the session; they clip and send their
+    # clipping bit through the protocol, the server noises the sum (seeded noise: comparable).
+    config = h.write_config(tmp_path / "fed.toml", server={"rounds": 2, "clients_per_round": 3}, privacy={
+        "secagg": True, "dp": "central", "noise_multiplier": 0.5, "noise_seed": 3, "target_quantile": 0.5,
+        "clip_count_stddev": 1.0})
+    state = h.run_deployment(tmp_path, config, certs, server_s=120)
+    sim = h.simulate(tmp_path, config, state)
+    assert [r["dp_epsilon"] for r in h.metrics(state)] == [r["dp_epsilon"] for r in sim]
