@@ -91,6 +91,21 @@ def test_quantized_codecs_are_summed_in_the_field() -> None:
     assert float((wide.params - unquantized.params).abs().max()) > 10 * fine
 
 
+def test_fedbuff_sums_each_buffer_securely() -> None:
+    # Each full buffer is one SecAgg+ session of its clients, their updates scaled by staleness:
+    # the server steps with the sum, FedBuff's plain step up to fixed point.
+    over = {"clock.speed": "lognormal", "schedule.name": "fedbuff", "schedule.buffer": 4,
+            "schedule.concurrency": 6}
+    plain = build_federation(small(**over))
+    secure = build_federation(small(**over, **{"privacy.secagg": True}))
+    for _ in range(3):
+        a, b = plain.run_round(evaluate=False), secure.run_round(evaluate=False)
+        assert sorted(a.accepted) == sorted(b.accepted) and b.extra["secagg_survivors"] == 4
+        assert a.uplink_bytes < b.uplink_bytes < 1.5 * a.uplink_bytes
+    step = 1 / secure.federation.server.privacy.secure.fp.scale
+    assert 0 < float((plain.params - secure.params).abs().max()) < 100 * step
+
+
 def test_secure_aggregation_survives_dropouts() -> None:
     fed = build_federation(small(**{"privacy.secagg": True, "privacy.secagg_dropout": 0.25}))
     r = fed.run_round(evaluate=False)
