@@ -440,7 +440,9 @@ def _train_and_upload(stub: Any, name: str, idx: int, round_index: int, payloads
         hooks.log(name, f"round {round_index + 1}: update not sent: {result.failed[idx]}")
         return
     fed = worker.fed
-    if fed.server.privacy is not None and fed.server.privacy.secure is not None and channel is not None:
+    if fed.server.privacy is not None and fed.server.privacy.secure is not None:
+        if channel is None:
+            raise KoinonError("privacy.secagg: this client needs its gRPC channel for the SecAgg+ steps")
         from koinon.deploy.secure import client_round  # SecAgg+: the update goes out masked
 
         client_round(channel, fed, name, idx, round_index, uploads, codec_states, result, worker.num_samples,

@@ -385,6 +385,9 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
 
         def admit(header: Any) -> None:
             claimed.append(int(header.round))
+            if self.secure is not None:  # an update sent in the clear would defeat the protocol
+                raise Rejected("this run aggregates securely (privacy.secagg): updates go through "
+                               "SecAgg+, never as a plain upload")
             if header.layout_hash != self.layout_hash:
                 raise Rejected(f"layout hash {quote(header.layout_hash)} is not the model's {self.layout_hash!r}")
             if header.codec != self.fed.codec.name:
