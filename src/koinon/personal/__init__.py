@@ -12,8 +12,10 @@
 
 from koinon.personal import clusters as _clusters  # noqa: F401  (registers ifca, clustered_meta)
 from koinon.personal import fedcac as _fedcac  # noqa: F401  (registers fedcac)
+from koinon.personal import fedconv as _fedconv  # noqa: F401  (registers fedconv)
 from koinon.personal import meta as _meta  # noqa: F401  (registers perfedavg)
 from koinon.personal import methods as _methods  # noqa: F401  (registers finetune, fedbn, fedper, fedrep, ditto)
+from koinon.personal import pfedgate as _pfedgate  # noqa: F401  (registers pfedgate)
 from koinon.personal.base import personal_downlinks
 from koinon.personal.clusters import IFCA, ClusteredMeta, hierarchical_clusters
 from koinon.personal.evaluate import (
@@ -24,12 +26,15 @@ from koinon.personal.evaluate import (
     summarize,
 )
 from koinon.personal.fedcac import FedCAC
+from koinon.personal.fedconv import FedConv
 from koinon.personal.meta import PerFedAvg
 from koinon.personal.methods import Ditto, FedBN, FedPer, FedRep, FineTune
+from koinon.personal.pfedgate import PFedGate
 from koinon.personal.shift import SHIFTS, feature_shift
 
 __all__ = [
-    "IFCA", "SHIFTS", "ClusteredMeta", "Ditto", "FedBN", "FedCAC", "FedPer", "FedRep", "FineTune", "PerFedAvg",
+    "IFCA", "SHIFTS", "ClusteredMeta", "Ditto", "FedBN", "FedCAC", "FedConv", "FedPer", "FedRep", "FineTune",
+    "PFedGate", "PerFedAvg",
     "PersonalEvaluation", "feature_shift", "personal_downlinks", "hierarchical_clusters", "per_client_accuracy", "personal_models",
     "split_new_clients", "summarize",
 ]
