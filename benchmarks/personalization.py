@@ -58,6 +58,7 @@ METHODS = {
     "fedcac": {"tau": 0.5, "beta": 170.0, "adapt_steps": 20},
     "pfedgate": {"budgets": [1.0], "gate_lr": 5.0, "adapt_steps": 20},
     "fedconv": {"budgets": [1.0], "adapt_steps": 20},
+    "reconnaissance": {},
 }
 
 

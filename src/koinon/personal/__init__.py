@@ -16,6 +16,7 @@ from koinon.personal import fedconv as _fedconv  # noqa: F401  (registers fedcon
 from koinon.personal import meta as _meta  # noqa: F401  (registers perfedavg)
 from koinon.personal import methods as _methods  # noqa: F401  (registers finetune, fedbn, fedper, fedrep, ditto)
 from koinon.personal import pfedgate as _pfedgate  # noqa: F401  (registers pfedgate)
+from koinon.personal import recon as _recon  # noqa: F401  (registers reconnaissance)
 from koinon.personal.base import personal_downlinks
 from koinon.personal.clusters import IFCA, ClusteredMeta, hierarchical_clusters
 from koinon.personal.evaluate import (
@@ -30,11 +31,12 @@ from koinon.personal.fedconv import FedConv
 from koinon.personal.meta import PerFedAvg
 from koinon.personal.methods import Ditto, FedBN, FedPer, FedRep, FineTune
 from koinon.personal.pfedgate import PFedGate
+from koinon.personal.recon import Reconnaissance
 from koinon.personal.shift import SHIFTS, feature_shift
 
 __all__ = [
     "IFCA", "SHIFTS", "ClusteredMeta", "Ditto", "FedBN", "FedCAC", "FedConv", "FedPer", "FedRep", "FineTune",
-    "PFedGate", "PerFedAvg",
+    "PFedGate", "PerFedAvg", "Reconnaissance",
     "PersonalEvaluation", "feature_shift", "personal_downlinks", "hierarchical_clusters", "per_client_accuracy", "personal_models",
     "split_new_clients", "summarize",
 ]
