@@ -59,6 +59,7 @@ METHODS = {
     "pfedgate": {"budgets": [1.0], "gate_lr": 5.0, "adapt_steps": 20},
     "fedconv": {"budgets": [1.0], "adapt_steps": 20},
     "reconnaissance": {},
+    "fedka": {"lam": 0.1, "voters": 5, "agreement": 0.6, "adapt_steps": 20},
 }
 
 
