@@ -13,6 +13,7 @@
 from koinon.personal import clusters as _clusters  # noqa: F401  (registers ifca, clustered_meta)
 from koinon.personal import fedcac as _fedcac  # noqa: F401  (registers fedcac)
 from koinon.personal import fedconv as _fedconv  # noqa: F401  (registers fedconv)
+from koinon.personal import fedins as _fedins  # noqa: F401  (registers fedins)
 from koinon.personal import fedka as _fedka  # noqa: F401  (registers fedka)
 from koinon.personal import meta as _meta  # noqa: F401  (registers perfedavg)
 from koinon.personal import methods as _methods  # noqa: F401  (registers finetune, fedbn, fedper, fedrep, ditto)
@@ -29,6 +30,7 @@ from koinon.personal.evaluate import (
 )
 from koinon.personal.fedcac import FedCAC
 from koinon.personal.fedconv import FedConv
+from koinon.personal.fedins import FedIns
 from koinon.personal.fedka import FedKA
 from koinon.personal.meta import PerFedAvg
 from koinon.personal.methods import Ditto, FedBN, FedPer, FedRep, FineTune
@@ -37,7 +39,7 @@ from koinon.personal.recon import Reconnaissance
 from koinon.personal.shift import SHIFTS, feature_shift
 
 __all__ = [
-    "IFCA", "SHIFTS", "ClusteredMeta", "Ditto", "FedBN", "FedCAC", "FedConv", "FedKA", "FedPer", "FedRep", "FineTune",
+    "IFCA", "SHIFTS", "ClusteredMeta", "Ditto", "FedBN", "FedCAC", "FedConv", "FedIns", "FedKA", "FedPer", "FedRep", "FineTune",
     "PFedGate", "PerFedAvg", "Reconnaissance",
     "PersonalEvaluation", "feature_shift", "personal_downlinks", "hierarchical_clusters", "per_client_accuracy", "personal_models",
     "split_new_clients", "summarize",
