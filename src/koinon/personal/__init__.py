@@ -15,6 +15,7 @@ from koinon.personal import fedcac as _fedcac  # noqa: F401  (registers fedcac)
 from koinon.personal import fedconv as _fedconv  # noqa: F401  (registers fedconv)
 from koinon.personal import fedins as _fedins  # noqa: F401  (registers fedins)
 from koinon.personal import fedka as _fedka  # noqa: F401  (registers fedka)
+from koinon.personal import fraug as _fraug  # noqa: F401  (registers fraug)
 from koinon.personal import meta as _meta  # noqa: F401  (registers perfedavg)
 from koinon.personal import methods as _methods  # noqa: F401  (registers finetune, fedbn, fedper, fedrep, ditto)
 from koinon.personal import pfedgate as _pfedgate  # noqa: F401  (registers pfedgate)
@@ -32,6 +33,7 @@ from koinon.personal.fedcac import FedCAC
 from koinon.personal.fedconv import FedConv
 from koinon.personal.fedins import FedIns
 from koinon.personal.fedka import FedKA
+from koinon.personal.fraug import FRAug
 from koinon.personal.meta import PerFedAvg
 from koinon.personal.methods import Ditto, FedBN, FedPer, FedRep, FineTune
 from koinon.personal.pfedgate import PFedGate
@@ -39,7 +41,7 @@ from koinon.personal.recon import Reconnaissance
 from koinon.personal.shift import SHIFTS, feature_shift
 
 __all__ = [
-    "IFCA", "SHIFTS", "ClusteredMeta", "Ditto", "FedBN", "FedCAC", "FedConv", "FedIns", "FedKA", "FedPer", "FedRep", "FineTune",
+    "FRAug", "IFCA", "SHIFTS", "ClusteredMeta", "Ditto", "FedBN", "FedCAC", "FedConv", "FedIns", "FedKA", "FedPer", "FedRep", "FineTune",
     "PFedGate", "PerFedAvg", "Reconnaissance",
     "PersonalEvaluation", "feature_shift", "personal_downlinks", "hierarchical_clusters", "per_client_accuracy", "personal_models",
     "split_new_clients", "summarize",
