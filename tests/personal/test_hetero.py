@@ -188,9 +188,12 @@ def test_pfedgate_gating_layer_stays_on_the_client():
     assert fed.uplink_total > 0 and fed.server.server_state == {}
 
 
-@pytest.mark.parametrize(("algorithm", "options"), [("pfedgate", {"budgets": [1.0, 0.5]}),
-                                                    ("fedconv", {"budgets": [1.0, 0.5]})])
+@pytest.mark.parametrize(("algorithm", "options"), [
+    ("pfedgate", {"budgets": [1.0, 0.5]}), ("fedconv", {"budgets": [1.0, 0.5]}), ("reconnaissance", {}),
+    ("fedka", {"voters": 2, "lam": 0.5}), ("fedins", {"pool_size": 2, "top": 1}), ("fraug", {"noise": 4, "gen_hidden": 8}),
+])
 def test_selectable_from_a_config(tmp_path, algorithm, options):
+    """Each method from TOML keys with its options; a bad option is one ConfigError naming it."""
     cfg = kn.Config()
     cfg.data.name, cfg.data.num_clients, cfg.data.client_test_fraction = "digits", 6, 0.25
     cfg.data.holdout_clients = 2
