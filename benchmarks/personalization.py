@@ -65,7 +65,7 @@ METHODS = {
     "reconnaissance": {},
     "fedka": {"lam": 0.1, "voters": 5, "agreement": 0.6, "adapt_steps": 20},
     "fedins": {"pool_size": 8, "top": 2, "key_weight": 0.1},
-    "fraug": {"aug_weight": 1.0, "adapt_steps": 20},
+    "fraug": {"aug_weight": 1.0, "gen_hidden": 16, "adapt_steps": 20},
 }
 
 
