@@ -1,7 +1,6 @@
 """FedConv: heterogeneous sub-models by convolutional compression, merged by transposed convolution.
 
-Shen et al., "FedConv: A Learning-on-Model Paradigm for Heterogeneous Federated Clients"
-(MobiSys 2024, https://arxiv.org/abs/2502.20639). A client of budget b = 1/r (r = 1, 2, 3, ...)
+"FedConv: A Learning-on-Model Paradigm for Heterogeneous Federated Clients". A client of budget b = 1/r (r = 1, 2, 3, ...)
 trains a sub-model whose hidden layers are r times narrower than the global model's: the
 global model compressed by a convolution along each layer's unit axis (kernel r, stride r).
 The sub-model is trained as it is, with no decompression, and its change is dilated back to
@@ -191,7 +190,7 @@ def _unflat(flat: torch.Tensor, like: dict[str, torch.Tensor], spec: list[_Param
 
 @CLIENT_ALGORITHMS.register("fedconv")
 class FedConv(LocalSGD):
-    """FedConv (Shen et al. 2024): each client trains a sub-model r = 1/budget times narrower."""
+    """FedConv: each client trains a sub-model r = 1/budget times narrower."""
 
     name = "fedconv"
 

@@ -1,7 +1,6 @@
 """FedIns: a pool of scale-and-shift modules, chosen per instance at inference.
 
-Feng et al., "Towards Instance-adaptive Inference for Federated Learning" (FedIns, ICCV 2023,
-https://arxiv.org/abs/2308.06051). Clients differ, and so do the samples within one client.
+"Towards Instance-adaptive Inference for Federated Learning" (FedIns, 2023). Clients differ, and so do the samples within one client.
 Scale-and-shift of deep features (SSF) adapts a model with two vectors per layer: a hidden
 unit's output h becomes gamma * h + beta. FedIns keeps a *pool* of `pool_size` SSF modules, each
 with a key; for an instance x the query q(x) picks the `top` modules whose keys are most
@@ -81,7 +80,7 @@ def scale_shift(layers: list[tuple[nn.Module, int]], gamma: torch.Tensor, beta: 
 
 @CLIENT_ALGORITHMS.register("fedins")
 class FedIns(LocalSGD):
-    """FedIns (Feng et al. 2023): an averaged pool of SSF modules, chosen per instance."""
+    """FedIns (2023): an averaged pool of SSF modules, chosen per instance."""
 
     name = "fedins"
     uploads: tuple[str, ...] = ("pool",)

@@ -1,6 +1,6 @@
 """FedKA: domain generalization by feature-distribution matching and voted pseudo-labels.
 
-Sun et al., "Federated Knowledge Alignment" (FedKA, https://arxiv.org/abs/2207.09528). Clients
+"Federated Knowledge Alignment" (FedKA, 2022). Clients
 hold different domains (feature shift); the global model should also serve a domain no client
 trained on. Two parts:
 
@@ -16,12 +16,12 @@ trained on. Two parts:
   majority vote, keeps the samples on which at least `agreement` of the voters agree, and
   fine-tunes the global model on them for `adapt_steps` SGD steps: it uses no labels at all.
 
-Choices of ours where the paper leaves room or where we simplified: the paper matches
-distributions with a multi-kernel MMD against target-domain features; we match the first two
-moments per feature (the MMD of a diagonal second-order kernel), which needs only 2 D numbers
+Choices of ours where the paper leaves room or where we simplified: the abstract speaks of
+feature-distribution matching in a global workspace; we match the first two moments per
+feature (the MMD of a diagonal second-order kernel), which needs only 2 D numbers
 per client on the wire and no target data during training (domain *generalization*); before the
-first workspace exists (round one) there is no matching term. The paper fine-tunes the global
-model on the voted labels at the server; here the new client does, on its own data (the same
+first workspace exists (round one) there is no matching term. Where the paper fine-tunes the
+global model on the voted labels, here the new client does, on its own data (the same
 computation where the target domain lives). Training clients serve the global model. Local
 training is the method's own plain-SGD loop (one client at a time, so both runtimes agree).
 """
@@ -65,7 +65,7 @@ def vote(predictions: torch.Tensor, num_classes: int, agreement: float) -> tuple
 
 @CLIENT_ALGORITHMS.register("fedka")
 class FedKA(LocalSGD):
-    """FedKA (Sun et al. 2022): moment matching to a global workspace, voted pseudo-labels for new domains."""
+    """FedKA (2022): moment matching to a global workspace, voted pseudo-labels for new domains."""
 
     name = "fedka"
     uploads: tuple[str, ...] = ("moments",)

@@ -1,7 +1,7 @@
 """FRAug: a shared embedding generator and per-client transformation networks for feature shift.
 
-Chen et al., "FRAug: Tackling Federated Learning with Non-IID Features via Representation
-Augmentation" (ICCV 2023, https://arxiv.org/abs/2205.14900). Under feature shift a client's
+"FRAug: Tackling Federated Learning with Non-IID Features via Representation Augmentation"
+(2022). Under feature shift a client's
 data is small and its own; FRAug augments it in the embedding space. A generator G(z, y),
 shared by all clients (averaged by the server like the model), produces client-agnostic
 embeddings of class y; each client's Representation Transformation Network (RTNet) R_k, which
@@ -19,9 +19,8 @@ vector of the model's size) that the server averages over the cohort and sends b
 
 Choices of ours where the paper leaves room or where we simplified: G is a two-layer MLP
 (noise `noise` dims and the one-hot class in, `gen_hidden` ReLU units, D out); R_k a residual
-linear map started at zero (the identity); the paper trains generator and RTNets with separate
-objectives and steps (the generator against all clients' heads, with a consistency term), we
-take one joint step on the sum above, whose second term pulls the synthetic embeddings to the
+linear map started at zero (the identity); the paper's training of the generator and the
+RTNets has more parts than this; we take one joint step on the sum above, whose second term pulls the synthetic embeddings to the
 batch's real ones; the server averages the generators uniformly over the cohort. A client
 serves the global model after `adapt_steps` more steps of the same objective on its own data
 (generator fixed), its RTNet continuing (a new client's starting at the identity): FRAug is
@@ -60,7 +59,7 @@ def transform(rt: list[torch.Tensor], s: torch.Tensor) -> torch.Tensor:
 
 @CLIENT_ALGORITHMS.register("fraug")
 class FRAug(LocalSGD):
-    """FRAug (Chen et al. 2023): a shared embedding generator, a private RTNet, augmented heads."""
+    """FRAug (2022): a shared embedding generator, a private RTNet, augmented heads."""
 
     name = "fraug"
     uploads: tuple[str, ...] = ("generator",)

@@ -1,7 +1,7 @@
 """pFedGate: a client's gating layer picks a sparse personalized sub-model under its budget.
 
-Chen et al., "Efficient Personalized Federated Learning via Sparse Model-Adaptation" (ICML 2023,
-https://arxiv.org/abs/2305.02776). The global model is shared (FedAvg); each client keeps a
+"Efficient Personalized Federated Learning via Sparse Model-Adaptation" (pFedGate, 2023). The
+global model is shared (FedAvg); each client keeps a
 lightweight gating layer that, from the input, scores the model's blocks; the client runs the
 global model with only its top-scoring blocks, each scaled by its score, so a client of budget
 b runs about a share b of the gated layers. The model and the gating layer train together on
@@ -16,11 +16,11 @@ scaling its weight row, the paper's gated weights).
 
 Choices of ours where the paper leaves room or where we simplified:
 - blocks are output units / channels (the paper splits parameters into blocks of a set size);
-  the per-layer top-k with ties broken towards the lower unit index stands for the paper's
-  knapsack over block sizes (all blocks of one layer have the same size, so within a layer the
-  knapsack is the top-k);
-- the gating layer is one Linear on the flattened input (the paper adds a normalization layer),
-  initialized to zero with the factor 2, so every kept score starts at exactly 1: with budget 1 a
+  the per-layer top-k with ties broken towards the lower unit index is our budgeted selection
+  (all blocks of one layer have the same size, so within a layer the best-scoring blocks under
+  a size budget are the top-k);
+- the gating layer is one Linear on the flattened input (our choice of
+  architecture), initialized to zero with the factor 2, so every kept score starts at exactly 1: with budget 1 a
   client starts from the global model itself;
 - the gating layer trains at `gate_lr` times the model's learning rate (default 5, our choice:
   on digits a gating layer at the model's rate barely moves within a round; 0 freezes it);
@@ -105,7 +105,7 @@ def gating(layers: list[tuple[nn.Module, int]], gates: torch.Tensor):
 
 @CLIENT_ALGORITHMS.register("pfedgate")
 class PFedGate(LocalSGD):
-    """pFedGate (Chen et al. 2023): a shared model, a private gating layer, a sparse model per input."""
+    """pFedGate (2023): a shared model, a private gating layer, a sparse model per input."""
 
     name = "pfedgate"
 

@@ -1,8 +1,7 @@
 """Federated reconnaissance: class-incremental learning by averaging class prototypes.
 
-Hsu et al., "Federated Reconnaissance: Efficient, Distributed, Class-Incremental Learning"
-(2021, https://arxiv.org/abs/2109.00150). Each client learns the classes it sees and sends
-their *prototypes* (the mean embedding of a class's samples); the server merges prototypes by
+"Federated Reconnaissance: Efficient, Distributed, Class-Incremental Learning" (2021). Each
+client learns the classes it sees and sends their *prototypes* (the mean embedding of a class's samples); the server merges prototypes by
 averaging them weighted by their sample counts, and every client then classifies a sample by
 its nearest prototype (Euclidean) among all classes any client has seen: a client that held
 two classes can tell apart all ten once the others' prototypes arrive.
@@ -17,9 +16,9 @@ sums and counts have that ratio); a class no client of the cohort holds keeps it
 an earlier round (the online merge of the paper: knowledge of a class, once learnt, stays). The
 merged prototypes (`prototypes`, `seen`) are a download every sampled client receives.
 
-Choices of ours where the paper leaves room: the paper's embedding is a pretrained 4-layer CNN
-frozen during the federated phase, merged with a running average over all updates; here the
-embedding itself trains by FedAvg, so a prototype is replaced by the current cohort's average
+Choices of ours where the paper leaves room: in the paper prototypes are averaged online over
+all updates, with a fixed embedding (a prototypical network); here the embedding itself trains
+by FedAvg, so a prototype is replaced by the current cohort's average
 (old prototypes were computed with an older embedding) and kept only for classes the cohort does
 not hold. Every client and a new client serve the same model (the global body and the merged
 prototypes): there is no client state. Needs an `nn.Sequential` whose last layer is a Linear,
@@ -81,7 +80,7 @@ def nearest_logits(emb: torch.Tensor, prototypes: torch.Tensor, seen: torch.Tens
 
 @CLIENT_ALGORITHMS.register("reconnaissance")
 class Reconnaissance(LocalSGD):
-    """Federated reconnaissance (Hsu et al. 2021): class prototypes, merged by averaging."""
+    """Federated reconnaissance (2021): class prototypes, merged by averaging."""
 
     name = "reconnaissance"
     uploads: tuple[str, ...] = ("prototypes",)
