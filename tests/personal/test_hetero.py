@@ -205,3 +205,18 @@ def test_selectable_from_a_config(tmp_path, algorithm, options):
     cfg.client.options = {"budgets": [1.5]}
     with pytest.raises(kn.ConfigError, match="budgets"):
         kn.run_experiment(cfg, tmp_path / "again", progress=False)
+
+
+def test_predictor_metrics_match_model_metrics():
+    """The evaluation's predictor path (`personal_predictors`) scores exactly as its model path:
+    FedConv at budget 1 serves what FedAvg + fine-tuning serves."""
+    from koinon.personal import FineTune
+
+    metrics = []
+    for alg in (FedConv(budgets=[1.0], adapt_steps=3), FineTune(adapt_steps=3)):
+        fed = kn.Federation(_model(), _digits(8, "dirichlet"), local=LocalTraining(lr=0.1, epochs=1),
+                            clients_per_round=4, seed=1, algorithm=alg, runtime="inprocess",
+                            evaluation=Evaluation(holdout=0.25, new_clients=2))
+        result = fed.fit(2, eval_every=2)[-1]
+        metrics.append({k: v for k, v in result.extra.items() if k.startswith(("personal_", "new_client_"))})
+    assert metrics[0] == metrics[1] and "personal_accuracy_p10" in metrics[0] and "new_client_accuracy_mean" in metrics[0]
