@@ -76,3 +76,27 @@ def test_both_local_runtimes_give_the_same_prototypes_and_merged_classes_reach_e
     fa = a.algorithm.personal_predictors(a.runtime.trainer, [0], a.params, a.server.server_state, [{}], 0, 3)[0]
     # a client that held two classes predicts classes it never saw
     assert len(set(fa(x).argmax(dim=1).tolist())) > 2
+
+
+def test_a_weighted_single_update_merges_as_an_unweighted_one():
+    """An asynchronous schedule applies one client's upload scaled by a staleness weight: the
+    prototypes (sums / counts) and the shape markers are ratios, so the merge is the same."""
+    from koinon.personal import FedIns, FRAug
+
+    alg = Reconnaissance()
+    numel = 100
+    up = torch.zeros(numel)
+    sums, counts = class_sums(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([1, 1]), 3)
+    up[:6], up[6:9] = sums.reshape(-1), counts
+    up[-3], up[-2], up[-1] = 3.0, 2.0, 1.0
+    state = alg.init_server_state(numel)
+    plain = alg.server_update(state, {"prototypes": up}, 0.1)["prototypes"]
+    weighted = alg.server_update(state, {"prototypes": 0.25 * up}, 0.1)["prototypes"]
+    assert torch.allclose(plain, weighted)
+    assert torch.allclose(alg.unpack(plain, 3, 2)[0][1], torch.tensor([2.0, 3.0]))
+    for other, key in ((FedIns(), "pool"), (FRAug(), "generator")):
+        packed = torch.rand(numel)
+        packed[-1] = 1.0
+        a = other.server_update({}, {key: packed}, 0.1)[key]
+        b = other.server_update({}, {key: 0.3 * packed}, 0.1)[key]
+        assert torch.allclose(a, b) and torch.allclose(a, packed)

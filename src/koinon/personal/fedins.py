@@ -165,7 +165,10 @@ class FedIns(LocalSGD):
     def server_update(self, server_state: State, uploads: dict[str, torch.Tensor], cohort_fraction: float) -> State:
         if "pool" not in uploads:
             return server_state
-        return {**server_state, "pool": uploads["pool"]}  # the cohort's mean pool (its flag stays 1)
+        # The cohort's mean pool; divided by its flag (1 for a round's mean; an asynchronous
+        # schedule's staleness-weighted single update scales the flag with the pool).
+        pool = uploads["pool"] / uploads["pool"][-1].clamp_min(1e-12)
+        return {**server_state, "pool": pool}
 
     def personal_predictors(self, trainer: CohortTrainer, client_ids: list[int], global_params: torch.Tensor,
                             server_state: State, client_states: list[State], seed: int,

@@ -161,7 +161,10 @@ class FRAug(LocalSGD):
     def server_update(self, server_state: State, uploads: dict[str, torch.Tensor], cohort_fraction: float) -> State:
         if "generator" not in uploads:
             return server_state
-        return {**server_state, "generator": uploads["generator"]}  # the cohort's mean generator
+        # The cohort's mean generator; divided by its flag (1 for a round's mean; an asynchronous
+        # schedule's staleness-weighted single update scales the flag with the weights).
+        gen = uploads["generator"] / uploads["generator"][-1].clamp_min(1e-12)
+        return {**server_state, "generator": gen}
 
     def personalize(self, trainer: CohortTrainer, client_ids: list[int], global_params: torch.Tensor,
                     server_state: State, client_states: list[State], seed: int, round_index: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ A round of client k: local SGD of the model (FedAvg; the cross-entropy head trai
 the body: every layer but the last), then with its trained model, for each class c of its
 training data, the sum S_kc of its samples' embeddings and their count N_kc (an extra upload,
 `prototypes`: one vector of the model's size, sums then counts, zero-padded, the shape C and
-D in its last two values). The server's
+D in its last values). The server's
 prototype of class c is sum_k S_kc / sum_k N_kc over the cohort (the uniform cohort means of the
 sums and counts have that ratio); a class no client of the cohort holds keeps its prototype from
 an earlier round (the online merge of the paper: knowledge of a class, once learnt, stays). The
@@ -90,7 +90,7 @@ class Reconnaissance(LocalSGD):
         """(classes C, embedding size D), checked to fit in one vector of the model's size."""
         _, head = body_of(trainer.module)
         c, d = trainer.layout.views(torch.zeros(trainer.layout.numel))[f"{head}.weight"].shape
-        if c * d + c + 2 > trainer.layout.numel:
+        if c * d + c + 3 > trainer.layout.numel:
             raise ValueError(f"client.algorithm = 'reconnaissance': {c} classes x {d} embedding values do not fit "
                              f"in the model's {trainer.layout.numel} parameters")
         return c, d
@@ -116,14 +116,19 @@ class Reconnaissance(LocalSGD):
             sums, counts = class_sums(emb, trainer.y_train[ix], c)
             packed[i, : c * d] = sums.reshape(-1)
             packed[i, c * d : c * d + c] = counts
-        packed[:, -2], packed[:, -1] = float(c), float(d)  # the shape, for the server
+        # The shape, for the server, as ratios to a marker 1 (an asynchronous schedule's weighted
+        # single update scales all three alike; sums / counts are ratios too).
+        packed[:, -3], packed[:, -2], packed[:, -1] = float(c), float(d), 1.0
         result.uploads = {"prototypes": packed}
         return result
 
     def server_update(self, server_state: State, uploads: dict[str, torch.Tensor], cohort_fraction: float) -> State:
         if "prototypes" not in uploads:
             return server_state
-        c, d = int(round(float(uploads["prototypes"][-2]))), int(round(float(uploads["prototypes"][-1])))
+        up = uploads["prototypes"]
+        if float(up[-1]) <= 0:
+            return server_state
+        c, d = int(round(float(up[-3] / up[-1]))), int(round(float(up[-2] / up[-1])))
         old, seen = self.unpack(server_state["prototypes"], c, d)
         sums, counts = self.unpack(uploads["prototypes"], c, d)
         protos, seen = merge(old, seen, sums, counts)
