@@ -8,7 +8,14 @@ an MLP 64-64-10 with LayerNorm (FedBN's normalization layer; every method gets t
 - `dirichlet`: label skew, Dirichlet(0.1);
 - `shards`: pathological label skew, 2 classes per client;
 - `rotation`: feature shift, 4 groups of clients see the digits rotated by 0/90/180/270 degrees
-  (labels i.i.d.).
+  (labels i.i.d.);
+- `hetero`: model heterogeneity on Dirichlet(0.1) label skew: a third of the clients each can
+  afford the full model, half of it, a quarter of it (`client.budgets = [1.0, 0.5, 0.25]`);
+  `pfedgate` and `fedconv` give each client a sub-model within its budget, every other method
+  trains the model all clients can run (hidden width 16);
+- `domains`: every client its own rotation (15 degrees apart), so the 4 new clients are domains
+  no client trained on (domain generalization: FedKA's setting). Not in the default run
+  (`--settings domains`).
 
 For each method and setting, over 3 seeds (mean; +- the standard deviation of the mean over
 clients between seeds): personalized accuracy over clients (mean / 10th percentile / worst),
@@ -18,7 +25,7 @@ beats FedAvg + local fine-tuning (`finetune`) on both the mean and the 10th perc
 least 3 points; the last lines say where it does and where not.
 
     .venv/bin/python benchmarks/personalization.py [--quick] [--rounds R] [--seeds S] [--only m1,m2]
-        [--settings dirichlet,shards,rotation] [--dataset digits|mnist1d]
+        [--settings dirichlet,shards,rotation,hetero,domains] [--dataset digits|mnist1d]
 """
 
 from __future__ import annotations
@@ -36,7 +43,12 @@ SETTINGS = {
     "dirichlet": {"partition": "dirichlet", "alpha": 0.1},
     "shards": {"partition": "shards", "classes_per_client": 2},
     "rotation": {"partition": "iid", "feature_shift": "rotation", "shift_groups": 4},
+    "hetero": {"partition": "dirichlet", "alpha": 0.1},
+    "domains": {"partition": "iid", "feature_shift": "rotation", "shift_groups": 0},
 }
+# Model heterogeneity: client budgets (cycled over client ids) for the methods that take them;
+# every other method trains the width all clients can run (the narrowest).
+BUDGETS = {"hetero": [1.0, 0.5, 0.25]}
 METHODS = {
     "fedavg": {},
     "finetune": {"adapt_steps": 20},
@@ -48,6 +60,12 @@ METHODS = {
     "ifca": {"clusters": 4, "adapt_steps": 20},
     "clustered_meta": {"clusters": 4, "alpha": 0.05, "adapt_steps": 20},
     "fedcac": {"tau": 0.5, "beta": 170.0, "adapt_steps": 20},
+    "pfedgate": {"budgets": [1.0], "gate_lr": 5.0, "adapt_steps": 20},
+    "fedconv": {"budgets": [1.0], "adapt_steps": 20},
+    "reconnaissance": {},
+    "fedka": {"lam": 0.1, "voters": 5, "agreement": 0.6, "adapt_steps": 20},
+    "fedins": {"pool_size": 8, "top": 2, "key_weight": 0.1},
+    "fraug": {"aug_weight": 1.0, "gen_hidden": 16, "adapt_steps": 20},
 }
 
 
@@ -65,6 +83,10 @@ def config(setting: str, method: str, seed: int, rounds: int, dataset: str = "di
     cfg.model.name, cfg.model.options = "mlp_norm", {"hidden": [64], "norm": "layer"}
     cfg.client.algorithm = method
     cfg.client.options = dict(METHODS[method])
+    if setting in BUDGETS and "budgets" in cfg.client.options:
+        cfg.client.options["budgets"] = BUDGETS[setting]
+    elif setting in BUDGETS:
+        cfg.model.options["hidden"] = [int(64 * min(BUDGETS[setting]))]
     cfg.client.lr, cfg.client.batch_size, cfg.client.epochs = 0.1, 16, 1
     cfg.server.rounds, cfg.server.clients_per_round = rounds, 20
     cfg.runtime.name = "vectorized"
@@ -88,7 +110,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--only", default="", help="comma-separated methods")
-    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--settings", default=",".join(s for s in SETTINGS if s != "domains"))
     parser.add_argument("--dataset", default="digits", choices=["digits", "mnist1d"],
                         help="mnist1d: 4,000 generated 1-D signals (rotation = circular shift)")
     args = parser.parse_args()

@@ -12,8 +12,14 @@
 
 from koinon.personal import clusters as _clusters  # noqa: F401  (registers ifca, clustered_meta)
 from koinon.personal import fedcac as _fedcac  # noqa: F401  (registers fedcac)
+from koinon.personal import fedconv as _fedconv  # noqa: F401  (registers fedconv)
+from koinon.personal import fedins as _fedins  # noqa: F401  (registers fedins)
+from koinon.personal import fedka as _fedka  # noqa: F401  (registers fedka)
+from koinon.personal import fraug as _fraug  # noqa: F401  (registers fraug)
 from koinon.personal import meta as _meta  # noqa: F401  (registers perfedavg)
 from koinon.personal import methods as _methods  # noqa: F401  (registers finetune, fedbn, fedper, fedrep, ditto)
+from koinon.personal import pfedgate as _pfedgate  # noqa: F401  (registers pfedgate)
+from koinon.personal import recon as _recon  # noqa: F401  (registers reconnaissance)
 from koinon.personal.base import personal_downlinks
 from koinon.personal.clusters import IFCA, ClusteredMeta, hierarchical_clusters
 from koinon.personal.evaluate import (
@@ -24,12 +30,19 @@ from koinon.personal.evaluate import (
     summarize,
 )
 from koinon.personal.fedcac import FedCAC
+from koinon.personal.fedconv import FedConv
+from koinon.personal.fedins import FedIns
+from koinon.personal.fedka import FedKA
+from koinon.personal.fraug import FRAug
 from koinon.personal.meta import PerFedAvg
 from koinon.personal.methods import Ditto, FedBN, FedPer, FedRep, FineTune
+from koinon.personal.pfedgate import PFedGate
+from koinon.personal.recon import Reconnaissance
 from koinon.personal.shift import SHIFTS, feature_shift
 
 __all__ = [
-    "IFCA", "SHIFTS", "ClusteredMeta", "Ditto", "FedBN", "FedCAC", "FedPer", "FedRep", "FineTune", "PerFedAvg",
+    "FRAug", "IFCA", "SHIFTS", "ClusteredMeta", "Ditto", "FedBN", "FedCAC", "FedConv", "FedIns", "FedKA", "FedPer", "FedRep", "FineTune",
+    "PFedGate", "PerFedAvg", "Reconnaissance",
     "PersonalEvaluation", "feature_shift", "personal_downlinks", "hierarchical_clusters", "per_client_accuracy", "personal_models",
     "split_new_clients", "summarize",
 ]
