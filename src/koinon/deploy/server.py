@@ -637,16 +637,19 @@ def _ledger(fed: Federation, cfg: Config, state: Path) -> Any:
 
 def serve(cfg: Config, state: Path, certs: Path, listen: str) -> dict[str, Any]:
     """Run (or resume) the deployment in `state`; returns the summary once every round is done."""
-    from koinon.experiment.runner import build_federation, finish_run
+    from koinon.experiment.runner import finish_run
 
     _return_large_buffers_to_the_os()
 
-    fed = check_deployable(build_federation(cfg), cfg)
+    from koinon.deploy.asynchronous import AsyncServer, AsyncStore, build_for_deployment
+
+    topology, schedule = build_for_deployment(cfg)  # schedule: FedBuff / FedAsync, or None (rounds)
+    fed = check_deployable(topology, cfg)
     if not cfg.deploy.max_update_norm >= 0:
         raise ConfigError(f"deploy.max_update_norm = {cfg.deploy.max_update_norm}: must be >= 0 (0: no bound)")
     fed.server.bound_update_norm(cfg.deploy.max_update_norm)
     creds = server_credentials(certs)
-    store = Store(state)
+    store = Store(state) if schedule is None else AsyncStore(state)
     try:
         stored = store.get("config_toml")
         if stored is not None:
@@ -664,7 +667,8 @@ def serve(cfg: Config, state: Path, certs: Path, listen: str) -> dict[str, Any]:
         if fed.round_index:
             log(f"resuming from {state}: {fed.round_index} rounds committed")
         ledger = _ledger(fed, cfg, state)
-        server = FederationServer(cfg, fed, store, certs)
+        server = (FederationServer(cfg, fed, store, certs) if schedule is None
+                  else AsyncServer(cfg, fed, store, certs, schedule))  # type: ignore[arg-type]
         server.ledger = ledger
         workers = min(1024, 2 * fed.data.num_clients + 32)
         grpc_server = grpc.server(
