@@ -148,13 +148,20 @@ class AsyncStore(Store):
         with self._sql:
             self.db.executescript(_SCHEMA)
         (folder / "buffer").mkdir(exist_ok=True)
+        # Files of applied updates (a kill between a step's commit and its clean-up leaves them),
+        # of uploads never accepted, and half-written ones: never part of the truth.
+        waiting = {self.buffer_file(t, i).name for t, i in self._query(
+            "SELECT task, idx FROM async_buffer WHERE applied < 0")}
+        for path in (folder / "buffer").iterdir():
+            if path.suffix == ".tmp" or (path.suffix == ".bin" and path.name not in waiting):
+                path.unlink(missing_ok=True)
 
-    def _buffer_path(self, task: int, idx: int) -> Path:
+    def buffer_file(self, task: int, idx: int) -> Path:
         return self.folder / "buffer" / f"t{task:06d}-c{idx}.bin"
 
     def write_buffer(self, task: int, idx: int, payloads: list[bytes]) -> tuple[int, str]:
         """An upload's bytes in `buffer/` (not yet counted); returns (size, sha256)."""
-        path = self._buffer_path(task, idx)
+        path = self.buffer_file(task, idx)
         tmp = path.with_suffix(".tmp")
         digest, size = hashlib.sha256(), 0
         with tmp.open("wb") as f:
@@ -208,7 +215,7 @@ class AsyncStore(Store):
                            "FROM async_buffer WHERE applied < 0 ORDER BY seq")
         out = []
         for seq, task, client, idx, version, digest, n, steps, loss in rows:
-            path = self._buffer_path(task, idx)
+            path = self.buffer_file(task, idx)
             blob = path.read_bytes() if path.is_file() else b""
             if hashlib.sha256(blob).hexdigest() != digest:
                 raise KoinonError(f"--state {self.folder}: the accepted update {path.name} is missing or damaged; "
@@ -234,7 +241,7 @@ class AsyncStore(Store):
             if old.name != checkpoint.name:
                 old.unlink(missing_ok=True)
         for e in taken:
-            self._buffer_path(e.task, e.idx).unlink(missing_ok=True)
+            self.buffer_file(e.task, e.idx).unlink(missing_ok=True)
 
     def applied(self) -> list[tuple[int, str, int]]:
         """(task, client, step) of every applied update, in application order."""
@@ -457,9 +464,10 @@ class AsyncServer(FederationServer):
         with self.lock:
             try:
                 task = self._admit_task(task_index, member)  # it may have expired meanwhile
-            except AlreadyAccepted as exc:
+            except AlreadyAccepted as exc:  # not reachable while `uploading` guards it; kept total
                 return pb.UploadReply(accepted=True, reason=str(exc))
             except Rejected as exc:
+                self.astore.buffer_file(task_index, member.idx).unlink(missing_ok=True)
                 return self._refuse_update(member, task_index, str(exc),
                                            "late" if isinstance(exc, Late) else "rejected")
             seq = self.astore.accept_update(task_index, member.name, member.idx, task.version, size, digest,
@@ -534,12 +542,13 @@ class AsyncServer(FederationServer):
         start = time.perf_counter()
         total = self.cfg.server.rounds
         d = self.cfg.deploy
-        if self.dispatches == 0:  # the first dispatch waits for the clients, as a first round does
-            give_up = time.monotonic() + d.wait_clients_s
-            with self.lock:
-                while (sum(self._connected(m, time.monotonic()) for m in self.members.values()) < self.min_connected
-                       and time.monotonic() < give_up):
-                    self.changed.wait(min(1.0, max(give_up - time.monotonic(), 0.01)))
+        # The first dispatch (after a restart too) waits for the clients, as a round does: a
+        # dispatch to the first client back would split the cohort and change the seeds' groups.
+        give_up = time.monotonic() + d.wait_clients_s
+        with self.lock:
+            while (sum(self._connected(m, time.monotonic()) for m in self.members.values()) < self.min_connected
+                   and time.monotonic() < give_up):
+                self.changed.wait(min(1.0, max(give_up - time.monotonic(), 0.01)))
         idle_since = time.monotonic()
         while self.fed.round_index < total:
             with self.lock:
