@@ -556,11 +556,12 @@ class AsyncServer(FederationServer):
                 if taken is None:
                     self._expire()
                     self._dispatch()
-                    if self._busy() or self.tasks:
+                    if self.tasks:
                         idle_since = time.monotonic()
                     elif time.monotonic() - idle_since > d.wait_clients_s:
-                        raise KoinonError(f"no client connected within deploy.wait_clients_s = {d.wait_clients_s} s; "
-                                          "state is saved, restart the server to go on")
+                        raise KoinonError(f"no client took a task within deploy.wait_clients_s = {d.wait_clients_s} s "
+                                          f"({len(self.buffer)} accepted updates wait in the buffer); state is saved, "
+                                          "restart the server to go on")
                     self.changed.wait(0.5)
                     continue
             self._step(taken, start)

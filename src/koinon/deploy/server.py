@@ -92,7 +92,7 @@ def check_deployable(fed: Any, cfg: Config) -> Federation:
     """Refuse, before listening, what this server cannot run: only server-based federations."""
     if hasattr(fed, "schedule") and hasattr(fed, "clock"):
         raise ConfigError("[clock] and [schedule] simulate time; koinon server trains real clients in "
-                          "real time and runs synchronous rounds only (remove those sections)")
+                          "real time (remove [clock]; [schedule] fedbuff or fedasync runs without it)")
     if not isinstance(fed, Federation):
         raise ConfigError(f"topology.name = {cfg.topology.name!r}: koinon server runs server-based "
                           "federations only (topology.name = 'federated')")
