@@ -113,3 +113,32 @@ def test_deployed_fedasync_one_client_at_a_time_is_the_simulation_and_with_three
     assert len(records) == 12 and all(r["num_clients"] == 1 for r in records)
     assert max(r["staleness_max"] for r in records) >= 1
     assert summary["final_accuracy"] > records[0]["test_accuracy"]
+
+
+@pytest.mark.slow
+def test_server_sigkilled_at_a_random_moment_of_fedasync_applies_every_accepted_update_once(tmp_path, certs):
+    # Three clients at once, so updates arrive stale and are mixed from the model their client
+    # got (kept in the state folder across the kill). The kill lands wherever training is.
+    rounds = 90
+    config = _config(tmp_path, "fed.toml", {"name": "fedasync", "concurrency": 3},
+                     server={"rounds": rounds, "clients_per_round": 3})
+    state = tmp_path / "state"
+    server, address = h.start_server(tmp_path, config, certs, state)
+    clients = [h.start_client(tmp_path, address, certs, f"client-{i}", f"partition:{i}", give_up=120)
+               for i in range(3)]
+    h.wait_for(lambda: h.committed_rounds(state) >= 5, 120, server, "5 steps")
+    server.kill()  # SIGKILL
+    killed_at = h.committed_rounds(state)
+    assert killed_at < rounds, "the run ended before the kill; make it longer"
+    server, _ = h.start_server(tmp_path, config, certs, state, name="server-2", port=int(address.rsplit(":", 1)[1]))
+    assert server.wait(120) == 0, server.text()[-3000:]
+    for c in clients:
+        assert c.wait(60) == 0, c.text()[-3000:]
+    applied = _db(state, "SELECT task, client, applied FROM async_buffer ORDER BY seq")
+    assert sorted(step for _, _, step in applied) == list(range(1, rounds + 1))  # one update per step, each once
+    accepted = _db(state, "SELECT round, client FROM updates WHERE status = 'accepted'")
+    assert sorted(accepted) == sorted((t, c) for t, c, _ in applied)  # none lost, none twice
+    records = h.metrics(state)
+    assert [r["round"] for r in records] == list(range(1, rounds + 1))
+    assert max(r["staleness_max"] for r in records) >= 1
+    assert not list((state / "buffer").glob("*.bin"))
