@@ -387,7 +387,8 @@ class AsyncServer(FederationServer):
         """Tasks past deploy.round_timeout_s free their slots; their uploads will be late."""
         limit = self.cfg.deploy.round_timeout_s
         now = time.monotonic()
-        gone = [t for t in self.tasks.values() if now - t.issued > limit and not self.members[t.client].uploading]
+        gone = [t for t in self.tasks.values() if now - t.issued > limit
+                and not getattr(self.members.get(t.client), "uploading", False)]
         if gone:
             for t in gone:
                 del self.tasks[t.client]
