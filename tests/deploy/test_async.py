@@ -99,8 +99,10 @@ def test_deployed_fedasync_one_client_at_a_time_is_the_simulation_and_with_three
     # One client training at a time: every update is fresh, mixed in with weight 0.6 * s(0):
     # the simulation's FedAsync, bit for bit. Three at a time: updates arrive stale and are
     # mixed from the model their client started from (kept in the state folder).
+    # deploy.min_connected = 3: the first dispatch samples from all three, as the simulation does.
     one = _config(tmp_path, "one.toml", {"name": "fedasync", "concurrency": 1},
-                  server={"rounds": 6, "clients_per_round": 1})
+                  server={"rounds": 6, "clients_per_round": 1},
+                  deploy={"round_timeout_s": 20.0, "wait_clients_s": 60.0, "min_connected": 3})
     (tmp_path / "one").mkdir()
     summary = _deploy(tmp_path / "one", one, certs)
     sim = _simulate(tmp_path, one, "sim", **{"clock.speed": "constant"})
