@@ -210,9 +210,9 @@ class Worker:
     """The client's federation pieces, built from the server's config."""
 
     def __init__(self, cfg: Config, spec: DataSpec) -> None:
-        from koinon.experiment.runner import build_federation
+        from koinon.deploy.asynchronous import build_client_federation
 
-        fed = build_federation(cfg)
+        fed = build_client_federation(cfg)  # without [schedule]: the server decides when updates apply
         assert isinstance(fed, Federation)
         self.fed = fed
         self.spec = spec

@@ -92,7 +92,7 @@ def check_deployable(fed: Any, cfg: Config) -> Federation:
     """Refuse, before listening, what this server cannot run: only server-based federations."""
     if hasattr(fed, "schedule") and hasattr(fed, "clock"):
         raise ConfigError("[clock] and [schedule] simulate time; koinon server trains real clients in "
-                          "real time and runs synchronous rounds only (remove those sections)")
+                          "real time (remove [clock]; [schedule] fedbuff or fedasync runs without it)")
     if not isinstance(fed, Federation):
         raise ConfigError(f"topology.name = {cfg.topology.name!r}: koinon server runs server-based "
                           "federations only (topology.name = 'federated')")
@@ -673,16 +673,19 @@ def _ledger(fed: Federation, cfg: Config, state: Path) -> Any:
 
 def serve(cfg: Config, state: Path, certs: Path, listen: str) -> dict[str, Any]:
     """Run (or resume) the deployment in `state`; returns the summary once every round is done."""
-    from koinon.experiment.runner import build_federation, finish_run
+    from koinon.experiment.runner import finish_run
 
     _return_large_buffers_to_the_os()
 
-    fed = check_deployable(build_federation(cfg), cfg)
+    from koinon.deploy.asynchronous import AsyncServer, AsyncStore, build_for_deployment
+
+    topology, schedule = build_for_deployment(cfg)  # schedule: FedBuff / FedAsync, or None (rounds)
+    fed = check_deployable(topology, cfg)
     if not cfg.deploy.max_update_norm >= 0:
         raise ConfigError(f"deploy.max_update_norm = {cfg.deploy.max_update_norm}: must be >= 0 (0: no bound)")
     fed.server.bound_update_norm(cfg.deploy.max_update_norm)
     creds = server_credentials(certs)
-    store = Store(state)
+    store = Store(state) if schedule is None else AsyncStore(state)
     try:
         stored = store.get("config_toml")
         if stored is not None:
@@ -700,7 +703,8 @@ def serve(cfg: Config, state: Path, certs: Path, listen: str) -> dict[str, Any]:
         if fed.round_index:
             log(f"resuming from {state}: {fed.round_index} rounds committed")
         ledger = _ledger(fed, cfg, state)
-        server = FederationServer(cfg, fed, store, certs)
+        server = (FederationServer(cfg, fed, store, certs) if schedule is None
+                  else AsyncServer(cfg, fed, store, certs, schedule))  # type: ignore[arg-type]
         server.ledger = ledger
         workers = min(1024, 2 * fed.data.num_clients + 32)
         grpc_server = grpc.server(
