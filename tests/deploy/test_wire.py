@@ -159,3 +159,32 @@ def test_a_valid_upload_survives_the_decoding_path():
     payload, _ = CODEC.encode(x, {}, torch.Generator())
     msgs = list(upload_messages(header([len(payload)]), [payload]))
     assert torch.equal(server_decode(msgs), x)
+
+
+def test_chunks_reach_the_sink_as_they_arrive_and_never_past_the_declared_size():
+    payload = bytes(range(256)) * (CHUNK // 256 + 5)
+    seen: list[bytes] = []
+    msgs = list(upload_messages(header([len(payload)]), [payload]))
+    _, got = read_upload(msgs, Limits(("delta",), len(payload), len(payload)), lambda h: None,
+                         on_chunk=seen.append)
+    assert len(seen) == 2 and b"".join(seen) == payload == bytes(got[0])
+    seen.clear()
+    over = [*msgs, pb.UploadChunk(data=b"x")]
+    with pytest.raises(Rejected, match="more than"):
+        read_upload(over, Limits(("delta",), len(payload), len(payload)), lambda h: None, on_chunk=seen.append)
+    assert b"".join(seen) == payload  # the extra byte was refused before the sink saw it
+
+
+def test_a_received_buffer_is_decoded_in_place_with_the_same_values():
+    x = torch.from_numpy(np.linspace(-1, 1, NUMEL, dtype=np.float32))
+    payload, _ = CODEC.encode(x, {}, torch.Generator())
+    received = bytearray(payload)
+    row = CODEC.decode(received)
+    assert torch.equal(row, x) and torch.equal(CODEC.decode(payload), x)
+    received[:4] = np.float32(7.0).tobytes()
+    assert row[0] == 7.0  # the row is the received buffer: no second copy of the model
+    for bad in (np.nan, np.inf, -np.inf):
+        broken = bytearray(payload)
+        broken[8:12] = np.float32(bad).tobytes()
+        with pytest.raises(CodecError, match="NaN or Inf"):
+            CODEC.decode(broken)

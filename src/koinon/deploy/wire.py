@@ -95,13 +95,15 @@ def check_upload_header(header: Any, limits: Limits) -> None:
 
 def read_upload(
     messages: Iterable[Any], limits: Limits, admit: Callable[[Any], None],
-    before_body: Callable[[], None] | None = None,
+    before_body: Callable[[], None] | None = None, on_chunk: Callable[[bytes], None] | None = None,
 ) -> tuple[Any, list[bytes]]:
     """(header, one payload per stream) from an upload stream, or `Rejected` with the reason.
 
     `admit(header)` is the caller's stateful check (right round, sampled, not a duplicate); it
     runs after the size checks and before the first data byte is read. `before_body()` runs
     after it, e.g. to wait for a receive slot only once the sender is known to be legitimate.
+    `on_chunk(data)` sees every data chunk as it arrives, once it is within the declared size
+    (the server writes and hashes its pending file there, while the rest is still in flight).
     """
     it = iter(messages)
     first = next(it, None)
@@ -122,10 +124,13 @@ def read_upload(
     for msg in it:
         if msg.HasField("header"):
             raise Rejected("a second header in one upload")
-        n = len(msg.data)
+        data = msg.data  # each access of a bytes field builds a new object: read it once
+        n = len(data)
         if filled + n > declared:
             raise Rejected(f"sent more than the {declared} bytes declared (oversized payload)")
-        buffer[filled : filled + n] = msg.data
+        buffer[filled : filled + n] = data
+        if on_chunk is not None:
+            on_chunk(data)
         filled += n
     if filled != declared:
         raise Rejected(f"truncated upload: {filled} of {declared} declared bytes")
@@ -155,11 +160,12 @@ def read_task(messages: Iterable[Any], max_stream_bytes: int) -> tuple[Any, list
         raise Rejected(f"the server announces payload sizes {list(header.sizes)} beyond the codec's "
                        f"{max_stream_bytes} bytes")
     declared = sum(header.sizes)
-    buffer = bytearray()
+    buffer = bytearray()  # grown as bytes arrive: the stream count, hence `declared`, is the server's word
     for msg in it:
-        if len(buffer) + len(msg.data) > declared:
+        data = msg.data  # each access of a bytes field builds a new object: read it once
+        if len(buffer) + len(data) > declared:
             raise Rejected("the server sent more bytes than it declared")
-        buffer += msg.data
+        buffer += data
     if len(buffer) != declared:
         raise Rejected(f"truncated download: {len(buffer)} of {declared} bytes")
     return header, _cut(buffer, list(header.sizes))
