@@ -6,8 +6,10 @@ client with its own TLS connection and certificate:
 1. Large model: an MLP of about 10M parameters (40 MB in float32), 10 clients, one local step
    each, so the round time is transport + validation + aggregation + checkpointing. Prints
    seconds per round, the upload throughput (bytes of a round over the time its uploads took),
-   the raw TCP throughput of this machine's loopback measured in the same run, and the server's
-   resident memory (before the clients join and at its peak while receiving).
+   the raw TCP throughput of this machine's loopback measured in the same run, the ceiling of
+   the same uploads over bare gRPC with mutual TLS (raw bytes, no protobuf, no koinon code; also
+   in the same run), and the server's resident memory (before the clients join and at its peak
+   while receiving).
 2. Load: 100 clients joining, training a small model and leaving at random for 20 rounds; the
    server is SIGKILLed once half-way and restarted. Prints rounds completed, updates accepted and
    rejected, the longest round and upload, and checks that every upload the server confirmed
@@ -96,6 +98,7 @@ def bare_grpc_tls_mb_s(tmp: Path, certs: Path, names: list[str], nbytes: int, ch
     import grpc  # noqa: PLC0415
 
     port_file = tmp / f"bare-{chunk_mb}.port"
+    port_file.unlink(missing_ok=True)
     p = subprocess.Popen([sys.executable, __file__, "--bare-server", str(certs), str(port_file), str(chunk_mb)])
     try:
         while not port_file.is_file() or not port_file.read_text():
