@@ -15,7 +15,9 @@ from koinon.deploy.wire import (
     pb,
     read_task,
     read_upload,
+    serialize_upload,
     task_messages,
+    upload_frames,
     upload_messages,
 )
 from koinon.errors import CodecError
@@ -188,3 +190,14 @@ def test_a_received_buffer_is_decoded_in_place_with_the_same_values():
         broken[8:12] = np.float32(bad).tobytes()
         with pytest.raises(CodecError, match="NaN or Inf"):
             CODEC.decode(broken)
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 300, CHUNK - 1, CHUNK, 2 * CHUNK + 5])
+def test_pre_serialized_frames_are_the_bytes_protobuf_writes(size):
+    payloads = [bytes(range(256)) * (size // 256) + bytes(size % 256), b"x" * 200]
+    head = header([len(p) for p in payloads], ("delta", "c"))
+    frames = [serialize_upload(m) for m in upload_frames(head, payloads)]
+    assert frames == [m.SerializeToString() for m in upload_messages(head, payloads)]
+    got = read_upload([pb.UploadChunk.FromString(f) for f in frames],
+                      Limits(("delta", "c"), 3 * CHUNK, 6 * CHUNK), lambda h: None)[1]
+    assert [bytes(p) for p in got] == payloads

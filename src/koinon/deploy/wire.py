@@ -20,7 +20,7 @@ from koinon.deploy import federation_pb2 as _pb
 from koinon.wire import Rejected
 
 __all__ = ["MAX_GRPC_MESSAGE", "Limits", "Rejected", "pb", "quote", "read_task", "read_upload", "task_messages",
-           "upload_messages"]
+           "upload_call", "upload_frames", "upload_messages"]
 
 pb: Any = _pb  # generated classes are built at import time; mypy cannot see their attributes
 
@@ -63,6 +63,44 @@ def upload_messages(header: Any, payloads: list[bytes]) -> Iterator[Any]:
     for payload in payloads:
         for piece in split(payload):
             yield pb.UploadChunk(data=piece)
+
+
+_DATA_TAG = b"\x12"  # field 2 (`data`) of UploadChunk, length-delimited
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if not n:
+            out.append(low)
+            return bytes(out)
+        out.append(low | 0x80)
+
+
+def upload_frames(header: Any, payloads: list[bytes]) -> Iterator[Any]:
+    """`upload_messages` as the client sends them (with `upload_call`): the header message,
+    then each data chunk already serialized, byte for byte what protobuf writes for an
+    `UploadChunk` holding only `data`. One copy of the payload, where building and serializing
+    message objects makes three, all while the client holds the interpreter lock."""
+    yield pb.UploadChunk(header=header)
+    for payload in payloads:
+        view = memoryview(payload)
+        for start in range(0, len(view), CHUNK):
+            piece = view[start : start + CHUNK]
+            yield b"".join((_DATA_TAG, _varint(len(piece)), piece))
+
+
+def serialize_upload(message: Any) -> bytes:
+    """The request serializer of `upload_call`: frames of `upload_frames` go as they are."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def upload_call(channel: Any) -> Any:
+    """The `Upload` method on `channel`, sending what `upload_frames` yields (the generated stub
+    serializes message objects only)."""
+    return channel.stream_unary("/koinon.deploy.Federation/Upload", request_serializer=serialize_upload,
+                                response_deserializer=pb.UploadReply.FromString)
 
 
 def task_messages(header: Any, payloads: list[bytes]) -> Iterator[Any]:
