@@ -6,8 +6,10 @@ client with its own TLS connection and certificate:
 1. Large model: an MLP of about 10M parameters (40 MB in float32), 10 clients, one local step
    each, so the round time is transport + validation + aggregation + checkpointing. Prints
    seconds per round, the upload throughput (bytes of a round over the time its uploads took),
-   the raw TCP throughput of this machine's loopback measured in the same run, and the server's
-   resident memory (before the clients join and at its peak while receiving).
+   the raw TCP throughput of this machine's loopback measured in the same run, the ceiling of
+   the same uploads over bare gRPC with mutual TLS (raw bytes, no protobuf, no koinon code; also
+   in the same run), and the server's resident memory (before the clients join and at its peak
+   while receiving).
 2. Load: 100 clients joining, training a small model and leaving at random for 20 rounds; the
    server is SIGKILLed once half-way and restarted. Prints rounds completed, updates accepted and
    rejected, the longest round and upload, and checks that every upload the server confirmed
@@ -62,6 +64,89 @@ def raw_tcp_mb_s(total_mb: int) -> float:
     reader.join()
     listener.close()
     return received / 1e6 / (time.perf_counter() - start)
+
+
+def _bare_server(certs: str, port_file: str, chunk_mb: float) -> None:
+    """A gRPC server with mutual TLS and one client-streaming method that counts the bytes it
+    receives: no protobuf, no koinon code (the ceiling of gRPC's Python stack with TLS)."""
+    import grpc  # noqa: PLC0415 - only this mode needs it at module level
+
+    from koinon.deploy.certs import server_credentials  # noqa: PLC0415
+
+    def upload(request_iterator, context):  # noqa: ANN001, ANN202
+        return sum(len(chunk) for chunk in request_iterator).to_bytes(8, "little")
+
+    limit = int(chunk_mb * (1 << 20)) + (64 << 10)
+    server = grpc.server(__import__("concurrent.futures").futures.ThreadPoolExecutor(max_workers=32),
+                         options=[("grpc.max_receive_message_length", limit)])
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "bare.Bare", {"Upload": grpc.stream_unary_rpc_method_handler(upload)})])
+    creds = server_credentials(Path(certs))
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
+        [(creds.key, creds.cert)], root_certificates=creds.ca, require_client_auth=True))
+    server.start()
+    Path(port_file).write_text(str(port))
+    server.wait_for_termination()
+
+
+def bare_grpc_tls_mb_s(tmp: Path, certs: Path, names: list[str], nbytes: int, chunk_mb: float = 1.0,
+                       repeats: int = 2) -> tuple[float, int]:
+    """Upload throughput of bare gRPC over mutual TLS on loopback: `len(names)` clients (threads,
+    one channel and certificate each) each stream `nbytes` in `chunk_mb` messages of raw bytes to
+    a server process at once, `repeats` times. Returns (MB/s while uploads were in flight, the
+    server's peak resident memory in bytes)."""
+    import grpc  # noqa: PLC0415
+
+    port_file = tmp / f"bare-{chunk_mb}.port"
+    port_file.unlink(missing_ok=True)
+    p = subprocess.Popen([sys.executable, __file__, "--bare-server", str(certs), str(port_file), str(chunk_mb)])
+    try:
+        while not port_file.is_file() or not port_file.read_text():
+            if p.poll() is not None:
+                raise SystemExit("bare gRPC server did not start")
+            time.sleep(0.05)
+        address = f"127.0.0.1:{port_file.read_text()}"
+        chunk = int(chunk_mb * (1 << 20))
+        payload = memoryview(b"\x01" * nbytes)
+        limit = chunk + (64 << 10)
+        peak = [0]
+
+        def sample() -> None:
+            while p.poll() is None:
+                try:
+                    for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
+                        if line.startswith("VmRSS:"):
+                            peak[0] = max(peak[0], int(line.split()[1]) * 1024)
+                except OSError:
+                    return
+                time.sleep(0.05)
+
+        threading.Thread(target=sample, daemon=True).start()
+        intervals: list[tuple[float, float]] = []
+
+        def client(name: str) -> None:
+            creds = client_credentials(certs, name)
+            tls = grpc.ssl_channel_credentials(root_certificates=creds.ca, private_key=creds.key,
+                                               certificate_chain=creds.cert)
+            with grpc.secure_channel(address, tls, options=[("grpc.max_send_message_length", limit)]) as ch:
+                call = ch.stream_unary("/bare.Bare/Upload")
+                call(iter([b""]), timeout=60)  # connect and handshake before timing
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    got = call((bytes(payload[i : i + chunk]) for i in range(0, nbytes, chunk)), timeout=300)
+                    end = time.perf_counter()
+                    assert int.from_bytes(got, "little") == nbytes
+                    intervals.append((start, end))
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in names]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return len(names) * repeats * nbytes / 1e6 / busy_seconds(intervals), peak[0]
+    finally:
+        p.kill()
+        p.wait()
 
 
 class Server:
@@ -149,6 +234,7 @@ def large_model(tmp: Path, rounds: int) -> None:
         deploy={"round_timeout_s": 300.0, "wait_clients_s": 300.0})
     state = tmp / "state-large"
     tcp = raw_tcp_mb_s(400)
+    bare, bare_peak = bare_grpc_tls_mb_s(tmp, certs, names, 39_400_000, repeats=1 if rounds <= 2 else 2)
     server = Server(tmp, config, certs, state)
     uploads = Uploads()
     address = f"127.0.0.1:{server.port}"
@@ -176,9 +262,12 @@ def large_model(tmp: Path, rounds: int) -> None:
           f"flight ({sum(u[3] for u in rows) / 1e6:.0f} MB in {len(rows)} uploads, {busy:.1f} s); per "
           f"upload (10 at once, 4 read at a time): median {per_upload[len(per_upload) // 2]:.0f} MB/s")
     print(f"  raw loopback TCP in the same run: {tcp:.0f} MB/s")
+    print(f"  bare gRPC over mutual TLS in the same run (10 clients at once stream 39.4 MB each in 1 MiB "
+          f"messages of raw bytes to a server process that only counts them): {bare:.0f} MB/s "
+          f"(that server's peak memory {bare_peak / 1e6:.0f} MB)")
     print(f"  server memory: {server.rss_start / 1e6:.0f} MB before clients joined, peak "
-          f"{server.rss_peak / 1e6:.0f} MB while receiving (one round's updates: "
-          f"{10 * params * 4 / 1e6:.0f} MB)")
+          f"{server.rss_peak / 1e6:.0f} MB while receiving, {(server.rss_peak - server.rss_start) / 1e6:.0f} MB "
+          f"above the start (one round's updates: {10 * params * 4 / 1e6:.0f} MB)")
 
 
 def load_run(tmp: Path, num_clients: int, rounds: int) -> None:
@@ -260,7 +349,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="2 large rounds, 30 clients x 6 rounds")
     p.add_argument("--part", choices=["all", "large", "load"], default="all")
+    p.add_argument("--bare-server", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.bare_server:
+        _bare_server(args.bare_server[0], args.bare_server[1], float(args.bare_server[2]))
+        return
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
         if args.part in ("all", "large"):

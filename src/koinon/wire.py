@@ -191,7 +191,8 @@ class Receiver:
                 raise Rejected(f"{stream} has shape {tuple(row.shape)}, the model has ({self.numel},)")
             if self.increments:
                 row = self.sums.get((client, stream), torch.zeros_like(row)) + row
-            if not bool(torch.isfinite(row).all()):
+            # The sum is finite only if every value is; the exact test only when it is not.
+            if not bool(torch.isfinite(row.sum())) and not bool(torch.isfinite(row).all()):
                 raise Rejected(f"{stream} holds NaN or Inf values")
             if self.max_norm and stream == MODEL:
                 norm = float(row.double().norm())

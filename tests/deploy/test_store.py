@@ -177,3 +177,21 @@ def test_pending_files_of_committed_rounds_are_cleared_on_restart(tmp_path):
     assert ckpt.name == "ckpt-000001.safetensors"
     Store(tmp_path).close()
     assert sorted(p.name for p in (tmp_path / "pending").iterdir()) == ["r000001-c1.bin"]
+
+
+def test_a_pending_file_written_as_it_streams_in_equals_one_written_at_once(tmp_path):
+    store = Store(tmp_path)
+    payloads = [b"abcdef" * 1000, b"", b"xyz"]
+    size, digest = store.write_pending(0, 1, payloads)
+    whole = (tmp_path / "pending" / "r000000-c1.bin").read_bytes()
+    writer = store.open_pending(0, 2, [len(p) for p in payloads])
+    joined = b"".join(payloads)
+    for start in range(0, len(joined), 1000):
+        writer.write(joined[start : start + 1000])
+    assert not (tmp_path / "pending" / "r000000-c2.bin").exists()  # not visible before finish
+    assert writer.finish() == (size, digest)
+    assert (tmp_path / "pending" / "r000000-c2.bin").read_bytes() == whole
+    broken = store.open_pending(0, 3, [10])
+    broken.write(b"12345")
+    broken.abort()
+    assert sorted(p.name for p in (tmp_path / "pending").iterdir()) == ["r000000-c1.bin", "r000000-c2.bin"]

@@ -15,7 +15,9 @@ from koinon.deploy.wire import (
     pb,
     read_task,
     read_upload,
+    serialize_upload,
     task_messages,
+    upload_frames,
     upload_messages,
 )
 from koinon.errors import CodecError
@@ -159,3 +161,43 @@ def test_a_valid_upload_survives_the_decoding_path():
     payload, _ = CODEC.encode(x, {}, torch.Generator())
     msgs = list(upload_messages(header([len(payload)]), [payload]))
     assert torch.equal(server_decode(msgs), x)
+
+
+def test_chunks_reach_the_sink_as_they_arrive_and_never_past_the_declared_size():
+    payload = bytes(range(256)) * (CHUNK // 256 + 5)
+    seen: list[bytes] = []
+    msgs = list(upload_messages(header([len(payload)]), [payload]))
+    _, got = read_upload(msgs, Limits(("delta",), len(payload), len(payload)), lambda h: None,
+                         on_chunk=seen.append)
+    assert len(seen) == 2 and b"".join(seen) == payload == bytes(got[0])
+    seen.clear()
+    over = [*msgs, pb.UploadChunk(data=b"x")]
+    with pytest.raises(Rejected, match="more than"):
+        read_upload(over, Limits(("delta",), len(payload), len(payload)), lambda h: None, on_chunk=seen.append)
+    assert b"".join(seen) == payload  # the extra byte was refused before the sink saw it
+
+
+def test_a_received_buffer_is_decoded_in_place_with_the_same_values():
+    x = torch.from_numpy(np.linspace(-1, 1, NUMEL, dtype=np.float32))
+    payload, _ = CODEC.encode(x, {}, torch.Generator())
+    received = bytearray(payload)
+    row = CODEC.decode(received)
+    assert torch.equal(row, x) and torch.equal(CODEC.decode(payload), x)
+    received[:4] = np.float32(7.0).tobytes()
+    assert row[0] == 7.0  # the row is the received buffer: no second copy of the model
+    for bad in (np.nan, np.inf, -np.inf):
+        broken = bytearray(payload)
+        broken[8:12] = np.float32(bad).tobytes()
+        with pytest.raises(CodecError, match="NaN or Inf"):
+            CODEC.decode(broken)
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 300, CHUNK - 1, CHUNK, 2 * CHUNK + 5])
+def test_pre_serialized_frames_are_the_bytes_protobuf_writes(size):
+    payloads = [bytes(range(256)) * (size // 256) + bytes(size % 256), b"x" * 200]
+    head = header([len(p) for p in payloads], ("delta", "c"))
+    frames = [serialize_upload(m) for m in upload_frames(head, payloads)]
+    assert frames == [m.SerializeToString() for m in upload_messages(head, payloads)]
+    got = read_upload([pb.UploadChunk.FromString(f) for f in frames],
+                      Limits(("delta", "c"), 3 * CHUNK, 6 * CHUNK), lambda h: None)[1]
+    assert [bytes(p) for p in got] == payloads

@@ -36,8 +36,14 @@ class _DenseCodec:
             raise CodecError(
                 self.name, f"payload is {len(data)} bytes, expected exactly {expected}"
             )
-        arr = np.frombuffer(data, dtype=self.np_dtype).astype(np.float32)
-        if not np.isfinite(arr).all():  # numpy: less per-call overhead than torch on small payloads
+        raw = np.frombuffer(data, dtype=self.np_dtype)
+        # A writable buffer (a received `bytearray`, owned by nobody else) is decoded in place
+        # when it already holds float32: no second copy of a large model. Immutable `bytes` are
+        # copied, as torch tensors must be writable.
+        arr = raw.astype(np.float32, copy=not raw.flags.writeable)
+        # The sum is finite only if every value is (NaN and Inf propagate); it needs no temporary
+        # array. A sum that overflows gets the exact test.
+        if not np.isfinite(arr.sum(dtype=np.float64)) and not np.isfinite(arr).all():
             raise CodecError(self.name, "payload holds NaN or Inf values")
         return torch.from_numpy(arr)
 

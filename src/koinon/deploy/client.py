@@ -46,7 +46,7 @@ from koinon.data.federated import FederatedData
 from koinon.deploy import federation_pb2_grpc
 from koinon.deploy.certs import Credentials
 from koinon.deploy.faults import crash_point
-from koinon.deploy.wire import MAX_GRPC_MESSAGE, Rejected, pb, read_task, upload_messages
+from koinon.deploy.wire import MAX_GRPC_MESSAGE, Rejected, pb, read_task, upload_call, upload_frames
 from koinon.errors import CodecError, KoinonError
 from koinon.ledger.certsign import receipt_statement, sign_receipt
 from koinon.topology.federated import Federation
@@ -311,6 +311,7 @@ def run_client(server: str, creds: Credentials, name: str, spec: DataSpec, state
             return 0
         channel = _channel(server, creds)
         stub = federation_pb2_grpc.FederationStub(channel)
+        stub.Upload = upload_call(channel)  # sends pre-serialized data chunks (`upload_frames`)
         try:
             _session(stub, name, spec, state_dir, workers, call_timeout_s, hooks, receipt_key=creds.key,
                      channel=channel)
@@ -462,7 +463,7 @@ def _train_and_upload(stub: Any, name: str, idx: int, round_index: int, payloads
     # Written before sending: whatever happens next, `settle` makes the states match the server's.
     state.stage(round_index, codec_states, result.client_states[0])
     crash_point("client.staged", round_index)
-    reply = stub.Upload(upload_messages(header, uploads), timeout=call_timeout_s)
+    reply = stub.Upload(upload_frames(header, uploads), timeout=call_timeout_s)
     took = time.perf_counter() - start
     nbytes = sum(len(p) for p in uploads)
     if hooks.on_upload is not None:

@@ -34,7 +34,7 @@ import numpy as np
 from koinon.config import Config
 from koinon.deploy import federation_pb2_grpc
 from koinon.deploy.certs import read_revoked, server_credentials
-from koinon.deploy.store import Store
+from koinon.deploy.store import PendingWriter, Store
 from koinon.deploy.wire import (
     MAX_GRPC_MESSAGE,
     Limits,
@@ -405,6 +405,8 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
                 uploading.append(True)
 
         slot: list[bool] = []
+        pending: list[PendingWriter] = []
+        got: list[Any] = []
 
         def take_slot() -> None:
             # At most RECEIVING uploads are buffered and decoded at once, and only admitted ones
@@ -413,12 +415,23 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
             if not self.receiving.acquire(timeout=self.cfg.deploy.round_timeout_s):
                 raise Rejected("server busy: no upload slot within the round deadline")
             slot.append(True)
+            # The pending file is written and hashed chunk by chunk as the upload streams in.
+            header = got[0]
+            pending.append(self.store.open_pending(int(header.round), member.idx, list(header.sizes)))
+
+        def admit_and_keep(header: Any) -> None:
+            admit(header)
+            got.append(header)
+
+        def on_chunk(data: bytes) -> None:
+            pending[0].write(data)
 
         read: list[int] = []  # payload bytes read before a refusal (they crossed the wire)
         try:
             try:
                 try:
-                    header, payloads = read_upload(request_iterator, self.limits, admit, take_slot)
+                    header, payloads = read_upload(request_iterator, self.limits, admit_and_keep, take_slot,
+                                                   on_chunk)
                 except Rejected:
                     raise
                 except Exception as exc:  # noqa: BLE001 - a cancelled or broken stream
@@ -431,9 +444,11 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
                 # round that closes meanwhile makes it late at `_admit_round` below.
                 rows = self.server.decode(member.idx, payloads, self.local.num_steps(member.num_samples),
                                           round_index)
-                # Written while the slot is held, so no more than RECEIVING buffers are alive.
-                size, digest = self.store.write_pending(round_index, member.idx, payloads)
+                # Named while the slot is held, so no more than RECEIVING buffers are alive.
+                size, digest = pending.pop().finish()
             finally:
+                if pending:  # refused or broken: the partial file goes
+                    pending.pop().abort()
                 if slot:
                     self.receiving.release()
         except Rejected as exc:

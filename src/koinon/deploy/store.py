@@ -249,6 +249,13 @@ class Store:
         os.replace(tmp, path)
         return size, digest.hexdigest()
 
+    def open_pending(self, round_index: int, idx: int, sizes: list[int]) -> PendingWriter:
+        """A pending file written while the upload streams in: `write_pending` for payloads of
+        `sizes` bytes that arrive chunk by chunk (hashed and written as they come, so the bytes
+        are not passed over a second time once received). Nothing is visible under the final
+        name before `PendingWriter.finish`; `PendingWriter.abort` removes the partial file."""
+        return PendingWriter(self._pending_path(round_index, idx), sizes)
+
     def drop_pending(self, round_index: int, idx: int) -> None:
         self._pending_path(round_index, idx).unlink(missing_ok=True)
 
@@ -392,6 +399,35 @@ class Store:
         return [json.loads(r[0]) for r in self._query("SELECT record FROM rounds ORDER BY round")]
 
 
+class PendingWriter:
+    """One pending file being written as its upload arrives; see `Store.open_pending`.
+    The same file, size and SHA-256 as `Store.write_pending` with the whole payloads."""
+
+    def __init__(self, path: Path, sizes: list[int]) -> None:
+        self.path = path
+        self.tmp = path.with_suffix(".tmp")
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.file = self.tmp.open("wb")
+        self.write(_pack_sizes(sizes))
+
+    def write(self, chunk: bytes) -> None:
+        # hashlib and the file write release the GIL on large buffers: other uploads go on.
+        self.file.write(chunk)
+        self.digest.update(chunk)
+        self.size += len(chunk)
+
+    def finish(self) -> tuple[int, str]:
+        """Put the file under its final name; returns (size, sha256) as `write_pending` does."""
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        return self.size, self.digest.hexdigest()
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
 def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -402,7 +438,11 @@ def _file_sha256(path: Path) -> str:
 
 def _pack_head(payloads: list[bytes]) -> bytes:
     """A pending file holds a count, the payload sizes (u64 each), then the payloads."""
-    return len(payloads).to_bytes(8, "little") + b"".join(len(p).to_bytes(8, "little") for p in payloads)
+    return _pack_sizes([len(p) for p in payloads])
+
+
+def _pack_sizes(sizes: list[int]) -> bytes:
+    return len(sizes).to_bytes(8, "little") + b"".join(n.to_bytes(8, "little") for n in sizes)
 
 
 def _unpack(blob: bytes) -> list[bytes]:

@@ -20,7 +20,7 @@ from koinon.deploy import federation_pb2 as _pb
 from koinon.wire import Rejected
 
 __all__ = ["MAX_GRPC_MESSAGE", "Limits", "Rejected", "pb", "quote", "read_task", "read_upload", "task_messages",
-           "upload_messages"]
+           "upload_call", "upload_frames", "upload_messages"]
 
 pb: Any = _pb  # generated classes are built at import time; mypy cannot see their attributes
 
@@ -65,6 +65,44 @@ def upload_messages(header: Any, payloads: list[bytes]) -> Iterator[Any]:
             yield pb.UploadChunk(data=piece)
 
 
+_DATA_TAG = b"\x12"  # field 2 (`data`) of UploadChunk, length-delimited
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if not n:
+            out.append(low)
+            return bytes(out)
+        out.append(low | 0x80)
+
+
+def upload_frames(header: Any, payloads: list[bytes]) -> Iterator[Any]:
+    """`upload_messages` as the client sends them (with `upload_call`): the header message,
+    then each data chunk already serialized, byte for byte what protobuf writes for an
+    `UploadChunk` holding only `data`. One copy of the payload, where building and serializing
+    message objects makes three, all while the client holds the interpreter lock."""
+    yield pb.UploadChunk(header=header)
+    for payload in payloads:
+        view = memoryview(payload)
+        for start in range(0, len(view), CHUNK):
+            piece = view[start : start + CHUNK]
+            yield b"".join((_DATA_TAG, _varint(len(piece)), piece))
+
+
+def serialize_upload(message: Any) -> bytes:
+    """The request serializer of `upload_call`: frames of `upload_frames` go as they are."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def upload_call(channel: Any) -> Any:
+    """The `Upload` method on `channel`, sending what `upload_frames` yields (the generated stub
+    serializes message objects only)."""
+    return channel.stream_unary("/koinon.deploy.Federation/Upload", request_serializer=serialize_upload,
+                                response_deserializer=pb.UploadReply.FromString)
+
+
 def task_messages(header: Any, payloads: list[bytes]) -> Iterator[Any]:
     yield pb.TaskChunk(header=header)
     for payload in payloads:
@@ -95,13 +133,15 @@ def check_upload_header(header: Any, limits: Limits) -> None:
 
 def read_upload(
     messages: Iterable[Any], limits: Limits, admit: Callable[[Any], None],
-    before_body: Callable[[], None] | None = None,
+    before_body: Callable[[], None] | None = None, on_chunk: Callable[[bytes], None] | None = None,
 ) -> tuple[Any, list[bytes]]:
     """(header, one payload per stream) from an upload stream, or `Rejected` with the reason.
 
     `admit(header)` is the caller's stateful check (right round, sampled, not a duplicate); it
     runs after the size checks and before the first data byte is read. `before_body()` runs
     after it, e.g. to wait for a receive slot only once the sender is known to be legitimate.
+    `on_chunk(data)` sees every data chunk as it arrives, once it is within the declared size
+    (the server writes and hashes its pending file there, while the rest is still in flight).
     """
     it = iter(messages)
     first = next(it, None)
@@ -122,10 +162,13 @@ def read_upload(
     for msg in it:
         if msg.HasField("header"):
             raise Rejected("a second header in one upload")
-        n = len(msg.data)
+        data = msg.data  # each access of a bytes field builds a new object: read it once
+        n = len(data)
         if filled + n > declared:
             raise Rejected(f"sent more than the {declared} bytes declared (oversized payload)")
-        buffer[filled : filled + n] = msg.data
+        buffer[filled : filled + n] = data
+        if on_chunk is not None:
+            on_chunk(data)
         filled += n
     if filled != declared:
         raise Rejected(f"truncated upload: {filled} of {declared} declared bytes")
@@ -155,11 +198,12 @@ def read_task(messages: Iterable[Any], max_stream_bytes: int) -> tuple[Any, list
         raise Rejected(f"the server announces payload sizes {list(header.sizes)} beyond the codec's "
                        f"{max_stream_bytes} bytes")
     declared = sum(header.sizes)
-    buffer = bytearray()
+    buffer = bytearray()  # grown as bytes arrive: the stream count, hence `declared`, is the server's word
     for msg in it:
-        if len(buffer) + len(msg.data) > declared:
+        data = msg.data  # each access of a bytes field builds a new object: read it once
+        if len(buffer) + len(data) > declared:
             raise Rejected("the server sent more bytes than it declared")
-        buffer += msg.data
+        buffer += data
     if len(buffer) != declared:
         raise Rejected(f"truncated download: {len(buffer)} of {declared} bytes")
     return header, _cut(buffer, list(header.sizes))

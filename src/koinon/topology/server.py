@@ -163,6 +163,17 @@ def digest(payloads: list[bytes]) -> str:
     return h.hexdigest()
 
 
+def _stack_rows(rows: dict[int, dict[str, torch.Tensor]], order: list[int], stream: str,
+                numel: int) -> torch.Tensor:
+    """The `[K, P]` stack of `stream`'s rows in `order`, each row let go as soon as it is copied:
+    the round's rows and their stack are not both held whole (a deployment's rows are a large
+    model's each)."""
+    out = torch.empty(len(order), numel)
+    for i, client in enumerate(order):
+        out[i] = rows[client].pop(stream)
+    return out
+
+
 @dataclass
 class Buffered:
     """An update waiting in an asynchronous server's buffer (`apply_buffered`)."""
@@ -405,8 +416,7 @@ class FederatedServer:
             order = [c for c in rnd.cohort if c in rnd.rows]
             ok = torch.ones(len(order), dtype=torch.bool)
             numel = self.params.numel()
-            stacks = {s: (torch.stack([rnd.rows[c][s] for c in order]) if order else torch.zeros(0, numel))
-                      for s in self.streams}
+            stacks = {s: _stack_rows(rnd.rows, order, s, numel) for s in self.streams}
         samples = torch.tensor([rnd.samples.get(c, 0) for c in order], dtype=torch.long)
         num_byzantine = 0
         if order:
