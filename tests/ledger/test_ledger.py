@@ -10,8 +10,8 @@ import pytest
 
 from koinon.cli import main
 from koinon.config import Config
-from koinon.errors import ConfigError
-from koinon.experiment import resume_experiment, run_experiment
+from koinon.errors import ConfigError, KoinonError
+from koinon.experiment import run_experiment
 from koinon.ledger import merkle
 from koinon.ledger.roundlog import (
     TreeHead,
@@ -222,12 +222,6 @@ def test_bad_ledger_settings_are_one_line_errors(tmp_path):
     assert not any((tmp_path / name).exists() for name in "abcdefg")  # refused before any folder
 
 
-def test_resume_is_refused(copy):
-    (copy / "summary.json").unlink()
-    with pytest.raises(ConfigError, match="cannot be resumed"):
-        resume_experiment(copy, progress=False)
-
-
 def test_the_ledger_section_by_set_and_absent_by_default():
     assert "ledger" not in Config().to_dict()
     cfg = Config().with_overrides({"ledger.contribution": "tmc", "ledger.tolerance": 0.05,
@@ -239,16 +233,15 @@ def test_the_ledger_section_by_set_and_absent_by_default():
     assert other.ledger.options == {} and other.ledger.payout_cents == 500
 
 
-def test_a_deployment_with_a_ledger_refuses_to_continue_after_a_restart(tmp_path):
+def test_a_deployment_with_a_ledger_and_no_log_refuses_to_continue_after_a_restart(tmp_path):
     from koinon.deploy.server import _ledger
     from koinon.experiment.runner import build_federation
 
     cfg = config()
     fed = build_federation(cfg)
-    fed.round_index = 2  # what a restart restores
-    with pytest.raises(ConfigError, match="cannot continue after a restart"):
+    fed.round_index = 2  # what a restart restores, but the state folder has no round log
+    with pytest.raises(KoinonError, match="no round log to continue"):
         _ledger(fed, cfg, tmp_path)
-    assert not (tmp_path / "ledger").exists()
     fed.close()
 
 

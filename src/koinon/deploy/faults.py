@@ -16,6 +16,7 @@ CRASH_EXIT = 86
 
 POINTS = {
     "server.committed": "after a round's commit transaction, before old checkpoints and pending files go",
+    "server.closed": "after a round was aggregated (and a [ledger] logged it), before it is committed",
     "client.staged": "after the client wrote the states of its upload, before sending it",
     "client.accepted": "after the server answered 'accepted', before the client made those states current",
 }

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,62 @@ class RoundLog:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "log.jsonl").write_bytes(b"")
         (folder / "heads.jsonl").write_bytes(b"")
+
+    @classmethod
+    def reopen(cls, folder: Path, server_key: Ed25519PrivateKey, keep: Callable[[list[dict[str, Any]]], int]) -> RoundLog:
+        """The log in `folder` after a restart, cut back to the first `keep(entries)` entries.
+
+        The lines written so far are read up to the first torn one (a crash mid-write leaves a
+        line without its newline, or a head missing); `keep` sees the entries of that intact
+        prefix and says how many of them stand (the caller drops what an uncommitted round
+        logged). The signed head of the last kept entry must verify with `server_key` and match
+        the Merkle root recomputed from the kept lines, every kept entry must sit at its `seq`;
+        then both files are rewritten to that prefix (atomically) and appending goes on."""
+        log = cls.__new__(cls)
+        log.folder, log.key = folder, server_key
+        log.leaves, log.frontier, log.heads = [], merkle.Frontier(), []
+        data = (folder / "log.jsonl").read_bytes() if (folder / "log.jsonl").is_file() else b""
+        lines = data.split(b"\n")[:-1]  # the last piece has no newline: torn (or empty)
+        heads: list[TreeHead] = []
+        for raw in ((folder / "heads.jsonl").read_bytes() if (folder / "heads.jsonl").is_file() else b"").split(b"\n")[:-1]:
+            try:
+                h = json.loads(raw)
+                heads.append(TreeHead(int(h["size"]), str(h["root"]), str(h["signature"])))
+            except (ValueError, KeyError, TypeError):
+                break
+        entries: list[dict[str, Any]] = []
+        for raw in lines[: len(heads)]:
+            try:
+                entry = json.loads(raw)
+            except ValueError:
+                break
+            if not isinstance(entry, dict) or entry.get("seq") != len(entries):
+                raise KoinonError(f"{folder / 'log.jsonl'}: line {len(entries) + 1} is not entry "
+                                  f"{len(entries)} of the round log; cannot continue this run")
+            entries.append(entry)
+        count = keep(entries)
+        if not 0 < count <= len(entries):
+            raise KoinonError(f"{folder}: {count} of the round log's {len(entries)} intact entries should "
+                              "stand; cannot continue this run")
+        for raw in lines[:count]:
+            log.leaves.append(merkle.leaf_hash(raw))
+            log.frontier.append(log.leaves[-1])
+        last = heads[count - 1]
+        if last.size != count or not last.verify(public_hex(server_key)) or last.root != log.frontier.root().hex():
+            raise KoinonError(f"{folder}: the signed tree head of entry {count - 1} does not verify against the "
+                              "log and the server key; cannot continue this run")
+        log.heads = heads[:count]
+        for name, rows in (("log.jsonl", lines[:count]),
+                           ("heads.jsonl", [canonical({"root": h.root, "signature": h.signature, "size": h.size})
+                                            for h in log.heads])):
+            tmp = folder / f".{name}.tmp"
+            tmp.write_bytes(b"".join(r + b"\n" for r in rows))
+            os.replace(tmp, folder / name)
+        return log
+
+    def entries(self) -> list[dict[str, Any]]:
+        """The entries logged so far, parsed (read back from `log.jsonl`)."""
+        return [json.loads(raw) for raw in (self.folder / "log.jsonl").read_bytes().split(b"\n")[:-1]]
 
     def append(self, entry: dict[str, Any]) -> TreeHead:
         """Append `entry` (its `seq` is set here) and return the signed head that covers it."""
