@@ -142,19 +142,21 @@ UNREPLAYED_HOOKS = {
 the step that the contribution scores rebuild and `koinon verify` replays."""
 
 
-def refuse_unreplayable(algorithm: Any, name: str, optimizer: str) -> None:
-    """The ledger's scores and `koinon verify` rebuild each round as previous + lr x the
-    aggregate of the logged rows: a client algorithm (class or instance) with a hook that
-    changes that, or a server optimizer other than `fedavg` (momentum, adaptive state), is
-    refused in one line."""
+def refuse_unreplayable(algorithm: Any, name: str) -> None:
+    """The ledger's scores and `koinon verify` rebuild each round as the server optimizer's
+    step from the previous model with the aggregate of the logged rows: a client algorithm
+    (class or instance) with a hook that changes that is refused in one line. Every server
+    optimizer is replayed (`koinon verify` rebuilds its state from the aggregates)."""
     for hook, why in UNREPLAYED_HOOKS.items():
         if hasattr(algorithm, hook):
             raise ConfigError(f"[ledger] with client.algorithm = {name!r}: it {why} ({hook}), so its model is "
-                              "not previous + lr x aggregate and cannot be scored or verified; use an "
+                              "not the server's step with the aggregate and cannot be scored or verified; use an "
                               "algorithm without it (fedavg, fedprox, scaffold, ...)")
-    if optimizer != "fedavg":
-        raise ConfigError(f"[ledger] with server.optimizer = {optimizer!r}: its state is not replayed, so the "
-                          "scores and koinon verify would not rebuild its step; use server.optimizer = 'fedavg'")
+
+
+def stateful_optimizer(optimizer: Any) -> bool:
+    """A server optimizer whose step is not x + lr x aggregate (momentum, adaptive moments)."""
+    return optimizer is not None and str(getattr(optimizer, "name", "")) != "fedavg"
 
 
 def validation_split(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,9 +292,13 @@ class Ledger:
         name = f"rounds/r{r:04d}.safetensors"
         from safetensors.torch import save_file
 
+        stateful = stateful_optimizer(closed.optimizer)
+        state = closed.optimizer_state if stateful and closed.applied else None
         save_file({"previous": closed.previous.contiguous(), "params": closed.params.contiguous(),
                    "updates": closed.updates.contiguous(), "weights": closed.weights.contiguous(),
-                   "clients": torch.tensor(closed.clients, dtype=torch.long)}, str(self.folder / name))
+                   "clients": torch.tensor(closed.clients, dtype=torch.long),
+                   **{f"optimizer/{k}": v.contiguous() for k, v in (state or {}).items()}},
+                  str(self.folder / name))
         cohort = sorted([*closed.clients, *closed.excluded])
         model = tensor_sha256(closed.previous)
         self.log.append({"type": "round", "round": r, "model_sha256": model, "cohort": cohort})
@@ -314,7 +320,8 @@ class Ledger:
         })
         metrics: dict[str, float] = {}
         if closed.applied and clients:
-            data = RoundUpdates(closed.round, clients, closed.previous, rows, weights, closed.lr)
+            data = RoundUpdates(closed.round, clients, closed.previous, rows, weights, closed.lr,
+                                closed.optimizer if stateful else None, state)
             scoring = time.perf_counter()
             with one_thread():
                 est = self.method.score(data, self.validation, self.seed, self.settings.budget)
@@ -473,8 +480,7 @@ def attach(federation: Any, out: str | Path, settings: LedgerSettings, *, config
     reopened, checked, and cut back to those rounds (`Ledger(committed=...)`)."""
     out = Path(out)
     server = federation.server
-    refuse_unreplayable(server.algorithm, str(getattr(server.algorithm, "name", type(server.algorithm).__name__)),
-                        str(getattr(server.optimizer, "name", type(server.optimizer).__name__)))
+    refuse_unreplayable(server.algorithm, str(getattr(server.algorithm, "name", type(server.algorithm).__name__)))
     ds = federation.data.dataset
     x_val, y_val = validation_split(ds.x_test, ds.y_test, settings.validation_fraction, federation.seed)
     ledger = Ledger(settings, federation.model, federation.layout, x_val, y_val, seed=federation.seed,
@@ -493,8 +499,7 @@ def checked_settings(cfg: Config) -> LedgerSettings:
     refuse_hidden_updates(cfg)
     from koinon.clients import CLIENT_ALGORITHMS
 
-    refuse_unreplayable(CLIENT_ALGORITHMS.get(cfg.client.algorithm, key="client.algorithm"), cfg.client.algorithm,
-                        cfg.server.optimizer)
+    refuse_unreplayable(CLIENT_ALGORITHMS.get(cfg.client.algorithm, key="client.algorithm"), cfg.client.algorithm)
     if cfg.topology.name != "federated":
         raise ConfigError(f"[ledger] needs topology.name = 'federated' (a server that sees each update), "
                           f"not {cfg.topology.name!r}")
