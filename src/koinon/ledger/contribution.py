@@ -74,15 +74,26 @@ class RoundUpdates:
         the momentum alone). In float64, as the evaluation: the scores are replayed by `koinon
         verify`, maybe with another thread count, and float32 sums in another order differ in
         the last bits."""
-        m = torch.as_tensor(np.asarray(masks, dtype=bool)).double() * self.weights.double()[None, :]
+        previous, updates, weights = self._double()
+        m = torch.as_tensor(np.asarray(masks, dtype=bool)).double() * weights[None, :]
         norm = m.sum(dim=1, keepdim=True)
-        mean = (m @ self.updates.double()) / norm.clamp_min(1e-30)
+        mean = (m @ updates) / norm.clamp_min(1e-30)
         if self.optimizer is None:
-            return self.previous.double()[None, :] + self.lr * mean
+            return previous[None, :] + self.lr * mean
         # The server optimizer's own step, one per coalition from a copy of the round's state
         # (its ops are elementwise, so they step the [m, P] stack at once).
         state = {k: v.double()[None, :].repeat(len(mean), 1) for k, v in (self.state or {}).items()}
-        return self.optimizer.step(self.previous.double()[None, :].expand_as(mean), mean, state)
+        return self.optimizer.step(previous[None, :].expand_as(mean), mean, state)
+
+    def _double(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`previous`, `updates` and `weights` in float64, converted once per round (a sampling
+        method asks for coalition models thousands of times, and converting the [k, P] rows
+        every time cost 40 % of a coalition evaluation on the digits MLP with 50 clients)."""
+        cached = self.__dict__.get("_float64")
+        if cached is None or cached[0] is not self.updates:
+            cached = (self.updates, self.previous.double(), self.updates.double(), self.weights.double())
+            self.__dict__["_float64"] = cached
+        return cached[1], cached[2], cached[3]
 
 
 class Validation:
