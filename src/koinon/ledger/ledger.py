@@ -7,13 +7,20 @@ server rejected and what the robust rule itself dropped (its `coefficients`), sc
 the configured method on the owner's validation set, and appends to the round log: `round`
 (previous model hash, cohort), one `receipt` per update (in simulation signed with the client's
 simulated key, derived from the seed: `roundlog.simulated_key`, marked `"client_key": "simulated"`;
-in a deployment clients do not sign yet and the receipt is `"client_key": "server-attested"`;
-signed by the server either way),
+in a deployment each client signs with its certificate's key, `"client_key": "certificate"`;
+countersigned by the server either way),
 `aggregate` (included, excluded with reasons, the stored round's and the new model's hashes),
 `scores` (method, options, seed, permutations, fixed-point scores). The log opens with the
 owner's commitments (`open`: validation-set hash, config hash, escrowed budget, the payout rule,
 the server's public key; its random private key stays in `ledger/server_key.pem`) and `finish` closes it with the `payout` entry, `payouts.csv` and a bar chart.
 `koinon verify RUN` replays all of it (`koinon.ledger.verify`).
+
+A restarted run (`koinon server` on its state folder, `koinon run --resume`) passes `committed`
+(the rounds its checkpoint holds): the log is reopened with the stored server key, its last
+kept signed head checked, and cut back to those rounds (`RoundLog.reopen`); totals, samples
+and exclusions are read back from the kept entries. Clients' receipt signatures are kept in
+`ledger/attested/` until their round is logged, so uploads a restarted server takes back from
+its state folder are still logged as the clients signed them.
 
 Secure aggregation hides individual updates, and coalition scores need them: a run that uses it
 must not attach a ledger (`refuse_hidden_updates`).
@@ -192,7 +199,9 @@ class Ledger:
         (folder / "rounds").mkdir(parents=True, exist_ok=True)
         from safetensors.torch import save_file
 
-        save_file({"x": x_val.contiguous(), "y": y_val.long().contiguous()}, str(folder / "validation.safetensors"))
+        if committed is None:  # a restart keeps the committed one (the open entry holds its hash)
+            save_file({"x": x_val.contiguous(), "y": y_val.long().contiguous()},
+                      str(folder / "validation.safetensors"))
         self.server_key = new_server_key(folder) if committed is None else load_server_key(folder)
         self.client_key = client_key
         self.client_keys = ([simulated_key(seed, "client", c) for c in range(num_clients)]
@@ -308,6 +317,10 @@ class Ledger:
                           int(closed.weights[i]))
         for c in cohort:
             self.sampled[c] = self.sampled.get(c, 0) + 1
+        if self.client_key == "certificate":  # earlier rounds are committed: their signatures are in the log
+            for path in (self.folder / "attested").glob("r*-c*.json"):
+                if int(path.name[1:].split("-")[0]) < r:
+                    path.unlink(missing_ok=True)
         for c, why in excluded.items():
             if why != "no update arrived":
                 self.excluded.setdefault(c, []).append(f"round {r}: {why}")
