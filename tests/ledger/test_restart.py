@@ -140,3 +140,40 @@ def test_a_state_folder_that_lost_committed_rounds_is_refused(tmp_path, referenc
     with pytest.raises(KoinonError, match="holds 1 rounds but 4 are committed"):
         resume_experiment(out, progress=False)
 
+
+
+@pytest.mark.slow
+def test_a_simulation_sigkilled_mid_run_resumes_to_the_uninterrupted_ledger(tmp_path):
+    """`koinon run` as a real process, SIGKILLed once a few rounds are checkpointed, then
+    `koinon run --resume`: the log verifies and pays what the uninterrupted run pays."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import tomli_w
+
+    config = tmp_path / "run.toml"
+    config.write_text(tomli_w.dumps({**BASE, "server": {**BASE["server"], "rounds": 40}}))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    run = [sys.executable, "-m", "koinon.cli", "run", str(config), "--quiet"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run([*run, "--out", str(full)], check=True, env=env, timeout=600)
+    proc = subprocess.Popen([*run, "--out", str(killed)], env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill once a few rounds are committed
+        ckpt = killed / "checkpoint.json"
+        if ckpt.exists() and json.loads(ckpt.read_text())["round"] >= 3:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    subprocess.run([sys.executable, "-m", "koinon.cli", "run", "--resume", str(killed), "--quiet"],
+                   check=True, env=env, timeout=600)
+    assert verify_run(killed).ok
+    signed = ("server_signature", "server_key")
+    assert ([{k: v for k, v in e.items() if k not in signed} for e in entries(killed)]
+            == [{k: v for k, v in e.items() if k not in signed} for e in entries(full)])
+    assert (killed / "payouts.csv").read_text() == (full / "payouts.csv").read_text()
