@@ -105,3 +105,57 @@ def test_a_deployment_keeps_the_simulations_ledger(tmp_path, capsys):
     report = verify_run(forged)
     assert report.failed_entry == at, report.failure
     assert "client's signature does not verify with its certificate's public key" in report.failure
+
+
+def test_a_deployment_killed_mid_round_continues_its_ledger(tmp_path):
+    """Killed once after round 2 was logged but before it was committed (the crash point: as
+    SIGKILL leaves it), and once with SIGKILL while a later round is open: each restart reopens
+    the log, drops the uncommitted round's entries, redoes the round, and the finished log
+    verifies and pays what the uninterrupted simulation pays, every entry logged once."""
+    import signal
+
+    certs = tmp_path / "certs"
+    create_certs(certs, 3, ["127.0.0.1", "localhost"])
+    config = h.write_config(tmp_path / "fed.toml", server={"rounds": 5, "clients_per_round": 3},
+                            deploy={"min_connected": 3},
+                            ledger={"contribution": "gtg", "payout_cents": 900, "max_permutations": 20})
+    state = tmp_path / "state"
+    server, address = h.start_server(tmp_path, config, certs, state,
+                                     env={"KOINON_CRASH_AT": "server.closed@2"})
+    clients = [h.start_client(tmp_path, address, certs, f"client-{i}", f"partition:{i}", give_up=120)
+               for i in range(3)]
+    assert server.wait(120) == 86, server.text()[-3000:]
+    logged = [json.loads(x) for x in (state / "ledger" / "log.jsonl").read_text().splitlines()]
+    assert {"aggregate", "scores"} <= {e["type"] for e in logged if e.get("round") == 2}
+    assert h.committed_rounds(state) == 1  # round 2 logged, not committed
+    port = int(address.rsplit(":", 1)[1])
+    server, _ = h.start_server(tmp_path, config, certs, state, "server-2", port=port)
+    h.wait_for(lambda: h.committed_rounds(state) >= 3, 120, server, "three rounds")
+    try:  # SIGKILL with an update of the open round accepted (or at worst at any moment)
+        h.wait_for(lambda: any((state / "pending").glob("*.bin")), 10, server, "a pending update")
+    except AssertionError:
+        pass
+    server.p.send_signal(signal.SIGKILL)
+    server.p.wait(10)
+    server, _ = h.start_server(tmp_path, config, certs, state, "server-3", port=port)
+    assert server.wait(180) == 0, server.text()[-3000:]
+    for c in clients:
+        assert c.wait(60) == 0, c.text()[-3000:]
+    assert "resuming" in server.text()
+    report = verify_run(state, ca=(certs / "ca.crt").read_bytes())
+    assert report.ok, report.failure
+    run_experiment(load_config(config), tmp_path / "sim", progress=False)
+
+    def entries(folder):
+        return [json.loads(x) for x in (folder / "ledger" / "log.jsonl").read_text().splitlines()]
+
+    deployed, simulated = entries(state), entries(tmp_path / "sim")
+    assert [(e["type"], e.get("round"), e.get("client")) for e in deployed] == \
+        [(e["type"], e.get("round"), e.get("client")) for e in simulated]  # nothing twice, nothing lost
+    receipts = [e for e in deployed if e["type"] == "receipt"]
+    assert len(receipts) == 15 and all(e["client_key"] == "certificate" and "client_signature" in e
+                                       for e in receipts)
+    for kind in ("aggregate", "scores", "payout"):
+        assert [e for e in deployed if e["type"] == kind] == [e for e in simulated if e["type"] == kind]
+    assert (state / "payouts.csv").read_text() == (tmp_path / "sim" / "payouts.csv").read_text()
+    assert main(["verify", str(state), "--server-key", deployed[0]["server_key"]]) == 0

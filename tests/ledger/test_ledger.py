@@ -3,15 +3,18 @@ rewritten score fails `koinon verify` at that entry; receipts prove inclusion an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
+import numpy as np
 import pytest
+import torch
 
 from koinon.cli import main
 from koinon.config import Config
-from koinon.errors import ConfigError
-from koinon.experiment import resume_experiment, run_experiment
+from koinon.errors import ConfigError, KoinonError
+from koinon.experiment import run_experiment
 from koinon.ledger import merkle
 from koinon.ledger.roundlog import (
     TreeHead,
@@ -222,12 +225,6 @@ def test_bad_ledger_settings_are_one_line_errors(tmp_path):
     assert not any((tmp_path / name).exists() for name in "abcdefg")  # refused before any folder
 
 
-def test_resume_is_refused(copy):
-    (copy / "summary.json").unlink()
-    with pytest.raises(ConfigError, match="cannot be resumed"):
-        resume_experiment(copy, progress=False)
-
-
 def test_the_ledger_section_by_set_and_absent_by_default():
     assert "ledger" not in Config().to_dict()
     cfg = Config().with_overrides({"ledger.contribution": "tmc", "ledger.tolerance": 0.05,
@@ -239,16 +236,15 @@ def test_the_ledger_section_by_set_and_absent_by_default():
     assert other.ledger.options == {} and other.ledger.payout_cents == 500
 
 
-def test_a_deployment_with_a_ledger_refuses_to_continue_after_a_restart(tmp_path):
+def test_a_deployment_with_a_ledger_and_no_log_refuses_to_continue_after_a_restart(tmp_path):
     from koinon.deploy.server import _ledger
     from koinon.experiment.runner import build_federation
 
     cfg = config()
     fed = build_federation(cfg)
-    fed.round_index = 2  # what a restart restores
-    with pytest.raises(ConfigError, match="cannot continue after a restart"):
+    fed.round_index = 2  # what a restart restores, but the state folder has no round log
+    with pytest.raises(KoinonError, match="no round log to continue"):
         _ledger(fed, cfg, tmp_path)
-    assert not (tmp_path / "ledger").exists()
     fed.close()
 
 
@@ -377,16 +373,67 @@ def test_algorithms_whose_model_verify_cannot_rebuild_are_refused(algorithm, hoo
         checked_settings(cfg)
 
 
-def test_a_stateful_server_optimizer_is_refused_and_fedprox_is_not(tmp_path):
+def test_fedprox_is_not_refused():
     from koinon.ledger import checked_settings
 
-    with pytest.raises(ConfigError, match="server.optimizer = 'fedadam'"):
-        run_experiment(Config.from_dict({**BASE, "server": {**BASE["server"], "optimizer": "fedadam"},
-                                         "ledger": LEDGER}), tmp_path / "a", progress=False)
-    assert not (tmp_path / "a").exists()
     cfg = config()
     cfg.client.algorithm = "fedprox"
     checked_settings(cfg)
+
+
+@pytest.mark.parametrize("optimizer", ["fedavgm", "nesterov", "fedadam", "fedyogi", "fedadagrad"])
+def test_a_stateful_server_optimizer_is_replayed_by_verify(tmp_path, optimizer):
+    out = tmp_path / "run"
+    run_experiment(Config.from_dict({**BASE, "server": {**BASE["server"], "optimizer": optimizer},
+                                     "ledger": {**LEDGER, "max_permutations": 6}}), out, progress=False)
+    report = verify_run(out)
+    assert report.ok, report.failure
+    assert any("state replayed from the aggregates" in n for n in report.notes)
+    assert not any("checked by hash only" in n for n in report.notes)
+    # Every aggregate was recomputed: a changed optimizer state in a stored round is caught there,
+    # and so is a model the optimizer's step would not give (the stored state is re-hashed).
+    from safetensors.torch import load_file, save_file
+
+    log = entries(out)
+    at = next(i for i, e in enumerate(log) if e["type"] == "aggregate" and e["round"] == 2)
+    path = out / "ledger" / log[at]["round_file"]
+    t = load_file(str(path))
+    first = sorted(k for k in t if k.startswith("optimizer/"))[0]
+    t[first] = t[first] + 1e-3
+    save_file(t, str(path))
+    log[at]["round_file_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    rewrite(out, log)
+    bad = verify_run(out)
+    assert bad.failed_entry == at and "server optimizer state" in bad.failure, bad.failure
+
+
+def test_scores_step_coalitions_with_the_server_optimizer():
+    """With server momentum, a coalition's model is the optimizer's step from the round's state
+    with the coalition's mean update: the empty coalition moves by the momentum alone."""
+    from koinon.ledger import RoundUpdates
+    from koinon.server.optimizers import FedAdam, FedAvgM
+
+    updates = torch.tensor([[1.0, 0.0], [0.0, 2.0], [4.0, 4.0]])
+    weights = torch.tensor([1.0, 3.0, 0.0])
+    previous = torch.tensor([0.5, -0.5])
+    m = FedAvgM(lr=0.5, momentum=0.9)
+    state = {"velocity": torch.tensor([1.0, -1.0])}
+    data = RoundUpdates(0, [0, 1, 2], previous, updates, weights, 0.5, m, state)
+    masks = np.array([[0, 0, 0], [1, 0, 0], [1, 1, 0]], dtype=bool)
+    got = data.coalition_params(masks)
+    v = 0.9 * torch.tensor([1.0, -1.0], dtype=torch.float64)
+    mean01 = torch.tensor([0.25, 1.5], dtype=torch.float64)  # (1 x [1, 0] + 3 x [0, 2]) / 4
+    want = torch.stack([previous.double() + 0.5 * v, previous.double() + 0.5 * (v + updates[0].double()),
+                        previous.double() + 0.5 * (v + mean01)])
+    assert torch.allclose(got, want)
+    assert torch.equal(state["velocity"], torch.tensor([1.0, -1.0]))  # the round's state is not touched
+    adam = FedAdam(lr=0.1)
+    s = adam.init(previous)
+    data = RoundUpdates(0, [0, 1, 2], previous, updates, weights, 0.1, adam, s)
+    full = data.coalition_params(np.ones((1, 3), dtype=bool))[0]
+    expected = adam.step(previous.double(), (updates[:2].double() * weights[:2, None].double()).sum(0) / 4,
+                         {k: v.double().clone() for k, v in s.items()})
+    assert torch.allclose(full, expected)
 
 
 def test_attach_refuses_an_unreplayable_federation(tmp_path):

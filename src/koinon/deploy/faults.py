@@ -18,6 +18,7 @@ POINTS = {
     "server.committed": "after a round's commit transaction, before old checkpoints and pending files go",
     "server.async_accepted": "after an asynchronous update's acceptance commit, before the client hears it",
     "server.stepped": "after an asynchronous step's commit, before old checkpoints and buffer files go",
+    "server.closed": "after a round was aggregated (and a [ledger] logged it), before it is committed",
     "client.staged": "after the client wrote the states of its upload, before sending it",
     "client.accepted": "after the server answered 'accepted', before the client made those states current",
     "client.secagg_masked": "after the server answered the client's masked input, before it unmasks (SecAgg+)",

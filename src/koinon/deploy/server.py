@@ -34,6 +34,7 @@ import numpy as np
 from koinon.config import Config
 from koinon.deploy import federation_pb2_grpc
 from koinon.deploy.certs import read_revoked, server_credentials
+from koinon.deploy.faults import crash_point
 from koinon.deploy.store import PendingWriter, Store
 from koinon.deploy.wire import (
     MAX_GRPC_MESSAGE,
@@ -576,6 +577,7 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
             result = self.server.close_round()
         s = self.cfg.server
         upcoming = result.round
+        crash_point("server.closed", upcoming)
         if upcoming % s.eval_every == 0 or upcoming == s.rounds:
             self.fed.evaluate_into(result)
         result.wall_s = round(self.wall_offset + time.perf_counter() - start, 4)
@@ -675,15 +677,15 @@ def _changed_keys(stored_toml: str, cfg: Config) -> list[str]:
 
 def _ledger(fed: Federation, cfg: Config, state: Path) -> Any:
     """`[ledger]`: the contribution ledger watches the server and writes into the state folder
-    (stored rounds, the round log, payouts at the end), as `koinon run` does into its run folder."""
+    (stored rounds, the round log, payouts at the end), as `koinon run` does into its run folder.
+    After a restart its log is reopened and cut back to the committed rounds (`attach`)."""
     if cfg.ledger.contribution == "none":
         return None
     from koinon.ledger import attach_ledger
 
-    if fed.round_index:
-        raise ConfigError(f"--state {state}: a run with a [ledger] cannot continue after a restart yet "
-                          "(its round log would restart); use a new --state folder")
-    return attach_ledger(fed, cfg, state, cfg.to_toml(), client_key="certificate")
+    log = state / "ledger" / "log.jsonl"
+    resume = bool(fed.round_index) or (log.is_file() and log.stat().st_size > 0)
+    return attach_ledger(fed, cfg, state, cfg.to_toml(), client_key="certificate", resume=resume)
 
 
 def serve(cfg: Config, state: Path, certs: Path, listen: str) -> dict[str, Any]:

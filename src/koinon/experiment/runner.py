@@ -128,13 +128,17 @@ def resume_experiment(out_dir: str | Path, overrides: list[str] | None = None, *
                 f"allowed: {', '.join(sorted(RESUMABLE_KEYS))}"
             )
     cfg = load_config(out / "config.toml", overrides)
-    if cfg.ledger.contribution != "none":
-        raise ConfigError(f"--resume {out}: a run with a [ledger] cannot be resumed (its round log "
-                          "would restart); run it again from the start")
     fed = build_federation(cfg)
+    ledger = None
+    if cfg.ledger.contribution != "none":  # its log is reopened, checked and cut back to the checkpoint
+        from koinon.ledger import attach_ledger
+        from koinon.records.checkpoint import load_checkpoint
+
+        fed.round_index = load_checkpoint(out)[0]["round"]
+        ledger = attach_ledger(fed, cfg, out, cfg.to_toml(), resume=True)
     wall = folder.restore(out, fed, cfg.server.rounds, "server.rounds")
     atomic_write_text(out / "config.toml", cfg.to_toml())
-    return _train(fed, cfg, out, wall_offset=wall, progress=progress)
+    return _train(fed, cfg, out, wall_offset=wall, progress=progress, ledger=ledger)
 
 
 def _train(fed: Topology, cfg: Config, out: Path, wall_offset: float, progress: bool,

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -65,15 +65,35 @@ class RoundUpdates:
     updates: torch.Tensor  # [k, P] decoded model updates, in `clients` order
     weights: torch.Tensor  # [k] aggregation weights (sample counts)
     lr: float = 1.0  # the server step size on the aggregate
+    optimizer: Any = None  # a server optimizer with state (`fedavgm`, `fedadam`, ...); None: x + lr x mean
+    state: dict[str, torch.Tensor] | None = None  # its state before the round's step
 
     def coalition_params(self, masks: np.ndarray) -> torch.Tensor:
-        """`[m, P]` models of the coalitions `masks` (`[m, k]`); the empty one is `previous`.
-        In float64, as the evaluation: the scores are replayed by `koinon verify`, maybe with
-        another thread count, and float32 sums in another order differ in the last bits."""
-        m = torch.as_tensor(np.asarray(masks, dtype=bool)).double() * self.weights.double()[None, :]
+        """`[m, P]` models of the coalitions `masks` (`[m, k]`); the empty one is `previous`
+        (with a stateful server optimizer: its step from `state` with a zero aggregate, e.g.
+        the momentum alone). In float64, as the evaluation: the scores are replayed by `koinon
+        verify`, maybe with another thread count, and float32 sums in another order differ in
+        the last bits."""
+        previous, updates, weights = self._double()
+        m = torch.as_tensor(np.asarray(masks, dtype=bool)).double() * weights[None, :]
         norm = m.sum(dim=1, keepdim=True)
-        mean = (m @ self.updates.double()) / norm.clamp_min(1e-30)
-        return self.previous.double()[None, :] + self.lr * mean
+        mean = (m @ updates) / norm.clamp_min(1e-30)
+        if self.optimizer is None:
+            return previous[None, :] + self.lr * mean
+        # The server optimizer's own step, one per coalition from a copy of the round's state
+        # (its ops are elementwise, so they step the [m, P] stack at once).
+        state = {k: v.double()[None, :].repeat(len(mean), 1) for k, v in (self.state or {}).items()}
+        return self.optimizer.step(previous[None, :].expand_as(mean), mean, state)
+
+    def _double(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`previous`, `updates` and `weights` in float64, converted once per round (a sampling
+        method asks for coalition models thousands of times, and converting the [k, P] rows
+        every time cost 40 % of a coalition evaluation on the digits MLP with 50 clients)."""
+        cached = self.__dict__.get("_float64")
+        if cached is None or cached[0] is not self.updates:
+            cached = (self.updates, self.previous.double(), self.updates.double(), self.weights.double())
+            self.__dict__["_float64"] = cached
+        return cached[1], cached[2], cached[3]
 
 
 class Validation:

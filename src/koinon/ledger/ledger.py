@@ -7,13 +7,20 @@ server rejected and what the robust rule itself dropped (its `coefficients`), sc
 the configured method on the owner's validation set, and appends to the round log: `round`
 (previous model hash, cohort), one `receipt` per update (in simulation signed with the client's
 simulated key, derived from the seed: `roundlog.simulated_key`, marked `"client_key": "simulated"`;
-in a deployment clients do not sign yet and the receipt is `"client_key": "server-attested"`;
-signed by the server either way),
+in a deployment each client signs with its certificate's key, `"client_key": "certificate"`;
+countersigned by the server either way),
 `aggregate` (included, excluded with reasons, the stored round's and the new model's hashes),
 `scores` (method, options, seed, permutations, fixed-point scores). The log opens with the
 owner's commitments (`open`: validation-set hash, config hash, escrowed budget, the payout rule,
 the server's public key; its random private key stays in `ledger/server_key.pem`) and `finish` closes it with the `payout` entry, `payouts.csv` and a bar chart.
 `koinon verify RUN` replays all of it (`koinon.ledger.verify`).
+
+A restarted run (`koinon server` on its state folder, `koinon run --resume`) passes `committed`
+(the rounds its checkpoint holds): the log is reopened with the stored server key, its last
+kept signed head checked, and cut back to those rounds (`RoundLog.reopen`); totals, samples
+and exclusions are read back from the kept entries. Clients' receipt signatures are kept in
+`ledger/attested/` until their round is logged, so uploads a restarted server takes back from
+its state folder are still logged as the clients signed them.
 
 Secure aggregation hides individual updates, and coalition scores need them: a run that uses it
 must not attach a ledger (`refuse_hidden_updates`).
@@ -34,7 +41,7 @@ import torch
 from torch import nn
 
 from koinon.config import Config, LedgerConfig
-from koinon.errors import ConfigError
+from koinon.errors import ConfigError, KoinonError
 from koinon.files import atomic_write_text
 from koinon.ledger.certsign import CertificateKey
 from koinon.ledger.contribution import (
@@ -46,7 +53,14 @@ from koinon.ledger.contribution import (
     one_thread,
 )
 from koinon.ledger.payout import Payout, split_budget
-from koinon.ledger.roundlog import RoundLog, canonical, new_server_key, public_hex, simulated_key
+from koinon.ledger.roundlog import (
+    RoundLog,
+    canonical,
+    load_server_key,
+    new_server_key,
+    public_hex,
+    simulated_key,
+)
 from koinon.ledger.shapley import Budget
 from koinon.local.losses import cross_entropy
 from koinon.params import Layout
@@ -135,19 +149,21 @@ UNREPLAYED_HOOKS = {
 the step that the contribution scores rebuild and `koinon verify` replays."""
 
 
-def refuse_unreplayable(algorithm: Any, name: str, optimizer: str) -> None:
-    """The ledger's scores and `koinon verify` rebuild each round as previous + lr x the
-    aggregate of the logged rows: a client algorithm (class or instance) with a hook that
-    changes that, or a server optimizer other than `fedavg` (momentum, adaptive state), is
-    refused in one line."""
+def refuse_unreplayable(algorithm: Any, name: str) -> None:
+    """The ledger's scores and `koinon verify` rebuild each round as the server optimizer's
+    step from the previous model with the aggregate of the logged rows: a client algorithm
+    (class or instance) with a hook that changes that is refused in one line. Every server
+    optimizer is replayed (`koinon verify` rebuilds its state from the aggregates)."""
     for hook, why in UNREPLAYED_HOOKS.items():
         if hasattr(algorithm, hook):
             raise ConfigError(f"[ledger] with client.algorithm = {name!r}: it {why} ({hook}), so its model is "
-                              "not previous + lr x aggregate and cannot be scored or verified; use an "
+                              "not the server's step with the aggregate and cannot be scored or verified; use an "
                               "algorithm without it (fedavg, fedprox, scaffold, ...)")
-    if optimizer != "fedavg":
-        raise ConfigError(f"[ledger] with server.optimizer = {optimizer!r}: its state is not replayed, so the "
-                          "scores and koinon verify would not rebuild its step; use server.optimizer = 'fedavg'")
+
+
+def stateful_optimizer(optimizer: Any) -> bool:
+    """A server optimizer whose step is not x + lr x aggregate (momentum, adaptive moments)."""
+    return optimizer is not None and str(getattr(optimizer, "name", "")) != "fedavg"
 
 
 def validation_split(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,7 +183,8 @@ class Ledger:
 
     def __init__(self, settings: LedgerSettings, module: nn.Module, layout: Layout, x_val: torch.Tensor,
                  y_val: torch.Tensor, *, seed: int, folder: Path, num_clients: int, config_sha256: str,
-                 num_classes: int = 0, loss_fn=cross_entropy, client_key: str = "simulated") -> None:
+                 num_classes: int = 0, loss_fn=cross_entropy, client_key: str = "simulated",
+                 committed: int | None = None) -> None:
         if client_key not in CLIENT_KEYS:
             raise ValueError(f"client_key = {client_key!r}; allowed: {', '.join(CLIENT_KEYS)}")
         self.settings = settings
@@ -176,23 +193,29 @@ class Ledger:
                                      num_classes=num_classes or None)
         self.seed = seed
         self.folder = folder
+        if committed is not None and not all((folder / f).is_file() for f in ("log.jsonl", "server_key.pem")):
+            raise KoinonError(f"{folder}: no round log to continue ({committed} rounds are committed, but "
+                              "log.jsonl or server_key.pem is missing); use a new run folder")
         (folder / "rounds").mkdir(parents=True, exist_ok=True)
         from safetensors.torch import save_file
 
-        save_file({"x": x_val.contiguous(), "y": y_val.long().contiguous()}, str(folder / "validation.safetensors"))
-        self.server_key = new_server_key(folder)
+        if committed is None:  # a restart keeps the committed one (the open entry holds its hash)
+            save_file({"x": x_val.contiguous(), "y": y_val.long().contiguous()},
+                      str(folder / "validation.safetensors"))
+        self.server_key = new_server_key(folder) if committed is None else load_server_key(folder)
         self.client_key = client_key
         self.client_keys = ([simulated_key(seed, "client", c) for c in range(num_clients)]
                             if client_key == "simulated" else [])
-        self.log = RoundLog(folder, self.server_key)
         self.attested: dict[tuple[int, int], dict[str, Any]] = {}  # (round, client) -> client's signature
         self.totals: dict[int, int] = {}
         self.sampled: dict[int, int] = {}
         self.excluded: dict[int, list[str]] = {}
-        self.seconds = 0.0  # everything the ledger did in rounds
+        self.seconds = 0.0  # everything the ledger did in rounds (but the simulated clients' signing)
+        self.client_s = 0.0  # the simulated clients signing their receipts (their own devices' work in a deployment)
         self.scoring_s = 0.0  # of which the contribution method
         self.evaluations = 0
-        self.log.append({
+        self.closed = False  # the payout entry is logged
+        opening = {
             "type": "open", "validation_sha256": validation_sha256(x_val, y_val),
             "validation_size": len(y_val), "num_classes": num_classes, "config_sha256": config_sha256,
             "method": settings.contribution,
@@ -206,12 +229,71 @@ class Ledger:
             "client_key": client_key,
             **({"client_keys": {str(c): public_hex(k) for c, k in enumerate(self.client_keys)}}
                if self.client_keys else {}),
-        })
+        }
+        if committed is None:
+            self.log = RoundLog(folder, self.server_key)
+            self.log.append(opening)
+        else:
+            self.log = RoundLog.reopen(folder, self.server_key, lambda entries: self._standing(entries, committed))
+            if {k: v for k, v in self.log.entries()[0].items() if k != "seq"} != opening:
+                raise KoinonError(f"{folder}: the round log was opened with another configuration, validation "
+                                  "set or keys than this run's (a run with a [ledger] continues only with the "
+                                  "config it committed to); use a new run folder")
+            self._replay_state(self.log.entries())
+
+    # ------------------------------------------------------------------ restarts
+
+    @staticmethod
+    def _standing(entries: list[dict[str, Any]], committed: int) -> int:
+        """How many of a restarted run's logged entries stand: everything of the `committed`
+        rounds (the observer logs a round before the run commits it, so a crash in between
+        leaves entries of a round that will be redone: they are dropped, and the redone round
+        logs them once), and a payout logged after the last of them."""
+        count = 1 if entries and entries[0].get("type") == "open" else 0
+        rounds = 0
+        for i, e in enumerate(entries[count:], start=count):
+            if e.get("type") == "round":
+                if e.get("round") != rounds + 1:
+                    break
+                rounds += 1
+            if rounds > committed:
+                break
+            count = i + 1
+        if rounds < committed:
+            raise KoinonError(f"the round log holds {rounds} rounds but {committed} are committed: it lost "
+                              "entries (the state folder is not this log's); cannot continue this run")
+        return count
+
+    def _replay_state(self, entries: list[dict[str, Any]]) -> None:
+        """Totals, sampled rounds and exclusions as the standing entries leave them."""
+        for e in entries:
+            kind = e["type"]
+            if kind == "round":
+                for c in e["cohort"]:
+                    self.sampled[c] = self.sampled.get(c, 0) + 1
+                    self.totals.setdefault(c, 0)
+            elif kind == "aggregate":
+                for c, why in e["excluded"].items():
+                    if why != "no update arrived":
+                        self.excluded.setdefault(int(c), []).append(f"round {e['round']}: {why}")
+            elif kind == "scores":
+                for c, score in e["scores"].items():
+                    self.totals[int(c)] = self.totals.get(int(c), 0) + int(score)
+                self.evaluations += int(e["evaluations"])
+            elif kind == "payout":
+                self.closed = True
+        stale = [p for p in (self.folder / "attested").glob("r*-c*.json")
+                 if int(p.name[1:].split("-")[0]) <= sum(e["type"] == "round" for e in entries)]
+        for path in stale:
+            path.unlink()
 
     # ------------------------------------------------------------------ rounds
 
     def __call__(self, closed: ClosedRound) -> dict[str, float]:
-        start = time.perf_counter()
+        if self.closed:
+            raise KoinonError(f"{self.folder}: the round log is closed by its payout entry; a run with a "
+                              "[ledger] cannot go on past its last round")
+        start, client_s = time.perf_counter(), self.client_s
         r = closed.round + 1
         excluded = dict(closed.excluded)
         keep = self._kept_by_rule(closed, excluded)
@@ -220,9 +302,13 @@ class Ledger:
         name = f"rounds/r{r:04d}.safetensors"
         from safetensors.torch import save_file
 
+        stateful = stateful_optimizer(closed.optimizer)
+        state = closed.optimizer_state if stateful and closed.applied else None
         save_file({"previous": closed.previous.contiguous(), "params": closed.params.contiguous(),
                    "updates": closed.updates.contiguous(), "weights": closed.weights.contiguous(),
-                   "clients": torch.tensor(closed.clients, dtype=torch.long)}, str(self.folder / name))
+                   "clients": torch.tensor(closed.clients, dtype=torch.long),
+                   **{f"optimizer/{k}": v.contiguous() for k, v in (state or {}).items()}},
+                  str(self.folder / name))
         cohort = sorted([*closed.clients, *closed.excluded])
         model = tensor_sha256(closed.previous)
         self.log.append({"type": "round", "round": r, "model_sha256": model, "cohort": cohort})
@@ -231,6 +317,10 @@ class Ledger:
                           int(closed.weights[i]))
         for c in cohort:
             self.sampled[c] = self.sampled.get(c, 0) + 1
+        if self.client_key == "certificate":  # earlier rounds are committed: their signatures are in the log
+            for path in (self.folder / "attested").glob("r*-c*.json"):
+                if int(path.name[1:].split("-")[0]) < r:
+                    path.unlink(missing_ok=True)
         for c, why in excluded.items():
             if why != "no update arrived":
                 self.excluded.setdefault(c, []).append(f"round {r}: {why}")
@@ -244,7 +334,8 @@ class Ledger:
         })
         metrics: dict[str, float] = {}
         if closed.applied and clients:
-            data = RoundUpdates(closed.round, clients, closed.previous, rows, weights, closed.lr)
+            data = RoundUpdates(closed.round, clients, closed.previous, rows, weights, closed.lr,
+                                closed.optimizer if stateful else None, state)
             scoring = time.perf_counter()
             with one_thread():
                 est = self.method.score(data, self.validation, self.seed, self.settings.budget)
@@ -263,7 +354,7 @@ class Ledger:
                        **{f"score_{c}": float(v) for c, v in zip(clients, est.values)}}
         for c in cohort:  # a client scored nothing this round still has a total
             self.totals.setdefault(c, 0)
-        elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - start - (self.client_s - client_s)
         self.seconds += elapsed
         metrics["ledger_s"] = round(elapsed, 4)
         return metrics
@@ -296,18 +387,32 @@ class Ledger:
                num_samples: int, signature: bytes) -> None:
         """Record the client's signature of its receipt statement (`certsign.receipt_statement`),
         checked by the server, for the receipt logged when round `round_number` (1-based) closes."""
-        self.attested[(round_number, client)] = {
+        attested = {
             "client_signature": signature.hex(), "client_certificate": cert.pem,
             "client_certificate_sha256": cert.sha256, "client_public_key": cert.public_key,
             "signed_model_sha256": model_sha256, "num_samples": int(num_samples)}
+        self.attested[(round_number, client)] = attested
+        # Kept on disk too: a restarted server takes the round's accepted uploads back from its
+        # state folder, and their receipts still need the clients' signatures.
+        (self.folder / "attested").mkdir(exist_ok=True)
+        atomic_write_text(self._attested_path(round_number, client), json.dumps(attested, sort_keys=True))
+
+    def _attested_path(self, round_number: int, client: int) -> Path:
+        return self.folder / "attested" / f"r{round_number:04d}-c{client}.json"
 
     def _receipt(self, r: int, client: int, model: str, payload: str, update: str, weight: int) -> None:
         body = {"round": r, "client": client, "model_sha256": model, "payload_sha256": payload,
                 "update_sha256": update, "weight": weight, "client_key": self.client_key}
         if self.client_keys:
+            signing = time.perf_counter()
             body["client_signature"] = self.client_keys[client].sign(canonical(body)).hex()
+            self.client_s += time.perf_counter() - signing
         elif self.client_key == "certificate":
-            body.update(self.attested.pop((r, client), {}))
+            attested = self.attested.pop((r, client), None)
+            path = self._attested_path(r, client)
+            if attested is None and path.is_file():  # accepted before a restart
+                attested = json.loads(path.read_text())
+            body.update(attested or {})
         countersigned = self.server_key.sign(canonical(body)).hex()
         self.log.append({"type": "receipt", **body, "server_signature": countersigned})
 
@@ -326,19 +431,25 @@ class Ledger:
         out = Path(out)
         flagged = self.flagged()
         payout = split_budget(self.settings.payout_cents, self.totals, flagged, self.settings.min_quality)
-        self.log.append({
+        entry = {
             "type": "payout", "budget_cents": self.settings.payout_cents,
             "totals": {str(c): s for c, s in sorted(self.totals.items())},
             "flagged": {str(c): why for c, why in sorted(flagged.items())},
             "paid": {str(c): v for c, v in sorted(payout.paid.items())},
             "unpaid": {str(c): why for c, why in sorted(payout.reasons.items())}, "refund": payout.refund,
-        })
+        }
+        if not self.closed:  # a run restarted after its payout was logged does not log it twice
+            self.log.append(entry)
+            self.closed = True
+        elif {k: v for k, v in self.log.entries()[-1].items() if k != "seq"} != entry:
+            raise KoinonError(f"{self.folder}: the logged payout is not the one its scores give")
+        self.log.close()
         write_payouts(out, self.totals, payout)
         head = self.log.heads[-1]
         atomic_write_text(self.folder / "summary.json", json.dumps({
             "method": self.settings.contribution, "entries": head.size, "root": head.root,
             "server_key": public_hex(self.server_key), "ledger_s": round(self.seconds, 3),
-            "scoring_s": round(self.scoring_s, 3),
+            "scoring_s": round(self.scoring_s, 3), "simulated_client_signing_s": round(self.client_s, 3),
             "evaluations": self.evaluations, "refund_cents": payout.refund,
         }, indent=1))
         return payout
@@ -378,20 +489,22 @@ def plot_payouts(totals: dict[int, int], payout: Payout, path: Path) -> None:
 
 
 def attach(federation: Any, out: str | Path, settings: LedgerSettings, *, config_text: str = "",
-           client_key: str = "simulated") -> Ledger:
+           client_key: str = "simulated", resume: bool = False) -> Ledger:
     """Watch `federation` (a `Federation`: its server, model, data and seed) with a ledger
     writing into the run folder `out`; call `finish(out)` after the last round. `client_key`:
-    how receipts are signed (`CLIENT_KEYS`)."""
+    how receipts are signed (`CLIENT_KEYS`). `resume`: the federation was restored from a
+    checkpoint of this run (`federation.round_index` rounds committed): the log in `out` is
+    reopened, checked, and cut back to those rounds (`Ledger(committed=...)`)."""
     out = Path(out)
     server = federation.server
-    refuse_unreplayable(server.algorithm, str(getattr(server.algorithm, "name", type(server.algorithm).__name__)),
-                        str(getattr(server.optimizer, "name", type(server.optimizer).__name__)))
+    refuse_unreplayable(server.algorithm, str(getattr(server.algorithm, "name", type(server.algorithm).__name__)))
     ds = federation.data.dataset
     x_val, y_val = validation_split(ds.x_test, ds.y_test, settings.validation_fraction, federation.seed)
     ledger = Ledger(settings, federation.model, federation.layout, x_val, y_val, seed=federation.seed,
                     folder=out / FOLDER, num_clients=federation.data.num_clients,
                     config_sha256=hashlib.sha256(config_text.encode()).hexdigest(), num_classes=ds.num_classes,
-                    loss_fn=federation.loss_fn, client_key=client_key)
+                    loss_fn=federation.loss_fn, client_key=client_key,
+                    committed=int(federation.round_index) if resume else None)
     server.record_digests = True
     server.observer = ledger
     return ledger
@@ -403,8 +516,7 @@ def checked_settings(cfg: Config) -> LedgerSettings:
     refuse_hidden_updates(cfg)
     from koinon.clients import CLIENT_ALGORITHMS
 
-    refuse_unreplayable(CLIENT_ALGORITHMS.get(cfg.client.algorithm, key="client.algorithm"), cfg.client.algorithm,
-                        cfg.server.optimizer)
+    refuse_unreplayable(CLIENT_ALGORITHMS.get(cfg.client.algorithm, key="client.algorithm"), cfg.client.algorithm)
     if cfg.topology.name != "federated":
         raise ConfigError(f"[ledger] needs topology.name = 'federated' (a server that sees each update), "
                           f"not {cfg.topology.name!r}")
@@ -415,9 +527,11 @@ def checked_settings(cfg: Config) -> LedgerSettings:
 
 
 def attach_ledger(topology: Any, cfg: Config, out: Path, config_text: str,
-                  client_key: str = "simulated") -> Ledger | None:
+                  client_key: str = "simulated", resume: bool = False) -> Ledger | None:
     """The ledger `cfg` asks for, watching `topology`'s server and writing into `out`; None
-    when `ledger.contribution = "none"`. A deployment passes `client_key="server-attested"`."""
+    when `ledger.contribution = "none"`. A deployment passes `client_key="certificate"`;
+    `resume`: see `attach`."""
     if cfg.ledger.contribution == "none":
         return None
-    return attach(topology, out, checked_settings(cfg), config_text=config_text, client_key=client_key)
+    return attach(topology, out, checked_settings(cfg), config_text=config_text, client_key=client_key,
+                  resume=resume)

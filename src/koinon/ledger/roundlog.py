@@ -25,9 +25,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -127,9 +128,66 @@ class RoundLog:
         self.leaves: list[bytes] = []
         self.frontier = merkle.Frontier()
         self.heads: list[TreeHead] = []
+        self._files: tuple[BinaryIO, BinaryIO] | None = None
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "log.jsonl").write_bytes(b"")
         (folder / "heads.jsonl").write_bytes(b"")
+
+    @classmethod
+    def reopen(cls, folder: Path, server_key: Ed25519PrivateKey, keep: Callable[[list[dict[str, Any]]], int]) -> RoundLog:
+        """The log in `folder` after a restart, cut back to the first `keep(entries)` entries.
+
+        The lines written so far are read up to the first torn one (a crash mid-write leaves a
+        line without its newline, or a head missing); `keep` sees the entries of that intact
+        prefix and says how many of them stand (the caller drops what an uncommitted round
+        logged). The signed head of the last kept entry must verify with `server_key` and match
+        the Merkle root recomputed from the kept lines, every kept entry must sit at its `seq`;
+        then both files are rewritten to that prefix (atomically) and appending goes on."""
+        log = cls.__new__(cls)
+        log.folder, log.key = folder, server_key
+        log.leaves, log.frontier, log.heads, log._files = [], merkle.Frontier(), [], None
+        data = (folder / "log.jsonl").read_bytes() if (folder / "log.jsonl").is_file() else b""
+        lines = data.split(b"\n")[:-1]  # the last piece has no newline: torn (or empty)
+        heads: list[TreeHead] = []
+        for raw in ((folder / "heads.jsonl").read_bytes() if (folder / "heads.jsonl").is_file() else b"").split(b"\n")[:-1]:
+            try:
+                h = json.loads(raw)
+                heads.append(TreeHead(int(h["size"]), str(h["root"]), str(h["signature"])))
+            except (ValueError, KeyError, TypeError):
+                break
+        entries: list[dict[str, Any]] = []
+        for raw in lines[: len(heads)]:
+            try:
+                entry = json.loads(raw)
+            except ValueError:
+                break
+            if not isinstance(entry, dict) or entry.get("seq") != len(entries):
+                raise KoinonError(f"{folder / 'log.jsonl'}: line {len(entries) + 1} is not entry "
+                                  f"{len(entries)} of the round log; cannot continue this run")
+            entries.append(entry)
+        count = keep(entries)
+        if not 0 < count <= len(entries):
+            raise KoinonError(f"{folder}: {count} of the round log's {len(entries)} intact entries should "
+                              "stand; cannot continue this run")
+        for raw in lines[:count]:
+            log.leaves.append(merkle.leaf_hash(raw))
+            log.frontier.append(log.leaves[-1])
+        last = heads[count - 1]
+        if last.size != count or not last.verify(public_hex(server_key)) or last.root != log.frontier.root().hex():
+            raise KoinonError(f"{folder}: the signed tree head of entry {count - 1} does not verify against the "
+                              "log and the server key; cannot continue this run")
+        log.heads = heads[:count]
+        for name, rows in (("log.jsonl", lines[:count]),
+                           ("heads.jsonl", [canonical({"root": h.root, "signature": h.signature, "size": h.size})
+                                            for h in log.heads])):
+            tmp = folder / f".{name}.tmp"
+            tmp.write_bytes(b"".join(r + b"\n" for r in rows))
+            os.replace(tmp, folder / name)
+        return log
+
+    def entries(self) -> list[dict[str, Any]]:
+        """The entries logged so far, parsed (read back from `log.jsonl`)."""
+        return [json.loads(raw) for raw in (self.folder / "log.jsonl").read_bytes().split(b"\n")[:-1]]
 
     def append(self, entry: dict[str, Any]) -> TreeHead:
         """Append `entry` (its `seq` is set here) and return the signed head that covers it."""
@@ -139,11 +197,20 @@ class RoundLog:
         root = self.frontier.root().hex()
         head = TreeHead(len(self.leaves), root, self.key.sign(head_message(len(self.leaves), root)).hex())
         self.heads.append(head)
-        with (self.folder / "log.jsonl").open("ab") as f:
-            f.write(data + b"\n")
-        with (self.folder / "heads.jsonl").open("ab") as f:
-            f.write(canonical({"root": head.root, "signature": head.signature, "size": head.size}) + b"\n")
+        if self._files is None:  # kept open: opening both files for every entry cost a third of the logging
+            self._files = ((self.folder / "log.jsonl").open("ab"), (self.folder / "heads.jsonl").open("ab"))
+        log, heads = self._files
+        log.write(data + b"\n")
+        log.flush()  # the entry reaches the file before its head does
+        heads.write(canonical({"root": head.root, "signature": head.signature, "size": head.size}) + b"\n")
+        heads.flush()
         return head
+
+    def close(self) -> None:
+        """Close the log's files (appending reopens them)."""
+        for f in self._files or ():
+            f.close()
+        self._files = None
 
     def inclusion(self, index: int, size: int | None = None) -> list[str]:
         """Proof that entry `index` is in the tree of `size` entries (default: all)."""

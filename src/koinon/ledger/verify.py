@@ -14,9 +14,12 @@ of the entries so far), the entry's canonical form and position, then what it cl
   that certificate; server-attested receipts have the server's alone, and the report says so);
 - `aggregate`: the stored round file's hash; its previous model, new model and update rows match
   the `round` entry, the receipts and the named model; the new model recomputed from the stored
-  rows with the run's aggregator and server step (stateless rules and `fedavg`; others are
-  checked by hash only, and the report says so); which rows the rule dropped;
-- `scores`: recomputed with the logged method, options, seed and permutation count;
+  rows with the run's aggregator and server optimizer (stateless rules; stateful aggregators
+  are checked by hash only, and the report says so; a stateful server optimizer, momentum or
+  adaptive moments, is stepped from its initial state with every recomputed aggregate, and the
+  state stored with each round must be the replayed one); which rows the rule dropped;
+- `scores`: recomputed with the logged method, options, seed and permutation count (coalition
+  models stepped by the server optimizer from its replayed state);
 - `payout`: recomputed from the logged totals, exclusions and commitments.
 
 Every `receipt`, `aggregate` and `scores` entry belongs to the current `round` (rounds follow on
@@ -86,7 +89,8 @@ class _Replay:
         self.model: str | None = None  # hash of the current global model
         self.cohort: list[int] = []
         self.receipts: dict[int, dict[str, Any]] = {}
-        self.rows: dict[int, tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor, float]] = {}
+        self.rows: dict[int, tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor, float,
+                                  dict[str, torch.Tensor] | None]] = {}
         self.totals: dict[int, int] = {}
         self.sampled: dict[int, int] = {}
         self.excluded: dict[int, list[str]] = {}
@@ -95,6 +99,8 @@ class _Replay:
         self.validation: Validation | None = None
         self.aggregator: Any = None
         self.replayable = ""
+        self.optimizer: Any = None  # a stateful server optimizer, replayed (`_replay_optimizer`)
+        self.optimizer_state: dict[str, torch.Tensor] = {}
         self.partial = ""
         self.round = 0  # the current round entry's number
         self.aggregated = False  # the current round has its aggregate
@@ -177,6 +183,7 @@ class _Replay:
                                      num_classes=e["num_classes"] or None)
         self.model = tensor_sha256(layout.flatten(module))  # round 1 starts from the seeded model
         self._replay_rule()
+        self._replay_optimizer(layout.flatten(module).detach())
 
     def _replay_rule(self) -> None:
         assert self.cfg is not None
@@ -187,13 +194,30 @@ class _Replay:
         f = options.pop("num_byzantine", round(cfg.attack.fraction * cfg.server.clients_per_round))
         rule = build_aggregator(cfg.aggregator.name, options, f)
         parts = [*getattr(rule, "steps", []), getattr(rule, "final", rule)]
-        if cfg.server.optimizer != "fedavg":
-            self.replayable = f"server optimizer {cfg.server.optimizer!r} keeps state"
-        elif any(hasattr(p, "state_dict") or hasattr(p, "set_reference") for p in parts):
+        if any(hasattr(p, "state_dict") or hasattr(p, "set_reference") for p in parts):
             self.replayable = f"aggregator {cfg.aggregator.name!r} keeps state or a server reference"
         self.aggregator = rule
         if self.replayable:
             self.notes.append(f"aggregates checked by hash only: {self.replayable}")
+
+    def _replay_optimizer(self, initial: torch.Tensor) -> None:
+        """The run's server optimizer and its initial state: a stateful one (momentum, adaptive
+        moments) is stepped here with every recomputed aggregate, so each round's new model and
+        the state its scores start from are checked, not taken from the stored round."""
+        assert self.cfg is not None
+        from koinon.ledger.ledger import stateful_optimizer
+        from koinon.server import SERVER_OPTIMIZERS
+
+        s = self.cfg.server
+        context: dict[str, Any] = {"momentum": s.momentum, "beta1": s.beta1, "beta2": s.beta2, "tau": s.tau}
+        if s.lr:
+            context["lr"] = s.lr
+        optimizer = SERVER_OPTIMIZERS.build(s.optimizer, {}, "server.optimizer", **context)
+        if stateful_optimizer(optimizer):
+            self.optimizer = optimizer
+            self.optimizer_state = optimizer.init(initial)
+            if not self.replayable:
+                self.notes.append(f"server optimizer {s.optimizer!r}: its state replayed from the aggregates")
 
     def _close_round(self) -> None:
         """What the current round still owes before the next round or the payout."""
@@ -298,6 +322,19 @@ class _Replay:
         excluded = {int(c): why for c, why in e["excluded"].items()}
         if set(excluded) | set(clients) != set(self.cohort) or set(e["scored"]) - set(clients):
             raise EntryFailure("included, excluded and scored clients do not add up to the cohort")
+        stored_state = {k.split("/", 1)[1]: v for k, v in t.items() if k.startswith("optimizer/")}
+        state_before = None
+        if self.optimizer is not None and e["applied"]:
+            if self.replayable:  # the aggregate is not replayed, nor then the state: the stored one is used
+                state_before = stored_state
+            else:
+                if sorted(stored_state) != sorted(self.optimizer_state) or any(
+                        not torch.equal(stored_state[k], v) for k, v in self.optimizer_state.items()):
+                    raise EntryFailure("the stored server optimizer state is not the one the earlier "
+                                       "aggregates give")
+                state_before = {k: v.clone() for k, v in self.optimizer_state.items()}
+        elif stored_state:
+            raise EntryFailure("the stored round holds server optimizer state the run does not have")
         if self.aggregator is not None and not self.replayable and clients:
             self._recompute(e, t, clients, excluded)
         if clients:
@@ -312,7 +349,8 @@ class _Replay:
             if why != "no update arrived":
                 self.excluded.setdefault(c, []).append(why)
         scored = [clients.index(c) for c in e["scored"]]
-        self.rows[e["round"]] = (e["scored"], t["previous"], t["updates"][scored], t["weights"][scored], float(e["lr"]))
+        self.rows[e["round"]] = (e["scored"], t["previous"], t["updates"][scored], t["weights"][scored],
+                                 float(e["lr"]), state_before)
         self.model = e["model_sha256"]
 
     def _recompute(self, e: dict[str, Any], t: dict[str, torch.Tensor], clients: list[int],
@@ -320,9 +358,15 @@ class _Replay:
         lr = float(e["lr"])
         try:
             delta = self.aggregator.aggregate(t["updates"], t["weights"])
-            new = t["previous"] + lr * delta
         except ValueError:
             new = t["previous"]
+        else:
+            if self.optimizer is None:
+                new = t["previous"] + lr * delta
+            elif e["applied"]:  # steps the replayed state (a refused step leaves it, as the server does)
+                new = self.optimizer.step(t["previous"], delta, self.optimizer_state)
+            else:
+                new = t["previous"]
         if e["applied"] and not torch.equal(new, t["params"]):
             raise EntryFailure("the new model is not the aggregate of the stored updates")
         if not e["applied"] and not torch.equal(t["previous"], t["params"]):
@@ -340,7 +384,7 @@ class _Replay:
             raise EntryFailure(f"a scores entry round {self.round} does not call for (a duplicate, before the "
                                "aggregate, or after one that was not applied or scored no one)")
         self.scores_due = False
-        clients, previous, updates, weights, lr = self.rows[e["round"]]
+        clients, previous, updates, weights, lr, state = self.rows[e["round"]]
         logged = {int(c): int(s) for c, s in e["scores"].items()}
         if sorted(logged) != sorted(clients):
             raise EntryFailure("scores a different set of clients than the aggregate scored")
@@ -353,8 +397,8 @@ class _Replay:
         method = CONTRIBUTIONS.build(e["method"], json.loads(self.open["options_json"]), "ledger")
         budget = Budget(max_permutations=e["permutations"]) if e["permutations"] else Budget()
         with one_thread():
-            est = method.score(RoundUpdates(e["round"] - 1, clients, previous, updates, weights, lr),
-                               self.validation, e["seed"], budget)
+            est = method.score(RoundUpdates(e["round"] - 1, clients, previous, updates, weights, lr,
+                                            self.optimizer, state), self.validation, e["seed"], budget)
         again = {c: fixed(v) for c, v in zip(clients, est.values)}
         if again != logged:
             worst = max(clients, key=lambda c: abs(again[c] - logged[c]))

@@ -153,6 +153,8 @@ class ClosedRound:
     digests: dict[int, str]  # client -> SHA-256 of its payloads (with `record_digests`)
     aggregator: Aggregator
     lr: float  # the server optimizer's step size
+    optimizer: Any = None  # the server optimizer that stepped
+    optimizer_state: dict[str, torch.Tensor] | None = None  # its state before the step (when applied)
 
 
 def digest(payloads: list[bytes]) -> str:
@@ -250,6 +252,7 @@ class FederatedServer:
                                    downlink_delta)
         self.round_index = 0  # rounds completed
         self.optimizer_state = optimizer.init(params)
+        self._stepped_from: dict[str, torch.Tensor] = {}
         self.server_state = algorithm.init_server_state(numel)
         self.uplink_total = 0
         self.downlink_total = 0
@@ -510,7 +513,8 @@ class FederatedServer:
             out.extra.update(self.observer(ClosedRound(
                 r, previous, self.params, kept_clients, stacks[MODEL][keep], samples[keep].to(torch.float32),
                 {c: rnd.reasons.get(c, "no update arrived") for c in rnd.cohort if c not in kept_clients},
-                applied, dict(rnd.digests), self.aggregator, float(getattr(self.optimizer, "lr", 1.0)))) or {})
+                applied, dict(rnd.digests), self.aggregator, float(getattr(self.optimizer, "lr", 1.0)),
+                self.optimizer, self._stepped_from if applied else None)) or {})
         if self.privacy is not None:
             out.extra.update(self.privacy.close(rnd.cohort))
         return out
@@ -564,6 +568,7 @@ class FederatedServer:
         of squares catches both (NaN/Inf, and any value past ~1.8e19, far beyond a trained model).
         """
         saved = {k: v.clone() for k, v in self.optimizer_state.items()}
+        self._stepped_from = saved  # the state this step started from (an observer's, e.g. the ledger's)
         params = self.optimizer.step(self.params, delta, self.optimizer_state)
         if bool(torch.isfinite(params.square().sum())):
             self.params = params
