@@ -92,6 +92,10 @@ def test_damaged_state_is_refused_in_one_line_and_a_port_is_one_servers(tmp_path
     assert server.wait(90) == CRASH_EXIT, server.text()[-3000:]
     assert sorted(p.name for p in (state / "pending").glob("r000001-*")), "the kill left no pending file"
     port = address.rsplit(":", 1)[1]
+    # The clients wait outside until the fault 7 check below is done: with them connected, the
+    # restarted server could finish its last round and stop before that check's Join arrives.
+    for c in clients:
+        c.kill()
 
     def copy(name: str) -> Path:
         out = tmp_path / name
@@ -148,6 +152,7 @@ def test_damaged_state_is_refused_in_one_line_and_a_port_is_one_servers(tmp_path
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "belongs to another client certificate" in err.value.details()
     channel.close()
+    clients = [h.start_client(tmp_path, address, certs, f"client-{i}", f"partition:{i}") for i in range(2)]
     assert server.wait(90) == 0, server.text()[-3000:]
     for c in clients:
         assert c.wait(30) == 0, c.text()[-3000:]
