@@ -8,7 +8,10 @@ an MLP 64-64-10 with LayerNorm (FedBN's normalization layer; every method gets t
 - `dirichlet`: label skew, Dirichlet(0.1);
 - `shards`: pathological label skew, 2 classes per client;
 - `rotation`: feature shift, 4 groups of clients see the digits rotated by 0/90/180/270 degrees
-  (labels i.i.d.).
+  (labels i.i.d.);
+- `unlabeled`: Dirichlet(0.5), a quarter of the clients without labels, a quarter of the labels
+  kept elsewhere, classes 8 and 9 never labeled (`fedossl`; seen / novel accuracy below);
+- `active`: Dirichlet(0.5), 5% of labels (`kafal` buys more; accuracy against labels below).
 
 For each method and setting, over 3 seeds (mean; +- the standard deviation of the mean over
 clients between seeds): personalized accuracy over clients (mean / 10th percentile / worst),
@@ -36,6 +39,9 @@ SETTINGS = {
     "dirichlet": {"partition": "dirichlet", "alpha": 0.1},
     "shards": {"partition": "shards", "classes_per_client": 2},
     "rotation": {"partition": "iid", "feature_shift": "rotation", "shift_groups": 4},
+    "unlabeled": {"partition": "dirichlet", "alpha": 0.5, "unlabeled_clients": 0.25, "label_fraction": 0.25,
+                  "unseen_classes": [8, 9]},
+    "active": {"partition": "dirichlet", "alpha": 0.5, "label_fraction": 0.05},
 }
 METHODS = {
     "fedavg": {},
@@ -48,6 +54,8 @@ METHODS = {
     "ifca": {"clusters": 4, "adapt_steps": 20},
     "clustered_meta": {"clusters": 4, "alpha": 0.05, "adapt_steps": 20},
     "fedcac": {"tau": 0.5, "beta": 170.0, "adapt_steps": 20},
+    "fedossl": {"lam": 1.0, "threshold": 0.5},
+    "kafal": {"label_budget": 16, "query_per_round": 4},
 }
 
 
@@ -128,6 +136,44 @@ def main() -> None:
     print()
     for line in verdicts:
         print(line)
+    labels_tables(seeds, rounds, args.dataset)
+
+
+def labels_tables(seeds: int, rounds: int, dataset: str) -> None:
+    """Open-world accuracy on the `unlabeled` setting (seen / novel classes, novel by Hungarian
+    match), and active learning on the `active` setting: accuracy against labels used, KAFAL's
+    KSAS vs random and entropy sampling at three budgets."""
+    from koinon.personal.kafal import labels_used
+
+    def one(setting: str, method: str, options: dict, seed: int) -> dict[str, float]:
+        cfg = config(setting, method, seed, rounds, dataset)
+        cfg.client.options = dict(options)
+        fed = build_federation(cfg)
+        r = fed.fit(rounds, eval_every=rounds)[-1]
+        out = {"test": r.test_accuracy or 0.0, "labels": float(labels_used(fed.data, fed.client_states)), **r.extra}
+        fed.close()
+        return out
+
+    def mean(runs: list[dict[str, float]], key: str) -> float:
+        return statistics.fmean(r.get(key, float("nan")) for r in runs)
+
+    print(f"\nunlabeled: 5 of 20 clients without labels, 25% labels elsewhere, classes 8, 9 never labeled "
+          f"({rounds} rounds, {seeds} seed(s))")
+    print(f"{'method':<10} {'seen':>6} {'novel':>6} {'global':>7} {'personal':>9} {'p10':>6}")
+    for method in ("fedavg", "finetune", "fedossl"):
+        runs = [one("unlabeled", method, METHODS[method], s) for s in range(seeds)]
+        print(f"{method:<10} {100 * mean(runs, 'seen_accuracy'):>6.1f} {100 * mean(runs, 'novel_accuracy'):>6.1f} "
+              f"{100 * mean(runs, 'test'):>7.1f} {100 * mean(runs, 'personal_accuracy_mean'):>9.1f} "
+              f"{100 * mean(runs, 'personal_accuracy_p10'):>6.1f}", flush=True)
+    print(f"\nactive: 5% of labels at the start; KAFAL buys query_per_round = budget / 4 a round ({rounds} rounds)")
+    print(f"{'budget':>6} {'sampling':<8} {'labels':>7} {'global':>7} {'personal':>9} {'p10':>6}")
+    for budget in (4, 8, 16):
+        for sampling in ("ksas", "random", "entropy"):
+            opts = {"label_budget": budget, "query_per_round": max(1, budget // 4), "sampling": sampling}
+            runs = [one("active", "kafal", opts, s) for s in range(seeds)]
+            print(f"{budget:>6} {sampling:<8} {mean(runs, 'labels'):>7.0f} {100 * mean(runs, 'test'):>7.1f} "
+                  f"{100 * mean(runs, 'personal_accuracy_mean'):>9.1f} {100 * mean(runs, 'personal_accuracy_p10'):>6.1f}",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -174,3 +174,13 @@ def test_fedossl_trains_unlabeled_clients():
     result = fed.runtime.train(dark[:2], fed.params, {}, [{}, {}], 1, 0)
     assert result.deltas is not None and bool((result.deltas.abs().sum(1) > 0).all())
     assert result.num_samples.tolist() == [len(fed.data.unlabeled[c]) for c in dark[:2]]
+
+
+def test_koinon_server_refuses_hidden_labels_in_one_line():
+    from koinon.deploy.server import check_deployable
+
+    cfg = kn.Config()
+    cfg.data.num_clients, cfg.data.label_fraction = 8, 0.5
+    cfg.server.clients_per_round = 4
+    with pytest.raises(ConfigError, match="simulation"):
+        check_deployable(build_federation(cfg), cfg)

@@ -115,6 +115,8 @@ class Federation:
     against each other, all before round 1 (one-line `ConfigError` / `ValueError`).
     `privacy`: a `koinon.privacy.Privacy` (DP, secure aggregation; `koinon.privacy.build_privacy`
     builds one from a config's `[privacy]`), None for none.
+    `labels`: a `koinon.personal.labels.LabelSetting` (unlabeled clients, unseen classes), None
+    for every label known.
 
     >>> fed = Federation(model, data, local=LocalTraining(lr=0.05), clients_per_round=10,
     ...                  codec={"name": "topk", "ratio": 0.1})
