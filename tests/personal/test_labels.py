@@ -184,3 +184,11 @@ def test_koinon_server_refuses_hidden_labels_in_one_line():
     cfg.server.clients_per_round = 4
     with pytest.raises(ConfigError, match="simulation"):
         check_deployable(build_federation(cfg), cfg)
+
+
+def test_clustering_takes_a_zero_update_as_unlike_every_other():
+    """A client with nothing to train on (no labels) uploads zero: no cosine direction."""
+    from koinon.personal.clusters import hierarchical_clusters
+
+    updates = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 0.1], [0.0, 1.0]])
+    assert hierarchical_clusters(updates, 0.5, 3).tolist() == [0, 1, 0, 2]
