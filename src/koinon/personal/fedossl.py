@@ -16,9 +16,10 @@ by their certainty:
 2. uncertainty-aware suppression: sample i's pseudo-label argmax t_i counts with weight
    w_i = lam * (1 - H(t_i) / log C) when max t_i >= `threshold`, else 0 (uncertain samples,
    most often those of classes only one client holds, are suppressed instead of dominating);
-3. local training on the labeled samples (weight 1) and the pseudo-labeled ones (weight w_i)
-   together, by the configured local optimizer, on the client's whole data; the upload is the
-   model delta, weighted by all the client's samples (a client without labels counts).
+3. local training on the labeled samples (weight 1) and the pseudo-labeled ones (weight w_i > 0)
+   together, by the configured local optimizer; samples below the threshold sit this round out
+   (as FixMatch masks them). The upload is the model delta, weighted by the samples it trained
+   on, so a client without labels counts by its pseudo-labeled samples.
 
 Where the paper leaves details open or ties them to its backbone, our choices: the pseudo-labels
 come from the received global model, once per round (not from the local model per step; the
@@ -52,14 +53,17 @@ if TYPE_CHECKING:
 _SCALE = 1000  # pseudo-label weights travel inside the label, quantized to 1/1000
 
 
-def calibrated_targets(probs: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+def calibrated_targets(probs: torch.Tensor, threshold: float, calibrate: bool = True
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(pseudo-labels `[n]`, weights in [0, 1] `[n]`) of unlabeled samples whose global-model
-    probabilities are `probs` (`[n, C]`): steps 1 and 2 of the module docstring (lam = 1)."""
+    probabilities are `probs` (`[n, C]`): steps 1 and 2 of the module docstring (lam = 1;
+    `calibrate = False` skips step 1)."""
     if len(probs) == 0:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0)
-    marginal = probs.mean(dim=0).clamp_min(1e-12)
-    t = probs / marginal
-    t = t / t.sum(dim=1, keepdim=True)
+    t = probs
+    if calibrate:
+        t = probs / probs.mean(dim=0).clamp_min(1e-12)
+        t = t / t.sum(dim=1, keepdim=True)
     top, label = t.max(dim=1)
     entropy = -(t * t.clamp_min(1e-12).log()).sum(dim=1)
     weight = (1.0 - entropy / math.log(probs.shape[1])).clamp(0.0, 1.0)
@@ -94,17 +98,19 @@ class _SemiSupervisedLoss:
 class FedoSSL(LocalSGD):
     """Open-world semi-supervised learning with unlabeled clients and unseen classes (see the
     module docstring). `lam`: weight of the pseudo-labeled loss; `threshold`: the least
-    calibrated confidence a pseudo-label needs."""
+    calibrated confidence a pseudo-label needs; `calibrate = False` takes the global model's
+    probabilities as they are (the ablation of step 1)."""
 
     name = "fedossl"
 
-    def __init__(self, lam: float = 1.0, threshold: float = 0.5) -> None:
+    def __init__(self, lam: float = 1.0, threshold: float = 0.5, calibrate: bool = True) -> None:
         if not lam >= 0:
             raise ValueError(f"client.lam must be >= 0, got {lam}")
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"client.threshold must be in [0, 1], got {threshold}")
         self.lam = float(lam)
         self.threshold = float(threshold)
+        self.calibrate = bool(calibrate)
 
     @torch.no_grad()
     def pseudo_labels(self, trainer: CohortTrainer, global_params: torch.Tensor, indices: torch.Tensor,
@@ -116,7 +122,7 @@ class FedoSSL(LocalSGD):
         trainer.module.eval()
         logits = functional_call(trainer.module, trainer.layout.views(global_params[: trainer.layout.numel]), (x,))
         trainer.module.train()
-        label, weight = calibrated_targets(logits.float().softmax(dim=1).cpu(), self.threshold)
+        label, weight = calibrated_targets(logits.float().softmax(dim=1).cpu(), self.threshold, self.calibrate)
         return encode(label, weight, num_classes)
 
     def train_cohort(self, trainer: CohortTrainer, client_ids: list[int], global_params: torch.Tensor,
@@ -133,8 +139,10 @@ class FedoSSL(LocalSGD):
         indices = list(data.client_indices)
         for c in client_ids:
             extra = data.unlabeled[c]
-            y[extra] = self.pseudo_labels(trainer, global_params, extra, ds.num_classes)
-            indices[c] = torch.cat([data.client_indices[c], extra]).sort().values
+            codes = self.pseudo_labels(trainer, global_params, extra, ds.num_classes)
+            used = codes <= -1 - ds.num_classes  # weight > 0 (quantized): this round's pseudo-labeled samples
+            y[extra[used]] = codes[used]
+            indices[c] = torch.cat([data.client_indices[c], extra[used]]).sort().values
         view = with_steps(trainer, data=FederatedData(dataclasses.replace(ds, y_train=y), indices))
         view._manual = None  # the hand-written backward is plain cross-entropy; this loss is weighted
         view.loss_fn = _SemiSupervisedLoss(ds.num_classes, self.lam)
