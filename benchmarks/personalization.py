@@ -55,7 +55,7 @@ METHODS = {
     "clustered_meta": {"clusters": 4, "alpha": 0.05, "adapt_steps": 20},
     "fedcac": {"tau": 0.5, "beta": 170.0, "adapt_steps": 20},
     "fedossl": {"lam": 1.0, "threshold": 0.5},
-    "kafal": {"label_budget": 16, "query_per_round": 4},
+    "fedlgd": {"ipc": 5, "dm_steps": 10, "match_steps": 10},
 }
 
 

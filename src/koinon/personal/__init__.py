@@ -12,6 +12,7 @@
 
 from koinon.personal import clusters as _clusters  # noqa: F401  (registers ifca, clustered_meta)
 from koinon.personal import fedcac as _fedcac  # noqa: F401  (registers fedcac)
+from koinon.personal import fedlgd as _fedlgd  # noqa: F401  (registers fedlgd)
 from koinon.personal import fedossl as _fedossl  # noqa: F401  (registers fedossl)
 from koinon.personal import kafal as _kafal  # noqa: F401  (registers kafal)
 from koinon.personal import meta as _meta  # noqa: F401  (registers perfedavg)
