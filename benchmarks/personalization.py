@@ -72,7 +72,7 @@ def config(setting: str, method: str, seed: int, rounds: int, dataset: str = "di
         setattr(cfg.data, key, value)
     cfg.model.name, cfg.model.options = "mlp_norm", {"hidden": [64], "norm": "layer"}
     cfg.client.algorithm = method
-    cfg.client.options = dict(METHODS[method])
+    cfg.client.options = dict(METHODS.get(method, {}))
     cfg.client.lr, cfg.client.batch_size, cfg.client.epochs = 0.1, 16, 1
     cfg.server.rounds, cfg.server.clients_per_round = rounds, 20
     cfg.runtime.name = "vectorized"
@@ -136,10 +136,10 @@ def main() -> None:
     print()
     for line in verdicts:
         print(line)
-    labels_tables(seeds, rounds, args.dataset)
+    labels_tables(seeds, rounds, args.dataset, args.settings.split(","))
 
 
-def labels_tables(seeds: int, rounds: int, dataset: str) -> None:
+def labels_tables(seeds: int, rounds: int, dataset: str, settings: list[str]) -> None:
     """Open-world accuracy on the `unlabeled` setting (seen / novel classes, novel by Hungarian
     match), and active learning on the `active` setting: accuracy against labels used, KAFAL's
     KSAS vs random and entropy sampling at three budgets."""
@@ -157,24 +157,28 @@ def labels_tables(seeds: int, rounds: int, dataset: str) -> None:
     def mean(runs: list[dict[str, float]], key: str) -> float:
         return statistics.fmean(r.get(key, float("nan")) for r in runs)
 
-    print(f"\nunlabeled: 5 of 20 clients without labels, 25% labels elsewhere, classes 8, 9 never labeled "
-          f"({rounds} rounds, {seeds} seed(s))")
-    print(f"{'method':<10} {'seen':>6} {'novel':>6} {'global':>7} {'personal':>9} {'p10':>6}")
-    for method in ("fedavg", "finetune", "fedossl"):
-        runs = [one("unlabeled", method, METHODS[method], s) for s in range(seeds)]
-        print(f"{method:<10} {100 * mean(runs, 'seen_accuracy'):>6.1f} {100 * mean(runs, 'novel_accuracy'):>6.1f} "
-              f"{100 * mean(runs, 'test'):>7.1f} {100 * mean(runs, 'personal_accuracy_mean'):>9.1f} "
-              f"{100 * mean(runs, 'personal_accuracy_p10'):>6.1f}", flush=True)
-    print(f"\nactive: 5% of labels at the start; KAFAL buys query_per_round = budget / 4 a round ({rounds} rounds)")
-    print(f"{'budget':>6} {'sampling':<8} {'labels':>7} {'global':>7} {'personal':>9} {'p10':>6}")
-    for budget in (4, 8, 16):
-        for sampling in ("ksas", "random", "entropy"):
+    if "unlabeled" in settings:
+        print(f"\nunlabeled: 5 of 20 clients without labels, 25% labels elsewhere, classes 8, 9 never labeled "
+              f"({rounds} rounds, {seeds} seed(s))")
+        print(f"{'method':<26} {'seen':>6} {'novel':>6} {'global':>7} {'personal':>9} {'p10':>6}")
+        rows = [("fedavg", {}), ("finetune", METHODS["finetune"]), ("fedossl", METHODS["fedossl"]),
+                ("fedossl calibrate=false", {**METHODS["fedossl"], "calibrate": False})]
+        for label, options in rows:
+            runs = [one("unlabeled", label.split()[0], options, s) for s in range(seeds)]
+            print(f"{label:<26} {100 * mean(runs, 'seen_accuracy'):>6.1f} {100 * mean(runs, 'novel_accuracy'):>6.1f} "
+                  f"{100 * mean(runs, 'test'):>7.1f} {100 * mean(runs, 'personal_accuracy_mean'):>9.1f} "
+                  f"{100 * mean(runs, 'personal_accuracy_p10'):>6.1f}", flush=True)
+    if "active" in settings:
+        print(f"\nactive: 5% of labels at the start; KAFAL buys query_per_round = budget / 4 a round "
+              f"({rounds} rounds, {seeds} seed(s))")
+        print(f"{'budget':>6} {'sampling':<8} {'labels':>7} {'global':>7} {'personal':>9} {'p10':>6}")
+        plans = [(0, "none")] + [(b, smp) for b in (4, 8, 16) for smp in ("ksas", "random", "entropy")]
+        for budget, sampling in plans:
             opts = {"label_budget": budget, "query_per_round": max(1, budget // 4), "sampling": sampling}
-            runs = [one("active", "kafal", opts, s) for s in range(seeds)]
+            runs = [one("active", "kafal", opts, s) if budget else one("active", "fedavg", {}, s) for s in range(seeds)]
             print(f"{budget:>6} {sampling:<8} {mean(runs, 'labels'):>7.0f} {100 * mean(runs, 'test'):>7.1f} "
                   f"{100 * mean(runs, 'personal_accuracy_mean'):>9.1f} {100 * mean(runs, 'personal_accuracy_p10'):>6.1f}",
                   flush=True)
-
 
 if __name__ == "__main__":
     main()

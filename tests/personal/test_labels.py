@@ -194,3 +194,14 @@ def test_clustering_takes_a_zero_update_as_unlike_every_other():
 
     updates = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 0.1], [0.0, 1.0]])
     assert hierarchical_clusters(updates, 0.5, 3).tolist() == [0, 1, 0, 2]
+
+
+def test_kcfu_compensation_by_hand():
+    from koinon.personal.kafal import compensation, weak_classes
+
+    assert weak_classes(torch.tensor([0, 0, 1]), 3).tolist() == [0.0, 0.5, 1.0]
+    g = torch.tensor([[0.0, 0.0]])  # p_global = (1/2, 1/2)
+    local = torch.tensor([[math.log(3.0), 0.0]])  # p_local = (3/4, 1/4)
+    # weight 1/2 * 0 + 1/2 * 1; KL = 1/2 ln(2/3) + 1/2 ln 2 = 1/2 ln(4/3).
+    out = compensation(g, local, torch.tensor([0.0, 1.0]))
+    assert float(out[0]) == pytest.approx(0.25 * math.log(4 / 3), abs=1e-6)

@@ -3,7 +3,10 @@ https://arxiv.org/abs/2211.13579): clients start mostly unlabeled (`data.label_f
 `data.unlabeled_clients`; `koinon.personal.labels`) and buy labels within a budget.
 
 Each round a client trains on the samples it has labels for (local SGD from the received model,
-the upload as FedAvg's), then, while its budget lasts, asks the annotator
+the upload as FedAvg's) with the knowledge-compensatory federated update (KCFU): each sample's
+loss gains kd * (sum_c p_global(c|x) weak_c) * KL(p_global(x) || p_local(x)), where
+weak_c = 1 - n_c / max n is how weak the client is in class c by its labels - the global model
+teaches the classes the client has few labels of. Then, while its budget lasts, asks the annotator
 (`PartlyLabeled.reveal`) for the labels of `query_per_round` of its unlabeled samples, picked by
 knowledge-specialized active sampling (KSAS): the samples on which its own freshly trained
 model - specialized in the client's classes - and the global model it received disagree most,
@@ -49,6 +52,50 @@ def ksas_scores(local_logits: torch.Tensor, global_logits: torch.Tensor) -> torc
     return (lp.exp() * (lp - gp)).sum(dim=1)
 
 
+def weak_classes(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """`[C]`: how weak the client is in each class, 1 - n_c / max_c n_c over its labels (1 for a
+    class it has no label of, 0 for its strongest)."""
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    return 1.0 - counts / counts.max().clamp_min(1.0)
+
+
+def compensation(global_logits: torch.Tensor, local_logits: torch.Tensor, weak: torch.Tensor) -> torch.Tensor:
+    """`[..., ]` per-sample KCFU term: KL(p_global || p_local), weighted by how much of the
+    global model's prediction falls on the client's weak classes, sum_c p_global(c) weak_c."""
+    log_g = global_logits.log_softmax(dim=-1)
+    log_l = local_logits.log_softmax(dim=-1)
+    p_g = log_g.exp()
+    return (p_g * weak.unsqueeze(-2)).sum(dim=-1) * (p_g * (log_g - log_l)).sum(dim=-1)
+
+
+class _Compensate(LocalSGD):
+    """Local SGD plus KCFU's term (`compensation`, times `kd`) on every training sample."""
+
+    name = "kafal_kcfu"
+
+    def __init__(self, kd: float, global_params: torch.Tensor) -> None:
+        self.kd = kd
+        self.anchor = global_params
+
+    def begin(self, global_params: torch.Tensor, server_state: State, client_states: list[State]) -> State:
+        return {"weak": torch.stack([st["weak"] for st in client_states])}
+
+    def extra_loss(self, trainer: CohortTrainer, params: dict[str, torch.Tensor], x: torch.Tensor, stacked: bool,
+                   ctx: State) -> torch.Tensor:
+        m = x.shape[0]
+        with torch.no_grad():
+            anchor = self.anchor if self.anchor.dim() == 1 else None
+            if anchor is not None:
+                g = functional_call(trainer.module, trainer.layout.views(anchor), (x.flatten(0, 1),))
+                g = g.view(m, x.shape[1], -1)
+            else:
+                g = torch.stack([functional_call(trainer.module, trainer.layout.views(self.anchor[i]), (x[i],))
+                                 for i in range(m)])
+        local = (trainer.forward_many(params, x) if stacked
+                 else functional_call(trainer.module, params, (x[0],)).unsqueeze(0))
+        return self.kd * compensation(g, local, ctx["weak"][:m])
+
+
 def pick(scores: torch.Tensor, count: int) -> torch.Tensor:
     """Positions of the `count` highest scores (ties: the earlier position), in ascending order."""
     count = min(count, len(scores))
@@ -62,7 +109,11 @@ class KAFAL(LocalSGD):
 
     name = "kafal"
 
-    def __init__(self, label_budget: int = 40, query_per_round: int = 8, sampling: str = "ksas") -> None:
+    def __init__(self, label_budget: int = 40, query_per_round: int = 8, sampling: str = "ksas",
+                 kd: float = 1.0) -> None:
+        if not kd >= 0:
+            raise ValueError(f"client.kd must be >= 0, got {kd}")
+        self.kd = float(kd)
         for key, value in (("label_budget", label_budget), ("query_per_round", query_per_round)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"client.{key} must be an integer >= 0, got {value!r}")
@@ -117,8 +168,14 @@ class KAFAL(LocalSGD):
                 indices[c] = torch.cat([data.client_indices[c], queried]).sort().values
         view = with_steps(trainer, data=FederatedData(dataclasses.replace(ds, y_train=y), indices))
         own_idx, own_steps = view.schedule(client_ids, seed, round_index)
+        algorithm: LocalSGD = LocalSGD()
+        if self.kd:
+            weak = [{"weak": weak_classes(y[indices[c]].cpu(), ds.num_classes).to(global_params.device)}
+                    for c in client_ids]
+            algorithm = _Compensate(self.kd, global_params)
+            client_states = weak
         result = view.run_steps(client_ids, global_params, server_state, client_states, own_idx, own_steps,
-                                algorithm=LocalSGD())
+                                algorithm=algorithm)
         assert result.deltas is not None
         states = []
         for i, c in enumerate(client_ids):
