@@ -15,9 +15,9 @@ from koinon.personal import fedcac as _fedcac  # noqa: F401  (registers fedcac)
 from koinon.personal import fedlgd as _fedlgd  # noqa: F401  (registers fedlgd)
 from koinon.personal import fedossl as _fedossl  # noqa: F401  (registers fedossl)
 from koinon.personal import kafal as _kafal  # noqa: F401  (registers kafal)
-from koinon.personal import pfedpg as _pfedpg  # noqa: F401  (registers pfedpg)
 from koinon.personal import meta as _meta  # noqa: F401  (registers perfedavg)
 from koinon.personal import methods as _methods  # noqa: F401  (registers finetune, fedbn, fedper, fedrep, ditto)
+from koinon.personal import pfedpg as _pfedpg  # noqa: F401  (registers pfedpg)
 from koinon.personal.base import personal_downlinks
 from koinon.personal.clusters import IFCA, ClusteredMeta, hierarchical_clusters
 from koinon.personal.evaluate import (
