@@ -3,8 +3,14 @@
 - methods, registered as client algorithms (`client.algorithm = ...`): `finetune` (FedAvg +
   local fine-tuning), `fedbn`, `fedper`, `fedrep`, `ditto`, `perfedavg` (first-order), `ifca`,
   `clustered_meta` (hierarchical clustering of client updates + meta-learning in clusters),
-  `fedcac` (per-parameter sensitivity decides what a client shares, and with whom);
-  each has a `personalize` hook giving every client its own model (`base.py`);
+  `fedcac` (per-parameter sensitivity decides what a client shares, and with whom), `pfedpg`
+  (a server-side generator of client-specific prompts); each has a `personalize` hook giving
+  every client its own model (`base.py`);
+- methods for labels a federation lacks and for virtual data: `fedossl` (open-world
+  semi-supervised), `kafal` (active learning under a label budget), `fedlgd` (training on
+  distilled virtual data);
+- `LabelSetting`: unlabeled clients, partly labeled clients, classes never labeled
+  (`labels.py`; `data.unlabeled_clients`, `data.label_fraction`, `data.unseen_classes`);
 - `PersonalEvaluation`: personalized accuracy per client on its held-out split, and on clients
   kept out of training (`evaluate.py`; `data.client_test_fraction`, `data.holdout_clients`);
 - `feature_shift`: per-client or per-group input transforms (`shift.py`; `data.feature_shift`).
@@ -28,12 +34,17 @@ from koinon.personal.evaluate import (
     summarize,
 )
 from koinon.personal.fedcac import FedCAC
+from koinon.personal.fedlgd import FedLGD
+from koinon.personal.fedossl import FedoSSL
+from koinon.personal.kafal import KAFAL
+from koinon.personal.labels import LabelSetting, PartlyLabeled
 from koinon.personal.meta import PerFedAvg
 from koinon.personal.methods import Ditto, FedBN, FedPer, FedRep, FineTune
+from koinon.personal.pfedpg import PFedPG
 from koinon.personal.shift import SHIFTS, feature_shift
 
 __all__ = [
-    "IFCA", "SHIFTS", "ClusteredMeta", "Ditto", "FedBN", "FedCAC", "FedPer", "FedRep", "FineTune", "PerFedAvg",
+    "IFCA", "KAFAL", "SHIFTS", "FedLGD", "FedoSSL", "LabelSetting", "PFedPG", "PartlyLabeled", "ClusteredMeta", "Ditto", "FedBN", "FedCAC", "FedPer", "FedRep", "FineTune", "PerFedAvg",
     "PersonalEvaluation", "feature_shift", "personal_downlinks", "hierarchical_clusters", "per_client_accuracy", "personal_models",
     "split_new_clients", "summarize",
 ]
