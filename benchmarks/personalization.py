@@ -12,6 +12,13 @@ an MLP 64-64-10 with LayerNorm (FedBN's normalization layer; every method gets t
 - `unlabeled`: Dirichlet(0.5), a quarter of the clients without labels, a quarter of the labels
   kept elsewhere, classes 8 and 9 never labeled (`fedossl`; seen / novel accuracy below);
 - `active`: Dirichlet(0.5), 5% of labels (`kafal` buys more; accuracy against labels below).
+- `hetero`: model heterogeneity on Dirichlet(0.1) label skew: a third of the clients each can
+  afford the full model, half of it, a quarter of it (`client.budgets = [1.0, 0.5, 0.25]`);
+  `pfedgate` and `fedconv` give each client a sub-model within its budget, every other method
+  trains the model all clients can run (hidden width 16);
+- `domains`: every client its own rotation (15 degrees apart), so the 4 new clients are domains
+  no client trained on (domain generalization: FedKA's setting). Not in the default run
+  (`--settings domains`).
 
 For each method and setting, over 3 seeds (mean; +- the standard deviation of the mean over
 clients between seeds): personalized accuracy over clients (mean / 10th percentile / worst),
@@ -21,7 +28,7 @@ beats FedAvg + local fine-tuning (`finetune`) on both the mean and the 10th perc
 least 3 points; the last lines say where it does and where not.
 
     .venv/bin/python benchmarks/personalization.py [--quick] [--rounds R] [--seeds S] [--only m1,m2]
-        [--settings dirichlet,shards,rotation] [--dataset digits|mnist1d]
+        [--settings dirichlet,shards,rotation,unlabeled,active,hetero,domains] [--prompts] [--dataset digits|mnist1d]
 """
 
 from __future__ import annotations
@@ -42,7 +49,12 @@ SETTINGS = {
     "unlabeled": {"partition": "dirichlet", "alpha": 0.5, "unlabeled_clients": 0.25, "label_fraction": 0.25,
                   "unseen_classes": [8, 9]},
     "active": {"partition": "dirichlet", "alpha": 0.5, "label_fraction": 0.05},
+    "hetero": {"partition": "dirichlet", "alpha": 0.1},
+    "domains": {"partition": "iid", "feature_shift": "rotation", "shift_groups": 0},
 }
+# Model heterogeneity: client budgets (cycled over client ids) for the methods that take them;
+# every other method trains the width all clients can run (the narrowest).
+BUDGETS = {"hetero": [1.0, 0.5, 0.25]}
 METHODS = {
     "fedavg": {},
     "finetune": {"adapt_steps": 20},
@@ -57,6 +69,12 @@ METHODS = {
     "fedossl": {"lam": 1.0, "threshold": 0.5},
     "fedlgd": {"ipc": 5, "dm_steps": 10, "match_steps": 10},
     "pfedpg": {"gen_lr": 0.1, "adapt_steps": 20},
+    "pfedgate": {"budgets": [1.0], "gate_lr": 5.0, "adapt_steps": 20},
+    "fedconv": {"budgets": [1.0], "adapt_steps": 20},
+    "reconnaissance": {},
+    "fedka": {"lam": 0.1, "voters": 5, "agreement": 0.6, "adapt_steps": 20},
+    "fedins": {"pool_size": 8, "top": 2, "key_weight": 0.1},
+    "fraug": {"aug_weight": 1.0, "gen_hidden": 16, "adapt_steps": 20},
 }
 
 
@@ -74,6 +92,12 @@ def config(setting: str, method: str, seed: int, rounds: int, dataset: str = "di
     cfg.model.name, cfg.model.options = "mlp_norm", {"hidden": [64], "norm": "layer"}
     cfg.client.algorithm = method
     cfg.client.options = dict(METHODS.get(method, {}))
+    if setting in BUDGETS and "budgets" in cfg.client.options:
+        cfg.client.options["budgets"] = BUDGETS[setting]
+    elif setting in BUDGETS:
+        cfg.model.options["hidden"] = [int(64 * min(BUDGETS[setting]))]
+    if method == "fedlgd" and setting in BUDGETS:
+        cfg.client.options["ipc"] = 1  # the global virtual data must fit the narrow model's download
     cfg.client.lr, cfg.client.batch_size, cfg.client.epochs = 0.1, 16, 1
     cfg.server.rounds, cfg.server.clients_per_round = rounds, 20
     cfg.runtime.name = "vectorized"
@@ -97,7 +121,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--only", default="", help="comma-separated methods")
-    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--settings", default=",".join(s for s in SETTINGS if s != "domains"))
     parser.add_argument("--dataset", default="digits", choices=["digits", "mnist1d"],
                         help="mnist1d: 4,000 generated 1-D signals (rotation = circular shift)")
     parser.add_argument("--prompts", action="store_true", help="also pFedPG on a pretrained char transformer")

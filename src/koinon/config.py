@@ -209,6 +209,8 @@ class PrivacyConfig:
     secagg_clip_range: float = 8.0  # each coordinate is clipped to [-range, range] before encoding
     secagg_max_weight: int = 1000  # a client's aggregation weight (its samples) is capped here
     secagg_dropout: float = 0.0  # simulation: fraction of clients that drop out at each protocol step
+    secagg_consistency: bool = False  # clients sign the survivor list before unmasking (malicious-server check)
+    secagg_step_timeout_s: float = 30.0  # koinon server: how long each protocol step waits for the cohort
 
 
 @dataclass

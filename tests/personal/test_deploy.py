@@ -30,7 +30,13 @@ def certs(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("client", [
     {"algorithm": "fedrep", "head_steps": 3, "momentum": 0.0},
     {"algorithm": "ifca", "clusters": 2, "momentum": 0.0},
-], ids=["fedrep", "ifca"])
+    {"algorithm": "pfedgate", "budgets": [1.0, 0.5], "momentum": 0.0},
+    {"algorithm": "fedconv", "budgets": [1.0, 0.5], "momentum": 0.0},
+    {"algorithm": "reconnaissance", "momentum": 0.0},
+    {"algorithm": "fedka", "voters": 2, "momentum": 0.0},
+    {"algorithm": "fedins", "pool_size": 4, "momentum": 0.0},
+    {"algorithm": "fraug", "noise": 4, "gen_hidden": 8, "momentum": 0.0},
+], ids=["fedrep", "ifca", "pfedgate", "fedconv", "reconnaissance", "fedka", "fedins", "fraug"])
 def test_deployment_trains_a_personalized_method_to_the_simulation_model(tmp_path, certs, client):
     config = h.write_config(tmp_path / "fed.toml", server={"rounds": 3, "clients_per_round": 3}, client=client)
     state = h.run_deployment(tmp_path, config, certs, server_s=90)
@@ -39,3 +45,7 @@ def test_deployment_trains_a_personalized_method_to_the_simulation_model(tmp_pat
         for i in range(3):
             files = list((tmp_path / "client-state" / f"client-{i}").rglob("state.safetensors"))
             assert files and any(k.startswith("algorithm/private") for k in load_file(files[0])), i
+    if client["algorithm"] == "pfedgate":  # each client's gating layer stayed in its own --state
+        for i in range(3):
+            files = list((tmp_path / "client-state" / f"client-{i}").rglob("state.safetensors"))
+            assert files and any(k.startswith("algorithm/gate_weight") for k in load_file(files[0])), i

@@ -42,11 +42,17 @@ def test_deployment_gives_the_simulated_private_model(tmp_path, certs, privacy):
     assert records[-1]["dp_epsilon"] > 0
 
 
-def test_secure_aggregation_is_refused_by_koinon_server(tmp_path) -> None:
+@pytest.mark.parametrize("section, values, message", [
+    ("privacy", {"secagg_dropout": 0.1}, "simulates dropouts"),
+    ("deploy", {"max_update_norm": 5.0}, "secure aggregation hides"),
+])
+def test_koinon_server_refuses_what_secure_aggregation_cannot_run(tmp_path, section, values, message) -> None:
     from koinon.deploy.server import check_deployable
     from koinon.experiment.runner import build_federation
 
-    config = h.write_config(tmp_path / "fed.toml", privacy={"secagg": True})
+    sections = {section: dict(values)}
+    sections.setdefault("privacy", {})["secagg"] = True
+    config = h.write_config(tmp_path / "fed.toml", **sections)
     cfg = load_config(config)
-    with pytest.raises(ConfigError, match="simulation .koinon run. only"):
+    with pytest.raises(ConfigError, match=message):
         check_deployable(build_federation(cfg), cfg)

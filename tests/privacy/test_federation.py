@@ -38,7 +38,9 @@ def test_default_is_off() -> None:
       "privacy.clip_count_stddev": 0.1}, "clip_count_stddev"),
     ({"privacy.dp": "central", "privacy.noise_multiplier": 0.3, "privacy.target_epsilon": 1.0},
      "spends epsilon"),
-    ({"privacy.secagg": True, "codec.name": "topk"}, "cannot be masked"),
+    ({"privacy.secagg": True, "codec.name": "ef21", "codec.inner": "int8"}, "cannot be masked"),
+    ({"privacy.secagg": True, "codec.name": "zstd", "codec.inner": {"name": "econtrol", "inner": "topk"}},
+     "cannot be masked"),
     ({"privacy.secagg": True, "aggregator.name": "median"}, "needs individual updates"),
     ({"privacy.secagg": True, "client.algorithm": "scaffold"}, "uploads more than one"),
     ({"privacy.secagg": True, "attack.name": "sign_flip", "attack.fraction": 0.2}, "secure aggregation hides"),
@@ -69,6 +71,39 @@ def test_secure_aggregation_gives_the_plain_model_up_to_fixed_point() -> None:
     # Bytes: the protocol's own messages, a little over the plain upload of float32 updates.
     assert a.uplink_bytes < b.uplink_bytes < 1.5 * a.uplink_bytes
     assert b.downlink_bytes > a.downlink_bytes
+
+
+def test_quantized_codecs_are_summed_in_the_field() -> None:
+    # Each client masks its int8 codec's quantized update; a 16-bit field sends 2 bytes per
+    # coordinate where 32 bits send 4 (the other messages are the same), and sums the same.
+    over = {"privacy.secagg": True, "privacy.secagg_max_weight": 1, "privacy.secagg_clip_range": 1.0}
+    unquantized = build_federation(small(**over))
+    wide = build_federation(small(**{"codec.name": "int8", **over}))
+    narrow = build_federation(small(**{"codec.name": "int8", "privacy.secagg_modulus_bits": 16, **over}))
+    a, b, c = (f.run_round(evaluate=False) for f in (unquantized, wide, narrow))
+    assert b.applied and c.applied and c.extra["secagg_survivors"] == 8 and a.cohort == c.cohort
+    assert b.uplink_bytes - c.uplink_bytes == 8 * 2 * (wide.layout.numel + 2)
+    fine, coarse = (1 / f.server.privacy.secure.fp.scale for f in (wide, narrow))
+    assert coarse > 100 * fine
+    assert 0 < float((wide.params - narrow.params).abs().max()) < coarse + fine
+    # What was summed is the int8 codec's output: it differs from the unquantized sum by more
+    # than the field's rounding.
+    assert float((wide.params - unquantized.params).abs().max()) > 10 * fine
+
+
+def test_fedbuff_sums_each_buffer_securely() -> None:
+    # Each full buffer is one SecAgg+ session of its clients, their updates scaled by staleness:
+    # the server steps with the sum, FedBuff's plain step up to fixed point.
+    over = {"clock.speed": "lognormal", "schedule.name": "fedbuff", "schedule.buffer": 4,
+            "schedule.concurrency": 6}
+    plain = build_federation(small(**over))
+    secure = build_federation(small(**over, **{"privacy.secagg": True}))
+    for _ in range(3):
+        a, b = plain.run_round(evaluate=False), secure.run_round(evaluate=False)
+        assert sorted(a.accepted) == sorted(b.accepted) and b.extra["secagg_survivors"] == 4
+        assert a.uplink_bytes < b.uplink_bytes < 1.5 * a.uplink_bytes
+    step = 1 / secure.federation.server.privacy.secure.fp.scale
+    assert 0 < float((plain.params - secure.params).abs().max()) < 100 * step
 
 
 def test_secure_aggregation_survives_dropouts() -> None:

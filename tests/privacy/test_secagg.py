@@ -143,7 +143,9 @@ def test_dropouts_of_ten_percent_at_each_step_with_many_clients() -> None:
     rng = np.random.default_rng(1)
     order = rng.permutation(120).tolist()
     drop = {step: set(order[12 * i:12 * (i + 1)]) for i, step in enumerate(STEPS)}
-    result = run_protocol(inputs, fp, drop=drop)
+    # 36 of 120 gone after the graph is drawn: the degree is sized for 30% (sized for 10%, a
+    # client was left one share short in about one run of ten).
+    result = run_protocol(inputs, fp, drop=drop, expected_dropout=0.3)
     assert result.error == ""
     survivors = sorted(set(range(120)) - drop["advertise"] - drop["share"] - drop["masked"])
     assert result.survivors == survivors and len(result.dropped) == 12

@@ -18,6 +18,7 @@ POINTS = {
     "server.committed": "after a round's commit transaction, before old checkpoints and pending files go",
     "client.staged": "after the client wrote the states of its upload, before sending it",
     "client.accepted": "after the server answered 'accepted', before the client made those states current",
+    "client.secagg_masked": "after the server answered the client's masked input, before it unmasks (SecAgg+)",
 }
 
 

@@ -105,8 +105,9 @@ def check_deployable(fed: Any, cfg: Config) -> Federation:
         raise ConfigError("data.unlabeled_clients / label_fraction / unseen_classes: hidden labels run in simulation "
                           "(koinon run) only; koinon server does not split them out for its clients yet")
     if cfg.privacy.secagg:
-        raise ConfigError("privacy.secagg = true: secure aggregation runs in simulation (koinon run) only; "
-                          "koinon server does not run the SecAgg+ protocol yet")
+        from koinon.deploy.secure import check_secure_deployable
+
+        check_secure_deployable(cfg)
     return fed
 
 
@@ -164,6 +165,7 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
         self.wall_offset = float(store.get("wall_s", 0.0))
         self.open_calls: dict[str, int] = {}  # by certificate name
         self.ledger: Any = None  # a [ledger] whose receipts the clients sign (`serve` sets it)
+        self.secure: Any = None  # privacy.secagg: the rounds' SecAgg+ sessions (koinon.deploy.secure)
 
     # ------------------------------------------------------------ identity
 
@@ -311,6 +313,8 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
         rnd = self.server.open
         if rnd is None or member.idx not in rnd.cohort or member.idx in rnd.rows:
             return None
+        if self.secure is not None and self.secure.started(member.idx, rnd.index):
+            return None
         if time.monotonic() > self.deadline:
             return None
         member.busy_round = rnd.index
@@ -323,6 +327,32 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
             seed=self.cfg.seed,
         )
         return header, [p for _, p in named]
+
+    # --------------------------------------------------- secure aggregation
+
+    def SecureStep(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        """One SecAgg+ message of a client (`koinon.deploy.secure`), answered after its step."""
+        with self._call(context) as name:
+            member = self._member(name, context)
+            with self.lock:
+                member.last_seen = time.monotonic()
+            return bytes(self.secure.handle(request, member.idx))
+
+    def _secure_round(self) -> None:
+        """The open round's cohort sums its updates by SecAgg+; the server holds the sum only."""
+        rnd = self.server.open
+        assert rnd is not None and self.server.privacy is not None
+        with self.lock:
+            samples = {m.idx: m.num_samples for m in self.members.values() if m.idx in rnd.cohort}
+        secure, losses = self.secure.run_round(rnd.index, list(rnd.cohort), samples,
+                                               self.server.privacy.client_clip(), self.deadline)
+        with self.lock:
+            self.deadline = min(self.deadline, time.monotonic())
+            self.server.accept_secure_sum(secure, {c: samples[c] for c in losses}, losses)
+            for m in self.members.values():
+                if m.busy_round == rnd.index:
+                    m.busy_round = -1
+            self.changed.notify_all()
 
     # -------------------------------------------------------------- Upload
 
@@ -360,6 +390,9 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
 
         def admit(header: Any) -> None:
             claimed.append(int(header.round))
+            if self.secure is not None:  # an update sent in the clear would defeat the protocol
+                raise Rejected("this run aggregates securely (privacy.secagg): updates go through "
+                               "SecAgg+, never as a plain upload")
             if header.layout_hash != self.layout_hash:
                 raise Rejected(f"layout hash {quote(header.layout_hash)} is not the model's {self.layout_hash!r}")
             if header.codec != self.fed.codec.name:
@@ -566,7 +599,10 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
             r = self.fed.round_index
             cohort = pending[1] if pending and pending[0] == r else None
             self._open(r, cohort)
-            self._wait()
+            if self.secure is not None:
+                self._secure_round()
+            else:
+                self._wait()
             self._close(start)
         with self.lock:
             self.finished = True
@@ -685,6 +721,13 @@ def serve(cfg: Config, state: Path, certs: Path, listen: str) -> dict[str, Any]:
             maximum_concurrent_rpcs=workers,
         )
         federation_pb2_grpc.add_FederationServicer_to_server(server, grpc_server)
+        if cfg.privacy.secagg:
+            from koinon.deploy.secure import SecureRounds
+
+            assert fed.server.privacy is not None and fed.server.privacy.secure is not None
+            server.secure = SecureRounds(fed.server.privacy.secure, fed.layout.numel,
+                                         cfg.privacy.secagg_step_timeout_s, log)
+            grpc_server.add_generic_rpc_handlers((server.secure.handler(server.SecureStep),))
         tls = grpc.ssl_server_credentials([(creds.key, creds.cert)], root_certificates=creds.ca,
                                           require_client_auth=True)
         try:

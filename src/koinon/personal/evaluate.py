@@ -142,26 +142,38 @@ class PersonalEvaluation:
                 round_index: int) -> dict[str, float]:
         t = self.trainer
         alg = t.algorithm
-        ds = t.data.dataset
         out: dict[str, float] = {}
         ids = [c for c in range(t.data.num_clients) if len(self.held[c])]
         if ids:
-            models = personal_models(alg, t, ids, params, server_state,
-                                     [client_states.get(c, {}) for c in ids], self.seed, round_index)
-            acc, counts = per_client_accuracy(t.module, t.layout, models, ds.x_train, ds.y_train,
-                                              [self.held[c] for c in ids])
+            acc, counts = self._scores(alg, t, ids, params, server_state, [client_states.get(c, {}) for c in ids],
+                                       self.seed, round_index, [self.held[c] for c in ids])
             out.update(summarize(acc, counts, "personal_accuracy"))
         if self.new_train is not None:
             new_ids = [c for c in range(t.data.num_clients, self.new_train.data.num_clients) if len(self.new_held[c])]
             if new_ids:
-                models = personal_models(alg, self.new_train, new_ids, params, server_state,
-                                         [{} for _ in new_ids], self.seed + 1, round_index)
-                acc, counts = per_client_accuracy(t.module, t.layout, models, ds.x_train, ds.y_train,
-                                                  [self.new_held[c] for c in new_ids])
+                acc, counts = self._scores(alg, self.new_train, new_ids, params, server_state, [{} for _ in new_ids],
+                                           self.seed + 1, round_index, [self.new_held[c] for c in new_ids])
                 summary = summarize(acc, counts, "new_client_accuracy")
                 summary.pop("new_client_accuracy_weighted", None)
                 out.update(summary)
         return out
+
+    @staticmethod
+    def _scores(alg: ClientAlgorithm, trainer: CohortTrainer, ids: list[int], params: torch.Tensor,
+                server_state: State, states: list[State], seed: int, round_index: int,
+                held: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-client accuracies: of the `personalize` models, or of the algorithm's optional
+        `personal_predictors` (one inputs -> logits function per client: a personalized model that
+        is not one vector of the global layout, e.g. a gated or a narrower sub-model)."""
+        ds = trainer.data.dataset
+        predictors = getattr(alg, "personal_predictors", None)
+        if predictors is not None:
+            from koinon.personal.hetero import predictor_accuracy
+
+            fns = predictors(trainer, ids, params, server_state, states, mix_seed(seed, PERSONAL_STREAM), round_index)
+            return predictor_accuracy(fns, ds.x_train, ds.y_train, held)
+        models = personal_models(alg, trainer, ids, params, server_state, states, seed, round_index)
+        return per_client_accuracy(trainer.module, trainer.layout, models, ds.x_train, ds.y_train, held)
 
 
 __all__ = ["PersonalEvaluation", "per_client_accuracy", "personal_models",

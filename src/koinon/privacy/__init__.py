@@ -140,6 +140,7 @@ def _check_keys(p: PrivacyConfig) -> None:
         ("secagg_clip_range", p.secagg_clip_range > 0, "> 0"),
         ("secagg_max_weight", p.secagg_max_weight >= 1, ">= 1"),
         ("secagg_dropout", 0 <= p.secagg_dropout < 1, "in [0, 1)"),
+        ("secagg_step_timeout_s", p.secagg_step_timeout_s > 0, "> 0"),
     ]
     for key, ok, allowed in checks:
         if not ok:
@@ -157,10 +158,26 @@ def _check_keys(p: PrivacyConfig) -> None:
         raise ConfigError("privacy.target_quantile (adaptive clipping) needs privacy.dp = 'central'")
 
 
+def _unmaskable_codec(name: str, options: dict) -> bool:
+    """Whether the codec (or one it wraps) sends what the cohort cannot sum in the field:
+    increments of a per-client estimate (EF21, EControl) or zeroth-order scalars (SPSA)."""
+    from koinon.compress.base import CODECS
+
+    if name == "spsa" or (name in CODECS and getattr(CODECS.get(name), "decodes_increment", False)):
+        return True
+    inner = options.get("inner")
+    if isinstance(inner, str):
+        return _unmaskable_codec(inner, {})
+    if isinstance(inner, dict):
+        return _unmaskable_codec(str(inner.get("name", "")), inner)
+    return False
+
+
 def _check_secagg(cfg: Config, algorithm: Any) -> None:
-    if cfg.codec.name != "identity":
-        raise ConfigError(f"codec.name = {cfg.codec.name!r} cannot be masked: secure aggregation encodes "
-                          "float32 updates in its own fixed point (a stochastic quantizer); use codec.name = 'identity'")
+    if _unmaskable_codec(cfg.codec.name, cfg.codec.options):
+        raise ConfigError(f"codec.name = {cfg.codec.name!r} cannot be masked: its payloads are increments the "
+                          "server sums per client (EF21, EControl) or scalars, not an update the cohort can sum; "
+                          "use identity, a quantizer (int8, int4, qsgd, fp16, bf16, signsgd), a sparsifier or ef")
     if cfg.aggregator.name != "mean":
         raise ConfigError(f"aggregator.name = {cfg.aggregator.name!r} needs individual updates, which secure "
                           "aggregation hides (the server sees only the sum); use aggregator.name = 'mean'")
@@ -270,7 +287,8 @@ def build_privacy(cfg: Config, num_clients: int, algorithm: Any = None, sizes: t
                             1 if p.dp == "central" else p.secagg_max_weight, k)
         except ValueError as exc:
             raise ConfigError(f"privacy.secagg_modulus_bits = {p.secagg_modulus_bits}: {exc}") from None
-        out.secure = SecureAggregation(fp, p.secagg_degree, p.secagg_threshold, p.secagg_dropout, cfg.seed)
+        out.secure = SecureAggregation(fp, p.secagg_degree, p.secagg_threshold, p.secagg_dropout, cfg.seed,
+                                       consistency=p.secagg_consistency)
         if p.dp == "central" and model is not None:
             length = sum(t.numel() for t in model.state_dict().values())  # at least the update's length
             try:

@@ -55,6 +55,7 @@ class SecureAggregation:
     dropout: float = 0.0  # simulation: this fraction of the cohort drops after sharing keys
     seed: int = 0
     identities: Identities = field(default_factory=Identities)
+    consistency: bool = False  # the malicious-server consistency check (`secagg.protocol`)
 
     def encoded_clip(self, clip: float, length: int) -> float:
         """The L2 bound to clip a `length`-coordinate update to, so that after stochastic
@@ -65,30 +66,37 @@ class SecureAggregation:
                              f"(sqrt(P) / scale = {math.sqrt(length) / self.fp.scale:.3g}): raise the modulus bits")
         return out
 
+    def encode_input(self, client: int, x: torch.Tensor, samples: int, round_index: int,
+                     clip: float = 0.0) -> np.ndarray:
+        """One client's protocol input: its update `x` [P] in fixed point (clipped to `clip`
+        and weight 1 with its clipping bit under central DP; else weighted by its samples).
+        The rounding is seeded by (seed, round, client): a deployed client encodes the bytes the
+        simulated one does."""
+        count = 0
+        if clip > 0:
+            bound = self.encoded_clip(clip, x.numel())
+            norm = float(x.double().norm())
+            count = int(norm <= clip)
+            x = x.double() * (bound / max(norm, bound))  # float64: no float32 rounding past it
+            weight = 1
+        else:
+            weight = min(int(samples), self.fp.max_weight)
+        return self.fp.encode(x, weight, count, generator(self.seed, round_index, client, 0x5EC))
+
     def run(self, clients: list[int], updates: torch.Tensor, samples: list[int], round_index: int,
             clip: float = 0.0) -> SecureSum:
         """One session over the cohort's updates `[K, P]` (rows follow `clients`). `clip > 0`:
         central DP, each client clips to it and reports whether it was clipped."""
-        inputs = {}
-        bound = self.encoded_clip(clip, updates.shape[1]) if clip > 0 else 0.0
-        for i, c in enumerate(clients):
-            x = updates[i]
-            count = 0
-            if clip > 0:
-                norm = float(x.double().norm())
-                count = int(norm <= clip)
-                x = x.double() * (bound / max(norm, bound))  # float64: no float32 rounding past it
-                weight = 1
-            else:
-                weight = min(int(samples[i]), self.fp.max_weight)
-            inputs[c] = self.fp.encode(x, weight, count, generator(self.seed, round_index, c, 0x5EC))
+        inputs = {c: self.encode_input(c, updates[i], int(samples[i]), round_index, clip)
+                  for i, c in enumerate(clients)}
         drop: dict[str, set[int]] = {}
         if self.dropout > 0:
             rng = np.random.default_rng([self.seed, round_index, 0xD809])
             k = int(round(self.dropout * len(clients)))
             drop["masked"] = {int(c) for c in rng.choice(clients, k, replace=False)}
         session = run_protocol(inputs, self.fp, degree=self.degree, threshold_fraction=self.threshold_fraction,
-                               drop=drop, identities=self.identities, expected_dropout=max(0.1, self.dropout))
+                               drop=drop, identities=self.identities, expected_dropout=max(0.1, self.dropout),
+                               consistency=self.consistency)
         metrics = {"secagg_survivors": float(len(session.survivors)),
                    "secagg_dropped": float(len(session.dropped)),
                    "secagg_server_s": session.server_s}

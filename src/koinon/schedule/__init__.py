@@ -45,8 +45,10 @@ def scheduled(cfg: Config, topology: Any) -> Any:
     if not isinstance(topology, Federation):
         raise ConfigError(f"[clock] and [schedule] need topology.name = 'federated', got {cfg.topology.name!r}")
     schedule = SCHEDULES.build(s.name, s.options, "schedule")
-    if cfg.privacy.secagg:  # the schedules feed updates to the server one by one, in the clear
-        raise ConfigError("privacy.secagg = true: secure aggregation runs only without [clock]/[schedule]")
+    if cfg.privacy.secagg:  # the other schedules feed updates to the server one by one, in the clear
+        from koinon.schedule.secure import check_secure_schedule
+
+        check_secure_schedule(s.name, schedule)
     if not getattr(schedule, "synchronous", False):  # clients start from different model versions
         if cfg.downlink.delta:
             raise ConfigError(f"schedule.name = {s.name!r} does not support downlink.delta = true "

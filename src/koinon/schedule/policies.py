@@ -198,5 +198,13 @@ class FedBuff(_Asynchronous):
             return None
         tasks, self.waiting = self.waiting, []
         version = driver.federation.server.round_index
+        if getattr(driver.federation.server.privacy, "secure", None) is not None:  # privacy.secagg
+            from koinon.schedule.secure import secure_buffer
+
+            out = secure_buffer(driver, tasks, [self.staleness(version - t.version) for t in tasks],
+                                self.pending_downlink)
+            self.pending_downlink = 0
+            driver.keep(tasks, out.accepted)
+            return out
         updates = [t.buffered(self.staleness(version - t.version)) for t in tasks]
         return self.apply(driver, tasks, updates)

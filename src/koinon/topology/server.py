@@ -599,6 +599,15 @@ class FederatedServer:
         self.server_state = self.algorithm.server_update(self.server_state, uploads, 1 / self.num_clients)
         self.uplink_total += sum(len(p) for p in payloads)
 
+    def apply_secure_buffer(self, secure: SecureSum, samples: dict[int, int], losses: dict[int, float],
+                            downlink_bytes: int = 0) -> RoundResult:
+        """One server step from a buffer summed by secure aggregation (FedBuff under
+        `privacy.secagg`): `close_round`'s secure path, the buffer's clients as the cohort."""
+        self.open = OpenRound(self.round_index, sorted(samples), [], self.params, {})
+        self.accept_secure_sum(secure, samples, losses)
+        self.open.downlink_bytes += downlink_bytes
+        return self.close_round()
+
     def apply_buffered(self, updates: list[Buffered], downlink_bytes: int = 0,
                        side_uplink_bytes: int = 0) -> RoundResult:
         """One server step from a buffer of updates (FedBuff, a FedCompass group): each is

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +20,8 @@ __all__ = ["STEPS", "FixedPoint", "Identities", "ProtocolError", "SecAggClient",
            "SessionResult", "default_degree", "harary_graph", "run_protocol"]
 
 STEPS = ("advertise", "share", "masked", "unmask")
-"""The four client messages; a client that drops at a step sends neither it nor any later one."""
+"""The four client messages; a client that drops at a step sends neither it nor any later one.
+With the consistency check a "check" message (the signed survivor list) comes before "unmask"."""
 
 
 def default_degree(num_clients: int, dropout: float = 0.1, failure: float = 1e-4) -> int:
@@ -75,13 +77,16 @@ def run_protocol(inputs: dict[int, np.ndarray], fp: FixedPoint, *, degree: int =
                  identities: Identities | None = None,
                  tamper: dict[tuple[str, int], bytes] | None = None,
                  transcript: list[tuple[str, int, bytes]] | None = None,
-                 expected_dropout: float = 0.1) -> SessionResult:
+                 expected_dropout: float = 0.1, consistency: bool = False,
+                 server_hook: Callable[[str, dict[int, bytes]], dict[int, bytes]] | None = None) -> SessionResult:
     """One SecAgg+ session over `inputs` (client -> encoded words). `drop[step]`: clients that
     go silent from that step on (`STEPS`); `tamper[(step, client)]`: bytes that replace the
     client's message of that step (tests); `expected_dropout` sizes the default degree
     (`default_degree`); `transcript` gets every client message as (step,
     client, bytes): what the server sees. Every message is real bytes through the parties'
-    own checks; bytes and compute time are counted per party."""
+    own checks; bytes and compute time are counted per party. `consistency`: the malicious-server
+    consistency check (`protocol`); `server_hook(step, replies)` may replace what the server
+    sends after a step (tests: an equivocating server)."""
     drop = drop or {}
     tamper = tamper or {}
     ids = identities or Identities()
@@ -90,11 +95,11 @@ def run_protocol(inputs: dict[int, np.ndarray], fp: FixedPoint, *, degree: int =
     session = new_session()
     directory = {c: ids.of(c).public_key() for c in clients}
     server_key = ids.server.public_key()
-    party = {c: SecAggClient(c, ids.of(c), server_key, directory, session, fp, threshold_fraction)
-             for c in clients}
+    party = {c: SecAggClient(c, ids.of(c), server_key, directory, session, fp, threshold_fraction,
+                             consistency=consistency) for c in clients}
     server = SecAggServer(ids.server, directory, session, fp,
                           degree or default_degree(len(clients), expected_dropout),
-                          threshold_fraction, length)
+                          threshold_fraction, length, consistency=consistency)
     up = dict.fromkeys(clients, 0)
     down = dict.fromkeys(clients, 0)
     spent = dict.fromkeys(clients, 0.0)
@@ -125,20 +130,23 @@ def run_protocol(inputs: dict[int, np.ndarray], fp: FixedPoint, *, degree: int =
             sent[c] = msg
         return sent
 
-    def serve(fn, msgs):
+    def serve(fn, msgs, step=""):
         nonlocal server_s
         start = time.perf_counter()
         result = fn(msgs)
         server_s += time.perf_counter() - start
-        return result
+        return server_hook(step, result) if server_hook is not None and step else result
 
     try:
         adverts = client_step("advertise", None, lambda p, _: p.advertise())
-        neighbours = serve(server.receive_adverts, adverts)
+        neighbours = serve(server.receive_adverts, adverts, "advertise")
         shares = client_step("share", neighbours, lambda p, m: p.share_keys(m))
-        forwarded = serve(server.receive_shares, shares)
+        forwarded = serve(server.receive_shares, shares, "share")
         masked = client_step("masked", forwarded, lambda p, m: p.masked_input(m, inputs[p.client_id]))
-        survivors = serve(server.receive_masked, masked)
+        survivors = serve(server.receive_masked, masked, "masked")
+        if consistency:
+            checks = client_step("check", survivors, lambda p, m: p.check(m))
+            survivors = serve(server.receive_checks, checks, "check")
         unmasks = client_step("unmask", survivors, lambda p, m: p.unmask(m))
         start = time.perf_counter()
         out.total = serve(server.receive_unmask, unmasks)

@@ -50,11 +50,16 @@ class FixedPoint:
 
     @property
     def dtype(self) -> type[np.unsignedinteger]:
-        return np.uint32 if self.modulus_bits <= 32 else np.uint64
+        """The smallest unsigned word that holds m bits: the sum is quantized in the field, so a
+        16-bit modulus sends 2 bytes per coordinate (as fp16 would), 8 bits 1 byte (as int8)."""
+        for bits, dtype in ((8, np.uint8), (16, np.uint16), (32, np.uint32)):
+            if self.modulus_bits <= bits:
+                return dtype
+        return np.uint64
 
     @property
     def word_bytes(self) -> int:
-        return 4 if self.modulus_bits <= 32 else 8
+        return int(np.dtype(self.dtype).itemsize)
 
     @property
     def mask(self) -> int:

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from koinon.errors import KoinonError
 
-__all__ = ["ADVERTISE", "MASKED", "NEIGHBOURS", "SERVER", "SHARES", "SHARES_FOR", "SURVIVORS",
+__all__ = ["ADVERTISE", "CHECK", "CHECKS", "MASKED", "NEIGHBOURS", "SERVER", "SHARES", "SHARES_FOR", "SURVIVORS",
            "UNMASK", "Message", "ProtocolError", "open_message", "seal"]
 
 MAGIC = b"KSA1"
@@ -28,10 +28,10 @@ SERVER = 0xFFFFFFFF
 HEADER = struct.Struct("<4sB32sIII")
 SIGNATURE_BYTES = 64
 
-ADVERTISE, NEIGHBOURS, SHARES, SHARES_FOR, MASKED, SURVIVORS, UNMASK = range(1, 8)
+ADVERTISE, NEIGHBOURS, SHARES, SHARES_FOR, MASKED, SURVIVORS, UNMASK, CHECK, CHECKS = range(1, 10)
 STEP_NAMES = {ADVERTISE: "advertise keys", NEIGHBOURS: "neighbour keys", SHARES: "share keys",
               SHARES_FOR: "forwarded shares", MASKED: "masked input", SURVIVORS: "survivors",
-              UNMASK: "unmasking shares"}
+              UNMASK: "unmasking shares", CHECK: "signed survivor list", CHECKS: "neighbours' signatures"}
 
 
 class ProtocolError(KoinonError):

@@ -25,8 +25,17 @@ choice); a client exchanges masks and secret shares with its k neighbours only.
 
 Every message is signed by its sender and carries the session (fresh per run), the step, the
 sender and the recipient (`messages.py`): a tampered, forged, replayed or misrouted message is
-refused. Not done: the malicious-server consistency check (the clients' signatures on the
-survivor list, Bonawitz et al.'s fifth round).
+refused.
+
+Consistency check (`consistency = True`; Bonawitz et al.'s fifth round, against a server that
+shows clients different views): the survivors message also carries the whole survivor list U;
+each client signs (session, U) with its identity key and sends the signature (`check`); the
+server forwards to each client its surviving neighbours' signatures, and a client reveals shares
+(`unmask`) only when at least its threshold of them verify over the U it was shown. A server that
+tells one client a neighbour dropped and another that it survived is caught: the signatures do
+not verify, and the honest clients abort before revealing anything. (With the majority threshold
+t > k/2 honest clients can never give a server both secrets of one client, check or not; the
+check turns an equivocation into a detected abort.)
 """
 
 from __future__ import annotations
@@ -48,6 +57,8 @@ from koinon.privacy.secagg import shamir
 from koinon.privacy.secagg.fixedpoint import FixedPoint
 from koinon.privacy.secagg.messages import (
     ADVERTISE,
+    CHECK,
+    CHECKS,
     MASKED,
     NEIGHBOURS,
     SERVER,
@@ -128,6 +139,9 @@ class SecAggClient:
     # share_keys would re-encrypt under the same AES-GCM key and nonce. A step that fails midway
     # leaves the client aborted (unmask's checks come before anything is revealed: it may retry).
     state: str = "new"
+    consistency: bool = False  # the malicious-server consistency check (module docstring)
+    survivor_list: list[int] = field(default_factory=list)  # consistency: the U this client signed
+    views: tuple[list[int], list[int]] = field(default_factory=lambda: ([], []))  # surviving, dropped neighbours
 
     def _enter(self, expected: str, step: str) -> None:
         if self.state != expected:
@@ -224,13 +238,20 @@ class SecAggClient:
         self.state = "masked"
         return self._seal(MASKED, y.astype(y.dtype.newbyteorder("<"), copy=False).tobytes())
 
-    def unmask(self, data: bytes) -> bytes:
-        """Reveal b-shares of the survivors and s-shares of the dropped, never both for one."""
-        self._enter("masked", "unmask")
+    def _survivors(self, data: bytes) -> tuple[list[int], list[int]]:
+        """The SURVIVORS message, checked: (surviving neighbours, dropped neighbours)."""
         r = self._open(data, SURVIVORS)
         survivors = [r.u32() for _ in range(r.u32())]
         dropped = [r.u32() for _ in range(r.u32())]
+        if self.consistency:
+            self.survivor_list = [r.u32() for _ in range(r.u32())]
         r.end()
+        if self.consistency:
+            shown = set(self.survivor_list)
+            if (len(shown) != len(self.survivor_list) or self.client_id not in shown
+                    or not set(survivors) <= shown or set(dropped) & shown):
+                raise ProtocolError(f"client {self.client_id}: the survivor list does not match the "
+                                    "neighbours named surviving and dropped")
         if set(survivors) & set(dropped):
             raise ProtocolError(f"client {self.client_id}: the server names a neighbour both survived and "
                                 "dropped (would reveal both of its secrets)")
@@ -246,6 +267,50 @@ class SecAggClient:
         if len(survivors) < self.threshold:
             raise ProtocolError(f"client {self.client_id}: {len(survivors)} surviving neighbours, fewer "
                                 f"than the threshold {self.threshold}")
+        return survivors, dropped
+
+    def _statement(self, survivor_list: list[int]) -> bytes:
+        return b"koinon secagg survivors" + self.session + b"".join(u32(u) for u in sorted(survivor_list))
+
+    def check(self, data: bytes) -> bytes:
+        """Consistency check: sign the survivor list the server showed (nothing is revealed)."""
+        if not self.consistency:
+            raise ProtocolError(f"client {self.client_id}: no consistency check in this session")
+        self._enter("masked", "check")
+        self.state = "aborted"  # until this step succeeds
+        self.views = self._survivors(data)
+        self.state = "checked"
+        return self._seal(CHECK, self.identity.sign(self._statement(self.survivor_list)))
+
+    def unmask(self, data: bytes) -> bytes:
+        """Reveal b-shares of the survivors and s-shares of the dropped, never both for one.
+        With the consistency check `data` holds the neighbours' signatures of the survivor list,
+        each checked first; otherwise it is the survivors message."""
+        if self.consistency:
+            self._enter("checked", "unmask")
+            survivors, dropped = self.views
+            r = self._open(data, CHECKS)
+            statement = self._statement(self.survivor_list)
+            signed = set()
+            for _ in range(r.u32()):
+                u, signature = r.u32(), r.take(64)
+                if u not in survivors:
+                    raise ProtocolError(f"client {self.client_id}: a signature of {u}, not a surviving neighbour")
+                try:
+                    self.directory[u].verify(signature, statement)
+                except InvalidSignature:
+                    self.state = "aborted"
+                    raise ProtocolError(f"client {self.client_id}: neighbour {u} signed another survivor list: "
+                                        "the server shows clients different views (aborting, nothing "
+                                        "revealed)") from None
+                signed.add(u)
+            r.end()
+            if len(signed) < self.threshold:
+                raise ProtocolError(f"client {self.client_id}: {len(signed)} neighbours confirmed the survivor "
+                                    f"list, fewer than the threshold {self.threshold}")
+        else:
+            self._enter("masked", "unmask")
+            survivors, dropped = self._survivors(data)
         self.state = "unmasked"
         body = [u32(len(survivors) + len(dropped))]
         body += [u32(v) + bytes([SELF_MASK]) + self.held[v][1] for v in survivors if v != self.client_id]
@@ -277,6 +342,8 @@ class SecAggServer:
     masked: dict[int, np.ndarray] = field(default_factory=dict)
     survivors: list[int] = field(default_factory=list)
     dropped: list[int] = field(default_factory=list)
+    consistency: bool = False  # the malicious-server consistency check (module docstring)
+    checks: dict[int, bytes] = field(default_factory=dict)  # consistency: client -> its signature of U
 
     def _open(self, client: int, data: bytes, step: int) -> Reader | None:
         """The checked body, or None (the client is recorded as rejected: it counts as dropped)."""
@@ -356,7 +423,35 @@ class SecAggServer:
             s = [u for u in self.graph[v] if u in survived]
             d = [u for u in self.graph[v] if u in dropped]
             body = [u32(len(s))] + [u32(u) for u in s] + [u32(len(d))] + [u32(u) for u in d]
+            if self.consistency:
+                body += [u32(len(self.survivors))] + [u32(u) for u in self.survivors]
             out[v] = self._seal(SURVIVORS, v, b"".join(body))
+        return out
+
+    def receive_checks(self, messages: dict[int, bytes]) -> dict[int, bytes]:
+        """Consistency check: keep the signatures of the survivor list (an honest server checks
+        them too) and forward each client its surviving neighbours'."""
+        statement = b"koinon secagg survivors" + self.session + b"".join(u32(u) for u in self.survivors)
+        for client, data in messages.items():
+            r = self._open(client, data, CHECK)
+            if r is None or client not in self.masked:
+                continue
+            try:
+                signature = r.take(64)
+                r.end()
+                self.directory[client].verify(signature, statement)
+            except ProtocolError as exc:
+                self.rejected[client] = str(exc)
+                continue
+            except InvalidSignature:
+                self.rejected[client] = f"client {client} signed another survivor list"
+                continue
+            self.checks[client] = signature
+        out = {}
+        for v in self.checks:
+            signed = [u for u in self.graph[v] if u in self.checks]
+            body = [u32(len(signed))] + [u32(u) + self.checks[u] for u in signed]
+            out[v] = self._seal(CHECKS, v, b"".join(body))
         return out
 
     def receive_unmask(self, messages: dict[int, bytes]) -> np.ndarray:
@@ -365,7 +460,7 @@ class SecAggServer:
         key_shares: dict[int, dict[int, bytes]] = {u: {} for u in self.dropped}
         for client, data in messages.items():
             r = self._open(client, data, UNMASK)
-            if r is None or client not in self.masked:
+            if r is None or client not in self.masked or (self.consistency and client not in self.checks):
                 continue
             try:
                 entries = []

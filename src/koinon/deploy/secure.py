@@ -1,0 +1,366 @@
+"""SecAgg+ over the deployment: `koinon server` and `koinon client` run the protocol of
+`koinon.privacy.secagg` (the same client and server state machines, the same signed message
+bytes) on the run's gRPC server, over its mutual-TLS connections.
+
+A secure round: the round opens and its cohort polls and trains as usual; then, instead of
+uploading its update, each client calls `SecureAggregation/Step` (a second gRPC service on the
+same port, raw bytes in and out: nothing is parsed but the fixed layout below, nothing unpickled):
+
+    request = MAGIC "KSD1" | round u32 | op u8 | body
+    reply   = status u8 (0 ok, 1 refused) | body (refused: the reason, UTF-8)
+
+    HELLO  body: train loss f64 | the client's Ed25519 protocol key (32 bytes), fresh per round
+           reply: session 32 | the server's Ed25519 key 32 | the clip bound f64 (central DP; 0: none)
+    STEP   body: one protocol message (advertise, share keys, masked input, [check,] unmask)
+           reply: the server's protocol message for the next step; after advertise followed by
+           the directory of the client's neighbours (count u32, then id u32 | Ed25519 key 32);
+           after unmask an empty body once the server has unmasked.
+
+The server binds a HELLO's key to the certificate that made the call (mutual TLS): the
+directory the clients check each other's signed keys against is the server's (semi-honest
+server; the consistency check, `privacy.secagg_consistency`, runs here too). Each step is a
+barrier: a call blocks until every client still in the session has sent that step's message, or
+the step's deadline passes (`privacy.secagg_step_timeout_s`; advertise waits for the round's
+deadline, as training comes first); the server then runs its side of the step and answers all
+at once. A client that is gone by then drops out exactly as in the simulation: before its masked
+input its pairwise masks are removed from its neighbours' shares of its mask key; after it, its
+input counts and its self-mask is removed from the survivors' shares of its seed. A message that
+fails its checks (signature, session, step, sender) or repeats one already received is refused,
+and its client is out of the session.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from koinon.privacy.secagg import ProtocolError, SecAggClient, SecAggServer, default_degree
+from koinon.privacy.secagg.fixedpoint import NUM_EXTRAS
+from koinon.privacy.secagg.messages import (
+    ADVERTISE,
+    CHECK,
+    HEADER,
+    MAGIC,
+    MASKED,
+    SHARES,
+    STEP_NAMES,
+    UNMASK,
+    Reader,
+    u32,
+)
+from koinon.privacy.secure import SecureAggregation, SecureSum
+
+__all__ = ["SERVICE", "SecureRounds", "secure_upload"]
+
+SERVICE = "koinon.deploy.SecureAggregation"
+METHOD = f"/{SERVICE}/Step"
+REQUEST = struct.Struct("<4sIB")
+REQUEST_MAGIC = b"KSD1"
+HELLO, STEP = 0, 1
+OK, REFUSED = 0, 1
+HELLO_WAIT_S = 10.0  # a HELLO that comes before the server opened the round's session waits this long
+
+
+def _refused(reason: str) -> bytes:
+    return bytes([REFUSED]) + reason.encode()[:1000]
+
+
+@dataclass
+class _Session:
+    """The server's side of one deployed round's protocol run."""
+
+    round_index: int
+    cohort: set[int]
+    samples: dict[int, int]
+    clip: float
+    server: SecAggServer
+    losses: dict[int, float] = field(default_factory=dict)  # HELLO: client -> train loss
+    open_step: int = ADVERTISE  # the client message accepted now (-1: none)
+    expected: set[int] = field(default_factory=set)
+    inbox: dict[int, dict[int, bytes]] = field(default_factory=dict)
+    outbox: dict[int, dict[int, bytes]] = field(default_factory=dict)
+    up: dict[int, int] = field(default_factory=dict)
+    down: dict[int, int] = field(default_factory=dict)
+    finished: bool = False
+    error: str = ""
+
+
+class SecureRounds:
+    """`koinon server`'s secure aggregation: serves `Step` calls and drives one session per round."""
+
+    def __init__(self, secure: SecureAggregation, length: int, step_timeout_s: float,
+                 log: Callable[[str], None]) -> None:
+        self.secure = secure
+        self.length = length + NUM_EXTRAS
+        self.step_timeout_s = step_timeout_s
+        self.log = log
+        self.identity = Ed25519PrivateKey.generate()
+        self.cond = threading.Condition()
+        self.session: _Session | None = None
+
+    @staticmethod
+    def handler(step: Callable[[bytes, grpc.ServicerContext], bytes]) -> grpc.GenericRpcHandler:
+        """The gRPC service; `step(request, context)` identifies the caller and calls `handle`."""
+        return grpc.method_handlers_generic_handler(SERVICE, {"Step": grpc.unary_unary_rpc_method_handler(step)})
+
+    def started(self, idx: int, round_index: int) -> bool:
+        """Whether `idx` has joined the session of `round_index` (it trained: no new task)."""
+        s = self.session
+        return s is not None and s.round_index == round_index and idx in s.losses
+
+    # ------------------------------------------------------------- calls
+
+    def handle(self, data: bytes, idx: int) -> bytes:
+        if len(data) < REQUEST.size:
+            return _refused("truncated secure-aggregation request")
+        magic, round_index, op = REQUEST.unpack_from(data)
+        body = data[REQUEST.size:]
+        if magic != REQUEST_MAGIC or op not in (HELLO, STEP):
+            return _refused("not a secure-aggregation request")
+        with self.cond:
+            give_up = time.monotonic() + HELLO_WAIT_S
+            while (self.session is None or self.session.round_index < round_index) and time.monotonic() < give_up:
+                self.cond.wait(0.5)
+            s = self.session
+            if s is None or s.round_index != round_index or s.finished:
+                return _refused(f"no secure session of round {round_index + 1} is open")
+            if idx not in s.cohort:
+                return _refused(f"client {idx} is not in round {round_index + 1}'s cohort")
+            if op == HELLO:
+                return self._hello(s, idx, body, len(data))
+            return self._step(s, idx, body, len(data))
+
+    def _hello(self, s: _Session, idx: int, body: bytes, size: int) -> bytes:
+        if idx in s.losses:
+            return _refused(f"client {idx} already joined round {s.round_index + 1}'s session")
+        if s.open_step != ADVERTISE or len(body) != 8 + 32:
+            return _refused("the session no longer takes clients" if s.open_step != ADVERTISE
+                            else "malformed hello")
+        (loss,) = struct.unpack_from("<d", body)
+        s.server.directory[idx] = Ed25519PublicKey.from_public_bytes(body[8:])
+        s.losses[idx] = float(loss)
+        reply = (bytes([OK]) + s.server.session + self.identity.public_key().public_bytes_raw()
+                 + struct.pack("<d", s.clip))
+        s.up[idx] = s.up.get(idx, 0) + size
+        s.down[idx] = s.down.get(idx, 0) + len(reply)
+        self.cond.notify_all()
+        return reply
+
+    def _step(self, s: _Session, idx: int, body: bytes, size: int) -> bytes:
+        if len(body) < HEADER.size or body[:4] != MAGIC:
+            return _refused("not a SecAgg message")
+        step = body[4]
+        name = STEP_NAMES.get(step, str(step))
+        if idx not in s.losses:
+            return _refused(f"client {idx} sent {name} without joining the session")
+        if idx in s.inbox.get(step, {}):
+            return _refused(f"{name} of client {idx} already received (replayed or repeated)")
+        if step != s.open_step:
+            return _refused(f"{name} is not the step the session is at ({STEP_NAMES.get(s.open_step, 'closed')})")
+        if idx not in s.expected:
+            return _refused(f"client {idx} is no longer in the session "
+                            f"({s.server.rejected.get(idx, 'it missed an earlier step')})")
+        s.inbox.setdefault(step, {})[idx] = body
+        s.up[idx] = s.up.get(idx, 0) + size
+        self.cond.notify_all()
+        # The driver answers every step within its deadline; the margin covers its own work.
+        give_up = time.monotonic() + 2 * self.step_timeout_s + 60.0
+        while step not in s.outbox and not s.finished and time.monotonic() < give_up:
+            self.cond.wait(1.0)
+        reply = s.outbox.get(step, {}).get(idx)
+        if reply is None:
+            return _refused(s.server.rejected.get(idx) or s.error or f"client {idx} dropped from the session")
+        out = bytes([OK]) + reply
+        s.down[idx] = s.down.get(idx, 0) + len(out)
+        return out
+
+    # ------------------------------------------------------------ driver
+
+    def run_round(self, round_index: int, cohort: list[int], samples: dict[int, int], clip: float,
+                  deadline: float) -> tuple[SecureSum, dict[int, float]]:
+        """Run the round's session (main thread) until the sum is unmasked or the run fails;
+        returns the secure sum and the clients' train losses. `deadline` bounds the first step."""
+        secure = self.secure
+        server = SecAggServer(self.identity, {}, _session_bytes(), secure.fp, secure.degree,
+                              secure.threshold_fraction, self.length, consistency=secure.consistency)
+        s = _Session(round_index, set(cohort), dict(samples), clip, server, expected=set(cohort))
+        with self.cond:
+            self.session = s
+            self.cond.notify_all()
+        steps: list[tuple[int, Callable[[dict[int, bytes]], Any]]] = [
+            (ADVERTISE, server.receive_adverts), (SHARES, server.receive_shares), (MASKED, server.receive_masked)]
+        if secure.consistency:
+            steps.append((CHECK, server.receive_checks))
+        steps.append((UNMASK, server.receive_unmask))
+        total: np.ndarray | None = None
+        server_s = unmask_s = 0.0
+        for step, receive in steps:
+            with self.cond:
+                s.open_step = step
+                self.cond.notify_all()
+                while not set(s.inbox.get(step, {})) >= s.expected and time.monotonic() < deadline:
+                    self.cond.wait(min(1.0, max(deadline - time.monotonic(), 0.01)))
+                s.open_step = -1  # from here on this step's messages are late
+                messages = dict(s.inbox.get(step, {}))
+            if step == ADVERTISE:
+                server.degree = secure.degree or default_degree(len(messages), max(0.1, secure.dropout))
+            start = time.perf_counter()
+            try:
+                out = receive(messages)
+            except ProtocolError as exc:
+                s.error = str(exc)
+                break
+            finally:
+                server_s += time.perf_counter() - start
+            if step == UNMASK:
+                total, unmask_s = out, time.perf_counter() - start
+                out = {c: b"" for c in messages if c not in server.rejected}
+            elif step == ADVERTISE:
+                out = {u: u32(len(msg)) + msg + _directory(server, u) for u, msg in out.items()}
+            with self.cond:
+                s.outbox[step] = out
+                s.expected = set(out)
+                self.cond.notify_all()
+            deadline = time.monotonic() + self.step_timeout_s
+        with self.cond:
+            s.finished = True
+            self.cond.notify_all()
+        metrics = {"secagg_survivors": float(len(server.survivors)), "secagg_dropped": float(len(server.dropped)),
+                   "secagg_server_s": server_s, "secagg_unmask_s": unmask_s}
+        rejected = dict(server.rejected)
+        rejected.update({c: "joined no secure session (no update)" for c in cohort
+                         if c not in s.losses and c not in rejected})
+        if total is None:
+            error = s.error or "the session ended early"
+            self.log(f"round {round_index + 1}: secure aggregation failed: {error}")
+            return SecureSum(list(server.survivors), None, 0, 0, clip, error, dict(s.up), dict(s.down), rejected,
+                             metrics), dict(s.losses)
+        values, weight, count = secure.fp.decode_sum(total, len(server.survivors))
+        return SecureSum(list(server.survivors), values, weight, count, clip, "", dict(s.up), dict(s.down),
+                         rejected, metrics), dict(s.losses)
+
+
+def check_secure_deployable(cfg: Any) -> None:
+    """Refuse what a deployed SecAgg+ run cannot do, with a one-line reason."""
+    from koinon.errors import ConfigError
+
+    if cfg.privacy.secagg_dropout > 0:
+        raise ConfigError(f"privacy.secagg_dropout = {cfg.privacy.secagg_dropout:g} simulates dropouts; "
+                          "deployed clients drop out for real: set it to 0 for koinon server")
+    if cfg.deploy.max_update_norm > 0:
+        raise ConfigError(f"deploy.max_update_norm = {cfg.deploy.max_update_norm:g} checks each update, which "
+                          "secure aggregation hides (the server sees only the sum): set it to 0")
+
+
+def _session_bytes() -> bytes:
+    from koinon.privacy.secagg.protocol import new_session
+
+    return new_session()
+
+
+def _directory(server: SecAggServer, u: int) -> bytes:
+    """The identity keys of `u`'s neighbours, as the server bound them to certificates."""
+    neighbours = server.graph.get(u, [])
+    return u32(len(neighbours)) + b"".join(u32(v) + server.directory[v].public_bytes_raw() for v in neighbours)
+
+
+# ---------------------------------------------------------------- client
+
+
+class SecureRefused(Exception):
+    """The server refused a step (the reason), or answered with bytes that fail their checks."""
+
+
+def secure_upload(channel: grpc.Channel, secure: SecureAggregation, idx: int, round_index: int,
+                  update: torch.Tensor, num_samples: int, train_loss: float, timeout_s: float,
+                  crash: Callable[[str, int], None] | None = None) -> dict[str, float]:
+    """A client's side of one deployed round: join the session, run the protocol steps with the
+    update `update` [P] (decoded from the payload it would have uploaded). Returns the bytes it
+    sent and received and its protocol compute seconds; `SecureRefused` or `ProtocolError` when
+    the session refused it or it aborted (nothing of its update is then revealed beyond the
+    protocol). `crash(point, round)`: the fault tests' kill points."""
+    call = channel.unary_unary(METHOD)
+    up = down = 0
+    spent = 0.0
+
+    def ask(op: int, body: bytes) -> bytes:
+        nonlocal up, down
+        request = REQUEST.pack(REQUEST_MAGIC, round_index, op) + body
+        up += len(request)
+        reply = call(request, timeout=timeout_s)
+        down += len(reply)
+        if not reply or reply[0] != OK:
+            raise SecureRefused(reply[1:].decode(errors="replace") if reply else "empty answer")
+        return bytes(reply[1:])
+
+    identity = Ed25519PrivateKey.generate()
+    hello = ask(HELLO, struct.pack("<d", train_loss) + identity.public_key().public_bytes_raw())
+    if len(hello) != 32 + 32 + 8:
+        raise SecureRefused("malformed hello answer")
+    session, server_key = hello[:32], Ed25519PublicKey.from_public_bytes(hello[32:64])
+    (clip,) = struct.unpack_from("<d", hello, 64)
+    start = time.perf_counter()
+    encoded = secure.encode_input(idx, update, num_samples, round_index, clip)
+    party = SecAggClient(idx, identity, server_key, {}, session, secure.fp, secure.threshold_fraction,
+                         consistency=secure.consistency)
+    advert = party.advertise()
+    spent += time.perf_counter() - start
+    answer = ask(STEP, advert)
+    start = time.perf_counter()
+    r = Reader(answer, "neighbours answer")
+    neighbours = r.take(r.u32())
+    for _ in range(r.u32()):
+        v = r.u32()
+        party.directory[v] = Ed25519PublicKey.from_public_bytes(r.take(32))
+    r.end()
+    shares = party.share_keys(neighbours)
+    spent += time.perf_counter() - start
+    forwarded = ask(STEP, shares)
+    start = time.perf_counter()
+    masked = party.masked_input(forwarded, encoded)
+    spent += time.perf_counter() - start
+    survivors = ask(STEP, masked)
+    if crash is not None:
+        crash("client.secagg_masked", round_index)
+    if secure.consistency:
+        start = time.perf_counter()
+        checked = party.check(survivors)
+        spent += time.perf_counter() - start
+        survivors = ask(STEP, checked)
+    start = time.perf_counter()
+    unmask = party.unmask(survivors)
+    spent += time.perf_counter() - start
+    ask(STEP, unmask)
+    return {"uplink": float(up), "downlink": float(down), "compute_s": spent}
+
+
+def client_round(channel: grpc.Channel, fed: Any, name: str, idx: int, round_index: int, uploads: list[bytes],
+                 codec_states: Any, result: Any, num_samples: int, state: Any, timeout_s: float,
+                 log: Callable[[str, str], None]) -> bool:
+    """`koinon client`'s secure round: the update it would have uploaded goes through SecAgg+;
+    its states go on when the server has unmasked (as "accepted" does for a plain upload).
+    A refusal or an abort is logged; the client polls on (the next round is a new session)."""
+    from koinon.deploy.faults import crash_point
+
+    start = time.perf_counter()
+    update = fed.codec.decode(uploads[0])
+    try:
+        spent = secure_upload(channel, fed.server.privacy.secure, idx, round_index, update, num_samples,
+                              float(result.train_loss[0]), timeout_s, crash_point)
+    except (SecureRefused, ProtocolError) as exc:
+        log(name, f"round {round_index + 1}: secure aggregation without this client: {exc}")
+        return False
+    state.stage(round_index, codec_states, result.client_states[0])
+    state.settle(round_index)
+    log(name, f"round {round_index + 1}: update summed securely ({int(spent['uplink'])} bytes up, "
+        f"{int(spent['downlink'])} down, {time.perf_counter() - start:.2f} s)")
+    return True

@@ -1,0 +1,194 @@
+"""SecAgg+ in the deployment: the server's session driver and the client's steps over the real
+message bytes (in-process, through the same `handle` the gRPC service calls), then `koinon
+server` and `koinon client` processes on 127.0.0.1: the deployed secure model is the simulated
+one bit for bit, and a client killed after its masked input is unmasked from the survivors'
+shares."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from koinon.deploy.certs import create_certs
+from koinon.deploy.secure import SecureRefused, SecureRounds, secure_upload
+from koinon.privacy.secagg import FixedPoint
+from koinon.privacy.secagg.messages import MASKED
+from koinon.privacy.secure import SecureAggregation
+
+_spec = importlib.util.spec_from_file_location(
+    "deploy_helpers", Path(__file__).resolve().parents[1] / "deploy" / "helpers.py")
+assert _spec and _spec.loader
+h = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(h)
+
+P = 40
+
+
+class Channel:
+    """Stands for a client's gRPC channel: calls go to the server's `handle` as that client,
+    through `edit(request)` (tests: tamper, record)."""
+
+    def __init__(self, rounds: SecureRounds, idx: int, edit=None) -> None:
+        self.rounds, self.idx, self.edit = rounds, idx, edit
+
+    def unary_unary(self, method: str):
+        def call(request: bytes, timeout: float) -> bytes:
+            return self.rounds.handle(self.edit(request) if self.edit else request, self.idx)
+        return call
+
+
+def session(rounds: SecureRounds, updates: dict[int, torch.Tensor], round_index: int = 0, edits=None,
+            clients=None):
+    """One round: the driver in this thread, each client in its own; (secure sum, client outcomes)."""
+    edits = edits or {}
+    outcome: dict[int, object] = {}
+
+    def client(c: int) -> None:
+        try:
+            outcome[c] = secure_upload(Channel(rounds, c, edits.get(c)), rounds.secure, c, round_index,
+                                       updates[c], 10 + c, 0.5, 30.0)
+        except Exception as exc:  # noqa: BLE001 - the outcome is what the test checks
+            outcome[c] = exc
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in (clients or updates)]
+    for t in threads:
+        t.start()
+    import time
+
+    secure, losses = rounds.run_round(round_index, sorted(updates), {c: 10 + c for c in updates}, 0.0,
+                                      time.monotonic() + 30.0)
+    for t in threads:
+        t.join(30)
+    return secure, outcome
+
+
+def setup(consistency: bool = False) -> tuple[SecureRounds, dict[int, torch.Tensor]]:
+    secure = SecureAggregation(FixedPoint(32, 8.0, 1000, 4), consistency=consistency)
+    rounds = SecureRounds(secure, P, step_timeout_s=2.0, log=lambda m: None)
+    gen = torch.Generator().manual_seed(0)
+    return rounds, {c: torch.randn(P, generator=gen) for c in range(4)}
+
+
+def plain(rounds: SecureRounds, updates: dict[int, torch.Tensor], clients: list[int], round_index: int = 0):
+    total = sum(rounds.secure.encode_input(c, updates[c], 10 + c, round_index).astype(np.uint64) for c in clients)
+    return rounds.secure.fp.decode_sum((total & np.uint64(0xFFFFFFFF)).astype(np.uint32), len(clients))
+
+
+@pytest.mark.parametrize("consistency", [False, True])
+def test_deployed_steps_give_the_exact_sum(consistency: bool) -> None:
+    rounds, updates = setup(consistency)
+    secure, outcome = session(rounds, updates)
+    assert secure.error == "" and secure.survivors == [0, 1, 2, 3]
+    values, weight, _ = plain(rounds, updates, [0, 1, 2, 3])
+    assert torch.equal(secure.total, values) and secure.weight == weight == 10 + 11 + 12 + 13
+    assert all(isinstance(o, dict) for o in outcome.values())
+    assert secure.uplink[0] == outcome[0]["uplink"]  # the server counts the bytes the client sent
+
+
+def test_a_tampered_masked_input_is_refused_and_the_others_sum_exactly() -> None:
+    rounds, updates = setup()
+
+    def flip(request: bytes) -> bytes:
+        if len(request) > 9 + 4 and request[9 + 4] == MASKED:  # after the 9-byte request header
+            return request[:-70] + bytes([request[-70] ^ 1]) + request[-69:]
+        return request
+
+    secure, outcome = session(rounds, updates, edits={2: flip})
+    assert "bad signature" in secure.rejected[2]
+    assert isinstance(outcome[2], SecureRefused)
+    assert secure.survivors == [0, 1, 3] and secure.error == ""
+    assert torch.equal(secure.total, plain(rounds, updates, [0, 1, 3])[0])
+
+
+def test_a_replayed_message_is_refused() -> None:
+    rounds, updates = setup()
+    recorded: list[bytes] = []
+    session(rounds, updates, edits={1: lambda r: recorded.append(r) or r})
+    advert = recorded[1]  # client 1's advertise message of round 1 (after its hello)
+    replay = advert[:4] + (1).to_bytes(4, "little") + advert[8:]  # sent again, for round 2
+
+    def replayed(request: bytes) -> bytes:
+        return replay if request[8] == 1 and request[9 + 4] == 1 else request
+
+    secure, outcome = session(rounds, updates, round_index=1, edits={1: replayed})
+    # Refused: signed by the key client 1 used in round 1, not the one it joined round 2 with
+    # (and of round 1's session, which the signature covers).
+    assert "bad signature" in secure.rejected[1]
+    assert secure.survivors == [0, 2, 3]
+    assert torch.equal(secure.total, plain(rounds, updates, [0, 2, 3], round_index=1)[0])
+    # A message repeated within its own step is refused at once.
+    assert rounds.handle(recorded[1], 1)[0] == 1
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("certs")
+    create_certs(out, 3, ["127.0.0.1", "localhost"])
+    return out
+
+
+def _model(folder: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return torch.cat([t.flatten().double() for _, t in sorted(load_file(str(folder / "model.safetensors")).items())])
+
+
+@pytest.mark.slow
+def test_deployed_secure_model_is_the_simulated_one(tmp_path, certs) -> None:
+    config = h.write_config(tmp_path / "fed.toml", server={"rounds": 2, "clients_per_round": 3},
+                            privacy={"secagg": True, "secagg_consistency": True})
+    state = h.run_deployment(tmp_path, config, certs, server_s=120)
+    records = h.metrics(state)
+    assert [r["secagg_survivors"] for r in records] == [3.0, 3.0]
+    h.simulate(tmp_path, config, state)  # the same model_sha256
+    plain_config = h.write_config(tmp_path / "plain.toml", server={"rounds": 2, "clients_per_round": 3})
+    from koinon.experiment import load_config, run_experiment
+
+    run_experiment(load_config(plain_config), tmp_path / "plain", progress=False)
+    deployed, reference = _model(state), _model(tmp_path / "plain")
+    assert not torch.equal(deployed, reference)  # fixed point rounds...
+    assert float((deployed - reference).abs().max()) < 1e-3  # ... by little
+
+
+@pytest.mark.slow
+def test_a_client_killed_after_its_masked_input_is_unmasked_from_the_survivors(tmp_path) -> None:
+    # Five clients: each has 4 neighbours and needs 3 shares (a majority), so one may die; with
+    # three, a client's 2 neighbours must both answer.
+    certs = tmp_path / "certs"
+    create_certs(certs, 5, ["127.0.0.1", "localhost"])
+    config = h.write_config(tmp_path / "fed.toml", server={"rounds": 1, "clients_per_round": 5},
+                            data={"num_clients": 5}, privacy={"secagg": True, "secagg_step_timeout_s": 3.0})
+    state = tmp_path / "state"
+    server, address = h.start_server(tmp_path, config, certs, state)
+    clients = [h.start_client(tmp_path, address, certs, f"client-{i}", f"partition:{i}",
+                              env={"KOINON_CRASH_AT": "client.secagg_masked@0"} if i == 2 else None)
+               for i in range(5)]
+    assert server.wait(180) == 0, server.text()[-3000:]
+    assert clients[2].wait(30) == 86
+    for i, c in enumerate(clients):
+        if i != 2:
+            assert c.wait(30) == 0, c.text()[-3000:]
+    record = h.metrics(state)[0]
+    assert "update_refused" not in record and record["secagg_survivors"] == 5.0 and record["secagg_dropped"] == 0.0
+    # Its input is in the sum, its self-mask removed with the four others' shares: exactly the
+    # simulated round, where all five took part.
+    h.simulate(tmp_path, config, state)
+    assert "client-2" not in json.loads((state / "summary.json").read_text()).get("missing", [])
+
+
+@pytest.mark.slow
+def test_deployed_secure_aggregation_under_central_dp_is_the_simulated_run(tmp_path, certs) -> None:
+    # The clip bound (adaptive here) goes to the clients with the session; they clip and send their
+    # clipping bit through the protocol, the server noises the sum (seeded noise: comparable).
+    config = h.write_config(tmp_path / "fed.toml", server={"rounds": 2, "clients_per_round": 3}, privacy={
+        "secagg": True, "dp": "central", "noise_multiplier": 0.5, "noise_seed": 3, "target_quantile": 0.5,
+        "clip_count_stddev": 1.0})
+    state = h.run_deployment(tmp_path, config, certs, server_s=120)
+    sim = h.simulate(tmp_path, config, state)
+    assert [r["dp_epsilon"] for r in h.metrics(state)] == [r["dp_epsilon"] for r in sim]
