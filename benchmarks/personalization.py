@@ -9,6 +9,9 @@ an MLP 64-64-10 with LayerNorm (FedBN's normalization layer; every method gets t
 - `shards`: pathological label skew, 2 classes per client;
 - `rotation`: feature shift, 4 groups of clients see the digits rotated by 0/90/180/270 degrees
   (labels i.i.d.);
+- `unlabeled`: Dirichlet(0.5), a quarter of the clients without labels, a quarter of the labels
+  kept elsewhere, classes 8 and 9 never labeled (`fedossl`; seen / novel accuracy below);
+- `active`: Dirichlet(0.5), 5% of labels (`kafal` buys more; accuracy against labels below).
 - `hetero`: model heterogeneity on Dirichlet(0.1) label skew: a third of the clients each can
   afford the full model, half of it, a quarter of it (`client.budgets = [1.0, 0.5, 0.25]`);
   `pfedgate` and `fedconv` give each client a sub-model within its budget, every other method
@@ -25,7 +28,7 @@ beats FedAvg + local fine-tuning (`finetune`) on both the mean and the 10th perc
 least 3 points; the last lines say where it does and where not.
 
     .venv/bin/python benchmarks/personalization.py [--quick] [--rounds R] [--seeds S] [--only m1,m2]
-        [--settings dirichlet,shards,rotation,hetero,domains] [--dataset digits|mnist1d]
+        [--settings dirichlet,shards,rotation,unlabeled,active,hetero,domains] [--prompts] [--dataset digits|mnist1d]
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ SETTINGS = {
     "dirichlet": {"partition": "dirichlet", "alpha": 0.1},
     "shards": {"partition": "shards", "classes_per_client": 2},
     "rotation": {"partition": "iid", "feature_shift": "rotation", "shift_groups": 4},
+    "unlabeled": {"partition": "dirichlet", "alpha": 0.5, "unlabeled_clients": 0.25, "label_fraction": 0.25,
+                  "unseen_classes": [8, 9]},
+    "active": {"partition": "dirichlet", "alpha": 0.5, "label_fraction": 0.05},
     "hetero": {"partition": "dirichlet", "alpha": 0.1},
     "domains": {"partition": "iid", "feature_shift": "rotation", "shift_groups": 0},
 }
@@ -60,6 +66,9 @@ METHODS = {
     "ifca": {"clusters": 4, "adapt_steps": 20},
     "clustered_meta": {"clusters": 4, "alpha": 0.05, "adapt_steps": 20},
     "fedcac": {"tau": 0.5, "beta": 170.0, "adapt_steps": 20},
+    "fedossl": {"lam": 1.0, "threshold": 0.5},
+    "fedlgd": {"ipc": 5, "dm_steps": 10, "match_steps": 10},
+    "pfedpg": {"gen_lr": 0.1, "adapt_steps": 20},
     "pfedgate": {"budgets": [1.0], "gate_lr": 5.0, "adapt_steps": 20},
     "fedconv": {"budgets": [1.0], "adapt_steps": 20},
     "reconnaissance": {},
@@ -82,11 +91,13 @@ def config(setting: str, method: str, seed: int, rounds: int, dataset: str = "di
         setattr(cfg.data, key, value)
     cfg.model.name, cfg.model.options = "mlp_norm", {"hidden": [64], "norm": "layer"}
     cfg.client.algorithm = method
-    cfg.client.options = dict(METHODS[method])
+    cfg.client.options = dict(METHODS.get(method, {}))
     if setting in BUDGETS and "budgets" in cfg.client.options:
         cfg.client.options["budgets"] = BUDGETS[setting]
     elif setting in BUDGETS:
         cfg.model.options["hidden"] = [int(64 * min(BUDGETS[setting]))]
+    if method == "fedlgd" and setting in BUDGETS:
+        cfg.client.options["ipc"] = 1  # the global virtual data must fit the narrow model's download
     cfg.client.lr, cfg.client.batch_size, cfg.client.epochs = 0.1, 16, 1
     cfg.server.rounds, cfg.server.clients_per_round = rounds, 20
     cfg.runtime.name = "vectorized"
@@ -113,6 +124,7 @@ def main() -> None:
     parser.add_argument("--settings", default=",".join(s for s in SETTINGS if s != "domains"))
     parser.add_argument("--dataset", default="digits", choices=["digits", "mnist1d"],
                         help="mnist1d: 4,000 generated 1-D signals (rotation = circular shift)")
+    parser.add_argument("--prompts", action="store_true", help="also pFedPG on a pretrained char transformer")
     args = parser.parse_args()
     rounds, seeds = (5, 1) if args.quick else (args.rounds, args.seeds)
     methods = [m for m in METHODS if not args.only or m in args.only.split(",")]
@@ -150,6 +162,97 @@ def main() -> None:
     print()
     for line in verdicts:
         print(line)
+    labels_tables(seeds, rounds, args.dataset, args.settings.split(","))
+    if args.prompts:
+        prompt_table(seeds, args.quick)
+
+
+def labels_tables(seeds: int, rounds: int, dataset: str, settings: list[str]) -> None:
+    """Open-world accuracy on the `unlabeled` setting (seen / novel classes, novel by Hungarian
+    match), and active learning on the `active` setting: accuracy against labels used, KAFAL's
+    KSAS vs random and entropy sampling at three budgets."""
+    from koinon.personal.kafal import labels_used
+
+    def one(setting: str, method: str, options: dict, seed: int) -> dict[str, float]:
+        cfg = config(setting, method, seed, rounds, dataset)
+        cfg.client.options = dict(options)
+        fed = build_federation(cfg)
+        r = fed.fit(rounds, eval_every=rounds)[-1]
+        out = {"test": r.test_accuracy or 0.0, "labels": float(labels_used(fed.data, fed.client_states)), **r.extra}
+        fed.close()
+        return out
+
+    def mean(runs: list[dict[str, float]], key: str) -> float:
+        return statistics.fmean(r.get(key, float("nan")) for r in runs)
+
+    if "unlabeled" in settings:
+        print(f"\nunlabeled: 5 of 20 clients without labels, 25% labels elsewhere, classes 8, 9 never labeled "
+              f"({rounds} rounds, {seeds} seed(s))")
+        print(f"{'method':<26} {'seen':>6} {'novel':>6} {'global':>7} {'personal':>9} {'p10':>6}")
+        rows = [("fedavg", {}), ("finetune", METHODS["finetune"]), ("fedossl", METHODS["fedossl"]),
+                ("fedossl calibrate=false", {**METHODS["fedossl"], "calibrate": False})]
+        for label, options in rows:
+            runs = [one("unlabeled", label.split()[0], options, s) for s in range(seeds)]
+            print(f"{label:<26} {100 * mean(runs, 'seen_accuracy'):>6.1f} {100 * mean(runs, 'novel_accuracy'):>6.1f} "
+                  f"{100 * mean(runs, 'test'):>7.1f} {100 * mean(runs, 'personal_accuracy_mean'):>9.1f} "
+                  f"{100 * mean(runs, 'personal_accuracy_p10'):>6.1f}", flush=True)
+    if "active" in settings:
+        print(f"\nactive: 5% of labels at the start; KAFAL buys query_per_round = budget / 4 a round "
+              f"({rounds} rounds, {seeds} seed(s))")
+        print(f"{'budget':>6} {'sampling':<8} {'labels':>7} {'global':>7} {'personal':>9} {'p10':>6}")
+        plans = [(0, "none")] + [(b, smp) for b in (4, 8, 16) for smp in ("ksas", "random", "entropy")]
+        for budget, sampling in plans:
+            opts = {"label_budget": budget, "query_per_round": max(1, budget // 4), "sampling": sampling}
+            runs = [one("active", "kafal", opts, s) if budget else one("active", "fedavg", {}, s) for s in range(seeds)]
+            print(f"{budget:>6} {sampling:<8} {mean(runs, 'labels'):>7.0f} {100 * mean(runs, 'test'):>7.1f} "
+                  f"{100 * mean(runs, 'personal_accuracy_mean'):>9.1f} {100 * mean(runs, 'personal_accuracy_p10'):>6.1f}",
+                  flush=True)
+
+def prompt_table(seeds: int, quick: bool) -> None:
+    """pFedPG where it belongs: a char transformer pretrained on Shakespeare's plays 1-18, frozen,
+    with a 16-vector prompt tuned federatedly on plays 19-26, one play a client (8 clients, all
+    each round, AdamW). Personal accuracy: next-character accuracy of each client's model on a
+    tenth of its own sequences."""
+    import tempfile
+    from pathlib import Path
+
+    from koinon.config import Config
+    from koinon.experiment.pretrain import pretrain
+
+    data = {"data.name": "shakespeare", "data.partition": "natural", "data.test_fraction": 0.1, "data.seq_len": 32}
+    model = {"model.name": "char_transformer", "model.dim": 64, "model.layers": 2, "model.heads": 4}
+    base = Path(tempfile.mkdtemp(prefix="koinon-pfedpg-")) / "charlm.safetensors"
+    start = time.perf_counter()
+    pretrain(Config().with_overrides({**data, **model, "data.plays": 18, "data.num_clients": 6,
+                                      "client.optimizer": "adamw", "client.lr": 0.003, "client.batch_size": 32,
+                                      "client.steps": 30 if quick else 250, "server.rounds": 4}), base)
+    rounds = 2 if quick else 10
+    print(f"\nprompts: char transformer pretrained on plays 1-18 ({time.perf_counter() - start:.0f} s), frozen; "
+          f"a 16-vector prompt tuned on plays 19-26, 8 clients (one play each), {rounds} rounds of 20 AdamW steps, "
+          f"{seeds} seed(s); next-character accuracy in %")
+    print(f"{'method':<10} {'personal mean':>13} {'p10':>6} {'worst':>6} {'global':>7} {'MB':>7} {'wall s':>7}")
+    for method, options in (("fedavg", {}), ("finetune", {"adapt_steps": 20}), ("pfedpg", METHODS["pfedpg"])):
+        runs = []
+        for seed in range(seeds):
+            cfg = Config().with_overrides({
+                **data, **model, "seed": seed, "data.skip_plays": 18, "data.plays": 8, "data.num_clients": 8,
+                "data.client_test_fraction": 0.1, "model.init": str(base), "model.peft": {"name": "prompt", "tokens": 16},
+                "client.algorithm": method, **{f"client.{k}": v for k, v in options.items()}, "client.optimizer": "adamw",
+                "client.lr": 0.02, "client.batch_size": 32, "client.steps": 20, "server.rounds": rounds,
+                "server.clients_per_round": 8, "runtime.name": "inprocess"})
+            fed = build_federation(cfg)
+            t = time.perf_counter()
+            r = fed.fit(rounds, eval_every=rounds)[-1]
+            runs.append({**r.extra, "test": r.test_accuracy or 0.0, "wall": time.perf_counter() - t,
+                         "mb": (fed.uplink_total + fed.downlink_total) / 1e6})
+            fed.close()
+
+        def avg(key: str, runs: list[dict[str, float]] = runs) -> float:
+            return statistics.fmean(r.get(key, float("nan")) for r in runs)
+
+        print(f"{method:<10} {100 * avg('personal_accuracy_mean'):>13.1f} {100 * avg('personal_accuracy_p10'):>6.1f} "
+              f"{100 * avg('personal_accuracy_min'):>6.1f} {100 * avg('test'):>7.1f} {avg('mb'):>7.2f} "
+              f"{avg('wall'):>7.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,9 @@ class DataConfig:
     feature_shift: str = "none"  # per-client input transform: none, rotation, noise, contrast, permute
     shift_groups: int = 0  # clients sharing a transform (0 = each client its own)
     shift_strength: float = 1.0  # how strong the transform is, in [0, 1]
+    unlabeled_clients: float = 0.0  # clients whose training labels are hidden (share < 1 or count): koinon.personal.labels
+    label_fraction: float = 1.0  # share of every other client's training samples that keep their label
+    unseen_classes: list = field(default_factory=list)  # classes never labeled on any client (open-world)
     options: dict = field(default_factory=dict)  # dataset options, e.g. num_samples for mnist1d
 
 

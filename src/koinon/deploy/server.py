@@ -100,6 +100,11 @@ def check_deployable(fed: Any, cfg: Config) -> Federation:
     if hasattr(fed.algorithm, "downlink_for"):
         raise ConfigError(f"client.algorithm = {cfg.client.algorithm!r} sends each client its own model "
                           "(a per-client download), which koinon server does not send yet; run it in simulation")
+    if why := getattr(fed.algorithm, "simulation_only", ""):
+        raise ConfigError(f"client.algorithm = {cfg.client.algorithm!r} runs in simulation (koinon run) only: {why}")
+    if getattr(fed, "labels", None) is not None:
+        raise ConfigError("data.unlabeled_clients / label_fraction / unseen_classes: hidden labels run in simulation "
+                          "(koinon run) only; koinon server does not split them out for its clients yet")
     if cfg.privacy.secagg:
         from koinon.deploy.secure import check_secure_deployable
 

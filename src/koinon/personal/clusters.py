@@ -247,7 +247,13 @@ def hierarchical_clusters(updates: torch.Tensor, threshold: float, max_clusters:
         return torch.zeros(n, dtype=torch.long)
     x = updates.double().numpy()
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    tree = linkage(x, method="average", metric="cosine")
+    from scipy.spatial.distance import pdist
+
+    # A zero update (a client with nothing to train on, e.g. no labels) has no direction: its
+    # cosine distance is undefined, and we take it as 1 (orthogonal to every other update).
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dist = pdist(x, metric="cosine")
+    tree = linkage(np.nan_to_num(dist, nan=1.0), method="average")
     labels = fcluster(tree, t=threshold, criterion="distance")
     if labels.max() > max_clusters:
         labels = fcluster(tree, t=max_clusters, criterion="maxclust")

@@ -58,7 +58,7 @@ def per_client_accuracy(module: torch.nn.Module, layout: Layout, models: torch.T
     for k, ix in enumerate(held):
         if len(ix):
             out = functional_call(module, layout.views(models[k]), (x[ix],))
-            acc[k] = (out.argmax(dim=1) == y[ix]).float().mean()
+            acc[k] = (out.argmax(dim=-1) == y[ix]).float().mean()  # per sample, or per position of a sequence
     module.train()
     return acc, counts
 

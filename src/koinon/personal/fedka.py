@@ -123,7 +123,10 @@ class FedKA(LocalSGD):
             losses.append(loss)
             with torch.no_grad():
                 emb = embed(module, layout.views(model), trainer.x_train[trainer.data.client_indices[c]])
-            moments[i, :d], moments[i, d : 2 * d] = emb.mean(dim=0), emb.pow(2).mean(dim=0)
+            if len(emb):
+                moments[i, :d], moments[i, d : 2 * d] = emb.mean(dim=0), emb.pow(2).mean(dim=0)
+            else:  # no samples (no labels): the workspace it received, so the average is not moved
+                moments[i, :d], moments[i, d : 2 * d] = mu, sigma.pow(2) + mu.pow(2)
             moments[i, -1] = float(d)
         return CohortResult(list(client_ids), torch.stack(deltas), {"moments": moments}, trainer.sizes(client_ids),
                             steps.clone(), torch.tensor(losses), [{"trained": torch.ones(1)} for _ in client_ids])

@@ -61,7 +61,7 @@ def sgd_loop(local: LocalTraining, x_all: torch.Tensor, y_all: torch.Tensor, bat
     scale = list(lr_scale) if lr_scale is not None else [1.0] * len(tensors)
     ts = [t.detach().clone() for t in tensors]
     loss_sum, seen = 0.0, 0
-    for s in range(num_steps):
+    for s in range(min(num_steps, len(batches))):  # a client without samples (no labels) has no batches
         ix = batches[s]
         ix = ix[ix >= 0]
         if len(ix) == 0:

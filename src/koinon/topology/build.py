@@ -217,8 +217,16 @@ def build_federated(cfg: Config, /) -> Topology:
         attack=parts.attack, byzantine_fraction=a.fraction, downlink_delta=cfg.downlink.delta,
         evaluation=guard("data", Evaluation, holdout=cfg.data.client_test_fraction,
                          new_clients=cfg.data.holdout_clients),
-        privacy=privacy,
+        privacy=privacy, labels=_labels(cfg),
     )
+
+
+def _labels(cfg: Config):
+    """`[data]`'s hidden labels (unlabeled clients, label fraction, unseen classes), checked."""
+    from koinon.personal.labels import setting_from
+
+    d = cfg.data
+    return guard("data", setting_from, d.unlabeled_clients, d.label_fraction, d.unseen_classes)
 
 
 @TOPOLOGIES.register("gossip")
@@ -227,6 +235,9 @@ def build_gossip(cfg: Config, /) -> Topology:
     from koinon.server.root import reference_users
 
     parts = build_components(cfg)
+    if _labels(cfg) is not None:
+        raise ConfigError("data.unlabeled_clients / label_fraction / unseen_classes need topology.name = "
+                          f"'federated', not {cfg.topology.name!r}")
     if cfg.data.client_test_fraction or cfg.data.holdout_clients:
         raise ConfigError("data.client_test_fraction / data.holdout_clients (personalized metrics) need "
                           f"topology.name = 'federated', not {cfg.topology.name!r}")

@@ -88,7 +88,7 @@ def evaluate_clients(module: nn.Module, layout: Layout, params: torch.Tensor, da
         ix = index[start : start + batch_size]
         out = functional_call(module, views, (x[ix],))
         losses.append(loss_fn(out, y[ix]).reshape(len(ix), -1).mean(dim=1))
-        correct.append((out.argmax(dim=1) == y[ix]).reshape(len(ix), -1).float().mean(dim=1))
+        correct.append((out.argmax(dim=-1) == y[ix]).reshape(len(ix), -1).float().mean(dim=1))  # sequences: per position
     module.train()
     count = torch.zeros(len(clients)).index_add_(0, owner, torch.ones(len(index)))
     acc = torch.zeros(len(clients)).index_add_(0, owner, torch.cat(correct)) / count

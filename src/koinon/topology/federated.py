@@ -30,6 +30,7 @@ from koinon.errors import ConfigError
 from koinon.local import CohortTrainer, cross_entropy, evaluate
 from koinon.params import Layout
 from koinon.personal import PersonalEvaluation, personal_downlinks, split_new_clients
+from koinon.personal.labels import LabelSetting
 from koinon.records import Callback, folder
 from koinon.runtime import RUNTIMES, Runtime
 from koinon.seeding import generator
@@ -114,6 +115,8 @@ class Federation:
     against each other, all before round 1 (one-line `ConfigError` / `ValueError`).
     `privacy`: a `koinon.privacy.Privacy` (DP, secure aggregation; `koinon.privacy.build_privacy`
     builds one from a config's `[privacy]`), None for none.
+    `labels`: a `koinon.personal.labels.LabelSetting` (unlabeled clients, unseen classes), None
+    for every label known.
 
     >>> fed = Federation(model, data, local=LocalTraining(lr=0.05), clients_per_round=10,
     ...                  codec={"name": "topk", "ratio": 0.1})
@@ -142,6 +145,7 @@ class Federation:
         downlink_delta: bool = False,
         evaluation: Evaluation | None = None,
         privacy: Privacy | None = None,
+        labels: LabelSetting | None = None,
     ) -> None:
         if not isinstance(data, FederatedData):
             raise TypeError(f"data must be a FederatedData (see koinon.partition_dataset), got {type(data).__name__}")
@@ -193,6 +197,10 @@ class Federation:
             owned = torch.cat([data.client_indices[c] for c in sorted(self.byzantine)])
             poisoned = self.attack.poison_data(data.dataset, owned, generator(seed, 0xBAD))
             data = FederatedData(poisoned, data.client_indices)
+        # Labels hidden from training: unlabeled clients, unseen classes (koinon.personal.labels).
+        self.labels = labels if labels is not None and labels.active else None
+        if self.labels is not None:
+            data = self.labels.apply(data, seed)
         self.data = data
         self.codec = component(CODECS, codec, "codec", ("encode", "decode"), layout=self.layout)
         self.downlink = component(CODECS, downlink, "downlink", ("encode", "decode"), layout=self.layout)
@@ -333,6 +341,8 @@ class Federation:
         if self.personal is not None:
             record.extra.update(self.personal.metrics(self.params, self.server.server_state, self.client_states,
                                                       record.round))
+        if self.labels is not None:
+            record.extra.update(self.labels.metrics(self.model, self.layout, self.params, self.data.dataset))
         if ev.evaluate_fn is not None:
             self.layout.load_into(self.model, self.params)
             metrics = ev.evaluate_fn(self.model, record.round)
