@@ -171,6 +171,8 @@ def main() -> None:
     parser.add_argument("--only", choices=["secagg", "dp", "dpsgd"], action="append")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="seeds of the central DP table (default 0 1; 0 with --quick)")
+    parser.add_argument("--cohort", type=int, default=1000,
+                        help="expected clients a round of the central DP table (q = cohort / 10,000)")
     parser.add_argument("--epsilons", type=float, nargs="+", default=None,
                         help="epsilons of the central DP table (default inf 8 3 1; inf 8 with --quick)")
     args = parser.parse_args()
@@ -185,7 +187,7 @@ def main() -> None:
         if args.quick:
             dp_table(1000, 12000, 100, 10, args.epsilons or [float("inf"), 8.0], args.seeds or [0])
         else:
-            dp_table(10_000, 60_000, 1000, 100, args.epsilons or [float("inf"), 8.0, 3.0, 1.0], args.seeds or [0, 1])
+            dp_table(10_000, 60_000, args.cohort, 100, args.epsilons or [float("inf"), 8.0, 3.0, 1.0], args.seeds or [0, 1])
     if "dpsgd" in only:
         dpsgd_table(5 if args.quick else 30, [float("inf"), 8.0] if args.quick else [float("inf"), 8.0, 3.0, 1.0])
 
