@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -214,3 +215,35 @@ def test_central_dp_refuses_a_non_uniform_sampler() -> None:
     with pytest.raises(ConfigError, match="server.sampler = 'power_of_choice'.*'uniform'") as info:
         build_federation(cfg)
     assert "\n" not in str(info.value)
+
+
+def test_central_dp_samples_every_client_independently_as_the_accountant_assumes() -> None:
+    """The accountant composes Poisson-sampled Gaussians: the server draws each training client
+    with probability q = clients_per_round / clients, so cohorts vary in size around 8 of 20."""
+    fed = build_federation(small(**{"privacy.dp": "central", "privacy.noise_multiplier": 1.0}))
+    q = fed.server.privacy.central.accountant.sample_rate
+    assert q == pytest.approx(8 / 20) and fed.server.sampler.rate == q
+    cohorts = [fed.server.sample(r) for r in range(2000)]
+    sizes = np.array([len(c) for c in cohorts])
+    assert len(set(sizes.tolist())) > 5  # not a fixed size
+    assert sizes.mean() == pytest.approx(8, abs=0.2) and sizes.var() == pytest.approx(20 * q * (1 - q), rel=0.15)
+    hits = np.bincount(np.concatenate([np.array(c, dtype=int) for c in cohorts]), minlength=20) / len(cohorts)
+    assert np.all(np.abs(hits - q) < 0.05)  # every client with the same probability
+    plain = build_federation(small())
+    assert {len(plain.server.sample(r)) for r in range(20)} == {8}  # without DP: as before
+
+
+def test_an_empty_poisson_cohort_still_releases_the_noise_and_spends_a_round() -> None:
+    fed = build_federation(small(**{"privacy.dp": "central", "privacy.noise_multiplier": 1.0,
+                                    "privacy.noise_seed": 0, "server.clients_per_round": 1}))
+    empty = next(r for r in range(200) if not fed.server.sample(r))  # q = 1/20: about 36% of rounds
+    central = fed.server.privacy.central
+    for _ in range(empty):
+        fed.run_round(evaluate=False)
+    before = fed.params.clone()
+    out = fed.run_round(evaluate=False)
+    assert out.cohort == [] and out.num_clients == 0
+    assert len(central.accountant.noise) == empty + 1  # every round counted, the empty one too
+    change = fed.params - before  # FedAvg at server lr 1: the noise over the expected cohort of 1
+    assert torch.isfinite(change).all()
+    assert float(change.std()) == pytest.approx(central.metrics["dp_noise_std"], rel=0.1)

@@ -36,6 +36,7 @@ from koinon.privacy.dpsgd import SampleDP
 from koinon.privacy.noise import NoiseSource
 from koinon.privacy.secagg import FixedPoint, ProtocolError
 from koinon.privacy.secure import SecureAggregation, SecureSum
+from koinon.server.samplers import Poisson
 
 __all__ = ["AdaptiveClip", "CentralDP", "LocalDP", "NoiseSource", "Privacy", "PrivacyBudgetExceeded",
            "ProtocolError", "SampleDP", "SecureAggregation", "SecureSum", "build_privacy", "check_privacy", "clip_rows"]
@@ -51,6 +52,7 @@ class Privacy:
     local: LocalDP | None = None
     secure: SecureAggregation | None = None
     sample: SampleDP | None = None  # the client algorithm, wrapped: its local loop is DP-SGD
+    sampler: Poisson | None = None  # central DP: the cohort sampling its accountant assumes
 
     def open(self, cohort: list[int]) -> None:
         """Before a round trains: refuse it if it would pass the privacy budget."""
@@ -230,9 +232,10 @@ def build_privacy(cfg: Config, num_clients: int, algorithm: Any = None, sizes: t
     seed = None if p.noise_seed < 0 else p.noise_seed
     if p.dp in ("central", "local"):
         _check_dp_algorithm(cfg, algorithm)
-    if p.dp == "central" and cfg.server.sampler != "uniform":
+    if p.dp == "central" and (cfg.server.sampler not in ("uniform", "poisson") or cfg.server.sampler_options):
         raise ConfigError(f"privacy.dp = 'central' accounts for a uniformly sampled cohort (amplification by "
-                          f"sampling); server.sampler = {cfg.server.sampler!r} picks clients by other rules: use 'uniform'")
+                          f"sampling); server.sampler = {cfg.server.sampler!r} (options "
+                          f"{cfg.server.sampler_options}) picks clients by other rules: use 'uniform' or 'poisson'")
     if p.dp == "central" and cfg.aggregator.name != "mean":
         raise ConfigError(f"privacy.dp = 'central' is DP-FedAvg, which replaces the mean; aggregator.name = "
                           f"{cfg.aggregator.name!r} is not composed with it (use aggregator.name = 'mean')")
@@ -274,6 +277,11 @@ def build_privacy(cfg: Config, num_clients: int, algorithm: Any = None, sizes: t
             except ValueError as exc:
                 raise ConfigError(f"privacy.clip_count_stddev: {exc}") from None
             adaptive = AdaptiveClip(p.clip, p.target_quantile, p.clip_lr, stddev)
+        # The accountant composes Poisson-subsampled Gaussians (add/remove-one adjacency): every
+        # client joins a round independently with probability q, so the cohort's size varies
+        # around clients_per_round. A fixed-size cohort accounted as Poisson is only an
+        # approximation (and a correct fixed-size account, replace-one, doubles the sensitivity).
+        out.sampler = Poisson(k / num_clients)
         out.central = CentralDP(p.noise_multiplier, p.clip, k, Accountant(k / num_clients, p.delta, p.accountant),
                                 NoiseSource(seed), p.target_epsilon, adaptive)
     elif p.dp == "local":
@@ -283,8 +291,9 @@ def build_privacy(cfg: Config, num_clients: int, algorithm: Any = None, sizes: t
     if p.secagg:
         _check_secagg(cfg, algorithm)
         try:
+            # Central DP's Poisson cohort has no fixed size: the sum is sized for every client.
             fp = FixedPoint(p.secagg_modulus_bits, p.secagg_clip_range,
-                            1 if p.dp == "central" else p.secagg_max_weight, k)
+                            1 if p.dp == "central" else p.secagg_max_weight, num_clients if p.dp == "central" else k)
         except ValueError as exc:
             raise ConfigError(f"privacy.secagg_modulus_bits = {p.secagg_modulus_bits}: {exc}") from None
         out.secure = SecureAggregation(fp, p.secagg_degree, p.secagg_threshold, p.secagg_dropout, cfg.seed,

@@ -20,6 +20,10 @@ from koinon.errors import ConfigError
 __all__ = ["Accountant", "calibrate_noise", "epsilon_for"]
 
 ACCOUNTANTS = ("rdp", "pld")
+# PLD loss buckets of 1e-3 (the library's default is 1e-4): 10x faster, for an epsilon within
+# 1e-4 of the finer grid's at the sizes koinon runs (q = 0.1, z ~ 1, 100 rounds: 7.99878 vs
+# 7.99875); the discretization is pessimistic, so it stays an upper bound.
+PLD_GRID = 1e-3
 
 
 def _dpa() -> Any:
@@ -42,7 +46,7 @@ def _make(kind: str) -> Any:
     if kind == "rdp":
         return dpa.rdp.RdpAccountant()
     if kind == "pld":
-        return dpa.pld.PLDAccountant()
+        return dpa.pld.PLDAccountant(value_discretization_interval=PLD_GRID)
     raise ConfigError(f"privacy.accountant = {kind!r}: allowed: {', '.join(ACCOUNTANTS)}")
 
 
@@ -61,6 +65,15 @@ def _epsilon(rounds: tuple[tuple[float, int], ...], sample_rate: float, delta: f
         return 0.0
     if min(z for z, _ in rounds) <= 0:
         return float("inf")
+    if kind == "pld":
+        # What `PLDAccountant.compose` does for these events, with one round's PLD built once per
+        # (z, q) instead of once per round asked (building it is most of the cost).
+        pld = None
+        for z, n in rounds:
+            step = _pld_round(z, sample_rate).self_compose(n)
+            pld = step if pld is None else pld.compose(step)
+        assert pld is not None
+        return float(pld.get_epsilon_for_delta(delta))
     accountant = _make(kind)
     absl = logging.getLogger("absl")
     level = absl.level
@@ -73,6 +86,14 @@ def _epsilon(rounds: tuple[tuple[float, int], ...], sample_rate: float, delta: f
         absl.setLevel(level)
 
 
+@functools.lru_cache(maxsize=64)
+def _pld_round(noise_multiplier: float, sample_rate: float) -> Any:
+    """The privacy loss distribution of one (Poisson-sampled) Gaussian round, add/remove-one."""
+    return _dpa().pld.privacy_loss_distribution.from_gaussian_mechanism(
+        standard_deviation=noise_multiplier, value_discretization_interval=PLD_GRID,
+        sampling_prob=min(sample_rate, 1.0))
+
+
 def calibrate_noise(target_epsilon: float, sample_rate: float, steps: int, delta: float,
                     kind: str = "rdp") -> float:
     """The smallest noise multiplier whose `steps` rounds spend at most `target_epsilon`."""
@@ -81,9 +102,16 @@ def calibrate_noise(target_epsilon: float, sample_rate: float, steps: int, delta
     level = absl.level
     absl.setLevel(logging.ERROR)
     try:
+        bracket = dpa.LowerEndpointAndGuess(1e-3, 1.0)
+        if kind == "pld":
+            # PLD's epsilon is never above RDP's (RDP's conversion is an upper bound), so RDP's
+            # multiplier bounds PLD's from above. A PLD for a tiny multiplier has billions of
+            # buckets (a search from 1e-3 runs out of memory): search down to a quarter of it.
+            upper = calibrate_noise(target_epsilon, sample_rate, steps, delta, "rdp")
+            bracket = dpa.ExplicitBracketInterval(upper / 4, upper)
         z = dpa.calibrate_dp_mechanism(
             lambda: _make(kind), lambda z: _event(z, sample_rate, steps), target_epsilon, delta,
-            dpa.LowerEndpointAndGuess(1e-3, 1.0), tol=1e-4,
+            bracket, tol=1e-4,
         )
     finally:
         absl.setLevel(level)

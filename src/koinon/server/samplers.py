@@ -58,6 +58,24 @@ class Proportional:
         return sorted(int(c) for c in rng.choice(available, size=k, replace=False, p=w / w.sum()))
 
 
+@SAMPLERS.register("poisson")
+class Poisson:
+    """Every available client independently with probability `rate` (0: k / available clients),
+    so the cohort's size is binomial around k and may even be 0. This is the sampling that
+    differential privacy's accountants amplify (Poisson subsampling); central DP uses it."""
+
+    name = "poisson"
+
+    def __init__(self, rate: float = 0.0) -> None:
+        if not 0 <= rate <= 1:
+            raise ValueError(f"server.sampler_options.rate = {rate}: must be in [0, 1] (0 = k / available clients)")
+        self.rate = rate
+
+    def sample(self, available: np.ndarray, sizes: np.ndarray, k: int, rng: np.random.Generator) -> list[int]:
+        rate = self.rate or min(1.0, k / max(len(available), 1))
+        return sorted(int(c) for c in np.asarray(available)[rng.random(len(available)) < rate])
+
+
 @dataclass
 class Feedback:
     """What the server tells a sampler after a server step (a round, or an asynchronous

@@ -211,7 +211,8 @@ def build_federated(cfg: Config, /) -> Topology:
     algorithm = privacy.sample if privacy is not None and privacy.sample is not None else parts.algorithm
     return guard(
         "federation", Federation, parts.model, parts.fed_data, local=parts.local,
-        algorithm=algorithm, server_optimizer=parts.optimizer, sampler=parts.sampler,
+        algorithm=algorithm, server_optimizer=parts.optimizer,
+        sampler=privacy.sampler if privacy is not None and privacy.sampler is not None else parts.sampler,
         codec=parts.codec, downlink=parts.downlink, aggregator=parts.aggregator,
         runtime=parts.runtime, clients_per_round=s.clients_per_round, seed=cfg.seed,
         attack=parts.attack, byzantine_fraction=a.fraction, downlink_delta=cfg.downlink.delta,

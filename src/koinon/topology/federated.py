@@ -287,6 +287,11 @@ class Federation:
                                                     [self.client_states.get(c, {}) for c in cohort],
                                                     self.downlink, self.seed, r)
         rnd.downlink_bytes += personal_bytes
+        if not cohort:  # a Poisson cohort (central DP) may be empty: nothing trains, the noise is released
+            out = server.close_round()
+            if evaluate:
+                self.evaluate_into(out)
+            return out
         result = self.runtime.train(
             cohort, rnd.received, rnd.downloads, states, self.seed, r, self.sender.for_cohort(cohort, r),
         )

@@ -450,7 +450,9 @@ class FederatedServer:
         everyone = len(keep) == len(order)  # then no row copy: the stack can be a large model's
         applied = False
         refused_update = ""
-        if len(keep):
+        # Central DP releases its noise even when no update came (a Poisson cohort may be empty):
+        # the accountant counts every round as one sampled Gaussian release.
+        if len(keep) or (self.privacy is not None and self.privacy.central is not None):
             weights = samples[keep].to(torch.float32)
             model = stacks[MODEL]
             try:
