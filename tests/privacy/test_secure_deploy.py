@@ -29,6 +29,7 @@ h = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(h)
 
 P = 40
+SERVER = -1  # CREDS[SERVER]: the server's certificate and key (the same CA's)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,10 @@ def creds(tmp_path_factory) -> dict[int, Credentials]:
     """Client c's credentials from the run's CA (`client-c`), as mutual TLS would present them."""
     out = tmp_path_factory.mktemp("secure-certs")
     create_certs(out, 4, ["127.0.0.1"])
-    return {c: client_credentials(out, f"client-{c}") for c in range(4)}
+    creds = {c: client_credentials(out, f"client-{c}") for c in range(4)}
+    creds[SERVER] = Credentials((out / "ca.crt").read_bytes(), (out / "server.crt").read_bytes(),
+                                (out / "server.key").read_bytes())
+    return creds
 
 
 class Channel:
@@ -168,7 +172,8 @@ def _other_ca(tmp_path: Path) -> Credentials:
     return client_credentials(tmp_path / "rogue", "client-1")
 
 
-@pytest.mark.parametrize("forgery", ["substituted key", "another CA", "own certificate", "duplicated certificate"])
+@pytest.mark.parametrize("forgery", ["substituted key", "another CA", "server certificate", "own certificate",
+                                     "duplicated certificate"])
 def test_a_server_that_forges_a_neighbours_key_is_detected_and_the_client_reveals_nothing(
         tmp_path, forgery: str) -> None:
     rounds, updates = setup(consistency=True)
@@ -187,6 +192,8 @@ def test_a_server_that_forges_a_neighbours_key_is_detected_and_the_client_reveal
         elif forgery == "another CA":  # a certificate the server minted, a valid signature with it
             assert rogue is not None
             entries[v] = bind_key(rogue, 0, v, fake)
+        elif forgery == "server certificate":  # signed with the server's own key, the run's CA's certificate
+            entries[v] = bind_key(CREDS[SERVER], 0, v, fake)
         elif forgery == "own certificate":  # client 0's own binding shown as v's
             entries[v] = bind_key(CREDS[0], 0, v, fake)
         else:  # v's certificate (and key, signature) shown for w too
@@ -197,6 +204,7 @@ def test_a_server_that_forges_a_neighbours_key_is_detected_and_the_client_reveal
     assert isinstance(outcome[0], ProtocolError)
     reason = str(outcome[0])
     assert {"substituted key": "is not signed by its certificate", "another CA": "was not issued by the CA",
+            "server certificate": "is not a client certificate",
             "own certificate": "shows the certificate of this client",
             "duplicated certificate": "shows the certificate of neighbour"}[forgery] in reason, reason
     # Client 0 sent its hello and its advertised public keys, nothing after: no share, no input.

@@ -28,13 +28,14 @@ and sends it with its certificate at HELLO. The server refuses a HELLO whose cer
 the one that authenticated the call (mutual TLS) or whose signature does not verify, and forwards
 (certificate, signature) with every key in the neighbour directory. A client checks each
 neighbour's entry before it shares anything: the certificate was issued by the run's CA (its
-`ca.crt`), it is neither the client's own nor one that another neighbour also shows, and its
-signature covers that neighbour's index, this round and the key listed. Any failure aborts the
-client's round: it has sent only its HELLO and its advertised public keys, so nothing of its
-update (not even a share) leaves it. What this defends: a server without the CA's private key
-cannot put a key of its own in place of a client's, so it cannot impersonate a neighbour and the
-consistency check's signatures (`privacy.secagg_consistency`) are the clients' own (the PKI
-Bell et al. assume). The session is not in the statement (the server picks it after HELLO);
+`ca.crt`), is a client certificate valid now (not the server's, which the same CA issued), is
+neither the client's own nor one that another neighbour also shows, and its signature covers
+that neighbour's index, this round and the key listed. Any failure aborts the client's round:
+it has sent only its HELLO and its advertised public keys, so nothing of its update (not even a
+share) leaves it. What this defends: a server without the CA's private key cannot put a key of
+its own in place of a client's (nor pass its own certificate off as a client's), so it cannot
+impersonate a neighbour, and the consistency check's signatures (`privacy.secagg_consistency`)
+are the clients' own (the PKI Bell et al. assume). The session is not in the statement (the server picks it after HELLO);
 freshness comes from the key, new every round, whose private half never leaves its client, and
 every protocol message it signs names the session. What it does not defend: whoever holds the
 CA's key can mint client certificates, so a server that also runs the CA can fill a cohort with
@@ -53,6 +54,7 @@ received is refused, and its client is out of the session.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import struct
 import threading
@@ -67,6 +69,7 @@ import torch
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from koinon.deploy.certs import Credentials
 from koinon.ledger.certsign import (
@@ -148,6 +151,22 @@ def _der(pem: bytes) -> bytes:
     return x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER)
 
 
+def _client_certificate(der: bytes) -> str:
+    """"" when the certificate is a client's, valid now; else why not. The server's own certificate
+    comes from the same CA and its key is the server's: it must not pass for a client's."""
+    cert = x509.load_der_x509_certificate(der)
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = x509.ExtendedKeyUsage([])
+    if ExtendedKeyUsageOID.CLIENT_AUTH not in usage or ExtendedKeyUsageOID.SERVER_AUTH in usage:
+        return f"the certificate of {cert.subject.rfc4514_string()} is not a client certificate"
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        return f"the certificate of {cert.subject.rfc4514_string()} is not valid now"
+    return ""
+
+
 def bind_key(creds: Credentials, round_index: int, client: int, key: bytes) -> Binding:
     """A client's binding of its protocol key, signed with its certificate's key."""
     return Binding(key, _der(creds.cert), sign_receipt(creds.key, key_statement(round_index, client, key)))
@@ -165,8 +184,8 @@ def check_directory(entries: dict[int, Binding], creds: Credentials, round_index
             pem = _pem(binding.cert)
         except ValueError as exc:
             raise ProtocolError(f"neighbour {v}'s certificate is unreadable: {exc}") from None
-        why = issued_by(pem.decode(), creds.ca)
-        if why is not None:
+        why = issued_by(pem.decode(), creds.ca) or _client_certificate(binding.cert)
+        if why:
             raise ProtocolError(f"neighbour {v}: {why}")
         fingerprint = hashlib.sha256(binding.cert).digest()
         if fingerprint in seen:
