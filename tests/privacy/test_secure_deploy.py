@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from koinon.deploy.certs import create_certs
-from koinon.deploy.secure import SecureRefused, SecureRounds, secure_upload
+from koinon.deploy.certs import Credentials, client_credentials, create_certs
+from koinon.deploy.secure import Binding, SecureRefused, SecureRounds, bind_key, secure_upload
 from koinon.privacy.secagg import FixedPoint
-from koinon.privacy.secagg.messages import MASKED
+from koinon.privacy.secagg.messages import ADVERTISE, MASKED, SHARES, ProtocolError, Reader, u32
 from koinon.privacy.secure import SecureAggregation
 
 _spec = importlib.util.spec_from_file_location(
@@ -28,31 +29,54 @@ h = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(h)
 
 P = 40
+SERVER = -1  # CREDS[SERVER]: the server's certificate and key (the same CA's)
+
+
+@pytest.fixture(scope="module")
+def creds(tmp_path_factory) -> dict[int, Credentials]:
+    """Client c's credentials from the run's CA (`client-c`), as mutual TLS would present them."""
+    out = tmp_path_factory.mktemp("secure-certs")
+    create_certs(out, 4, ["127.0.0.1"])
+    creds = {c: client_credentials(out, f"client-{c}") for c in range(4)}
+    creds[SERVER] = Credentials((out / "ca.crt").read_bytes(), (out / "server.crt").read_bytes(),
+                                (out / "server.key").read_bytes())
+    return creds
 
 
 class Channel:
-    """Stands for a client's gRPC channel: calls go to the server's `handle` as that client,
-    through `edit(request)` (tests: tamper, record)."""
+    """Stands for a client's gRPC channel: calls go to the server's `handle` as that client (with
+    its certificate, as mutual TLS authenticates it), through `edit(request)` (tests: tamper,
+    record) and `answer(request, reply)` (tests: a server that changes its replies)."""
 
-    def __init__(self, rounds: SecureRounds, idx: int, edit=None) -> None:
-        self.rounds, self.idx, self.edit = rounds, idx, edit
+    def __init__(self, rounds: SecureRounds, idx: int, cert: bytes, edit=None, answer=None) -> None:
+        self.rounds, self.idx, self.cert, self.edit, self.answer = rounds, idx, cert, edit, answer
 
     def unary_unary(self, method: str):
         def call(request: bytes, timeout: float) -> bytes:
-            return self.rounds.handle(self.edit(request) if self.edit else request, self.idx)
+            reply = self.rounds.handle(self.edit(request) if self.edit else request, self.idx, self.cert)
+            return self.answer(request, reply) if self.answer else reply
         return call
 
 
+CREDS: dict[int, Credentials] = {}
+
+
+@pytest.fixture(autouse=True)
+def _creds(creds) -> None:
+    CREDS.update(creds)
+
+
 def session(rounds: SecureRounds, updates: dict[int, torch.Tensor], round_index: int = 0, edits=None,
-            clients=None):
+            clients=None, answers=None):
     """One round: the driver in this thread, each client in its own; (secure sum, client outcomes)."""
-    edits = edits or {}
+    edits, answers = edits or {}, answers or {}
     outcome: dict[int, object] = {}
 
     def client(c: int) -> None:
         try:
-            outcome[c] = secure_upload(Channel(rounds, c, edits.get(c)), rounds.secure, c, round_index,
-                                       updates[c], 10 + c, 0.5, 30.0)
+            channel = Channel(rounds, c, CREDS[c].cert, edits.get(c), answers.get(c))
+            outcome[c] = secure_upload(channel, rounds.secure, CREDS[c], c, round_index, updates[c], 10 + c,
+                                       0.5, 30.0)
         except Exception as exc:  # noqa: BLE001 - the outcome is what the test checks
             outcome[c] = exc
 
@@ -123,7 +147,101 @@ def test_a_replayed_message_is_refused() -> None:
     assert secure.survivors == [0, 2, 3]
     assert torch.equal(secure.total, plain(rounds, updates, [0, 2, 3], round_index=1)[0])
     # A message repeated within its own step is refused at once.
-    assert rounds.handle(recorded[1], 1)[0] == 1
+    assert rounds.handle(recorded[1], 1, CREDS[1].cert)[0] == 1
+
+
+def _directory_reply(reply: bytes) -> tuple[bytes, dict[int, Binding]]:
+    """Splits the answer to an advertise into (status, message) and the neighbour directory."""
+    r = Reader(reply[1:], "answer")
+    message = r.take(r.u32())
+    entries = {}
+    for _ in range(r.u32()):
+        v = r.u32()
+        entries[v] = Binding.read(r)
+    r.end()
+    return reply[:1] + u32(len(message)) + message, entries
+
+
+def _with_directory(head: bytes, entries: dict[int, Binding]) -> bytes:
+    return head + u32(len(entries)) + b"".join(u32(v) + b.pack() for v, b in entries.items())
+
+
+def _other_ca(tmp_path: Path) -> Credentials:
+    """A CA of the server's own (not the run's), with a certificate named like a real client."""
+    create_certs(tmp_path / "rogue", 2, ["127.0.0.1"])
+    return client_credentials(tmp_path / "rogue", "client-1")
+
+
+@pytest.mark.parametrize("forgery", ["substituted key", "another CA", "server certificate", "own certificate",
+                                     "duplicated certificate"])
+def test_a_server_that_forges_a_neighbours_key_is_detected_and_the_client_reveals_nothing(
+        tmp_path, forgery: str) -> None:
+    rounds, updates = setup(consistency=True)
+    rogue = _other_ca(tmp_path) if forgery == "another CA" else None
+    sent: list[bytes] = []
+
+    def forge(request: bytes, reply: bytes) -> bytes:
+        """Client 0's directory as a malicious server shows it: neighbour v's key is the server's."""
+        if request[8] != 1 or request[9 + 4] != ADVERTISE or reply[0] != 0:
+            return reply
+        head, entries = _directory_reply(reply)
+        v, w = sorted(entries)[:2]
+        fake = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+        if forgery == "substituted key":  # v's certificate and signature, the server's key
+            entries[v] = Binding(fake, entries[v].cert, entries[v].signature)
+        elif forgery == "another CA":  # a certificate the server minted, a valid signature with it
+            assert rogue is not None
+            entries[v] = bind_key(rogue, 0, v, fake)
+        elif forgery == "server certificate":  # signed with the server's own key, the run's CA's certificate
+            entries[v] = bind_key(CREDS[SERVER], 0, v, fake)
+        elif forgery == "own certificate":  # client 0's own binding shown as v's
+            entries[v] = bind_key(CREDS[0], 0, v, fake)
+        else:  # v's certificate (and key, signature) shown for w too
+            entries[w] = entries[v]
+        return _with_directory(head, entries)
+
+    secure, outcome = session(rounds, updates, edits={0: lambda r: sent.append(r) or r}, answers={0: forge})
+    assert isinstance(outcome[0], ProtocolError)
+    reason = str(outcome[0])
+    assert {"substituted key": "is not signed by its certificate", "another CA": "was not issued by the CA",
+            "server certificate": "is not a client certificate",
+            "own certificate": "shows the certificate of this client",
+            "duplicated certificate": "shows the certificate of neighbour"}[forgery] in reason, reason
+    # Client 0 sent its hello and its advertised public keys, nothing after: no share, no input.
+    assert [r[9 + 4] for r in sent[1:]] == [ADVERTISE]
+    assert all(r[9 + 4] not in (SHARES, MASKED) for r in sent[1:])
+    # For the server it dropped before sharing: the others' sum comes out exactly.
+    assert 0 not in secure.survivors and secure.error == ""
+    assert torch.equal(secure.total, plain(rounds, updates, secure.survivors)[0])
+
+
+def _hello_fields(request: bytes) -> tuple[bytes, bytes, bytes]:
+    body = request[9:]
+    r = Reader(body, "hello")
+    loss, key, cert = r.take(8), r.take(32), r.take(r.u32())
+    return loss, key, cert
+
+
+@pytest.mark.parametrize("tamper", ["another client's certificate", "another round", "another CA"])
+def test_the_server_refuses_a_hello_whose_key_is_not_bound_to_the_calling_certificate(
+        tmp_path, tamper: str) -> None:
+    rounds, updates = setup()
+    rogue = _other_ca(tmp_path) if tamper == "another CA" else None
+
+    def rebind(request: bytes) -> bytes:
+        if request[8] != 0:  # only the hello
+            return request
+        loss, key, _ = _hello_fields(request)
+        binding = {"another client's certificate": lambda: bind_key(CREDS[1], 0, 0, key),
+                   "another round": lambda: bind_key(CREDS[0], 1, 0, key),
+                   "another CA": lambda: bind_key(rogue, 0, 0, key)}[tamper]()
+        return request[:9] + loss + key + u32(len(binding.cert)) + binding.cert + binding.signature
+
+    secure, outcome = session(rounds, updates, edits={0: rebind})
+    assert isinstance(outcome[0], SecureRefused)
+    expected = "is not signed by its certificate" if tamper == "another round" else "not the one that authenticated"
+    assert expected in str(outcome[0]), outcome[0]
+    assert secure.survivors == [1, 2, 3] and torch.equal(secure.total, plain(rounds, updates, [1, 2, 3])[0])
 
 
 @pytest.fixture(scope="module")

@@ -314,7 +314,7 @@ def run_client(server: str, creds: Credentials, name: str, spec: DataSpec, state
         stub.Upload = upload_call(channel)  # sends pre-serialized data chunks (`upload_frames`)
         try:
             _session(stub, name, spec, state_dir, workers, call_timeout_s, hooks, receipt_key=creds.key,
-                     channel=channel)
+                     channel=channel, creds=creds)
             return 0
         except grpc.RpcError as exc:
             code = exc.code()
@@ -370,7 +370,7 @@ class _Contact(Exception):
 
 def _session(stub: Any, name: str, spec: DataSpec, state_dir: Path, workers: list[Worker],
              call_timeout_s: float, hooks: Hooks, receipt_key: bytes | None = None,
-             channel: grpc.Channel | None = None) -> None:
+             channel: grpc.Channel | None = None, creds: Credentials | None = None) -> None:
     """One connection's life: join, then poll / train / upload until the run is done."""
     if not workers:
         probe = _join(stub, spec, None)
@@ -411,7 +411,7 @@ def _session(stub: Any, name: str, spec: DataSpec, state_dir: Path, workers: lis
             if header.layout_hash != reply.layout_hash:
                 raise Rejected("the server switched models; rejoining")
             _train_and_upload(stub, name, idx, int(header.round), payloads, list(header.streams),
-                              worker, state, reply.layout_hash, call_timeout_s, hooks, receipt_key, channel)
+                              worker, state, reply.layout_hash, call_timeout_s, hooks, receipt_key, channel, creds)
     except Rejected as exc:
         hooks.log(name, f"bad answer from the server: {exc}")
         raise _Contact from None
@@ -432,7 +432,7 @@ def _join(stub: Any, spec: DataSpec, worker: Worker | None) -> Any:
 def _train_and_upload(stub: Any, name: str, idx: int, round_index: int, payloads: list[bytes],
                       streams: list[str], worker: Worker, state: ClientState, layout_hash: str,
                       call_timeout_s: float, hooks: Hooks, receipt_key: bytes | None = None,
-                      channel: grpc.Channel | None = None) -> None:
+                      channel: grpc.Channel | None = None, creds: Credentials | None = None) -> None:
     start = time.perf_counter()
     uploads, codec_states, result = worker.train(idx, round_index, payloads, streams, state)
     if hooks.stop is not None and hooks.stop.is_set():
@@ -442,12 +442,12 @@ def _train_and_upload(stub: Any, name: str, idx: int, round_index: int, payloads
         return
     fed = worker.fed
     if fed.server.privacy is not None and fed.server.privacy.secure is not None:
-        if channel is None:
-            raise KoinonError("privacy.secagg: this client needs its gRPC channel for the SecAgg+ steps")
+        if channel is None or creds is None:  # creds: its certificate key signs its protocol key
+            raise KoinonError("privacy.secagg: this client needs its gRPC channel and credentials for the SecAgg+ steps")
         from koinon.deploy.secure import client_round  # SecAgg+: the update goes out masked
 
         client_round(channel, fed, name, idx, round_index, uploads, codec_states, result, worker.num_samples,
-                     state, call_timeout_s, hooks.log)
+                     state, call_timeout_s, hooks.log, creds)
         return
     header = pb.UploadHeader(
         round=round_index, layout_hash=layout_hash, codec=fed.codec.name,

@@ -337,7 +337,7 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
             member = self._member(name, context)
             with self.lock:
                 member.last_seen = time.monotonic()
-            return bytes(self.secure.handle(request, member.idx))
+            return bytes(self.secure.handle(request, member.idx, peer_certificate(context)))
 
     def _secure_round(self) -> None:
         """The open round's cohort sums its updates by SecAgg+; the server holds the sum only."""
