@@ -35,6 +35,7 @@ from koinon.config import Config
 from koinon.deploy import federation_pb2_grpc
 from koinon.deploy.certs import read_revoked, server_credentials
 from koinon.deploy.faults import crash_point
+from koinon.deploy.personal import check_counts, drop_server_figures, split_size, summarize_counts
 from koinon.deploy.store import PendingWriter, Store
 from koinon.deploy.wire import (
     MAX_GRPC_MESSAGE,
@@ -167,6 +168,9 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
         self.open_calls: dict[str, int] = {}  # by certificate name
         self.ledger: Any = None  # a [ledger] whose receipts the clients sign (`serve` sets it)
         self.secure: Any = None  # privacy.secagg: the rounds' SecAgg+ sessions (koinon.deploy.secure)
+        # Personal counts of accepted uploads, by the round count of the model they score
+        # (koinon.deploy.personal): {rounds done: {client index: (correct, total)}}.
+        self.personal: dict[int, dict[int, tuple[int, int]]] = {}
 
     # ------------------------------------------------------------ identity
 
@@ -403,6 +407,9 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
             if header.num_samples != member.num_samples:
                 raise Rejected(f"num_samples {header.num_samples} differs from the {member.num_samples} "
                                "declared when joining")
+            if why := check_counts(int(header.personal_correct), int(header.personal_total),
+                                   split_size(self.fed, member.idx)):
+                raise Rejected(why)
             with self.lock:
                 self._admit_round(header.round, member)
                 if member.uploading:  # one upload per client at a time: no racing duplicates
@@ -474,6 +481,9 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
                                    bytes(header.receipt_signature))
             self.server.accept(member.idx, round_index, rows, member.num_samples, float(header.train_loss),
                                payloads)
+            if header.personal_total > 0:
+                self.personal.setdefault(round_index, {})[member.idx] = (int(header.personal_correct),
+                                                                         int(header.personal_total))
             self.store.record_accepted(round_index, name, member.idx, size, digest, member.num_samples,
                                        header.train_loss)
             member.busy_round = -1
@@ -585,6 +595,9 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
         crash_point("server.closed", upcoming)
         if upcoming % s.eval_every == 0 or upcoming == s.rounds:
             self.fed.evaluate_into(result)
+            drop_server_figures(result.extra)  # the clients report them (koinon.deploy.personal)
+        if (reports := self.personal.pop(upcoming - 1, None)) and (figures := summarize_counts(reports)):
+            self.store.merge_record(upcoming - 1, figures)  # the model this round started from
         result.wall_s = round(self.wall_offset + time.perf_counter() - start, 4)
         record = result.as_dict()
         ckpt = self.store.write_checkpoint(upcoming, self.fed.state_dict())  # with its SHA-256

@@ -1,0 +1,84 @@
+"""Personalized metrics in a deployment (`koinon.deploy.personal`): each client scores its own
+personalized model on its own held-out split and sends the counts with its next upload; the
+server's records then carry the simulation's `personal_accuracy_*`, and bad counts are refused."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from koinon.deploy.certs import create_certs
+from koinon.deploy.personal import check_counts, drop_server_figures, summarize_counts
+from koinon.personal.evaluate import summarize
+
+_spec = importlib.util.spec_from_file_location(
+    "deploy_helpers", Path(__file__).parents[1] / "deploy" / "helpers.py")
+assert _spec and _spec.loader
+h = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(h)
+
+NAMES = ["personal_accuracy_mean", "personal_accuracy_weighted", "personal_accuracy_p10", "personal_accuracy_min"]
+
+
+def test_summary_of_counts_is_the_simulations_summary_by_hand():
+    # Three clients: 3/4, 1/2, 9/10 correct on their held-out splits.
+    out = summarize_counts({2: (9, 10), 0: (3, 4), 1: (1, 2)})
+    assert out["personal_accuracy_mean"] == pytest.approx((0.75 + 0.5 + 0.9) / 3)
+    assert out["personal_accuracy_weighted"] == pytest.approx(13 / 16)
+    assert out["personal_accuracy_p10"] == pytest.approx(0.5 + 0.2 * 0.25)  # numpy's linear percentile
+    assert out["personal_accuracy_min"] == 0.5
+    # Bit for bit the simulation's summary of the per-client float32 accuracies.
+    acc = torch.tensor([3, 1, 9], dtype=torch.float32) / torch.tensor([4, 2, 10], dtype=torch.float32)
+    assert out == summarize(acc, torch.tensor([4.0, 2.0, 10.0]), "personal_accuracy")
+    assert summarize_counts({}) == {} and summarize_counts({0: (0, 0)}) == {}
+
+
+@pytest.mark.parametrize("correct,total,expected,why", [
+    (-1, 5, 5, "negative"), (2, -3, 5, "negative"), (6, 5, 5, "more correct"),
+    (3, 4, 5, "has 5"), (1, 1, 0, "has 0"),
+])
+def test_bad_counts_are_refused_in_one_line(correct, total, expected, why):
+    reason = check_counts(correct, total, expected)
+    assert reason is not None and why in reason and "\n" not in reason
+
+
+def test_good_counts_and_no_report_pass():
+    assert check_counts(0, 0, 7) is None  # not evaluated this round
+    assert check_counts(7, 7, 7) is None and check_counts(0, 7, 7) is None
+
+
+def test_the_servers_own_figures_go():
+    extra = {"personal_accuracy_mean": 0.1, "personal_accuracy_min": 0.0, "new_client_accuracy_mean": 0.5}
+    drop_server_figures(extra)
+    assert extra == {"new_client_accuracy_mean": 0.5}
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("certs")
+    create_certs(out, 3, ["127.0.0.1", "localhost"])
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["fedrep", "finetune", "fedavg"])
+def test_deployed_personal_metrics_equal_the_simulations(tmp_path, certs, algorithm):
+    client = {"algorithm": algorithm, "momentum": 0.0}
+    if algorithm == "fedrep":
+        client["head_steps"] = 3
+    config = h.write_config(tmp_path / "fed.toml", server={"rounds": 3, "clients_per_round": 3},
+                            data={"client_test_fraction": 0.25}, client=client)
+    state = h.run_deployment(tmp_path, config, certs, server_s=120)
+    sim = h.simulate(tmp_path, config, state)
+    deployed = h.metrics(state)
+    assert len(deployed) == len(sim) == 3
+    for r in range(2):  # rounds 1 and 2: their figures came with the uploads of rounds 2 and 3
+        for name in NAMES:
+            assert not math.isnan(sim[r][name])
+            assert deployed[r][name] == sim[r][name], (r, name, deployed[r][name], sim[r][name])
+    # The last round's model reaches no client before the run ends: its record has none.
+    assert not any(name in deployed[2] for name in NAMES)
+    assert np.isfinite(sim[2]["personal_accuracy_mean"])
