@@ -82,3 +82,57 @@ def test_deployed_personal_metrics_equal_the_simulations(tmp_path, certs, algori
     # The last round's model reaches no client before the run ends: its record has none.
     assert not any(name in deployed[2] for name in NAMES)
     assert np.isfinite(sim[2]["personal_accuracy_mean"])
+
+
+@pytest.mark.slow
+def test_a_live_server_refuses_bad_counts_with_the_reason(tmp_path, certs):
+    import grpc
+
+    from koinon.deploy import federation_pb2_grpc
+    from koinon.deploy.certs import client_credentials
+    from koinon.deploy.wire import pb, read_task, upload_messages
+    from koinon.experiment import load_config
+    from koinon.experiment.runner import build_federation
+
+    config = h.write_config(tmp_path / "fed.toml", data={"num_clients": 2, "client_test_fraction": 0.25},
+                            server={"rounds": 1, "clients_per_round": 2})
+    fed = build_federation(load_config(config))
+    payload = np.full(fed.layout.numel, 1e-3, dtype=np.float32).tobytes()
+    server, address = h.start_server(tmp_path, config, certs, tmp_path / "state")
+    try:
+        def client(name, partition):
+            c = client_credentials(certs, name)
+            tls = grpc.ssl_channel_credentials(root_certificates=c.ca, private_key=c.key, certificate_chain=c.cert)
+            stub = federation_pb2_grpc.FederationStub(grpc.secure_channel(address, tls))
+            samples = len(fed.data.client_indices[partition])
+            reply = stub.Join(pb.JoinRequest(data_spec=f"partition:{partition}", partition=partition,
+                                             num_samples=samples), timeout=10)
+            return stub, reply, samples
+
+        def task(stub, reply, samples):
+            for _ in range(20):
+                header, _ = read_task(stub.Poll(pb.PollRequest(client_index=reply.client_index), timeout=30), 1 << 30)
+                if header.status == pb.TaskHeader.TRAIN:
+                    return stub, reply, samples, header.round
+            raise AssertionError("never sampled")
+
+        def upload(stub, reply, samples, rnd, correct, total):
+            header = pb.UploadHeader(round=rnd, layout_hash=reply.layout_hash, codec="identity", streams=["delta"],
+                                     sizes=[len(payload)], num_samples=samples, num_steps=1, train_loss=0.1,
+                                     client_index=reply.client_index, personal_correct=correct,
+                                     personal_total=total)
+            answer = stub.Upload(upload_messages(header, [payload]), timeout=30)
+            return "accepted" if answer.accepted else answer.reason
+
+        a, b = client("client-0", 0), client("client-1", 1)
+        a, b = task(*a), task(*b)
+        held = len(fed.holdout[0])
+        assert held > 0
+        assert "negative" in upload(*a, -1, held)
+        assert "more correct" in upload(*a, held + 1, held)
+        assert f"has {held}" in upload(*a, 1, held - 1)
+        assert upload(*a, 1, held) == "accepted"
+        assert upload(*b, 0, 0) == "accepted"  # no report: nothing to check
+        assert server.wait(60) == 0, server.text()[-3000:]
+    finally:
+        server.kill()
