@@ -230,7 +230,8 @@ class Worker:
         self.model_sha256 = ""  # of the model the last `train` started from
         self.signs_receipts = cfg.ledger.contribution != "none"  # a [ledger] run logs signed receipts
         self.refusals = 0  # uploads refused in a row (backoff)
-        self.eval_every = cfg.server.eval_every
+        # Personal counts go with synchronous rounds' uploads (FedBuff / FedAsync servers take none).
+        self.eval_every = cfg.server.eval_every if cfg.schedule.name == "sync" else 0
         self.personal = (0, 0)  # (correct, total) of the personalized model the last task carried
 
     def bind(self, idx: int) -> None:
@@ -281,7 +282,7 @@ class Worker:
         # What the receipt names as the model trained from (hashed before training touches anything).
         if self.signs_receipts:
             self.model_sha256 = hashlib.sha256(params.detach().float().contiguous().numpy().tobytes()).hexdigest()
-        if self.spec.partition >= 0 and evaluated_round(fed, round_index, self.eval_every):
+        if self.spec.partition >= 0 and self.eval_every and evaluated_round(fed, round_index, self.eval_every):
             self.personal = client_counts(fed, idx, params, down, state.algorithm, round_index)  # before training
         else:
             self.personal = (0, 0)
