@@ -75,13 +75,12 @@ def test_deployed_personal_metrics_equal_the_simulations(tmp_path, certs, algori
     sim = h.simulate(tmp_path, config, state)
     deployed = h.metrics(state)
     assert len(deployed) == len(sim) == 3
-    for r in range(2):  # rounds 1 and 2: their figures came with the uploads of rounds 2 and 3
+    # Rounds 1 and 2: their figures came with the uploads of rounds 2 and 3; round 3's with the
+    # reports to the EVALUATE task after the last round.
+    for r in range(3):
         for name in NAMES:
             assert not math.isnan(sim[r][name])
             assert deployed[r][name] == sim[r][name], (r, name, deployed[r][name], sim[r][name])
-    # The last round's model reaches no client before the run ends: its record has none.
-    assert not any(name in deployed[2] for name in NAMES)
-    assert np.isfinite(sim[2]["personal_accuracy_mean"])
 
 
 @pytest.mark.slow

@@ -46,7 +46,7 @@ from koinon.data.federated import FederatedData
 from koinon.deploy import federation_pb2_grpc
 from koinon.deploy.certs import Credentials
 from koinon.deploy.faults import crash_point
-from koinon.deploy.personal import client_counts, evaluated_round
+from koinon.deploy.personal import client_counts, evaluated_round, report
 from koinon.deploy.wire import MAX_GRPC_MESSAGE, Rejected, pb, read_task, upload_call, upload_frames
 from koinon.errors import CodecError, KoinonError
 from koinon.ledger.certsign import receipt_statement, sign_receipt
@@ -402,7 +402,8 @@ def _session(stub: Any, name: str, spec: DataSpec, state_dir: Path, workers: lis
         hooks.log(name, f"going on with the codec/algorithm (error-feedback) state of round {state.last_round + 1} "
                   f"from {state_dir}")
     max_stream = worker.fed.downlink.max_bytes()
-    if worker.fed.server.broadcast.delta:  # a client that fell behind gets the full float32 model
+    if worker.fed.server.broadcast.delta or worker.fed.personal is not None:  # the full float32 model (a client
+        # that fell behind; the EVALUATE task after the last round)
         max_stream = max(max_stream, worker.fed.layout.numel * 4)
     try:
         while hooks.stop is None or not hooks.stop.is_set():
@@ -415,6 +416,9 @@ def _session(stub: Any, name: str, spec: DataSpec, state_dir: Path, workers: lis
                 hooks.log(name, "the run has finished")
                 return
             if header.status == pb.TaskHeader.WAIT:
+                continue
+            if header.status == pb.TaskHeader.EVALUATE:  # after the last round: personal metrics
+                report(stub, worker, idx, header, payloads, state, reply.layout_hash)
                 continue
             if header.layout_hash != reply.layout_hash:
                 raise Rejected("the server switched models; rejoining")

@@ -12,7 +12,8 @@ accepted upload (r or earlier, as in the simulation). So it scores before it tra
 simulation's code and seed, and sends (correct, total) in the upload header of round r + 1. The
 server writes their summary into round r's record when round r + 1 commits: the figures are the
 simulation's for the clients that reported (with `clients_per_round = num_clients`, all of them),
-and the last round's record has none (no round follows it to carry them).
+and the last round's model reaches the clients in an EVALUATE task after the last round
+(`final_evaluation`: the clients answer with an upload of empty payloads that carries the counts).
 
 Counts that are negative, `correct > total`, or a `total` other than the held-out split the server
 knows for that client, refuse the upload: a client that scores another split runs other data or
@@ -22,11 +23,14 @@ refusal leaves its states as they were (the upload's are dropped).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
 
+from koinon.deploy.wire import pb, upload_frames
 from koinon.personal.evaluate import PersonalEvaluation, summarize
+from koinon.wire import Rejected, receive_model
 
 PREFIX = "personal_accuracy"
 
@@ -94,5 +98,72 @@ def drop_server_figures(extra: dict[str, Any]) -> None:
         del extra[key]
 
 
-__all__ = ["check_counts", "client_counts", "drop_server_figures", "evaluated_round", "split_size",
-           "summarize_counts"]
+class Reported(Rejected):
+    """Raised by the server's upload check for a final-evaluation report: its text is the
+    refusal reason, empty when the counts were taken (no payload follows such a report)."""
+
+
+def final_evaluation(srv: Any) -> None:
+    """After the last round: every connected client with a held-out split gets an EVALUATE task
+    with the final model (float32) and answers with its counts, which go into the last record.
+    Skipped where a client would need more than the model (an algorithm's downloads, e.g. IFCA's
+    cluster models), under SecAgg+, and when the last record has the figures (a restart)."""
+    fed = srv.fed
+    total = srv.cfg.server.rounds
+    records = srv.store.records()
+    if (getattr(fed, "personal", None) is None or srv.secure is not None or fed.algorithm.downloads
+            or not records or f"{PREFIX}_mean" in records[-1]):
+        return
+    with srv.lock:
+        now = time.monotonic()
+        srv.eval_clients = {m.idx for m in srv.members.values() if srv._connected(m, now) and split_size(fed, m.idx)}
+        srv.evaluating = total
+        srv.deadline = now + srv.cfg.deploy.round_timeout_s
+        srv.changed.notify_all()
+        while not srv.eval_clients <= set(srv.personal.get(total, {})) and time.monotonic() < srv.deadline:
+            srv.changed.wait(min(1.0, max(srv.deadline - time.monotonic(), 0.01)))
+        srv.evaluating = None
+        reports = srv.personal.pop(total, {})
+    if figures := summarize_counts(reports):
+        srv.store.merge_record(total, figures)
+        srv._write_metrics()
+
+
+def evaluation_task(srv: Any, member: Any) -> Any:
+    """The EVALUATE task of `member` during `final_evaluation` (None: it has reported, or it is
+    not asked)."""
+    if member.idx not in srv.eval_clients or member.idx in srv.personal.get(srv.evaluating, {}):
+        return None
+    payload = srv.fed.params.detach().float().contiguous().numpy().tobytes()
+    header = pb.TaskHeader(status=pb.TaskHeader.EVALUATE, round=srv.evaluating, layout_hash=srv.layout_hash,
+                           codec="float32", streams=["model"], sizes=[len(payload)], seed=srv.cfg.seed)
+    return header, [payload]
+
+
+def take_report(srv: Any, member: Any, header: Any) -> str:
+    """Keep a final-evaluation report (counts already checked); "" when taken."""
+    if member.idx not in srv.eval_clients:
+        return f"no evaluation was asked of client {member.name}"
+    with srv.lock:
+        srv.personal.setdefault(int(header.round), {})[member.idx] = (int(header.personal_correct),
+                                                                      int(header.personal_total))
+        srv.changed.notify_all()
+    return ""
+
+
+def report(stub: Any, worker: Any, idx: int, header: Any, payloads: list[bytes], state: Any,
+           layout_hash: str) -> None:
+    """Client side of an EVALUATE task: score, then send the counts in an upload header."""
+    fed = worker.fed
+    params = receive_model(fed.downlink, None, payloads[:1], True, fed.layout.numel)
+    counts = (client_counts(fed, idx, params, {}, state.algorithm, int(header.round))
+              if worker.spec.partition >= 0 else (0, 0))
+    streams = list(fed.server.streams)
+    up = pb.UploadHeader(round=header.round, layout_hash=layout_hash, codec=fed.codec.name, streams=streams,
+                         sizes=[0] * len(streams), num_samples=worker.num_samples, client_index=idx,
+                         personal_correct=counts[0], personal_total=counts[1])
+    stub.Upload(upload_frames(up, [b""] * len(streams)), timeout=60.0)
+
+
+__all__ = ["Reported", "check_counts", "client_counts", "drop_server_figures", "evaluated_round", "split_size",
+           "evaluation_task", "final_evaluation", "report", "summarize_counts", "take_report"]

@@ -35,7 +35,16 @@ from koinon.config import Config
 from koinon.deploy import federation_pb2_grpc
 from koinon.deploy.certs import read_revoked, server_credentials
 from koinon.deploy.faults import crash_point
-from koinon.deploy.personal import check_counts, drop_server_figures, split_size, summarize_counts
+from koinon.deploy.personal import (
+    Reported,
+    check_counts,
+    drop_server_figures,
+    evaluation_task,
+    final_evaluation,
+    split_size,
+    summarize_counts,
+    take_report,
+)
 from koinon.deploy.store import PendingWriter, Store
 from koinon.deploy.wire import (
     MAX_GRPC_MESSAGE,
@@ -171,6 +180,8 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
         # Personal counts of accepted uploads, by the round count of the model they score
         # (koinon.deploy.personal): {rounds done: {client index: (correct, total)}}.
         self.personal: dict[int, dict[int, tuple[int, int]]] = {}
+        self.evaluating: int | None = None  # after the last round: its count, while clients score its model
+        self.eval_clients: set[int] = set()
 
     # ------------------------------------------------------------ identity
 
@@ -315,6 +326,8 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
     def _task_for(self, member: Member, held_round: int) -> Any:
         """TRAIN messages when `member` is in the open round's cohort and has not delivered.
         `held_round`: the round of the model the client holds (delta downlink catches up from it)."""
+        if self.evaluating is not None:  # after the last round (koinon.deploy.personal)
+            return evaluation_task(self, member)
         rnd = self.server.open
         if rnd is None or member.idx not in rnd.cohort or member.idx in rnd.rows:
             return None
@@ -410,6 +423,8 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
             if why := check_counts(int(header.personal_correct), int(header.personal_total),
                                    split_size(self.fed, member.idx)):
                 raise Rejected(why)
+            if self.evaluating is not None and header.round == self.evaluating:
+                raise Reported(take_report(self, member, header))
             with self.lock:
                 self._admit_round(header.round, member)
                 if member.uploading:  # one upload per client at a time: no racing duplicates
@@ -464,6 +479,8 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
                     pending.pop().abort()
                 if slot:
                     self.receiving.release()
+        except Reported as exc:
+            return pb.UploadReply(accepted=not str(exc), reason=str(exc))
         except Rejected as exc:
             rnd = self.server.open
             round_index = claimed[0] if claimed else (rnd.index if rnd else -1)
@@ -634,6 +651,7 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
             else:
                 self._wait()
             self._close(start)
+        final_evaluation(self)  # the last model's personal metrics, from the clients
         with self.lock:
             self.finished = True
             self.changed.notify_all()
