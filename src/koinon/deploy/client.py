@@ -46,6 +46,7 @@ from koinon.data.federated import FederatedData
 from koinon.deploy import federation_pb2_grpc
 from koinon.deploy.certs import Credentials
 from koinon.deploy.faults import crash_point
+from koinon.deploy.personal import client_counts, evaluated_round, report
 from koinon.deploy.wire import MAX_GRPC_MESSAGE, Rejected, pb, read_task, upload_call, upload_frames
 from koinon.errors import CodecError, KoinonError
 from koinon.ledger.certsign import receipt_statement, sign_receipt
@@ -229,6 +230,9 @@ class Worker:
         self.model_sha256 = ""  # of the model the last `train` started from
         self.signs_receipts = cfg.ledger.contribution != "none"  # a [ledger] run logs signed receipts
         self.refusals = 0  # uploads refused in a row (backoff)
+        # Personal counts go with synchronous rounds' uploads (FedBuff / FedAsync servers take none).
+        self.eval_every = cfg.server.eval_every if cfg.schedule.name == "sync" else 0
+        self.personal = (0, 0)  # (correct, total) of the personalized model the last task carried
 
     def bind(self, idx: int) -> None:
         """Train under global index `idx` (a custom dataset is installed as that client's data)."""
@@ -278,6 +282,10 @@ class Worker:
         # What the receipt names as the model trained from (hashed before training touches anything).
         if self.signs_receipts:
             self.model_sha256 = hashlib.sha256(params.detach().float().contiguous().numpy().tobytes()).hexdigest()
+        if self.spec.partition >= 0 and self.eval_every and evaluated_round(fed, round_index, self.eval_every):
+            self.personal = client_counts(fed, idx, params, down, state.algorithm, round_index)  # before training
+        else:
+            self.personal = (0, 0)
         encoder = CohortEncoder(fed.codec, fed.seed, round_index, fed.server.streams, [state.codec],
                                 fed.sender.privatize)  # local DP: the noise is added here, on the client
         result = fed.runtime.train([idx], params, down, [state.algorithm], fed.seed, round_index, encoder)
@@ -394,7 +402,8 @@ def _session(stub: Any, name: str, spec: DataSpec, state_dir: Path, workers: lis
         hooks.log(name, f"going on with the codec/algorithm (error-feedback) state of round {state.last_round + 1} "
                   f"from {state_dir}")
     max_stream = worker.fed.downlink.max_bytes()
-    if worker.fed.server.broadcast.delta:  # a client that fell behind gets the full float32 model
+    if worker.fed.server.broadcast.delta or worker.fed.personal is not None:  # the full float32 model (a client
+        # that fell behind; the EVALUATE task after the last round)
         max_stream = max(max_stream, worker.fed.layout.numel * 4)
     try:
         while hooks.stop is None or not hooks.stop.is_set():
@@ -407,6 +416,9 @@ def _session(stub: Any, name: str, spec: DataSpec, state_dir: Path, workers: lis
                 hooks.log(name, "the run has finished")
                 return
             if header.status == pb.TaskHeader.WAIT:
+                continue
+            if header.status == pb.TaskHeader.EVALUATE:  # after the last round: personal metrics
+                report(stub, worker, idx, header, payloads, state, reply.layout_hash)
                 continue
             if header.layout_hash != reply.layout_hash:
                 raise Rejected("the server switched models; rejoining")
@@ -454,6 +466,7 @@ def _train_and_upload(stub: Any, name: str, idx: int, round_index: int, payloads
         streams=list(fed.server.streams), sizes=[len(p) for p in uploads],
         num_samples=worker.num_samples, num_steps=int(result.num_steps[0]),
         train_loss=float(result.train_loss[0]), client_index=idx,
+        personal_correct=worker.personal[0], personal_total=worker.personal[1],
     )
     if receipt_key is not None and worker.signs_receipts:  # the receipt, signed with the TLS certificate key
         header.model_sha256 = worker.model_sha256

@@ -35,6 +35,16 @@ from koinon.config import Config
 from koinon.deploy import federation_pb2_grpc
 from koinon.deploy.certs import read_revoked, server_credentials
 from koinon.deploy.faults import crash_point
+from koinon.deploy.personal import (
+    Reported,
+    check_counts,
+    drop_server_figures,
+    evaluation_task,
+    final_evaluation,
+    split_size,
+    summarize_counts,
+    take_report,
+)
 from koinon.deploy.store import PendingWriter, Store
 from koinon.deploy.wire import (
     MAX_GRPC_MESSAGE,
@@ -167,6 +177,11 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
         self.open_calls: dict[str, int] = {}  # by certificate name
         self.ledger: Any = None  # a [ledger] whose receipts the clients sign (`serve` sets it)
         self.secure: Any = None  # privacy.secagg: the rounds' SecAgg+ sessions (koinon.deploy.secure)
+        # Personal counts of accepted uploads, by the round count of the model they score
+        # (koinon.deploy.personal): {rounds done: {client index: (correct, total)}}.
+        self.personal: dict[int, dict[int, tuple[int, int]]] = {}
+        self.evaluating: int | None = None  # after the last round: its count, while clients score its model
+        self.eval_clients: set[int] = set()
 
     # ------------------------------------------------------------ identity
 
@@ -311,6 +326,8 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
     def _task_for(self, member: Member, held_round: int) -> Any:
         """TRAIN messages when `member` is in the open round's cohort and has not delivered.
         `held_round`: the round of the model the client holds (delta downlink catches up from it)."""
+        if self.evaluating is not None:  # after the last round (koinon.deploy.personal)
+            return evaluation_task(self, member)
         rnd = self.server.open
         if rnd is None or member.idx not in rnd.cohort or member.idx in rnd.rows:
             return None
@@ -403,6 +420,11 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
             if header.num_samples != member.num_samples:
                 raise Rejected(f"num_samples {header.num_samples} differs from the {member.num_samples} "
                                "declared when joining")
+            if why := check_counts(int(header.personal_correct), int(header.personal_total),
+                                   split_size(self.fed, member.idx)):
+                raise Rejected(why)
+            if self.evaluating is not None and header.round == self.evaluating:
+                raise Reported(take_report(self, member, header))
             with self.lock:
                 self._admit_round(header.round, member)
                 if member.uploading:  # one upload per client at a time: no racing duplicates
@@ -457,6 +479,8 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
                     pending.pop().abort()
                 if slot:
                     self.receiving.release()
+        except Reported as exc:
+            return pb.UploadReply(accepted=not str(exc), reason=str(exc))
         except Rejected as exc:
             rnd = self.server.open
             round_index = claimed[0] if claimed else (rnd.index if rnd else -1)
@@ -474,6 +498,9 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
                                    bytes(header.receipt_signature))
             self.server.accept(member.idx, round_index, rows, member.num_samples, float(header.train_loss),
                                payloads)
+            if header.personal_total > 0:
+                self.personal.setdefault(round_index, {})[member.idx] = (int(header.personal_correct),
+                                                                         int(header.personal_total))
             self.store.record_accepted(round_index, name, member.idx, size, digest, member.num_samples,
                                        header.train_loss)
             member.busy_round = -1
@@ -585,6 +612,9 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
         crash_point("server.closed", upcoming)
         if upcoming % s.eval_every == 0 or upcoming == s.rounds:
             self.fed.evaluate_into(result)
+            drop_server_figures(result.extra)  # the clients report them (koinon.deploy.personal)
+        if (reports := self.personal.pop(upcoming - 1, None)) and (figures := summarize_counts(reports)):
+            self.store.merge_record(upcoming - 1, figures)  # the model this round started from
         result.wall_s = round(self.wall_offset + time.perf_counter() - start, 4)
         record = result.as_dict()
         ckpt = self.store.write_checkpoint(upcoming, self.fed.state_dict())  # with its SHA-256
@@ -621,6 +651,7 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
             else:
                 self._wait()
             self._close(start)
+        final_evaluation(self)  # the last model's personal metrics, from the clients
         with self.lock:
             self.finished = True
             self.changed.notify_all()

@@ -395,6 +395,16 @@ class Store:
             raise KoinonError(f"--state {self.folder}: checkpoint {name} cannot be read "
                               f"({type(exc).__name__}); {todo}") from None
 
+    def merge_record(self, round_index: int, values: dict[str, Any]) -> None:
+        """Add `values` to the committed record of round `round_index` (1-based count), e.g. the
+        clients' personal metrics of its model, which arrive with the next round's uploads."""
+        with self._transaction() as db:
+            rows = db.execute("SELECT record FROM rounds WHERE round = ?", (round_index,)).fetchall()
+            if rows:
+                record = json.loads(rows[0][0])
+                record.update(values)
+                db.execute("INSERT OR REPLACE INTO rounds VALUES (?, ?)", (round_index, json.dumps(record)))
+
     def records(self) -> list[dict[str, Any]]:
         return [json.loads(r[0]) for r in self._query("SELECT record FROM rounds ORDER BY round")]
 

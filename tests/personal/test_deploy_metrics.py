@@ -1,0 +1,137 @@
+"""Personalized metrics in a deployment (`koinon.deploy.personal`): each client scores its own
+personalized model on its own held-out split and sends the counts with its next upload; the
+server's records then carry the simulation's `personal_accuracy_*`, and bad counts are refused."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from koinon.deploy.certs import create_certs
+from koinon.deploy.personal import check_counts, drop_server_figures, summarize_counts
+from koinon.personal.evaluate import summarize
+
+_spec = importlib.util.spec_from_file_location(
+    "deploy_helpers", Path(__file__).parents[1] / "deploy" / "helpers.py")
+assert _spec and _spec.loader
+h = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(h)
+
+NAMES = ["personal_accuracy_mean", "personal_accuracy_weighted", "personal_accuracy_p10", "personal_accuracy_min"]
+
+
+def test_summary_of_counts_is_the_simulations_summary_by_hand():
+    # Three clients: 3/4, 1/2, 9/10 correct on their held-out splits.
+    out = summarize_counts({2: (9, 10), 0: (3, 4), 1: (1, 2)})
+    assert out["personal_accuracy_mean"] == pytest.approx((0.75 + 0.5 + 0.9) / 3)
+    assert out["personal_accuracy_weighted"] == pytest.approx(13 / 16)
+    assert out["personal_accuracy_p10"] == pytest.approx(0.5 + 0.2 * 0.25)  # numpy's linear percentile
+    assert out["personal_accuracy_min"] == 0.5
+    # Bit for bit the simulation's summary of the per-client float32 accuracies.
+    acc = torch.tensor([3, 1, 9], dtype=torch.float32) / torch.tensor([4, 2, 10], dtype=torch.float32)
+    assert out == summarize(acc, torch.tensor([4.0, 2.0, 10.0]), "personal_accuracy")
+    assert summarize_counts({}) == {} and summarize_counts({0: (0, 0)}) == {}
+
+
+@pytest.mark.parametrize("correct,total,expected,why", [
+    (-1, 5, 5, "negative"), (2, -3, 5, "negative"), (6, 5, 5, "more correct"),
+    (3, 4, 5, "has 5"), (1, 1, 0, "has 0"),
+])
+def test_bad_counts_are_refused_in_one_line(correct, total, expected, why):
+    reason = check_counts(correct, total, expected)
+    assert reason is not None and why in reason and "\n" not in reason
+
+
+def test_good_counts_and_no_report_pass():
+    assert check_counts(0, 0, 7) is None  # not evaluated this round
+    assert check_counts(7, 7, 7) is None and check_counts(0, 7, 7) is None
+
+
+def test_the_servers_own_figures_go():
+    extra = {"personal_accuracy_mean": 0.1, "personal_accuracy_min": 0.0, "new_client_accuracy_mean": 0.5}
+    drop_server_figures(extra)
+    assert extra == {"new_client_accuracy_mean": 0.5}
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("certs")
+    create_certs(out, 3, ["127.0.0.1", "localhost"])
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["fedrep", "finetune", "fedavg"])
+def test_deployed_personal_metrics_equal_the_simulations(tmp_path, certs, algorithm):
+    client = {"algorithm": algorithm, "momentum": 0.0}
+    if algorithm == "fedrep":
+        client["head_steps"] = 3
+    config = h.write_config(tmp_path / "fed.toml", server={"rounds": 3, "clients_per_round": 3},
+                            data={"client_test_fraction": 0.25}, client=client)
+    state = h.run_deployment(tmp_path, config, certs, server_s=120)
+    sim = h.simulate(tmp_path, config, state)
+    deployed = h.metrics(state)
+    assert len(deployed) == len(sim) == 3
+    # Rounds 1 and 2: their figures came with the uploads of rounds 2 and 3; round 3's with the
+    # reports to the EVALUATE task after the last round.
+    for r in range(3):
+        for name in NAMES:
+            assert not math.isnan(sim[r][name])
+            assert deployed[r][name] == sim[r][name], (r, name, deployed[r][name], sim[r][name])
+
+
+@pytest.mark.slow
+def test_a_live_server_refuses_bad_counts_with_the_reason(tmp_path, certs):
+    import grpc
+
+    from koinon.deploy import federation_pb2_grpc
+    from koinon.deploy.certs import client_credentials
+    from koinon.deploy.wire import pb, read_task, upload_messages
+    from koinon.experiment import load_config
+    from koinon.experiment.runner import build_federation
+
+    config = h.write_config(tmp_path / "fed.toml", data={"num_clients": 2, "client_test_fraction": 0.25},
+                            server={"rounds": 1, "clients_per_round": 2})
+    fed = build_federation(load_config(config))
+    payload = np.full(fed.layout.numel, 1e-3, dtype=np.float32).tobytes()
+    server, address = h.start_server(tmp_path, config, certs, tmp_path / "state")
+    try:
+        def client(name, partition):
+            c = client_credentials(certs, name)
+            tls = grpc.ssl_channel_credentials(root_certificates=c.ca, private_key=c.key, certificate_chain=c.cert)
+            stub = federation_pb2_grpc.FederationStub(grpc.secure_channel(address, tls))
+            samples = len(fed.data.client_indices[partition])
+            reply = stub.Join(pb.JoinRequest(data_spec=f"partition:{partition}", partition=partition,
+                                             num_samples=samples), timeout=10)
+            return stub, reply, samples
+
+        def task(stub, reply, samples):
+            for _ in range(20):
+                header, _ = read_task(stub.Poll(pb.PollRequest(client_index=reply.client_index), timeout=30), 1 << 30)
+                if header.status == pb.TaskHeader.TRAIN:
+                    return stub, reply, samples, header.round
+            raise AssertionError("never sampled")
+
+        def upload(stub, reply, samples, rnd, correct, total):
+            header = pb.UploadHeader(round=rnd, layout_hash=reply.layout_hash, codec="identity", streams=["delta"],
+                                     sizes=[len(payload)], num_samples=samples, num_steps=1, train_loss=0.1,
+                                     client_index=reply.client_index, personal_correct=correct,
+                                     personal_total=total)
+            answer = stub.Upload(upload_messages(header, [payload]), timeout=30)
+            return "accepted" if answer.accepted else answer.reason
+
+        a, b = client("client-0", 0), client("client-1", 1)
+        a, b = task(*a), task(*b)
+        held = len(fed.holdout[0])
+        assert held > 0
+        assert "negative" in upload(*a, -1, held)
+        assert "more correct" in upload(*a, held + 1, held)
+        assert f"has {held}" in upload(*a, 1, held - 1)
+        assert upload(*a, 1, held) == "accepted"
+        assert upload(*b, 0, 0) == "accepted"  # no report: nothing to check
+        assert server.wait(60) == 0, server.text()[-3000:]
+    finally:
+        server.kill()
