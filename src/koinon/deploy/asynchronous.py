@@ -48,7 +48,7 @@ from koinon.config import Config, ScheduleConfig
 from koinon.deploy.faults import crash_point
 from koinon.deploy.server import FederationServer, Late, Member, log
 from koinon.deploy.store import Checkpoint, Store, _pack_head, _unpack
-from koinon.deploy.wire import Rejected, pb, quote, read_upload
+from koinon.deploy.wire import Rejected, pb, read_upload
 from koinon.errors import ConfigError, KoinonError
 from koinon.topology.server import Buffered
 
@@ -416,16 +416,7 @@ class AsyncServer(FederationServer):
                  cert_pem: bytes | None = None) -> Any:
         def admit(header: Any) -> None:
             claimed.append(int(header.round))
-            # The same header checks as a round's upload.
-            if header.layout_hash != self.layout_hash:
-                raise Rejected(f"layout hash {quote(header.layout_hash)} is not the model's {self.layout_hash!r}")
-            if header.codec != self.fed.codec.name:
-                raise Rejected(f"codec {quote(header.codec)}, the run uses {self.fed.codec.name!r}")
-            if header.client_index != member.idx:
-                raise Rejected(f"client index {header.client_index} is not this client's {member.idx}")
-            if header.num_samples != member.num_samples:
-                raise Rejected(f"num_samples {header.num_samples} differs from the {member.num_samples} "
-                               "declared when joining")
+            self._check_header(header, member)  # the same header checks as a round's upload
             with self.lock:
                 self._admit_task(int(header.round), member)
                 if member.uploading:

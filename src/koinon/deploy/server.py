@@ -402,6 +402,19 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
                     member.uploading = False
                 self.changed.notify_all()
 
+    def _check_header(self, header: Any, member: Member) -> None:
+        """An upload header's checks shared by rounds and asynchronous tasks: the model's layout,
+        the run's codec, the calling client's index and the sample count it joined with."""
+        if header.layout_hash != self.layout_hash:
+            raise Rejected(f"layout hash {quote(header.layout_hash)} is not the model's {self.layout_hash!r}")
+        if header.codec != self.fed.codec.name:
+            raise Rejected(f"codec {quote(header.codec)}, the run uses {self.fed.codec.name!r}")
+        if header.client_index != member.idx:
+            raise Rejected(f"client index {header.client_index} is not this client's {member.idx}")
+        if header.num_samples != member.num_samples:
+            raise Rejected(f"num_samples {header.num_samples} differs from the {member.num_samples} "
+                           "declared when joining")
+
     def _receive(self, request_iterator: Any, member: Member, claimed: list[int], uploading: list[bool],
                  cert_pem: bytes | None = None) -> Any:
         name = member.name
@@ -411,15 +424,7 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
             if self.secure is not None:  # an update sent in the clear would defeat the protocol
                 raise Rejected("this run aggregates securely (privacy.secagg): updates go through "
                                "SecAgg+, never as a plain upload")
-            if header.layout_hash != self.layout_hash:
-                raise Rejected(f"layout hash {quote(header.layout_hash)} is not the model's {self.layout_hash!r}")
-            if header.codec != self.fed.codec.name:
-                raise Rejected(f"codec {quote(header.codec)}, the run uses {self.fed.codec.name!r}")
-            if header.client_index != member.idx:
-                raise Rejected(f"client index {header.client_index} is not this client's {member.idx}")
-            if header.num_samples != member.num_samples:
-                raise Rejected(f"num_samples {header.num_samples} differs from the {member.num_samples} "
-                               "declared when joining")
+            self._check_header(header, member)
             if why := check_counts(int(header.personal_correct), int(header.personal_total),
                                    split_size(self.fed, member.idx)):
                 raise Rejected(why)
