@@ -85,6 +85,11 @@ def test_deployment_refuses_a_clock_and_schedules_it_cannot_run_in_one_line():
         build_for_deployment(_cfg(schedule={"name": "fedbuff", "buffer": 2}, ledger={"contribution": "loo"}))
     with pytest.raises(ConfigError, match="server's round hooks"):
         build_for_deployment(_cfg(schedule={"name": "fedbuff", "buffer": 2}, client={"algorithm": "feddyn"}))
+    # Not deployed asynchronously: secure buffers, and cohorts of varying size for fixed slots.
+    with pytest.raises(ConfigError, match="privacy.secagg = true with schedule.name = 'fedbuff'"):
+        build_for_deployment(_cfg(schedule={"name": "fedbuff", "buffer": 2}, privacy={"secagg": True}))
+    with pytest.raises(ConfigError, match="server.sampler = 'poisson'"):
+        build_for_deployment(_cfg(schedule={"name": "fedasync"}, server={"sampler": "poisson"}))
     fed, schedule = build_for_deployment(_cfg())
     assert schedule is None  # no [schedule]: rounds, as always
     fed, schedule = build_for_deployment(_cfg(schedule={"name": "fedbuff", "buffer": 2}))
@@ -170,3 +175,17 @@ def test_a_stale_update_is_weighted_by_the_schedules_staleness_function(tmp_path
     record = server.store.records()[-1]
     assert record["staleness_max"] == 1.0
     server.store.close()
+
+
+def test_the_server_writes_no_personal_figures_of_its_own(tmp_path):
+    """It holds no client state, so it would score Ditto's personal models as empty ones."""
+    cfg = _cfg(schedule={"name": "fedbuff", "buffer": 2}, data={"client_test_fraction": 0.3},
+               server={"eval_every": 1}, client={"algorithm": "ditto"})
+    server = _server(tmp_path, cfg)
+    for name, task in _dispatch(server).items():
+        assert _upload(server, name, task).accepted
+    taken = server._take()
+    assert taken is not None
+    server._step(taken, time.perf_counter())
+    record = server.store.records()[-1]
+    assert "test_accuracy" in record and not any(k.startswith("personal_accuracy") for k in record)

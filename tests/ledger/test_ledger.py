@@ -446,3 +446,16 @@ def test_attach_refuses_an_unreplayable_federation(tmp_path):
         attach(fed, tmp_path / "x", LedgerSettings("loo", {}))
     assert not (tmp_path / "x").exists()
     fed.close()
+
+
+def test_a_round_that_applies_nothing_is_logged_and_verifies(tmp_path):
+    """A Poisson cohort may be empty: the round keeps the model, and the ledger stores it."""
+    cfg = Config.from_dict({"seed": 0, "data": {"name": "digits", "num_clients": 4},
+                            "model": {"name": "mlp", "hidden": [8]}, "runtime": {"name": "inprocess"},
+                            "client": {"steps": 1},
+                            "server": {"clients_per_round": 1, "rounds": 8, "sampler": "poisson"},
+                            "ledger": {"contribution": "loo"}})
+    run_experiment(cfg, tmp_path / "run", progress=False)
+    cohorts = [json.loads(line).get("cohort") for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [] in cohorts  # seed 0 draws an empty cohort within these rounds
+    assert verify_run(tmp_path / "run").ok

@@ -247,3 +247,12 @@ def test_an_empty_poisson_cohort_still_releases_the_noise_and_spends_a_round() -
     change = fed.params - before  # FedAvg at server lr 1: the noise over the expected cohort of 1
     assert torch.isfinite(change).all()
     assert float(change.std()) == pytest.approx(central.metrics["dp_noise_std"], rel=0.1)
+
+
+def test_secure_aggregation_sizes_its_field_for_a_poisson_cohort_without_dp() -> None:
+    """server.sampler = 'poisson' draws cohorts above k; the fixed point must hold their sum."""
+    fed = build_federation(small(**{"privacy.secagg": True, "server.sampler": "poisson",
+                                    "server.clients_per_round": 3, "data.num_clients": 10}))
+    assert fed.server.privacy.secure.fp.max_clients == 10
+    sizes = [len(fed.run_round(evaluate=False).cohort) for _ in range(8)]
+    assert max(sizes) > 3  # seed 0 draws a cohort above k within these rounds: summed, not refused

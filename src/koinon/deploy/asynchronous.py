@@ -46,6 +46,7 @@ from safetensors.torch import load_file, save_file
 
 from koinon.config import Config, ScheduleConfig
 from koinon.deploy.faults import crash_point
+from koinon.deploy.personal import drop_server_figures
 from koinon.deploy.server import FederationServer, Late, Member, log
 from koinon.deploy.store import Checkpoint, Store, _pack_head, _unpack
 from koinon.deploy.wire import Rejected, pb, read_upload
@@ -108,6 +109,12 @@ def build_for_deployment(cfg: Config) -> tuple[Any, Any]:
     if s.name not in _ASYNC:
         raise ConfigError(f"schedule.name = {s.name!r} plans clients by their simulated speed (local step counts, "
                           "anchor clients); koinon server runs 'sync', 'fedbuff' or 'fedasync'")
+    if cfg.privacy.secagg:
+        raise ConfigError(f"privacy.secagg = true with schedule.name = {s.name!r}: koinon server does not sum "
+                          "asynchronous buffers securely yet (koinon run does); use schedule.name = 'sync'")
+    if cfg.server.sampler == "poisson":
+        raise ConfigError("server.sampler = 'poisson' draws cohorts of varying size; koinon server's asynchronous "
+                          "schedules fill a fixed number of training slots: use 'uniform' (or another fixed-size one)")
     topology = _without_schedule(cfg)
     # The simulation's own checks of what an asynchronous schedule cannot run (privacy, ledger,
     # attacks, server-side hooks, delta downlink), on a copy given a constant clock.
@@ -506,6 +513,8 @@ class AsyncServer(FederationServer):
         step = result.round
         if step % s.eval_every == 0 or step == s.rounds:
             self.fed.evaluate_into(result)
+            # The server holds no client state: its personal_accuracy_* would score empty states.
+            drop_server_figures(result.extra)
         result.extra["staleness_max"] = float(max(version - e.version for e in taken))
         result.wall_s = round(self.wall_offset + time.perf_counter() - start, 4)
         record = result.as_dict()

@@ -166,6 +166,9 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
         self.max_total = int(d.max_message_mb * (1 << 20)) if d.max_message_mb > 0 else auto
         self.limits = Limits(self.streams, self.max_stream, self.max_total)
         self.min_clients = d.min_clients or cfg.server.clients_per_round
+        # A Poisson cohort (central DP's, or server.sampler = 'poisson') is not k clients: unless
+        # deploy.min_clients says otherwise, a round waits for all of it, as the simulation keeps it.
+        self.whole_cohort = not d.min_clients and getattr(fed.server.sampler, "name", "") == "poisson"
         self.min_connected = d.min_connected or self.min_clients
         self.members: dict[str, Member] = {
             name: Member(name, idx, n, spec) for name, (idx, n, spec) in store.clients().items()
@@ -601,7 +604,7 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
     def _wait(self) -> None:
         rnd = self.server.open
         assert rnd is not None
-        need = min(self.min_clients, len(rnd.cohort))
+        need = len(rnd.cohort) if self.whole_cohort else min(self.min_clients, len(rnd.cohort))
         with self.lock:
             while len(rnd.rows) < need and time.monotonic() < self.deadline:
                 self.changed.wait(min(1.0, max(self.deadline - time.monotonic(), 0.01)))

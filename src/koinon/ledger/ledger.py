@@ -304,7 +304,9 @@ class Ledger:
 
         stateful = stateful_optimizer(closed.optimizer)
         state = closed.optimizer_state if stateful and closed.applied else None
-        save_file({"previous": closed.previous.contiguous(), "params": closed.params.contiguous(),
+        # A round that applied nothing has params == previous (one tensor: safetensors refuses shared memory).
+        params = closed.params.clone() if closed.params is closed.previous else closed.params
+        save_file({"previous": closed.previous.contiguous(), "params": params.contiguous(),
                    "updates": closed.updates.contiguous(), "weights": closed.weights.contiguous(),
                    "clients": torch.tensor(closed.clients, dtype=torch.long),
                    **{f"optimizer/{k}": v.contiguous() for k, v in (state or {}).items()}},

@@ -291,9 +291,11 @@ def build_privacy(cfg: Config, num_clients: int, algorithm: Any = None, sizes: t
     if p.secagg:
         _check_secagg(cfg, algorithm)
         try:
-            # Central DP's Poisson cohort has no fixed size: the sum is sized for every client.
+            # A Poisson cohort (central DP's, or server.sampler = 'poisson') has no fixed size: the
+            # sum is sized for every client.
+            poisson = p.dp == "central" or cfg.server.sampler == "poisson"
             fp = FixedPoint(p.secagg_modulus_bits, p.secagg_clip_range,
-                            1 if p.dp == "central" else p.secagg_max_weight, num_clients if p.dp == "central" else k)
+                            1 if p.dp == "central" else p.secagg_max_weight, num_clients if poisson else k)
         except ValueError as exc:
             raise ConfigError(f"privacy.secagg_modulus_bits = {p.secagg_modulus_bits}: {exc}") from None
         out.secure = SecureAggregation(fp, p.secagg_degree, p.secagg_threshold, p.secagg_dropout, cfg.seed,
