@@ -135,3 +135,63 @@ def test_a_live_server_refuses_bad_counts_with_the_reason(tmp_path, certs):
         assert server.wait(60) == 0, server.text()[-3000:]
     finally:
         server.kill()
+
+
+def test_counts_of_uploads_taken_back_after_a_restart_still_count(tmp_path):
+    """Client 0 reports 0 / n and client 1 n / n for round 1; the server restarts between the two
+    uploads; the record still summarizes both (mean 0.5, min 0)."""
+    import time
+
+    from koinon.config import Config
+    from koinon.deploy.asynchronous import build_for_deployment
+    from koinon.deploy.personal import split_size
+    from koinon.deploy.server import FederationServer, Member, check_deployable, restore
+    from koinon.deploy.store import Store
+    from koinon.deploy.wire import pb, upload_messages
+
+    cfg = Config.from_dict({"seed": 0, "data": {"name": "digits", "num_clients": 2, "client_test_fraction": 0.3},
+                            "model": {"name": "mlp", "hidden": [8]}, "runtime": {"name": "inprocess"},
+                            "client": {"steps": 1}, "deploy": {"round_timeout_s": 30},
+                            "server": {"clients_per_round": 2, "rounds": 3, "eval_every": 1}})
+
+    def start() -> FederationServer:
+        topology, _ = build_for_deployment(cfg)
+        fed = check_deployable(topology, cfg)
+        store = Store(tmp_path)
+        restore(fed, store)
+        srv = FederationServer(cfg, fed, store, tmp_path)
+        for i in range(2):
+            name = f"c{i}"
+            if name not in srv.members:
+                srv.members[name] = Member(name, i, len(fed.data.client_indices[i]), f"partition:{i}")
+                store.save_client(name, i, srv.members[name].num_samples, f"partition:{i}")
+            srv.members[name].last_seen = time.monotonic()
+        return srv
+
+    def upload(srv: FederationServer, i: int, round_index: int) -> None:
+        member, n = srv.members[f"c{i}"], split_size(srv.fed, i)
+        data, _ = srv.fed.codec.encode(torch.full((srv.fed.layout.numel,), 1e-3), {}, torch.Generator())
+        header = pb.UploadHeader(round=round_index, layout_hash=srv.layout_hash, codec=srv.fed.codec.name,
+                                 streams=list(srv.streams), sizes=[len(data)], num_samples=member.num_samples,
+                                 num_steps=1, train_loss=0.5, client_index=i,
+                                 personal_correct=0 if i == 0 else n, personal_total=n)
+        reply = srv._receive(upload_messages(header, [data]), member, [], [])
+        member.uploading = False
+        assert reply.accepted, reply.reason
+
+    srv = start()
+    srv._open(0, [0, 1])
+    upload(srv, 0, 0)
+    upload(srv, 1, 0)
+    srv._wait()
+    srv._close(time.perf_counter())
+    srv._open(1, [0, 1])
+    upload(srv, 0, 1)
+    srv.store.close()  # the server dies: what it held in memory is gone
+    srv = start()
+    srv._open(1, [0, 1])  # client 0's upload comes back from the store, with its counts
+    upload(srv, 1, 1)
+    srv._wait()
+    srv._close(time.perf_counter())
+    record = srv.store.records()[0]
+    assert record["personal_accuracy_mean"] == 0.5 and record["personal_accuracy_min"] == 0.0

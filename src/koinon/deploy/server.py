@@ -506,11 +506,11 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
                                    bytes(header.receipt_signature))
             self.server.accept(member.idx, round_index, rows, member.num_samples, float(header.train_loss),
                                payloads)
-            if header.personal_total > 0:
-                self.personal.setdefault(round_index, {})[member.idx] = (int(header.personal_correct),
-                                                                         int(header.personal_total))
+            counts = (int(header.personal_correct), int(header.personal_total))
+            if counts[1] > 0:
+                self.personal.setdefault(round_index, {})[member.idx] = counts
             self.store.record_accepted(round_index, name, member.idx, size, digest, member.num_samples,
-                                       header.train_loss)
+                                       header.train_loss, counts if counts[1] > 0 else None)
             member.busy_round = -1
             self.changed.notify_all()
         return pb.UploadReply(accepted=True)
@@ -597,6 +597,10 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
                 except Rejected:
                     continue
                 self.server.accept(up.idx, round_index, rows, up.num_samples, up.train_loss, up.payloads)
+            # The personal counts those uploads reported (koinon.deploy.personal) come back with them.
+            for idx, counts in self.store.personal_counts(round_index).items():
+                if idx in rnd.rows:
+                    self.personal.setdefault(round_index, {})[idx] = counts
             self.changed.notify_all()
         log(f"{self._round(round_index)}: cohort {cohort}" + (f" ({len(rnd.rows)} updates recovered)"
                                                       if rnd.rows else ""))

@@ -58,6 +58,9 @@ CREATE TABLE IF NOT EXISTS updates (
     train_loss REAL NOT NULL, at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS updates_round ON updates (round, status);
 CREATE TABLE IF NOT EXISTS rounds (round INTEGER PRIMARY KEY, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS personal_counts (
+    round INTEGER NOT NULL, idx INTEGER NOT NULL, correct INTEGER NOT NULL, total INTEGER NOT NULL,
+    PRIMARY KEY (round, idx));
 CREATE TABLE IF NOT EXISTS refusals_suppressed (
     client TEXT NOT NULL, round INTEGER NOT NULL, count INTEGER NOT NULL, bytes INTEGER NOT NULL,
     PRIMARY KEY (client, round));
@@ -260,9 +263,25 @@ class Store:
         self._pending_path(round_index, idx).unlink(missing_ok=True)
 
     def record_accepted(self, round_index: int, client: str, idx: int, size: int, digest: str,
-                        num_samples: int, train_loss: float) -> None:
-        """The upload counts from here on; the client hears "accepted" only after this."""
-        self._log(round_index, client, idx, "accepted", "", size, digest, num_samples, train_loss)
+                        num_samples: int, train_loss: float, personal: tuple[int, int] | None = None) -> None:
+        """The upload counts from here on; the client hears "accepted" only after this.
+        `personal`: the (correct, total) the upload reported (koinon.deploy.personal), kept with
+        it in the same transaction so that a restart that takes the upload back has them too."""
+        with self._transaction() as db:
+            db.execute("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (round_index, client, idx, "accepted", "", size, digest, num_samples, train_loss,
+                        time.time()))
+            if personal is not None:
+                db.execute("INSERT OR REPLACE INTO personal_counts VALUES (?, ?, ?, ?)",
+                           (round_index, idx, int(personal[0]), int(personal[1])))
+
+    def personal_counts(self, round_index: int) -> dict[int, tuple[int, int]]:
+        """The (correct, total) reported with the open round's accepted uploads, by client index."""
+        rows = self._query(
+            "SELECT p.idx, p.correct, p.total FROM personal_counts p JOIN updates u "
+            "ON u.round = p.round AND u.idx = p.idx AND u.status = 'accepted' WHERE p.round = ?",
+            (round_index,))
+        return {int(idx): (int(c), int(t)) for idx, c, t in rows}
 
     def accept(self, round_index: int, client: str, idx: int, payloads: list[bytes],
                num_samples: int, train_loss: float) -> None:
