@@ -67,8 +67,10 @@ def _creds(creds) -> None:
 
 
 def session(rounds: SecureRounds, updates: dict[int, torch.Tensor], round_index: int = 0, edits=None,
-            clients=None, answers=None):
-    """One round: the driver in this thread, each client in its own; (secure sum, client outcomes)."""
+            clients=None, answers=None, first_step_s: float = 30.0):
+    """One round: the driver in this thread, each client in its own; (secure sum, client outcomes).
+    `first_step_s`: the advertise step's deadline (a client refused at HELLO never advertises, so
+    the driver waits it out)."""
     edits, answers = edits or {}, answers or {}
     outcome: dict[int, object] = {}
 
@@ -86,7 +88,7 @@ def session(rounds: SecureRounds, updates: dict[int, torch.Tensor], round_index:
     import time
 
     secure, losses = rounds.run_round(round_index, sorted(updates), {c: 10 + c for c in updates}, 0.0,
-                                      time.monotonic() + 30.0)
+                                      time.monotonic() + first_step_s)
     for t in threads:
         t.join(30)
     return secure, outcome
@@ -237,7 +239,7 @@ def test_the_server_refuses_a_hello_whose_key_is_not_bound_to_the_calling_certif
                    "another CA": lambda: bind_key(rogue, 0, 0, key)}[tamper]()
         return request[:9] + loss + key + u32(len(binding.cert)) + binding.cert + binding.signature
 
-    secure, outcome = session(rounds, updates, edits={0: rebind})
+    secure, outcome = session(rounds, updates, edits={0: rebind}, first_step_s=8.0)
     assert isinstance(outcome[0], SecureRefused)
     expected = "is not signed by its certificate" if tamper == "another round" else "not the one that authenticated"
     assert expected in str(outcome[0]), outcome[0]
