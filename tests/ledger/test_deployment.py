@@ -107,7 +107,7 @@ def test_a_deployment_keeps_the_simulations_ledger(tmp_path, capsys):
     assert "client's signature does not verify with its certificate's public key" in report.failure
 
 
-def test_a_deployment_killed_mid_round_continues_its_ledger(tmp_path):
+def test_a_deployment_killed_mid_round_continues_its_ledger(tmp_path, capsys):
     """Killed once after round 2 was logged but before it was committed (the crash point: as
     SIGKILL leaves it), and once with SIGKILL while a later round is open: each restart reopens
     the log, drops the uncommitted round's entries, redoes the round, and the finished log
@@ -128,6 +128,16 @@ def test_a_deployment_killed_mid_round_continues_its_ledger(tmp_path):
     logged = [json.loads(x) for x in (state / "ledger" / "log.jsonl").read_text().splitlines()]
     assert {"aggregate", "scores"} <= {e["type"] for e in logged if e.get("round") == 2}
     assert h.committed_rounds(state) == 1  # round 2 logged, not committed
+    # A restart with more rounds is refused by the ledger (its log committed to the config) and
+    # leaves the stored config as it was, so the next restart with the right one goes on.
+    before = (state / "config.toml").read_bytes()
+    more = h.write_config(tmp_path / "more.toml", server={"rounds": 6, "clients_per_round": 3},
+                          deploy={"min_connected": 3},
+                          ledger={"contribution": "gtg", "payout_cents": 900, "max_permutations": 20})
+    assert main(["server", str(more), "--listen", "127.0.0.1:0", "--certs", str(certs),
+                 "--state", str(state)]) != 0
+    assert "continues only with the config it committed to" in capsys.readouterr().err
+    assert (state / "config.toml").read_bytes() == before
     port = int(address.rsplit(":", 1)[1])
     server, _ = h.start_server(tmp_path, config, certs, state, "server-2", port=port)
     h.wait_for(lambda: h.committed_rounds(state) >= 3, 120, server, "three rounds")

@@ -758,16 +758,16 @@ def serve(cfg: Config, state: Path, certs: Path, listen: str) -> dict[str, Any]:
             if changed:
                 raise ConfigError(f"--state {state} holds a run with another configuration ({', '.join(changed)} "
                                   f"differ; see {state / 'config.toml'}); use a new --state folder")
-        store.put("config_toml", cfg.to_toml())
-        store.put("layout_hash", fed.layout.hash())
-        atomic_write_text(state / "config.toml", cfg.to_toml())
         restore(fed, store)
         if fed.round_index > cfg.server.rounds:
             raise ConfigError(f"server.rounds = {cfg.server.rounds} is below the {fed.round_index} rounds "
                               f"already committed in {state}")
+        ledger = _ledger(fed, cfg, state)  # before the new config is written: a refused restart keeps the old one
+        store.put("config_toml", cfg.to_toml())
+        store.put("layout_hash", fed.layout.hash())
+        atomic_write_text(state / "config.toml", cfg.to_toml())
         if fed.round_index:
             log(f"resuming from {state}: {fed.round_index} rounds committed")
-        ledger = _ledger(fed, cfg, state)
         server = (FederationServer(cfg, fed, store, certs) if schedule is None
                   else AsyncServer(cfg, fed, store, certs, schedule))  # type: ignore[arg-type]
         server.ledger = ledger
