@@ -66,7 +66,7 @@ METHODS = {
     "ifca": {"clusters": 4, "adapt_steps": 20},
     "clustered_meta": {"clusters": 4, "alpha": 0.05, "adapt_steps": 20},
     "fedcac": {"tau": 0.5, "beta": 170.0, "adapt_steps": 20},
-    "fedossl": {"lam": 1.0, "threshold": 0.5},
+    "fedossl": {"lam": 0.5, "threshold": 0.5, "pair": 0.25},
     "fedlgd": {"ipc": 5, "dm_steps": 10, "match_steps": 10},
     "pfedpg": {"gen_lr": 0.1, "adapt_steps": 20},
     "pfedgate": {"budgets": [1.0], "gate_lr": 5.0, "adapt_steps": 20},

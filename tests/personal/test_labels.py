@@ -12,7 +12,15 @@ from koinon.data import FederatedData
 from koinon.errors import ConfigError
 from koinon.experiment.runner import build_federation
 from koinon.local import LocalTraining
-from koinon.personal.fedossl import FedoSSL, _SemiSupervisedLoss, calibrated_targets, encode
+from koinon.personal.fedossl import (
+    FedoSSL,
+    _OpenWorldLoss,
+    assign,
+    calibrated_targets,
+    merge_centroids,
+    nearest_neighbours,
+    outliers,
+)
 from koinon.personal.kafal import KAFAL, ksas_scores, labels_used, pick
 from koinon.personal.labels import UNLABELED, LabelSetting, PartlyLabeled, matched_accuracy
 from koinon.topology.evaluation import Evaluation
@@ -113,13 +121,121 @@ def test_fedossl_calibrated_pseudo_labels_by_hand():
     assert float(weight[0]) == pytest.approx(1 - float(-(t0 * t0.log()).sum()) / math.log(2), abs=1e-6)
     assert float(weight[1]) == pytest.approx(1 - float(h1) / math.log(2), abs=1e-6)
     assert calibrated_targets(probs, threshold=0.99)[1].tolist() == [0.0, 0.0]
-    # The encoded pseudo-labels give weighted cross-entropy; labels (>= 0) weight 1.
-    loss = _SemiSupervisedLoss(2, lam=0.5)
+
+
+def test_fedossl_loss_by_hand():
+    """Labels weigh 1; an unlabeled sample (-1 - row) weighs its table weight on its pseudo-label
+    plus -pair * sum_c s_c log p_c on its neighbour's target s."""
+    label = torch.tensor([0, 1, 0])
+    weight = torch.tensor([0.0, 0.5, 0.0])
+    pair_target = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.8, 0.0]])
+    loss = _OpenWorldLoss(label, weight, pair_target, pair=0.25)
     out = torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.5, 0.5]])
-    y = torch.cat([encode(label, weight, 2), torch.tensor([1])])
-    ce = torch.nn.functional.cross_entropy(out, torch.tensor([0, 1, 1]), reduction="none")
-    w = torch.tensor([0.5 * round(float(weight[0]) * 1000) / 1000, 0.5 * round(float(weight[1]) * 1000) / 1000, 1.0])
-    assert torch.allclose(loss(out, y), ce * w, atol=1e-6)
+    y = torch.tensor([1, -2, -3])  # a label, then rows 1 and 2 of the tables
+    logp = out.log_softmax(1)
+    expected = torch.stack([-logp[0, 1], 0.5 * -logp[1, 1], -0.25 * 0.8 * logp[2, 0]])
+    assert torch.allclose(loss(out, y), expected, atol=1e-6)
+    assert torch.allclose(_OpenWorldLoss(label, weight, pair_target, pair=0.0)(out, y),
+                          torch.stack([-logp[0, 1], 0.5 * -logp[1, 1], torch.tensor(0.0)]), atol=1e-6)
+
+
+def test_fedossl_geometry_by_hand():
+    e = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [-1.0, 0.0]])
+    # Nearest by cosine, itself excluded: 0 -> 2 (0.6 beats 0 and -1), 1 -> 2, 2 -> 1 (0.8), 3 -> 1 (0 beats -0.6).
+    assert nearest_neighbours(e).tolist() == [2, 2, 1, 1]
+    assert nearest_neighbours(e[:1]).tolist() == [0]
+    mu = torch.tensor([[2.0, 0.0], [0.0, 3.0], [0.0, 0.0]])  # normalized inside; output 2 has no centroid
+    has = torch.tensor([True, True, False])
+    a = assign(e, mu, has, temperature=0.5)
+    assert torch.allclose(a[0], torch.tensor([1.0, math.exp(-2.0), 0.0]) / (1 + math.exp(-2.0)), atol=1e-6)
+    assert float(a[:, 2].abs().sum()) == 0.0
+    # Least similar to every centroid: row 3 (best cosine 0); a share 1/4 of 4 rows is one row.
+    assert outliers(e, mu, has, 0.25).tolist() == [3]
+    assert outliers(e, mu, torch.zeros(3, dtype=torch.bool), 0.25).tolist() == []
+
+
+def test_fedossl_server_merges_centroids_and_seeds_a_novel_output():
+    c, d = 3, 2
+    old = torch.zeros(c, d)
+    has = torch.zeros(c, dtype=torch.bool)
+    labeled = torch.zeros(c, dtype=torch.bool)
+    # Outputs 0 and 1 are labeled on some client; output 2 on none: the outliers' mean seeds it.
+    sums = torch.tensor([[3.0, 0.0], [0.0, 2.0], [0.0, 0.0]])
+    counts = torch.tensor([1.5, 1.0, 0.0])
+    mu, has, labeled = merge_centroids(old, has, labeled, sums, counts, torch.tensor([0.5, 0.5, 0.0]),
+                                       torch.tensor([-2.0, -2.0]), 2.0)
+    assert labeled.tolist() == [True, True, False] and has.tolist() == [True, True, True]
+    s = 1 / math.sqrt(2)
+    assert torch.allclose(mu, torch.tensor([[1.0, 0.0], [0.0, 1.0], [-s, -s]]), atol=1e-6)
+    # Next round: output 2 moves to the mean of the samples assigned to it; output 0 keeps its
+    # centroid where no client of the cohort has labels of it (count 0); flags stay (OR).
+    sums = torch.tensor([[0.0, 0.0], [0.0, 1.0], [0.0, -4.0]])
+    mu2, has2, labeled2 = merge_centroids(mu, has, labeled, sums, torch.tensor([0.0, 1.0, 2.0]),
+                                          torch.tensor([0.0, 1.0, 0.0]), torch.zeros(2), 0.0)
+    assert labeled2.tolist() == [True, True, False] and has2.tolist() == [True, True, True]
+    assert torch.allclose(mu2, torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0]]), atol=1e-6)
+
+
+def test_fedossl_client_targets_by_hand():
+    """Outputs 0, 1 labeled, 2 novel with a centroid at (0, -1)."""
+    alg = FedoSSL(lam=0.5, threshold=0.5, pair=1.0, temperature=0.1)
+    mu = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    has = torch.tensor([1.0, 1.0, 1.0])
+    labeled = torch.tensor([1.0, 1.0, 0.0])
+    emb_l = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.28, -0.96]])  # a 0 far from its class mean
+    y_l = torch.tensor([0, 1, 0])
+    # u0 sits on the novel centroid (cos 1 beats the labeled (0.28, -0.96): 0.96); u1 near
+    # output 0; u2 is nearest to the novel centroid (0.8) but nearer still to that labeled 0 (0.936).
+    emb_u = torch.tensor([[0.0, -1.0], [0.96, 0.28], [0.6, -0.8]])
+    logits_u = torch.tensor([[2.0, 0.0, 0.0], [3.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    label, weight, pair_target, upload = alg.client_targets(emb_l, y_l, emb_u, logits_u, mu, has, labeled)
+    assert label[0] == 2 and float(weight[0]) == pytest.approx(0.5)  # novel: weight lam
+    ref_label, ref_weight = calibrated_targets(logits_u.softmax(1), 0.5)
+    assert label[1:].tolist() == ref_label[1:].tolist()  # the model's pseudo-labels
+    assert torch.allclose(weight[1:], 0.5 * ref_weight[1:])
+    # Neighbours among [l0, l1, l2, u0, u1, u2]: u0 -> l2 (0.96), u1 -> l0 (0.96), u2 -> l2 (0.936).
+    assert pair_target.tolist() == [[1.0, 0.0, 0.0]] * 3
+    # Upload: labeled sums by label, u0 under output 2, flags, outliers (share 1/3: u2, best cos 0.8).
+    sums, counts, flags = upload[:6].view(3, 2), upload[6:9], upload[9:12]
+    assert torch.allclose(sums, torch.tensor([[1.28, -0.96], [0.0, 1.0], [0.0, -1.0]]))
+    assert counts.tolist() == [2.0, 1.0, 1.0] and flags.tolist() == [1.0, 1.0, 0.0]
+    assert torch.allclose(upload[12:14], emb_u[2]) and float(upload[14]) == 1.0
+    # Without discovery nothing is novel and there is no pair term.
+    label, _, pair_target, _ = FedoSSL(discover=False).client_targets(emb_l, y_l, emb_u, logits_u, mu, has, labeled)
+    assert label[0] == ref_label[0] and float(pair_target.abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("options", [{"pair": -1.0}, {"temperature": 0.0}, {"discover": "yes"}, {"lam": -0.5},
+                                     {"threshold": 1.5}])
+def test_fedossl_refuses_bad_options_in_one_line(options):
+    cfg = kn.Config()
+    cfg.data.num_clients, cfg.data.unseen_classes = 8, [9]
+    cfg.server.clients_per_round = 4
+    cfg.client.algorithm, cfg.client.options = "fedossl", options
+    with pytest.raises(ConfigError) as err:
+        build_federation(cfg)
+    assert "\n" not in str(err.value) and next(iter(options)) in str(err.value)
+
+
+@pytest.mark.slow
+def test_fedossl_finds_novel_classes_on_digits():
+    """The benchmark's `unlabeled` setting, one seed: outputs 8 and 9 take the unseen digits."""
+    cfg = kn.Config()
+    cfg.data.num_clients, cfg.data.client_test_fraction, cfg.data.holdout_clients = 24, 0.25, 4
+    cfg.data.partition, cfg.data.alpha = "dirichlet", 0.5
+    cfg.data.unlabeled_clients, cfg.data.label_fraction, cfg.data.unseen_classes = 0.25, 0.25, [8, 9]
+    cfg.model.name, cfg.model.options = "mlp_norm", {"hidden": [64], "norm": "layer"}
+    cfg.client.lr, cfg.client.batch_size = 0.1, 16
+    cfg.server.rounds, cfg.server.clients_per_round = 30, 20
+    cfg.runtime.name = "vectorized"
+    found = {}
+    for algorithm in ("fedavg", "fedossl"):
+        cfg.client.algorithm = algorithm
+        fed = build_federation(cfg)
+        found[algorithm] = fed.fit(30, eval_every=30)[-1].extra
+    assert found["fedavg"]["novel_accuracy"] == 0.0
+    assert found["fedossl"]["novel_accuracy"] > 0.3  # chance, a cluster of 2 classes' samples: about 0.1
+    assert found["fedossl"]["seen_accuracy"] > 0.75
 
 
 def test_ksas_picks_the_largest_local_global_disagreement():
@@ -148,6 +264,9 @@ def test_both_local_runtimes_give_the_same_models(make):
         fed.fit(3, eval_every=3)
     a, b = feds
     assert torch.allclose(a.params, b.params, atol=1e-5)
+    assert a.server.server_state.keys() == b.server.server_state.keys()
+    for key in a.server.server_state:  # FedoSSL's centroids
+        assert torch.allclose(a.server.server_state[key], b.server.server_state[key], atol=1e-5)
     assert a.client_states.keys() == b.client_states.keys()
     for c in a.client_states:
         for key in a.client_states[c]:
