@@ -238,15 +238,45 @@ def test_fedossl_finds_novel_classes_on_digits():
     assert found["fedossl"]["seen_accuracy"] > 0.75
 
 
-def test_ksas_picks_the_largest_local_global_disagreement():
-    local = torch.tensor([[2.0, 0.0], [0.0, 0.0], [0.0, 3.0]])
-    glob = torch.zeros(3, 2)
-    # KL(p || uniform) = log 2 - H(p): 0 for the uniform row, largest for the sharpest.
-    p = local.softmax(1)
-    expected = (p * (p.log() - math.log(0.5))).sum(1)
-    assert torch.allclose(ksas_scores(local, glob), expected, atol=1e-6)
-    assert pick(ksas_scores(local, glob), 2).tolist() == [0, 2]
+def test_ksas_is_the_symmetric_kl_of_the_count_shifted_predictions():
+    local = torch.tensor([[2.0, 0.0, 5.0], [0.0, 0.0, 0.0], [0.0, 3.0, 1.0]])
+    glob = torch.zeros(3, 3)
+
+    def sym_kl(p, q):
+        return 0.5 * ((p * (p / q).log()).sum(1) + (q * (q / p).log()).sum(1))
+
+    # Without counts: the plain symmetric KL of the two predictions.
+    assert torch.allclose(ksas_scores(local, glob), sym_kl(local.softmax(1), glob.softmax(1)), atol=1e-6)
+    # Counts (3, 1, 0): class 2 drops out, the logits gain log 3 and log 1 (the client's class 0 weighs more).
+    counts = torch.tensor([3, 1, 0])
+    shifted = torch.tensor([math.log(3.0), 0.0])
+    p = (local[:, :2] + shifted).softmax(1)
+    q = (glob[:, :2] + shifted).softmax(1)
+    scores = ksas_scores(local, glob, counts)
+    assert torch.allclose(scores, sym_kl(p, q), atol=1e-6)
+    # Sample 0's disagreement sits in class 2, which the client has no label of: it scores
+    # below sample 2's, which disagrees on class 1.
+    assert pick(scores, 1).tolist() == [2]
     assert pick(torch.tensor([1.0, 1.0, 1.0]), 1).tolist() == [0]  # ties: the earlier sample
+
+
+def test_kcfu_weights_and_loss_by_hand():
+    from koinon.personal.kafal import _KCFULoss, compensation_weights
+
+    # r = (4/3, 4/1, 0) for counts (3, 1, 0), normalized: (1/4, 3/4, 0).
+    assert torch.allclose(compensation_weights(torch.tensor([3, 1, 0])), torch.tensor([0.25, 0.75, 0.0]))
+    label = torch.tensor([1, -1])
+    shift = torch.tensor([[math.log(3.0), 0.0, -1e4], [0.0, 0.0, 0.0]])
+    teacher = torch.tensor([[0.0, 0.0, 0.0], [0.5, 0.25, 0.25]])
+    weight = torch.tensor([0.0, 0.75])
+    loss = _KCFULoss(label, shift, teacher, weight, scale=2.0)
+    out = torch.tensor([[1.0, 1.0, 9.0], [0.0, 0.0, 0.0]])
+    got = loss(out, torch.tensor([-1, -2]))
+    # Balanced softmax over classes 0, 1 (class 2 out): -log(e^1 / (3 e^1 + e^1)) = log 4, doubled.
+    assert float(got[0]) == pytest.approx(2 * math.log(4.0), abs=1e-5)
+    t = teacher[1]
+    kl = float((t * (t / (1 / 3)).log()).mean())
+    assert float(got[1]) == pytest.approx(0.75 * kl, abs=1e-6)
 
 
 def _federation(algorithm, runtime, setting):
@@ -255,8 +285,10 @@ def _federation(algorithm, runtime, setting):
                          labels=setting)
 
 
-@pytest.mark.parametrize("make", [lambda: FedoSSL(threshold=0.3), lambda: KAFAL(label_budget=6, query_per_round=2)],
-                         ids=["fedossl", "kafal"])
+@pytest.mark.parametrize("make", [lambda: FedoSSL(threshold=0.3), lambda: KAFAL(label_budget=6, query_per_round=2),
+                                  lambda: KAFAL(label_budget=6, query_per_round=3, query_every=2, kd=0.0,
+                                                balanced=False, sampling="random")],
+                         ids=["fedossl", "kafal", "kafal-plain"])
 def test_both_local_runtimes_give_the_same_models(make):
     setting = LabelSetting(unlabeled_clients=2, label_fraction=0.2, unseen_classes=(9,))
     feds = [_federation(make(), runtime, setting) for runtime in ("inprocess", "vectorized")]
@@ -315,12 +347,21 @@ def test_clustering_takes_a_zero_update_as_unlike_every_other():
     assert hierarchical_clusters(updates, 0.5, 3).tolist() == [0, 1, 0, 2]
 
 
-def test_kcfu_compensation_by_hand():
-    from koinon.personal.kafal import compensation, weak_classes
+@pytest.mark.parametrize("options", [{"query_every": 0}, {"balanced": "yes"}, {"sampling": "ksa"}, {"kd": -1.0}])
+def test_kafal_refuses_bad_options_in_one_line(options):
+    cfg = kn.Config()
+    cfg.data.num_clients, cfg.data.label_fraction = 8, 0.2
+    cfg.server.clients_per_round = 4
+    cfg.client.algorithm, cfg.client.options = "kafal", options
+    with pytest.raises(ConfigError) as err:
+        build_federation(cfg)
+    assert "\n" not in str(err.value) and next(iter(options)) in str(err.value)
 
-    assert weak_classes(torch.tensor([0, 0, 1]), 3).tolist() == [0.0, 0.5, 1.0]
-    g = torch.tensor([[0.0, 0.0]])  # p_global = (1/2, 1/2)
-    local = torch.tensor([[math.log(3.0), 0.0]])  # p_local = (3/4, 1/4)
-    # weight 1/2 * 0 + 1/2 * 1; KL = 1/2 ln(2/3) + 1/2 ln 2 = 1/2 ln(4/3).
-    out = compensation(g, local, torch.tensor([0.0, 1.0]))
-    assert float(out[0]) == pytest.approx(0.25 * math.log(4 / 3), abs=1e-6)
+
+def test_kafal_queries_every_few_rounds():
+    setting = LabelSetting(label_fraction=0.1)
+    fed = _federation(KAFAL(label_budget=6, query_per_round=2, query_every=2), "vectorized", setting)
+    fed.fit(1, eval_every=1)
+    assert all(len(st["queried"]) == 0 for st in fed.client_states.values())  # round 0: no query
+    fed.fit(1, eval_every=1)
+    assert any(len(st["queried"]) == 2 for st in fed.client_states.values())  # after round 1
