@@ -365,3 +365,11 @@ def test_kafal_queries_every_few_rounds():
     assert all(len(st["queried"]) == 0 for st in fed.client_states.values())  # round 0: no query
     fed.fit(1, eval_every=1)
     assert any(len(st["queried"]) == 2 for st in fed.client_states.values())  # after round 1
+
+
+def test_fedossl_without_hidden_labels_is_fedavg():
+    feds = [kn.Federation(_model(), _digits(8), local=LocalTraining(lr=0.1, epochs=1), clients_per_round=4, seed=1,
+                          algorithm=algorithm, runtime="vectorized") for algorithm in ("fedavg", FedoSSL())]
+    for fed in feds:
+        fed.fit(2, eval_every=2)
+    assert torch.allclose(feds[0].params, feds[1].params, atol=1e-6)

@@ -282,9 +282,11 @@ class FedoSSL(LocalSGD):
                      server_state: State, client_states: list[State], idx: torch.Tensor, steps: torch.Tensor,
                      seed: int, round_index: int) -> CohortResult:
         data = trainer.data
-        if not isinstance(data, PartlyLabeled):  # every label known: FedAvg
-            return trainer.run_steps(client_ids, global_params, server_state, client_states, idx, steps,
-                                     algorithm=LocalSGD())
+        if not isinstance(data, PartlyLabeled):  # every label known: FedAvg (the centroid stream carries zeros)
+            result = trainer.run_steps(client_ids, global_params, server_state, client_states, idx, steps,
+                                       algorithm=LocalSGD())
+            result.uploads = {"centroids": torch.zeros(len(client_ids), trainer.layout.numel, device=trainer.device)}
+            return result
         from koinon.personal.evaluate import with_steps
 
         c, d = self.shape(trainer)
