@@ -373,3 +373,23 @@ def test_fedossl_without_hidden_labels_is_fedavg():
     for fed in feds:
         fed.fit(2, eval_every=2)
     assert torch.allclose(feds[0].params, feds[1].params, atol=1e-6)
+
+
+def test_fedossl_server_update_unpacks_the_cohort_mean_upload():
+    """The upload's layout (sums, counts, flags, outliers, then C, D, 1 as ratios) round-trips
+    through `server_update` into the packed server state."""
+    alg = FedoSSL()
+    c, d, numel = 3, 2, 40
+    state = alg.init_server_state(numel)
+    up = torch.zeros(numel)
+    up[:6] = torch.tensor([2.0, 0.0, 0.0, 3.0, 0.0, 0.0])  # sums of outputs 0, 1
+    up[6:9] = torch.tensor([2.0, 1.0, 0.0])  # counts
+    up[9:12] = torch.tensor([1.0, 1.0, 0.0])  # outputs 0 and 1 labeled here
+    up[12:14], up[14] = torch.tensor([0.0, -3.0]), 1.0  # one outlier at (0, -3)
+    up[-3:] = torch.tensor([float(c), float(d), 1.0]) * 0.5  # a cohort mean: ratios still give C, D
+    up[:-3] *= 0.5
+    out = alg.server_update(state, {"centroids": up}, 1.0)["centroids"]
+    mu, has, labeled = alg.unpack(out, c, d)
+    assert torch.allclose(mu, torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0]]))
+    assert has.tolist() == [1.0, 1.0, 1.0] and labeled.tolist() == [1.0, 1.0, 0.0]
+    assert alg.server_update(state, {"centroids": torch.zeros(numel)}, 1.0) is state  # no upload: unchanged
