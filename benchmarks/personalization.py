@@ -66,7 +66,7 @@ METHODS = {
     "ifca": {"clusters": 4, "adapt_steps": 20},
     "clustered_meta": {"clusters": 4, "alpha": 0.05, "adapt_steps": 20},
     "fedcac": {"tau": 0.5, "beta": 170.0, "adapt_steps": 20},
-    "fedossl": {"lam": 1.0, "threshold": 0.5},
+    "fedossl": {"lam": 0.5, "threshold": 0.5, "pair": 0.25},
     "fedlgd": {"ipc": 5, "dm_steps": 10, "match_steps": 10},
     "pfedpg": {"gen_lr": 0.1, "adapt_steps": 20},
     "pfedgate": {"budgets": [1.0], "gate_lr": 5.0, "adapt_steps": 20},
@@ -190,6 +190,8 @@ def labels_tables(seeds: int, rounds: int, dataset: str, settings: list[str]) ->
               f"({rounds} rounds, {seeds} seed(s))")
         print(f"{'method':<26} {'seen':>6} {'novel':>6} {'global':>7} {'personal':>9} {'p10':>6}")
         rows = [("fedavg", {}), ("finetune", METHODS["finetune"]), ("fedossl", METHODS["fedossl"]),
+                ("fedossl pair=0", {**METHODS["fedossl"], "pair": 0.0}),
+                ("fedossl discover=false", {**METHODS["fedossl"], "discover": False}),
                 ("fedossl calibrate=false", {**METHODS["fedossl"], "calibrate": False})]
         for label, options in rows:
             runs = [one("unlabeled", label.split()[0], options, s) for s in range(seeds)]
@@ -198,15 +200,20 @@ def labels_tables(seeds: int, rounds: int, dataset: str, settings: list[str]) ->
                   f"{100 * mean(runs, 'personal_accuracy_p10'):>6.1f}", flush=True)
     if "active" in settings:
         print(f"\nactive: 5% of labels at the start; KAFAL buys query_per_round = budget / 4 a round "
-              f"({rounds} rounds, {seeds} seed(s))")
-        print(f"{'budget':>6} {'sampling':<8} {'labels':>7} {'global':>7} {'personal':>9} {'p10':>6}")
-        plans = [(0, "none")] + [(b, smp) for b in (4, 8, 16) for smp in ("ksas", "random", "entropy")]
-        for budget, sampling in plans:
-            opts = {"label_budget": budget, "query_per_round": max(1, budget // 4), "sampling": sampling}
+              f"({rounds} rounds, {seeds} seed(s)); training: plain local SGD on the labels (the sampling alone), "
+              f"or + KCFU (balanced classifier + compensation)")
+        print(f"{'budget':>6} {'sampling':<8} {'training':<8} {'labels':>7} {'global':>7} {'personal':>9} {'p10':>6}")
+        plain = {"kd": 0.0, "balanced": False}
+        plans = [(0, "none", {})] + [(b, smp, plain) for b in (4, 8, 16) for smp in ("ksas", "random", "entropy")]
+        plans += [(16, smp, {}) for smp in ("ksas", "random")]
+        for budget, sampling, training in plans:
+            opts = {"label_budget": budget, "query_per_round": max(1, budget // 4), "sampling": sampling, **training}
             runs = [one("active", "kafal", opts, s) if budget else one("active", "fedavg", {}, s) for s in range(seeds)]
-            print(f"{budget:>6} {sampling:<8} {mean(runs, 'labels'):>7.0f} {100 * mean(runs, 'test'):>7.1f} "
+            kind = "-" if not budget else ("plain" if training else "KCFU")
+            print(f"{budget:>6} {sampling:<8} {kind:<8} {mean(runs, 'labels'):>7.0f} {100 * mean(runs, 'test'):>7.1f} "
                   f"{100 * mean(runs, 'personal_accuracy_mean'):>9.1f} {100 * mean(runs, 'personal_accuracy_p10'):>6.1f}",
                   flush=True)
+
 
 def prompt_table(seeds: int, quick: bool) -> None:
     """pFedPG where it belongs: a char transformer pretrained on Shakespeare's plays 1-18, frozen,
