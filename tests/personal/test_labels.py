@@ -329,16 +329,6 @@ def test_fedossl_trains_unlabeled_clients():
         assert 0 < int(result.num_samples[i]) <= len(fed.data.unlabeled[c])
 
 
-def test_koinon_server_refuses_hidden_labels_in_one_line():
-    from koinon.deploy.server import check_deployable
-
-    cfg = kn.Config()
-    cfg.data.num_clients, cfg.data.label_fraction = 8, 0.5
-    cfg.server.clients_per_round = 4
-    with pytest.raises(ConfigError, match="simulation"):
-        check_deployable(build_federation(cfg), cfg)
-
-
 def test_clustering_takes_a_zero_update_as_unlike_every_other():
     """A client with nothing to train on (no labels) uploads zero: no cosine direction."""
     from koinon.personal.clusters import hierarchical_clusters

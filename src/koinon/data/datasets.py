@@ -43,18 +43,26 @@ class Dataset:
         y_test: torch.Tensor,
         name: str = "custom",
         num_classes: int | None = None,
+        unlabeled: bool = False,
     ) -> Dataset:
-        """Wrap your own tensors (labels are class indices; checked, see `koinon.data.checks`)."""
+        """Wrap your own tensors (labels are class indices; checked, see `koinon.data.checks`).
+        `unlabeled`: `y_train` may mark a sample without a label by -100 (a deployed client's
+        own data; `koinon.deploy.labels`)."""
+        import dataclasses
+
         from koinon.data.checks import check_dataset, check_labels
 
         y_train = check_labels("y_train", y_train)
         y_test = check_labels("y_test", y_test)
-        n_cls = num_classes or int(max(y_train.max().item(), y_test.max().item())) + 1
+        marked = y_train == -100 if unlabeled else torch.zeros_like(y_train, dtype=torch.bool)
+        known = y_train[~marked]
+        n_cls = num_classes or int(max(known.max().item() if len(known) else 0, y_test.max().item())) + 1
         ds = Dataset(
             name, torch.as_tensor(x_train).float(), y_train, torch.as_tensor(x_test).float(),
             y_test, n_cls,
         )
-        check_dataset(ds)
+        # Checked with the unlabeled samples standing in as class 0.
+        check_dataset(dataclasses.replace(ds, y_train=torch.where(marked, 0, y_train)) if unlabeled else ds)
         return ds
 
     @staticmethod

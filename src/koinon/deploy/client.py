@@ -46,6 +46,7 @@ from koinon.data.federated import FederatedData
 from koinon.deploy import federation_pb2_grpc
 from koinon.deploy.certs import Credentials
 from koinon.deploy.faults import crash_point
+from koinon.deploy.labels import held_samples, own_data, own_labels, trained_samples
 from koinon.deploy.personal import client_counts, evaluated_round, report
 from koinon.deploy.wire import MAX_GRPC_MESSAGE, Rejected, pb, read_task, upload_call, upload_frames
 from koinon.errors import CodecError, KoinonError
@@ -217,15 +218,16 @@ class Worker:
         assert isinstance(fed, Federation)
         self.fed = fed
         self.spec = spec
+        self.data: FederatedData = fed.data  # what it trains on (its own data once `bind` installs it)
         if spec.partition >= 0:
             if spec.partition >= fed.data.num_clients:
                 raise KoinonError(f"--data partition:{spec.partition}: the server's config has "
                                   f"data.num_clients = {fed.data.num_clients}")
-            self.num_samples = len(fed.data.client_indices[spec.partition])
+            self.num_samples = held_samples(fed.data, spec.partition)  # labeled or not (koinon.deploy.labels)
         else:
             self.dataset = spec.load()
             self.num_samples = len(self.dataset.y_train)
-            fits_model(self.dataset, fed, spec.entry_point)
+            fits_model(own_labels(self.dataset, spec.entry_point, fed.algorithm), fed, spec.entry_point)
         self.bound = -1
         self.model_sha256 = ""  # of the model the last `train` started from
         self.signs_receipts = cfg.ledger.contribution != "none"  # a [ledger] run logs signed receipts
@@ -242,9 +244,8 @@ class Worker:
 
         fed = self.fed
         # Other indices hold nothing; the server hands out indices after the config's partitions
-        # in join order, so this list stays short.
-        empty = torch.zeros(0, dtype=torch.long)
-        data = FederatedData(self.dataset, [empty] * idx + [torch.arange(self.num_samples)])
+        # in join order, so this list stays short. Samples labeled UNLABELED (-100) do not train.
+        self.data = data = own_data(self.dataset, idx)
         fed.runtime.setup(CohortTrainer(fed.model, fed.layout, data, fed.algorithm, fed.local,
                                         loss_fn=fed.loss_fn))
         self.bound = idx
@@ -461,17 +462,18 @@ def _train_and_upload(stub: Any, name: str, idx: int, round_index: int, payloads
         client_round(channel, fed, name, idx, round_index, uploads, codec_states, result, worker.num_samples,
                      state, call_timeout_s, hooks.log, creds)
         return
+    trained = trained_samples(worker.data, worker.num_samples, result)  # the update's weight
     header = pb.UploadHeader(
         round=round_index, layout_hash=layout_hash, codec=fed.codec.name,
         streams=list(fed.server.streams), sizes=[len(p) for p in uploads],
-        num_samples=worker.num_samples, num_steps=int(result.num_steps[0]),
+        num_samples=trained, num_steps=int(result.num_steps[0]),
         train_loss=float(result.train_loss[0]), client_index=idx,
         personal_correct=worker.personal[0], personal_total=worker.personal[1],
     )
     if receipt_key is not None and worker.signs_receipts:  # the receipt, signed with the TLS certificate key
         header.model_sha256 = worker.model_sha256
         header.receipt_signature = sign_receipt(receipt_key, receipt_statement(
-            round_index + 1, worker.model_sha256, digest(uploads), worker.num_samples))
+            round_index + 1, worker.model_sha256, digest(uploads), trained))
     sent = time.perf_counter()
     # Written before sending: whatever happens next, `settle` makes the states match the server's.
     state.stage(round_index, codec_states, result.client_states[0])

@@ -35,6 +35,7 @@ from koinon.config import Config
 from koinon.deploy import federation_pb2_grpc
 from koinon.deploy.certs import read_revoked, server_credentials
 from koinon.deploy.faults import crash_point
+from koinon.deploy.labels import check_trained, held_samples
 from koinon.deploy.personal import (
     Reported,
     check_counts,
@@ -112,9 +113,10 @@ def check_deployable(fed: Any, cfg: Config) -> Federation:
                           "(a per-client download), which koinon server does not send yet; run it in simulation")
     if why := getattr(fed.algorithm, "simulation_only", ""):
         raise ConfigError(f"client.algorithm = {cfg.client.algorithm!r} runs in simulation (koinon run) only: {why}")
-    if getattr(fed, "labels", None) is not None:
-        raise ConfigError("data.unlabeled_clients / label_fraction / unseen_classes: hidden labels run in simulation "
-                          "(koinon run) only; koinon server does not split them out for its clients yet")
+    if getattr(fed, "labels", None) is not None and (cfg.privacy.secagg or cfg.schedule.name != "sync"):
+        raise ConfigError("data.unlabeled_clients / label_fraction / unseen_classes: a client's update then weighs the "
+                          "samples it trained on that round, which koinon server takes in synchronous rounds without "
+                          "privacy.secagg only (SecAgg+ and FedBuff/FedAsync weigh the count declared when joining)")
     if cfg.privacy.secagg:
         from koinon.deploy.secure import check_secure_deployable
 
@@ -250,7 +252,7 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
                     log(f"refused client {name}: partition {p} belongs to another certificate")
                     context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                   f"partition {p} belongs to another client certificate")
-                if request.num_samples != len(data.client_indices[p]):
+                if request.num_samples != held_samples(data, p):
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                   f"client and server disagree on the data of partition {p} "
                                   "(the number of samples differs)")
@@ -414,9 +416,10 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
             raise Rejected(f"codec {quote(header.codec)}, the run uses {self.fed.codec.name!r}")
         if header.client_index != member.idx:
             raise Rejected(f"client index {header.client_index} is not this client's {member.idx}")
-        if header.num_samples != member.num_samples:
-            raise Rejected(f"num_samples {header.num_samples} differs from the {member.num_samples} "
-                           "declared when joining")
+        # Where labels may be hidden an upload counts the samples it trained on (koinon.deploy.labels).
+        exact = getattr(self.fed, "labels", None) is None and member.idx < self.fed.data.num_clients  # a partition
+        if why := check_trained(int(header.num_samples), member.num_samples, exact):
+            raise Rejected(why)
 
     def _receive(self, request_iterator: Any, member: Member, claimed: list[int], uploading: list[bool],
                  cert_pem: bytes | None = None) -> Any:
@@ -478,7 +481,7 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
                 signed = check_receipt(header, payloads, cert_pem) if self.ledger is not None else None
                 # Decoded for the round the upload claims (admitted above), outside the lock: a
                 # round that closes meanwhile makes it late at `_admit_round` below.
-                rows = self.server.decode(member.idx, payloads, self.local.num_steps(member.num_samples),
+                rows = self.server.decode(member.idx, payloads, self.local.num_steps(int(header.num_samples)),
                                           round_index)
                 # Named while the slot is held, so no more than RECEIVING buffers are alive.
                 size, digest = pending.pop().finish()
@@ -502,14 +505,14 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
                 status = "late" if isinstance(exc, Late) else "rejected"
                 return self._refuse(member, round_index, str(exc), status, locked=True)
             if signed is not None:
-                self.ledger.attest(round_index + 1, member.idx, signed, header.model_sha256, member.num_samples,
+                self.ledger.attest(round_index + 1, member.idx, signed, header.model_sha256, int(header.num_samples),
                                    bytes(header.receipt_signature))
-            self.server.accept(member.idx, round_index, rows, member.num_samples, float(header.train_loss),
+            self.server.accept(member.idx, round_index, rows, int(header.num_samples), float(header.train_loss),
                                payloads)
             counts = (int(header.personal_correct), int(header.personal_total))
             if counts[1] > 0:
                 self.personal.setdefault(round_index, {})[member.idx] = counts
-            self.store.record_accepted(round_index, name, member.idx, size, digest, member.num_samples,
+            self.store.record_accepted(round_index, name, member.idx, size, digest, int(header.num_samples),
                                        header.train_loss, counts if counts[1] > 0 else None)
             member.busy_round = -1
             self.changed.notify_all()
@@ -564,7 +567,10 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
 
     def _population(self) -> tuple[np.ndarray, np.ndarray]:
         now = time.monotonic()
-        live = sorted((m.idx, m.num_samples) for m in self.members.values() if self._connected(m, now))
+        # The sampler weighs a partition's labeled samples, as the simulation does (koinon.deploy.labels).
+        sizes = self.fed.data.sizes
+        live = sorted((m.idx, int(sizes[m.idx]) if m.idx < len(sizes) else m.num_samples)
+                      for m in self.members.values() if self._connected(m, now))
         return (np.array([i for i, _ in live], dtype=np.int64), np.array([n for _, n in live], dtype=np.int64))
 
     def _open(self, round_index: int, cohort: list[int] | None) -> None:
@@ -746,6 +752,8 @@ def serve(cfg: Config, state: Path, certs: Path, listen: str) -> dict[str, Any]:
 
     topology, schedule = build_for_deployment(cfg)  # schedule: FedBuff / FedAsync, or None (rounds)
     fed = check_deployable(topology, cfg)
+    if (serve_with := getattr(fed.algorithm, "serve_with", None)) is not None:
+        serve_with(fed.model)  # a server step that runs the model (FedLGD's gradient matching)
     if not cfg.deploy.max_update_norm >= 0:
         raise ConfigError(f"deploy.max_update_norm = {cfg.deploy.max_update_norm}: must be >= 0 (0: no bound)")
     fed.server.bound_update_norm(cfg.deploy.max_update_norm)

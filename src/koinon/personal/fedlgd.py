@@ -33,7 +33,9 @@ Dirichlet(0.1), seed 0. Flattened inputs only (the model's first layer with para
 `Linear`), so virtual samples are vectors reshaped to the input shape.
 
 The server's gradient matching needs the model's forward: in simulation the algorithm takes the
-module from the trainer; `koinon server` refuses `fedlgd` in one line.
+module from the trainer; `koinon server`, which builds the run's model to evaluate it, hands it
+over before round 1 (`serve_with`), and the global virtual data goes to the clients as a download
+of the server state, its bytes counted, as in simulation.
 """
 
 from __future__ import annotations
@@ -110,7 +112,6 @@ class FedLGD(LocalSGD):
     name = "fedlgd"
     uploads: tuple[str, ...] = ("vgrad",)
     downloads: tuple[str, ...] = ("global_x",)
-    simulation_only = "its server's gradient matching runs the model, which koinon server does not load"
 
     def __init__(self, ipc: int = 5, dm_steps: int = 10, dm_lr: float = 0.1, match_steps: int = 10,
                  match_lr: float = 3.0, seed: int = 0, layout: Layout | None = None) -> None:
@@ -126,6 +127,11 @@ class FedLGD(LocalSGD):
         self.layout = layout
         self.features, self.classes = _shape(layout) if layout is not None else (0, 0)
         self.module: torch.nn.Module | None = None
+
+    def serve_with(self, module: torch.nn.Module) -> None:
+        """A server that trains no client (`koinon server`) runs its gradient matching with
+        `module`, the run's model (only its forward is used, at the parameters given)."""
+        self.module = module
 
     def global_labels(self) -> torch.Tensor:
         return torch.arange(self.classes).repeat_interleave(self.ipc)
