@@ -18,17 +18,43 @@ On each layer (a Linear's or a convolution's weight `[out, in, ...]` and bias `[
 The head's output units (the classes) are never compressed. The global model and a budget-1
 client are exactly FedAvg's.
 
+Learnt kernels (the paper's learning-on-model, `public_samples` > 0, the default): the server
+holds `public_samples` training samples that no client holds any more (set aside by seed before
+training, as FLTrust's root data: `koinon.server.root.reserve_root`), and on them it learns
+- the compression kernels: for each factor r and each compressed layer, an output-axis kernel
+  a (r values, starting at the averaging kernel 1/r) and an input-axis kernel b for the next
+  layer (r values, starting at ones); the sub-model unit g is sum_j a_j unit(g r + j), the next
+  layer's column g is sum_j b_j column(g r + j) (a convolution of kernel r and stride r along the
+  unit axis: one kernel shared by every group of the layer). They take `kernel_steps` steps of
+  Adam (learning rate `kernel_lr`) on the mean cross-entropy of the compressed global model
+  C_r(w) on the public set, from the averaging / summing kernels, before every round (a function
+  of the global model the clients receive, so every runtime computes the same kernels);
+- the dilation kernels: the transposed convolutions' kernels c (output axis: unit g r + j is
+  c_j times sub-unit g, starting at ones) and d (input axis: starting at 1/r). When a round's
+  updates arrive (`server_rows`, before aggregation), each sub-model change is dilated by D_r with
+  the kernels of its factor, and the kernels take `kernel_steps` Adam steps on the public loss of
+  the model the aggregation gives, w + sum_k p_k D_{r_k}(change_k) (p_k: the clients' sample
+  weights, FedAvg's; budget-1 clients' changes as they are), from the copying kernels; the
+  aggregator then averages the changes dilated by the learnt kernels, as FedAvg does (the paper
+  aggregates the dilated models by weighted averaging; the weights are FedAvg's here).
+- LayerNorm's per-unit weight and bias keep the fixed mean / copy (they are not convolved).
+`public_samples = 0` keeps the fixed kernels (no public data, the former behaviour).
+
 Choices of ours where the paper does more or leaves room:
-- the paper *learns* the compression and dilation kernels on the server from a small public
-  dataset; koinon's server has no public data in this setting, so the kernels stay at the
-  fixed averaging / copying kernels above (the paper's kernels are learned starting from a
-  comparable shape); a learned server-side step is future work;
+- the kernels start from the fixed ones each time and are learnt anew from the current model /
+  the round's changes (no state carried between rounds, so a round is a function of its inputs);
 - the server dilates the sub-model's *change* (D_r(trained) - D_r(C_r(global))) rather than the
-  sub-model itself, so the global model loses nothing a client did not train; since D_r is
-  linear and fixed, the client can dilate before uploading and the server averages full-size
-  changes: the protocol is FedAvg's (so it runs in `koinon server` / `koinon client`), but the
-  bytes on the wire are the full model's, not the sub-model's (`submodel_share` gives the share
-  of parameters a client actually trains);
+  sub-model itself, so the global model loses nothing a client did not train;
+- on the wire: a client uploads its change dilated by the fixed kernels (full size, the FedAvg
+  protocol, through any codec); the server recovers the sub-model change exactly (C_r(D_r(u)) =
+  u for the fixed pair) and dilates it again with the learnt kernels. The bytes are therefore
+  the full model's, not the sub-model's (`submodel_share` gives the share a client trains):
+  uploads of different sizes are not in the wire format. The compression kernels a client
+  needs are a few dozen floats, not counted (the paper's server compresses and sends the
+  sub-model itself);
+- learnt kernels need the server to run the model on its public data: `koinon server` refuses
+  them in one line (it runs `fedconv` with `public_samples = 0`), and so do secure aggregation
+  and DP (the server dilates each client's update);
 - each client serves its sub-model (the compressed global model) after `adapt_steps` SGD steps
   on its own data (FedConv is not a personalization method of its own; this matches the
   fine-tuning baseline).
@@ -80,6 +106,9 @@ class _Param:
     name: str
     out_axis: bool  # its first axis is a compressed unit axis
     in_units: int  # > 0: its second axis holds these many units of a compressed layer (times `spatial`)
+    out_unit: int = -1  # out_axis: the index (among compressed layers) of the layer whose units it holds
+    in_unit: int = -1  # in_units: the index of the compressed layer feeding it
+    norm: bool = False  # a normalization layer's per-unit vector (fixed mean / copy, never convolved)
 
 
 def plan(module: nn.Module, layout: Layout) -> list[_Param]:
@@ -96,16 +125,18 @@ def plan(module: nn.Module, layout: Layout) -> list[_Param]:
             raise ValueError("client.algorithm = 'fedconv' cannot compress BatchNorm running statistics")
     out: list[_Param] = []
     prev_units = 0  # units of the last compressed layer, feeding the next width layer
+    unit = -1  # its index among the compressed layers
     for i, (name, m) in enumerate(children):
         if isinstance(m, WIDTH):
             is_head = i == width_idx[-1]
-            out.append(_Param(f"{name}.weight", not is_head, prev_units))
+            out.append(_Param(f"{name}.weight", not is_head, prev_units, unit + 1, unit))
             if m.bias is not None:
-                out.append(_Param(f"{name}.bias", not is_head, 0))
+                out.append(_Param(f"{name}.bias", not is_head, 0, unit + 1))
             prev_units = 0 if is_head else (m.out_features if isinstance(m, nn.Linear) else m.out_channels)
+            unit += 0 if is_head else 1
         elif isinstance(m, NORMS):
             for p, _ in m.named_parameters():
-                out.append(_Param(f"{name}.{p}", prev_units > 0, 0))
+                out.append(_Param(f"{name}.{p}", prev_units > 0, 0, unit, norm=True))
     names = {e.name for e in layout.entries}
     if {p.name for p in out} != names:
         raise ValueError("client.algorithm = 'fedconv': the model has parameters outside its Linear / convolution "
@@ -127,33 +158,65 @@ def _in_view(t: torch.Tensor, units: int) -> torch.Tensor:
     return t.reshape(t.shape[0], units, t.shape[1] // units, *t.shape[2:])
 
 
-def compress(views: dict[str, torch.Tensor], spec: list[_Param], r: int) -> dict[str, torch.Tensor]:
-    """C_r of a model given as name -> tensor (see the module docstring)."""
+Kernels = dict[str, list[torch.Tensor]]  # "a", "b" (compression) or "c", "d" (dilation): one `[r]` per compressed layer
+
+
+def _along(t: torch.Tensor, kernel: torch.Tensor, axis: int) -> torch.Tensor:
+    """`kernel` (`[r]`) broadcast against the group axis `axis` of a grouped tensor."""
+    return kernel.view(*([1] * axis), -1, *([1] * (t.dim() - axis - 1)))
+
+
+def compress(views: dict[str, torch.Tensor], spec: list[_Param], r: int,
+             kernels: Kernels | None = None) -> dict[str, torch.Tensor]:
+    """C_r of a model given as name -> tensor (see the module docstring); `kernels` ("a", "b")
+    replace the fixed averaging / summing kernels of the layers' unit axes."""
     out = {}
     for p in spec:
         t = views[p.name]
         if r > 1 and p.out_axis:
-            t = _groups(t, 0, r).mean(dim=1)
+            g = _groups(t, 0, r)
+            if kernels is None or p.norm:
+                t = g.mean(dim=1)
+            else:
+                t = (g * _along(g, kernels["a"][p.out_unit], 1)).sum(dim=1)
         if r > 1 and p.in_units:
-            v = _in_view(t, p.in_units)
-            v = _groups(v, 1, r).sum(dim=2)
+            v = _groups(_in_view(t, p.in_units), 1, r)
+            v = v.sum(dim=2) if kernels is None else (v * _along(v, kernels["b"][p.in_unit], 2)).sum(dim=2)
             t = v.reshape(v.shape[0], -1, *v.shape[3:])
         out[p.name] = t
     return out
 
 
-def dilate(sub: dict[str, torch.Tensor], spec: list[_Param], r: int) -> dict[str, torch.Tensor]:
-    """D_r: a sub-model (or its change) back to the global model's shapes."""
+def dilate(sub: dict[str, torch.Tensor], spec: list[_Param], r: int,
+           kernels: Kernels | None = None) -> dict[str, torch.Tensor]:
+    """D_r: a sub-model (or its change) back to the global model's shapes; `kernels` ("c",
+    "d") replace the fixed copying / splitting kernels of the transposed convolutions."""
     out = {}
     for p in spec:
         t = sub[p.name]
         if r > 1 and p.out_axis:
-            t = t.repeat_interleave(r, dim=0)
+            if kernels is None or p.norm:
+                t = t.repeat_interleave(r, dim=0)
+            else:
+                g = t.unsqueeze(1) * _along(t.unsqueeze(1), kernels["c"][p.out_unit], 1)
+                t = g.reshape(-1, *t.shape[1:])
         if r > 1 and p.in_units:
-            v = _in_view(t, p.in_units // r).repeat_interleave(r, dim=1) / r
+            v = _in_view(t, p.in_units // r)
+            if kernels is None:
+                v = v.repeat_interleave(r, dim=1) / r
+            else:
+                g = v.unsqueeze(2) * _along(v.unsqueeze(2), kernels["d"][p.in_unit], 2)
+                v = g.reshape(v.shape[0], -1, *v.shape[2:])
             t = v.reshape(v.shape[0], -1, *v.shape[3:])
         out[p.name] = t
     return out
+
+
+def fixed_kernels(spec: list[_Param], r: int) -> Kernels:
+    """The fixed kernels as tensors: a = 1/r, b = 1, c = 1, d = 1/r on every compressed layer."""
+    n = 1 + max((p.out_unit for p in spec if p.out_axis), default=-1)
+    return {"a": [torch.full((r,), 1.0 / r) for _ in range(n)], "b": [torch.ones(r) for _ in range(n)],
+            "c": [torch.ones(r) for _ in range(n)], "d": [torch.full((r,), 1.0 / r) for _ in range(n)]}
 
 
 def sub_forward(module: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -188,25 +251,131 @@ def _unflat(flat: torch.Tensor, like: dict[str, torch.Tensor], spec: list[_Param
     return out
 
 
+def learn_compression(module: nn.Module, views: dict[str, torch.Tensor], spec: list[_Param], r: int,
+                      x: torch.Tensor, y: torch.Tensor, steps: int, lr: float) -> Kernels:
+    """The compression kernels ("a", "b") after `steps` Adam steps on the mean cross-entropy of
+    the compressed model C_r(views) on (x, y), from the fixed kernels."""
+    start = fixed_kernels(spec, r)
+    leaves = [t.clone().requires_grad_(True) for t in start["a"] + start["b"]]
+    n = len(start["a"])
+    opt = torch.optim.Adam(leaves, lr=lr)
+    frozen = {k: v.detach() for k, v in views.items()}
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = mean_ce(sub_forward(module, compress(frozen, spec, r, {"a": leaves[:n], "b": leaves[n:]}), x), y)
+        loss.backward()
+        opt.step()
+    return {"a": [t.detach() for t in leaves[:n]], "b": [t.detach() for t in leaves[n:]]}
+
+
+def learn_dilation(module: nn.Module, layout: Layout, base: torch.Tensor, changes: list[dict[str, torch.Tensor]],
+                   factors: list[int], weights: torch.Tensor, spec: list[_Param], x: torch.Tensor, y: torch.Tensor,
+                   steps: int, lr: float) -> dict[int, Kernels]:
+    """The dilation kernels ("c", "d") of each factor r > 1 in `factors` after `steps` Adam steps
+    on the mean cross-entropy, on (x, y), of the aggregated model base + sum_k p_k D_{r_k}(changes[k])
+    (p = weights / their sum; a factor-1 change is taken as it is), from the fixed kernels."""
+    p = weights.to(base.dtype) / weights.sum()
+    used = sorted({r for r in factors if r > 1})
+    leaves: dict[int, Kernels] = {}
+    for r in used:
+        k = fixed_kernels(spec, r)
+        leaves[r] = {"c": [t.requires_grad_(True) for t in k["c"]], "d": [t.requires_grad_(True) for t in k["d"]]}
+    params = [t for r in used for t in leaves[r]["c"] + leaves[r]["d"]]
+    base_views = {k: v.detach() for k, v in layout.views(base).items()}
+    frozen = [{k: v.detach() for k, v in ch.items()} for ch in changes]
+
+    def aggregate() -> dict[str, torch.Tensor]:
+        out = dict(base_views)
+        for pk, r, ch in zip(p, factors, frozen):
+            full = ch if r == 1 else dilate(ch, spec, r, leaves[r])
+            out = {name: out[name] + pk * full[name] for name in out}
+        return out
+
+    if params:
+        opt = torch.optim.Adam(params, lr=lr)
+        for _ in range(steps):
+            opt.zero_grad()
+            mean_ce(sub_forward(module, aggregate(), x), y).backward()
+            opt.step()
+    return {r: {"c": [t.detach() for t in leaves[r]["c"]], "d": [t.detach() for t in leaves[r]["d"]]} for r in used}
+
+
 @CLIENT_ALGORITHMS.register("fedconv")
 class FedConv(LocalSGD):
-    """FedConv: each client trains a sub-model r = 1/budget times narrower."""
+    """FedConv: each client trains a sub-model r = 1/budget times narrower, compressed and its
+    change dilated by kernels the server learns on its public data (`public_samples` > 0)."""
 
     name = "fedconv"
 
-    def __init__(self, budgets: list = [1.0], adapt_steps: int = 20) -> None:  # noqa: B006
+    def __init__(self, budgets: list = [1.0], adapt_steps: int = 20, public_samples: int = 0,  # noqa: B006
+                 kernel_steps: int = 20, kernel_lr: float = 0.01) -> None:
         self.budgets = check_budgets(budgets, self.name)
         for b in self.budgets:
             factor_of(b)
-        if not isinstance(adapt_steps, int) or isinstance(adapt_steps, bool) or adapt_steps < 0:
-            raise ValueError(f"client.adapt_steps must be an integer >= 0, got {adapt_steps!r}")
-        self.adapt_steps = adapt_steps
+        for key, value, low in (("adapt_steps", adapt_steps, 0), ("public_samples", public_samples, 0),
+                                ("kernel_steps", kernel_steps, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"client.{key} of 'fedconv' must be an integer >= {low}, got {value!r}")
+        if isinstance(kernel_lr, bool) or not isinstance(kernel_lr, (int, float)) or not kernel_lr > 0:
+            raise ValueError(f"client.kernel_lr of 'fedconv' must be a number > 0, got {kernel_lr!r}")
+        self.adapt_steps, self.public_samples = adapt_steps, public_samples
+        self.kernel_steps, self.kernel_lr = kernel_steps, float(kernel_lr)
+        self.public: tuple[nn.Module, Layout, torch.Tensor, torch.Tensor] | None = None
+        self._cache: tuple[bytes, dict[int, Kernels]] | None = None
+        if public_samples:
+            self.simulation_only = ("its server learns the kernels on public data by running the model, which "
+                                    "koinon server does not do; set client.public_samples = 0 (fixed kernels)")
+            self.needs_rows = True  # the server dilates each client's update (no secure aggregation, no DP)
+            self.server_rows = self.dilate_rows  # the server's hook, only where there is something to learn
+
+    def attach_public(self, module: nn.Module, layout: Layout, x: torch.Tensor, y: torch.Tensor) -> None:
+        """The server's public data (the `public_samples` samples no client holds) and its model."""
+        self.public = (module, layout, x, y)
+
+    def kernels(self, trainer: CohortTrainer, global_params: torch.Tensor) -> dict[int, Kernels]:
+        """Each factor's compression kernels for the global model `global_params`: learnt on the
+        public data (cached per model), or {} (the fixed kernels) without public data."""
+        if self.public is None:
+            return {}
+        key = global_params.detach().cpu().numpy().tobytes()
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        module, layout, x, y = self.public
+        spec = plan(module, layout)
+        views = layout.views(global_params.detach().cpu())
+        out = {r: learn_compression(module, views, spec, r, x, y, self.kernel_steps, self.kernel_lr)
+               for r in sorted({factor_of(b) for b in self.budgets}) if r > 1}
+        self._cache = (key, out)
+        return out
+
+    def dilate_rows(self, server_state: State, received: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor,
+                    client_ids: list[int]) -> torch.Tensor:
+        """The round's updates (`[K, P]`, each a sub-model change dilated by the fixed kernels),
+        dilated again by the dilation kernels learnt on the public data (the module docstring);
+        as they are without public data."""
+        if self.public is None or not len(client_ids):
+            return rows
+        module, layout, x, y = self.public
+        spec = plan(module, layout)
+        factors = [factor_of(budget_of(self.budgets, c)) for c in client_ids]
+        changes = [compress(layout.views(row), spec, r) if r > 1 else layout.views(row)
+                   for row, r in zip(rows.cpu(), factors)]
+        learnt = learn_dilation(module, layout, received.cpu(), changes, factors, weights.cpu(), spec, x, y,
+                                self.kernel_steps, self.kernel_lr)
+        out = rows.clone()
+        for i, (r, ch) in enumerate(zip(factors, changes)):
+            if r > 1:
+                full = dilate(ch, spec, r, learnt[r])
+                for name, view in layout.views(out[i]).items():
+                    view.copy_(full[name])
+        return out
 
     def submodel(self, trainer: CohortTrainer, global_params: torch.Tensor, client: int
                  ) -> tuple[list[_Param], int, dict[str, torch.Tensor]]:
         spec = plan(trainer.module, trainer.layout)
         r = factor_of(budget_of(self.budgets, client))
-        return spec, r, compress(trainer.layout.views(global_params), spec, r)
+        return spec, r, compress(trainer.layout.views(global_params), spec, r,
+                                 self.kernels(trainer, global_params).get(r))
 
     def submodel_share(self, trainer: CohortTrainer, budget: float) -> float:
         """The share of the global model's parameters a client of `budget` trains."""
@@ -235,7 +404,7 @@ class FedConv(LocalSGD):
         deltas, losses = [], []
         for i, c in enumerate(client_ids):
             spec, r, sub, trained, loss = self._train(trainer, c, global_params, idx[i], int(steps[i]))
-            change = dilate({k: trained[k] - sub[k] for k in sub}, spec, r)
+            change = dilate({k: trained[k] - sub[k] for k in sub}, spec, r)  # fixed kernels: the wire's frame
             delta = torch.zeros_like(global_params)
             for name, view in trainer.layout.views(delta).items():
                 view.copy_(change[name])
@@ -262,4 +431,5 @@ class FedConv(LocalSGD):
         return out
 
 
-__all__ = ["FedConv", "compress", "dilate", "factor_of", "plan", "sub_forward"]
+__all__ = ["FedConv", "compress", "dilate", "factor_of", "fixed_kernels", "learn_compression", "learn_dilation", "plan",
+           "sub_forward"]

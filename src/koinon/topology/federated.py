@@ -35,7 +35,7 @@ from koinon.records import Callback, folder
 from koinon.runtime import RUNTIMES, Runtime
 from koinon.seeding import generator
 from koinon.server import SAMPLERS, SERVER_OPTIMIZERS, Sampler, ServerOptimizer
-from koinon.server.root import RootUpdate, reference_users, reserve_root
+from koinon.server.root import RootUpdate, reference_users, reserve_public, reserve_root
 from koinon.topology.base import fit_rounds
 from koinon.topology.evaluation import Evaluation, evaluate_clients, split_holdout
 from koinon.topology.server import Adversary, FederatedServer, RoundResult
@@ -184,6 +184,11 @@ class Federation:
             root_local = dataclasses.replace(self.local, steps=steps) if steps else self.local
             self.root = RootUpdate(model, self.layout, data, root_indices, self.algorithm,
                                    root_local, seed, loss_fn=loss_fn)
+        # A server's public data (FedConv's learnt kernels): samples no client holds any more.
+        if public := getattr(self.algorithm, "public_samples", 0):
+            data, public_indices = reserve_public(data, public, seed)
+            self.algorithm.attach_public(model, self.layout, data.dataset.x_train[public_indices],
+                                         data.dataset.y_train[public_indices])
         # Each client's held-out share (federated evaluation) never trains.
         self.holdout: list[torch.Tensor] = []
         if self.evaluation.holdout:
