@@ -135,9 +135,9 @@ def test_dilation_learning_step_is_adam_on_the_aggregated_models_public_loss():
     assert torch.allclose(k[2]["d"][0], 0.5 - 0.1 * gd.sign(), atol=1e-5)
 
 
-def _fed(algorithm, runtime="inprocess", data=None, **kw):
+def _fed(algorithm, runtime="inprocess", data=None, clients_per_round=4, **kw):
     return kn.Federation(_norm_model(), data or _digits(), local=LocalTraining(lr=0.1, epochs=1),
-                         clients_per_round=4, seed=1, algorithm=algorithm, runtime=runtime, **kw)
+                         clients_per_round=clients_per_round, seed=1, algorithm=algorithm, runtime=runtime, **kw)
 
 
 def test_public_samples_are_held_by_no_client_and_the_server_dilates_with_learnt_kernels():
@@ -254,3 +254,28 @@ def test_koinon_server_refuses_learnt_kernels_in_one_line():
         check_deployable(build_federation(cfg), cfg)
     fixed = kn.Config().with_overrides({**base, "client.public_samples": 0})
     assert check_deployable(build_federation(fixed), fixed) is not None
+
+
+def test_submodel_uploads_send_only_the_sub_model_and_train_the_same_model():
+    """`upload = 'submodel'`: a budget-1/r client sends its sub-model change (float32), counted;
+    the server reads it back exactly, so the model is that of full-size uploads."""
+    feds = {}
+    for upload in ("full", "submodel"):
+        fed = _fed(FedConv(budgets=[1.0, 0.5, 0.25], upload=upload), clients_per_round=8)
+        fed.fit(2)
+        feds[upload] = fed
+    assert torch.allclose(feds["full"].params, feds["submodel"].params, atol=1e-6)
+    fed = feds["submodel"]
+    spec, layout = plan(fed.runtime.trainer.module, fed.layout), fed.layout
+    sub_numel = {r: sum(t.numel() for t in compress(layout.views(fed.params), spec, r).values()) for r in (1, 2, 4)}
+    per_round = sum(4 * sub_numel[[1, 2, 4][c % 3]] for c in range(8))
+    assert fed.uplink_total == 2 * per_round < feds["full"].uplink_total == 2 * 8 * 4 * layout.numel
+    # a payload of another size is refused in one line
+    from koinon.errors import CodecError
+
+    with pytest.raises(CodecError, match="budget-1/2 client sends") as err:
+        fed.algorithm.decode_submodel(b"\0" * 12, 0, 0, 1, layout.numel, 0.1, 10)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="client.upload"):
+        FedConv(upload="half")
+    assert FedConv(public_samples=10).upload == "submodel" and FedConv().upload == "full"

@@ -69,11 +69,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from koinon.clients.base import CLIENT_ALGORITHMS, LocalSGD, State
+from koinon.errors import CodecError
 from koinon.params import Layout
 from koinon.personal.evaluate import with_steps
 from koinon.personal.hetero import (
@@ -308,7 +310,7 @@ class FedConv(LocalSGD):
     name = "fedconv"
 
     def __init__(self, budgets: list = [1.0], adapt_steps: int = 20, public_samples: int = 0,  # noqa: B006
-                 kernel_steps: int = 20, kernel_lr: float = 0.01) -> None:
+                 kernel_steps: int = 20, kernel_lr: float = 0.01, upload: str | None = None) -> None:
         self.budgets = check_budgets(budgets, self.name)
         for b in self.budgets:
             factor_of(b)
@@ -318,8 +320,12 @@ class FedConv(LocalSGD):
                 raise ValueError(f"client.{key} of 'fedconv' must be an integer >= {low}, got {value!r}")
         if isinstance(kernel_lr, bool) or not isinstance(kernel_lr, (int, float)) or not kernel_lr > 0:
             raise ValueError(f"client.kernel_lr of 'fedconv' must be a number > 0, got {kernel_lr!r}")
+        if upload not in (None, "submodel", "full"):
+            raise ValueError(f"client.upload of 'fedconv' must be 'submodel' or 'full', got {upload!r}")
         self.adapt_steps, self.public_samples = adapt_steps, public_samples
         self.kernel_steps, self.kernel_lr = kernel_steps, float(kernel_lr)
+        self.upload = upload or ("submodel" if public_samples else "full")
+        self.module: tuple[nn.Module, Layout] | None = None
         self.public: tuple[nn.Module, Layout, torch.Tensor, torch.Tensor] | None = None
         self._cache: tuple[bytes, dict[int, Kernels]] | None = None
         if public_samples:
@@ -327,10 +333,40 @@ class FedConv(LocalSGD):
                                     "koinon server does not do; set client.public_samples = 0 (fixed kernels)")
             self.needs_rows = True  # the server dilates each client's update (no secure aggregation, no DP)
             self.server_rows = self.dilate_rows  # the server's hook, only where there is something to learn
+        if self.upload == "submodel":
+            self.decode_update = self.decode_submodel  # its own wire format: the sub-model change only
 
-    def attach_public(self, module: nn.Module, layout: Layout, x: torch.Tensor, y: torch.Tensor) -> None:
-        """The server's public data (the `public_samples` samples no client holds) and its model."""
-        self.public = (module, layout, x, y)
+    def attach(self, module: nn.Module, layout: Layout, x: torch.Tensor | None = None,
+               y: torch.Tensor | None = None) -> None:
+        """The server's model (to read sub-model uploads) and its public data (`x`, `y`: the
+        `public_samples` samples no client holds), from the federation."""
+        self.module = (module, layout)
+        if x is not None and y is not None:
+            self.public = (module, layout, x, y)
+
+    def encode_submodel(self, change: dict[str, torch.Tensor], spec: list[_Param]) -> bytes:
+        """A sub-model change on the wire: its values as little-endian float32, layer by layer."""
+        return _flat(change, spec).to(torch.float32).numpy().astype("<f4").tobytes()
+
+    def decode_submodel(self, payload: bytes, seed: int, round_index: int, client_id: int, numel: int, lr: float,
+                        max_steps: int) -> torch.Tensor:
+        """A client's sub-model change from its bytes, dilated by the fixed kernels (`[P]`); the
+        size its budget gives or a `CodecError`."""
+        if self.module is None:
+            raise CodecError(self.name, "the server has no model to read sub-model uploads")
+        module, layout = self.module
+        spec = plan(module, layout)
+        r = factor_of(budget_of(self.budgets, client_id))
+        like = compress(layout.views(torch.zeros(layout.numel)), spec, r)
+        n = sum(t.numel() for t in like.values())
+        if len(payload) != 4 * n:
+            raise CodecError(self.name, f"a budget-1/{r} client sends {4 * n} bytes (its sub-model), got {len(payload)}")
+        flat = torch.from_numpy(np.frombuffer(payload, dtype="<f4").astype(np.float32))
+        change = dilate(_unflat(flat, like, spec), spec, r)
+        row = torch.zeros(layout.numel)
+        for name, view in layout.views(row).items():
+            view.copy_(change[name])
+        return row[:numel]
 
     def kernels(self, trainer: CohortTrainer, global_params: torch.Tensor) -> dict[int, Kernels]:
         """Each factor's compression kernels for the global model `global_params`: learnt on the
@@ -401,17 +437,22 @@ class FedConv(LocalSGD):
         check_plain_sgd(trainer.local, self.name)
         if trainer.layout.num_trainable != trainer.layout.numel:
             raise ValueError("client.algorithm = 'fedconv' needs a model without buffers")
-        deltas, losses = [], []
+        deltas, losses, messages = [], [], []
         for i, c in enumerate(client_ids):
             spec, r, sub, trained, loss = self._train(trainer, c, global_params, idx[i], int(steps[i]))
-            change = dilate({k: trained[k] - sub[k] for k in sub}, spec, r)  # fixed kernels: the wire's frame
+            sub_change = {k: trained[k] - sub[k] for k in sub}
+            if self.upload == "submodel":
+                messages.append(self.encode_submodel(sub_change, spec))
+                sub_change = _unflat(torch.from_numpy(np.frombuffer(messages[-1], dtype="<f4").copy()), sub, spec)
+            change = dilate(sub_change, spec, r)  # fixed kernels: the frame the server reads
             delta = torch.zeros_like(global_params)
             for name, view in trainer.layout.views(delta).items():
                 view.copy_(change[name])
             deltas.append(delta)
             losses.append(loss)
         return CohortResult(list(client_ids), torch.stack(deltas), {}, trainer.sizes(client_ids), steps.clone(),
-                            torch.tensor(losses), [{} for _ in client_ids])
+                            torch.tensor(losses), [{} for _ in client_ids],
+                            messages if self.upload == "submodel" else None)
 
     def personal_predictors(self, trainer: CohortTrainer, client_ids: list[int], global_params: torch.Tensor,
                             server_state: State, client_states: list[State], seed: int,

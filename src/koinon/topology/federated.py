@@ -184,11 +184,14 @@ class Federation:
             root_local = dataclasses.replace(self.local, steps=steps) if steps else self.local
             self.root = RootUpdate(model, self.layout, data, root_indices, self.algorithm,
                                    root_local, seed, loss_fn=loss_fn)
-        # A server's public data (FedConv's learnt kernels): samples no client holds any more.
-        if public := getattr(self.algorithm, "public_samples", 0):
-            data, public_indices = reserve_public(data, public, seed)
-            self.algorithm.attach_public(model, self.layout, data.dataset.x_train[public_indices],
-                                         data.dataset.y_train[public_indices])
+        # The server's model and public data for an algorithm that uses them (FedConv's learnt
+        # kernels): the public samples are held by no client any more.
+        if hasattr(self.algorithm, "attach"):
+            public = None
+            if count := getattr(self.algorithm, "public_samples", 0):
+                data, public = reserve_public(data, count, seed)
+            self.algorithm.attach(model, self.layout, *((data.dataset.x_train[public], data.dataset.y_train[public])
+                                                        if public is not None else ()))
         # Each client's held-out share (federated evaluation) never trains.
         self.holdout: list[torch.Tensor] = []
         if self.evaluation.holdout:
