@@ -71,6 +71,8 @@ METHODS = {
     "pfedpg": {"gen_lr": 0.1, "adapt_steps": 20},
     "pfedgate": {"budgets": [1.0], "gate_lr": 5.0, "adapt_steps": 20},
     "fedconv": {"budgets": [1.0], "adapt_steps": 20},
+    # FedConv with kernels learnt on 200 server-held public samples (taken from the clients' pool)
+    "fedconv+learnt": {"budgets": [1.0], "adapt_steps": 20, "public_samples": 200},
     "reconnaissance": {},
     "fedka": {"lam": 0.1, "voters": 5, "agreement": 0.6, "adapt_steps": 20},
     "fedins": {"pool_size": 8, "top": 2, "key_weight": 0.1},
@@ -90,7 +92,7 @@ def config(setting: str, method: str, seed: int, rounds: int, dataset: str = "di
     for key, value in SETTINGS[setting].items():
         setattr(cfg.data, key, value)
     cfg.model.name, cfg.model.options = "mlp_norm", {"hidden": [64], "norm": "layer"}
-    cfg.client.algorithm = method
+    cfg.client.algorithm = method.split("+")[0]  # "name+variant": the method with other options
     cfg.client.options = dict(METHODS.get(method, {}))
     if setting in BUDGETS and "budgets" in cfg.client.options:
         cfg.client.options["budgets"] = BUDGETS[setting]
@@ -139,6 +141,8 @@ def main() -> None:
         print(head)
         rows: dict[str, dict[str, float]] = {}
         for method in methods:
+            if method == "fedconv+learnt" and setting not in BUDGETS:
+                continue  # without budgets there is nothing to compress
             runs = [run(setting, method, seed, rounds, args.dataset) for seed in range(seeds)]
 
             def avg(key: str, runs: list[dict[str, float]] = runs) -> float:

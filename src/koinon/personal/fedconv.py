@@ -26,7 +26,7 @@ training, as FLTrust's root data: `koinon.server.root.reserve_root`), and on the
   layer (r values, starting at ones); the sub-model unit g is sum_j a_j unit(g r + j), the next
   layer's column g is sum_j b_j column(g r + j) (a convolution of kernel r and stride r along the
   unit axis: one kernel shared by every group of the layer). They take `kernel_steps` steps of
-  Adam (learning rate `kernel_lr`) on the mean cross-entropy of the compressed global model
+  Adam (learning rate `kernel_lr` times the kernel's starting size) on the mean cross-entropy of the compressed global model
   C_r(w) on the public set, from the averaging / summing kernels, before every round (a function
   of the global model the clients receive, so every runtime computes the same kernels);
 - the dilation kernels: the transposed convolutions' kernels c (output axis: unit g r + j is
@@ -253,6 +253,13 @@ def _unflat(flat: torch.Tensor, like: dict[str, torch.Tensor], spec: list[_Param
     return out
 
 
+def _adam(kernels: list[torch.Tensor], lr: float) -> torch.optim.Adam:
+    """Adam over the kernels, each at `lr` times the size of its starting values (1/r for the
+    averaging / splitting kernels, 1 for the summing / copying ones): the same relative step
+    for every kernel (our choice; with one rate the 1/r kernels would move r times as far)."""
+    return torch.optim.Adam([{"params": [k], "lr": lr * float(k.detach().abs().max())} for k in kernels])
+
+
 def learn_compression(module: nn.Module, views: dict[str, torch.Tensor], spec: list[_Param], r: int,
                       x: torch.Tensor, y: torch.Tensor, steps: int, lr: float) -> Kernels:
     """The compression kernels ("a", "b") after `steps` Adam steps on the mean cross-entropy of
@@ -260,7 +267,7 @@ def learn_compression(module: nn.Module, views: dict[str, torch.Tensor], spec: l
     start = fixed_kernels(spec, r)
     leaves = [t.clone().requires_grad_(True) for t in start["a"] + start["b"]]
     n = len(start["a"])
-    opt = torch.optim.Adam(leaves, lr=lr)
+    opt = _adam(leaves, lr)
     frozen = {k: v.detach() for k, v in views.items()}
     for _ in range(steps):
         opt.zero_grad()
@@ -294,7 +301,7 @@ def learn_dilation(module: nn.Module, layout: Layout, base: torch.Tensor, change
         return out
 
     if params:
-        opt = torch.optim.Adam(params, lr=lr)
+        opt = _adam(params, lr)
         for _ in range(steps):
             opt.zero_grad()
             mean_ce(sub_forward(module, aggregate(), x), y).backward()
