@@ -19,6 +19,7 @@ from koinon.personal.fedconv import (
     learn_dilation,
     plan,
     sub_forward,
+    widths_of,
 )
 from koinon.topology.evaluation import Evaluation
 
@@ -70,6 +71,14 @@ def test_learnt_kernels_convolve_each_group_by_hand():
     assert torch.equal(back["0.bias"], torch.tensor([-1.0, -2.0, 1.0, 2.0]))
     assert torch.equal(back["0.weight"][1], torch.tensor([-6.0, -4.0, -2.0]))
     assert torch.equal(back["2.weight"], torch.tensor([[1.625, 4.875, 3.375, 10.125], [0.75, 2.25, -0.75, -2.25]]))
+    # one value per unit (kernel_shape = 'unit'): unit g = a_{2g} unit(2g) + a_{2g+1} unit(2g + 1)
+    au, bu = torch.tensor([2.0, -1.0, 1.0, 0.0]), torch.tensor([0.5, 3.0, 1.0, 1.0])
+    sub_u = compress(full, spec, 2, {"a": [au], "b": [bu]})
+    assert torch.equal(sub_u["0.weight"], torch.tensor([[-3.0, -2.0, -1.0], [6.0, 7.0, 8.0]]))
+    assert torch.equal(sub_u["2.weight"], torch.tensor([[6.5, 7.0], [3.0, -1.0]]))
+    back_u = dilate(sub_u, spec, 2, {"c": [torch.tensor([1.0, 2.0, 0.0, 1.0])], "d": [torch.ones(4)]})
+    assert torch.equal(back_u["0.bias"], torch.tensor([-1.0, -2.0, 0.0, 5.0]))
+    assert fixed_kernels(spec, 2, widths_of(spec, layout))["a"][0].shape == (4,)
 
 
 def _by_hand_sub_logits(w1, b1, w2, b2, a, b, x):
@@ -209,7 +218,7 @@ def test_with_one_full_budget_client_and_public_data_the_model_is_local_training
 @pytest.mark.parametrize(("options", "match"), [
     ({"public_samples": -1}, "public_samples"), ({"public_samples": "100"}, "public_samples"),
     ({"public_samples": True}, "public_samples"), ({"kernel_steps": 0}, "kernel_steps"),
-    ({"kernel_lr": 0}, "kernel_lr"), ({"kernel_lr": "fast"}, "kernel_lr"),
+    ({"kernel_lr": 0}, "kernel_lr"), ({"kernel_lr": "fast"}, "kernel_lr"), ({"kernel_shape": "big"}, "kernel_shape"),
 ])
 def test_bad_options_are_refused_in_one_line(options, match):
     with pytest.raises(ValueError, match=match) as err:

@@ -163,9 +163,13 @@ def _in_view(t: torch.Tensor, units: int) -> torch.Tensor:
 Kernels = dict[str, list[torch.Tensor]]  # "a", "b" (compression) or "c", "d" (dilation): one `[r]` per compressed layer
 
 
-def _along(t: torch.Tensor, kernel: torch.Tensor, axis: int) -> torch.Tensor:
-    """`kernel` (`[r]`) broadcast against the group axis `axis` of a grouped tensor."""
-    return kernel.view(*([1] * axis), -1, *([1] * (t.dim() - axis - 1)))
+def _along(t: torch.Tensor, kernel: torch.Tensor, axis: int, r: int) -> torch.Tensor:
+    """`kernel` broadcast against the group axis `axis` (size r) of a grouped tensor: a
+    convolution's kernel (`[r]`, shared by every group) or one value per unit (`[G r]`, the
+    groups on the axis before)."""
+    if kernel.numel() == r:
+        return kernel.view(*([1] * axis), r, *([1] * (t.dim() - axis - 1)))
+    return kernel.view(*([1] * (axis - 1)), -1, r, *([1] * (t.dim() - axis - 1)))
 
 
 def compress(views: dict[str, torch.Tensor], spec: list[_Param], r: int,
@@ -180,10 +184,10 @@ def compress(views: dict[str, torch.Tensor], spec: list[_Param], r: int,
             if kernels is None or p.norm:
                 t = g.mean(dim=1)
             else:
-                t = (g * _along(g, kernels["a"][p.out_unit], 1)).sum(dim=1)
+                t = (g * _along(g, kernels["a"][p.out_unit], 1, r)).sum(dim=1)
         if r > 1 and p.in_units:
             v = _groups(_in_view(t, p.in_units), 1, r)
-            v = v.sum(dim=2) if kernels is None else (v * _along(v, kernels["b"][p.in_unit], 2)).sum(dim=2)
+            v = v.sum(dim=2) if kernels is None else (v * _along(v, kernels["b"][p.in_unit], 2, r)).sum(dim=2)
             t = v.reshape(v.shape[0], -1, *v.shape[3:])
         out[p.name] = t
     return out
@@ -200,25 +204,34 @@ def dilate(sub: dict[str, torch.Tensor], spec: list[_Param], r: int,
             if kernels is None or p.norm:
                 t = t.repeat_interleave(r, dim=0)
             else:
-                g = t.unsqueeze(1) * _along(t.unsqueeze(1), kernels["c"][p.out_unit], 1)
+                g = t.unsqueeze(1) * _along(t.unsqueeze(1), kernels["c"][p.out_unit], 1, r)
                 t = g.reshape(-1, *t.shape[1:])
         if r > 1 and p.in_units:
             v = _in_view(t, p.in_units // r)
             if kernels is None:
                 v = v.repeat_interleave(r, dim=1) / r
             else:
-                g = v.unsqueeze(2) * _along(v.unsqueeze(2), kernels["d"][p.in_unit], 2)
+                g = v.unsqueeze(2) * _along(v.unsqueeze(2), kernels["d"][p.in_unit], 2, r)
                 v = g.reshape(v.shape[0], -1, *v.shape[2:])
             t = v.reshape(v.shape[0], -1, *v.shape[3:])
         out[p.name] = t
     return out
 
 
-def fixed_kernels(spec: list[_Param], r: int) -> Kernels:
-    """The fixed kernels as tensors: a = 1/r, b = 1, c = 1, d = 1/r on every compressed layer."""
+def fixed_kernels(spec: list[_Param], r: int, widths: list[int] | None = None) -> Kernels:
+    """The fixed kernels as tensors: a = 1/r, b = 1, c = 1, d = 1/r on every compressed layer;
+    `[r]` convolution kernels, or with `widths` (each compressed layer's units) one value per unit."""
     n = 1 + max((p.out_unit for p in spec if p.out_axis), default=-1)
-    return {"a": [torch.full((r,), 1.0 / r) for _ in range(n)], "b": [torch.ones(r) for _ in range(n)],
-            "c": [torch.ones(r) for _ in range(n)], "d": [torch.full((r,), 1.0 / r) for _ in range(n)]}
+    size = [r] * n if widths is None else list(widths)
+    return {"a": [torch.full((m,), 1.0 / r) for m in size], "b": [torch.ones(m) for m in size],
+            "c": [torch.ones(m) for m in size], "d": [torch.full((m,), 1.0 / r) for m in size]}
+
+
+def widths_of(spec: list[_Param], layout: Layout) -> list[int]:
+    """Each compressed layer's number of units (the first axis of its weight)."""
+    shapes = {e.name: e.shape for e in layout.entries}
+    out = {p.out_unit: int(shapes[p.name][0]) for p in spec if p.out_axis and not p.norm}
+    return [out[i] for i in range(len(out))]
 
 
 def sub_forward(module: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -261,10 +274,11 @@ def _adam(kernels: list[torch.Tensor], lr: float) -> torch.optim.Adam:
 
 
 def learn_compression(module: nn.Module, views: dict[str, torch.Tensor], spec: list[_Param], r: int,
-                      x: torch.Tensor, y: torch.Tensor, steps: int, lr: float) -> Kernels:
+                      x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, widths: list[int] | None = None
+                      ) -> Kernels:
     """The compression kernels ("a", "b") after `steps` Adam steps on the mean cross-entropy of
     the compressed model C_r(views) on (x, y), from the fixed kernels."""
-    start = fixed_kernels(spec, r)
+    start = fixed_kernels(spec, r, widths)
     leaves = [t.clone().requires_grad_(True) for t in start["a"] + start["b"]]
     n = len(start["a"])
     opt = _adam(leaves, lr)
@@ -279,7 +293,7 @@ def learn_compression(module: nn.Module, views: dict[str, torch.Tensor], spec: l
 
 def learn_dilation(module: nn.Module, layout: Layout, base: torch.Tensor, changes: list[dict[str, torch.Tensor]],
                    factors: list[int], weights: torch.Tensor, spec: list[_Param], x: torch.Tensor, y: torch.Tensor,
-                   steps: int, lr: float) -> dict[int, Kernels]:
+                   steps: int, lr: float, widths: list[int] | None = None) -> dict[int, Kernels]:
     """The dilation kernels ("c", "d") of each factor r > 1 in `factors` after `steps` Adam steps
     on the mean cross-entropy, on (x, y), of the aggregated model base + sum_k p_k D_{r_k}(changes[k])
     (p = weights / their sum; a factor-1 change is taken as it is), from the fixed kernels."""
@@ -287,7 +301,7 @@ def learn_dilation(module: nn.Module, layout: Layout, base: torch.Tensor, change
     used = sorted({r for r in factors if r > 1})
     leaves: dict[int, Kernels] = {}
     for r in used:
-        k = fixed_kernels(spec, r)
+        k = fixed_kernels(spec, r, widths)
         leaves[r] = {"c": [t.requires_grad_(True) for t in k["c"]], "d": [t.requires_grad_(True) for t in k["d"]]}
     params = [t for r in used for t in leaves[r]["c"] + leaves[r]["d"]]
     base_views = {k: v.detach() for k, v in layout.views(base).items()}
@@ -317,7 +331,8 @@ class FedConv(LocalSGD):
     name = "fedconv"
 
     def __init__(self, budgets: list = [1.0], adapt_steps: int = 20, public_samples: int = 0,  # noqa: B006
-                 kernel_steps: int = 20, kernel_lr: float = 0.01, upload: str | None = None) -> None:
+                 kernel_steps: int = 20, kernel_lr: float = 0.01, upload: str | None = None,
+                 kernel_shape: str = "conv") -> None:
         self.budgets = check_budgets(budgets, self.name)
         for b in self.budgets:
             factor_of(b)
@@ -327,6 +342,9 @@ class FedConv(LocalSGD):
                 raise ValueError(f"client.{key} of 'fedconv' must be an integer >= {low}, got {value!r}")
         if isinstance(kernel_lr, bool) or not isinstance(kernel_lr, (int, float)) or not kernel_lr > 0:
             raise ValueError(f"client.kernel_lr of 'fedconv' must be a number > 0, got {kernel_lr!r}")
+        if kernel_shape not in ("conv", "unit"):
+            raise ValueError(f"client.kernel_shape of 'fedconv' must be 'conv' or 'unit', got {kernel_shape!r}")
+        self.kernel_shape = kernel_shape
         if upload not in (None, "submodel", "full"):
             raise ValueError(f"client.upload of 'fedconv' must be 'submodel' or 'full', got {upload!r}")
         self.adapt_steps, self.public_samples = adapt_steps, public_samples
@@ -386,7 +404,8 @@ class FedConv(LocalSGD):
         module, layout, x, y = self.public
         spec = plan(module, layout)
         views = layout.views(global_params.detach().cpu())
-        out = {r: learn_compression(module, views, spec, r, x, y, self.kernel_steps, self.kernel_lr)
+        widths = widths_of(spec, layout) if self.kernel_shape == "unit" else None
+        out = {r: learn_compression(module, views, spec, r, x, y, self.kernel_steps, self.kernel_lr, widths)
                for r in sorted({factor_of(b) for b in self.budgets}) if r > 1}
         self._cache = (key, out)
         return out
@@ -404,7 +423,8 @@ class FedConv(LocalSGD):
         changes = [compress(layout.views(row), spec, r) if r > 1 else layout.views(row)
                    for row, r in zip(rows.cpu(), factors)]
         learnt = learn_dilation(module, layout, received.cpu(), changes, factors, weights.cpu(), spec, x, y,
-                                self.kernel_steps, self.kernel_lr)
+                                self.kernel_steps, self.kernel_lr,
+                                widths_of(spec, layout) if self.kernel_shape == "unit" else None)
         out = rows.clone()
         for i, (r, ch) in enumerate(zip(factors, changes)):
             if r > 1:
@@ -480,4 +500,4 @@ class FedConv(LocalSGD):
 
 
 __all__ = ["FedConv", "compress", "dilate", "factor_of", "fixed_kernels", "learn_compression", "learn_dilation", "plan",
-           "sub_forward"]
+           "sub_forward", "widths_of"]
