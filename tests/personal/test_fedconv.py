@@ -153,8 +153,8 @@ def _fed(algorithm, runtime="inprocess", data=None, clients_per_round=4, **kw):
 
 def test_public_samples_are_held_by_no_client_and_the_server_dilates_with_learnt_kernels():
     data = _digits()
-    alg = FedConv(budgets=[1.0, 0.5], public_samples=40, kernel_steps=3)
-    fed = _fed(alg, data=data)
+    alg = FedConv(budgets=[1.0, 0.5], kernels="learnt", kernel_steps=3)
+    fed = _fed(alg, data=data, public_samples=40)
     module, layout, x, y = alg.public
     assert len(x) == 40 and sum(int(s) for s in fed.data.sizes) == sum(int(s) for s in data.sizes) - 40
     owned = torch.cat(fed.data.client_indices)
@@ -184,8 +184,8 @@ def test_public_samples_are_held_by_no_client_and_the_server_dilates_with_learnt
 def test_both_local_runtimes_give_the_same_models_with_learnt_kernels():
     feds = []
     for runtime in ("inprocess", "vectorized"):
-        fed = _fed(FedConv(budgets=[1.0, 0.5, 0.25], adapt_steps=3, public_samples=30, kernel_steps=3), runtime,
-                   evaluation=Evaluation(holdout=0.2, new_clients=2))
+        fed = _fed(FedConv(budgets=[1.0, 0.5, 0.25], adapt_steps=3, kernels="learnt", kernel_steps=3), runtime,
+                   public_samples=30, evaluation=Evaluation(holdout=0.2, new_clients=2))
         fed.fit(2, eval_every=2)
         feds.append(fed)
     a, b = feds
@@ -202,7 +202,7 @@ def test_with_one_full_budget_client_and_public_data_the_model_is_local_training
     full = _digits(6, "shards")
     data = FederatedData(full.dataset, [full.client_indices[0]])
     fed = kn.Federation(_norm_model(), data, local=LocalTraining(lr=0.1, batch_size=16, epochs=1),
-                        clients_per_round=1, seed=0, algorithm=FedConv(budgets=[1.0], public_samples=20),
+                        clients_per_round=1, seed=0, algorithm=FedConv(budgets=[1.0], kernels="learnt"), public_samples=20,
                         runtime="inprocess")
     w = fed.params.clone()
     fed.fit(3)
@@ -216,8 +216,8 @@ def test_with_one_full_budget_client_and_public_data_the_model_is_local_training
 
 
 @pytest.mark.parametrize(("options", "match"), [
-    ({"public_samples": -1}, "public_samples"), ({"public_samples": "100"}, "public_samples"),
-    ({"public_samples": True}, "public_samples"), ({"kernel_steps": 0}, "kernel_steps"),
+    ({"kernels": "learned"}, "client.kernels"), ({"kernels": None}, "client.kernels"),
+    ({"kernel_steps": 0}, "kernel_steps"), ({"kernel_steps": 2.5}, "kernel_steps"),
     ({"kernel_lr": 0}, "kernel_lr"), ({"kernel_lr": "fast"}, "kernel_lr"), ({"kernel_shape": "big"}, "kernel_shape"),
 ])
 def test_bad_options_are_refused_in_one_line(options, match):
@@ -226,18 +226,26 @@ def test_bad_options_are_refused_in_one_line(options, match):
     assert "\n" not in str(err.value)
 
 
-def test_too_many_public_samples_are_refused_naming_the_key(tmp_path):
-    with pytest.raises(ValueError, match=r"client.public_samples = 100000: must be between 0 and \d+"):
-        _fed(FedConv(budgets=[0.5], public_samples=100_000))
+def test_bad_public_samples_are_refused_naming_the_key(tmp_path):
+    for bad in (100_000, -1, "100", True):
+        with pytest.raises(ValueError, match=r"data.public_samples = .*: must be between 0 and \d+"):
+            _fed(FedConv(budgets=[0.5], kernels="learnt"), public_samples=bad)
+    with pytest.raises(ValueError, match="client.kernels = 'learnt' needs the server's public data"):
+        _fed(FedConv(budgets=[0.5], kernels="learnt"))
     cfg = kn.Config()
     cfg.data.name, cfg.data.num_clients = "digits", 6
     cfg.model.name, cfg.model.options = "mlp_norm", {"hidden": [16]}
     cfg.server.rounds, cfg.server.clients_per_round = 1, 3
-    cfg.client.algorithm, cfg.client.options = "fedconv", {"budgets": [1.0, 0.5], "public_samples": 10_000}
-    with pytest.raises(kn.ConfigError, match="public_samples") as err:
+    cfg.client.algorithm, cfg.client.options = "fedconv", {"budgets": [1.0, 0.5], "kernels": "learnt"}
+    cfg.data.public_samples = 10_000
+    with pytest.raises(kn.ConfigError, match="data.public_samples") as err:
         kn.run_experiment(cfg, tmp_path / "run", progress=False)
     assert "\n" not in str(err.value)
-    cfg.client.options = {"budgets": [1.0, 0.5], "public_samples": 30, "kernel_steps": 2}
+    cfg.data.public_samples = 0
+    with pytest.raises(kn.ConfigError, match="data.public_samples > 0"):
+        kn.run_experiment(cfg, tmp_path / "none", progress=False)
+    cfg.data.public_samples = 30
+    cfg.client.options = {"budgets": [1.0, 0.5], "kernels": "learnt", "kernel_steps": 2}
     assert kn.run_experiment(cfg, tmp_path / "ok", progress=False)["final_accuracy"] > 0.0
 
 
@@ -247,7 +255,7 @@ def test_learnt_kernels_refuse_what_hides_or_skips_each_update(tmp_path, keys):
     cfg = kn.Config().with_overrides({
         "data.name": "digits", "data.num_clients": 6, "model.name": "mlp_norm", "model.hidden": [16],
         "server.rounds": 1, "server.clients_per_round": 3, "client.algorithm": "fedconv",
-        "client.budgets": [1.0, 0.5], "client.public_samples": 20, **keys})
+        "client.budgets": [1.0, 0.5], "client.kernels": "learnt", "data.public_samples": 20, **keys})
     with pytest.raises(kn.ConfigError, match="fedconv|public_samples|server_rows") as err:
         kn.run_experiment(cfg, tmp_path / "run", progress=False)
     assert "\n" not in str(err.value)
@@ -260,10 +268,13 @@ def test_koinon_server_refuses_learnt_kernels_in_one_line():
     base = {"data.name": "digits", "data.num_clients": 6, "model.name": "mlp_norm", "model.hidden": [16],
             "server.rounds": 1, "server.clients_per_round": 3, "client.algorithm": "fedconv",
             "client.budgets": [1.0, 0.5]}
-    cfg = kn.Config().with_overrides({**base, "client.public_samples": 20})
-    with pytest.raises(kn.ConfigError, match="public_samples = 0"):
+    cfg = kn.Config().with_overrides({**base, "client.kernels": "learnt", "data.public_samples": 20})
+    with pytest.raises(kn.ConfigError, match="kernels = 'fixed'|data.public_samples"):
         check_deployable(build_federation(cfg), cfg)
-    fixed = kn.Config().with_overrides({**base, "client.public_samples": 0})
+    public = kn.Config().with_overrides({**base, "data.public_samples": 20})
+    with pytest.raises(kn.ConfigError, match="data.public_samples"):
+        check_deployable(build_federation(public), public)
+    fixed = kn.Config().with_overrides({**base, "client.kernels": "fixed"})
     assert check_deployable(build_federation(fixed), fixed) is not None
 
 
@@ -289,4 +300,4 @@ def test_submodel_uploads_send_only_the_sub_model_and_train_the_same_model():
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="client.upload"):
         FedConv(upload="half")
-    assert FedConv(public_samples=10).upload == "submodel" and FedConv().upload == "full"
+    assert FedConv(kernels="learnt").upload == "submodel" and FedConv().upload == "full"

@@ -112,6 +112,9 @@ def check_deployable(fed: Any, cfg: Config) -> Federation:
                           "(a per-client download), which koinon server does not send yet; run it in simulation")
     if why := getattr(fed.algorithm, "simulation_only", ""):
         raise ConfigError(f"client.algorithm = {cfg.client.algorithm!r} runs in simulation (koinon run) only: {why}")
+    if getattr(fed, "public", None) is not None:
+        raise ConfigError("data.public_samples: the server's public data runs in simulation (koinon run) only; "
+                          "koinon server does not take samples from its clients' data")
     if getattr(fed, "labels", None) is not None:
         raise ConfigError("data.unlabeled_clients / label_fraction / unseen_classes: hidden labels run in simulation "
                           "(koinon run) only; koinon server does not split them out for its clients yet")

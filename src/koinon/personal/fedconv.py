@@ -18,9 +18,9 @@ On each layer (a Linear's or a convolution's weight `[out, in, ...]` and bias `[
 The head's output units (the classes) are never compressed. The global model and a budget-1
 client are exactly FedAvg's.
 
-Learnt kernels (the paper's learning-on-model, `public_samples` > 0, the default): the server
-holds `public_samples` training samples that no client holds any more (set aside by seed before
-training, as FLTrust's root data: `koinon.server.root.reserve_root`), and on them it learns
+Learnt kernels (the paper's learning-on-model, `kernels = "learnt"`): the server holds
+`data.public_samples` training samples that no client holds any more (set aside by seed before
+training, as FLTrust's root data: `koinon.server.root.reserve_public`), and on them it learns
 - the compression kernels: for each factor r and each compressed layer, an output-axis kernel
   a (r values, starting at the averaging kernel 1/r) and an input-axis kernel b for the next
   layer (r values, starting at ones); the sub-model unit g is sum_j a_j unit(g r + j), the next
@@ -38,22 +38,26 @@ training, as FLTrust's root data: `koinon.server.root.reserve_root`), and on the
   aggregator then averages the changes dilated by the learnt kernels, as FedAvg does (the paper
   aggregates the dilated models by weighted averaging; the weights are FedAvg's here).
 - LayerNorm's per-unit weight and bias keep the fixed mean / copy (they are not convolved).
-`public_samples = 0` keeps the fixed kernels (no public data, the former behaviour).
+`kernels = "fixed"` (the default: on our benchmarks the learnt kernels measured no better, see
+the README) keeps the fixed kernels and needs no public data. `kernel_shape = "unit"` learns one
+value per unit instead of a kernel shared by the groups (a locally connected variant, ours).
 
 Choices of ours where the paper does more or leaves room:
 - the kernels start from the fixed ones each time and are learnt anew from the current model /
   the round's changes (no state carried between rounds, so a round is a function of its inputs);
 - the server dilates the sub-model's *change* (D_r(trained) - D_r(C_r(global))) rather than the
   sub-model itself, so the global model loses nothing a client did not train;
-- on the wire: a client uploads its change dilated by the fixed kernels (full size, the FedAvg
-  protocol, through any codec); the server recovers the sub-model change exactly (C_r(D_r(u)) =
-  u for the fixed pair) and dilates it again with the learnt kernels. The bytes are therefore
-  the full model's, not the sub-model's (`submodel_share` gives the share a client trains):
-  uploads of different sizes are not in the wire format. The compression kernels a client
-  needs are a few dozen floats, not counted (the paper's server compresses and sends the
-  sub-model itself);
+- on the wire (`upload`): with `"submodel"` (the default with learnt kernels) a client sends
+  only its sub-model change, float32 in its own wire format (`decode_update`: a budget-1/r client
+  sends about 1/r of a hidden layer's parameters; the codec does not apply), which the server
+  dilates by the fixed kernels into the model's frame; with `"full"` (the default with fixed
+  kernels: the FedAvg protocol, through any codec, secure aggregation and DP) the client sends
+  that full-size dilation itself. Either way the server recovers the sub-model change exactly
+  (C_r(D_r(u)) = u for the fixed pair) and, with learnt kernels, dilates it again with them.
+  The compression kernels a client needs are a few dozen floats, not counted (the paper's
+  server compresses and sends the sub-model itself); the downlink is the full model's broadcast;
 - learnt kernels need the server to run the model on its public data: `koinon server` refuses
-  them in one line (it runs `fedconv` with `public_samples = 0`), and so do secure aggregation
+  them in one line (it runs `fedconv` with `kernels = "fixed"`), and so do secure aggregation
   and DP (the server dilates each client's update);
 - each client serves its sub-model (the compressed global model) after `adapt_steps` SGD steps
   on its own data (FedConv is not a personalization method of its own; this matches the
@@ -326,18 +330,17 @@ def learn_dilation(module: nn.Module, layout: Layout, base: torch.Tensor, change
 @CLIENT_ALGORITHMS.register("fedconv")
 class FedConv(LocalSGD):
     """FedConv: each client trains a sub-model r = 1/budget times narrower, compressed and its
-    change dilated by kernels the server learns on its public data (`public_samples` > 0)."""
+    change dilated by kernels the server learns on its public data (`kernels = "learnt"`)."""
 
     name = "fedconv"
 
-    def __init__(self, budgets: list = [1.0], adapt_steps: int = 20, public_samples: int = 0,  # noqa: B006
+    def __init__(self, budgets: list = [1.0], adapt_steps: int = 20, kernels: str = "fixed",  # noqa: B006
                  kernel_steps: int = 20, kernel_lr: float = 0.01, upload: str | None = None,
                  kernel_shape: str = "conv") -> None:
         self.budgets = check_budgets(budgets, self.name)
         for b in self.budgets:
             factor_of(b)
-        for key, value, low in (("adapt_steps", adapt_steps, 0), ("public_samples", public_samples, 0),
-                                ("kernel_steps", kernel_steps, 1)):
+        for key, value, low in (("adapt_steps", adapt_steps, 0), ("kernel_steps", kernel_steps, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"client.{key} of 'fedconv' must be an integer >= {low}, got {value!r}")
         if isinstance(kernel_lr, bool) or not isinstance(kernel_lr, (int, float)) or not kernel_lr > 0:
@@ -347,15 +350,17 @@ class FedConv(LocalSGD):
         self.kernel_shape = kernel_shape
         if upload not in (None, "submodel", "full"):
             raise ValueError(f"client.upload of 'fedconv' must be 'submodel' or 'full', got {upload!r}")
-        self.adapt_steps, self.public_samples = adapt_steps, public_samples
+        if kernels not in ("fixed", "learnt"):
+            raise ValueError(f"client.kernels of 'fedconv' must be 'fixed' or 'learnt', got {kernels!r}")
+        self.adapt_steps, self.learnt = adapt_steps, kernels == "learnt"
         self.kernel_steps, self.kernel_lr = kernel_steps, float(kernel_lr)
-        self.upload = upload or ("submodel" if public_samples else "full")
+        self.upload = upload or ("submodel" if self.learnt else "full")
         self.module: tuple[nn.Module, Layout] | None = None
         self.public: tuple[nn.Module, Layout, torch.Tensor, torch.Tensor] | None = None
         self._cache: tuple[bytes, dict[int, Kernels]] | None = None
-        if public_samples:
+        if self.learnt:
             self.simulation_only = ("its server learns the kernels on public data by running the model, which "
-                                    "koinon server does not do; set client.public_samples = 0 (fixed kernels)")
+                                    "koinon server does not do; set client.kernels = 'fixed'")
             self.needs_rows = True  # the server dilates each client's update (no secure aggregation, no DP)
             self.server_rows = self.dilate_rows  # the server's hook, only where there is something to learn
         if self.upload == "submodel":
@@ -364,9 +369,11 @@ class FedConv(LocalSGD):
     def attach(self, module: nn.Module, layout: Layout, x: torch.Tensor | None = None,
                y: torch.Tensor | None = None) -> None:
         """The server's model (to read sub-model uploads) and its public data (`x`, `y`: the
-        `public_samples` samples no client holds), from the federation."""
+        `data.public_samples` samples no client holds), from the federation."""
         self.module = (module, layout)
-        if x is not None and y is not None:
+        if self.learnt and (x is None or y is None):
+            raise ValueError("client.kernels = 'learnt' needs the server's public data: set data.public_samples > 0")
+        if self.learnt and x is not None and y is not None:
             self.public = (module, layout, x, y)
 
     def encode_submodel(self, change: dict[str, torch.Tensor], spec: list[_Param]) -> bytes:

@@ -66,11 +66,11 @@ def reserve_root(data: FederatedData, count: int, seed: int) -> tuple[FederatedD
 
 
 def reserve_public(data: FederatedData, count: int, seed: int) -> tuple[FederatedData, torch.Tensor]:
-    """`reserve_root` for a method's server-side public data (`client.public_samples`), from its
-    own seed stream; a count that does not fit is refused in one line naming the key."""
+    """`reserve_root` for the server's public data (`data.public_samples`, e.g. FedConv's learnt
+    kernels), from its own seed stream; a count that does not fit is refused in one line."""
     spare = int(data.sizes.sum()) - data.num_clients
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= spare:
-        raise ValueError(f"client.public_samples = {count!r}: must be between 0 and {spare} "
+        raise ValueError(f"data.public_samples = {count!r}: must be between 0 and {spare} "
                          "(the training samples that leave every client one)")
     return reserve_root(data, count, mix_seed(seed, _PUBLIC))
 
