@@ -15,7 +15,9 @@ an MLP 64-64-10 with LayerNorm (FedBN's normalization layer; every method gets t
 - `hetero`: model heterogeneity on Dirichlet(0.1) label skew: a third of the clients each can
   afford the full model, half of it, a quarter of it (`client.budgets = [1.0, 0.5, 0.25]`);
   `pfedgate` and `fedconv` give each client a sub-model within its budget, every other method
-  trains the model all clients can run (hidden width 16);
+  trains the model all clients can run (hidden width 16); the server holds 200 training samples
+  no client holds (`data.public_samples`, the same for every method), on which `fedconv+learnt`
+  learns FedConv's compression and dilation kernels;
 - `domains`: every client its own rotation (15 degrees apart), so the 4 new clients are domains
   no client trained on (domain generalization: FedKA's setting). Not in the default run
   (`--settings domains`).
@@ -49,7 +51,7 @@ SETTINGS = {
     "unlabeled": {"partition": "dirichlet", "alpha": 0.5, "unlabeled_clients": 0.25, "label_fraction": 0.25,
                   "unseen_classes": [8, 9]},
     "active": {"partition": "dirichlet", "alpha": 0.5, "label_fraction": 0.05},
-    "hetero": {"partition": "dirichlet", "alpha": 0.1},
+    "hetero": {"partition": "dirichlet", "alpha": 0.1, "public_samples": 200},
     "domains": {"partition": "iid", "feature_shift": "rotation", "shift_groups": 0},
 }
 # Model heterogeneity: client budgets (cycled over client ids) for the methods that take them;
@@ -71,6 +73,8 @@ METHODS = {
     "pfedpg": {"gen_lr": 0.1, "adapt_steps": 20},
     "pfedgate": {"budgets": [1.0], "gate_lr": 5.0, "adapt_steps": 20},
     "fedconv": {"budgets": [1.0], "adapt_steps": 20},
+    # FedConv with kernels learnt on the server's public samples (`hetero`: 200, held by no client)
+    "fedconv+learnt": {"budgets": [1.0], "adapt_steps": 20, "kernels": "learnt"},
     "reconnaissance": {},
     "fedka": {"lam": 0.1, "voters": 5, "agreement": 0.6, "adapt_steps": 20},
     "fedins": {"pool_size": 8, "top": 2, "key_weight": 0.1},
@@ -90,7 +94,7 @@ def config(setting: str, method: str, seed: int, rounds: int, dataset: str = "di
     for key, value in SETTINGS[setting].items():
         setattr(cfg.data, key, value)
     cfg.model.name, cfg.model.options = "mlp_norm", {"hidden": [64], "norm": "layer"}
-    cfg.client.algorithm = method
+    cfg.client.algorithm = method.split("+")[0]  # "name+variant": the method with other options
     cfg.client.options = dict(METHODS.get(method, {}))
     if setting in BUDGETS and "budgets" in cfg.client.options:
         cfg.client.options["budgets"] = BUDGETS[setting]
@@ -139,6 +143,8 @@ def main() -> None:
         print(head)
         rows: dict[str, dict[str, float]] = {}
         for method in methods:
+            if method == "fedconv+learnt" and setting not in BUDGETS:
+                continue  # without budgets there is nothing to compress
             runs = [run(setting, method, seed, rounds, args.dataset) for seed in range(seeds)]
 
             def avg(key: str, runs: list[dict[str, float]] = runs) -> float:

@@ -42,6 +42,7 @@ class DataConfig:
     unlabeled_clients: float = 0.0  # clients whose training labels are hidden (share < 1 or count): koinon.personal.labels
     label_fraction: float = 1.0  # share of every other client's training samples that keep their label
     unseen_classes: list = field(default_factory=list)  # classes never labeled on any client (open-world)
+    public_samples: int = 0  # training samples the server holds, taken from the clients' pool (FedConv's kernels)
     options: dict = field(default_factory=dict)  # dataset options, e.g. num_samples for mnist1d
 
 

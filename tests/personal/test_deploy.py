@@ -32,12 +32,14 @@ def certs(tmp_path_factory) -> Path:
     {"algorithm": "ifca", "clusters": 2, "momentum": 0.0},
     {"algorithm": "pfedgate", "budgets": [1.0, 0.5], "momentum": 0.0},
     {"algorithm": "fedconv", "budgets": [1.0, 0.5], "momentum": 0.0},
+    {"algorithm": "fedconv", "budgets": [1.0, 0.5], "upload": "submodel", "momentum": 0.0},
     {"algorithm": "reconnaissance", "momentum": 0.0},
     {"algorithm": "fedka", "voters": 2, "momentum": 0.0},
     {"algorithm": "fedins", "pool_size": 4, "momentum": 0.0},
     {"algorithm": "fraug", "noise": 4, "gen_hidden": 8, "momentum": 0.0},
     {"algorithm": "fedossl", "momentum": 0.0},  # every label known: FedAvg with a zero centroid stream
-], ids=["fedrep", "ifca", "pfedgate", "fedconv", "reconnaissance", "fedka", "fedins", "fraug", "fedossl"])
+], ids=["fedrep", "ifca", "pfedgate", "fedconv", "fedconv-submodel", "reconnaissance", "fedka", "fedins", "fraug",
+        "fedossl"])
 def test_deployment_trains_a_personalized_method_to_the_simulation_model(tmp_path, certs, client):
     config = h.write_config(tmp_path / "fed.toml", server={"rounds": 3, "clients_per_round": 3}, client=client)
     state = h.run_deployment(tmp_path, config, certs, server_s=90)

@@ -117,6 +117,9 @@ def check_deployable(fed: Any, cfg: Config) -> Federation:
         raise ConfigError("data.unlabeled_clients / label_fraction / unseen_classes: a client's update then weighs the "
                           "samples it trained on that round, which koinon server takes in synchronous rounds without "
                           "privacy.secagg only (SecAgg+ and FedBuff/FedAsync weigh the count declared when joining)")
+    if getattr(fed, "public", None) is not None:
+        raise ConfigError("data.public_samples: the server's public data runs in simulation (koinon run) only; "
+                          "koinon server does not take samples from its clients' data")
     if cfg.privacy.secagg:
         from koinon.deploy.secure import check_secure_deployable
 

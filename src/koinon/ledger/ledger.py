@@ -144,6 +144,7 @@ UNREPLAYED_HOOKS = {
     "server_update_rows": "keeps several global models",
     "downlink_for": "sends each client its own model",
     "decode_update": "has its own update format",
+    "server_rows": "transforms each update at the server (FedConv's learnt dilation)",
 }
 """Client-algorithm hooks under which the applied model is not previous + lr x aggregate(rows),
 the step that the contribution scores rebuild and `koinon verify` replays."""

@@ -27,7 +27,10 @@ Choices of ours where the paper leaves room or where we simplified:
 - the model a client serves: the global model under its gating layer after `adapt_steps` more
   gate-only steps against that global model (a new client starts them from a fresh gating layer);
 - sparsity is simulated by zeroing: the FLOPs of a pruned unit are not skipped, and the whole
-  model crosses the wire (the paper sends the dense model as well).
+  model crosses the wire (the paper sends the dense model as well). Each input keeps its own
+  units, so skipping them takes a per-sample gather of weight rows (`[B, k, in]`), which on a
+  CPU at these widths costs more than the dense product, and a LayerNorm after a gated layer
+  still needs the whole width's statistics; left as it is.
 """
 
 from __future__ import annotations

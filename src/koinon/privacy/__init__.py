@@ -195,6 +195,9 @@ def _check_secagg(cfg: Config, algorithm: Any) -> None:
     if hasattr(algorithm, "server_delta"):
         raise ConfigError(f"client.algorithm = {cfg.client.algorithm!r} corrects the aggregate at the server "
                           "(server_delta), which the secure-aggregation round does not apply")
+    if getattr(algorithm, "needs_rows", False):
+        raise ConfigError(f"client.algorithm = {cfg.client.algorithm!r} has the server transform each update "
+                          "(FedConv's learnt dilation), which secure aggregation hides; set client.kernels = 'fixed'")
 
 
 def _check_dp_algorithm(cfg: Config, algorithm: Any) -> None:
@@ -207,6 +210,8 @@ def _check_dp_algorithm(cfg: Config, algorithm: Any) -> None:
         why = "uploads its update in its own wire format, which is not clipped and noised"
     elif hasattr(algorithm, "server_update_rows"):
         why = "keeps per-client rows at the server, computed from un-noised updates"
+    elif getattr(algorithm, "needs_rows", False):
+        why = "has the server dilate each un-noised update with kernels learnt from them (client.kernels)"
     elif hasattr(algorithm, "downlink_for"):
         why = "sends each client a downlink built from its un-noised uploads"
     elif getattr(algorithm, "uploads", ()):

@@ -59,7 +59,7 @@ def scheduled(cfg: Config, topology: Any) -> Any:
         if cfg.privacy.dp != "none":  # the privacy budget is spent per round (open/close), never here
             raise ConfigError(f"privacy.dp = {cfg.privacy.dp!r} accounts whole rounds; schedule.name = {s.name!r} "
                               "steps the model one buffered update at a time (use schedule.name = 'sync')")
-        hooks = [h for h in ("server_delta", "check_update", "server_update_rows", "downlink_for")
+        hooks = [h for h in ("server_delta", "check_update", "server_update_rows", "downlink_for", "server_rows")
                  if hasattr(topology.algorithm, h)]
         if hooks:  # the buffered server step calls none of these
             algorithm = getattr(topology.algorithm, "name", type(topology.algorithm).__name__)

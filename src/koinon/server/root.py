@@ -26,6 +26,7 @@ from koinon.seeding import mix_seed
 from koinon.update import State
 
 _ROOT = 0x7057  # seed stream of the root dataset and of the server's local batches
+_PUBLIC = 0x9B1C  # seed stream of a method's public data
 
 
 def reference_users(aggregator: Any) -> list[Any]:
@@ -62,6 +63,16 @@ def reserve_root(data: FederatedData, count: int, seed: int) -> tuple[FederatedD
                 break
     kept = [flat[(owner == c) & ~taken] for c in range(data.num_clients)]
     return FederatedData(data.dataset, kept), flat[taken].sort().values
+
+
+def reserve_public(data: FederatedData, count: int, seed: int) -> tuple[FederatedData, torch.Tensor]:
+    """`reserve_root` for the server's public data (`data.public_samples`, e.g. FedConv's learnt
+    kernels), from its own seed stream; a count that does not fit is refused in one line."""
+    spare = int(data.sizes.sum()) - data.num_clients
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= spare:
+        raise ValueError(f"data.public_samples = {count!r}: must be between 0 and {spare} "
+                         "(the training samples that leave every client one)")
+    return reserve_root(data, count, mix_seed(seed, _PUBLIC))
 
 
 class RootUpdate:

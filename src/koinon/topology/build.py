@@ -193,7 +193,7 @@ def build_federated(cfg: Config, /) -> Topology:
     # The accountant's population and client sizes: what trains, after `Federation` sets new
     # clients, a root dataset and each client's held-out share aside (the same seeded splits).
     from koinon.personal import split_new_clients
-    from koinon.server.root import reference_users, reserve_root
+    from koinon.server.root import reference_users, reserve_public, reserve_root
     from koinon.topology.evaluation import split_holdout
 
     train = parts.fed_data
@@ -202,6 +202,8 @@ def build_federated(cfg: Config, /) -> Topology:
             train = guard("federation", split_new_clients, train, cfg.data.holdout_clients, cfg.seed)[0]
         if users := reference_users(parts.aggregator):
             train = guard("federation", reserve_root, train, getattr(users[-1], "root_samples", 100), cfg.seed)[0]
+        if cfg.data.public_samples:
+            train = guard("data", reserve_public, train, cfg.data.public_samples, cfg.seed)[0]
         if cfg.data.client_test_fraction:
             train = split_holdout(train, cfg.data.client_test_fraction, cfg.seed)[0]
         if not 1 <= s.clients_per_round <= train.num_clients:
@@ -218,7 +220,7 @@ def build_federated(cfg: Config, /) -> Topology:
         attack=parts.attack, byzantine_fraction=a.fraction, downlink_delta=cfg.downlink.delta,
         evaluation=guard("data", Evaluation, holdout=cfg.data.client_test_fraction,
                          new_clients=cfg.data.holdout_clients),
-        privacy=privacy, labels=_labels(cfg),
+        privacy=privacy, labels=_labels(cfg), public_samples=cfg.data.public_samples,
     )
 
 
@@ -242,6 +244,9 @@ def build_gossip(cfg: Config, /) -> Topology:
     if cfg.data.client_test_fraction or cfg.data.holdout_clients:
         raise ConfigError("data.client_test_fraction / data.holdout_clients (personalized metrics) need "
                           f"topology.name = 'federated', not {cfg.topology.name!r}")
+    if cfg.data.public_samples:
+        raise ConfigError(f"data.public_samples (a server's public data) needs topology.name = 'federated', "
+                          f"not {cfg.topology.name!r}")
     if reference_users(parts.aggregator):
         raise ConfigError(f"aggregator.name = {cfg.aggregator.name!r} needs a server with a root dataset; "
                           f"topology.name = {cfg.topology.name!r} has none (use topology.name = 'federated')")

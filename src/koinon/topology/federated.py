@@ -35,7 +35,7 @@ from koinon.records import Callback, folder
 from koinon.runtime import RUNTIMES, Runtime
 from koinon.seeding import generator
 from koinon.server import SAMPLERS, SERVER_OPTIMIZERS, Sampler, ServerOptimizer
-from koinon.server.root import RootUpdate, reference_users, reserve_root
+from koinon.server.root import RootUpdate, reference_users, reserve_public, reserve_root
 from koinon.topology.base import fit_rounds
 from koinon.topology.evaluation import Evaluation, evaluate_clients, split_holdout
 from koinon.topology.server import Adversary, FederatedServer, RoundResult
@@ -146,6 +146,7 @@ class Federation:
         evaluation: Evaluation | None = None,
         privacy: Privacy | None = None,
         labels: LabelSetting | None = None,
+        public_samples: int = 0,
     ) -> None:
         if not isinstance(data, FederatedData):
             raise TypeError(f"data must be a FederatedData (see koinon.partition_dataset), got {type(data).__name__}")
@@ -184,6 +185,15 @@ class Federation:
             root_local = dataclasses.replace(self.local, steps=steps) if steps else self.local
             self.root = RootUpdate(model, self.layout, data, root_indices, self.algorithm,
                                    root_local, seed, loss_fn=loss_fn)
+        # The server's public data (`data.public_samples`): samples no client holds any more; an
+        # algorithm that uses the server's model or them (FedConv's learnt kernels) gets both.
+        self.public: torch.Tensor | None = None
+        if public_samples:
+            data, self.public = reserve_public(data, public_samples, seed)
+        if hasattr(self.algorithm, "attach"):
+            public = self.public
+            self.algorithm.attach(model, self.layout, *((data.dataset.x_train[public], data.dataset.y_train[public])
+                                                        if public is not None else ()))
         # Each client's held-out share (federated evaluation) never trains.
         self.holdout: list[torch.Tensor] = []
         if self.evaluation.holdout:

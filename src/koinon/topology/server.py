@@ -457,6 +457,8 @@ class FederatedServer:
             model = stacks[MODEL]
             try:
                 rows = model if everyone else model[keep]
+                if (dilate := getattr(self.algorithm, "server_rows", None)) is not None:  # FedConv's learnt dilation
+                    rows = dilate(self.server_state, rnd.received, rows, weights, [order[i] for i in keep.tolist()])
                 delta = (self.aggregator.aggregate(rows, weights) if self.privacy is None
                          else self.privacy.aggregate(self.aggregator, rows, weights))
             except ValueError as exc:  # e.g. rejections left too few inputs for a robust rule
