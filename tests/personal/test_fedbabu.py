@@ -83,6 +83,16 @@ def test_fedbabu_clients_fine_tune_the_whole_model():
     assert not torch.equal(out[0][head_mask(trainer.layout)], w[head_mask(trainer.layout)])
 
 
+def test_fedbabu_head_only_fine_tuning_leaves_the_body():
+    data = _digits()
+    trainer, w = _trainer(FedBABU(adapt_steps=1, adapt_part="head"), data)
+    out = personal_models(trainer.algorithm, trainer, [4], w, {}, [{}], seed=0, round_index=0)
+    ix = data.client_indices[4]
+    head = head_mask(trainer.layout)
+    g = _grad(trainer.module, trainer.layout, w, trainer.x_train[ix], trainer.y_train[ix])
+    assert torch.allclose(out[0], torch.where(head, w - 0.1 * g, w), atol=1e-6)
+
+
 def test_fedbabu_global_head_is_the_initial_one_and_both_runtimes_agree():
     feds = []
     for runtime in ("inprocess", "vectorized"):
@@ -126,6 +136,8 @@ def test_fedbabu_from_config_and_its_errors():
     assert isinstance(alg, FedBABU) and alg.adapt_steps == 5 and alg.head == ["4"]
     with pytest.raises(ValueError, match="adapt_steps must be an integer >= 0"):
         FedBABU(adapt_steps=-1)
+    with pytest.raises(ValueError, match="adapt_part must be 'all'"):
+        FedBABU(adapt_part="body")
     logreg = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     with pytest.raises(ValueError, match="no body to train"):
         FedBABU().head_mask(Layout.from_module(logreg))
