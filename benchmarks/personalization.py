@@ -231,6 +231,9 @@ def tuned_table(settings: list[str], methods: list[str], rounds: int, seeds: int
           f"{'1-D CNN (32 channels)' if model == 'cnn1d' else 'MLP 64-64-10 + LayerNorm'}, {rounds} rounds of {epochs} "
           f"local epoch(s); options chosen on seed {TUNE_SEED} by (mean + p10) / 2, reported over seeds "
           f"0-{seeds - 1}; accuracies in %, +- std between seeds")
+    if model == "cnn1d" and "fedbn" in methods:
+        methods = [m for m in methods if m != "fedbn"]
+        print("fedbn left out: the 1-D CNN has no normalization layer to keep local")
     verdicts = []
     for setting in settings:
         print(f"\n{'setting':<10} {'method':<15} {'chosen options':<34} {'personal mean':>14} {'p10':>9} "
@@ -258,13 +261,33 @@ def tuned_table(settings: list[str], methods: list[str], rounds: int, seeds: int
                   f"{statistics.fmean(pct('new_client_accuracy_mean')):>9.1f} {statistics.fmean(pct('test')):>7.1f} "
                   f"{statistics.fmean(r['mb'] for r in runs):>6.1f} {statistics.fmean(r['wall'] for r in runs):>7.2f}",
                   flush=True)
+            if method == "finetune":
+                # The check against a win from the baseline's tuning noise: fine-tuning's other
+                # choices on the reported seeds too, and the best of them (a choice no other
+                # method gets: it only makes the verdict stricter).
+                for opts in candidates(method):
+                    if opts == best:
+                        continue
+                    other = [run(setting, method, seed, rounds, dataset, samples, opts, model, epochs)
+                             for seed in range(seeds)]
+                    m = statistics.fmean(100 * r["personal_accuracy_mean"] for r in other)
+                    q = statistics.fmean(100 * r["personal_accuracy_p10"] for r in other)
+                    print(f"{setting:<10} {'(finetune)':<15} {'adapt_steps=' + str(opts['adapt_steps']):<34} "
+                          f"{m:>8.1f}       {q:>5.1f}     (its other choice, on the reported seeds)", flush=True)
+                    if (m + q) / 2 > (rows["finetune"]["mean"] + rows["finetune"]["p10"]) / 2:
+                        rows["finetune_best"] = {"mean": m, "p10": q}
         if "finetune" in rows and len(rows) > 1:
             base = rows["finetune"]
+            strict = rows.pop("finetune_best", base)
             others = {m: r for m, r in rows.items() if m not in ("finetune", "fedavg")}
+            if not others:
+                continue
             best_m = max(others, key=lambda m: min(others[m]["mean"] - base["mean"], others[m]["p10"] - base["p10"]))
             gm, gp = others[best_m]["mean"] - base["mean"], others[best_m]["p10"] - base["p10"]
-            verdicts.append(f"{setting}: best {best_m} vs finetune (both tuned): mean {gm:+.1f}, p10 {gp:+.1f} points "
-                            f"-> goal (>= 3 on both) {'met' if gm >= 3 and gp >= 3 else 'MISSED'}")
+            sm, sp = others[best_m]["mean"] - strict["mean"], others[best_m]["p10"] - strict["p10"]
+            verdicts.append(f"{setting}: best {best_m} vs finetune (both tuned): mean {gm:+.1f}, p10 {gp:+.1f} points; "
+                            f"vs fine-tuning's best choice on these seeds: {sm:+.1f}, {sp:+.1f} -> goal (>= 3 on both, "
+                            f"against both) {'met' if min(gm, gp, sm, sp) >= 3 else 'MISSED'}")
     print()
     for line in verdicts:
         print(line)
