@@ -3,7 +3,7 @@
 - methods, registered as client algorithms (`client.algorithm = ...`): `finetune` (FedAvg +
   local fine-tuning), `fedbn`, `fedper`, `fedrep`, `ditto`, `perfedavg` (first-order), `ifca`,
   `clustered_meta` (hierarchical clustering of client updates + meta-learning in clusters),
-  `fedcac` (per-parameter sensitivity decides what a client shares, and with whom), `pfedpg`
+  `fedbabu` (the body trains under a fixed random head, then fine-tuning), `fedcac` (per-parameter sensitivity decides what a client shares, and with whom), `pfedpg`
   (a server-side generator of client-specific prompts); each has a `personalize` hook giving
   every client its own model (`base.py`);
 - methods for labels a federation lacks and for virtual data: `fedossl` (open-world
@@ -16,6 +16,7 @@
 - `feature_shift`: per-client or per-group input transforms (`shift.py`; `data.feature_shift`).
 """
 from koinon.personal import clusters as _clusters  # noqa: F401  (registers ifca, clustered_meta)
+from koinon.personal import fedbabu as _fedbabu  # noqa: F401  (registers fedbabu)
 from koinon.personal import fedcac as _fedcac  # noqa: F401  (registers fedcac)
 from koinon.personal import fedconv as _fedconv  # noqa: F401  (registers fedconv)
 from koinon.personal import fedins as _fedins  # noqa: F401  (registers fedins)
@@ -38,6 +39,7 @@ from koinon.personal.evaluate import (
     split_new_clients,
     summarize,
 )
+from koinon.personal.fedbabu import FedBABU
 from koinon.personal.fedcac import FedCAC
 from koinon.personal.fedconv import FedConv
 from koinon.personal.fedins import FedIns
@@ -55,7 +57,7 @@ from koinon.personal.recon import Reconnaissance
 from koinon.personal.shift import SHIFTS, feature_shift
 
 __all__ = [
-    "ClusteredMeta", "Ditto", "FRAug", "FedBN", "FedCAC", "FedConv", "FedIns", "FedKA", "FedLGD", "FedPer",
+    "ClusteredMeta", "Ditto", "FRAug", "FedBABU", "FedBN", "FedCAC", "FedConv", "FedIns", "FedKA", "FedLGD", "FedPer",
     "FedRep", "FedoSSL", "FineTune", "IFCA", "KAFAL", "LabelSetting", "PFedGate", "PFedPG", "PartlyLabeled",
     "PerFedAvg", "PersonalEvaluation", "Reconnaissance", "SHIFTS", "feature_shift", "hierarchical_clusters",
     "per_client_accuracy", "personal_downlinks", "personal_models", "split_new_clients", "summarize",
