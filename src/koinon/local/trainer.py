@@ -20,6 +20,7 @@ import contextlib
 import warnings
 from functools import partial
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
@@ -31,7 +32,7 @@ from koinon.local.device import check_precision
 from koinon.local.losses import cross_entropy
 from koinon.local.optim import rows as optimizer_rows
 from koinon.params import Layout
-from koinon.seeding import GOLDEN, hash64, mix_seeds
+from koinon.seeding import GOLDEN, hash64_array, mix_seeds_array
 from koinon.update import CohortResult
 
 _PREGATHER_BYTES = 256 << 20
@@ -89,6 +90,7 @@ class CohortTrainer:
         self.device = torch.device("cpu")
         self.precision = "fp32"
         self._flat: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._flat_np: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
         def forward_one(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
             return functional_call(module, params, (x,))
@@ -139,40 +141,50 @@ class CohortTrainer:
         other clients share its chunk or runtime, and the whole cohort's shuffles are a few
         tensor ops instead of a generator per client.
         """
+        # NumPy, not torch: a cohort's schedule is some thirty operations on small integer
+        # arrays, where torch's per-operation overhead made it a tenth of a 10-client round.
         b = self.local.batch_size
-        flat, starts, all_sizes = self._flat_indices()
-        cohort = torch.as_tensor(client_ids, dtype=torch.long)
+        if self._flat_np is None:
+            self._flat_np = tuple(t.numpy() for t in self._flat_indices())  # type: ignore[assignment]
+        assert self._flat_np is not None
+        flat, starts, all_sizes = self._flat_np
+        cohort = np.asarray(client_ids, dtype=np.int64)
         sizes = all_sizes[cohort]
         k, n_max = len(client_ids), max(int(sizes.max()), 1) if client_ids else 1
         per_epoch = (sizes + b - 1) // b
         if self.local.steps > 0:
-            epochs = (self.local.steps + per_epoch.clamp_min(1) - 1) // per_epoch.clamp_min(1)
-            steps = torch.where(sizes > 0, torch.full_like(sizes, self.local.steps), 0)
+            epochs = (self.local.steps + np.maximum(per_epoch, 1) - 1) // np.maximum(per_epoch, 1)
+            steps = np.where(sizes > 0, self.local.steps, 0).astype(np.int64)
         else:
-            epochs = torch.full_like(sizes, self.local.epochs)
+            epochs = np.full_like(sizes, self.local.epochs)
             steps = per_epoch * self.local.epochs
         e_max = max(int(epochs.max()), 1)
         # Each client's indices, padded: one gather from the population's concatenated indices.
-        span = torch.arange(n_max).view(1, n_max)
-        padded = flat[(starts[cohort].view(k, 1) + span).clamp(max=max(len(flat) - 1, 0))]
-        padded = padded.masked_fill(span >= sizes.view(k, 1), 0) if len(flat) else torch.zeros(k, n_max, dtype=torch.long)
-        ids = mix_seeds(seed, round_index, cohort)
-        slot = torch.arange(n_max).view(1, 1, n_max)
-        epoch = torch.arange(e_max).view(1, e_max, 1)
+        span = np.arange(n_max).reshape(1, n_max)
+        if len(flat):
+            padded = flat[np.minimum(starts[cohort].reshape(k, 1) + span, len(flat) - 1)]
+            padded[span >= sizes.reshape(k, 1)] = 0
+        else:
+            padded = np.zeros((k, n_max), dtype=np.int64)
+        ids = mix_seeds_array(seed, round_index, cohort)
+        slot = np.arange(n_max).reshape(1, 1, n_max)
+        epoch = np.arange(e_max).reshape(1, e_max, 1)
         pos = (epoch << 32) + slot  # a position's key must not depend on the cohort's n_max
-        keys = hash64(ids.view(k, 1, 1) ^ (pos * GOLDEN))
-        keys = keys.masked_fill(slot >= sizes.view(k, 1, 1), torch.iinfo(torch.long).max)
-        order = keys.argsort(dim=2)  # [K, E, n_max]: a permutation of each client's positions
-        picked = padded.gather(1, order.view(k, -1)).view(k, e_max, n_max)
+        keys = hash64_array(ids.reshape(k, 1, 1) ^ (pos * np.int64(GOLDEN)))
+        keys[np.broadcast_to(slot >= sizes.reshape(k, 1, 1), keys.shape)] = np.iinfo(np.int64).max
+        order = keys.argsort(axis=2)  # [K, E, n_max]: a permutation of each client's positions
+        picked = np.take_along_axis(padded, order.reshape(k, -1), axis=1).reshape(k, e_max, n_max)
         # Lay epoch e of client i at offset e * per_epoch[i] * B; short last batches are padded.
         width = int((per_epoch * b).max()) if k else 0
-        out = torch.full((k, e_max * max(width, 1)), -1, dtype=torch.long)
-        target = epoch * (per_epoch * b).view(k, 1, 1) + slot
-        valid = (slot < sizes.view(k, 1, 1)) & (epoch < epochs.view(k, 1, 1)) & (target < (steps * b).view(k, 1, 1))
-        rows = torch.arange(k).view(k, 1, 1).expand_as(target)
+        out = np.full((k, e_max * max(width, 1)), -1, dtype=np.int64)
+        target = epoch * (per_epoch * b).reshape(k, 1, 1) + slot
+        valid = ((slot < sizes.reshape(k, 1, 1)) & (epoch < epochs.reshape(k, 1, 1))
+                 & (target < (steps * b).reshape(k, 1, 1)))
+        rows = np.broadcast_to(np.arange(k).reshape(k, 1, 1), target.shape)
         out[rows[valid], target[valid]] = picked[valid]
         s_max = int(steps.max()) if k else 0
-        return out[:, : s_max * b].reshape(k, s_max, b), steps
+        schedule = np.ascontiguousarray(out[:, : s_max * b]).reshape(k, s_max, b)
+        return torch.from_numpy(schedule), torch.from_numpy(np.ascontiguousarray(steps, dtype=np.int64))
 
     def _flat_indices(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The population's sample indices concatenated, each client's start, and its size.
