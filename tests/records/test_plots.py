@@ -44,7 +44,7 @@ def test_helper_process_draws_the_same_png(tmp_path):
 
     metrics = _metrics(rounds=4)
     plot_run(metrics, tmp_path / "here.png", "federated")
-    plots.start_plot_worker()
+    plots.start_plot_worker(need_idle_core=False)
     worker = plots._worker
     assert worker is not None
     plot_run(metrics, tmp_path / "there.png", "federated")
@@ -56,13 +56,13 @@ def test_helper_process_draws_the_same_png(tmp_path):
 def test_a_dead_helper_means_the_plot_is_drawn_here(tmp_path):
     from koinon.records import plots
 
-    plots.start_plot_worker()
+    plots.start_plot_worker(need_idle_core=False)
     worker = plots._worker
     assert worker is not None
     worker.kill()
     worker.wait()
     plot_run(_metrics(), tmp_path / "a.png", "federated")
     assert (tmp_path / "a.png").stat().st_size > 0 and plots._worker is None
-    plots.start_plot_worker()
+    plots.start_plot_worker(need_idle_core=False)
     plots.stop_plot_worker()  # a run that fails before its plot ends its helper
     assert plots._worker is None
