@@ -289,7 +289,7 @@ class CohortTrainer:
         order = torch.argsort(steps, descending=True, stable=True)
         if len(client_ids) > 1 and bool((order != torch.arange(len(order), device=order.device)).any()):
             # index_select, not `[order]`: advanced indexing of large rows is several times slower.
-            sorted_starts = starts.index_select(0, order) if starts.dim() == 2 else starts
+            sorted_starts = starts.index_select(0, order.to(starts.device)) if starts.dim() == 2 else starts
             ranks = order.tolist()
             result = self._train_sorted(
                 [client_ids[i] for i in ranks], sorted_starts, server_state,
