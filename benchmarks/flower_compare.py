@@ -21,8 +21,9 @@ of the whole command, from process start (Python, torch, the framework) to exit.
           > /tmp/flwr/lib/python3.11/site-packages/zz_koinon_env.pth
       python benchmarks/flower_compare.py --flower-python /tmp/flwr/bin/python
 
-Without `--flower-python` (or when that interpreter cannot import flwr) it prints koinon's
-figure and says Flower is not installed. `--repeats N` runs each N times, interleaved, and
+Without `--flower-python` it uses this interpreter when it can import flwr; otherwise (or when
+the given interpreter cannot import flwr) it prints koinon's figure and says Flower is not
+installed. `--repeats N` runs each N times, interleaved, and
 prints every run with the range; `--quick` runs 3 rounds. Both sides print their final test
 accuracy (the splits differ: koinon's IID partition and Flower's shuffle are not the same
 samples, so the accuracies agree only roughly).
@@ -31,6 +32,7 @@ samples, so the accuracies agree only roughly).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -187,6 +189,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="3 rounds, one run each (a smoke run)")
     args = p.parse_args()
     rounds, repeats = (3, 1) if args.quick else (args.rounds, args.repeats)
+    if args.flower_python is None and importlib.util.find_spec("flwr") is not None:
+        args.flower_python = sys.executable  # flwr is importable here: no second environment needed
     why_not = flower_available(args.flower_python)
     if why_not:
         print(f"Flower is not installed ({why_not}); timing koinon only")
