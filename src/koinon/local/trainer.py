@@ -90,7 +90,8 @@ class CohortTrainer:
         self.device = torch.device("cpu")
         self.precision = "fp32"
         self._flat: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._flat_np: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._flat_np: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                             tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
 
         def forward_one(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
             return functional_call(module, params, (x,))
@@ -144,10 +145,12 @@ class CohortTrainer:
         # NumPy, not torch: a cohort's schedule is some thirty operations on small integer
         # arrays, where torch's per-operation overhead made it a tenth of a 10-client round.
         b = self.local.batch_size
-        if self._flat_np is None:
-            self._flat_np = tuple(t.numpy() for t in self._flat_indices())  # type: ignore[assignment]
-        assert self._flat_np is not None
-        flat, starts, all_sizes = self._flat_np
+        # NumPy views of `_flat_indices`, remade when that is (a copy of this trainer with other
+        # data, `personal.evaluate.with_steps`, resets `_flat`).
+        flat_t = self._flat_indices()
+        if self._flat_np is None or self._flat_np[0] is not flat_t:
+            self._flat_np = (flat_t, (flat_t[0].numpy(), flat_t[1].numpy(), flat_t[2].numpy()))
+        flat, starts, all_sizes = self._flat_np[1]
         cohort = np.asarray(client_ids, dtype=np.int64)
         sizes = all_sizes[cohort]
         k, n_max = len(client_ids), max(int(sizes.max()), 1) if client_ids else 1
