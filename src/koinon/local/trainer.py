@@ -296,7 +296,7 @@ class CohortTrainer:
             ranks = order.tolist()
             result = self._train_sorted(
                 [client_ids[i] for i in ranks], sorted_starts, server_state,
-                [client_states[i] for i in ranks], idx.index_select(0, order), steps.index_select(0, order), alg,
+                [client_states[i] for i in ranks], idx.index_select(0, order.to(idx.device)), steps.index_select(0, order), alg,
             ).take(torch.argsort(order))
         else:
             result = self._train_sorted(client_ids, starts, server_state, client_states, idx, steps, alg)
