@@ -84,7 +84,7 @@ def _cohort_schedule(w: dict, data, model, kn):
     return cohort, trainer
 
 
-def lean_loop(w: dict, rounds: int) -> tuple[float, float]:
+def lean_loop(w: dict, rounds: int) -> tuple[float, float, float]:
     """The leanest reasonable hand-written FedAvg: data preloaded as tensors, one model, a
     manual SGD step under `torch.no_grad()`, no DataLoader, no torch.optim, FedAvg on the
     parameter tensors. The cohort's batches are looked up once a round (koinon's order)."""
@@ -94,10 +94,10 @@ def lean_loop(w: dict, rounds: int) -> tuple[float, float]:
     params = list(model.parameters())
     global_params = [p.detach().clone() for p in params]
     loss_fn = torch.nn.functional.cross_entropy
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for r in range(rounds + 1):
         if r == 1:  # koinon's runtimes get an untimed warm-up round; so does the loop
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
         cohort = cohort_of(r)
         idx, steps = trainer.schedule(cohort, 0, r)
         acc = [torch.zeros_like(p) for p in global_params]
@@ -118,25 +118,25 @@ def lean_loop(w: dict, rounds: int) -> tuple[float, float]:
                 for a, p in zip(acc, params):
                     a.add_(p, alpha=n)
         global_params = [a / total for a in acc]
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     with torch.no_grad():
         for p, g in zip(params, global_params):
             p.copy_(g)
         acc_test = (model(ds.x_test).argmax(1) == ds.y_test).float().mean().item()
-    return elapsed, acc_test
+    return elapsed, cpu, acc_test
 
 
-def plain_loop(w: dict, rounds: int) -> tuple[float, float]:
+def plain_loop(w: dict, rounds: int) -> tuple[float, float, float]:
     """The plain loop: one model, torch.optim.SGD per client, FedAvg on state dicts."""
     torch, kn, ds, data, model = _setup(w)
     cohort_of, trainer = _cohort_schedule(w, data, model, kn)
     batches = trainer.client_batches
     x, y = ds.x_train, ds.y_train
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for r in range(rounds + 1):
         if r == 1:  # koinon's runtimes get an untimed warm-up round; so does the loop
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
         cohort = cohort_of(r)
         total = 0
         acc_state = {k: torch.zeros_like(v) for k, v in global_state.items()}
@@ -154,14 +154,14 @@ def plain_loop(w: dict, rounds: int) -> tuple[float, float]:
             for k, v in model.state_dict().items():
                 acc_state[k] += v * n
         global_state = {k: v / total for k, v in acc_state.items()}
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     model.load_state_dict(global_state)
     with torch.no_grad():
         acc = (model(ds.x_test).argmax(1) == ds.y_test).float().mean().item()
-    return elapsed, acc
+    return elapsed, cpu, acc
 
 
-def koinon_runtime(w: dict, rounds: int, runtime: str) -> tuple[float, float]:
+def koinon_runtime(w: dict, rounds: int, runtime: str) -> tuple[float, float, float]:
     torch, kn, ds, data, model = _setup(w)
     rt_options = {"num_workers": 2} if runtime == "ray" else {}
     from koinon.runtime import RUNTIMES
@@ -170,13 +170,13 @@ def koinon_runtime(w: dict, rounds: int, runtime: str) -> tuple[float, float]:
     fed = kn.Federation(model, data, local=kn.LocalTraining(lr=LR, batch_size=BATCH, epochs=w["epochs"]),
                         runtime=rt, clients_per_round=w["per_round"], seed=0)
     fed.run_round(evaluate=False)  # warm-up round (Ray actors, first-call overheads) not timed
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(rounds):
         fed.run_round(evaluate=False)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     acc, _ = fed.evaluate()
     fed.close()
-    return elapsed, acc
+    return elapsed, cpu, acc
 
 
 def one(workload: str, runtime: str, rounds: int) -> dict:
@@ -185,15 +185,16 @@ def one(workload: str, runtime: str, rounds: int) -> dict:
     torch.set_num_threads(1)
     w = WORKLOADS[workload]
     if runtime == "lean":
-        elapsed, acc = lean_loop(w, rounds)
+        elapsed, cpu, acc = lean_loop(w, rounds)
     elif runtime == "loop":
-        elapsed, acc = plain_loop(w, rounds)
+        elapsed, cpu, acc = plain_loop(w, rounds)
     else:
-        elapsed, acc = koinon_runtime(w, rounds, runtime)
+        elapsed, cpu, acc = koinon_runtime(w, rounds, runtime)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if runtime == "ray":  # the actors' memory counts too
         rss_mb += resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"workload": workload, "runtime": runtime, "rounds": rounds, "s_per_round": elapsed / rounds,
+            "cpu_s_per_round": cpu / rounds,
             "updates_per_s": rounds * w["per_round"] / elapsed, "peak_rss_mb": rss_mb, "accuracy": acc}
 
 
@@ -221,7 +222,7 @@ def main() -> None:
         return
     rows = []
     for wl in args.workloads.split(","):
-        base = None
+        base = base_cpu = None
         for rt in args.runtimes.split(","):
             if rt == "ray":
                 try:
@@ -240,18 +241,22 @@ def main() -> None:
                 continue
             row = json.loads(out.stdout.strip().splitlines()[-1])
             if rt == "lean":
-                base = row["s_per_round"]
+                base, base_cpu = row["s_per_round"], row["cpu_s_per_round"]
             row["speedup"] = base / row["s_per_round"] if base else float("nan")
+            row["cpu_speedup"] = base_cpu / row["cpu_s_per_round"] if base else float("nan")
             rows.append(row)
             print(f"{wl}  {rt:<11} {row['s_per_round'] * 1000:9.1f} ms/round  {row['updates_per_s']:9.0f} updates/s  "
-                  f"{row['peak_rss_mb']:7.0f} MB peak  x{row['speedup']:5.1f} vs lean  acc {row['accuracy']:.3f}",
+                  f"{row['peak_rss_mb']:7.0f} MB peak  x{row['speedup']:5.1f} vs lean  "
+                  f"(CPU {row['cpu_s_per_round'] * 1000:8.1f} ms, x{row['cpu_speedup']:5.1f})  acc {row['accuracy']:.3f}",
                   flush=True)
     print()
-    print("| workload | runtime | s/round | client updates/s | peak RSS (MB) | vs lean loop | accuracy |")
-    print("|---|---|---|---|---|---|---|")
+    print("| workload | runtime | s/round | client updates/s | peak RSS (MB) | vs lean loop | CPU s/round | "
+          "vs lean, CPU | accuracy |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['workload']} | {r['runtime']} | {r['s_per_round']:.4f} | {r['updates_per_s']:.0f} | "
-              f"{r['peak_rss_mb']:.0f} | {r['speedup']:.1f}x | {r['accuracy']:.3f} |")
+              f"{r['peak_rss_mb']:.0f} | {r['speedup']:.1f}x | {r['cpu_s_per_round']:.4f} | {r['cpu_speedup']:.1f}x | "
+              f"{r['accuracy']:.3f} |")
     result: dict = {"rows": rows}
     if "a" in args.workloads.split(","):
         if args.out is not None:

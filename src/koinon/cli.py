@@ -108,6 +108,9 @@ def _keys_epilog() -> str:
 
 def _run(args: argparse.Namespace) -> int:
     from koinon.experiment import load_config, resume_experiment, run_experiment
+    from koinon.records.plots import start_plot_worker
+
+    start_plot_worker()  # matplotlib is imported on another core while the run trains
 
     if args.resume:
         if args.config or args.out:

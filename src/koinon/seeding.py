@@ -9,6 +9,7 @@ directions, a sketch's hash) from the same parts.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 MASK64 = (1 << 64) - 1
@@ -57,3 +58,20 @@ def mix_seeds(seed: int, round_index: int, clients: torch.Tensor) -> torch.Tenso
 def generator(*parts: int) -> torch.Generator:
     """A torch generator seeded with `mix_seed(*parts)`."""
     return torch.Generator().manual_seed(mix_seed(*parts))
+
+
+def hash64_array(z: np.ndarray) -> np.ndarray:
+    """`hash64` on an int64 NumPy array (its multiplications wrap modulo 2^64 too); equal values."""
+    z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * np.int64(0xBF58476D1CE4E5B9 - (1 << 64))
+    z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * np.int64(0x94D049BB133111EB - (1 << 64))
+    return z ^ ((z >> 31) & ((1 << 33) - 1))
+
+
+def mix_seeds_array(seed: int, round_index: int, clients: np.ndarray) -> np.ndarray:
+    """`mix_seeds` on an int64 NumPy array of clients (for code that stays in NumPy); equal values."""
+    h = 0x9E3779B97F4A7C15
+    for part in (seed, round_index):
+        h = _absorb(h, part)
+    signed = h - (1 << 64) if h >= 1 << 63 else h
+    mixed = (np.asarray(clients, dtype=np.int64) ^ np.int64(signed)) + np.int64(GOLDEN)
+    return (hash64_array(mixed) >> 1) & ((1 << 63) - 1)

@@ -52,10 +52,14 @@ class CohortResult:
         def pick(items: list | None) -> list | None:
             return None if items is None else [items[i] for i in order]
 
+        def sel(t: torch.Tensor) -> torch.Tensor:
+            # index_select: the same rows as `t[rows]`, several times faster on [K, P] stacks.
+            return t.index_select(0, rows.to(t.device))
+
         return CohortResult(
-            [self.client_ids[i] for i in order], None if self.deltas is None else self.deltas[rows],
-            {k: v[rows] for k, v in self.uploads.items()}, self.num_samples[rows],
-            self.num_steps[rows], self.train_loss[rows], [self.client_states[i] for i in order],
+            [self.client_ids[i] for i in order], None if self.deltas is None else sel(self.deltas),
+            {k: sel(v) for k, v in self.uploads.items()}, sel(self.num_samples),
+            sel(self.num_steps), sel(self.train_loss), [self.client_states[i] for i in order],
             pick(self.messages), pick(self.payloads), pick(self.codec_states), dict(self.failed),
         )
 

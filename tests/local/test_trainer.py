@@ -190,6 +190,20 @@ def test_vectorized_seed_mixing_equals_the_scalar_one():
         assert mix_seeds(seed, r, clients).tolist() == [mix_seed(seed, r, int(c)) for c in clients]
 
 
+def test_numpy_hashing_equals_torch_hashing():
+    """The batch schedule hashes in NumPy; its values must be the torch functions' exactly."""
+    import numpy as np
+
+    from koinon.seeding import hash64, hash64_array, mix_seeds, mix_seeds_array
+
+    z = np.random.default_rng(0).integers(-(2**63), 2**63 - 1, size=5000, dtype=np.int64)
+    z[:4] = [0, -1, 2**63 - 1, -(2**63)]
+    assert (hash64_array(z) == hash64(torch.from_numpy(z)).numpy()).all()
+    clients = np.array([0, 1, 7, 99_999, -1, 2**40])
+    for seed, r in [(0, 0), (7, 3), (123_456_789, 10**6), (-5, 2)]:
+        assert (mix_seeds_array(seed, r, clients) == mix_seeds(seed, r, torch.from_numpy(clients)).numpy()).all()
+
+
 def test_frozen_feature_layers_train_vectorized_without_fallback(capsys):
     """Frozen parameters (a pretrained feature extractor) are constants, not buffers: the
     vectorized runtime keeps them fixed and equals the sequential runtime."""

@@ -37,3 +37,32 @@ def test_gossip_spread_and_crashes_are_drawn(tmp_path):
     plt.close(fig)
     plot_run(metrics, tmp_path / "a.png", "gossip")
     assert (tmp_path / "a.png").stat().st_size > 0 and not list(tmp_path.glob(".*"))
+
+
+def test_helper_process_draws_the_same_png(tmp_path):
+    from koinon.records import plots
+
+    metrics = _metrics(rounds=4)
+    plot_run(metrics, tmp_path / "here.png", "federated")
+    plots.start_plot_worker(need_idle_core=False)
+    worker = plots._worker
+    assert worker is not None
+    plot_run(metrics, tmp_path / "there.png", "federated")
+    assert worker.returncode == 0 and plots._worker is None  # the helper drew it and is done
+    assert (tmp_path / "there.png").read_bytes() == (tmp_path / "here.png").read_bytes()
+    assert not list(tmp_path.glob(".*"))
+
+
+def test_a_dead_helper_means_the_plot_is_drawn_here(tmp_path):
+    from koinon.records import plots
+
+    plots.start_plot_worker(need_idle_core=False)
+    worker = plots._worker
+    assert worker is not None
+    worker.kill()
+    worker.wait()
+    plot_run(_metrics(), tmp_path / "a.png", "federated")
+    assert (tmp_path / "a.png").stat().st_size > 0 and plots._worker is None
+    plots.start_plot_worker(need_idle_core=False)
+    plots.stop_plot_worker()  # a run that fails before its plot ends its helper
+    assert plots._worker is None

@@ -20,6 +20,7 @@ import contextlib
 import warnings
 from functools import partial
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
@@ -31,7 +32,7 @@ from koinon.local.device import check_precision
 from koinon.local.losses import cross_entropy
 from koinon.local.optim import rows as optimizer_rows
 from koinon.params import Layout
-from koinon.seeding import GOLDEN, hash64, mix_seeds
+from koinon.seeding import GOLDEN, hash64_array, mix_seeds_array
 from koinon.update import CohortResult
 
 _PREGATHER_BYTES = 256 << 20
@@ -43,10 +44,13 @@ warnings.filterwarnings("ignore", message="grad and param do not obey the gradie
 def start_stack(params: torch.Tensor, k: int, pt: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each client's starting point: one model `[P]` for all (federated), or one each `[K, P]`
     (decentralized nodes that start from their own models)."""
-    stack = params.unsqueeze(0).repeat(k, 1) if params.dim() == 1 else params.clone()
-    if stack.shape[0] != k:
-        raise ValueError(f"{stack.shape[0]} starting models for {k} clients")
-    return stack[:, :pt].contiguous(), stack[:, pt:].contiguous()
+    if params.dim() == 1:  # one broadcast copy into fresh rows (3-10x faster than `repeat`)
+        return (params.new_empty(k, pt).copy_(params[:pt]),
+                params.new_empty(k, params.shape[0] - pt).copy_(params[pt:]))
+    if params.shape[0] != k:
+        raise ValueError(f"{params.shape[0]} starting models for {k} clients")
+    return (params[:, :pt].clone(memory_format=torch.contiguous_format),
+            params[:, pt:].clone(memory_format=torch.contiguous_format))
 
 
 def _rows(ctx: State, k: int, m: int) -> State:
@@ -86,6 +90,8 @@ class CohortTrainer:
         self.device = torch.device("cpu")
         self.precision = "fp32"
         self._flat: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._flat_np: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                             tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
 
         def forward_one(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
             return functional_call(module, params, (x,))
@@ -136,40 +142,52 @@ class CohortTrainer:
         other clients share its chunk or runtime, and the whole cohort's shuffles are a few
         tensor ops instead of a generator per client.
         """
+        # NumPy, not torch: a cohort's schedule is some thirty operations on small integer
+        # arrays, where torch's per-operation overhead made it a tenth of a 10-client round.
         b = self.local.batch_size
-        flat, starts, all_sizes = self._flat_indices()
-        cohort = torch.as_tensor(client_ids, dtype=torch.long)
+        # NumPy views of `_flat_indices`, remade when that is (a copy of this trainer with other
+        # data, `personal.evaluate.with_steps`, resets `_flat`).
+        flat_t = self._flat_indices()
+        if self._flat_np is None or self._flat_np[0] is not flat_t:
+            self._flat_np = (flat_t, (flat_t[0].numpy(), flat_t[1].numpy(), flat_t[2].numpy()))
+        flat, starts, all_sizes = self._flat_np[1]
+        cohort = np.asarray(client_ids, dtype=np.int64)
         sizes = all_sizes[cohort]
         k, n_max = len(client_ids), max(int(sizes.max()), 1) if client_ids else 1
         per_epoch = (sizes + b - 1) // b
         if self.local.steps > 0:
-            epochs = (self.local.steps + per_epoch.clamp_min(1) - 1) // per_epoch.clamp_min(1)
-            steps = torch.where(sizes > 0, torch.full_like(sizes, self.local.steps), 0)
+            epochs = (self.local.steps + np.maximum(per_epoch, 1) - 1) // np.maximum(per_epoch, 1)
+            steps = np.where(sizes > 0, self.local.steps, 0).astype(np.int64)
         else:
-            epochs = torch.full_like(sizes, self.local.epochs)
+            epochs = np.full_like(sizes, self.local.epochs)
             steps = per_epoch * self.local.epochs
         e_max = max(int(epochs.max()), 1)
         # Each client's indices, padded: one gather from the population's concatenated indices.
-        span = torch.arange(n_max).view(1, n_max)
-        padded = flat[(starts[cohort].view(k, 1) + span).clamp(max=max(len(flat) - 1, 0))]
-        padded = padded.masked_fill(span >= sizes.view(k, 1), 0) if len(flat) else torch.zeros(k, n_max, dtype=torch.long)
-        ids = mix_seeds(seed, round_index, cohort)
-        slot = torch.arange(n_max).view(1, 1, n_max)
-        epoch = torch.arange(e_max).view(1, e_max, 1)
+        span = np.arange(n_max).reshape(1, n_max)
+        if len(flat):
+            padded = flat[np.minimum(starts[cohort].reshape(k, 1) + span, len(flat) - 1)]
+            padded[span >= sizes.reshape(k, 1)] = 0
+        else:
+            padded = np.zeros((k, n_max), dtype=np.int64)
+        ids = mix_seeds_array(seed, round_index, cohort)
+        slot = np.arange(n_max).reshape(1, 1, n_max)
+        epoch = np.arange(e_max).reshape(1, e_max, 1)
         pos = (epoch << 32) + slot  # a position's key must not depend on the cohort's n_max
-        keys = hash64(ids.view(k, 1, 1) ^ (pos * GOLDEN))
-        keys = keys.masked_fill(slot >= sizes.view(k, 1, 1), torch.iinfo(torch.long).max)
-        order = keys.argsort(dim=2)  # [K, E, n_max]: a permutation of each client's positions
-        picked = padded.gather(1, order.view(k, -1)).view(k, e_max, n_max)
+        keys = hash64_array(ids.reshape(k, 1, 1) ^ (pos * np.int64(GOLDEN)))
+        keys[np.broadcast_to(slot >= sizes.reshape(k, 1, 1), keys.shape)] = np.iinfo(np.int64).max
+        order = keys.argsort(axis=2)  # [K, E, n_max]: a permutation of each client's positions
+        picked = np.take_along_axis(padded, order.reshape(k, -1), axis=1).reshape(k, e_max, n_max)
         # Lay epoch e of client i at offset e * per_epoch[i] * B; short last batches are padded.
         width = int((per_epoch * b).max()) if k else 0
-        out = torch.full((k, e_max * max(width, 1)), -1, dtype=torch.long)
-        target = epoch * (per_epoch * b).view(k, 1, 1) + slot
-        valid = (slot < sizes.view(k, 1, 1)) & (epoch < epochs.view(k, 1, 1)) & (target < (steps * b).view(k, 1, 1))
-        rows = torch.arange(k).view(k, 1, 1).expand_as(target)
+        out = np.full((k, e_max * max(width, 1)), -1, dtype=np.int64)
+        target = epoch * (per_epoch * b).reshape(k, 1, 1) + slot
+        valid = ((slot < sizes.reshape(k, 1, 1)) & (epoch < epochs.reshape(k, 1, 1))
+                 & (target < (steps * b).reshape(k, 1, 1)))
+        rows = np.broadcast_to(np.arange(k).reshape(k, 1, 1), target.shape)
         out[rows[valid], target[valid]] = picked[valid]
         s_max = int(steps.max()) if k else 0
-        return out[:, : s_max * b].reshape(k, s_max, b), steps
+        schedule = np.ascontiguousarray(out[:, : s_max * b]).reshape(k, s_max, b)
+        return torch.from_numpy(schedule), torch.from_numpy(np.ascontiguousarray(steps, dtype=np.int64))
 
     def _flat_indices(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The population's sample indices concatenated, each client's start, and its size.
@@ -273,10 +291,12 @@ class CohortTrainer:
         # before returning; a client's arithmetic does not depend on it.
         order = torch.argsort(steps, descending=True, stable=True)
         if len(client_ids) > 1 and bool((order != torch.arange(len(order), device=order.device)).any()):
-            sorted_starts = starts[order] if starts.dim() == 2 else starts
+            # index_select, not `[order]`: advanced indexing of large rows is several times slower.
+            sorted_starts = starts.index_select(0, order.to(starts.device)) if starts.dim() == 2 else starts
+            ranks = order.tolist()
             result = self._train_sorted(
-                [client_ids[i] for i in order.tolist()], sorted_starts, server_state,
-                [client_states[i] for i in order.tolist()], idx[order], steps[order], alg,
+                [client_ids[i] for i in ranks], sorted_starts, server_state,
+                [client_states[i] for i in ranks], idx.index_select(0, order.to(idx.device)), steps.index_select(0, order), alg,
             ).take(torch.argsort(order))
         else:
             result = self._train_sorted(client_ids, starts, server_state, client_states, idx, steps, alg)
@@ -317,9 +337,10 @@ class CohortTrainer:
         theta0 = global_params[..., :pt]
         # One client without batched kernels: plain functional_call on unstacked views.
         plain = k == 1 and self._batched is None
-        # Gradients accumulate straight into views of one flat buffer (zeroed each step), so the
-        # optimizer step needs no concatenation of per-layer gradients.
-        grad = torch.zeros(k, pt)
+        # Gradients accumulate straight into views of one flat buffer (zeroed each step by
+        # autograd's path, overwritten whole by the hand-written backward; a row is read only in
+        # steps that wrote it), so the optimizer step needs no concatenation of per-layer gradients.
+        grad = torch.empty(k, pt)
         opt_state = self.optimizer.init(k, pt)
         ctx = alg.begin(global_params, server_state, client_states)
         loss_sum = torch.zeros(k)
@@ -331,6 +352,10 @@ class CohortTrainer:
             weights = (idx >= 0).to(self.device, torch.float32)
             idx = idx.clamp(min=0)
             counts = weights.sum(dim=2)  # [K, S]
+            # Per-step values computed for the whole round at once (a few ops instead of a few per step).
+            live_at = (steps.view(-1, 1) > torch.arange(num_steps, device=steps.device)).sum(dim=0).tolist()
+            counts_c = counts.clamp_min(1.0)
+            scales = weights / counts_c.unsqueeze(2)
             # The round's minibatches in one gather, step-major so each step's slice is
             # contiguous; per-step gathers when that would take much memory.
             by_step = idx.transpose(0, 1)
@@ -349,7 +374,7 @@ class CohortTrainer:
         params: dict[str, torch.Tensor] = {}
         self.module.train()
         for s in range(num_steps):
-            m = int((steps > s).sum()) if k > 1 else 1
+            m = live_at[s] if k > 1 else 1
             if m != live:
                 # Autograd leaves that are views into `theta`'s storage: the optimizer updates
                 # `theta` in place and the leaves see it, and gradients come per layer with no
@@ -373,13 +398,13 @@ class CohortTrainer:
                     n_b = torch.tensor([float(len(ix))])
                 else:
                     x = xs[s, :m] if xs is not None else self.x_train[idx[:m, s]]
-                    y, n_b = ys[s, :m], counts[:m, s]
-                    scale = weights[:m, s] / n_b.clamp_min(1.0).unsqueeze(1)
+                    y, n_b, n_c = ys[s, :m], counts[:m, s], counts_c[:m, s]
+                    scale = scales[:m, s]
                 per_sample = manual(params, grads, x, y, scale)
                 if perturb is not None:
                     self._perturbed_grad(theta[:m], grad[:m], _rows(ctx, k, m), perturb,
                                          partial(manual, params, grads, x, y, scale))
-                loss_sum[:m] += (per_sample * scale).sum(dim=1) * n_b.clamp_min(1.0)
+                loss_sum[:m] += (per_sample * scale).sum(dim=1) * (n_b.clamp_min(1.0) if k == 1 else n_c)
                 seen[:m] += n_b
                 with torch.no_grad():
                     self._step(theta[:m], grad[:m], theta0[:m] if theta0.dim() == 2 else theta0,
@@ -424,7 +449,7 @@ class CohortTrainer:
                 self._step(theta[:m], grad[:m], theta0[:m] if theta0.dim() == 2 else theta0,
                            optimizer_rows(opt_state, m), rows, s, alg)
 
-        final = torch.cat([theta, bufs], dim=1)
+        final = torch.cat([theta, bufs], dim=1) if bufs.shape[1] else theta
         steps = steps.to(self.device)
         uploads, new_states = alg.end(global_params, final, steps, hp.lr, ctx)
         sizes = self.sizes(client_ids).to(self.device)
