@@ -486,6 +486,7 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
                                           round_index)
                 # Named while the slot is held, so no more than RECEIVING buffers are alive.
                 size, digest = pending.pop().finish()
+                release_free_memory()  # the blocks gRPC received this upload in
             finally:
                 if pending:  # refused or broken: the partial file goes
                     pending.pop().abort()
@@ -621,6 +622,7 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
 
     def _close(self, start: float) -> dict[str, Any]:
         """Apply the round's accepted updates, evaluate, checkpoint, commit."""
+        release_free_memory()  # what gRPC held of the uploads, before the model-sized work of closing
         with self.lock:
             result = self.server.close_round()
         s = self.cfg.server
@@ -714,13 +716,29 @@ def _return_large_buffers_to_the_os() -> None:
     import ctypes
     import ctypes.util
 
+    global _LIBC
     name = ctypes.util.find_library("c")
     if sys.platform != "linux" or not name:
         return
     try:
-        ctypes.CDLL(name).mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+        libc = ctypes.CDLL(name)
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+        libc.malloc_trim  # noqa: B018 - glibc's, checked here once
     except (OSError, AttributeError):
-        pass
+        return
+    _LIBC = libc
+
+
+_LIBC: Any = None  # glibc, once `_return_large_buffers_to_the_os` has set it up
+
+
+def release_free_memory() -> None:
+    """Hand the free pages of glibc's heaps back to the OS (`malloc_trim`). gRPC takes an upload
+    in small blocks (HTTP/2 frames), tens of MB per stream ahead of the reader; once read and
+    freed they stay in glibc's arenas, still counted as the server's memory (benchmark: 160 MB
+    after 10 uploads of 40 MB, 5 MB once trimmed). A few milliseconds per call."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 # What a restart may change: deadlines and limits, and how long the run goes on.
