@@ -1,21 +1,23 @@
 """Deployment transport: what `koinon server` / `koinon client` cost over real sockets.
 
-Two runs, both with the server as its own process and clients as threads of this process, each
-client with its own TLS connection and certificate:
+Two runs, both with the server as its own process, each client with its own TLS connection and
+certificate:
 
-1. Large model: an MLP of about 10M parameters (40 MB in float32), 10 clients, one local step
-   each, so the round time is transport + validation + aggregation + checkpointing. Prints
+1. Large model: an MLP of about 10M parameters (40 MB in float32), 10 clients (each its own
+   process, as real clients are; `--client-threads`: threads of this process, as the figures
+   before issue 22's data-path work were taken), one local step each, so the round time is
+   transport + validation + aggregation + checkpointing. Prints
    seconds per round, the upload throughput (bytes of a round over the time its uploads took),
    the raw TCP throughput of this machine's loopback measured in the same run, the ceiling of
    the same uploads over bare gRPC with mutual TLS (raw bytes, no protobuf, no koinon code; also
    in the same run), and the server's resident memory (before the clients join and at its peak
    while receiving).
-2. Load: 100 clients joining, training a small model and leaving at random for 20 rounds; the
+2. Load: 100 clients (threads of this process) joining, training a small model and leaving at random for 20 rounds; the
    server is SIGKILLed once half-way and restarted. Prints rounds completed, updates accepted and
    rejected, the longest round and upload, and checks that every upload the server confirmed
    ended up in a committed round.
 
-    .venv/bin/python benchmarks/transport.py [--quick]
+    .venv/bin/python benchmarks/transport.py [--quick] [--part large|load] [--client-threads]
 """
 
 from __future__ import annotations
@@ -166,6 +168,7 @@ class Server:
         self.port = int((state / "server.port").read_text())
         self.rss_start = self.rss()
         self.rss_peak = self.rss_start
+        self.trace: list[tuple[float, int]] = []  # (wall-clock seconds, resident bytes)
         self._sampler = threading.Thread(target=self._sample, daemon=True)
         self._sampler.start()
 
@@ -180,8 +183,21 @@ class Server:
 
     def _sample(self) -> None:
         while self.p.poll() is None:
-            self.rss_peak = max(self.rss_peak, self.rss())
+            now = self.rss()
+            self.rss_peak = max(self.rss_peak, now)
+            self.trace.append((time.time(), now))
             time.sleep(0.05)
+
+    def peaks(self, intervals: list[tuple[float, float]]) -> tuple[int, int]:
+        """Peak resident memory while one of `intervals` was in progress, and outside them."""
+        spans = sorted(intervals)
+        inside = outside = 0
+        for t, rss in self.trace:
+            if any(a <= t <= b for a, b in spans):
+                inside = max(inside, rss)
+            else:
+                outside = max(outside, rss)
+        return inside, outside
 
     def kill(self) -> None:
         self.p.send_signal(signal.SIGKILL)
@@ -201,7 +217,8 @@ def write_config(path: Path, **sections: dict) -> Path:
 
 
 class Uploads:
-    """Every upload the clients made: (client, round, accepted, bytes, start, end)."""
+    """Every upload the clients made: (client, round, accepted, bytes, start, end), wall-clock
+    seconds (comparable across processes)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -209,10 +226,46 @@ class Uploads:
 
     def hook(self, name: str):
         def record(round_index: int, accepted: bool, nbytes: int, seconds: float) -> None:
-            end = time.perf_counter()
+            end = time.time()
             with self.lock:
                 self.rows.append((name, round_index, accepted, nbytes, end - seconds, end))
         return record
+
+
+def _client_process(address: str, certs: str, name: str, index: int, state: str, out: str) -> None:
+    """One benchmark client in its own process; each upload is appended to `out` as JSON."""
+    uploads = Uploads()
+
+    def record(round_index: int, accepted: bool, nbytes: int, seconds: float) -> None:
+        uploads.hook(name)(round_index, accepted, nbytes, seconds)
+        with open(out, "a") as f:
+            f.write(json.dumps(uploads.rows[-1]) + "\n")
+
+    run_client(address, client_credentials(Path(certs), name), name, DataSpec(index, ""), Path(state),
+               hooks=Hooks(on_upload=record, verbose=False))
+
+
+def run_clients(address: str, certs: Path, names: list[str], tmp: Path, threads: bool) -> Uploads:
+    """The large run's clients until the run is done: processes, or threads of this process."""
+    uploads = Uploads()
+    if threads:
+        workers = [threading.Thread(target=run_client, args=(
+            address, client_credentials(certs, name), name, DataSpec(i, ""), tmp / "cs-large" / name),
+            kwargs={"hooks": Hooks(on_upload=uploads.hook(name), verbose=False)}) for i, name in enumerate(names)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join(600)
+        return uploads
+    out = tmp / "uploads.jsonl"
+    out.unlink(missing_ok=True)
+    procs = [subprocess.Popen([sys.executable, __file__, "--client", address, str(certs), name, str(i),
+                               str(tmp / "cs-large" / name), str(out)]) for i, name in enumerate(names)]
+    for p in procs:
+        if p.wait(600) != 0:
+            raise SystemExit(f"a benchmark client exited with {p.returncode}")
+    uploads.rows = [tuple(json.loads(line)) for line in out.read_text().splitlines()]  # type: ignore[misc]
+    return uploads
 
 
 def busy_seconds(intervals: list[tuple[float, float]]) -> float:
@@ -225,7 +278,7 @@ def busy_seconds(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def large_model(tmp: Path, rounds: int) -> None:
+def large_model(tmp: Path, rounds: int, threads: bool = False) -> None:
     certs = tmp / "certs-large"
     names = create_certs(certs, 10, ["127.0.0.1"])
     config = write_config(
@@ -236,15 +289,7 @@ def large_model(tmp: Path, rounds: int) -> None:
     tcp = raw_tcp_mb_s(400)
     bare, bare_peak = bare_grpc_tls_mb_s(tmp, certs, names, 39_400_000, repeats=1 if rounds <= 2 else 2)
     server = Server(tmp, config, certs, state)
-    uploads = Uploads()
-    address = f"127.0.0.1:{server.port}"
-    threads = [threading.Thread(target=run_client, args=(
-        address, client_credentials(certs, name), name, DataSpec(i, ""), tmp / "cs-large" / name),
-        kwargs={"hooks": Hooks(on_upload=uploads.hook(name), verbose=False)}) for i, name in enumerate(names)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(600)
+    uploads = run_clients(f"127.0.0.1:{server.port}", certs, names, tmp, threads)
     server.wait(60)
     records = [json.loads(ln) for ln in (state / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((state / "summary.json").read_text())
@@ -255,7 +300,7 @@ def large_model(tmp: Path, rounds: int) -> None:
     per_upload = sorted(u[3] / 1e6 / (u[5] - u[4]) for u in rows)
     params = summary["num_parameters"]
     print(f"large model: {params / 1e6:.2f}M parameters ({params * 4 / 1e6:.1f} MB float32), "
-          f"10 clients, {rounds} rounds")
+          f"10 clients ({'threads of one process' if threads else 'one process each'}), {rounds} rounds")
     print(f"  s/round (after the first): {sum(per_round) / len(per_round):.2f} "
           f"(first round {walls[0]:.2f} s, includes joining)")
     print(f"  upload: {sum(u[3] for u in rows) / 1e6 / busy:.0f} MB/s aggregate while uploads were in "
@@ -268,6 +313,9 @@ def large_model(tmp: Path, rounds: int) -> None:
     print(f"  server memory: {server.rss_start / 1e6:.0f} MB before clients joined, peak "
           f"{server.rss_peak / 1e6:.0f} MB while receiving, {(server.rss_peak - server.rss_start) / 1e6:.0f} MB "
           f"above the start (one round's updates: {10 * params * 4 / 1e6:.0f} MB)")
+    inside, outside = server.peaks([(u[4], u[5]) for u in uploads.rows])
+    print(f"  server peak above the start while uploads were in flight: {(inside - server.rss_start) / 1e6:.0f} MB; "
+          f"at other times (closing and opening rounds, sending the model): {(outside - server.rss_start) / 1e6:.0f} MB")
 
 
 def load_run(tmp: Path, num_clients: int, rounds: int) -> None:
@@ -349,15 +397,22 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="2 large rounds, 30 clients x 6 rounds")
     p.add_argument("--part", choices=["all", "large", "load"], default="all")
+    p.add_argument("--client-threads", action="store_true",
+                   help="large run: clients as threads of this process (default: one process each)")
     p.add_argument("--bare-server", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--client", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.bare_server:
         _bare_server(args.bare_server[0], args.bare_server[1], float(args.bare_server[2]))
         return
+    if args.client:
+        address, certs, name, index, state, out = args.client
+        _client_process(address, certs, name, int(index), state, out)
+        return
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
         if args.part in ("all", "large"):
-            large_model(tmp, rounds=2 if args.quick else 4)
+            large_model(tmp, rounds=2 if args.quick else 4, threads=args.client_threads)
         if args.part in ("all", "load"):
             load_run(tmp, num_clients=30 if args.quick else 100, rounds=6 if args.quick else 20)
 

@@ -10,12 +10,16 @@ from hypothesis import strategies as st
 from koinon.compress import CODECS
 from koinon.deploy.wire import (
     CHUNK,
+    DataFrame,
     Limits,
     Rejected,
+    parse_task_chunk,
+    parse_upload_chunk,
     pb,
     read_task,
     read_upload,
-    serialize_upload,
+    serialize_frame,
+    task_frames,
     task_messages,
     upload_frames,
     upload_messages,
@@ -196,8 +200,65 @@ def test_a_received_buffer_is_decoded_in_place_with_the_same_values():
 def test_pre_serialized_frames_are_the_bytes_protobuf_writes(size):
     payloads = [bytes(range(256)) * (size // 256) + bytes(size % 256), b"x" * 200]
     head = header([len(p) for p in payloads], ("delta", "c"))
-    frames = [serialize_upload(m) for m in upload_frames(head, payloads)]
+    frames = [serialize_frame(m) for m in upload_frames(head, payloads)]
     assert frames == [m.SerializeToString() for m in upload_messages(head, payloads)]
     got = read_upload([pb.UploadChunk.FromString(f) for f in frames],
                       Limits(("delta", "c"), 3 * CHUNK, 6 * CHUNK), lambda h: None)[1]
     assert [bytes(p) for p in got] == payloads
+
+
+def _same_parse(raw: bytes, parse, message) -> None:
+    """`parse(raw)` reads `raw` as protobuf does: the same refusal, or the same header and data."""
+    try:
+        expected = message.FromString(raw)
+    except DecodeError:
+        with pytest.raises(DecodeError):
+            parse(raw)
+        return
+    got = parse(raw)
+    assert got.HasField("header") == expected.HasField("header")
+    if expected.HasField("header"):
+        assert got.header == expected.header
+    assert bytes(got.data) == expected.data
+
+
+def _frame(data: bytes, varint: bytes | None = None, tail: bytes = b"") -> bytes:
+    """A `data` field with its length as `varint` (default: the shortest form), then `tail`."""
+    from koinon.deploy.wire import _varint
+
+    return b"\x12" + (varint if varint is not None else _varint(len(data))) + data + tail
+
+
+@given(st.binary(max_size=300))
+def test_received_chunks_parse_as_protobuf_parses_them(raw):
+    for parse, message in ((parse_upload_chunk, pb.UploadChunk), (parse_task_chunk, pb.TaskChunk)):
+        _same_parse(raw, parse, message)
+        _same_parse(b"\x12" + raw, parse, message)  # starts like a data chunk
+
+
+@pytest.mark.parametrize("raw", [
+    b"", b"\x12", b"\x12\x00", _frame(b"abc"), _frame(b"abc", b"\x83\x00"),  # a long form of 3: still one field
+    _frame(b"abc", b"\x04"), _frame(b"abc", b"\x02"),  # length past or short of the end
+    _frame(b"abc", tail=_frame(b"de")),  # two data fields: protobuf keeps the last
+    _frame(b"abc", tail=b"\x0a\x00"),  # and a header
+    _frame(b"x" * 200, b"\xc8\x81\x80\x80\x80\x00"),  # a 6-byte varint: left to protobuf
+    _frame(b"y" * (CHUNK + 7)),
+])
+def test_edge_frames_parse_as_protobuf_parses_them(raw):
+    _same_parse(raw, parse_upload_chunk, pb.UploadChunk)
+    _same_parse(raw, parse_task_chunk, pb.TaskChunk)
+
+
+def test_a_data_chunk_is_a_view_of_the_received_bytes_and_the_stream_reads_as_before():
+    payloads = [bytes(range(256)) * (CHUNK // 256 + 3), b"tail"]
+    head = header([len(p) for p in payloads], ("delta", "c"))
+    frames = [serialize_frame(m) for m in upload_frames(head, payloads)]
+    parsed = [parse_upload_chunk(f) for f in frames]
+    assert not isinstance(parsed[0], DataFrame) and all(isinstance(m, DataFrame) for m in parsed[1:])
+    assert parsed[1].data.obj is frames[1]  # no copy of the chunk
+    got = read_upload(parsed, Limits(("delta", "c"), 2 * CHUNK, 4 * CHUNK), lambda h: None)
+    assert got[0] == head and [bytes(p) for p in got[1]] == payloads
+    task = pb.TaskHeader(status=pb.TaskHeader.TRAIN, streams=["model"], sizes=[len(payloads[0])])
+    sent = [serialize_frame(m) for m in task_frames(task, payloads[:1])]
+    assert sent == [m.SerializeToString() for m in task_messages(task, payloads[:1])]
+    assert read_task([parse_task_chunk(f) for f in sent], 2 * CHUNK) == (task, payloads[:1])

@@ -48,7 +48,15 @@ from koinon.deploy.certs import Credentials
 from koinon.deploy.faults import crash_point
 from koinon.deploy.labels import held_samples, own_data, own_labels, trained_samples
 from koinon.deploy.personal import client_counts, evaluated_round, report
-from koinon.deploy.wire import MAX_GRPC_MESSAGE, Rejected, pb, read_task, upload_call, upload_frames
+from koinon.deploy.wire import (
+    MAX_GRPC_MESSAGE,
+    Rejected,
+    pb,
+    poll_call,
+    read_task,
+    upload_call,
+    upload_frames,
+)
 from koinon.errors import CodecError, KoinonError
 from koinon.ledger.certsign import receipt_statement, sign_receipt
 from koinon.topology.federated import Federation
@@ -321,6 +329,7 @@ def run_client(server: str, creds: Credentials, name: str, spec: DataSpec, state
         channel = _channel(server, creds)
         stub = federation_pb2_grpc.FederationStub(channel)
         stub.Upload = upload_call(channel)  # sends pre-serialized data chunks (`upload_frames`)
+        stub.Poll = poll_call(channel)  # reads data chunks without protobuf messages (`parse_task_chunk`)
         try:
             _session(stub, name, spec, state_dir, workers, call_timeout_s, hooks, receipt_key=creds.key,
                      channel=channel, creds=creds)

@@ -19,8 +19,9 @@ from typing import Any
 from koinon.deploy import federation_pb2 as _pb
 from koinon.wire import Rejected
 
-__all__ = ["MAX_GRPC_MESSAGE", "Limits", "Rejected", "pb", "quote", "read_task", "read_upload", "task_messages",
-           "upload_call", "upload_frames", "upload_messages"]
+__all__ = ["MAX_GRPC_MESSAGE", "Limits", "Rejected", "parse_task_chunk", "parse_upload_chunk", "pb", "poll_call", "quote",
+           "read_task", "read_upload", "serialize_frame", "task_frames", "task_messages", "upload_call",
+           "upload_frames", "upload_messages"]
 
 pb: Any = _pb  # generated classes are built at import time; mypy cannot see their attributes
 
@@ -78,12 +79,9 @@ def _varint(n: int) -> bytes:
         out.append(low | 0x80)
 
 
-def upload_frames(header: Any, payloads: list[bytes]) -> Iterator[Any]:
-    """`upload_messages` as the client sends them (with `upload_call`): the header message,
-    then each data chunk already serialized, byte for byte what protobuf writes for an
-    `UploadChunk` holding only `data`. One copy of the payload, where building and serializing
-    message objects makes three, all while the client holds the interpreter lock."""
-    yield pb.UploadChunk(header=header)
+def _data_frames(payloads: list[bytes]) -> Iterator[bytes]:
+    """Each data chunk of `payloads` serialized, byte for byte what protobuf writes for a chunk
+    message (`UploadChunk` or `TaskChunk`, both hold `data` in field 2) holding only `data`."""
     for payload in payloads:
         view = memoryview(payload)
         for start in range(0, len(view), CHUNK):
@@ -91,16 +89,85 @@ def upload_frames(header: Any, payloads: list[bytes]) -> Iterator[Any]:
             yield b"".join((_DATA_TAG, _varint(len(piece)), piece))
 
 
-def serialize_upload(message: Any) -> bytes:
-    """The request serializer of `upload_call`: frames of `upload_frames` go as they are."""
+def upload_frames(header: Any, payloads: list[bytes]) -> Iterator[Any]:
+    """`upload_messages` as the client sends them (with `upload_call`): the header message,
+    then each data chunk already serialized, byte for byte what protobuf writes for an
+    `UploadChunk` holding only `data`. One copy of the payload, where building and serializing
+    message objects makes three, all while the client holds the interpreter lock."""
+    yield pb.UploadChunk(header=header)
+    yield from _data_frames(payloads)
+
+
+def task_frames(header: Any, payloads: list[bytes]) -> Iterator[Any]:
+    """`task_messages` as the server sends them (its `Poll` answers go out through
+    `serialize_frame`): the header message, then the data chunks pre-serialized."""
+    yield pb.TaskChunk(header=header)
+    yield from _data_frames(payloads)
+
+
+def serialize_frame(message: Any) -> bytes:
+    """The serializer of streams of frames (`upload_frames`, `task_frames`): pre-serialized
+    chunks go as they are, message objects are serialized."""
     return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+
+
+class DataFrame:
+    """A received chunk message that holds only `data`, read without protobuf: `data` is a
+    view of the bytes gRPC handed over (no message object, no copy). Reads like the chunk
+    message it is (`HasField("header")` is False)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: memoryview) -> None:
+        self.data = data
+
+    def HasField(self, name: str) -> bool:  # noqa: N802 - protobuf's name
+        return False
+
+
+def _data_only(raw: bytes) -> memoryview | None:
+    """The bytes of `data` when `raw` is exactly one `data` field (field 2, length-delimited,
+    spanning the whole message), else None. For such input protobuf's parse has nothing else
+    to decide: the message holds that `data` and no header."""
+    if len(raw) < 2 or raw[0] != _DATA_TAG[0]:
+        return None
+    length, shift = 0, 0
+    for pos in range(1, min(len(raw), 6)):  # a chunk's length fits in 5 varint bytes
+        byte = raw[pos]
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return memoryview(raw)[pos + 1 :] if pos + 1 + length == len(raw) else None
+    return None
+
+
+def parse_upload_chunk(raw: bytes) -> Any:
+    """The server's request deserializer for `Upload`: a data chunk becomes a `DataFrame`
+    viewing the received bytes; anything else (the header, or bytes that are not one `data`
+    field) is parsed by protobuf, so what is accepted and refused is protobuf's decision."""
+    data = _data_only(raw)
+    return DataFrame(data) if data is not None else pb.UploadChunk.FromString(raw)
+
+
+def parse_task_chunk(raw: bytes) -> Any:
+    """The client's response deserializer for `Poll`, as `parse_upload_chunk` for uploads."""
+    data = _data_only(raw)
+    return DataFrame(data) if data is not None else pb.TaskChunk.FromString(raw)
 
 
 def upload_call(channel: Any) -> Any:
     """The `Upload` method on `channel`, sending what `upload_frames` yields (the generated stub
     serializes message objects only)."""
-    return channel.stream_unary("/koinon.deploy.Federation/Upload", request_serializer=serialize_upload,
+    return channel.stream_unary("/koinon.deploy.Federation/Upload", request_serializer=serialize_frame,
                                 response_deserializer=pb.UploadReply.FromString)
+
+
+def poll_call(channel: Any) -> Any:
+    """The `Poll` method on `channel`, reading data chunks with `parse_task_chunk`."""
+    return channel.unary_stream("/koinon.deploy.Federation/Poll", request_serializer=pb.PollRequest.SerializeToString,
+                                response_deserializer=parse_task_chunk)
 
 
 def task_messages(header: Any, payloads: list[bytes]) -> Iterator[Any]:
