@@ -64,11 +64,15 @@ def certs(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["fedrep", "finetune", "fedavg"])
+@pytest.mark.parametrize("algorithm", ["fedrep", "finetune", "fedavg", "ifca", "fedcac", "pfedpg"])
 def test_deployed_personal_metrics_equal_the_simulations(tmp_path, certs, algorithm):
     client = {"algorithm": algorithm, "momentum": 0.0}
     if algorithm == "fedrep":
         client["head_steps"] = 3
+    if algorithm == "ifca":  # the cluster models are downloads, in the EVALUATE task too
+        client["clusters"] = 2
+    if algorithm in ("fedcac", "pfedpg"):  # per-client downloads, in the EVALUATE task too
+        client["adapt_steps"] = 3
     config = h.write_config(tmp_path / "fed.toml", server={"rounds": 3, "clients_per_round": 3},
                             data={"client_test_fraction": 0.25}, client=client)
     state = h.run_deployment(tmp_path, config, certs, server_s=120)
