@@ -1,6 +1,5 @@
 """FedCAC's defining steps on hand-made cases, and its per-client download."""
 
-import pytest
 import torch
 from torch import nn
 

@@ -1,13 +1,11 @@
 """pFedPG: the generator's update against a hand-computed case, the per-client prompt bytes,
 both runtimes, one client, and that koinon server runs it."""
 
-import pytest
 import torch
 from torch import nn
 
 import koinon as kn
 from koinon.data import FederatedData
-from koinon.errors import ConfigError
 from koinon.local import LocalTraining
 from koinon.personal import personal_models
 from koinon.personal.pfedpg import PFedPG
