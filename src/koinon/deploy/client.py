@@ -230,8 +230,9 @@ class Worker:
         self.model_sha256 = ""  # of the model the last `train` started from
         self.signs_receipts = cfg.ledger.contribution != "none"  # a [ledger] run logs signed receipts
         self.refusals = 0  # uploads refused in a row (backoff)
-        # Personal counts go with synchronous rounds' uploads (FedBuff / FedAsync servers take none).
-        self.eval_every = cfg.server.eval_every if cfg.schedule.name == "sync" else 0
+        # Personal counts go with synchronous rounds' uploads (FedBuff / FedAsync servers take none;
+        # under SecAgg+ no per-client figure leaves a client: koinon.deploy.secure).
+        self.eval_every = cfg.server.eval_every if cfg.schedule.name == "sync" and not cfg.privacy.secagg else 0
         self.personal = (0, 0)  # (correct, total) of the personalized model the last task carried
 
     def bind(self, idx: int) -> None:
