@@ -46,7 +46,16 @@ from safetensors.torch import load_file, save_file
 
 from koinon.config import Config, ScheduleConfig
 from koinon.deploy.faults import crash_point
-from koinon.deploy.personal import drop_server_figures
+from koinon.deploy.personal import (
+    Reported,
+    check_counts,
+    drop_server_figures,
+    evaluation_task,
+    final_evaluation,
+    split_size,
+    summarize_counts,
+    take_report,
+)
 from koinon.deploy.server import FederationServer, Late, Member, log
 from koinon.deploy.store import Checkpoint, Store, _pack_head, _unpack
 from koinon.deploy.wire import Rejected, pb, read_upload
@@ -311,6 +320,7 @@ class AsyncServer(FederationServer):
         self.pending_downlink = int(store.get("async_downlink", 0))
         self.sent: dict[int, tuple[list[tuple[str, bytes]], torch.Tensor]] = {}  # dispatch -> (payloads, received)
         self.received: dict[int, torch.Tensor] = {}  # FedAsync: version -> the model clients got
+        self.reported: set[int] = set()  # model versions with personal counts not yet in their records
         version = self.server.round_index
         stale = []
         now = time.monotonic()
@@ -334,6 +344,8 @@ class AsyncServer(FederationServer):
 
     def _task_for(self, member: Member, held_round: int) -> Any:
         """The member's task (handed out again if it asks again: training is deterministic)."""
+        if self.evaluating is not None:  # after the last step (koinon.deploy.personal)
+            return evaluation_task(self, member)
         task = self.tasks.get(member.name)
         if task is None:
             return None
@@ -349,6 +361,7 @@ class AsyncServer(FederationServer):
             status=pb.TaskHeader.TRAIN, round=task.task, layout_hash=self.layout_hash,
             codec=self.fed.downlink.name, streams=[n for n, _ in named], sizes=[len(p) for _, p in named],
             seed=self.cfg.seed, message=f"task {task.task} from model version {task.version}",
+            version=task.version,
         )
         return header, [p for _, p in named]
 
@@ -424,6 +437,11 @@ class AsyncServer(FederationServer):
         def admit(header: Any) -> None:
             claimed.append(int(header.round))
             self._check_header(header, member)  # the same header checks as a round's upload
+            if why := check_counts(int(header.personal_correct), int(header.personal_total),
+                                   split_size(self.fed, member.idx)):
+                raise Rejected(why)
+            if self.evaluating is not None and header.round == self.evaluating and not any(header.sizes):
+                raise Reported(take_report(self, member, header))  # an EVALUATE answer, no update
             with self.lock:
                 self._admit_task(int(header.round), member)
                 if member.uploading:
@@ -457,6 +475,8 @@ class AsyncServer(FederationServer):
         except AlreadyAccepted as exc:
             log(f"client {member.name}: {exc}")
             return pb.UploadReply(accepted=True, reason=str(exc))
+        except Reported as exc:
+            return pb.UploadReply(accepted=not str(exc), reason=str(exc))
         except Rejected as exc:
             return self._refuse_update(member, claimed[0] if claimed else -1, str(exc),
                                        "late" if isinstance(exc, Late) else "rejected")
@@ -473,6 +493,12 @@ class AsyncServer(FederationServer):
                                             member.num_samples, steps, float(header.train_loss))
             crash_point("server.async_accepted", task_index)
             del self.tasks[member.name]
+            # Its personal counts score the task's model version (kept in memory: a restart loses
+            # those of updates not yet applied, so that version's figures cover fewer clients).
+            if int(header.personal_total) > 0:
+                self.personal.setdefault(task.version, {})[member.idx] = (int(header.personal_correct),
+                                                                          int(header.personal_total))
+                self.reported.add(task.version)
             self.buffer.append(Entry(seq, task_index, member.name, member.idx, task.version, payloads,
                                      member.num_samples, steps, float(header.train_loss)))
             self.changed.notify_all()
@@ -532,11 +558,23 @@ class AsyncServer(FederationServer):
                 self.received = {v: m for v, m in self.received.items() if v in keep}
                 self.astore.prune_models(keep | {self.server.round_index})
             self.changed.notify_all()
+        self._merge_personal()
         self._write_metrics()
         acc = record["test_accuracy"]
         log(f"step {step}/{s.rounds}: {result.num_clients} updates applied (staleness "
             f"{[version - e.version for e in taken]})" + (f", accuracy {acc:.4f}" if acc is not None else "")
             + (f"; {result.refused}" if result.refused else ""))
+
+    def _merge_personal(self) -> None:
+        """The clients' personal counts of each model version into that version's record (as
+        rounds do; a version's figures grow as its tasks' updates arrive)."""
+        with self.lock:
+            versions = sorted(v for v in self.reported if v <= self.server.round_index)
+            self.reported -= set(versions)
+            figures = {v: summarize_counts(self.personal[v]) for v in versions}
+        for v, values in figures.items():
+            if values:
+                self.store.merge_record(v, values)
 
     def run_rounds(self) -> None:
         """Serve tasks and step the model until `server.rounds` steps are committed."""
@@ -566,6 +604,8 @@ class AsyncServer(FederationServer):
                     self.changed.wait(0.5)
                     continue
             self._step(taken, start)
+        self._merge_personal()
+        final_evaluation(self)  # the last version's personal metrics, from the clients
         with self.lock:
             self.finished = True
             self.changed.notify_all()

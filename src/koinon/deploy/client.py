@@ -230,9 +230,10 @@ class Worker:
         self.model_sha256 = ""  # of the model the last `train` started from
         self.signs_receipts = cfg.ledger.contribution != "none"  # a [ledger] run logs signed receipts
         self.refusals = 0  # uploads refused in a row (backoff)
-        # Personal counts go with synchronous rounds' uploads (FedBuff / FedAsync servers take none;
-        # under SecAgg+ no per-client figure leaves a client: koinon.deploy.secure).
-        self.eval_every = cfg.server.eval_every if cfg.schedule.name == "sync" and not cfg.privacy.secagg else 0
+        # Personal counts go with the uploads (under SecAgg+ no per-client figure leaves a client:
+        # koinon.deploy.secure); a FedBuff / FedAsync task names the model version they score.
+        self.eval_every = 0 if cfg.privacy.secagg else cfg.server.eval_every
+        self.asynchronous = cfg.schedule.name != "sync"
         self.personal = (0, 0)  # (correct, total) of the personalized model the last task carried
 
     def bind(self, idx: int) -> None:
@@ -251,7 +252,7 @@ class Worker:
         self.bound = idx
 
     def train(self, idx: int, round_index: int, payloads: list[bytes], streams: list[str],
-              state: ClientState, own_count: int = 0) -> tuple[list[bytes], dict[str, State], Any]:
+              state: ClientState, own_count: int = 0, version: int = 0) -> tuple[list[bytes], dict[str, State], Any]:
         """The upload payloads of one round and the codec states they leave behind."""
         fed = self.fed
         numel = fed.layout.numel
@@ -285,9 +286,10 @@ class Worker:
         # What the receipt names as the model trained from (hashed before training touches anything).
         if self.signs_receipts:
             self.model_sha256 = hashlib.sha256(params.detach().float().contiguous().numpy().tobytes()).hexdigest()
-        if self.spec.partition >= 0 and self.eval_every and evaluated_round(fed, round_index, self.eval_every):
+        scored = version if self.asynchronous else round_index  # server steps done on the model received
+        if self.spec.partition >= 0 and self.eval_every and evaluated_round(fed, scored, self.eval_every):
             self.personal = client_counts(fed, idx, params, down, {**state.algorithm, **own},
-                                          round_index)  # before training
+                                          scored)  # before training
         else:
             self.personal = (0, 0)
         encoder = CohortEncoder(fed.codec, fed.seed, round_index, fed.server.streams, [state.codec],
@@ -428,7 +430,7 @@ def _session(stub: Any, name: str, spec: DataSpec, state_dir: Path, workers: lis
                 raise Rejected("the server switched models; rejoining")
             _train_and_upload(stub, name, idx, int(header.round), payloads, list(header.streams),
                               worker, state, reply.layout_hash, call_timeout_s, hooks, receipt_key, channel, creds,
-                              own_count=int(header.own))
+                              own_count=int(header.own), version=int(header.version))
     except Rejected as exc:
         hooks.log(name, f"bad answer from the server: {exc}")
         raise _Contact from None
@@ -450,9 +452,9 @@ def _train_and_upload(stub: Any, name: str, idx: int, round_index: int, payloads
                       streams: list[str], worker: Worker, state: ClientState, layout_hash: str,
                       call_timeout_s: float, hooks: Hooks, receipt_key: bytes | None = None,
                       channel: grpc.Channel | None = None, creds: Credentials | None = None,
-                      own_count: int = 0) -> None:
+                      own_count: int = 0, version: int = 0) -> None:
     start = time.perf_counter()
-    uploads, codec_states, result = worker.train(idx, round_index, payloads, streams, state, own_count)
+    uploads, codec_states, result = worker.train(idx, round_index, payloads, streams, state, own_count, version)
     if hooks.stop is not None and hooks.stop.is_set():
         return  # leaves mid-round, like a client that crashed before uploading
     if idx in result.failed:  # e.g. training diverged to NaN: nothing to send, states unchanged
