@@ -26,6 +26,12 @@ a step's commit redoes the step from the same updates, a kill after it finds the
 idempotency key is (task, client): an upload of an update already accepted is answered
 "accepted" again and counted once.
 
+Personal metrics (`data.client_test_fraction`, `koinon.deploy.personal`): a task names its model
+version (`TaskHeader.version`); the client scores its personalized model on that version and
+sends the counts with its update, and each step merges the counts reported so far into the
+records of their versions; an EVALUATE task follows the last step. The counts of updates not yet
+applied live in memory only: after a restart a version's figures cover the clients reported since.
+
 `[clock]` is refused: it simulates clients' speeds, and real clients have real ones.
 """
 
