@@ -427,6 +427,8 @@ class AsyncServer(FederationServer):
         """The member's task `task_index`, or why its upload is refused; locked."""
         task = self.tasks.get(member.name)
         if task is not None and task.task == task_index:
+            if self.server.round_index >= self.cfg.server.rounds:  # no step is left to apply it
+                raise Late(f"late: all {self.cfg.server.rounds} steps are done")
             return task
         status = self.astore.task_status(task_index, member.name)
         if status in ("accepted", "applied"):
