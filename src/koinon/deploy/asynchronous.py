@@ -327,6 +327,7 @@ class AsyncServer(FederationServer):
         self.sent: dict[int, tuple[list[tuple[str, bytes]], torch.Tensor]] = {}  # dispatch -> (payloads, received)
         self.received: dict[int, torch.Tensor] = {}  # FedAsync: version -> the model clients got
         self.reported: set[int] = set()  # model versions with personal counts not yet in their records
+        self.stepping = 0  # updates of the step being committed (applied, still in `buffer`)
         version = self.server.round_index
         stale = []
         now = time.monotonic()
@@ -427,8 +428,10 @@ class AsyncServer(FederationServer):
         """The member's task `task_index`, or why its upload is refused; locked."""
         task = self.tasks.get(member.name)
         if task is not None and task.task == task_index:
-            if self.server.round_index >= self.cfg.server.rounds:  # no step is left to apply it
-                raise Late(f"late: all {self.cfg.server.rounds} steps are done")
+            # The steps left take (steps left) x buffer updates: one more would never be applied.
+            waiting = len(self.buffer) - self.stepping
+            if waiting >= (self.cfg.server.rounds - self.server.round_index) * self.buffer_size:
+                raise Late(f"late: the updates waiting fill the steps left of the {self.cfg.server.rounds}")
             return task
         status = self.astore.task_status(task_index, member.name)
         if status in ("accepted", "applied"):
@@ -542,6 +545,7 @@ class AsyncServer(FederationServer):
                 updates.append(Buffered(e.idx, e.payloads, e.num_samples, e.train_loss, weight, e.num_steps,
                                         None, offset))
             result = self.server.apply_buffered(updates, self.pending_downlink)
+            self.stepping = len(taken)
             self.pending_downlink = 0
         s = self.cfg.server
         step = result.round
@@ -560,6 +564,7 @@ class AsyncServer(FederationServer):
         with self.lock:
             done = {e.seq for e in taken}
             self.buffer = [e for e in self.buffer if e.seq not in done]
+            self.stepping = 0
             self.sent = {d: v for d, v in self.sent.items() if any(t.task == d for t in self.tasks.values())}
             if self.fedasync:
                 keep = {t.version for t in self.tasks.values()} | {e.version for e in self.buffer}
