@@ -24,7 +24,8 @@ transaction commits the new version, its record and the `applied` mark of the up
 A restart loads the last committed version and the buffer rows not yet applied: a kill before
 a step's commit redoes the step from the same updates, a kill after it finds them applied. The
 idempotency key is (task, client): an upload of an update already accepted is answered
-"accepted" again and counted once.
+"accepted" again and counted once. An update that arrives when the updates waiting already fill
+the steps left (`server.rounds`) is late: no step would ever apply it.
 
 Personal metrics (`data.client_test_fraction`, `koinon.deploy.personal`): a task names its model
 version (`TaskHeader.version`); the client scores its personalized model on that version and
