@@ -189,3 +189,44 @@ def test_the_server_writes_no_personal_figures_of_its_own(tmp_path):
     server._step(taken, time.perf_counter())
     record = server.store.records()[-1]
     assert "test_accuracy" in record and not any(k.startswith("personal_accuracy") for k in record)
+
+
+def test_an_update_beyond_the_steps_left_is_late_not_left_unapplied(tmp_path):
+    # FedAsync, one step left, two clients out: the first update fills that step; the second
+    # could never be applied, so it is late (it used to be accepted and stay in the buffer).
+    cfg = _cfg(schedule={"name": "fedasync", "concurrency": 2}, server={"clients_per_round": 2, "rounds": 1})
+    server = _server(tmp_path, cfg)
+    first, second = sorted(_dispatch(server))
+    assert _upload(server, first, 0).accepted
+    reply = _upload(server, second, 0)
+    assert not reply.accepted and reply.reason.startswith("late: the updates waiting fill the steps left")
+    server._step(server._take(), time.perf_counter())
+    assert server.server.round_index == 1 and not server.buffer
+    server.store.close()
+
+
+def test_counts_reported_with_updates_go_into_their_model_versions_record(tmp_path):
+    cfg = _cfg(schedule={"name": "fedbuff", "buffer": 2}, data={"client_test_fraction": 0.3},
+               server={"eval_every": 1, "rounds": 4})
+    server = _server(tmp_path, cfg)
+    for name, task in _dispatch(server).items():
+        assert _upload(server, name, task).accepted
+    server._step(server._take(), time.perf_counter())  # version 1
+    tasks = _dispatch(server)
+    assert {t.version for t in server.tasks.values()} == {1}
+    held = {name: len(server.fed.personal.held[server.members[name].idx]) for name in tasks}
+    for k, (name, task) in enumerate(sorted(tasks.items())):
+        member = server.members[name]
+        numel = server.fed.layout.numel
+        data, _ = server.fed.codec.encode(torch.full((numel,), 1e-3), {}, torch.Generator())
+        header = pb.UploadHeader(round=task, layout_hash=server.layout_hash, codec=server.fed.codec.name,
+                                 streams=list(server.streams), sizes=[len(data)], num_samples=member.num_samples,
+                                 num_steps=2, train_loss=0.5, client_index=member.idx,
+                                 personal_correct=held[name] * k, personal_total=held[name])  # 0 and 1
+        assert server._receive(upload_messages(header, [data]), member, [], []).accepted
+        member.uploading = False
+    server._step(server._take(), time.perf_counter())  # version 2: version 1's figures join record 1
+    first = server.store.records()[0]
+    assert first["round"] == 1 and first["personal_accuracy_mean"] == 0.5 and first["personal_accuracy_min"] == 0.0
+    assert not any(k.startswith("personal_accuracy") for k in server.store.records()[1])
+    server.store.close()

@@ -3,6 +3,7 @@ personalized model on its own held-out split and sends the counts with its next 
 server's records then carry the simulation's `personal_accuracy_*`, and bad counts are refused."""
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -64,11 +65,15 @@ def certs(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["fedrep", "finetune", "fedavg"])
+@pytest.mark.parametrize("algorithm", ["fedrep", "finetune", "fedavg", "ifca", "fedcac", "pfedpg"])
 def test_deployed_personal_metrics_equal_the_simulations(tmp_path, certs, algorithm):
     client = {"algorithm": algorithm, "momentum": 0.0}
     if algorithm == "fedrep":
         client["head_steps"] = 3
+    if algorithm == "ifca":  # the cluster models are downloads, in the EVALUATE task too
+        client["clusters"] = 2
+    if algorithm in ("fedcac", "pfedpg"):  # per-client downloads, in the EVALUATE task too
+        client["adapt_steps"] = 3
     config = h.write_config(tmp_path / "fed.toml", server={"rounds": 3, "clients_per_round": 3},
                             data={"client_test_fraction": 0.25}, client=client)
     state = h.run_deployment(tmp_path, config, certs, server_s=120)
@@ -77,6 +82,29 @@ def test_deployed_personal_metrics_equal_the_simulations(tmp_path, certs, algori
     assert len(deployed) == len(sim) == 3
     # Rounds 1 and 2: their figures came with the uploads of rounds 2 and 3; round 3's with the
     # reports to the EVALUATE task after the last round.
+    for r in range(3):
+        for name in NAMES:
+            assert not math.isnan(sim[r][name])
+            assert deployed[r][name] == sim[r][name], (r, name, deployed[r][name], sim[r][name])
+
+
+@pytest.mark.slow
+def test_deployed_fedbuff_personal_metrics_equal_the_simulations(tmp_path, certs):
+    # A buffer of the whole cohort: each dispatch is a round's cohort and each step its close, so
+    # every step's record carries the figures of the clients' reports on that model version.
+    from koinon.experiment import load_config, run_experiment
+
+    config = h.write_config(tmp_path / "fed.toml", server={"rounds": 3, "clients_per_round": 3},
+                            data={"client_test_fraction": 0.25},
+                            client={"algorithm": "fedrep", "head_steps": 3, "momentum": 0.0, "steps": 4},
+                            schedule={"name": "fedbuff", "buffer": 3, "concurrency": 3})
+    state = h.run_deployment(tmp_path, config, certs, server_s=120)
+    cfg = load_config(config).with_overrides({"clock.speed": "constant"})
+    reference = run_experiment(cfg, tmp_path / "sim", progress=False)
+    assert h.metrics(state)[-1]["round"] == 3
+    summary = json.loads((state / "summary.json").read_text())
+    assert summary["model_sha256"] == reference["model_sha256"]
+    sim, deployed = h.metrics(tmp_path / "sim"), h.metrics(state)
     for r in range(3):
         for name in NAMES:
             assert not math.isnan(sim[r][name])

@@ -24,7 +24,14 @@ transaction commits the new version, its record and the `applied` mark of the up
 A restart loads the last committed version and the buffer rows not yet applied: a kill before
 a step's commit redoes the step from the same updates, a kill after it finds them applied. The
 idempotency key is (task, client): an upload of an update already accepted is answered
-"accepted" again and counted once.
+"accepted" again and counted once. An update that arrives when the updates waiting already fill
+the steps left (`server.rounds`) is late: no step would ever apply it.
+
+Personal metrics (`data.client_test_fraction`, `koinon.deploy.personal`): a task names its model
+version (`TaskHeader.version`); the client scores its personalized model on that version and
+sends the counts with its update, and each step merges the counts reported so far into the
+records of their versions; an EVALUATE task follows the last step. The counts of updates not yet
+applied live in memory only: after a restart a version's figures cover the clients reported since.
 
 `[clock]` is refused: it simulates clients' speeds, and real clients have real ones.
 """
@@ -46,7 +53,16 @@ from safetensors.torch import load_file, save_file
 
 from koinon.config import Config, ScheduleConfig
 from koinon.deploy.faults import crash_point
-from koinon.deploy.personal import drop_server_figures
+from koinon.deploy.personal import (
+    Reported,
+    check_counts,
+    drop_server_figures,
+    evaluation_task,
+    final_evaluation,
+    split_size,
+    summarize_counts,
+    take_report,
+)
 from koinon.deploy.server import FederationServer, Late, Member, log
 from koinon.deploy.store import Checkpoint, Store, _pack_head, _unpack
 from koinon.deploy.wire import Rejected, pb, read_upload
@@ -311,6 +327,8 @@ class AsyncServer(FederationServer):
         self.pending_downlink = int(store.get("async_downlink", 0))
         self.sent: dict[int, tuple[list[tuple[str, bytes]], torch.Tensor]] = {}  # dispatch -> (payloads, received)
         self.received: dict[int, torch.Tensor] = {}  # FedAsync: version -> the model clients got
+        self.reported: set[int] = set()  # model versions with personal counts not yet in their records
+        self.stepping = 0  # updates of the step being committed (applied, still in `buffer`)
         version = self.server.round_index
         stale = []
         now = time.monotonic()
@@ -334,6 +352,8 @@ class AsyncServer(FederationServer):
 
     def _task_for(self, member: Member, held_round: int) -> Any:
         """The member's task (handed out again if it asks again: training is deterministic)."""
+        if self.evaluating is not None:  # after the last step (koinon.deploy.personal)
+            return evaluation_task(self, member)
         task = self.tasks.get(member.name)
         if task is None:
             return None
@@ -349,6 +369,7 @@ class AsyncServer(FederationServer):
             status=pb.TaskHeader.TRAIN, round=task.task, layout_hash=self.layout_hash,
             codec=self.fed.downlink.name, streams=[n for n, _ in named], sizes=[len(p) for _, p in named],
             seed=self.cfg.seed, message=f"task {task.task} from model version {task.version}",
+            version=task.version,
         )
         return header, [p for _, p in named]
 
@@ -408,6 +429,10 @@ class AsyncServer(FederationServer):
         """The member's task `task_index`, or why its upload is refused; locked."""
         task = self.tasks.get(member.name)
         if task is not None and task.task == task_index:
+            # The steps left take (steps left) x buffer updates: one more would never be applied.
+            waiting = len(self.buffer) - self.stepping
+            if waiting >= (self.cfg.server.rounds - self.server.round_index) * self.buffer_size:
+                raise Late(f"late: the updates waiting fill the steps left of the {self.cfg.server.rounds}")
             return task
         status = self.astore.task_status(task_index, member.name)
         if status in ("accepted", "applied"):
@@ -424,6 +449,11 @@ class AsyncServer(FederationServer):
         def admit(header: Any) -> None:
             claimed.append(int(header.round))
             self._check_header(header, member)  # the same header checks as a round's upload
+            if why := check_counts(int(header.personal_correct), int(header.personal_total),
+                                   split_size(self.fed, member.idx)):
+                raise Rejected(why)
+            if self.evaluating is not None and header.round == self.evaluating and not any(header.sizes):
+                raise Reported(take_report(self, member, header))  # an EVALUATE answer, no update
             with self.lock:
                 self._admit_task(int(header.round), member)
                 if member.uploading:
@@ -457,6 +487,8 @@ class AsyncServer(FederationServer):
         except AlreadyAccepted as exc:
             log(f"client {member.name}: {exc}")
             return pb.UploadReply(accepted=True, reason=str(exc))
+        except Reported as exc:
+            return pb.UploadReply(accepted=not str(exc), reason=str(exc))
         except Rejected as exc:
             return self._refuse_update(member, claimed[0] if claimed else -1, str(exc),
                                        "late" if isinstance(exc, Late) else "rejected")
@@ -473,6 +505,12 @@ class AsyncServer(FederationServer):
                                             member.num_samples, steps, float(header.train_loss))
             crash_point("server.async_accepted", task_index)
             del self.tasks[member.name]
+            # Its personal counts score the task's model version (kept in memory: a restart loses
+            # those of updates not yet applied, so that version's figures cover fewer clients).
+            if int(header.personal_total) > 0:
+                self.personal.setdefault(task.version, {})[member.idx] = (int(header.personal_correct),
+                                                                          int(header.personal_total))
+                self.reported.add(task.version)
             self.buffer.append(Entry(seq, task_index, member.name, member.idx, task.version, payloads,
                                      member.num_samples, steps, float(header.train_loss)))
             self.changed.notify_all()
@@ -508,6 +546,7 @@ class AsyncServer(FederationServer):
                 updates.append(Buffered(e.idx, e.payloads, e.num_samples, e.train_loss, weight, e.num_steps,
                                         None, offset))
             result = self.server.apply_buffered(updates, self.pending_downlink)
+            self.stepping = len(taken)
             self.pending_downlink = 0
         s = self.cfg.server
         step = result.round
@@ -526,17 +565,30 @@ class AsyncServer(FederationServer):
         with self.lock:
             done = {e.seq for e in taken}
             self.buffer = [e for e in self.buffer if e.seq not in done]
+            self.stepping = 0
             self.sent = {d: v for d, v in self.sent.items() if any(t.task == d for t in self.tasks.values())}
             if self.fedasync:
                 keep = {t.version for t in self.tasks.values()} | {e.version for e in self.buffer}
                 self.received = {v: m for v, m in self.received.items() if v in keep}
                 self.astore.prune_models(keep | {self.server.round_index})
             self.changed.notify_all()
+        self._merge_personal()
         self._write_metrics()
         acc = record["test_accuracy"]
         log(f"step {step}/{s.rounds}: {result.num_clients} updates applied (staleness "
             f"{[version - e.version for e in taken]})" + (f", accuracy {acc:.4f}" if acc is not None else "")
             + (f"; {result.refused}" if result.refused else ""))
+
+    def _merge_personal(self) -> None:
+        """The clients' personal counts of each model version into that version's record (as
+        rounds do; a version's figures grow as its tasks' updates arrive)."""
+        with self.lock:
+            versions = sorted(v for v in self.reported if v <= self.server.round_index)
+            self.reported -= set(versions)
+            figures = {v: summarize_counts(self.personal[v]) for v in versions}
+        for v, values in figures.items():
+            if values:
+                self.store.merge_record(v, values)
 
     def run_rounds(self) -> None:
         """Serve tasks and step the model until `server.rounds` steps are committed."""
@@ -566,6 +618,8 @@ class AsyncServer(FederationServer):
                     self.changed.wait(0.5)
                     continue
             self._step(taken, start)
+        self._merge_personal()
+        final_evaluation(self)  # the last version's personal metrics, from the clients
         with self.lock:
             self.finished = True
             self.changed.notify_all()

@@ -47,7 +47,7 @@ from koinon.deploy import federation_pb2_grpc
 from koinon.deploy.certs import Credentials
 from koinon.deploy.faults import crash_point
 from koinon.deploy.labels import held_samples, own_data, own_labels, trained_samples
-from koinon.deploy.personal import client_counts, evaluated_round, report
+from koinon.deploy.personal import client_counts, evaluated_round, report, split_own
 from koinon.deploy.wire import (
     MAX_GRPC_MESSAGE,
     Rejected,
@@ -240,8 +240,10 @@ class Worker:
         self.model_sha256 = ""  # of the model the last `train` started from
         self.signs_receipts = cfg.ledger.contribution != "none"  # a [ledger] run logs signed receipts
         self.refusals = 0  # uploads refused in a row (backoff)
-        # Personal counts go with synchronous rounds' uploads (FedBuff / FedAsync servers take none).
-        self.eval_every = cfg.server.eval_every if cfg.schedule.name == "sync" else 0
+        # Personal counts go with the uploads (under SecAgg+ no per-client figure leaves a client:
+        # koinon.deploy.secure); a FedBuff / FedAsync task names the model version they score.
+        self.eval_every = 0 if cfg.privacy.secagg else cfg.server.eval_every
+        self.asynchronous = cfg.schedule.name != "sync"
         self.personal = (0, 0)  # (correct, total) of the personalized model the last task carried
 
     def bind(self, idx: int) -> None:
@@ -259,7 +261,7 @@ class Worker:
         self.bound = idx
 
     def train(self, idx: int, round_index: int, payloads: list[bytes], streams: list[str],
-              state: ClientState) -> tuple[list[bytes], dict[str, State], Any]:
+              state: ClientState, own_count: int = 0, version: int = 0) -> tuple[list[bytes], dict[str, State], Any]:
         """The upload payloads of one round and the codec states they leave behind."""
         fed = self.fed
         numel = fed.layout.numel
@@ -281,7 +283,9 @@ class Worker:
                         raise Rejected(f"changes from round {first + 1} on for a client holding {held}")
                     reference = state.model
                 params = receive_model(fed.downlink, reference, model, names[0] == "model", numel)
-            down = {name: fed.downlink.decode(p) for name, p in parts[len(model):]}
+            # The last `own_count` streams are this client's alone (e.g. FedCAC's customized model):
+            # they join its own state for this round, as the simulation's per-client downloads do.
+            down, own = split_own([(name, fed.downlink.decode(p)) for name, p in parts[len(model):]], own_count)
         except CodecError as exc:  # the server's bytes do not decode: a bad answer, not a crash
             raise Rejected(f"undecodable task: {exc}") from None
         if params.shape != (numel,):
@@ -291,13 +295,15 @@ class Worker:
         # What the receipt names as the model trained from (hashed before training touches anything).
         if self.signs_receipts:
             self.model_sha256 = hashlib.sha256(params.detach().float().contiguous().numpy().tobytes()).hexdigest()
-        if self.spec.partition >= 0 and self.eval_every and evaluated_round(fed, round_index, self.eval_every):
-            self.personal = client_counts(fed, idx, params, down, state.algorithm, round_index)  # before training
+        scored = version if self.asynchronous else round_index  # server steps done on the model received
+        if self.spec.partition >= 0 and self.eval_every and evaluated_round(fed, scored, self.eval_every):
+            self.personal = client_counts(fed, idx, params, down, {**state.algorithm, **own},
+                                          scored)  # before training
         else:
             self.personal = (0, 0)
         encoder = CohortEncoder(fed.codec, fed.seed, round_index, fed.server.streams, [state.codec],
                                 fed.sender.privatize)  # local DP: the noise is added here, on the client
-        result = fed.runtime.train([idx], params, down, [state.algorithm], fed.seed, round_index, encoder)
+        result = fed.runtime.train([idx], params, down, [{**state.algorithm, **own}], fed.seed, round_index, encoder)
         assert result.payloads is not None and result.codec_states is not None
         return result.payloads[0], result.codec_states[0], result
 
@@ -433,7 +439,8 @@ def _session(stub: Any, name: str, spec: DataSpec, state_dir: Path, workers: lis
             if header.layout_hash != reply.layout_hash:
                 raise Rejected("the server switched models; rejoining")
             _train_and_upload(stub, name, idx, int(header.round), payloads, list(header.streams),
-                              worker, state, reply.layout_hash, call_timeout_s, hooks, receipt_key, channel, creds)
+                              worker, state, reply.layout_hash, call_timeout_s, hooks, receipt_key, channel, creds,
+                              own_count=int(header.own), version=int(header.version))
     except Rejected as exc:
         hooks.log(name, f"bad answer from the server: {exc}")
         raise _Contact from None
@@ -454,9 +461,10 @@ def _join(stub: Any, spec: DataSpec, worker: Worker | None) -> Any:
 def _train_and_upload(stub: Any, name: str, idx: int, round_index: int, payloads: list[bytes],
                       streams: list[str], worker: Worker, state: ClientState, layout_hash: str,
                       call_timeout_s: float, hooks: Hooks, receipt_key: bytes | None = None,
-                      channel: grpc.Channel | None = None, creds: Credentials | None = None) -> None:
+                      channel: grpc.Channel | None = None, creds: Credentials | None = None,
+                      own_count: int = 0, version: int = 0) -> None:
     start = time.perf_counter()
-    uploads, codec_states, result = worker.train(idx, round_index, payloads, streams, state)
+    uploads, codec_states, result = worker.train(idx, round_index, payloads, streams, state, own_count, version)
     if hooks.stop is not None and hooks.stop.is_set():
         return  # leaves mid-round, like a client that crashed before uploading
     if idx in result.failed:  # e.g. training diverged to NaN: nothing to send, states unchanged

@@ -7,7 +7,8 @@ the method serves it (`koinon.personal.evaluate`): its `personalize` hook (or
 `personal_predictors`) on the global model after r rounds, the server state after r rounds and the
 client's own state after r rounds. A deployed client has all of these when round r + 1's task
 arrives: the task carries the global model after r rounds (and the downloads, e.g. IFCA's cluster
-models, standing in for the server state), and its `--state` holds its state as of its last
+models, standing in for the server state; a per-client download such as FedCAC's customized model
+joins the client's own state), and its `--state` holds its state as of its last
 accepted upload (r or earlier, as in the simulation). So it scores before it trains, with the
 simulation's code and seed, and sends (correct, total) in the upload header of round r + 1. The
 server writes their summary into round r's record when round r + 1 commits: the figures are the
@@ -29,10 +30,26 @@ from typing import Any
 import torch
 
 from koinon.deploy.wire import pb, upload_frames
+from koinon.personal.base import personal_payloads
 from koinon.personal.evaluate import PersonalEvaluation, summarize
 from koinon.wire import Rejected, receive_model
 
 PREFIX = "personal_accuracy"
+
+
+def own_streams(fed: Any, idx: int, round_index: int) -> list[tuple[str, bytes]]:
+    """What client `idx`'s task of round `round_index` carries for it alone: the algorithm's
+    `downlink_for` of the server state, encoded as the simulation encodes it
+    (`koinon.personal.personal_payloads`); they go last in the task, counted by `TaskHeader.own`."""
+    return personal_payloads(fed.algorithm, fed.server.server_state, idx, fed.downlink, fed.seed, round_index)
+
+
+def split_own(named: list[tuple[str, Any]], own: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(downloads, this client's own) of a task's streams after the model: the last `own` are its own."""
+    if own < 0 or own > len(named):
+        raise Rejected(f"the task names {own} streams of this client's own among {len(named)} downloads")
+    cut = len(named) - own
+    return dict(named[:cut]), dict(named[cut:])
 
 
 def evaluated_round(fed: Any, round_index: int, eval_every: int) -> bool:
@@ -105,13 +122,16 @@ class Reported(Rejected):
 
 def final_evaluation(srv: Any) -> None:
     """After the last round: every connected client with a held-out split gets an EVALUATE task
-    with the final model (float32) and answers with its counts, which go into the last record.
-    Skipped where a client would need more than the model (an algorithm's downloads, e.g. IFCA's
-    cluster models), under SecAgg+, and when the last record has the figures (a restart)."""
+    with the final model, the algorithm's downloads (e.g. IFCA's cluster models) and its own
+    (`downlink_for`, e.g. FedCAC's customized model), all float32 as the simulation's evaluation
+    reads them from the server state, and answers with its counts, which go into the last record.
+    Skipped under SecAgg+ (see `koinon.deploy.secure`: no per-client figures there) and when the
+    last record has the figures (a restart). The task's bytes are not counted in `downlink_total`,
+    as the simulation's evaluation sends nothing."""
     fed = srv.fed
     total = srv.cfg.server.rounds
     records = srv.store.records()
-    if (getattr(fed, "personal", None) is None or srv.secure is not None or fed.algorithm.downloads
+    if (getattr(fed, "personal", None) is None or srv.secure is not None
             or not records or f"{PREFIX}_mean" in records[-1]):
         return
     with srv.lock:
@@ -134,10 +154,16 @@ def evaluation_task(srv: Any, member: Any) -> Any:
     not asked)."""
     if member.idx not in srv.eval_clients or member.idx in srv.personal.get(srv.evaluating, {}):
         return None
-    payload = srv.fed.params.detach().float().contiguous().numpy().tobytes()
+    fed = srv.fed
+    state = fed.server.server_state
+    hook = getattr(fed.algorithm, "downlink_for", None)
+    own = sorted(hook(state, member.idx).items()) if hook is not None else []
+    named = [("model", fed.params), *((n, state[n]) for n in fed.algorithm.downloads), *own]
+    payloads = [t.detach().float().reshape(-1).contiguous().numpy().tobytes() for _, t in named]
     header = pb.TaskHeader(status=pb.TaskHeader.EVALUATE, round=srv.evaluating, layout_hash=srv.layout_hash,
-                           codec="float32", streams=["model"], sizes=[len(payload)], seed=srv.cfg.seed)
-    return header, [payload]
+                           codec="float32", streams=[n for n, _ in named], sizes=[len(p) for p in payloads],
+                           seed=srv.cfg.seed, own=len(own))
+    return header, payloads
 
 
 def take_report(srv: Any, member: Any, header: Any) -> str:
@@ -156,7 +182,12 @@ def report(stub: Any, worker: Any, idx: int, header: Any, payloads: list[bytes],
     """Client side of an EVALUATE task: score, then send the counts in an upload header."""
     fed = worker.fed
     params = receive_model(fed.downlink, None, payloads[:1], True, fed.layout.numel)
-    counts = (client_counts(fed, idx, params, {}, state.algorithm, int(header.round))
+    numel = fed.layout.numel
+    if any(len(p) != numel * 4 for p in payloads[1:]):
+        raise Rejected(f"an evaluation download is not {numel} float32 values")
+    named = [(n, torch.frombuffer(bytearray(p), dtype=torch.float32)) for n, p in zip(header.streams[1:], payloads[1:])]
+    down, own = split_own(named, int(header.own))
+    counts = (client_counts(fed, idx, params, down, {**state.algorithm, **own}, int(header.round))
               if worker.spec.partition >= 0 else (0, 0))
     streams = list(fed.server.streams)
     up = pb.UploadHeader(round=header.round, layout_hash=layout_hash, codec=fed.codec.name, streams=streams,
@@ -166,4 +197,5 @@ def report(stub: Any, worker: Any, idx: int, header: Any, payloads: list[bytes],
 
 
 __all__ = ["Reported", "check_counts", "client_counts", "drop_server_figures", "evaluated_round", "split_size",
-           "evaluation_task", "final_evaluation", "report", "summarize_counts", "take_report"]
+           "evaluation_task", "final_evaluation", "own_streams", "report", "split_own", "summarize_counts",
+           "take_report"]

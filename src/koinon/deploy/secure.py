@@ -50,6 +50,15 @@ before its masked input its pairwise masks are removed from its neighbours' shar
 key; after it, its input counts and its self-mask is removed from the survivors' shares of its
 seed. A message that fails its checks (signature, session, step, sender) or repeats one already
 received is refused, and its client is out of the session.
+
+Personalized metrics (`data.client_test_fraction`, `koinon.deploy.personal`) are not reported
+under SecAgg+: a client's (correct, total) counts would be plaintext metadata of one client
+beside its masked update, and its personal accuracy tells the server how well a model fits that
+client's data (the worst and 10th-percentile figures single out clients), which is what the
+protocol keeps from the server; so a secure client does not score, and no EVALUATE task follows
+the last round. The train loss in HELLO is the one per-client figure the server still sees (the
+round's mean loss needs it). Summing the counts through the masked vector would give the
+weighted mean only; it is not done.
 """
 
 from __future__ import annotations

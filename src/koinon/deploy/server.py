@@ -43,6 +43,7 @@ from koinon.deploy.personal import (
     drop_server_figures,
     evaluation_task,
     final_evaluation,
+    own_streams,
     split_size,
     summarize_counts,
     take_report,
@@ -112,9 +113,6 @@ def check_deployable(fed: Any, cfg: Config) -> Federation:
     if not isinstance(fed, Federation):
         raise ConfigError(f"topology.name = {cfg.topology.name!r}: koinon server runs server-based "
                           "federations only (topology.name = 'federated')")
-    if hasattr(fed.algorithm, "downlink_for"):
-        raise ConfigError(f"client.algorithm = {cfg.client.algorithm!r} sends each client its own model "
-                          "(a per-client download), which koinon server does not send yet; run it in simulation")
     if why := getattr(fed.algorithm, "simulation_only", ""):
         raise ConfigError(f"client.algorithm = {cfg.client.algorithm!r} runs in simulation (koinon run) only: {why}")
     if getattr(fed, "labels", None) is not None and (cfg.privacy.secagg or cfg.schedule.name != "sync"):
@@ -351,10 +349,13 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
         if self.server.broadcast.delta:
             self.server.held_model(member.idx, held_round)
         named, _ = self.server.task_for(member.idx)
+        own = own_streams(self.fed, member.idx, rnd.index)  # for this client alone, last, counted
+        rnd.downlink_bytes += sum(len(p) for _, p in own)
+        named += own
         header = pb.TaskHeader(
             status=pb.TaskHeader.TRAIN, round=rnd.index, layout_hash=self.layout_hash,
             codec=self.fed.downlink.name, streams=[n for n, _ in named], sizes=[len(p) for _, p in named],
-            seed=self.cfg.seed,
+            seed=self.cfg.seed, own=len(own),
         )
         return header, [p for _, p in named]
 

@@ -30,7 +30,7 @@ from koinon.personal import methods as _methods  # noqa: F401  (registers finetu
 from koinon.personal import pfedgate as _pfedgate  # noqa: F401  (registers pfedgate)
 from koinon.personal import pfedpg as _pfedpg  # noqa: F401  (registers pfedpg)
 from koinon.personal import recon as _recon  # noqa: F401  (registers reconnaissance)
-from koinon.personal.base import personal_downlinks
+from koinon.personal.base import personal_downlinks, personal_payloads
 from koinon.personal.clusters import IFCA, ClusteredMeta, hierarchical_clusters
 from koinon.personal.evaluate import (
     PersonalEvaluation,
@@ -60,5 +60,5 @@ __all__ = [
     "ClusteredMeta", "Ditto", "FRAug", "FedBABU", "FedBN", "FedCAC", "FedConv", "FedIns", "FedKA", "FedLGD", "FedPer",
     "FedRep", "FedoSSL", "FineTune", "IFCA", "KAFAL", "LabelSetting", "PFedGate", "PFedPG", "PartlyLabeled",
     "PerFedAvg", "PersonalEvaluation", "Reconnaissance", "SHIFTS", "feature_shift", "hierarchical_clusters",
-    "per_client_accuracy", "personal_downlinks", "personal_models", "split_new_clients", "summarize",
+    "per_client_accuracy", "personal_downlinks", "personal_models", "personal_payloads", "split_new_clients", "summarize",
 ]

@@ -124,15 +124,25 @@ def personal_downlinks(algorithm: object, server_state: State, cohort: list[int]
     """Each client's state with what the server sends to it alone (the algorithm's optional
     `downlink_for(server_state, client) -> State`, e.g. FedCAC's customized model), as the
     client decodes it from the downlink codec's bytes; and the bytes sent."""
-    hook = getattr(algorithm, "downlink_for", None)
-    if hook is None:
+    if getattr(algorithm, "downlink_for", None) is None:
         return states, 0
     out, nbytes = [], 0
     for c, st in zip(cohort, states):
         extra = {}
-        for i, (name, tensor) in enumerate(sorted(hook(server_state, c).items())):
-            payload, _ = codec.encode(tensor, codec.init_state(), generator(seed, round_index, c, 0xD0A1, i))
+        for name, payload in personal_payloads(algorithm, server_state, c, codec, seed, round_index):
             nbytes += len(payload)
             extra[name] = codec.decode(payload)
         out.append({**st, **extra})
     return out, nbytes
+
+
+def personal_payloads(algorithm: object, server_state: State, client: int, codec, seed: int,
+                      round_index: int) -> list[tuple[str, bytes]]:
+    """The bytes the server sends to `client` alone in round `round_index` (the algorithm's
+    `downlink_for`, by name, each encoded by the downlink codec from a fresh state with a
+    generator of (seed, round, client, stream)): the simulation's and `koinon server`'s."""
+    hook = getattr(algorithm, "downlink_for", None)
+    if hook is None:
+        return []
+    return [(name, codec.encode(tensor, codec.init_state(), generator(seed, round_index, client, 0xD0A1, i))[0])
+            for i, (name, tensor) in enumerate(sorted(hook(server_state, client).items()))]

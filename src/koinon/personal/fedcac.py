@@ -20,8 +20,9 @@ i itself; c_i is the mean of their models. c_i goes to client i alone (a per-cli
 Choices of ours where the paper leaves room: the overlap normalization (by |M_i|), a parameter
 whose sensitivity is 0 is never critical, only trainable parameters can be critical, and a client
 without a mask or a customized model (its first round, a new client) serves the global model
-after `adapt_steps` SGD steps on its data. Runs in simulation; a deployment has no per-client
-download yet, so `koinon server` refuses it (see `downlink_for`).
+after `adapt_steps` SGD steps on its data. Runs in simulation and in `koinon server`, whose
+tasks carry each client's own customized model (`TaskHeader.own`); the mask stays in the
+client's `--state`.
 """
 
 from __future__ import annotations

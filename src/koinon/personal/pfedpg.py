@@ -26,7 +26,8 @@ Where the paper leaves details open, our choices: the generator is an MLP on lea
 embeddings (the paper's attends over learnable client descriptors), its output an offset from
 the global prompt, the update direction each client's deviation from the mean change. Any model
 runs (the generator then produces offsets of all its trainable values); with prompt tuning it
-is pFedPG. `koinon server` refuses it in one line, as it refuses every per-client download.
+is pFedPG. `koinon server` runs it: each task carries its client's offset (`TaskHeader.own`), and
+the personal prompt stays in the client's `--state`.
 """
 
 from __future__ import annotations
