@@ -148,6 +148,8 @@ def main() -> None:
                         help="with --tune: cnn1d (MNIST-1D's 1-D CNN; fedbn has no normalization layer to keep)")
     parser.add_argument("--epochs", type=int, default=1, help="with --tune: local epochs a round")
     parser.add_argument("--prompts", action="store_true", help="also pFedPG on a pretrained char transformer")
+    parser.add_argument("--plot", default="", metavar="PNG",
+                        help="also draw each method's gain over fine-tuning (mean, p10) per setting into PNG")
     parser.add_argument("--tune", action="store_true",
                         help="label skew, tuned: each method's options searched on a separate seed (see tuned_table)")
     args = parser.parse_args()
@@ -164,10 +166,11 @@ def main() -> None:
     head = (f"{'setting':<10} {'method':<15} {'personal mean':>14} {'p10':>6} {'worst':>6} "
             f"{'new mean':>9} {'global':>7} {'MB':>7} {'wall s':>7}")
     verdicts = []
+    measured: dict[str, dict[str, dict[str, float]]] = {}
     for setting in settings:
         print()
         print(head)
-        rows: dict[str, dict[str, float]] = {}
+        rows: dict[str, dict[str, float]] = measured.setdefault(setting, {})
         for method in methods:
             if method == "fedconv+learnt" and setting not in BUDGETS:
                 continue  # without budgets there is nothing to compress
@@ -194,9 +197,45 @@ def main() -> None:
     print()
     for line in verdicts:
         print(line)
+    if args.plot:
+        plot_gains(measured, args.plot, f"{args.dataset}, {rounds} rounds, {seeds} seed(s)")
     labels_tables(seeds, rounds, args.dataset, settings)
     if args.prompts:
         prompt_table(seeds, args.quick)
+
+
+def plot_gains(measured: dict[str, dict[str, dict[str, float]]], path: str, title: str) -> None:
+    """One panel per setting: each method's personal mean and p10 minus fine-tuning's, with the
+    goal's region (at least +3 points on both) shaded, so a glance shows where it is met."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [s for s, rows in measured.items() if "finetune" in rows and len(set(rows) - {"fedavg"}) > 1]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.0), squeeze=False)
+    for ax, setting in zip(axes[0], panels, strict=True):
+        rows, base = measured[setting], measured[setting]["finetune"]
+        gains = {m: (r["mean"] - base["mean"], r["p10"] - base["p10"])  # FedAvg, far below, left out
+                 for m, r in rows.items() if m not in ("finetune", "fedavg")}
+        top = max(6.0, *(max(g) + 2 for g in gains.values()))
+        ax.fill_between([3, top], 3, top, color="tab:green", alpha=0.12, label="goal: >= +3 on both")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.axvline(0, color="grey", lw=0.8)
+        for m, (dx, dy) in gains.items():
+            ax.scatter(dx, dy, s=18, color="tab:blue")
+            ax.annotate(m, (dx, dy), fontsize=7, xytext=(3, 2), textcoords="offset points")
+        ax.set_title(setting)
+        ax.set_xlabel("personal mean - fine-tuning's (points)")
+        ax.set_ylabel("personal p10 - fine-tuning's (points)")
+        ax.set_xlim(right=top)
+        ax.set_ylim(top=top)
+    axes[0][0].legend(loc="lower right", fontsize=7)
+    fig.suptitle(f"Personalization: gain over FedAvg + fine-tuning ({title})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"plot: {path}")
 
 
 # The tuned comparison (--tune): the methods built for label skew, each with the same adapt budget
