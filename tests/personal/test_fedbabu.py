@@ -113,6 +113,25 @@ def test_fedbabu_global_head_is_the_initial_one_and_both_runtimes_agree():
     assert torch.allclose(pa, pb, atol=1e-4)
 
 
+@pytest.mark.parametrize("section", [{"privacy": {"dp": "central", "noise_multiplier": 0.5, "clip": 1.0, "noise_seed": 0}},
+                                     {"privacy": {"dp": "local", "noise_multiplier": 0.5, "clip": 1.0, "noise_seed": 0}},
+                                     {"attack": {"name": "gaussian", "fraction": 0.25}}],
+                         ids=["central-dp", "local-dp", "gaussian-attack"])
+def test_fedbabu_head_stays_the_initial_one_under_noise_and_attacks(section):
+    """The server zeroes the head of every aggregate: neither DP noise nor a Byzantine update moves it."""
+    from koinon.experiment.runner import build_federation
+
+    cfg = Config.from_dict({"seed": 0, "data": {"name": "digits", "partition": "iid", "num_clients": 8},
+                            "model": {"name": "mlp", "hidden": [16]},
+                            "client": {"algorithm": "fedbabu", "epochs": 1, "batch_size": 32, "lr": 0.1},
+                            "server": {"rounds": 2, "clients_per_round": 4}, **section})
+    fed = build_federation(cfg)
+    start = fed.params.clone()
+    fed.fit(2)
+    head = head_mask(fed.layout)
+    assert torch.equal(fed.params[head], start[head]) and not torch.equal(fed.params, start)
+
+
 def test_with_one_client_fedbabu_is_local_training_of_the_body_then_fine_tuning():
     full = _digits(6)
     data = FederatedData(full.dataset, [full.client_indices[0]])

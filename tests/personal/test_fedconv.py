@@ -310,3 +310,17 @@ def test_public_data_needs_a_server():
                                       "server.clients_per_round": 3, "topology.name": "gossip"})
     with pytest.raises(kn.ConfigError, match="data.public_samples .* needs topology.name = 'federated'"):
         build_federation(cfg)
+
+
+def test_submodel_uploads_refuse_a_codec_in_one_line(tmp_path):
+    """A sub-model upload is FedConv's own wire format: a codec would be named in the records but
+    never applied, so it is refused; with full uploads the codec compresses the update."""
+    base = {"data.name": "digits", "data.num_clients": 6, "model.name": "mlp_norm", "model.hidden": [16],
+            "server.rounds": 1, "server.clients_per_round": 3, "client.algorithm": "fedconv",
+            "client.budgets": [1.0, 0.5], "codec.name": "qsgd"}
+    cfg = kn.Config().with_overrides({**base, "client.upload": "submodel"})
+    with pytest.raises(kn.ConfigError, match="codec.name = 'qsgd'.*own wire format") as err:
+        kn.run_experiment(cfg, tmp_path / "sub", progress=False)
+    assert "\n" not in str(err.value)
+    full = kn.Config().with_overrides({**base, "client.upload": "full"})
+    assert kn.run_experiment(full, tmp_path / "full", progress=False)["final_accuracy"] > 0.0

@@ -3,7 +3,9 @@
 Oh, Kim & Yun 2022, https://arxiv.org/abs/2106.06042. During federated training every client
 updates the body (all modules but the head) and leaves the head (`head`: module names, default
 the output layer) at its random initialization: its gradient is zeroed in every local step and
-its update is zero, so the global head is the initial one in every round. A client then serves
+its update is zero, and the server zeroes the head's share of every aggregate (`server_delta`), so
+the global head is the initial one in every round, whatever noise (central or local DP), a
+Byzantine client's update or a robust rule puts there. A client then serves
 the global model fine-tuned on its own training data for `adapt_steps` steps of plain SGD:
 head and body together (`adapt_part = "all"`, the fine-tuning the paper evaluates), or the head
 alone with the body frozen (`"head"`, as the abstract puts it); a new client does the same. The
@@ -13,7 +15,10 @@ Our choices where the paper leaves room: the head is the model's own seeded init
 (the paper's random init, not an orthogonal one); the head's update is also zeroed after the
 local steps, so the global head stays fixed whatever the optimizer (with SGD, momentum and
 coupled weight decay the zeroed gradient already keeps it fixed; AdamW's decoupled decay would
-move it within a round, which the body's training sees but the server does not).
+move it within a round, which the body's training sees but the server does not). Zeroing the
+head of a released aggregate is post-processing, so DP's guarantee holds; the noise drawn for
+those coordinates is spent for nothing. A server hook means FedBABU is refused where the server
+does not apply one to each aggregate (SecAgg+, FedBuff/FedAsync, the ledger's replays).
 """
 
 from __future__ import annotations
@@ -60,6 +65,16 @@ class FedBABU(LocalSGD):
                                  f"client.head or use a model with more than one layer")
             self._masks[key] = mask
         return self._masks[key]
+
+    def attach(self, model: torch.nn.Module, layout: Layout, *public: torch.Tensor) -> None:
+        """The server's layout, for `server_delta` (and a model that is all head is refused here)."""
+        self._layout = layout
+        self.head_mask(layout)
+
+    def server_delta(self, server_state: State, delta: torch.Tensor,
+                     cohort_fraction: float) -> tuple[torch.Tensor, State | None]:
+        """The aggregate with the head's coordinates zeroed: the global head never moves."""
+        return delta.masked_fill(self.head_mask(self._layout).to(delta.device), 0.0), None
 
     def train_cohort(self, trainer: CohortTrainer, client_ids: list[int], global_params: torch.Tensor,
                      server_state: State, client_states: list[State], idx: torch.Tensor, steps: torch.Tensor,
