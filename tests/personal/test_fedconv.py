@@ -303,11 +303,12 @@ def test_submodel_uploads_send_only_the_sub_model_and_train_the_same_model():
     assert FedConv(kernels="learnt").upload == "submodel" and FedConv().upload == "full"
 
 
-def test_public_data_needs_a_server():
+@pytest.mark.parametrize("topology", ["gossip", "diloco", "experts", "distillation"])
+def test_public_data_needs_a_server(topology):
     from koinon.experiment.runner import build_federation
 
     cfg = kn.Config().with_overrides({"data.name": "digits", "data.num_clients": 6, "data.public_samples": 20,
-                                      "server.clients_per_round": 3, "topology.name": "gossip"})
+                                      "server.clients_per_round": 3, "topology.name": topology})
     with pytest.raises(kn.ConfigError, match="data.public_samples .* needs topology.name = 'federated'"):
         build_federation(cfg)
 

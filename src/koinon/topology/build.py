@@ -248,9 +248,7 @@ def build_gossip(cfg: Config, /) -> Topology:
     if cfg.data.client_test_fraction or cfg.data.holdout_clients:
         raise ConfigError("data.client_test_fraction / data.holdout_clients (personalized metrics) need "
                           f"topology.name = 'federated', not {cfg.topology.name!r}")
-    if cfg.data.public_samples:
-        raise ConfigError(f"data.public_samples (a server's public data) needs topology.name = 'federated', "
-                          f"not {cfg.topology.name!r}")
+    _no_public_data(cfg)
     if reference_users(parts.aggregator):
         raise ConfigError(f"aggregator.name = {cfg.aggregator.name!r} needs a server with a root dataset; "
                           f"topology.name = {cfg.topology.name!r} has none (use topology.name = 'federated')")
@@ -293,6 +291,7 @@ def build_diloco(cfg: Config, /) -> Topology:
 
     _check_schedule(cfg.server)
     check_privacy(cfg)
+    _no_public_data(cfg)
     parts = build_parts(cfg)
     threads = cfg.runtime.options.get("threads", 0)
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
@@ -306,6 +305,7 @@ def build_experts(cfg: Config, /) -> Topology:
     """Owners' experts from a public seed model, mixed by a router; owners opt out at inference."""
     from koinon.topology.experts import build_experts as build
 
+    _no_public_data(cfg)
     return build(cfg)
 
 
@@ -314,4 +314,13 @@ def build_distillation(cfg: Config, /) -> Topology:
     """Parties of any architecture exchange predictions on a public proxy set, not weights."""
     from koinon.topology.experts import build_distillation as build
 
+    _no_public_data(cfg)
     return build(cfg)
+
+
+def _no_public_data(cfg: Config) -> None:
+    """`data.public_samples` is a federated server's data (FedConv's learnt kernels); elsewhere
+    it would be taken from nobody and used by nothing, so it is refused rather than ignored."""
+    if cfg.data.public_samples:
+        raise ConfigError(f"data.public_samples (a server's public data) needs topology.name = 'federated', "
+                          f"not {cfg.topology.name!r}")
