@@ -325,3 +325,13 @@ def test_submodel_uploads_refuse_a_codec_in_one_line(tmp_path):
     assert "\n" not in str(err.value)
     full = kn.Config().with_overrides({**base, "client.upload": "full"})
     assert kn.run_experiment(full, tmp_path / "full", progress=False)["final_accuracy"] > 0.0
+
+
+def test_public_data_refuses_unseen_classes_in_one_line():
+    from koinon.experiment.runner import build_federation
+
+    cfg = kn.Config().with_overrides({"data.name": "digits", "data.num_clients": 6, "data.public_samples": 20,
+                                      "data.unseen_classes": [8, 9], "server.clients_per_round": 3})
+    with pytest.raises(kn.ConfigError, match="public_samples with data.unseen_classes") as err:
+        build_federation(cfg)
+    assert "\n" not in str(err.value)

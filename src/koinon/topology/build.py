@@ -194,6 +194,9 @@ def build_federated(cfg: Config, /) -> Topology:
     if cfg.data.holdout_clients and not cfg.data.client_test_fraction:
         raise ConfigError(f"data.holdout_clients = {cfg.data.holdout_clients} needs data.client_test_fraction > 0 "
                           "(new clients are scored on their held-out share)")
+    if cfg.data.public_samples and cfg.data.unseen_classes:
+        raise ConfigError(f"data.public_samples with data.unseen_classes = {list(cfg.data.unseen_classes)}: the "
+                          "server's public samples would carry labels of classes no client may see; use one of them")
     # The accountant's population and client sizes: what trains, after `Federation` sets new
     # clients, a root dataset and each client's held-out share aside (the same seeded splits).
     from koinon.personal import split_new_clients
