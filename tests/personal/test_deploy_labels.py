@@ -274,3 +274,12 @@ def test_a_client_with_its_own_half_labeled_data_trains_and_counts_what_it_train
     assert worker.fed.codec.decode(uploads[0]).abs().sum() > 0
     with pytest.raises(KoinonError, match="annotator"):
         Worker(config(algorithm="kafal"), DataSpec.parse("deploy_half_labeled:load"))
+    # SecAgg+ and FedBuff/FedAsync weigh the count declared when joining: refused in one line.
+    secure = config(algorithm="fedavg")
+    secure.privacy.secagg = True
+    with pytest.raises(KoinonError, match="privacy.secagg does not take"):
+        Worker(secure, DataSpec.parse("deploy_half_labeled:load"))
+    buffered = config(algorithm="fedavg")
+    buffered.schedule.name, buffered.schedule.options = "fedbuff", {"buffer": 2}
+    with pytest.raises(KoinonError, match="schedule.name = 'fedbuff' does not take"):
+        Worker(buffered, DataSpec.parse("deploy_half_labeled:load"))
