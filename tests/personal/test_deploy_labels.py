@@ -56,6 +56,9 @@ def test_own_data_refusals_are_one_line():
     with pytest.raises(KoinonError, match="annotator"):
         own_labels(_own([0, UNLABELED]), "m:f", kafal)
     assert own_labels(_own([0, 1]), "m:f", kafal).y_train.tolist() == [0, 1]  # all labeled: nothing to buy
+    with pytest.raises(KoinonError, match="privacy.secagg does not take"):  # weighs the declared count
+        own_labels(_own([0, UNLABELED]), "m:f", None, "privacy.secagg")
+    assert own_labels(_own([0, 1]), "m:f", None, "privacy.secagg").y_train.tolist() == [0, 1]
 
 
 def test_an_upload_counts_the_samples_it_trained_on():
@@ -66,9 +69,96 @@ def test_an_upload_counts_the_samples_it_trained_on():
     result = CohortResult([0], torch.zeros(1, 3), {}, torch.tensor([7]), torch.tensor([1]), torch.zeros(1), [{}])
     assert trained_samples(data, n, result) == 7  # hidden labels: this round's count
     assert trained_samples(kn.FederatedData(data.dataset, data.client_indices), n, result) == n
-    assert check_trained(n, n, True) is None and check_trained(0, n, False) is None
-    assert "differs" in check_trained(7, n, True)
-    assert "more than" in check_trained(n + 1, n, False) and "more than" in check_trained(-1, n, False)
+    assert check_trained(n, n) is None and check_trained(0, n, (0, n)) is None
+    assert "differs" in check_trained(7, n)
+    assert "more than" in check_trained(n + 1, n, (0, n)) and "more than" in check_trained(-1, n, (0, n))
+    assert "trains on 3..5" in check_trained(6, n, (3, 5)) and check_trained(5, n, (3, 5)) is None
+
+
+def _hidden_server(tmp_path, algorithm: str, **client):
+    """A `koinon server` (not listening) over a hidden-label federation, its 4 partitions joined
+    with the counts `koinon client` declares."""
+    import time
+
+    from koinon.deploy.asynchronous import build_for_deployment
+    from koinon.deploy.server import FederationServer, Member, check_deployable
+    from koinon.deploy.store import Store
+
+    cfg = kn.Config.from_dict({"seed": 2, "data": {"name": "digits", "num_clients": 4, "unlabeled_clients": 1,
+                                                    "label_fraction": 0.5, "unseen_classes": [9]},
+                               "model": {"name": "mlp", "hidden": [8]}, "runtime": {"name": "inprocess"},
+                               "client": {"algorithm": algorithm, "steps": 2, **client},
+                               "server": {"clients_per_round": 4, "rounds": 2}})
+    fed = check_deployable(build_for_deployment(cfg)[0], cfg)
+    srv = FederationServer(cfg, fed, Store(tmp_path), tmp_path)
+    for i in range(4):
+        srv.members[f"c{i}"] = Member(f"c{i}", i, held_samples(fed.data, i), f"partition:{i}",
+                                      last_seen=time.monotonic())
+    return srv
+
+
+def _header(srv, idx: int, num_samples: int):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(layout_hash=srv.layout_hash, codec=srv.fed.codec.name, client_index=idx,
+                           num_samples=num_samples)
+
+
+def _simulated_counts(cfg_srv, rounds: int = 2) -> list[dict[int, int]]:
+    """Each round's `CohortResult.num_samples` (the simulation's weights) of the same config."""
+    from koinon.topology.build import build_federated
+
+    fed = build_federated(cfg_srv.cfg)
+    seen: list[dict[int, int]] = []
+    accept = fed.server.accept_cohort
+
+    def spy(result):
+        seen.append(dict(zip(result.client_ids, result.num_samples.tolist())))
+        return accept(result)
+
+    fed.server.accept_cohort = spy
+    for _ in range(rounds):
+        fed.run_round(evaluate=False)
+    return seen
+
+
+def test_the_server_refuses_a_fedavg_count_above_the_labeled_one(tmp_path):
+    from koinon.wire import Rejected
+
+    srv = _hidden_server(tmp_path, "fedavg")
+    sizes = srv.fed.data.sizes
+    assert [c for c in range(4) if int(sizes[c]) == 0 < held_samples(srv.fed.data, c)]  # the unlabeled client
+    for counts in _simulated_counts(srv):  # the simulation's weights: each partition's labeled count
+        for c, n in counts.items():
+            assert n == int(sizes[c])
+            srv._check_header(_header(srv, c, n), srv.members[f"c{c}"])
+    for c in range(4):  # everything held (the unlabeled client claiming its 0 labels' worth), or one less
+        held = held_samples(srv.fed.data, c)
+        for n in (held, int(sizes[c]) + 1) + ((int(sizes[c]) - 1,) if sizes[c] else ()):
+            with pytest.raises(Rejected, match=f"trains on {int(sizes[c])}..{int(sizes[c])} samples"):
+                srv._check_header(_header(srv, c, n), srv.members[f"c{c}"])
+
+
+@pytest.mark.parametrize("algorithm,client", [("kafal", {"label_budget": 6, "query_per_round": 3}),
+                                              ("fedossl", {"threshold": 0.0})])
+def test_the_server_takes_the_counts_kafal_and_fedossl_train_on(tmp_path, algorithm, client):
+    from koinon.wire import Rejected
+
+    srv = _hidden_server(tmp_path, algorithm, **client)
+    sizes, grew = srv.fed.data.sizes, False
+    for counts in _simulated_counts(srv):
+        for c, n in counts.items():
+            grew |= n > int(sizes[c])  # bought labels, a compensation draw or pseudo-labels count
+            srv._check_header(_header(srv, c, n), srv.members[f"c{c}"])
+    assert grew
+    member = srv.members["c1"]
+    low, high = (int(sizes[1]), min(member.num_samples, 2 * (int(sizes[1]) + 6))) if algorithm == "kafal" else (
+        int(sizes[1]), member.num_samples)
+    for n in (low, high):
+        srv._check_header(_header(srv, 1, n), member)
+    for n in (low - 1, high + 1):
+        with pytest.raises(Rejected):
+            srv._check_header(_header(srv, 1, n), member)
 
 
 def test_koinon_server_takes_hidden_labels_in_synchronous_rounds_only():
@@ -184,3 +274,12 @@ def test_a_client_with_its_own_half_labeled_data_trains_and_counts_what_it_train
     assert worker.fed.codec.decode(uploads[0]).abs().sum() > 0
     with pytest.raises(KoinonError, match="annotator"):
         Worker(config(algorithm="kafal"), DataSpec.parse("deploy_half_labeled:load"))
+    # SecAgg+ and FedBuff/FedAsync weigh the count declared when joining: refused in one line.
+    secure = config(algorithm="fedavg")
+    secure.privacy.secagg = True
+    with pytest.raises(KoinonError, match="privacy.secagg does not take"):
+        Worker(secure, DataSpec.parse("deploy_half_labeled:load"))
+    buffered = config(algorithm="fedavg")
+    buffered.schedule.name, buffered.schedule.options = "fedbuff", {"buffer": 2}
+    with pytest.raises(KoinonError, match="schedule.name = 'fedbuff' does not take"):
+        Worker(buffered, DataSpec.parse("deploy_half_labeled:load"))

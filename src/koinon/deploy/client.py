@@ -235,7 +235,10 @@ class Worker:
         else:
             self.dataset = spec.load()
             self.num_samples = len(self.dataset.y_train)
-            fits_model(own_labels(self.dataset, spec.entry_point, fed.algorithm), fed, spec.entry_point)
+            weighs_declared = ("privacy.secagg" if cfg.privacy.secagg else
+                               f"schedule.name = {cfg.schedule.name!r}" if cfg.schedule.name != "sync" else "")
+            fits_model(own_labels(self.dataset, spec.entry_point, fed.algorithm, weighs_declared), fed,
+                       spec.entry_point)
         self.bound = -1
         self.model_sha256 = ""  # of the model the last `train` started from
         self.signs_receipts = cfg.ledger.contribution != "none"  # a [ledger] run logs signed receipts

@@ -36,7 +36,7 @@ from koinon.config import Config
 from koinon.deploy import federation_pb2_grpc
 from koinon.deploy.certs import read_revoked, server_credentials
 from koinon.deploy.faults import crash_point
-from koinon.deploy.labels import check_trained, held_samples
+from koinon.deploy.labels import check_trained, held_samples, trained_bounds
 from koinon.deploy.personal import (
     Reported,
     check_counts,
@@ -424,9 +424,14 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
             raise Rejected(f"codec {quote(header.codec)}, the run uses {self.fed.codec.name!r}")
         if header.client_index != member.idx:
             raise Rejected(f"client index {header.client_index} is not this client's {member.idx}")
-        # Where labels may be hidden an upload counts the samples it trained on (koinon.deploy.labels).
-        exact = getattr(self.fed, "labels", None) is None and member.idx < self.fed.data.num_clients  # a partition
-        if why := check_trained(int(header.num_samples), member.num_samples, exact):
+        # Where labels may be hidden an upload counts the samples it trained on (koinon.deploy.labels):
+        # a partition's within what its algorithm can train on, an own-data client's up to its count.
+        bounds: tuple[int, int] | None = None
+        if member.idx >= self.fed.data.num_clients:  # its own data, where it may mark samples unlabeled
+            bounds = (0, member.num_samples)
+        elif getattr(self.fed, "labels", None) is not None:
+            bounds = trained_bounds(self.fed.algorithm, int(self.fed.data.sizes[member.idx]), member.num_samples)
+        if why := check_trained(int(header.num_samples), member.num_samples, bounds):
             raise Rejected(why)
 
     def _receive(self, request_iterator: Any, member: Member, claimed: list[int], uploading: list[bool],

@@ -326,6 +326,11 @@ class FedoSSL(LocalSGD):
         result.uploads = {"centroids": uploads.to(dev)}
         return result
 
+    def trained_bounds(self, labeled: int, held: int) -> tuple[int, int]:
+        """The samples a client trains on in a round (its upload's weight; `koinon.deploy.labels`):
+        its labeled ones and any of its unlabeled ones that get a pseudo-label or a pair target."""
+        return labeled, held
+
     def server_update(self, server_state: State, uploads: dict[str, torch.Tensor], cohort_fraction: float) -> State:
         if "centroids" not in uploads:
             return server_state

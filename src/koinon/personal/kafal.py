@@ -142,6 +142,12 @@ class KAFAL(LocalSGD):
         self.query_per_round = query_per_round
         self.sampling = sampling
 
+    def trained_bounds(self, labeled: int, held: int) -> tuple[int, int]:
+        """The samples a client trains on in a round (its upload's weight; `koinon.deploy.labels`):
+        its labels plus those it bought (at most `label_budget`), and with `kd` a draw of as many of
+        its unlabeled ones."""
+        return labeled, min(held, (labeled + self.label_budget) * (2 if self.kd else 1))
+
     @torch.no_grad()
     def _logits(self, trainer: CohortTrainer, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         trainer.module.eval()
