@@ -155,8 +155,10 @@ class Receiver:
     """Decodes and validates what senders send; keeps the sums of increment codecs."""
 
     def __init__(self, codec: Codec, numel: int, streams: tuple[str, ...],
-                 own_format: OwnFormat | None = None) -> None:
+                 own_format: OwnFormat | None = None,
+                 check: Callable[[dict[str, torch.Tensor]], str] | None = None) -> None:
         self.codec = codec
+        self.check = check  # an algorithm's check of one client's rows ('' accepts; `check_uploads`)
         self.numel = numel
         self.streams = streams
         self.own_format = own_format
@@ -200,6 +202,8 @@ class Receiver:
                     raise Rejected(f"{stream} has L2 norm {norm:.4g}, over the bound of {self.max_norm:g} "
                                    "(deploy.max_update_norm)")
             rows[stream] = row
+        if self.check is not None and (why := self.check(rows)):
+            raise Rejected(why)
         return rows
 
     def keep(self, client: int, rows: dict[str, torch.Tensor]) -> None:

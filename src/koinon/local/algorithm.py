@@ -32,7 +32,10 @@ What the interface carries beyond FedAvg (all optional, each shown by a test in
 - a server correction: `server_delta(server_state, delta, cohort_fraction) -> (delta, state)`
   changes the aggregated update before the server optimizer steps (FedDyn);
 - a server check: `check_update(received, update) -> str` refuses one client's update with that
-  reason before aggregation ('' accepts it; FRL: the update must be a ranking).
+  reason before aggregation ('' accepts it; FRL: the update must be a ranking);
+- a server check of the extra streams: `check_uploads(rows) -> str` refuses one client's decoded
+  rows (stream name -> row) with that reason when they arrive, before they are kept ('' accepts;
+  FedoSSL, reconnaissance, FedKA: the packed table must fit the server's model).
 """
 
 from __future__ import annotations

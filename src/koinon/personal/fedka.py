@@ -39,11 +39,14 @@ from koinon.data.federated import FederatedData
 from koinon.personal.base import train_part
 from koinon.personal.evaluate import with_steps
 from koinon.personal.hetero import check_plain_sgd, mean_ce, sgd_loop
-from koinon.personal.recon import body_of, embed
+from koinon.personal.recon import body_of, embed, head_shape
 from koinon.update import CohortResult
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from koinon.local.trainer import CohortTrainer
+    from koinon.params import Layout
 
 
 def moment_loss(emb: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -70,6 +73,7 @@ class FedKA(LocalSGD):
     name = "fedka"
     uploads: tuple[str, ...] = ("moments",)
     downloads: tuple[str, ...] = ("workspace",)
+    server_dim: int | None = None  # embedding size D of the server's model (`attach`)
 
     def __init__(self, lam: float = 0.1, voters: int = 5, agreement: float = 0.6, adapt_steps: int = 20) -> None:
         if not lam >= 0:
@@ -81,6 +85,29 @@ class FedKA(LocalSGD):
         if not isinstance(adapt_steps, int) or isinstance(adapt_steps, bool) or adapt_steps < 0:
             raise ValueError(f"client.adapt_steps must be an integer >= 0, got {adapt_steps!r}")
         self.lam, self.voters, self.agreement, self.adapt_steps = float(lam), voters, float(agreement), adapt_steps
+
+    def attach(self, module: nn.Module, layout: Layout, *public: torch.Tensor) -> None:
+        """The server's model: the embedding size comes from it, not from uploads."""
+        try:
+            d = head_shape(module, layout)[1]
+        except ValueError:
+            return  # not a model of this method: its training says why
+        self.server_dim = d if 2 * d + 2 <= layout.numel else None
+
+    def check_uploads(self, rows: dict[str, torch.Tensor]) -> str:
+        """Refuse (one line) a client's moment stream the server could not average: its last value
+        must be the model's embedding size, its second moments not negative."""
+        row = rows.get("moments")
+        if row is None or self.server_dim is None:
+            return ""
+        d = self.server_dim
+        if not bool(torch.isfinite(row).all()):
+            return "moments hold NaN or Inf values"
+        if abs(float(row[-1]) - d) >= 0.5:
+            return f"moments announce {float(row[-1]):g} embedding values, the model has {d}"
+        if bool((row[d : 2 * d] < 0).any()):
+            return "moments hold negative second moments"
+        return ""
 
     def init_server_state(self, numel: int) -> State:
         return {"workspace": torch.zeros(numel)}  # mu [D], sigma [D], then a flag: 1 once it exists
@@ -135,7 +162,10 @@ class FedKA(LocalSGD):
                            rows: dict[str, torch.Tensor], weights: torch.Tensor, client_ids: list[int]) -> State:
         out = dict(server_state)
         m = rows["moments"].mean(dim=0)
-        d = int(round(float(m[-1])))
+        # The size is the server's model's; only a server never attached to one reads the marker.
+        d = self.server_dim or int(round(float(m[-1])))
+        if not (0 < d and 2 * d + 1 <= len(m)):
+            return server_state
         ws = torch.zeros_like(server_state["workspace"])
         ws[:d] = m[:d]
         ws[d : 2 * d] = (m[d : 2 * d] - m[:d].pow(2)).clamp_min(0.0).sqrt()

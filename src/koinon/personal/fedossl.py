@@ -71,11 +71,14 @@ from torch.func import functional_call
 from koinon.clients.base import CLIENT_ALGORITHMS, LocalSGD, State
 from koinon.data.federated import FederatedData
 from koinon.personal.labels import PartlyLabeled
-from koinon.personal.recon import body_of
+from koinon.personal.recon import body_of, check_marked, head_shape
 from koinon.update import CohortResult
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from koinon.local.trainer import CohortTrainer
+    from koinon.params import Layout
 
 
 def calibrated_targets(probs: torch.Tensor, threshold: float, calibrate: bool = True
@@ -189,6 +192,7 @@ class FedoSSL(LocalSGD):
     name = "fedossl"
     uploads: tuple[str, ...] = ("centroids",)
     downloads: tuple[str, ...] = ("centroids",)
+    server_shape: tuple[int, int] | None = None  # (C, D) of the server's model (`attach`)
 
     def __init__(self, lam: float = 0.5, threshold: float = 0.5, calibrate: bool = True, discover: bool = True,
                  pair: float = 0.25, temperature: float = 0.1) -> None:
@@ -213,15 +217,32 @@ class FedoSSL(LocalSGD):
     def shape(self, trainer: CohortTrainer) -> tuple[int, int]:
         """(outputs C, embedding size D), checked to fit in one vector of the model's size."""
         try:
-            _, head = body_of(trainer.module)
+            body_of(trainer.module)
         except ValueError:
             raise ValueError("client.algorithm = 'fedossl' needs an nn.Sequential whose last layer is a Linear "
                              "(its input is the embedding; models mlp, mlp_norm, cnn, cnn1d)") from None
-        c, d = trainer.layout.views(torch.zeros(trainer.layout.numel))[f"{head}.weight"].shape
+        c, d = head_shape(trainer.module, trainer.layout)
         if c * d + 2 * c + d + 4 > trainer.layout.numel:
             raise ValueError(f"client.algorithm = 'fedossl': {c} centroids of {d} values do not fit in the model's "
                              f"{trainer.layout.numel} parameters")
         return c, d
+
+    def attach(self, module: nn.Module, layout: Layout, *public: torch.Tensor) -> None:
+        """The server's model: the centroid table's shape comes from it, not from uploads."""
+        try:
+            c, d = head_shape(module, layout)
+        except ValueError:
+            return  # not a model of this method: its training says why
+        self.server_shape = (c, d) if c * d + 2 * c + d + 4 <= layout.numel else None
+
+    def check_uploads(self, rows: dict[str, torch.Tensor]) -> str:
+        """Refuse (one line) a client's centroid stream the server could not merge."""
+        row = rows.get("centroids")
+        if row is None or self.server_shape is None:
+            return ""
+        c, d = self.server_shape
+        base = c * d
+        return check_marked("centroids", row, c, d, [row[base : base + 2 * c], row[base + 2 * c + d : base + 2 * c + d + 1]])
 
     def init_server_state(self, numel: int) -> State:
         return {"centroids": torch.zeros(numel)}  # centroids [C * D], has [C], labeled [C]
@@ -335,9 +356,12 @@ class FedoSSL(LocalSGD):
         if "centroids" not in uploads:
             return server_state
         up = uploads["centroids"].cpu()
-        if float(up[-1]) <= 0:
+        if not float(up[-1]) > 0:
             return server_state
-        c, d = int(round(float(up[-3] / up[-1]))), int(round(float(up[-2] / up[-1])))
+        # The shape is the server's model's; only a server never attached to one reads the markers.
+        c, d = self.server_shape or (int(round(float(up[-3] / up[-1]))), int(round(float(up[-2] / up[-1]))))
+        if not (c > 0 and d > 0 and c * d + 2 * c + d + 4 <= len(up)):
+            return server_state
         old = server_state["centroids"]
         centroids, has, labeled = self.unpack(old.cpu(), c, d)
         base = c * d

@@ -39,6 +39,7 @@ from koinon.update import CohortResult
 
 if TYPE_CHECKING:
     from koinon.local.trainer import CohortTrainer
+    from koinon.params import Layout
 
 
 def body_of(module: nn.Module) -> tuple[nn.Sequential, str]:
@@ -72,6 +73,33 @@ def merge(prototypes: torch.Tensor, seen: torch.Tensor, sums: torch.Tensor, coun
     return out, seen.bool() | has
 
 
+def head_shape(module: nn.Module, layout: Layout) -> tuple[int, int]:
+    """(outputs C, embedding size D) of the model's last Linear layer."""
+    _, head = body_of(module)
+    c, d = layout.views(torch.zeros(layout.numel))[f"{head}.weight"].shape
+    return int(c), int(d)
+
+
+def check_marked(stream: str, row: torch.Tensor, c: int, d: int, counts: list[torch.Tensor]) -> str:
+    """Why one client's packed `stream` is refused ('' accepts it): its shape markers (C, D, 1
+    in the last three values) must be the server's `c`, `d` (a stream of zeros: nothing sent),
+    and its `counts` (views of `row`) must not be negative. The server reads the shape from the
+    model, never from the markers, so a forged one only costs its sender the round."""
+    if not bool(torch.isfinite(row).all()):
+        return f"{stream} holds NaN or Inf values"
+    if float(row[-1]) == 0 and not bool(row.any()):
+        return ""
+    marker = float(row[-1])
+    if not marker > 0:
+        return f"{stream} has marker {marker:g}, not 1"
+    got = (float(row[-3]) / marker, float(row[-2]) / marker)
+    if abs(got[0] - c) >= 0.5 or abs(got[1] - d) >= 0.5:
+        return f"{stream} announces a {got[0]:g} x {got[1]:g} table, the model's is {c} x {d}"
+    if any(bool((part < 0).any()) for part in counts):
+        return f"{stream} holds negative counts"
+    return ""
+
+
 def nearest_logits(emb: torch.Tensor, prototypes: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
     """`[N, C]`: minus the squared distance to each seen class's prototype (-inf for unseen)."""
     d = torch.cdist(emb, prototypes).pow(2)
@@ -86,14 +114,31 @@ class Reconnaissance(LocalSGD):
     uploads: tuple[str, ...] = ("prototypes",)
     downloads: tuple[str, ...] = ("prototypes",)
 
+    server_shape: tuple[int, int] | None = None  # (C, D) of the server's model (`attach`)
+
     def shape(self, trainer: CohortTrainer) -> tuple[int, int]:
         """(classes C, embedding size D), checked to fit in one vector of the model's size."""
-        _, head = body_of(trainer.module)
-        c, d = trainer.layout.views(torch.zeros(trainer.layout.numel))[f"{head}.weight"].shape
+        c, d = head_shape(trainer.module, trainer.layout)
         if c * d + c + 3 > trainer.layout.numel:
             raise ValueError(f"client.algorithm = 'reconnaissance': {c} classes x {d} embedding values do not fit "
                              f"in the model's {trainer.layout.numel} parameters")
         return c, d
+
+    def attach(self, module: nn.Module, layout: Layout, *public: torch.Tensor) -> None:
+        """The server's model: the prototype table's shape comes from it, not from uploads."""
+        try:
+            c, d = head_shape(module, layout)
+        except ValueError:
+            return  # not a model of this method: its training says why
+        self.server_shape = (c, d) if c * d + c + 3 <= layout.numel else None
+
+    def check_uploads(self, rows: dict[str, torch.Tensor]) -> str:
+        """Refuse (one line) a client's prototype stream the server could not merge."""
+        row = rows.get("prototypes")
+        if row is None or self.server_shape is None:
+            return ""
+        c, d = self.server_shape
+        return check_marked("prototypes", row, c, d, [row[c * d : c * d + c]])
 
     def init_server_state(self, numel: int) -> State:
         return {"prototypes": torch.zeros(numel)}  # prototypes [C * D], then seen flags [C]
@@ -126,9 +171,12 @@ class Reconnaissance(LocalSGD):
         if "prototypes" not in uploads:
             return server_state
         up = uploads["prototypes"]
-        if float(up[-1]) <= 0:
+        if not float(up[-1]) > 0:
             return server_state
-        c, d = int(round(float(up[-3] / up[-1]))), int(round(float(up[-2] / up[-1])))
+        # The shape is the server's model's; only a server never attached to one reads the markers.
+        c, d = self.server_shape or (int(round(float(up[-3] / up[-1]))), int(round(float(up[-2] / up[-1]))))
+        if not (c > 0 and d > 0 and c * d + c + 3 <= len(up)):
+            return server_state
         old, seen = self.unpack(server_state["prototypes"], c, d)
         sums, counts = self.unpack(uploads["prototypes"], c, d)
         protos, seen = merge(old, seen, sums, counts)

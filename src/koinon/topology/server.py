@@ -61,6 +61,10 @@ if TYPE_CHECKING:  # `import koinon` does not load the privacy package (its cryp
 
 __all__ = ["Buffered", "ClosedRound", "FederatedServer", "OpenRound", "Rejected", "RoundResult"]
 
+# What an algorithm's server update may raise on a round's uploads (a shape, an index, a value):
+# the step is undone and the round closes unchanged rather than the server stopping mid-round.
+_STATE_ERRORS = (ValueError, RuntimeError, IndexError, ArithmeticError)
+
 
 @dataclass
 class RoundResult:
@@ -247,7 +251,7 @@ class FederatedServer:
                 row[:trainable] = algorithm.decode_update(  # type: ignore[attr-defined]
                     payload, seed, round_index, client, trainable, lr, num_steps)
                 return row
-        self.receiver = Receiver(codec, numel, self.streams, own)
+        self.receiver = Receiver(codec, numel, self.streams, own, getattr(algorithm, "check_uploads", None))
         self.broadcast = Broadcast(downlink, params, seed, self.num_clients, algorithm.downloads,
                                    downlink_delta)
         self.round_index = 0  # rounds completed
@@ -432,9 +436,12 @@ class FederatedServer:
             num_byzantine = self._forge(rnd, order, ok, stacks, samples)
             # An algorithm's own check of each update (FRL: it must be a ranking of every layer).
             check = getattr(self.algorithm, "check_update", None)
-            if check is not None:
+            check_rows = self.receiver.check  # extra streams (rows taken by `accept` or batched decode)
+            if check is not None or check_rows is not None:
                 for i, client in enumerate(order):
-                    why = check(rnd.received, stacks[MODEL][i]) if ok[i] else ""
+                    why = check(rnd.received, stacks[MODEL][i]) if ok[i] and check is not None else ""
+                    if not why and ok[i] and check_rows is not None:
+                        why = check_rows({s: stacks[s][i] for s in self.streams})
                     if why:
                         ok[i] = False
                         rnd.reasons.setdefault(client, why)
@@ -472,23 +479,29 @@ class FederatedServer:
                 if correct is not None:
                     delta, pending = correct(self.server_state, delta, len(keep) / self.num_clients)
                 refused_update = self._step(delta)
+                state = self.server_state
+                try:
+                    if refused_update:
+                        pass
+                    elif (by_rows := getattr(self.algorithm, "server_update_rows", None)) is not None:
+                        # Several global models (IFCA, clusters): each kept client's rows, not means.
+                        kept = {("model" if n == MODEL else n): (stacks[n] if everyone else stacks[n][keep])
+                                for n in self.streams}
+                        self.server_state = by_rows(
+                            self.server_state, old, self.params, kept, weights, [order[i] for i in keep.tolist()])
+                        applied = True
+                    else:
+                        if pending is not None:
+                            self.server_state = pending
+                        means = {n: (stacks[n] if everyone else stacks[n][keep]).mean(dim=0)
+                                 for n in self.algorithm.uploads if n in stacks}
+                        self.server_state = self.algorithm.server_update(
+                            self.server_state, means, len(keep) / self.num_clients)
+                        applied = True
+                except _STATE_ERRORS as exc:  # the round still closes, as if it had not stepped
+                    refused_update = self._unstep(old, state, exc)
                 if refused_update:
                     notice(f"round {r + 1}: {refused_update}")
-                elif (by_rows := getattr(self.algorithm, "server_update_rows", None)) is not None:
-                    # Several global models (IFCA, clusters): each kept client's rows, not means.
-                    kept = {("model" if n == MODEL else n): (stacks[n] if everyone else stacks[n][keep])
-                            for n in self.streams}
-                    self.server_state = by_rows(
-                        self.server_state, old, self.params, kept, weights, [order[i] for i in keep.tolist()])
-                    applied = True
-                else:
-                    if pending is not None:
-                        self.server_state = pending
-                    means = {n: (stacks[n] if everyone else stacks[n][keep]).mean(dim=0)
-                             for n in self.algorithm.uploads if n in stacks}
-                    self.server_state = self.algorithm.server_update(
-                        self.server_state, means, len(keep) / self.num_clients)
-                    applied = True
         included = [order[i] for i in keep.tolist()] if applied else []
         missing = [c for c in rnd.cohort if c not in order and c not in refused]
         rejected = [c for c in rnd.cohort if c in set(rejected) | set(refused)]
@@ -581,6 +594,12 @@ class FederatedServer:
         return ("update refused, model unchanged: the aggregate would make the global model "
                 "non-finite (NaN/Inf, or values whose squares overflow float32)")
 
+    def _unstep(self, old: torch.Tensor, state: State, exc: Exception) -> str:
+        """The algorithm's server update failed after `_step`: the model, the optimizer state and
+        the algorithm's server state go back to what they were; returns the reason."""
+        self.params, self.optimizer_state, self.server_state = old, self._stepped_from, state
+        return f"the algorithm's server update failed, model unchanged ({type(exc).__name__}: {exc})"
+
     def _forge(self, rnd: OpenRound, order: list[int], ok: torch.Tensor, stacks: dict[str, torch.Tensor],
                samples: torch.Tensor) -> int:
         """The simulated adversary replaces the Byzantine clients' model rows; what it forges is
@@ -610,12 +629,17 @@ class FederatedServer:
             raise KoinonError("central DP and secure aggregation release only whole rounds' sums; "
                               "apply_update would apply one client's update in the clear")
         rows = self.receiver.decode(client, payloads, self.round_index, num_steps)
+        old, state = self.params, self.server_state
         refused = self._step(rows[MODEL] * weight)
         if refused:
             raise Rejected(refused)
-        self.receiver.keep(client, rows)
         uploads = {n: rows[n] * weight for n in self.algorithm.uploads if n in rows}
-        self.server_state = self.algorithm.server_update(self.server_state, uploads, 1 / self.num_clients)
+        try:
+            self.server_state = self.algorithm.server_update(self.server_state, uploads, 1 / self.num_clients)
+        except _STATE_ERRORS as exc:
+            self._unstep(old, state, exc)
+            raise
+        self.receiver.keep(client, rows)
         self.uplink_total += sum(len(p) for p in payloads)
 
     def apply_secure_buffer(self, secure: SecureSum, samples: dict[int, int], losses: dict[int, float],
@@ -662,12 +686,16 @@ class FederatedServer:
             except ValueError as exc:
                 refused_update = f"aggregator refused the buffer, model unchanged ({exc})"
             else:
+                old, state = self.params, self.server_state
                 refused_update = self._step(delta)
                 if not refused_update:
                     means = {n: stacks[n].mean(dim=0) for n in self.algorithm.uploads if n in stacks}
-                    self.server_state = self.algorithm.server_update(
-                        self.server_state, means, len(kept) / self.num_clients)
-                    applied = True
+                    try:
+                        self.server_state = self.algorithm.server_update(
+                            self.server_state, means, len(kept) / self.num_clients)
+                        applied = True
+                    except _STATE_ERRORS as exc:
+                        refused_update = self._unstep(old, state, exc)
             if refused_update:
                 notice(f"server step {r + 1}: {refused_update}")
         if applied:
