@@ -223,3 +223,17 @@ def test_counts_of_uploads_taken_back_after_a_restart_still_count(tmp_path):
     srv._close(time.perf_counter())
     record = srv.store.records()[0]
     assert record["personal_accuracy_mean"] == 0.5 and record["personal_accuracy_min"] == 0.0
+
+
+def test_an_evaluate_task_without_the_model_is_refused_not_a_crash():
+    """A malformed EVALUATE task (no streams, or not the model first) is a bad answer the client
+    logs and reconnects after (`Rejected`), not an IndexError that ends the client process."""
+    from types import SimpleNamespace
+
+    from koinon.deploy.personal import report
+    from koinon.deploy.wire import pb
+    from koinon.wire import Rejected
+
+    for streams, payloads in (([], []), (["centroids"], [bytes(4)])):
+        with pytest.raises(Rejected, match="must bring the model first"):
+            report(None, SimpleNamespace(fed=None), 0, pb.TaskHeader(streams=streams), payloads, None, "")

@@ -66,3 +66,17 @@ def test_a_dead_helper_means_the_plot_is_drawn_here(tmp_path):
     plots.start_plot_worker(need_idle_core=False)
     plots.stop_plot_worker()  # a run that fails before its plot ends its helper
     assert plots._worker is None
+
+
+def test_the_helper_does_not_run_modules_of_the_working_directory(tmp_path, monkeypatch):
+    """`python -c` puts the working directory first on sys.path; the helper takes it off, so a
+    json.py where `koinon run` is started is not executed by it."""
+    from koinon.records import plots
+
+    (tmp_path / "json.py").write_text("open('imported', 'w').write('yes')\nraise SystemExit(3)\n")
+    monkeypatch.chdir(tmp_path)
+    plots.start_plot_worker(need_idle_core=False)
+    worker = plots._worker
+    assert worker is not None
+    plot_run(_metrics(), tmp_path / "a.png", "federated")
+    assert worker.returncode == 0 and not (tmp_path / "imported").exists()

@@ -181,6 +181,8 @@ def report(stub: Any, worker: Any, idx: int, header: Any, payloads: list[bytes],
            layout_hash: str) -> None:
     """Client side of an EVALUATE task: score, then send the counts in an upload header."""
     fed = worker.fed
+    if not payloads or (header.streams and header.streams[0] != "model"):
+        raise Rejected("an EVALUATE task must bring the model first; this one did not")
     params = receive_model(fed.downlink, None, payloads[:1], True, fed.layout.numel)
     numel = fed.layout.numel
     if any(len(p) != numel * 4 for p in payloads[1:]):

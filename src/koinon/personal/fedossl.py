@@ -71,7 +71,7 @@ from torch.func import functional_call
 from koinon.clients.base import CLIENT_ALGORITHMS, LocalSGD, State
 from koinon.data.federated import FederatedData
 from koinon.personal.labels import PartlyLabeled
-from koinon.personal.recon import body_of, check_marked, head_shape
+from koinon.personal.recon import body_of, check_marked, head_shape, table_shape
 from koinon.update import CohortResult
 
 if TYPE_CHECKING:
@@ -229,11 +229,7 @@ class FedoSSL(LocalSGD):
 
     def attach(self, module: nn.Module, layout: Layout, *public: torch.Tensor) -> None:
         """The server's model: the centroid table's shape comes from it, not from uploads."""
-        try:
-            c, d = head_shape(module, layout)
-        except ValueError:
-            return  # not a model of this method: its training says why
-        self.server_shape = (c, d) if c * d + 2 * c + d + 4 <= layout.numel else None
+        self.server_shape = table_shape(module, layout, lambda c, d: c * d + 2 * c + d + 4)
 
     def check_uploads(self, rows: dict[str, torch.Tensor]) -> str:
         """Refuse (one line) a client's centroid stream the server could not merge."""

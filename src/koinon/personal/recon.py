@@ -27,6 +27,7 @@ and classes x embedding + classes <= the model's parameter count.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -80,6 +81,17 @@ def head_shape(module: nn.Module, layout: Layout) -> tuple[int, int]:
     return int(c), int(d)
 
 
+def table_shape(module: nn.Module, layout: Layout, size: Callable[[int, int], int]) -> tuple[int, int] | None:
+    """(C, D) of the server's model (`head_shape`) when a table of `size(C, D)` values fits in
+    one vector of the model's size; None when it does not or the model has no such head (its
+    training then says why). Servers take their tables' shapes from this, never from uploads."""
+    try:
+        c, d = head_shape(module, layout)
+    except ValueError:
+        return None
+    return (c, d) if size(c, d) <= layout.numel else None
+
+
 def check_marked(stream: str, row: torch.Tensor, c: int, d: int, counts: list[torch.Tensor]) -> str:
     """Why one client's packed `stream` is refused ('' accepts it): its shape markers (C, D, 1
     in the last three values) must be the server's `c`, `d` (a stream of zeros: nothing sent),
@@ -126,11 +138,7 @@ class Reconnaissance(LocalSGD):
 
     def attach(self, module: nn.Module, layout: Layout, *public: torch.Tensor) -> None:
         """The server's model: the prototype table's shape comes from it, not from uploads."""
-        try:
-            c, d = head_shape(module, layout)
-        except ValueError:
-            return  # not a model of this method: its training says why
-        self.server_shape = (c, d) if c * d + c + 3 <= layout.numel else None
+        self.server_shape = table_shape(module, layout, lambda c, d: c * d + c + 3)
 
     def check_uploads(self, rows: dict[str, torch.Tensor]) -> str:
         """Refuse (one line) a client's prototype stream the server could not merge."""

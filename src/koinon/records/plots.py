@@ -30,7 +30,9 @@ if TYPE_CHECKING:
 # load average of 15-20: the wait for the plot fell from 1.9-2.3 s to 1.1-1.4 s, the whole run
 # took longer). The helper loads this file by path, not `koinon`, whose import loads torch.
 _WORKER_CODE = """
-import importlib.util, json, sys
+import sys
+sys.path.pop(0)  # `python -c` puts the working directory first: its json.py must not run here
+import importlib.util, json
 from pathlib import Path
 import matplotlib
 matplotlib.use("Agg")
@@ -53,7 +55,7 @@ def idle_cores() -> float:
     try:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         return cores - os.getloadavg()[0]
-    except OSError:
+    except (OSError, AttributeError):  # no load average here (e.g. Windows)
         return 0.0
 
 
