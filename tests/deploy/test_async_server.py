@@ -48,13 +48,15 @@ def _server(folder: Path, cfg: Config) -> AsyncServer:
     return server
 
 
-def _upload(server: AsyncServer, name: str, task: int, value: float = 1e-3, index: int | None = None) -> object:
+def _upload(server: AsyncServer, name: str, task: int, value: float = 1e-3, index: int | None = None,
+            personal: tuple[int, int] = (0, 0)) -> object:
     member = server.members[name]
     numel = server.fed.layout.numel
     data, _ = server.fed.codec.encode(torch.full((numel,), value), {}, torch.Generator())
     header = pb.UploadHeader(round=task, layout_hash=server.layout_hash, codec=server.fed.codec.name,
                              streams=list(server.streams), sizes=[len(data)], num_samples=member.num_samples,
-                             num_steps=2, train_loss=0.5, client_index=member.idx if index is None else index)
+                             num_steps=2, train_loss=0.5, client_index=member.idx if index is None else index,
+                             personal_correct=personal[0], personal_total=personal[1])
     uploading: list[bool] = []
     try:
         return server._receive(upload_messages(header, [data]), member, [], uploading)
@@ -229,4 +231,44 @@ def test_counts_reported_with_updates_go_into_their_model_versions_record(tmp_pa
     first = server.store.records()[0]
     assert first["round"] == 1 and first["personal_accuracy_mean"] == 0.5 and first["personal_accuracy_min"] == 0.0
     assert not any(k.startswith("personal_accuracy") for k in server.store.records()[1])
+    server.store.close()
+
+
+def test_a_restart_keeps_the_personal_counts_of_accepted_updates(tmp_path):
+    """Counts are stored with the acceptance: a version's record sums those reported before a
+    restart and after it (0 of n before, n of n after: mean 0.5, not 1.0)."""
+    cfg = _cfg(schedule={"name": "fedbuff", "buffer": 2}, data={"client_test_fraction": 0.3},
+               server={"eval_every": 1, "rounds": 4})
+    server = _server(tmp_path, cfg)
+    for name, task in _dispatch(server).items():
+        assert _upload(server, name, task).accepted
+    server._step(server._take(), time.perf_counter())  # version 1
+    tasks = sorted(_dispatch(server).items())[:2]
+    held = {name: len(server.fed.personal.held[server.members[name].idx]) for name, _ in tasks}
+    (a, ta), (b, tb) = tasks
+    assert _upload(server, a, ta, personal=(0, held[a])).accepted
+    server.store.close()
+    server = _server(tmp_path, cfg)  # restarted with one update of version 1 waiting
+    assert server.tasks[b].version == 1
+    assert _upload(server, b, tb, personal=(held[b], held[b])).accepted
+    server._step(server._take(), time.perf_counter())  # version 2: version 1's figures join record 1
+    first = server.store.records()[0]
+    assert first["personal_accuracy_mean"] == 0.5 and first["personal_accuracy_min"] == 0.0
+    server.store.close()
+
+
+def test_a_restart_with_too_few_rounds_for_the_accepted_updates_is_refused(tmp_path):
+    """Every update told "accepted" is applied: a restart that would end the run first is refused."""
+    cfg = _cfg(schedule={"name": "fedasync", "concurrency": 2}, server={"clients_per_round": 2, "rounds": 3})
+    server = _server(tmp_path, cfg)
+    assert all(_upload(server, n, t).accepted for n, t in _dispatch(server).items())
+    server.store.close()
+    fewer = _cfg(schedule={"name": "fedasync", "concurrency": 2}, server={"clients_per_round": 2, "rounds": 1})
+    with pytest.raises(ConfigError, match=r"server.rounds = 1: the 2 accepted updates .* use server.rounds >= 2"):
+        _server(tmp_path, fewer)
+    enough = _cfg(schedule={"name": "fedasync", "concurrency": 2}, server={"clients_per_round": 2, "rounds": 2})
+    server = _server(tmp_path, enough)
+    while server.server.round_index < 2:
+        server._step(server._take(), time.perf_counter())
+    assert not server.buffer  # both applied
     server.store.close()

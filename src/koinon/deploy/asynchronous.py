@@ -30,8 +30,8 @@ the steps left (`server.rounds`) is late: no step would ever apply it.
 Personal metrics (`data.client_test_fraction`, `koinon.deploy.personal`): a task names its model
 version (`TaskHeader.version`); the client scores its personalized model on that version and
 sends the counts with its update, and each step merges the counts reported so far into the
-records of their versions; an EVALUATE task follows the last step. The counts of updates not yet
-applied live in memory only: after a restart a version's figures cover the clients reported since.
+records of their versions; an EVALUATE task follows the last step. The counts are stored in the
+acceptance's transaction (`async_personal`), so a restart keeps every version's figures whole.
 
 `[clock]` is refused: it simulates clients' speeds, and real clients have real ones.
 """
@@ -82,6 +82,9 @@ CREATE TABLE IF NOT EXISTS async_buffer (
     idx INTEGER NOT NULL, version INTEGER NOT NULL, sha256 TEXT NOT NULL, num_samples INTEGER NOT NULL,
     num_steps INTEGER NOT NULL, train_loss REAL NOT NULL, applied INTEGER NOT NULL DEFAULT -1,
     UNIQUE (task, client));
+CREATE TABLE IF NOT EXISTS async_personal (
+    version INTEGER NOT NULL, idx INTEGER NOT NULL, correct INTEGER NOT NULL, total INTEGER NOT NULL,
+    PRIMARY KEY (version, idx));
 """
 
 
@@ -219,10 +222,15 @@ class AsyncStore(Store):
             "SELECT task, client, idx, version FROM async_tasks WHERE status = 'out' ORDER BY task, idx")]
 
     def accept_update(self, task: int, client: str, idx: int, version: int, size: int, digest: str,
-                      num_samples: int, num_steps: int, train_loss: float) -> int:
+                      num_samples: int, num_steps: int, train_loss: float,
+                      personal: tuple[int, int] | None = None) -> int:
         """The update counts from here on (one transaction: the acceptance, its buffer row, its
-        task's status); the client hears "accepted" only after this. Returns its sequence number."""
+        task's status, the personal counts it reported of its model version); the client hears
+        "accepted" only after this. Returns its sequence number."""
         with self._transaction() as db:
+            if personal is not None:
+                db.execute("INSERT OR REPLACE INTO async_personal VALUES (?, ?, ?, ?)",
+                           (version, idx, int(personal[0]), int(personal[1])))
             db.execute("INSERT INTO updates VALUES (?, ?, ?, 'accepted', '', ?, ?, ?, ?, ?)",
                        (task, client, idx, size, digest, num_samples, train_loss, time.time()))
             cur = db.execute("INSERT INTO async_buffer (task, client, idx, version, sha256, num_samples, num_steps, "
@@ -231,6 +239,13 @@ class AsyncStore(Store):
             db.execute("UPDATE async_tasks SET status = 'accepted' WHERE task = ? AND client = ?", (task, client))
             seq = int(cur.lastrowid or 0)
         return seq
+
+    def personal_counts_by_version(self) -> dict[int, dict[int, tuple[int, int]]]:
+        """Every accepted upload's personal counts: {model version: {client index: (correct, total)}}."""
+        out: dict[int, dict[int, tuple[int, int]]] = {}
+        for version, idx, correct, total in self._query("SELECT version, idx, correct, total FROM async_personal"):
+            out.setdefault(int(version), {})[int(idx)] = (int(correct), int(total))
+        return out
 
     def buffered(self) -> list[Entry]:
         """Accepted updates not yet applied, in acceptance order, with their bytes (verified)."""
@@ -323,11 +338,19 @@ class AsyncServer(FederationServer):
         self.slots = int(schedule.concurrency or cfg.server.clients_per_round)
         self.tasks: dict[str, Task] = {}  # by client name: the task it trains
         self.buffer: list[Entry] = list(store.buffered())
+        # Every update told "accepted" must be applied: a restart may not end the run before.
+        needed = self.server.round_index + -(-len(self.buffer) // self.buffer_size)
+        if cfg.server.rounds < needed:
+            raise ConfigError(f"server.rounds = {cfg.server.rounds}: the {len(self.buffer)} accepted updates waiting in "
+                              f"{store.folder} need {needed} steps in all to be applied; use server.rounds >= {needed}")
         self.dispatches = int(store.get("async_dispatches", 0))
         self.pending_downlink = int(store.get("async_downlink", 0))
         self.sent: dict[int, tuple[list[tuple[str, bytes]], torch.Tensor]] = {}  # dispatch -> (payloads, received)
         self.received: dict[int, torch.Tensor] = {}  # FedAsync: version -> the model clients got
-        self.reported: set[int] = set()  # model versions with personal counts not yet in their records
+        # Personal counts by model version, those accepted before a restart included (each
+        # version's record is the summary of all of them; merging again is idempotent).
+        self.personal.update(store.personal_counts_by_version())
+        self.reported: set[int] = set(self.personal)  # versions whose counts may not be in their records yet
         self.stepping = 0  # updates of the step being committed (applied, still in `buffer`)
         version = self.server.round_index
         stale = []
@@ -501,13 +524,15 @@ class AsyncServer(FederationServer):
                 self.astore.buffer_file(task_index, member.idx).unlink(missing_ok=True)
                 return self._refuse_update(member, task_index, str(exc),
                                            "late" if isinstance(exc, Late) else "rejected")
+            counts = ((int(header.personal_correct), int(header.personal_total))
+                      if int(header.personal_total) > 0 else None)
             seq = self.astore.accept_update(task_index, member.name, member.idx, task.version, size, digest,
-                                            member.num_samples, steps, float(header.train_loss))
+                                            member.num_samples, steps, float(header.train_loss), counts)
             crash_point("server.async_accepted", task_index)
             del self.tasks[member.name]
-            # Its personal counts score the task's model version (kept in memory: a restart loses
-            # those of updates not yet applied, so that version's figures cover fewer clients).
-            if int(header.personal_total) > 0:
+            # Its personal counts score the task's model version (stored with the acceptance, so a
+            # restart keeps them: `personal_counts_by_version`).
+            if counts is not None:
                 self.personal.setdefault(task.version, {})[member.idx] = (int(header.personal_correct),
                                                                           int(header.personal_total))
                 self.reported.add(task.version)

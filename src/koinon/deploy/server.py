@@ -819,14 +819,14 @@ def serve(cfg: Config, state: Path, certs: Path, listen: str) -> dict[str, Any]:
             raise ConfigError(f"server.rounds = {cfg.server.rounds} is below the {fed.round_index} rounds "
                               f"already committed in {state}")
         ledger = _ledger(fed, cfg, state)  # before the new config is written: a refused restart keeps the old one
+        server = (FederationServer(cfg, fed, store, certs) if schedule is None
+                  else AsyncServer(cfg, fed, store, certs, schedule))  # type: ignore[arg-type]
+        server.ledger = ledger
         store.put("config_toml", cfg.to_toml())
         store.put("layout_hash", fed.layout.hash())
         atomic_write_text(state / "config.toml", cfg.to_toml())
         if fed.round_index:
             log(f"resuming from {state}: {fed.round_index} rounds committed")
-        server = (FederationServer(cfg, fed, store, certs) if schedule is None
-                  else AsyncServer(cfg, fed, store, certs, schedule))  # type: ignore[arg-type]
-        server.ledger = ledger
         workers = min(1024, 2 * fed.data.num_clients + 32)
         grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers),
