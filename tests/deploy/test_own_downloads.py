@@ -75,3 +75,30 @@ def test_a_task_that_claims_more_own_streams_than_it_has_is_a_bad_answer():
     for bad in (-1, 3):
         with pytest.raises(Rejected, match="streams of this client's own"):
             split_own(named, bad)
+
+
+class _Abort(Exception):
+    pass
+
+
+class _Context:
+    def abort(self, code, details):
+        raise _Abort(code, details)
+
+
+def test_a_client_that_does_not_read_own_downloads_is_refused_at_join(tmp_path):
+    """A client from before `TaskHeader.own` would take its own stream for a shared download and
+    train another model: it is refused at Join with the reason; a current client joins."""
+    import grpc
+
+    from koinon.deploy.wire import PROTOCOL, pb
+
+    srv = server(tmp_path)
+    n = len(srv.fed.data.client_indices[0])
+    old = pb.JoinRequest(data_spec="partition:0", partition=0, num_samples=n)  # protocol 0
+    with pytest.raises(_Abort, match="sends each client its own download .* protocol 0: update koinon") as err:
+        srv._join(old, _Context(), "c0")
+    assert err.value.args[0] == grpc.StatusCode.FAILED_PRECONDITION
+    reply = srv._join(pb.JoinRequest(data_spec="partition:0", partition=0, num_samples=n, protocol=PROTOCOL),
+                      _Context(), "c0")
+    assert reply.client_index == 0

@@ -50,6 +50,7 @@ from koinon.deploy.labels import held_samples, own_data, own_labels, trained_sam
 from koinon.deploy.personal import client_counts, evaluated_round, report, split_own
 from koinon.deploy.wire import (
     MAX_GRPC_MESSAGE,
+    PROTOCOL,
     Rejected,
     pb,
     poll_call,
@@ -457,7 +458,8 @@ def _session(stub: Any, name: str, spec: DataSpec, state_dir: Path, workers: lis
 def _join(stub: Any, spec: DataSpec, worker: Worker | None) -> Any:
     """Join the run; without a worker yet, only ask for the config (num_samples = 0 registers nothing)."""
     request = pb.JoinRequest(data_spec=spec.entry_point or f"partition:{spec.partition}",
-                             partition=spec.partition, num_samples=worker.num_samples if worker else 0)
+                             partition=spec.partition, num_samples=worker.num_samples if worker else 0,
+                             protocol=PROTOCOL)
     return stub.Join(request, timeout=30.0)
 
 

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ekoinon/deploy/federation.proto\x12\rkoinon.deploy\"H\n\x0bJoinRequest\x12\x11\n\tdata_spec\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x03\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x03\"\x8c\x01\n\tJoinReply\x12\x13\n\x0b\x63onfig_toml\x18\x01 \x01(\t\x12\x13\n\x0blayout_hash\x18\x02 \x01(\t\x12\x14\n\x0c\x63lient_index\x18\x03 \x01(\x03\x12\r\n\x05\x63odec\x18\x04 \x01(\t\x12\x16\n\x0e\x64ownlink_codec\x18\x05 \x01(\t\x12\x18\n\x10max_upload_bytes\x18\x06 \x01(\x03\"7\n\x0bPollRequest\x12\x14\n\x0c\x63lient_index\x18\x01 \x01(\x03\x12\x12\n\nlast_round\x18\x02 \x01(\x03\"\xa2\x02\n\nTaskHeader\x12\x30\n\x06status\x18\x01 \x01(\x0e\x32 .koinon.deploy.TaskHeader.Status\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x13\n\x0blayout_hash\x18\x03 \x01(\t\x12\r\n\x05\x63odec\x18\x04 \x01(\t\x12\x0f\n\x07streams\x18\x05 \x03(\t\x12\r\n\x05sizes\x18\x06 \x03(\x03\x12\x0c\n\x04seed\x18\x07 \x01(\x03\x12\x0f\n\x07message\x18\x08 \x01(\t\x12\x1b\n\x13last_accepted_round\x18\t \x01(\x03\x12\x0b\n\x03own\x18\n \x01(\x03\x12\x0f\n\x07version\x18\x0b \x01(\x03\"5\n\x06Status\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04\x44ONE\x10\x02\x12\x0c\n\x08\x45VALUATE\x10\x03\"D\n\tTaskChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.koinon.deploy.TaskHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x96\x02\n\x0cUploadHeader\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x13\n\x0blayout_hash\x18\x02 \x01(\t\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x0f\n\x07streams\x18\x04 \x03(\t\x12\r\n\x05sizes\x18\x05 \x03(\x03\x12\x13\n\x0bnum_samples\x18\x06 \x01(\x03\x12\x11\n\tnum_steps\x18\x07 \x01(\x03\x12\x12\n\ntrain_loss\x18\x08 \x01(\x01\x12\x14\n\x0c\x63lient_index\x18\t \x01(\x03\x12\x19\n\x11receipt_signature\x18\n \x01(\x0c\x12\x14\n\x0cmodel_sha256\x18\x0b \x01(\t\x12\x18\n\x10personal_correct\x18\x0c \x01(\x03\x12\x16\n\x0epersonal_total\x18\r \x01(\x03\"H\n\x0bUploadChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x1b.koinon.deploy.UploadHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"/\n\x0bUploadReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t2\xce\x01\n\nFederation\x12<\n\x04Join\x12\x1a.koinon.deploy.JoinRequest\x1a\x18.koinon.deploy.JoinReply\x12>\n\x04Poll\x12\x1a.koinon.deploy.PollRequest\x1a\x18.koinon.deploy.TaskChunk0\x01\x12\x42\n\x06Upload\x12\x1a.koinon.deploy.UploadChunk\x1a\x1a.koinon.deploy.UploadReply(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ekoinon/deploy/federation.proto\x12\rkoinon.deploy\"Z\n\x0bJoinRequest\x12\x11\n\tdata_spec\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x03\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x03\x12\x10\n\x08protocol\x18\x04 \x01(\x03\"\x8c\x01\n\tJoinReply\x12\x13\n\x0b\x63onfig_toml\x18\x01 \x01(\t\x12\x13\n\x0blayout_hash\x18\x02 \x01(\t\x12\x14\n\x0c\x63lient_index\x18\x03 \x01(\x03\x12\r\n\x05\x63odec\x18\x04 \x01(\t\x12\x16\n\x0e\x64ownlink_codec\x18\x05 \x01(\t\x12\x18\n\x10max_upload_bytes\x18\x06 \x01(\x03\"7\n\x0bPollRequest\x12\x14\n\x0c\x63lient_index\x18\x01 \x01(\x03\x12\x12\n\nlast_round\x18\x02 \x01(\x03\"\xa2\x02\n\nTaskHeader\x12\x30\n\x06status\x18\x01 \x01(\x0e\x32 .koinon.deploy.TaskHeader.Status\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x13\n\x0blayout_hash\x18\x03 \x01(\t\x12\r\n\x05\x63odec\x18\x04 \x01(\t\x12\x0f\n\x07streams\x18\x05 \x03(\t\x12\r\n\x05sizes\x18\x06 \x03(\x03\x12\x0c\n\x04seed\x18\x07 \x01(\x03\x12\x0f\n\x07message\x18\x08 \x01(\t\x12\x1b\n\x13last_accepted_round\x18\t \x01(\x03\x12\x0b\n\x03own\x18\n \x01(\x03\x12\x0f\n\x07version\x18\x0b \x01(\x03\"5\n\x06Status\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04\x44ONE\x10\x02\x12\x0c\n\x08\x45VALUATE\x10\x03\"D\n\tTaskChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.koinon.deploy.TaskHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x96\x02\n\x0cUploadHeader\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x13\n\x0blayout_hash\x18\x02 \x01(\t\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x0f\n\x07streams\x18\x04 \x03(\t\x12\r\n\x05sizes\x18\x05 \x03(\x03\x12\x13\n\x0bnum_samples\x18\x06 \x01(\x03\x12\x11\n\tnum_steps\x18\x07 \x01(\x03\x12\x12\n\ntrain_loss\x18\x08 \x01(\x01\x12\x14\n\x0c\x63lient_index\x18\t \x01(\x03\x12\x19\n\x11receipt_signature\x18\n \x01(\x0c\x12\x14\n\x0cmodel_sha256\x18\x0b \x01(\t\x12\x18\n\x10personal_correct\x18\x0c \x01(\x03\x12\x16\n\x0epersonal_total\x18\r \x01(\x03\"H\n\x0bUploadChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x1b.koinon.deploy.UploadHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"/\n\x0bUploadReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t2\xce\x01\n\nFederation\x12<\n\x04Join\x12\x1a.koinon.deploy.JoinRequest\x1a\x18.koinon.deploy.JoinReply\x12>\n\x04Poll\x12\x1a.koinon.deploy.PollRequest\x1a\x18.koinon.deploy.TaskChunk0\x01\x12\x42\n\x06Upload\x12\x1a.koinon.deploy.UploadChunk\x1a\x1a.koinon.deploy.UploadReply(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,23 +34,23 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'koinon.deploy.federation_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOINREQUEST']._serialized_start=49
-  _globals['_JOINREQUEST']._serialized_end=121
-  _globals['_JOINREPLY']._serialized_start=124
-  _globals['_JOINREPLY']._serialized_end=264
-  _globals['_POLLREQUEST']._serialized_start=266
-  _globals['_POLLREQUEST']._serialized_end=321
-  _globals['_TASKHEADER']._serialized_start=324
-  _globals['_TASKHEADER']._serialized_end=614
-  _globals['_TASKHEADER_STATUS']._serialized_start=561
-  _globals['_TASKHEADER_STATUS']._serialized_end=614
-  _globals['_TASKCHUNK']._serialized_start=616
-  _globals['_TASKCHUNK']._serialized_end=684
-  _globals['_UPLOADHEADER']._serialized_start=687
-  _globals['_UPLOADHEADER']._serialized_end=965
-  _globals['_UPLOADCHUNK']._serialized_start=967
-  _globals['_UPLOADCHUNK']._serialized_end=1039
-  _globals['_UPLOADREPLY']._serialized_start=1041
-  _globals['_UPLOADREPLY']._serialized_end=1088
-  _globals['_FEDERATION']._serialized_start=1091
-  _globals['_FEDERATION']._serialized_end=1297
+  _globals['_JOINREQUEST']._serialized_end=139
+  _globals['_JOINREPLY']._serialized_start=142
+  _globals['_JOINREPLY']._serialized_end=282
+  _globals['_POLLREQUEST']._serialized_start=284
+  _globals['_POLLREQUEST']._serialized_end=339
+  _globals['_TASKHEADER']._serialized_start=342
+  _globals['_TASKHEADER']._serialized_end=632
+  _globals['_TASKHEADER_STATUS']._serialized_start=579
+  _globals['_TASKHEADER_STATUS']._serialized_end=632
+  _globals['_TASKCHUNK']._serialized_start=634
+  _globals['_TASKCHUNK']._serialized_end=702
+  _globals['_UPLOADHEADER']._serialized_start=705
+  _globals['_UPLOADHEADER']._serialized_end=983
+  _globals['_UPLOADCHUNK']._serialized_start=985
+  _globals['_UPLOADCHUNK']._serialized_end=1057
+  _globals['_UPLOADREPLY']._serialized_start=1059
+  _globals['_UPLOADREPLY']._serialized_end=1106
+  _globals['_FEDERATION']._serialized_start=1109
+  _globals['_FEDERATION']._serialized_end=1315
 # @@protoc_insertion_point(module_scope)

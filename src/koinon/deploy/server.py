@@ -51,6 +51,7 @@ from koinon.deploy.personal import (
 from koinon.deploy.store import PendingWriter, Store
 from koinon.deploy.wire import (
     MAX_GRPC_MESSAGE,
+    PROTOCOL,
     Limits,
     Rejected,
     parse_upload_chunk,
@@ -243,6 +244,11 @@ class FederationServer(federation_pb2_grpc.FederationServicer):
         data = self.fed.data
         if request.num_samples == 0:  # a probe for the config, registers nothing
             return self._join_reply(-1)
+        if request.protocol < PROTOCOL and hasattr(self.fed.algorithm, "downlink_for"):
+            log(f"refused client {name}: its koinon does not read per-client downloads")
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"client.algorithm = {self.cfg.client.algorithm!r} sends each client its own download "
+                          f"(protocol {PROTOCOL}); this client speaks protocol {request.protocol}: update koinon")
         with self.lock:
             if request.partition >= 0:
                 p = int(request.partition)

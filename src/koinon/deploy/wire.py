@@ -29,6 +29,10 @@ CHUNK = 1 << 20
 # gRPC's own per-message ceiling: one chunk plus a header. A sender ignoring the chunking is cut
 # off by gRPC before the message reaches our code.
 MAX_GRPC_MESSAGE = CHUNK + (64 << 10)
+# What a client reads of the wire, sent at Join (`JoinRequest.protocol`): 1 = the streams addressed
+# to it alone (`TaskHeader.own`). A server whose run sends those refuses a client below 1, which
+# would take them for shared downloads and train a model that is not the run's.
+PROTOCOL = 1
 
 
 @dataclass(frozen=True)
