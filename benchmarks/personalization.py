@@ -213,8 +213,12 @@ def plot_gains(measured: dict[str, dict[str, dict[str, float]]], path: str, titl
     import matplotlib.pyplot as plt
 
     panels = [s for s, rows in measured.items() if "finetune" in rows and len(set(rows) - {"fedavg"}) > 1]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.0), squeeze=False)
-    for ax, setting in zip(axes[0], panels, strict=True):
+    cols = min(2, len(panels))
+    rows_n = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(6.0 * cols, 4.6 * rows_n), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, setting in zip(axes.flat, panels, strict=False):
         rows, base = measured[setting], measured[setting]["finetune"]
         gains = {m: (r["mean"] - base["mean"], r["p10"] - base["p10"])  # FedAvg, far below, left out
                  for m, r in rows.items() if m not in ("finetune", "fedavg")}
@@ -222,15 +226,32 @@ def plot_gains(measured: dict[str, dict[str, dict[str, float]]], path: str, titl
         ax.fill_between([3, top], 3, top, color="tab:green", alpha=0.12, label="goal: >= +3 on both")
         ax.axhline(0, color="grey", lw=0.8)
         ax.axvline(0, color="grey", lw=0.8)
-        for m, (dx, dy) in gains.items():
+        # Methods far below fine-tuning are listed in a corner with their gains, not drawn, so the
+        # region near the goal keeps its scale.
+        low_x = max(-12.0, min(dx for dx, _ in gains.values()) - 1)
+        low_y = max(-18.0, min(dy for _, dy in gains.values()) - 1)
+        placed: list[tuple[float, float]] = []
+        off = []
+        for m, (dx, dy) in sorted(gains.items(), key=lambda kv: -kv[1][1]):
+            if dx < low_x or dy < low_y:
+                off.append(f"{m} ({dx:+.1f}, {dy:+.1f})")
+                continue
             ax.scatter(dx, dy, s=18, color="tab:blue")
-            ax.annotate(m, (dx, dy), fontsize=7, xytext=(3, 2), textcoords="offset points")
+            # Methods that tie sit on one spot: their names step down instead of overprinting.
+            near = sum(abs(dx - a) < 0.8 and abs(dy - b) < 0.8 for a, b in placed)
+            placed.append((dx, dy))
+            ax.annotate(m, (dx, dy), fontsize=7, xytext=(4, 2 - 8 * near), textcoords="offset points")
+        if off:
+            ax.text(0.02, 0.02, "below the chart:\n" + "\n".join(off), transform=ax.transAxes, fontsize=7,
+                    va="bottom", ha="left", color="dimgrey")
+        ax.set_xlim(left=low_x)
+        ax.set_ylim(bottom=low_y)
         ax.set_title(setting)
         ax.set_xlabel("personal mean - fine-tuning's (points)")
         ax.set_ylabel("personal p10 - fine-tuning's (points)")
         ax.set_xlim(right=top)
         ax.set_ylim(top=top)
-    axes[0][0].legend(loc="lower right", fontsize=7)
+    axes.flat[0].legend(loc="upper left", fontsize=7)
     fig.suptitle(f"Personalization: gain over FedAvg + fine-tuning ({title})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
