@@ -18,3 +18,13 @@ def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("KOINON_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     yield
 
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory):
+    """One CA, a server certificate for 127.0.0.1 and six clients, shared by the deployment tests
+    of every folder (a test needing other certificates makes its own)."""
+    from koinon.deploy.certs import create_certs
+
+    out = tmp_path_factory.mktemp("certs")
+    create_certs(out, 6, ["127.0.0.1", "localhost"])
+    return out

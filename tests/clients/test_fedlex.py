@@ -210,15 +210,6 @@ def test_autoflip_bad_options_are_refused(options, message):
 
 # ------------------------------------------------------------------ deployment
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    from koinon.deploy.certs import create_certs
-
-    out = tmp_path_factory.mktemp("certs")
-    create_certs(out, 3, ["127.0.0.1", "localhost"])
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("client", [
     {"algorithm": "fedlex", "explore_rounds": 1, "momentum": 0.0},

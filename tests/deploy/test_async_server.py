@@ -218,15 +218,7 @@ def test_counts_reported_with_updates_go_into_their_model_versions_record(tmp_pa
     assert {t.version for t in server.tasks.values()} == {1}
     held = {name: len(server.fed.personal.held[server.members[name].idx]) for name in tasks}
     for k, (name, task) in enumerate(sorted(tasks.items())):
-        member = server.members[name]
-        numel = server.fed.layout.numel
-        data, _ = server.fed.codec.encode(torch.full((numel,), 1e-3), {}, torch.Generator())
-        header = pb.UploadHeader(round=task, layout_hash=server.layout_hash, codec=server.fed.codec.name,
-                                 streams=list(server.streams), sizes=[len(data)], num_samples=member.num_samples,
-                                 num_steps=2, train_loss=0.5, client_index=member.idx,
-                                 personal_correct=held[name] * k, personal_total=held[name])  # 0 and 1
-        assert server._receive(upload_messages(header, [data]), member, [], []).accepted
-        member.uploading = False
+        assert _upload(server, name, task, personal=(held[name] * k, held[name])).accepted  # 0 and 1
     server._step(server._take(), time.perf_counter())  # version 2: version 1's figures join record 1
     first = server.store.records()[0]
     assert first["round"] == 1 and first["personal_accuracy_mean"] == 0.5 and first["personal_accuracy_min"] == 0.0

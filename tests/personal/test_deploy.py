@@ -10,8 +10,6 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from koinon.deploy.certs import create_certs
-
 _spec = importlib.util.spec_from_file_location(
     "deploy_helpers", Path(__file__).parents[1] / "deploy" / "helpers.py")
 assert _spec and _spec.loader
@@ -19,13 +17,6 @@ h = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(h)
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("certs")
-    create_certs(out, 3, ["127.0.0.1", "localhost"])
-    return out
 
 
 @pytest.mark.parametrize("client", [

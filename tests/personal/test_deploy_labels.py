@@ -176,15 +176,6 @@ def test_koinon_server_takes_hidden_labels_in_synchronous_rounds_only():
         check_deployable(build_for_deployment(cfg)[0], cfg)
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory) -> Path:
-    from koinon.deploy.certs import create_certs
-
-    out = tmp_path_factory.mktemp("certs")
-    create_certs(out, 3, ["127.0.0.1", "localhost"])
-    return out
-
-
 @pytest.mark.slow
 def test_deployed_fedossl_hides_the_simulations_labels_and_ends_with_its_model(tmp_path, certs):
     config = h.write_config(tmp_path / "fed.toml", server={"rounds": 3, "clients_per_round": 3}, data=HIDDEN,

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from koinon.deploy.certs import create_certs
 from koinon.deploy.personal import check_counts, drop_server_figures, summarize_counts
 from koinon.personal.evaluate import summarize
 
@@ -55,13 +54,6 @@ def test_the_servers_own_figures_go():
     extra = {"personal_accuracy_mean": 0.1, "personal_accuracy_min": 0.0, "new_client_accuracy_mean": 0.5}
     drop_server_figures(extra)
     assert extra == {"new_client_accuracy_mean": 0.5}
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("certs")
-    create_certs(out, 3, ["127.0.0.1", "localhost"])
-    return out
 
 
 @pytest.mark.slow

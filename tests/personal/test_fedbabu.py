@@ -8,43 +8,22 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call
 
 import koinon as kn
 from koinon.clients import CLIENT_ALGORITHMS
 from koinon.config import Config
 from koinon.data import FederatedData
-from koinon.local import CohortTrainer, LocalTraining, cross_entropy
+from koinon.local import LocalTraining
 from koinon.params import Layout
 from koinon.personal import FedBABU, personal_models
 from koinon.personal.base import Frozen, head_mask
 from koinon.topology.evaluation import Evaluation
 
-
-def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 10))
-
-
-def _digits(num_clients=6, partition="shards"):
-    ds = kn.DATASETS.get("digits")(seed=0, test_fraction=0.2, num_clients=num_clients)
-    return kn.partition_dataset(ds, partition, num_clients, seed=0, options={"classes_per_client": 2}
-                                if partition == "shards" else {})
-
-
-def _grad(module, layout, flat, x, y):
-    leaf = flat.clone().requires_grad_(True)
-    loss = cross_entropy(functional_call(module, layout.views(leaf), (x,)), y).mean()
-    (g,) = torch.autograd.grad(loss, leaf)
-    return g
-
-
-def _trainer(algorithm, data, **local):
-    model = _model()
-    layout = Layout.from_module(model)
-    args = {"lr": 0.1, "batch_size": 1000}
-    args.update(local)
-    return CohortTrainer(model, layout, data, algorithm, LocalTraining(**args)), layout.flatten(model)
+_tiny_spec = importlib.util.spec_from_file_location("personal_tiny", Path(__file__).parent / "tiny.py")
+assert _tiny_spec and _tiny_spec.loader
+tiny = importlib.util.module_from_spec(_tiny_spec)
+_tiny_spec.loader.exec_module(tiny)
+_model, _digits, _grad, _trainer = tiny.model, tiny.digits, tiny.grad, tiny.trainer
 
 
 def test_fedbabu_local_step_moves_the_body_only():

@@ -1,6 +1,8 @@
 """Model heterogeneity: pFedGate's gated sub-models and FedConv's compressed sub-models against
 hand-computed cases, both local runtimes, one client, and the config keys."""
 
+import importlib.util
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -17,16 +19,11 @@ from koinon.personal.fedconv import compress, dilate, factor_of, plan, sub_forwa
 from koinon.personal.pfedgate import gate_scores
 from koinon.topology.evaluation import Evaluation
 
-
-def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 10))
-
-
-def _digits(num_clients=6, partition="shards"):
-    ds = kn.DATASETS.get("digits")(seed=0, test_fraction=0.2, num_clients=num_clients)
-    return kn.partition_dataset(ds, partition, num_clients, seed=0, options={"classes_per_client": 2}
-                                if partition == "shards" else {})
+_tiny_spec = importlib.util.spec_from_file_location("personal_tiny", Path(__file__).parent / "tiny.py")
+assert _tiny_spec and _tiny_spec.loader
+tiny = importlib.util.module_from_spec(_tiny_spec)
+_tiny_spec.loader.exec_module(tiny)
+_model, _digits = tiny.model, tiny.digits
 
 
 def test_gate_keeps_each_layers_top_scores_scaled_by_two_sigmoid():

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from koinon.deploy.certs import create_certs
 from koinon.errors import ConfigError
 from koinon.experiment import load_config
 
@@ -18,13 +17,6 @@ _spec = importlib.util.spec_from_file_location(
 assert _spec and _spec.loader
 h = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(h)
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("certs")
-    create_certs(out, 3, ["127.0.0.1", "localhost"])
-    return out
 
 
 @pytest.mark.slow

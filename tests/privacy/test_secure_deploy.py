@@ -246,13 +246,6 @@ def test_the_server_refuses_a_hello_whose_key_is_not_bound_to_the_calling_certif
     assert secure.survivors == [1, 2, 3] and torch.equal(secure.total, plain(rounds, updates, [1, 2, 3])[0])
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("certs")
-    create_certs(out, 3, ["127.0.0.1", "localhost"])
-    return out
-
-
 def _model(folder: Path) -> torch.Tensor:
     from safetensors.torch import load_file
 
