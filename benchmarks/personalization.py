@@ -382,6 +382,7 @@ def labels_tables(seeds: int, rounds: int, dataset: str, settings: list[str]) ->
               f"({rounds} rounds, {seeds} seed(s))")
         print(f"{'method':<26} {'seen':>6} {'novel':>6} {'global':>7} {'personal':>9} {'p10':>6}")
         rows = [("fedavg", {}), ("finetune", METHODS["finetune"]), ("fedossl", METHODS["fedossl"]),
+                ("fedossl cap=1", {**METHODS["fedossl"], "cap": 1.0}),
                 ("fedossl pair=0", {**METHODS["fedossl"], "pair": 0.0}),
                 ("fedossl discover=false", {**METHODS["fedossl"], "discover": False}),
                 ("fedossl calibrate=false", {**METHODS["fedossl"], "calibrate": False})]

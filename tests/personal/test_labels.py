@@ -17,6 +17,7 @@ from koinon.personal.fedossl import (
     _OpenWorldLoss,
     assign,
     calibrated_targets,
+    capped,
     merge_centroids,
     nearest_neighbours,
     outliers,
@@ -154,6 +155,20 @@ def test_fedossl_geometry_by_hand():
     assert outliers(e, mu, torch.zeros(3, dtype=torch.bool), 0.25).tolist() == []
 
 
+def test_fedossl_cap_keeps_the_rows_nearest_each_novel_centroid_by_hand():
+    mu = torch.tensor([[1.0, 0.0], [0.0, -2.0]])  # normalized inside: (0, -1)
+    e = torch.tensor([[0.0, -1.0], [0.6, -0.8], [0.8, -0.6], [1.0, 0.0], [0.28, -0.96]])
+    near = torch.tensor([1, 1, 1, 0, 1])
+    chosen = torch.tensor([True, True, True, False, True])
+    # Cap 0.4 of 5 rows: at most 2 rows an output. Output 1's chosen rows by cosine to (0, -1):
+    # row 0 (1.0), row 4 (0.96), row 1 (0.8), row 2 (0.6): rows 0 and 4 stay.
+    assert capped(e, mu, near, chosen, 0.4).tolist() == [True, False, False, False, True]
+    # ceil(0.5 * 5) = 3 rows stay; cap 1 keeps all; the input is not changed.
+    assert capped(e, mu, near, chosen, 0.5).tolist() == [True, True, False, False, True]
+    assert capped(e, mu, near, chosen, 1.0).tolist() == chosen.tolist()
+    assert chosen.tolist() == [True, True, True, False, True]
+
+
 def test_fedossl_server_merges_centroids_and_seeds_a_novel_output():
     c, d = 3, 2
     old = torch.zeros(c, d)
@@ -200,13 +215,22 @@ def test_fedossl_client_targets_by_hand():
     assert torch.allclose(sums, torch.tensor([[1.28, -0.96], [0.0, 1.0], [0.0, -1.0]]))
     assert counts.tolist() == [2.0, 1.0, 1.0] and flags.tolist() == [1.0, 1.0, 0.0]
     assert torch.allclose(upload[12:14], emb_u[2]) and float(upload[14]) == 1.0
+    # With u0 moved off the novel centroid to (0.6, -0.8) and u2 onto it, both are nearest to
+    # it and nearer than every labeled sample; the default cap (1 / 3 outputs of 3 samples: one
+    # sample) keeps u2 (cos 1) there, u0 (0.8) gets the model's pseudo-label; cap 1 keeps both.
+    swapped = emb_u[[2, 1, 0]]
+    emb_far = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    label, _, _, _ = alg.client_targets(emb_far, y_l[:2], swapped, logits_u, mu, has, labeled)
+    assert label.tolist() == [ref_label[0], ref_label[1], 2]
+    label, _, _, _ = FedoSSL(cap=1.0).client_targets(emb_far, y_l[:2], swapped, logits_u, mu, has, labeled)
+    assert label.tolist() == [2, ref_label[1], 2]
     # Without discovery nothing is novel and there is no pair term.
     label, _, pair_target, _ = FedoSSL(discover=False).client_targets(emb_l, y_l, emb_u, logits_u, mu, has, labeled)
     assert label[0] == ref_label[0] and float(pair_target.abs().sum()) == 0.0
 
 
 @pytest.mark.parametrize("options", [{"pair": -1.0}, {"temperature": 0.0}, {"discover": "yes"}, {"lam": -0.5},
-                                     {"threshold": 1.5}])
+                                     {"threshold": 1.5}, {"cap": 0.0}, {"cap": 1.5}])
 def test_fedossl_refuses_bad_options_in_one_line(options):
     cfg = kn.Config()
     cfg.data.num_clients, cfg.data.unseen_classes = 8, [9]
