@@ -65,7 +65,7 @@ def test_resolved_config_records_every_component_default():
 
 def test_a_resolved_config_resolves_to_itself_and_a_restart_sees_no_change():
     cfg = _cfg(codec={"name": "ef21", "inner": "qsgd"}, aggregator={"name": "trimmed_mean"},
-               attack={"name": "alie", "fraction": 0.2}, client={"algorithm": "spsa", "epsilon": 0.01})
+               attack={"name": "alie", "fraction": 0.2}, client={"algorithm": "ditto", "lam": 0.5})
     build_federation(cfg)
     again = _reloaded(cfg)
     build_federation(again)
@@ -103,7 +103,7 @@ def test_diloco_table_only_for_diloco_runs_and_set_still_reaches_it():
 
 
 def test_changing_a_component_drops_its_recorded_options_and_keeps_fixed_keys():
-    cfg = _cfg(client={"algorithm": "spsa", "lr": 0.1}, attack={"name": "ipm", "fraction": 0.2},
+    cfg = _cfg(client={"algorithm": "ditto", "lam": 0.5, "lr": 0.1}, attack={"name": "ipm", "fraction": 0.2},
                codec={"name": "topk"})
     build_federation(cfg)
     other = _reloaded(cfg).with_overrides({"client.algorithm": "fedavg", "attack.name": "alie",

@@ -65,3 +65,15 @@ def test_bad_payloads_and_options_are_refused():
     with pytest.raises(ValueError, match="epsilon"):
         SPSA(epsilon=0.0)
     assert alg.quantize(torch.tensor([100.0, -100.0, 0.0])).tolist() == [127.0, -127.0, 0.0]
+
+
+def test_a_codec_with_spsa_is_refused_in_one_line():
+    """SPSA's bytes are its own wire format: a codec would be named in the records, never applied."""
+    from koinon.config import Config
+    from koinon.experiment.runner import build_federation
+
+    cfg = Config.from_dict({"data": {"name": "digits", "num_clients": 4}, "client": {"algorithm": "spsa"},
+                            "server": {"clients_per_round": 2}, "codec": {"name": "topk"}})
+    with pytest.raises(kn.ConfigError, match="codec.name = 'topk': client.algorithm = 'spsa' uploads in its own "
+                                             "wire format, which no codec encodes; use codec.name = 'identity'$"):
+        build_federation(cfg)

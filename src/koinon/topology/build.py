@@ -153,9 +153,9 @@ def build_components(cfg: Config) -> Components:
     from koinon.runtime import RUNTIMES
 
     if hasattr(algorithm, "decode_update") and cfg.codec.name != "identity":
+        hint = " (or client.upload = 'full' to compress the update)" if c.algorithm == "fedconv" else ""
         raise ConfigError(f"codec.name = {cfg.codec.name!r}: client.algorithm = {c.algorithm!r} uploads in its own "
-                          "wire format (e.g. FedConv's sub-model with client.upload = 'submodel'), which no codec "
-                          "encodes; use codec.name = 'identity' (or client.upload = 'full' to compress the update)")
+                          f"wire format, which no codec encodes; use codec.name = 'identity'{hint}")
     codec = CODECS.build(cfg.codec.name, cfg.codec.options, "codec", layout=layout)
     CODECS.get(cfg.downlink.name, key="downlink.name")
     _check_options(CODECS, cfg.downlink.name, "downlink", cfg.downlink, context=("layout",))
