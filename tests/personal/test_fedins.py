@@ -1,6 +1,8 @@
 """FedIns: per-instance choice of scale-and-shift modules by hand, FedAvg with a frozen pool,
 both local runtimes, the averaged pool."""
 
+import importlib.util
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -15,15 +17,15 @@ from koinon.personal.fedins import choose
 from koinon.personal.pfedgate import gated_modules
 from koinon.topology.evaluation import Evaluation
 
-
-def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 10))
+_tiny_spec = importlib.util.spec_from_file_location("personal_tiny", Path(__file__).parent / "tiny.py")
+assert _tiny_spec and _tiny_spec.loader
+tiny = importlib.util.module_from_spec(_tiny_spec)
+_tiny_spec.loader.exec_module(tiny)
+_model = tiny.model
 
 
 def _digits(num_clients=8):
-    ds = kn.DATASETS.get("digits")(seed=0, test_fraction=0.2, num_clients=num_clients)
-    return kn.partition_dataset(ds, "dirichlet", num_clients, seed=0, options={})
+    return tiny.digits(num_clients, "dirichlet")
 
 
 def test_each_instance_picks_the_most_similar_keys():

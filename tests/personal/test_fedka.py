@@ -2,10 +2,11 @@
 and a new client that never reads its own labels."""
 
 import dataclasses
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 import koinon as kn
 from koinon.clients import LocalSGD
@@ -16,15 +17,15 @@ from koinon.personal.fedka import moment_loss, vote
 from koinon.personal.recon import embed
 from koinon.topology.evaluation import Evaluation
 
-
-def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 10))
+_tiny_spec = importlib.util.spec_from_file_location("personal_tiny", Path(__file__).parent / "tiny.py")
+assert _tiny_spec and _tiny_spec.loader
+tiny = importlib.util.module_from_spec(_tiny_spec)
+_tiny_spec.loader.exec_module(tiny)
+_model = tiny.model
 
 
 def _digits(num_clients=8):
-    ds = kn.DATASETS.get("digits")(seed=0, test_fraction=0.2, num_clients=num_clients)
-    return kn.partition_dataset(ds, "dirichlet", num_clients, seed=0, options={})
+    return tiny.digits(num_clients, "dirichlet")
 
 
 def test_moment_loss_by_hand():

@@ -28,7 +28,6 @@ reproducible); the server averages pools uniformly over the cohort; the pool tra
 
 from __future__ import annotations
 
-import contextlib
 from typing import TYPE_CHECKING
 
 import torch
@@ -38,7 +37,7 @@ from torch.func import functional_call
 
 from koinon.clients.base import CLIENT_ALGORITHMS, LocalSGD, State
 from koinon.personal.hetero import Predictor, check_plain_sgd, mean_ce, sgd_loop
-from koinon.personal.pfedgate import gated_modules
+from koinon.personal.pfedgate import gated_modules, gating
 from koinon.personal.recon import body_of, embed
 from koinon.update import CohortResult
 
@@ -56,26 +55,10 @@ def choose(queries: torch.Tensor, keys: torch.Tensor, top: int) -> tuple[torch.T
     return order, sim.gather(1, order)
 
 
-@contextlib.contextmanager
 def scale_shift(layers: list[tuple[nn.Module, int]], gamma: torch.Tensor, beta: torch.Tensor):
     """While open, each layer's output units are scaled by their columns of `gamma` (`[B, U]`)
-    and shifted by those of `beta`."""
-    handles, start = [], 0
-    for m, u in layers:
-        cols = slice(start, start + u)
-
-        def hook(_m: nn.Module, _i: object, out: torch.Tensor, cols: slice = cols) -> torch.Tensor:
-            g, b = gamma[:, cols], beta[:, cols]
-            extra = [1] * (out.dim() - 2)
-            return out * g.view(*g.shape, *extra) + b.view(*b.shape, *extra)
-
-        handles.append(m.register_forward_hook(hook))
-        start += u
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    and shifted by those of `beta` (pFedGate's `gating` with shifts)."""
+    return gating(layers, gamma, beta)
 
 
 @CLIENT_ALGORITHMS.register("fedins")

@@ -87,15 +87,20 @@ def gate_scores(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, units
 
 
 @contextlib.contextmanager
-def gating(layers: list[tuple[nn.Module, int]], gates: torch.Tensor):
-    """While open, each gated layer's output units are multiplied by their columns of `gates` (`[B, G]`)."""
+def gating(layers: list[tuple[nn.Module, int]], gates: torch.Tensor, shifts: torch.Tensor | None = None):
+    """While open, each gated layer's output units are multiplied by their columns of `gates`
+    (`[B, G]`), then shifted by those of `shifts` if given (FedIns' scale-and-shift)."""
     handles, start = [], 0
     for m, u in layers:
         cols = slice(start, start + u)
 
         def hook(_m: nn.Module, _i: object, out: torch.Tensor, cols: slice = cols) -> torch.Tensor:
-            g = gates[:, cols]
-            return out * g.view(*g.shape, *([1] * (out.dim() - 2)))
+            g, extra = gates[:, cols], [1] * (out.dim() - 2)
+            out = out * g.view(*g.shape, *extra)
+            if shifts is not None:
+                b = shifts[:, cols]
+                out = out + b.view(*b.shape, *extra)
+            return out
 
         handles.append(m.register_forward_hook(hook))
         start += u
